@@ -1,0 +1,142 @@
+//! `sfc-server`: parses flags, environment and the config file, then runs the server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use securefastchat::server::{ConfigLayer, Server};
+use securefastchat::tls::DevCertificates;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// SecureFastChat server: end-to-end encrypted messaging over QUIC.
+///
+/// Settings come from flags, then SFC_* environment variables, then the TOML file given with
+/// --config, then defaults. Without --cert/--key it runs in dev mode with certificates from
+/// --certs (generated there if missing).
+#[derive(Parser, Debug)]
+#[command(name = "sfc-server", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// UDP address to listen on [default: 0.0.0.0:4433]
+    #[arg(long, env = "SFC_LISTEN")]
+    listen: Option<String>,
+    /// Data directory [default: ./data]
+    #[arg(long, env = "SFC_DATA")]
+    data: Option<PathBuf>,
+    /// Dev-certificate directory, used without --cert/--key [default: ./certs]
+    #[arg(long, env = "SFC_CERTS")]
+    certs: Option<PathBuf>,
+    /// PEM certificate chain (production)
+    #[arg(long, env = "SFC_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// PEM private key (production)
+    #[arg(long, env = "SFC_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// TOML config file (unknown keys are rejected)
+    #[arg(long, env = "SFC_CONFIG")]
+    config: Option<PathBuf>,
+    /// Refuse connections beyond this many [default: 100000]
+    #[arg(long, env = "SFC_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Session token lifetime in seconds [default: 2592000 = 30 days]
+    #[arg(long, env = "SFC_SESSION_TTL_SECS")]
+    session_ttl_secs: Option<u64>,
+    /// Password hashes computed at once [default: number of cores]
+    #[arg(long, env = "SFC_PASSWORD_WORKERS")]
+    password_workers: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write a dev CA (ca.crt) and a server certificate and key (server.crt, server.key) for
+    /// localhost, 127.0.0.1, ::1 and any --san names.
+    GenCerts {
+        /// Output directory
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Extra DNS name or IP address for the server certificate (repeatable)
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sfc-server: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::GenCerts { dir, sans }) = &cli.command {
+        let certs = DevCertificates::generate(sans).context("generating dev certificates")?;
+        certs
+            .write_to(dir)
+            .with_context(|| format!("writing certificates to {}", dir.display()))?;
+        println!(
+            "wrote {0}/ca.crt, {0}/server.crt and {0}/server.key; clients trust {0}/ca.crt",
+            dir.display()
+        );
+        return Ok(());
+    }
+    let file = match &cli.config {
+        Some(path) => ConfigLayer::from_file(path)?,
+        None => ConfigLayer::default(),
+    };
+    let flags = ConfigLayer {
+        listen: cli.listen,
+        data: cli.data,
+        certs: cli.certs,
+        cert: cli.cert,
+        key: cli.key,
+        max_connections: cli.max_connections,
+        session_ttl_secs: cli.session_ttl_secs,
+        password_workers: cli.password_workers,
+    };
+    let config = flags.over(file).resolve()?;
+
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let server = Server::bind(config).await.context("starting the server")?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        server.run(shutdown).await.context("running the server")
+    })
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("signal received");
+    shutdown.cancel();
+}

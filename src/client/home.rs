@@ -1,0 +1,215 @@
+//! The client's home directory (`--home`): where `sfc` keeps the session token (and, later,
+//! the user's keys). The directory is private (0700) and secret files are 0600, written
+//! atomically so a crash never leaves half a file.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{SessionToken, TOKEN_LEN};
+
+const SESSION_FILE: &str = "session.toml";
+
+/// Why the home directory could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    /// A file or directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A file's content is unusable.
+    #[error("{path}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The session `sfc login` saved.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SavedSession {
+    /// The server it is valid on.
+    pub server: String,
+    /// The account.
+    pub username: String,
+    /// The token (secret).
+    pub token: SessionToken,
+    /// Expiry, in seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+impl std::fmt::Debug for SavedSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SavedSession")
+            .field("server", &self.server)
+            .field("username", &self.username)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionFile {
+    server: String,
+    username: String,
+    token: String,
+    expires_at: u64,
+}
+
+/// A client home directory.
+#[derive(Debug, Clone)]
+pub struct Home {
+    dir: PathBuf,
+}
+
+impl Home {
+    /// The default location: the per-user config directory's `securefastchat`.
+    pub fn default_dir() -> PathBuf {
+        dirs::config_dir()
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join("securefastchat")
+    }
+
+    /// Opens `dir`, creating it with mode 0700 if needed.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, HomeError> {
+        let dir = dir.into();
+        let io = |source| HomeError::Io {
+            path: dir.clone(),
+            source,
+        };
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(0o700);
+        }
+        builder.create(&dir).map_err(io)?;
+        Ok(Self { dir })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The saved session, if any.
+    pub fn load_session(&self) -> Result<Option<SavedSession>, HomeError> {
+        let path = self.dir.join(SESSION_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(HomeError::Io { path, source }),
+        };
+        let corrupt = |reason: String| HomeError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let file: SessionFile = toml::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        let bytes = hex::decode(&file.token).map_err(|e| corrupt(format!("token: {e}")))?;
+        let token: [u8; TOKEN_LEN] = bytes
+            .try_into()
+            .map_err(|_| corrupt("token: wrong length".into()))?;
+        Ok(Some(SavedSession {
+            server: file.server,
+            username: file.username,
+            token: SessionToken::from_bytes(token),
+            expires_at: file.expires_at,
+        }))
+    }
+
+    /// Saves a session (mode 0600, atomically replacing any previous one).
+    pub fn save_session(&self, session: &SavedSession) -> Result<(), HomeError> {
+        let file = SessionFile {
+            server: session.server.clone(),
+            username: session.username.clone(),
+            token: hex::encode(session.token.expose()),
+            expires_at: session.expires_at,
+        };
+        let path = self.dir.join(SESSION_FILE);
+        let text = toml::to_string(&file).map_err(|e| HomeError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_private(&path, text.as_bytes())
+    }
+
+    /// Forgets the saved session.
+    pub fn clear_session(&self) -> Result<(), HomeError> {
+        let path = self.dir.join(SESSION_FILE);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(HomeError::Io { path, source }),
+        }
+    }
+}
+
+/// Writes `contents` to `path` via a 0600 temp file, fsync and rename.
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), HomeError> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let io = |p: &Path| {
+        let p = p.to_owned();
+        move |source| HomeError::Io { path: p, source }
+    };
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&tmp).map_err(io(&tmp))?;
+    file.write_all(contents).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_round_trip_privately() {
+        let root = tempfile::tempdir().unwrap();
+        let home = Home::open(root.path().join("home")).unwrap();
+        assert!(home.load_session().unwrap().is_none());
+        let saved = SavedSession {
+            server: "127.0.0.1:4433".into(),
+            username: "alice".into(),
+            token: SessionToken::from_bytes([9; 32]),
+            expires_at: 42,
+        };
+        home.save_session(&saved).unwrap();
+        assert_eq!(home.load_session().unwrap(), Some(saved));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(home.dir()), 0o700);
+            assert_eq!(mode(&home.dir().join(SESSION_FILE)), 0o600);
+        }
+        home.clear_session().unwrap();
+        assert!(home.load_session().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_corrupt_session_file_is_a_clear_error() {
+        let root = tempfile::tempdir().unwrap();
+        let home = Home::open(root.path()).unwrap();
+        fs::write(root.path().join(SESSION_FILE), "token = 5").unwrap();
+        assert!(matches!(
+            home.load_session(),
+            Err(HomeError::Corrupt { .. })
+        ));
+    }
+}

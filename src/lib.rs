@@ -1,0 +1,33 @@
+//! SecureFastChat: a secure messaging server that mobile-style clients reach over QUIC.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: wire types and the frame codec; no sockets, no storage (fuzzable).
+//! - [`tls`]: certificates (PEM loading, rcgen dev certificates) and the rustls configurations.
+//! - [`transport`]: quinn endpoints, UDP socket sizing and transport parameters for phones.
+//! - [`blocking`]: the bounded pool that keeps fjall and argon2 off the async runtime.
+//! - [`store`]: the narrow [`store::Store`] trait and its fjall implementation.
+//! - [`server`]: configuration, accept loop, per-connection control stream, accounts.
+//! - [`client`]: the client library behind the `sfc` command: connect, signup, login, resume.
+//!
+//! The binaries in `src/bin/` only parse arguments and call into these modules.
+
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![warn(missing_docs)]
+
+pub mod blocking;
+pub mod client;
+pub mod protocol;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod transport;
+
+/// Seconds since the Unix epoch, as the protocol and the store count time.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,110 @@
+//! Typed error codes carried in `error` replies, and the QUIC application close codes.
+
+use serde::{Deserialize, Serialize};
+
+/// Why a request failed. Sent as a snake_case string so clients in any language can match it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame body is not a MessagePack map with an integer `id` and a string `type`.
+    MalformedFrame,
+    /// The frame's length prefix exceeds the limit; the connection is closed after this reply.
+    FrameTooLarge,
+    /// The stream ended in the middle of a frame; the connection is closed after this reply.
+    TruncatedFrame,
+    /// The request `type` is not one this server knows.
+    UnknownRequest,
+    /// The request type is known but a field is missing or has the wrong type.
+    BadRequest,
+    /// The first request on a connection must be `hello`.
+    HelloRequired,
+    /// The client's protocol version is not supported by this server.
+    UnsupportedVersion,
+    /// The request needs an authenticated session (login, signup or resume first).
+    NotAuthenticated,
+    /// The connection already has a session; `logout` first.
+    AlreadyAuthenticated,
+    /// The username breaks the rules: 3–32 characters of `a-z 0-9 _ . -`.
+    InvalidUsername,
+    /// The password is shorter than 8 or longer than 1024 bytes.
+    WeakPassword,
+    /// Another account already has this username.
+    UsernameTaken,
+    /// The username or the password is wrong (deliberately not saying which).
+    InvalidCredentials,
+    /// The session token is unknown, expired or revoked.
+    InvalidToken,
+    /// Too many requests of this kind from this client; retry later.
+    RateLimited,
+    /// The server is overloaded; retry later.
+    Busy,
+    /// The server failed for a reason of its own; the request may be retried.
+    Internal,
+    /// A code this build does not know (sent by a newer peer).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The wire name of the code, as it appears in a frame.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MalformedFrame => "malformed_frame",
+            Self::FrameTooLarge => "frame_too_large",
+            Self::TruncatedFrame => "truncated_frame",
+            Self::UnknownRequest => "unknown_request",
+            Self::BadRequest => "bad_request",
+            Self::HelloRequired => "hello_required",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::NotAuthenticated => "not_authenticated",
+            Self::AlreadyAuthenticated => "already_authenticated",
+            Self::InvalidUsername => "invalid_username",
+            Self::WeakPassword => "weak_password",
+            Self::UsernameTaken => "username_taken",
+            Self::InvalidCredentials => "invalid_credentials",
+            Self::InvalidToken => "invalid_token",
+            Self::RateLimited => "rate_limited",
+            Self::Busy => "busy",
+            Self::Internal => "internal",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// QUIC application error codes used when a connection is closed on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CloseCode {
+    /// Normal close: the peer is done.
+    Normal = 0,
+    /// The server is shutting down; reconnect later (or to another server).
+    Shutdown = 1,
+    /// The peer broke the framing rules (oversize or truncated frame, missing control stream).
+    ProtocolViolation = 2,
+    /// The server is at its connection limit.
+    Overloaded = 3,
+}
+
+impl CloseCode {
+    /// The code as the `u32` carried in the QUIC CONNECTION_CLOSE frame.
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The close code with this number, if it is one of ours.
+    pub fn from_code(code: u64) -> Option<Self> {
+        match code {
+            0 => Some(Self::Normal),
+            1 => Some(Self::Shutdown),
+            2 => Some(Self::ProtocolViolation),
+            3 => Some(Self::Overloaded),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,470 @@
+//! Control-stream messages: what a client asks (`ClientFrame`) and what the server answers or
+//! pushes (`ServerFrame`). Both are MessagePack maps whose `type` field names the variant.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use subtle::ConstantTimeEq;
+
+use super::ErrorCode;
+
+/// Length of a session token in bytes (256 bits).
+pub const TOKEN_LEN: usize = 32;
+
+/// A request from the client: `{"id": u64, "type": "...", ...fields}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientFrame {
+    /// Chosen by the client; echoed in the reply so requests may be pipelined.
+    pub id: u64,
+    /// The request itself; its fields sit beside `id` in the same map.
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// Every request a client may send on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Must be the first request on a connection: announces the protocol version.
+    Hello {
+        /// The protocol version the client speaks ([`super::PROTOCOL_VERSION`]).
+        version: u32,
+        /// Free-form client name and version, for the server's logs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+    },
+    /// Signup step one: is this username valid and free?
+    CheckUsername {
+        /// The wanted name (folded to lower case by the server).
+        username: String,
+    },
+    /// Signup step two: create the account; on success the connection is logged in.
+    Signup {
+        /// The wanted name.
+        username: String,
+        /// The password, 8 to 1024 bytes of UTF-8.
+        password: Password,
+    },
+    /// Log in with a password; returns a new session token.
+    Login {
+        /// The account's name (folded to lower case by the server).
+        username: String,
+        /// The account's password.
+        password: Password,
+    },
+    /// Restore a session on this connection with a token from an earlier login.
+    Resume {
+        /// The token from `session`.
+        token: SessionToken,
+    },
+    /// Revoke this connection's session token; the connection stays open, unauthenticated.
+    Logout,
+    /// Who is logged in on this connection.
+    Whoami,
+    /// Liveness check; allowed at any time after `hello`.
+    Ping,
+}
+
+/// The `type` names of [`Request`], to tell an unknown request from a malformed known one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// `hello`
+    Hello,
+    /// `check_username`
+    CheckUsername,
+    /// `signup`
+    Signup,
+    /// `login`
+    Login,
+    /// `resume`
+    Resume,
+    /// `logout`
+    Logout,
+    /// `whoami`
+    Whoami,
+    /// `ping`
+    Ping,
+}
+
+impl RequestKind {
+    /// The kind with this wire name, if any.
+    pub fn from_wire(name: &str) -> Option<Self> {
+        Some(match name {
+            "hello" => Self::Hello,
+            "check_username" => Self::CheckUsername,
+            "signup" => Self::Signup,
+            "login" => Self::Login,
+            "resume" => Self::Resume,
+            "logout" => Self::Logout,
+            "whoami" => Self::Whoami,
+            "ping" => Self::Ping,
+            _ => return None,
+        })
+    }
+
+    /// The wire name of the kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hello => "hello",
+            Self::CheckUsername => "check_username",
+            Self::Signup => "signup",
+            Self::Login => "login",
+            Self::Resume => "resume",
+            Self::Logout => "logout",
+            Self::Whoami => "whoami",
+            Self::Ping => "ping",
+        }
+    }
+}
+
+impl Request {
+    /// The kind of this request.
+    pub fn kind(&self) -> RequestKind {
+        match self {
+            Self::Hello { .. } => RequestKind::Hello,
+            Self::CheckUsername { .. } => RequestKind::CheckUsername,
+            Self::Signup { .. } => RequestKind::Signup,
+            Self::Login { .. } => RequestKind::Login,
+            Self::Resume { .. } => RequestKind::Resume,
+            Self::Logout => RequestKind::Logout,
+            Self::Whoami => RequestKind::Whoami,
+            Self::Ping => RequestKind::Ping,
+        }
+    }
+}
+
+/// A frame from the server: a reply (with the request's `id`) or, later, a pushed event
+/// (without `id`). An `error` without `id` concerns the connection, not one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerFrame {
+    /// The id of the request this answers; absent for events and connection-level errors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// The reply; its fields sit beside `id` in the same map.
+    #[serde(flatten)]
+    pub reply: Reply,
+}
+
+/// Every reply the server may send on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    /// Answer to `hello`.
+    Hello {
+        /// The protocol version the server speaks.
+        version: u32,
+        /// Server software name and version.
+        server: String,
+        /// Largest control frame body the server accepts, in bytes.
+        max_frame: u32,
+    },
+    /// Answer to `check_username`.
+    UsernameStatus {
+        /// The name as the server folded it.
+        username: String,
+        /// Whether an account could be created with this name now.
+        available: bool,
+    },
+    /// Answer to `signup` and `login`: the connection is now authenticated.
+    Session {
+        /// The account's canonical name.
+        username: String,
+        /// The secret that `resume` accepts; store it as you would a password.
+        token: SessionToken,
+        /// When the token stops working, in seconds since the Unix epoch.
+        expires_at: u64,
+    },
+    /// Answer to `resume`: the connection is authenticated again.
+    Resumed {
+        /// The account's canonical name.
+        username: String,
+        /// When the token stops working, in seconds since the Unix epoch.
+        expires_at: u64,
+    },
+    /// Answer to `logout`.
+    LoggedOut,
+    /// Answer to `whoami`.
+    Whoami {
+        /// The account's canonical name.
+        username: String,
+        /// When this session's token stops working, in seconds since the Unix epoch.
+        expires_at: u64,
+    },
+    /// Answer to `ping`.
+    Pong,
+    /// The request failed (or, without `id`, the connection has a problem).
+    Error {
+        /// What went wrong, for programs.
+        code: ErrorCode,
+        /// What went wrong, for people; never contains secrets.
+        message: String,
+    },
+}
+
+/// A password as it travels in `signup` and `login`: a MessagePack `str`.
+///
+/// Its `Debug` output is masked so it cannot reach a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    /// Wraps a password.
+    pub fn new(password: impl Into<String>) -> Self {
+        Self(password.into())
+    }
+
+    /// The password's bytes, for hashing.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the password is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(***)")
+    }
+}
+
+impl Serialize for Password {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Password {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Self)
+    }
+}
+
+/// A 256-bit session token: a MessagePack `bin` of exactly 32 bytes.
+///
+/// Compared in constant time; `Debug` is masked.
+#[derive(Clone)]
+pub struct SessionToken([u8; TOKEN_LEN]);
+
+impl SessionToken {
+    /// A fresh token from the operating system's CSPRNG.
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        let mut bytes = [0u8; TOKEN_LEN];
+        getrandom::fill(&mut bytes)?;
+        Ok(Self(bytes))
+    }
+
+    /// Wraps raw token bytes.
+    pub fn from_bytes(bytes: [u8; TOKEN_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw token bytes (secret).
+    pub fn expose(&self) -> &[u8; TOKEN_LEN] {
+        &self.0
+    }
+}
+
+impl PartialEq for SessionToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Eq for SessionToken {}
+
+impl fmt::Debug for SessionToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionToken(***)")
+    }
+}
+
+impl Serialize for SessionToken {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SessionToken {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let bytes = serde_bytes::ByteBuf::deserialize(deserializer)?;
+        let array: [u8; TOKEN_LEN] = bytes.as_slice().try_into().map_err(|_| {
+            serde::de::Error::invalid_length(bytes.len(), &"a 32-byte session token")
+        })?;
+        Ok(Self(array))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{decode_body, encode_frame};
+
+    fn body_of<T: Serialize>(msg: &T) -> Vec<u8> {
+        encode_frame(msg, 1 << 16).unwrap()[4..].to_vec()
+    }
+
+    #[test]
+    fn hello_encodes_as_documented() {
+        let frame = ClientFrame {
+            id: 1,
+            request: Request::Hello {
+                version: 1,
+                client: None,
+            },
+        };
+        // {"id":1,"type":"hello","version":1}: the bytes docs/PROTOCOL.md shows.
+        let expected = [
+            0x83, 0xa2, b'i', b'd', 0x01, 0xa4, b't', b'y', b'p', b'e', 0xa5, b'h', b'e', b'l',
+            b'l', b'o', 0xa7, b'v', b'e', b'r', b's', b'i', b'o', b'n', 0x01,
+        ];
+        assert_eq!(body_of(&frame), expected);
+        assert_eq!(decode_body::<ClientFrame>(&expected).unwrap(), frame);
+    }
+
+    #[test]
+    fn unit_requests_are_maps_with_only_id_and_type() {
+        let frame = ClientFrame {
+            id: 2,
+            request: Request::Whoami,
+        };
+        let expected = [
+            0x82, 0xa2, b'i', b'd', 0x02, 0xa4, b't', b'y', b'p', b'e', 0xa6, b'w', b'h', b'o',
+            b'a', b'm', b'i',
+        ];
+        assert_eq!(body_of(&frame), expected);
+        assert_eq!(decode_body::<ClientFrame>(&expected).unwrap(), frame);
+    }
+
+    #[test]
+    fn fields_may_come_in_any_order_and_unknown_ones_are_ignored() {
+        let body = rmp_serde::to_vec_named(&serde_json_like::Login {
+            password: "hunter22",
+            extra: 5,
+            username: "Bob",
+            r#type: "login",
+            id: 9,
+        })
+        .unwrap();
+        let frame: ClientFrame = decode_body(&body).unwrap();
+        assert_eq!(frame.id, 9);
+        assert_eq!(
+            frame.request,
+            Request::Login {
+                username: "Bob".into(),
+                password: Password::new("hunter22")
+            }
+        );
+    }
+
+    mod serde_json_like {
+        #[derive(serde::Serialize)]
+        pub struct Login {
+            pub password: &'static str,
+            pub extra: u8,
+            pub username: &'static str,
+            pub r#type: &'static str,
+            pub id: u64,
+        }
+    }
+
+    #[test]
+    fn token_is_bin_of_exactly_32_bytes() {
+        let token = SessionToken::from_bytes([0xab; 32]);
+        let frame = ClientFrame {
+            id: 3,
+            request: Request::Resume { token },
+        };
+        let body = body_of(&frame);
+        let bin_at = body
+            .windows(2)
+            .position(|w| w == [0xc4, 32])
+            .expect("bin8 header");
+        assert_eq!(&body[bin_at + 2..bin_at + 34], &[0xab; 32]);
+        assert_eq!(decode_body::<ClientFrame>(&body).unwrap(), frame);
+
+        let short = ClientFrame {
+            id: 3,
+            request: Request::Ping,
+        };
+        let mut body = body_of(&short);
+        // Rewrite into a resume with a 3-byte token: must not decode.
+        body.clear();
+        body.extend_from_slice(&[0x83, 0xa2, b'i', b'd', 0x03, 0xa4, b't', b'y', b'p', b'e']);
+        body.extend_from_slice(&[0xa6, b'r', b'e', b's', b'u', b'm', b'e']);
+        body.extend_from_slice(&[0xa5, b't', b'o', b'k', b'e', b'n', 0xc4, 3, 1, 2, 3]);
+        assert!(decode_body::<ClientFrame>(&body).is_err());
+    }
+
+    #[test]
+    fn replies_round_trip_with_and_without_id() {
+        let frames = [
+            ServerFrame {
+                id: Some(4),
+                reply: Reply::Pong,
+            },
+            ServerFrame {
+                id: None,
+                reply: Reply::Error {
+                    code: ErrorCode::FrameTooLarge,
+                    message: "too big".into(),
+                },
+            },
+            ServerFrame {
+                id: Some(u64::MAX),
+                reply: Reply::Session {
+                    username: "alice".into(),
+                    token: SessionToken::from_bytes([7; 32]),
+                    expires_at: 1_900_000_000,
+                },
+            },
+        ];
+        for frame in frames {
+            assert_eq!(decode_body::<ServerFrame>(&body_of(&frame)).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn unknown_error_codes_decode_as_unknown() {
+        #[derive(Serialize)]
+        struct Raw {
+            id: u64,
+            r#type: &'static str,
+            code: &'static str,
+            message: &'static str,
+        }
+        let body = rmp_serde::to_vec_named(&Raw {
+            id: 1,
+            r#type: "error",
+            code: "from_the_future",
+            message: "",
+        })
+        .unwrap();
+        let frame: ServerFrame = decode_body(&body).unwrap();
+        assert!(matches!(
+            frame.reply,
+            Reply::Error {
+                code: ErrorCode::Unknown,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn secrets_are_masked_in_debug_output() {
+        let req = Request::Login {
+            username: "a".into(),
+            password: Password::new("s3cret-pw"),
+        };
+        assert!(!format!("{req:?}").contains("s3cret"));
+        let token = SessionToken::from_bytes([0x41; 32]);
+        assert!(!format!("{token:?}").contains("41"));
+    }
+}

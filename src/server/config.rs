@@ -1,0 +1,246 @@
+//! Server configuration: defaults, a TOML file, `SFC_*` environment variables and flags, in
+//! increasing order of precedence, resolved and validated into one [`ServerConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "data";
+/// Default dev-certificate directory.
+pub const DEFAULT_CERTS_DIR: &str = "certs";
+/// Default cap on concurrent connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Default session lifetime: 30 days.
+pub const DEFAULT_SESSION_TTL_SECS: u64 = 30 * 24 * 3600;
+
+/// Where the server's TLS identity comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// Dev mode: load `server.crt`/`server.key` from this directory, generating them (and
+    /// `ca.crt`) if missing.
+    Dev {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// Real certificates.
+    Files {
+        /// PEM certificate chain.
+        cert: PathBuf,
+        /// PEM private key.
+        key: PathBuf,
+    },
+}
+
+/// Fully resolved server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Database directory.
+    pub data_dir: PathBuf,
+    /// TLS identity.
+    pub tls: TlsSource,
+    /// Connections beyond this many are refused.
+    pub max_connections: usize,
+    /// How long a session token stays valid.
+    pub session_ttl: Duration,
+    /// argon2 hashes computed at once (each uses a core and 19 MiB).
+    pub password_workers: usize,
+    /// Time a client has to finish the handshake and open its control stream.
+    pub handshake_timeout: Duration,
+    /// Time connections get to finish at shutdown before they are cut.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for everything but the listen address and data directory: handy for tests.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf, tls: TlsSource) -> Self {
+        Self {
+            listen,
+            data_dir,
+            tls,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            session_ttl: Duration::from_secs(DEFAULT_SESSION_TTL_SECS),
+            password_workers: default_password_workers(),
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+fn default_password_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+/// One layer of optional settings: the TOML file, or flags and environment.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigLayer {
+    /// UDP listen address.
+    pub listen: Option<String>,
+    /// Data directory.
+    pub data: Option<PathBuf>,
+    /// Dev-certificate directory.
+    pub certs: Option<PathBuf>,
+    /// PEM certificate chain (with `key`).
+    pub cert: Option<PathBuf>,
+    /// PEM private key (with `cert`).
+    pub key: Option<PathBuf>,
+    /// Connection cap.
+    pub max_connections: Option<usize>,
+    /// Session lifetime in seconds.
+    pub session_ttl_secs: Option<u64>,
+    /// Concurrent argon2 hashes.
+    pub password_workers: Option<usize>,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has unknown keys.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl ConfigLayer {
+    /// Reads a TOML config file; unknown keys are an error.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// This layer with `lower`'s values wherever this one has none.
+    pub fn over(self, lower: ConfigLayer) -> ConfigLayer {
+        ConfigLayer {
+            listen: self.listen.or(lower.listen),
+            data: self.data.or(lower.data),
+            certs: self.certs.or(lower.certs),
+            cert: self.cert.or(lower.cert),
+            key: self.key.or(lower.key),
+            max_connections: self.max_connections.or(lower.max_connections),
+            session_ttl_secs: self.session_ttl_secs.or(lower.session_ttl_secs),
+            password_workers: self.password_workers.or(lower.password_workers),
+        }
+    }
+
+    /// Fills defaults and validates.
+    pub fn resolve(self) -> Result<ServerConfig, ConfigError> {
+        let listen_raw = self.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen: SocketAddr = listen_raw.parse().map_err(|_| {
+            ConfigError::Invalid(format!("listen address {listen_raw:?} is not IP:PORT"))
+        })?;
+        let tls = match (self.cert, self.key) {
+            (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+            (None, None) => TlsSource::Dev {
+                dir: self.certs.unwrap_or_else(|| DEFAULT_CERTS_DIR.into()),
+            },
+            _ => return Err(ConfigError::Invalid("`cert` and `key` go together".into())),
+        };
+        let mut config = ServerConfig::new(
+            listen,
+            self.data.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            tls,
+        );
+        if let Some(max) = self.max_connections {
+            if max == 0 {
+                return Err(ConfigError::Invalid(
+                    "max_connections must be at least 1".into(),
+                ));
+            }
+            config.max_connections = max;
+        }
+        if let Some(secs) = self.session_ttl_secs {
+            if secs == 0 {
+                return Err(ConfigError::Invalid(
+                    "session_ttl_secs must be at least 1".into(),
+                ));
+            }
+            config.session_ttl = Duration::from_secs(secs);
+        }
+        if let Some(workers) = self.password_workers {
+            if !(1..=256).contains(&workers) {
+                return Err(ConfigError::Invalid(
+                    "password_workers must be 1 to 256".into(),
+                ));
+            }
+            config.password_workers = workers;
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let file: ConfigLayer = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\ndata = \"/var/lib/sfc\"\nsession_ttl_secs = 60\n",
+        )
+        .unwrap();
+        let flags = ConfigLayer {
+            listen: Some("127.0.0.1:9001".into()),
+            ..Default::default()
+        };
+        let config = flags.over(file).resolve().unwrap();
+        assert_eq!(config.listen.port(), 9001);
+        assert_eq!(config.data_dir, PathBuf::from("/var/lib/sfc"));
+        assert_eq!(config.session_ttl, Duration::from_secs(60));
+        assert_eq!(
+            config.tls,
+            TlsSource::Dev {
+                dir: "certs".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(toml::from_str::<ConfigLayer>("listne = \"x\"").is_err());
+        let bad = ConfigLayer {
+            listen: Some("localhost".into()),
+            ..Default::default()
+        };
+        assert!(bad.resolve().is_err());
+        let half = ConfigLayer {
+            cert: Some("a.crt".into()),
+            ..Default::default()
+        };
+        assert!(half.resolve().is_err());
+        let zero = ConfigLayer {
+            max_connections: Some(0),
+            ..Default::default()
+        };
+        assert!(zero.resolve().is_err());
+    }
+}

@@ -1,0 +1,228 @@
+//! The server: binds the QUIC endpoint, admits connections, serves them, shuts down cleanly.
+//!
+//! `accept` stays tiny (admission control, then spawn); handshakes and everything after run in
+//! the per-connection task of [`connection`]. Shutdown: stop accepting, tell every connection
+//! (close code `shutdown`), wait for them within a grace period, flush the store.
+
+pub mod accounts;
+pub mod config;
+mod connection;
+pub mod password;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use quinn::{Endpoint, Incoming, VarInt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use self::accounts::Accounts;
+pub use self::config::{ConfigError, ConfigLayer, ServerConfig, TlsSource};
+use self::password::{PasswordError, Passwords};
+use crate::protocol::CloseCode;
+use crate::store::{FjallStore, Store, StoreError};
+use crate::tls::{self, ServerIdentity, TlsError};
+use crate::transport;
+
+/// Unvalidated handshakes in flight above which new clients must first prove their address
+/// with a QUIC Retry (one extra round trip), so spoofed floods cannot pin handshake state.
+const RETRY_THRESHOLD: usize = 256;
+
+/// How often expired sessions are swept from the store.
+const SESSION_SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Certificates could not be loaded or made.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The store failed to open or flush.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The password hasher could not start.
+    #[error("password hasher: {0}")]
+    Password(#[from] PasswordError),
+    /// A startup task died.
+    #[error("startup task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// State shared by every connection.
+pub(crate) struct Shared {
+    pub(crate) accounts: Accounts,
+    pub(crate) handshake_timeout: Duration,
+}
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+}
+
+impl Server {
+    /// Loads or makes certificates, opens the store and binds the endpoint.
+    pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        let identity = match &config.tls {
+            TlsSource::Dev { dir } => {
+                let dir = dir.clone();
+                let (identity, generated) =
+                    tokio::task::spawn_blocking(move || tls::ensure_dev_certificates(&dir))
+                        .await??;
+                let shown = match &config.tls {
+                    TlsSource::Dev { dir } => dir.display().to_string(),
+                    TlsSource::Files { .. } => String::new(),
+                };
+                if generated {
+                    warn!(certs = %shown, "dev mode: generated a development CA and server certificate; clients must trust {shown}/{}", tls::CA_CERT_FILE);
+                } else {
+                    warn!(certs = %shown, "dev mode: using development certificates; pass --cert and --key in production");
+                }
+                identity
+            }
+            TlsSource::Files { cert, key } => ServerIdentity::load(cert, key)?,
+        };
+        let crypto = tls::server_crypto(identity)?;
+        let endpoint = transport::server_endpoint(config.listen, crypto).map_err(|source| {
+            ServerError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+
+        let data_dir = config.data_dir.clone();
+        let store: Arc<dyn Store> =
+            Arc::new(tokio::task::spawn_blocking(move || FjallStore::open(&data_dir)).await??);
+        let workers = config.password_workers;
+        let passwords = tokio::task::spawn_blocking(move || Passwords::new(workers)).await??;
+        let accounts = Accounts::new(Arc::clone(&store), passwords, config.session_ttl);
+        let shared = Arc::new(Shared {
+            accounts,
+            handshake_timeout: config.handshake_timeout,
+        });
+        Ok(Self {
+            endpoint,
+            shared,
+            store,
+            config,
+        })
+    }
+
+    /// The address the endpoint is bound to (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then shuts down gracefully.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
+        info!(listen = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(), data = %self.config.data_dir.display(), "serving");
+        let tracker = TaskTracker::new();
+        let active = Arc::new(AtomicUsize::new(0));
+        tracker.spawn(sweep_sessions(
+            self.shared.accounts.clone(),
+            shutdown.clone(),
+        ));
+
+        loop {
+            let incoming = tokio::select! {
+                () = shutdown.cancelled() => break,
+                incoming = self.endpoint.accept() => incoming,
+            };
+            let Some(incoming) = incoming else { break };
+            self.admit(incoming, &tracker, &active, &shutdown);
+        }
+
+        info!(
+            connections = active.load(Ordering::Relaxed),
+            "shutting down"
+        );
+        tracker.close();
+        if tokio::time::timeout(self.config.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("connections still open after the grace period; closing them");
+        }
+        self.endpoint.close(
+            VarInt::from_u32(CloseCode::Shutdown.code()),
+            b"server shutting down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        tracker.wait().await;
+        self.store.flush().await?;
+        info!("store flushed; bye");
+        Ok(())
+    }
+
+    fn admit(
+        &self,
+        incoming: Incoming,
+        tracker: &TaskTracker,
+        active: &Arc<AtomicUsize>,
+        shutdown: &CancellationToken,
+    ) {
+        let now_active = active.load(Ordering::Relaxed);
+        if now_active >= self.config.max_connections {
+            debug!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+            incoming.refuse();
+            return;
+        }
+        if !incoming.remote_address_validated() && now_active >= RETRY_THRESHOLD {
+            // Under load, make unvalidated clients prove their address first.
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            return;
+        }
+        let slot = ConnectionSlot::take(active);
+        let (shared, shutdown) = (Arc::clone(&self.shared), shutdown.clone());
+        tracker.spawn(async move {
+            let _slot = slot;
+            connection::serve(incoming, shared, shutdown).await;
+        });
+    }
+}
+
+/// Counts a connection as active for as long as it lives.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(active: &Arc<AtomicUsize>) -> Self {
+        active.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(active))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn sweep_sessions(accounts: Accounts, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(SESSION_SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        match accounts.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => info!(sessions = n, "purged expired sessions"),
+            Err(e) => warn!(error = %e, "session sweep failed"),
+        }
+    }
+}
