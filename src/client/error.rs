@@ -90,8 +90,8 @@ impl ClientError {
             ConnectionError::ConnectionClosed(close) => {
                 let reason = String::from_utf8_lossy(&close.reason).into_owned();
                 let text = format!("{}", close.error_code);
-                if text.contains("CONNECTION_REFUSED") {
-                    Self::Refused(reason)
+                if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED {
+                    Self::Refused("the server is not accepting connections now".into())
                 } else if reason.contains("certificate") {
                     Self::CertificateNotTrusted(reason)
                 } else {

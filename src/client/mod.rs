@@ -31,6 +31,8 @@ pub struct ClientOptions {
     pub server: String,
     /// PEM file of the CA certificate(s) to trust.
     pub ca_file: PathBuf,
+    /// Name the server's certificate must carry, when it differs from HOST.
+    pub server_name: Option<String>,
     /// Give up connecting after this long.
     pub connect_timeout: Duration,
     /// Give up on a request's reply after this long.
@@ -43,6 +45,7 @@ impl ClientOptions {
         Self {
             server: server.into(),
             ca_file: ca_file.into(),
+            server_name: None,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
         }
@@ -85,7 +88,8 @@ async fn resolve(server: &str) -> Result<(SocketAddr, String), ClientError> {
 ///
 /// The building block of [`Client::connect`]; tests and load generators use it directly.
 pub async fn connect_raw(options: &ClientOptions) -> Result<(Endpoint, Connection), ClientError> {
-    let (addr, server_name) = resolve(&options.server).await?;
+    let (addr, host) = resolve(&options.server).await?;
+    let server_name = options.server_name.clone().unwrap_or(host);
     let anchors = tls::load_trust_anchors(&options.ca_file).map_err(ClientError::CaFile)?;
     let crypto = tls::client_crypto(anchors).map_err(ClientError::CaFile)?;
     let endpoint = transport::client_endpoint(addr, crypto).map_err(ClientError::Io)?;

@@ -1,0 +1,263 @@
+//! End to end through the built binaries: `sfc` against an in-process server, and the
+//! `sfc-server` binary itself (dev certificates, SIGTERM, restart).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{PASSWORD, TestServer};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn sfc(server: &str, ca: &Path, home: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sfc"));
+    command
+        .env_clear()
+        .env("SFC_SERVER", server)
+        .env("SFC_CA", ca)
+        .env("SFC_HOME", home)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+async fn run(mut command: Command) -> Output {
+    tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_fails_with(output: &Output, needle: &str) {
+    assert!(!output.status.success(), "expected failure: {output:?}");
+    let err = stderr(output);
+    assert_eq!(err.lines().count(), 1, "one line on stderr: {err:?}");
+    assert!(err.starts_with("sfc: error: "), "{err:?}");
+    assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfc_signs_up_logs_in_and_out() {
+    let server = TestServer::start().await;
+    let addr = server.addr.to_string();
+    let ca = server.ca_file();
+    let homes = tempfile::tempdir().unwrap();
+    let home = homes.path().join("alice");
+    let with_password = |password: &str| {
+        let mut command = sfc(&addr, &ca, &home);
+        command.env("SFC_PASSWORD", password);
+        command
+    };
+
+    let mut signup = with_password(PASSWORD);
+    signup.args(["signup", "Alice"]);
+    let out = run(signup).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("alice"));
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&home), 0o700);
+        assert_eq!(mode(&home.join("session.toml")), 0o600);
+    }
+
+    let mut whoami = sfc(&addr, &ca, &home);
+    whoami.arg("whoami");
+    let out = run(whoami).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out).trim(), "alice");
+
+    let mut taken = with_password(PASSWORD);
+    taken.args(["signup", "alice"]);
+    assert_fails_with(&run(taken).await, "taken");
+
+    let mut wrong = with_password("not the password");
+    wrong.args(["login", "alice"]);
+    assert_fails_with(&run(wrong).await, "invalid credentials");
+
+    let mut no_password = sfc(&addr, &ca, &home);
+    no_password.args(["login", "alice"]);
+    assert_fails_with(&run(no_password).await, "SFC_PASSWORD");
+
+    let mut logout = sfc(&addr, &ca, &home);
+    logout.arg("logout");
+    let out = run(logout).await;
+    assert!(out.status.success(), "{out:?}");
+
+    let mut whoami = sfc(&addr, &ca, &home);
+    whoami.arg("whoami");
+    assert_fails_with(&run(whoami).await, "not logged in");
+
+    let mut login = with_password(PASSWORD);
+    login.args(["login", "ALICE"]);
+    let out = run(login).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("logged in as alice"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfc_explains_untrusted_certificates_and_unreachable_servers() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    securefastchat::tls::DevCertificates::generate(&[])
+        .unwrap()
+        .write_to(dir.path())
+        .unwrap();
+    let home = dir.path().join("home");
+
+    let mut untrusted = sfc(&server.addr.to_string(), &dir.path().join("ca.crt"), &home);
+    untrusted
+        .env("SFC_PASSWORD", PASSWORD)
+        .args(["login", "alice"]);
+    assert_fails_with(&run(untrusted).await, "certificate not trusted");
+
+    let mut missing_ca = sfc(
+        &server.addr.to_string(),
+        &dir.path().join("nope.crt"),
+        &home,
+    );
+    missing_ca
+        .env("SFC_PASSWORD", PASSWORD)
+        .args(["login", "alice"]);
+    assert_fails_with(&run(missing_ca).await, "nope.crt");
+
+    // Nothing listens on a port we bound and released ourselves.
+    let free = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut unreachable = sfc(&free.to_string(), &server.ca_file(), &home);
+    unreachable
+        .env("SFC_PASSWORD", PASSWORD)
+        .args(["login", "alice"]);
+    assert_fails_with(&run(unreachable).await, "unreachable");
+    server.stop().await;
+}
+
+/// A running `sfc-server` binary whose log lines are collected.
+struct ServerProcess {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServerProcess {
+    async fn start(dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sfc-server"))
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(dir.join("data"))
+            .arg("--certs")
+            .arg(dir.join("certs"))
+            .env_clear()
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                log.lock().unwrap().push(line.clone());
+                if let Some(rest) = line.split("listen=").nth(1) {
+                    return rest.split_whitespace().next().unwrap().to_owned();
+                }
+            }
+            panic!("server exited before serving: {:?}", log.lock().unwrap());
+        })
+        .await
+        .unwrap();
+        let sink = Arc::clone(&log);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self { child, addr, log }
+    }
+
+    async fn terminate(mut self) -> Vec<String> {
+        let pid = self.child.id().unwrap().to_string();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.log.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_binary_makes_dev_certificates_stops_on_sigterm_and_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let ca = dir.path().join("certs").join("ca.crt");
+
+    let server = ServerProcess::start(dir.path()).await;
+    assert!(ca.exists());
+    assert!(
+        server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("dev mode"))
+    );
+    let mut signup = sfc(&server.addr, &ca, &home);
+    signup.env("SFC_PASSWORD", PASSWORD).args(["signup", "bob"]);
+    let out = run(signup).await;
+    assert!(out.status.success(), "{out:?}");
+    let log = server.terminate().await;
+    assert!(log.iter().any(|l| l.contains("store flushed")), "{log:?}");
+
+    let server = ServerProcess::start(dir.path()).await;
+    let mut whoami = sfc(&server.addr, &ca, &home);
+    whoami.arg("whoami");
+    let out = run(whoami).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out).trim(), "bob");
+    let mut login = sfc(&server.addr, &ca, &home);
+    login.env("SFC_PASSWORD", PASSWORD).args(["login", "bob"]);
+    assert!(run(login).await.status.success());
+    server.terminate().await;
+}
+
+#[tokio::test]
+async fn gen_certs_writes_the_three_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run({
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sfc-server"));
+        command
+            .args(["gen-certs", "--dir"])
+            .arg(dir.path())
+            .args(["--san", "chat.example"]);
+        command
+    })
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    for file in ["ca.crt", "server.crt", "server.key"] {
+        assert!(dir.path().join(file).exists(), "{file}");
+    }
+}

@@ -1,0 +1,284 @@
+//! Hostile and broken peers: bad frames get a typed error or a clean close, and other clients
+//! keep working.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use quinn::{ConnectionError, RecvStream, SendStream};
+use securefastchat::client::{Client, ClientError, ClientOptions, connect_raw};
+use securefastchat::protocol::{
+    ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, Reply, Request, ServerFrame, decode_body,
+    encode_frame, read_frame,
+};
+use securefastchat::tls::DevCertificates;
+use serde::Serialize;
+
+struct Raw {
+    conn: quinn::Connection,
+    send: SendStream,
+    recv: RecvStream,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Raw {
+    async fn open(server: &TestServer) -> Self {
+        let (endpoint, conn) = connect_raw(&server.options()).await.unwrap();
+        let (send, recv) = conn.open_bi().await.unwrap();
+        Self {
+            conn,
+            send,
+            recv,
+            _endpoint: endpoint,
+        }
+    }
+
+    async fn with_hello(server: &TestServer) -> Self {
+        let mut raw = Self::open(server).await;
+        raw.request(
+            1,
+            Request::Hello {
+                version: 1,
+                client: None,
+            },
+        )
+        .await;
+        assert!(matches!(
+            raw.reply().await.reply,
+            Reply::Hello { version: 1, .. }
+        ));
+        raw
+    }
+
+    async fn bytes(&mut self, bytes: &[u8]) {
+        self.send.write_all(bytes).await.unwrap();
+    }
+
+    async fn body(&mut self, body: &[u8]) {
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        self.bytes(&frame).await;
+    }
+
+    async fn map<T: Serialize>(&mut self, value: &T) {
+        self.body(&rmp_serde::to_vec_named(value).unwrap()).await;
+    }
+
+    async fn request(&mut self, id: u64, request: Request) {
+        let frame = encode_frame(&ClientFrame { id, request }, MAX_CONTROL_FRAME).unwrap();
+        self.bytes(&frame).await;
+    }
+
+    async fn reply(&mut self) -> ServerFrame {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            read_frame(&mut self.recv, MAX_CONTROL_FRAME, &mut buf),
+        );
+        assert!(read.await.unwrap().unwrap(), "stream ended without a reply");
+        decode_body(&buf).unwrap()
+    }
+
+    async fn expect_error(&mut self, id: Option<u64>, code: ErrorCode) {
+        let frame = self.reply().await;
+        assert_eq!(frame.id, id, "{frame:?}");
+        assert!(
+            matches!(frame.reply, Reply::Error { code: c, .. } if c == code),
+            "{frame:?}"
+        );
+    }
+
+    async fn expect_pong(&mut self, id: u64) {
+        self.request(id, Request::Ping).await;
+        let frame = self.reply().await;
+        assert_eq!((frame.id, frame.reply), (Some(id), Reply::Pong));
+    }
+
+    async fn expect_closed_with(&self, code: CloseCode) {
+        let closed = tokio::time::timeout(Duration::from_secs(5), self.conn.closed()).await;
+        match closed.unwrap() {
+            ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code.into_inner(), u64::from(code.code()))
+            }
+            other => panic!("expected an application close, got {other:?}"),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Typed<'a> {
+    id: u64,
+    r#type: &'a str,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_frame_closes_only_that_connection() {
+    let server = TestServer::start().await;
+    let (healthy, _) = server.signed_up("judy").await;
+
+    for announced in [MAX_CONTROL_FRAME + 1, u32::MAX] {
+        let mut raw = Raw::with_hello(&server).await;
+        raw.bytes(&announced.to_be_bytes()).await;
+        raw.expect_error(None, ErrorCode::FrameTooLarge).await;
+        raw.expect_closed_with(CloseCode::ProtocolViolation).await;
+    }
+    assert_eq!(healthy.whoami().await.unwrap().username, "judy");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_frame_gets_a_typed_error_and_a_close() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::with_hello(&server).await;
+    raw.bytes(&[0, 0, 0, 50, 0x82, 0xa2, b'i', b'd']).await;
+    raw.send.finish().unwrap();
+    raw.expect_error(None, ErrorCode::TruncatedFrame).await;
+    raw.expect_closed_with(CloseCode::ProtocolViolation).await;
+    server.client().await.ping().await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_messagepack_is_answered_and_the_connection_goes_on() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::with_hello(&server).await;
+    // Never-used byte, an array instead of a map, a map without `type`, trailing bytes.
+    raw.body(&[0xc1, 0xc1]).await;
+    raw.expect_error(None, ErrorCode::MalformedFrame).await;
+    raw.body(&rmp_serde::to_vec(&(1, 2)).unwrap()).await;
+    raw.expect_error(None, ErrorCode::MalformedFrame).await;
+    #[derive(Serialize)]
+    struct NoType {
+        id: u64,
+    }
+    raw.map(&NoType { id: 3 }).await;
+    raw.expect_error(None, ErrorCode::MalformedFrame).await;
+    let mut trailing = rmp_serde::to_vec_named(&Typed {
+        id: 4,
+        r#type: "ping",
+    })
+    .unwrap();
+    trailing.push(0xc0);
+    raw.body(&trailing).await;
+    raw.expect_error(None, ErrorCode::MalformedFrame).await;
+    raw.body(&[]).await;
+    raw.expect_error(None, ErrorCode::MalformedFrame).await;
+
+    raw.expect_pong(5).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_malformed_requests_get_typed_errors_with_their_id() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::with_hello(&server).await;
+    raw.map(&Typed {
+        id: 5,
+        r#type: "teleport",
+    })
+    .await;
+    raw.expect_error(Some(5), ErrorCode::UnknownRequest).await;
+
+    #[derive(Serialize)]
+    struct BadLogin {
+        id: u64,
+        r#type: &'static str,
+        username: u32,
+    }
+    raw.map(&BadLogin {
+        id: 6,
+        r#type: "login",
+        username: 7,
+    })
+    .await;
+    raw.expect_error(Some(6), ErrorCode::BadRequest).await;
+
+    raw.expect_pong(7).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_comes_first_and_versions_are_checked() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::open(&server).await;
+    raw.request(1, Request::Ping).await;
+    raw.expect_error(Some(1), ErrorCode::HelloRequired).await;
+    raw.request(
+        2,
+        Request::Hello {
+            version: 99,
+            client: None,
+        },
+    )
+    .await;
+    raw.expect_error(Some(2), ErrorCode::UnsupportedVersion)
+        .await;
+    raw.request(3, Request::Whoami).await;
+    raw.expect_error(Some(3), ErrorCode::HelloRequired).await;
+    raw.request(
+        4,
+        Request::Hello {
+            version: 1,
+            client: Some("test".into()),
+        },
+    )
+    .await;
+    assert!(matches!(raw.reply().await.reply, Reply::Hello { .. }));
+    raw.expect_pong(5).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_opens_no_control_stream_is_closed() {
+    let server = TestServer::start_with(|c| c.handshake_timeout = Duration::from_millis(300)).await;
+    let (_endpoint, conn) = connect_raw(&server.options()).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&closed, ConnectionError::ApplicationClosed(c) if c.error_code.into_inner() == 2),
+        "{closed:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_trust_the_ca_fails_clearly() {
+    let server = TestServer::start().await;
+    let other = tempfile::tempdir().unwrap();
+    DevCertificates::generate(&[])
+        .unwrap()
+        .write_to(other.path())
+        .unwrap();
+    let options = ClientOptions::new(server.addr.to_string(), other.path().join("ca.crt"));
+    let err = Client::connect(&options).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::CertificateNotTrusted(_)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("not trusted"), "{err}");
+
+    // A name the certificate does not carry is refused too.
+    let mut options = server.options();
+    options.server_name = Some("chat.example".into());
+    let err = Client::connect(&options).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::CertificateNotTrusted(_)),
+        "{err:?}"
+    );
+    server.client().await.ping().await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_refused() {
+    let server = TestServer::start_with(|c| c.max_connections = 2).await;
+    let first = server.client().await;
+    let second = server.client().await;
+    let err = Client::connect(&server.options()).await.unwrap_err();
+    assert!(matches!(err, ClientError::Refused(_)), "{err:?}");
+    first.ping().await.unwrap();
+    second.ping().await.unwrap();
+    server.stop().await;
+}
