@@ -1,7 +1,7 @@
 //! The server: binds the QUIC endpoint, admits connections, serves them, shuts down cleanly.
 //!
 //! `accept` stays tiny (admission control, then spawn); handshakes and everything after run in
-//! the per-connection task of [`connection`]. Shutdown: stop accepting, tell every connection
+//! the per-connection task of `connection`. Shutdown: stop accepting, tell every connection
 //! (close code `shutdown`), wait for them within a grace period, flush the store.
 
 pub mod accounts;

@@ -1,0 +1,157 @@
+//! The hex examples in `docs/PROTOCOL.md` are real frames: this test encodes each example and
+//! checks that the document shows exactly those bytes. Run with `SFC_PRINT_EXAMPLES=1` and
+//! `--nocapture` to print them.
+
+use securefastchat::protocol::{
+    ClientFrame, ErrorCode, MAX_CONTROL_FRAME, Password, Reply, Request, ServerFrame, SessionToken,
+    encode_frame,
+};
+
+fn hex_lines(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .map(|line| {
+            line.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn token() -> SessionToken {
+    let mut bytes = [0u8; 32];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    SessionToken::from_bytes(bytes)
+}
+
+fn examples() -> Vec<(&'static str, Vec<u8>)> {
+    let client = |id, request| encode_frame(&ClientFrame { id, request }, MAX_CONTROL_FRAME);
+    let server = |id, reply| encode_frame(&ServerFrame { id, reply }, MAX_CONTROL_FRAME);
+    vec![
+        (
+            "hello",
+            client(
+                1,
+                Request::Hello {
+                    version: 1,
+                    client: None,
+                },
+            ),
+        ),
+        (
+            "hello reply",
+            server(
+                Some(1),
+                Reply::Hello {
+                    version: 1,
+                    server: "sfc-server/0.1.0".into(),
+                    max_frame: MAX_CONTROL_FRAME,
+                },
+            ),
+        ),
+        (
+            "check_username",
+            client(
+                2,
+                Request::CheckUsername {
+                    username: "alice".into(),
+                },
+            ),
+        ),
+        (
+            "username_status",
+            server(
+                Some(2),
+                Reply::UsernameStatus {
+                    username: "alice".into(),
+                    available: true,
+                },
+            ),
+        ),
+        (
+            "signup",
+            client(
+                3,
+                Request::Signup {
+                    username: "alice".into(),
+                    password: Password::new("correct horse"),
+                },
+            ),
+        ),
+        (
+            "session",
+            server(
+                Some(3),
+                Reply::Session {
+                    username: "alice".into(),
+                    token: token(),
+                    expires_at: 1_767_225_600,
+                },
+            ),
+        ),
+        ("resume", client(4, Request::Resume { token: token() })),
+        (
+            "resumed",
+            server(
+                Some(4),
+                Reply::Resumed {
+                    username: "alice".into(),
+                    expires_at: 1_767_225_600,
+                },
+            ),
+        ),
+        ("whoami", client(5, Request::Whoami)),
+        ("logout", client(6, Request::Logout)),
+        ("logged_out", server(Some(6), Reply::LoggedOut)),
+        ("ping", client(7, Request::Ping)),
+        ("pong", server(Some(7), Reply::Pong)),
+        (
+            "error",
+            server(
+                Some(8),
+                Reply::Error {
+                    code: ErrorCode::InvalidCredentials,
+                    message: "invalid credentials".into(),
+                },
+            ),
+        ),
+        (
+            "connection error",
+            server(
+                None,
+                Reply::Error {
+                    code: ErrorCode::MalformedFrame,
+                    message: "bad frame".into(),
+                },
+            ),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, frame)| (name, frame.unwrap()))
+    .collect()
+}
+
+#[test]
+fn protocol_md_shows_the_real_bytes() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).unwrap();
+    let print = std::env::var_os("SFC_PRINT_EXAMPLES").is_some();
+    let mut missing = Vec::new();
+    for (name, frame) in examples() {
+        let hex = hex_lines(&frame);
+        if print {
+            println!("#### {name}\n```\n{hex}\n```\n");
+        }
+        if !doc.contains(&hex) {
+            missing.push(name);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/PROTOCOL.md lacks the bytes of: {missing:?}"
+    );
+}
