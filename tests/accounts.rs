@@ -171,6 +171,25 @@ async fn revoked_and_unknown_tokens_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_ends_the_session_on_every_connection() {
+    let server = TestServer::start().await;
+    let (first, token) = server.signed_up("fiona").await;
+    let second = server.client().await;
+    second.resume(token).await.unwrap();
+    first.logout().await.unwrap();
+    assert_eq!(
+        server_error(second.whoami().await).0,
+        ErrorCode::NotAuthenticated
+    );
+    // The connection may log in again afterwards.
+    second
+        .login("fiona", Password::new(PASSWORD))
+        .await
+        .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_tokens_are_refused() {
     let server = TestServer::start_with(|c| c.session_ttl = Duration::from_secs(1)).await;
     let (client, token) = server.signed_up("grace").await;

@@ -125,7 +125,7 @@ fn examples() -> Vec<(&'static str, Vec<u8>)> {
                 None,
                 Reply::Error {
                     code: ErrorCode::MalformedFrame,
-                    message: "bad frame".into(),
+                    message: "the body is not valid MessagePack".into(),
                 },
             ),
         ),

@@ -164,8 +164,16 @@ async fn garbage_messagepack_is_answered_and_the_connection_goes_on() {
     raw.expect_error(None, ErrorCode::MalformedFrame).await;
     raw.body(&[]).await;
     raw.expect_error(None, ErrorCode::MalformedFrame).await;
+    // An integer where the `type` string belongs is not read as a variant index.
+    #[derive(Serialize)]
+    struct IndexTag {
+        id: u64,
+        r#type: u8,
+    }
+    raw.map(&IndexTag { id: 6, r#type: 5 }).await;
+    raw.expect_error(None, ErrorCode::MalformedFrame).await;
 
-    raw.expect_pong(5).await;
+    raw.expect_pong(7).await;
     server.stop().await;
 }
 
@@ -240,6 +248,16 @@ async fn a_client_that_opens_no_control_stream_is_closed() {
         matches!(&closed, ConnectionError::ApplicationClosed(c) if c.error_code.into_inner() == 2),
         "{closed:?}"
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_says_hello_is_closed() {
+    let server = TestServer::start_with(|c| c.handshake_timeout = Duration::from_millis(300)).await;
+    let mut raw = Raw::open(&server).await;
+    // Open the stream with half a frame, then stall.
+    raw.bytes(&[0, 0]).await;
+    raw.expect_closed_with(CloseCode::ProtocolViolation).await;
     server.stop().await;
 }
 

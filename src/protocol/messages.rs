@@ -28,7 +28,7 @@ pub enum Request {
     /// Must be the first request on a connection: announces the protocol version.
     Hello {
         /// The protocol version the client speaks ([`super::PROTOCOL_VERSION`]).
-        version: u32,
+        version: u64,
         /// Free-form client name and version, for the server's logs.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<String>,
@@ -152,7 +152,7 @@ pub enum Reply {
     /// Answer to `hello`.
     Hello {
         /// The protocol version the server speaks.
-        version: u32,
+        version: u64,
         /// Server software name and version.
         server: String,
         /// Largest control frame body the server accepts, in bytes.

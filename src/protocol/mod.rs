@@ -6,6 +6,7 @@
 mod codes;
 mod frame;
 mod messages;
+mod request;
 mod username;
 
 pub use codes::{CloseCode, ErrorCode};
@@ -15,13 +16,14 @@ pub use frame::{
 pub use messages::{
     ClientFrame, Password, Reply, Request, RequestKind, ServerFrame, SessionToken, TOKEN_LEN,
 };
+pub use request::{RequestError, decode_request};
 pub use username::{Username, UsernameError};
 
 /// The ALPN protocol id both ends must offer in the TLS handshake.
 pub const ALPN: &[u8] = b"sfc/1";
 
 /// The protocol version a client announces in `hello`; the major version is also in [`ALPN`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u64 = 1;
 
 /// Largest control-stream frame body, in bytes, that either end accepts.
 ///

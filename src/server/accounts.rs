@@ -209,6 +209,12 @@ impl Accounts {
         })
     }
 
+    /// Whether a session is still valid: stored (not revoked) and not expired.
+    pub async fn is_active(&self, session: &ActiveSession) -> Result<bool, AccountError> {
+        let stored = self.store.session(&session.digest).await?;
+        Ok(stored.is_some_and(|record| record.expires_at > unix_now()))
+    }
+
     /// Revokes a session: its token is refused from now on, on every connection.
     pub async fn logout(&self, session: &ActiveSession) -> Result<(), AccountError> {
         Ok(self.store.delete_session(&session.digest).await?)

@@ -5,15 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 
 use super::Shared;
 use super::accounts::{AccountError, ActiveSession, IssuedSession};
 use crate::protocol::{
-    ClientFrame, CloseCode, ErrorCode, FrameError, MAX_CONTROL_FRAME, PROTOCOL_VERSION, Reply,
-    Request, RequestKind, ServerFrame, decode_body, read_frame, write_frame,
+    CloseCode, ErrorCode, FrameError, MAX_CONTROL_FRAME, PROTOCOL_VERSION, Reply, Request,
+    RequestError, RequestKind, ServerFrame, decode_request, read_frame, write_frame,
 };
 use crate::unix_now;
 
@@ -85,14 +84,6 @@ fn close(conn: &Connection, code: CloseCode, reason: &str) {
     conn.close(VarInt::from_u32(code.code()), reason.as_bytes());
 }
 
-/// The first two fields of any request, decoded leniently to classify a bad one.
-#[derive(Deserialize)]
-struct FrameHead {
-    id: u64,
-    #[serde(rename = "type")]
-    kind: String,
-}
-
 struct Control {
     conn: Connection,
     send: SendStream,
@@ -106,10 +97,18 @@ struct Control {
 impl Control {
     async fn run(&mut self, shutdown: &CancellationToken) {
         let mut buf = Vec::new();
+        // A peer that opens the stream but never completes `hello` would otherwise hold its
+        // slot until the idle timeout (forever, with keep-alives).
+        let hello_deadline = tokio::time::Instant::now() + self.shared.handshake_timeout;
         loop {
             let read = tokio::select! {
                 () = shutdown.cancelled() => {
                     close(&self.conn, CloseCode::Shutdown, "server shutting down");
+                    return;
+                }
+                () = tokio::time::sleep_until(hello_deadline), if !self.hello => {
+                    debug!("no hello in time");
+                    close(&self.conn, CloseCode::ProtocolViolation, "no hello in time");
                     return;
                 }
                 read = read_frame(&mut self.recv, MAX_CONTROL_FRAME, &mut buf) => read,
@@ -168,7 +167,7 @@ impl Control {
     }
 
     async fn dispatch(&mut self, body: &[u8]) -> ServerFrame {
-        match decode_body::<ClientFrame>(body) {
+        match decode_request(body) {
             Ok(frame) => {
                 let reply = self.handle(frame.request).await;
                 ServerFrame {
@@ -176,29 +175,17 @@ impl Control {
                     reply,
                 }
             }
-            Err(decode_error) => match decode_body::<FrameHead>(body) {
-                Ok(head) if RequestKind::from_wire(&head.kind).is_none() => ServerFrame {
-                    id: Some(head.id),
-                    reply: error(
-                        ErrorCode::UnknownRequest,
-                        format!("unknown request type {:?}", head.kind),
-                    ),
-                },
-                Ok(head) => ServerFrame {
-                    id: Some(head.id),
-                    reply: error(
-                        ErrorCode::BadRequest,
-                        format!("invalid {}: {decode_error}", head.kind),
-                    ),
-                },
-                Err(_) => ServerFrame {
-                    id: None,
-                    reply: error(
-                        ErrorCode::MalformedFrame,
-                        "expected a MessagePack map with an integer `id` and a string `type`"
-                            .into(),
-                    ),
-                },
+            Err(RequestError::Malformed(why)) => ServerFrame {
+                id: None,
+                reply: error(ErrorCode::MalformedFrame, why),
+            },
+            Err(e @ RequestError::Unknown { id, .. }) => ServerFrame {
+                id: Some(id),
+                reply: error(ErrorCode::UnknownRequest, e.to_string()),
+            },
+            Err(e @ RequestError::Bad { id, .. }) => ServerFrame {
+                id: Some(id),
+                reply: error(ErrorCode::BadRequest, e.to_string()),
             },
         }
     }
@@ -270,7 +257,7 @@ impl Control {
                 }
             }
             Request::Logout => {
-                let Some(session) = self.authenticated() else {
+                let Some(session) = self.authenticated().await else {
                     return not_authenticated();
                 };
                 match self.shared.accounts.logout(&session).await {
@@ -282,7 +269,7 @@ impl Control {
                     Err(e) => account_error(e),
                 }
             }
-            Request::Whoami => match self.authenticated() {
+            Request::Whoami => match self.authenticated().await {
                 Some(session) => Reply::Whoami {
                     username: session.username.to_string(),
                     expires_at: session.expires_at,
@@ -292,14 +279,21 @@ impl Control {
         }
     }
 
-    /// The session, unless there is none or it has expired (then it is dropped).
-    fn authenticated(&mut self) -> Option<ActiveSession> {
-        if self
-            .session
-            .as_ref()
-            .is_some_and(|s| s.expires_at <= unix_now())
-        {
-            debug!("session expired");
+    /// The session, unless there is none or it has expired or been revoked (then it is
+    /// dropped). Checks the store, so a logout on another connection is seen here too.
+    async fn authenticated(&mut self) -> Option<ActiveSession> {
+        let session = self.session.clone()?;
+        let active = session.expires_at > unix_now()
+            && match self.shared.accounts.is_active(&session).await {
+                Ok(active) => active,
+                Err(e) => {
+                    // Fail closed: a store error must not extend a revoked session.
+                    warn!(error = %e, "cannot check the session; treating it as ended");
+                    false
+                }
+            };
+        if !active {
+            debug!("session expired or revoked");
             self.session = None;
         }
         self.session.clone()

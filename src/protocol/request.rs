@@ -1,0 +1,299 @@
+//! Strict decoding of client frames: the body must be one MessagePack map with string keys, a
+//! uint `id`, a string `type`, and the documented type for every known field. Anything else is
+//! classified into the error the peer gets (`malformed_frame`, `unknown_request`, `bad_request`).
+//!
+//! serde alone is too lenient here (it would take an array for a map, an integer index for the
+//! `type` tag, or `bin` for a string), so the shape is checked on a generic value first.
+
+use rmpv::Value;
+
+use super::{ClientFrame, RequestKind, decode_body};
+
+/// Deepest nesting accepted in a request; real requests are two levels deep.
+const MAX_DEPTH: usize = 16;
+
+/// Why a frame body is not a valid request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not a map with string keys, a uint `id` and a string `type` (no id can be echoed).
+    #[error("{0}")]
+    Malformed(String),
+    /// A well-formed request of a type this server does not know.
+    #[error("unknown request type {kind:?}")]
+    Unknown {
+        /// The request's id.
+        id: u64,
+        /// The type it named.
+        kind: String,
+    },
+    /// A known request type with a missing or mistyped field.
+    #[error("invalid {}: {reason}", kind.as_str())]
+    Bad {
+        /// The request's id.
+        id: u64,
+        /// Its type.
+        kind: RequestKind,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum Expected {
+    Str,
+    Uint,
+    Bin,
+}
+
+impl Expected {
+    fn matches(self, value: &Value) -> bool {
+        match self {
+            Self::Str => value.as_str().is_some(),
+            Self::Uint => value.as_u64().is_some(),
+            Self::Bin => matches!(value, Value::Binary(_)),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Str => "a UTF-8 string",
+            Self::Uint => "an unsigned integer",
+            Self::Bin => "a byte string (bin)",
+        }
+    }
+}
+
+/// The type a known field must have in a request of `kind`; `None` for unknown fields, which
+/// are ignored.
+fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
+    use RequestKind as K;
+    match (kind, field) {
+        (K::Hello, "version") => Some(Expected::Uint),
+        (K::Hello, "client") => Some(Expected::Str),
+        (K::CheckUsername | K::Signup | K::Login, "username") => Some(Expected::Str),
+        (K::Signup | K::Login, "password") => Some(Expected::Str),
+        (K::Resume, "token") => Some(Expected::Bin),
+        _ => None,
+    }
+}
+
+/// Decodes a control-stream frame body into a request, strictly.
+pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
+    let malformed = |why: &str| RequestError::Malformed(why.to_owned());
+    let mut rest = body;
+    let value = rmpv::decode::read_value_with_max_depth(&mut rest, MAX_DEPTH)
+        .map_err(|_| malformed("the body is not valid MessagePack"))?;
+    if !rest.is_empty() {
+        return Err(malformed("bytes follow the MessagePack value"));
+    }
+    let Value::Map(entries) = value else {
+        return Err(malformed("the body must be a MessagePack map"));
+    };
+    let mut fields = Vec::with_capacity(entries.len());
+    for (key, value) in &entries {
+        let Some(key) = key.as_str() else {
+            return Err(malformed("map keys must be UTF-8 strings"));
+        };
+        if fields.iter().any(|(k, _)| *k == key) {
+            return Err(malformed("a map key appears twice"));
+        }
+        fields.push((key, value));
+    }
+    let field = |name: &str| fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+    let id = field("id")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| malformed("`id` must be present and an unsigned integer"))?;
+    let kind_name = field("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| malformed("`type` must be present and a UTF-8 string"))?;
+    let Some(kind) = RequestKind::from_wire(kind_name) else {
+        return Err(RequestError::Unknown {
+            id,
+            kind: kind_name.to_owned(),
+        });
+    };
+    for (name, value) in &fields {
+        if let Some(expected) = field_type(kind, name)
+            && !expected.matches(value)
+        {
+            let reason = format!("`{name}` must be {}", expected.name());
+            return Err(RequestError::Bad { id, kind, reason });
+        }
+    }
+    decode_body::<ClientFrame>(body).map_err(|e| RequestError::Bad {
+        id,
+        kind,
+        reason: match e {
+            super::FrameError::Decode(e) => e.to_string(),
+            other => other.to_string(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Request;
+    use serde::Serialize;
+
+    fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+        rmp_serde::to_vec_named(value).unwrap()
+    }
+
+    #[derive(Serialize)]
+    struct Head<T: Serialize, U: Serialize> {
+        id: T,
+        r#type: U,
+    }
+
+    #[test]
+    fn valid_requests_decode() {
+        let frame = decode_request(&encode(&Head {
+            id: 7u64,
+            r#type: "ping",
+        }))
+        .unwrap();
+        assert_eq!((frame.id, frame.request), (7, Request::Ping));
+    }
+
+    #[test]
+    fn shapes_serde_would_tolerate_are_malformed() {
+        let cases: Vec<Vec<u8>> = vec![
+            encode(&Head {
+                id: 1u64,
+                r#type: 7u8,
+            }), // integer tag
+            encode(&Head {
+                id: 1u64,
+                r#type: serde_bytes::Bytes::new(b"ping"),
+            }), // bin tag
+            rmp_serde::to_vec(&(101u64, "ping")).unwrap(), // array, not map
+            encode(&Head {
+                id: -1i64,
+                r#type: "ping",
+            }), // negative id
+            encode(&Head {
+                id: "1",
+                r#type: "ping",
+            }), // string id
+            vec![0x81, 0x01, 0x02],                        // integer key
+            vec![0x82, 0xa2, b'i', b'd', 0x01, 0xa2, b'i', b'd', 0x02], // duplicate key
+            [vec![0x91; 40], vec![0x01]].concat(),         // deep nesting
+            vec![0xdd, 0xff, 0xff, 0xff, 0xff],            // huge array header
+            vec![],
+        ];
+        for body in cases {
+            assert!(
+                matches!(decode_request(&body), Err(RequestError::Malformed(_))),
+                "{body:02x?} → {:?}",
+                decode_request(&body)
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_types_keep_their_id() {
+        let err = decode_request(&encode(&Head {
+            id: 5u64,
+            r#type: "teleport",
+        }))
+        .unwrap_err();
+        assert_eq!(
+            err,
+            RequestError::Unknown {
+                id: 5,
+                kind: "teleport".into()
+            }
+        );
+    }
+
+    #[test]
+    fn mistyped_fields_are_bad_requests() {
+        #[derive(Serialize)]
+        struct Resume<T: Serialize> {
+            id: u64,
+            r#type: &'static str,
+            token: T,
+        }
+        let str_token = Resume {
+            id: 2,
+            r#type: "resume",
+            token: "0".repeat(32),
+        };
+        let array_token = Resume {
+            id: 3,
+            r#type: "resume",
+            token: vec![0u8; 32],
+        };
+        let short_token = Resume {
+            id: 4,
+            r#type: "resume",
+            token: serde_bytes::ByteBuf::from(vec![0u8; 31]),
+        };
+        #[derive(Serialize)]
+        struct Check {
+            id: u64,
+            r#type: &'static str,
+            username: serde_bytes::ByteBuf,
+        }
+        let bin_name = Check {
+            id: 5,
+            r#type: "check_username",
+            username: serde_bytes::ByteBuf::from(b"bob".to_vec()),
+        };
+        #[derive(Serialize)]
+        struct Hello {
+            id: u64,
+            r#type: &'static str,
+            version: i64,
+        }
+        let negative_version = Hello {
+            id: 6,
+            r#type: "hello",
+            version: -1,
+        };
+        #[derive(Serialize)]
+        struct Login {
+            id: u64,
+            r#type: &'static str,
+            username: &'static str,
+        }
+        let missing_password = Login {
+            id: 7,
+            r#type: "login",
+            username: "bob",
+        };
+
+        let bodies = [
+            (2, encode(&str_token)),
+            (3, encode(&array_token)),
+            (4, encode(&short_token)),
+            (5, encode(&bin_name)),
+            (6, encode(&negative_version)),
+            (7, encode(&missing_password)),
+        ];
+        for (id, body) in bodies {
+            match decode_request(&body) {
+                Err(RequestError::Bad { id: got, .. }) => assert_eq!(got, id),
+                other => panic!("{id}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn large_versions_are_not_a_decoding_error() {
+        #[derive(Serialize)]
+        struct Hello {
+            id: u64,
+            r#type: &'static str,
+            version: u64,
+        }
+        let frame = decode_request(&encode(&Hello {
+            id: 1,
+            r#type: "hello",
+            version: 1 << 40,
+        }))
+        .unwrap();
+        assert!(matches!(frame.request, Request::Hello { version, .. } if version == 1 << 40));
+    }
+}
