@@ -82,13 +82,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // 2. A real server on loopback with synced fjall writes.
     let dir = tempfile::tempdir()?;
-    let config = ServerConfig::new(
+    let mut config = ServerConfig::new(
         "127.0.0.1:0".parse()?,
         dir.path().join("data"),
         TlsSource::Dev {
             dir: dir.path().join("certs"),
         },
     );
+    // One loopback address plays hundreds of users: lift the per-address limits.
+    config.signups_per_minute = 0;
+    config.failed_logins_per_minute = 0;
     let server = Server::bind(config).await?;
     let options = ClientOptions::new(
         server.local_addr()?.to_string(),

@@ -254,3 +254,33 @@ async fn accounts_and_sessions_survive_a_restart() {
     assert!(!fresh.check_username("ivan").await.unwrap().1);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_and_signups_are_throttled_per_address() {
+    let server = TestServer::start_with(|c| {
+        c.failed_logins_per_minute = 3;
+        c.signups_per_minute = 2;
+    })
+    .await;
+    let client = server.client().await;
+    client
+        .signup("kate", Password::new(PASSWORD))
+        .await
+        .unwrap();
+    client.logout().await.unwrap();
+    for _ in 0..3 {
+        let result = client.login("kate", Password::new("wrong password")).await;
+        assert_eq!(server_error(result).0, ErrorCode::InvalidCredentials);
+    }
+    // Even the right password waits now: the address has used its attempts.
+    let (code, message) = server_error(client.login("kate", Password::new(PASSWORD)).await);
+    assert_eq!(code, ErrorCode::RateLimited);
+    assert!(message.contains("retry in"), "{message}");
+
+    let other = server.client().await;
+    other.signup("liam", Password::new(PASSWORD)).await.unwrap();
+    let third = server.client().await;
+    let (code, _) = server_error(third.signup("mona", Password::new(PASSWORD)).await);
+    assert_eq!(code, ErrorCode::RateLimited);
+    server.stop().await;
+}

@@ -48,6 +48,12 @@ struct Cli {
     /// Password hashes computed at once [default: number of cores]
     #[arg(long, env = "SFC_PASSWORD_WORKERS")]
     password_workers: Option<usize>,
+    /// Failed logins allowed per client address per minute, 0 = unlimited [default: 30]
+    #[arg(long, env = "SFC_FAILED_LOGINS_PER_MINUTE")]
+    failed_logins_per_minute: Option<u32>,
+    /// Signups allowed per client address per minute, 0 = unlimited [default: 20]
+    #[arg(long, env = "SFC_SIGNUPS_PER_MINUTE")]
+    signups_per_minute: Option<u32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -107,6 +113,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         max_connections: cli.max_connections,
         session_ttl_secs: cli.session_ttl_secs,
         password_workers: cli.password_workers,
+        failed_logins_per_minute: cli.failed_logins_per_minute,
+        signups_per_minute: cli.signups_per_minute,
     };
     let config = flags.over(file).resolve()?;
 

@@ -17,6 +17,10 @@ pub const DEFAULT_CERTS_DIR: &str = "certs";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 /// Default session lifetime: 30 days.
 pub const DEFAULT_SESSION_TTL_SECS: u64 = 30 * 24 * 3600;
+/// Default failed logins allowed per address per minute (and as a burst).
+pub const DEFAULT_FAILED_LOGINS_PER_MINUTE: u32 = 30;
+/// Default signups allowed per address per minute (and as a burst).
+pub const DEFAULT_SIGNUPS_PER_MINUTE: u32 = 20;
 
 /// Where the server's TLS identity comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +59,10 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Time connections get to finish at shutdown before they are cut.
     pub shutdown_grace: Duration,
+    /// Failed logins per address per minute (0 = unlimited).
+    pub failed_logins_per_minute: u32,
+    /// Signups per address per minute (0 = unlimited).
+    pub signups_per_minute: u32,
 }
 
 impl ServerConfig {
@@ -69,6 +77,8 @@ impl ServerConfig {
             password_workers: default_password_workers(),
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            failed_logins_per_minute: DEFAULT_FAILED_LOGINS_PER_MINUTE,
+            signups_per_minute: DEFAULT_SIGNUPS_PER_MINUTE,
         }
     }
 }
@@ -99,6 +109,10 @@ pub struct ConfigLayer {
     pub session_ttl_secs: Option<u64>,
     /// Concurrent argon2 hashes.
     pub password_workers: Option<usize>,
+    /// Failed logins per address per minute (0 = unlimited).
+    pub failed_logins_per_minute: Option<u32>,
+    /// Signups per address per minute (0 = unlimited).
+    pub signups_per_minute: Option<u32>,
 }
 
 /// Why the configuration is unusable.
@@ -149,6 +163,10 @@ impl ConfigLayer {
             max_connections: self.max_connections.or(lower.max_connections),
             session_ttl_secs: self.session_ttl_secs.or(lower.session_ttl_secs),
             password_workers: self.password_workers.or(lower.password_workers),
+            failed_logins_per_minute: self
+                .failed_logins_per_minute
+                .or(lower.failed_logins_per_minute),
+            signups_per_minute: self.signups_per_minute.or(lower.signups_per_minute),
         }
     }
 
@@ -193,6 +211,12 @@ impl ConfigLayer {
                 ));
             }
             config.password_workers = workers;
+        }
+        if let Some(n) = self.failed_logins_per_minute {
+            config.failed_logins_per_minute = n;
+        }
+        if let Some(n) = self.signups_per_minute {
+            config.signups_per_minute = n;
         }
         Ok(config)
     }

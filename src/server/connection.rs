@@ -2,7 +2,7 @@
 //! the per-connection session state (hello seen, who is logged in).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use tokio_util::sync::CancellationToken;
@@ -228,14 +228,28 @@ impl Control {
                 if self.session.is_some() {
                     return already_authenticated();
                 }
+                let addr = self.conn.remote_address().ip();
+                if let Err(wait) = self.shared.signups.check(addr, Instant::now()) {
+                    return rate_limited("signups", wait);
+                }
                 let result = self.shared.accounts.signup(&username, password).await;
+                if matches!(result, Ok(_) | Err(AccountError::UsernameTaken)) {
+                    self.shared.signups.spend(addr, Instant::now());
+                }
                 self.start_session(result, "signed up")
             }
             Request::Login { username, password } => {
                 if self.session.is_some() {
                     return already_authenticated();
                 }
+                let addr = self.conn.remote_address().ip();
+                if let Err(wait) = self.shared.failed_logins.check(addr, Instant::now()) {
+                    return rate_limited("failed logins", wait);
+                }
                 let result = self.shared.accounts.login(&username, password).await;
+                if matches!(result, Err(AccountError::InvalidCredentials)) {
+                    self.shared.failed_logins.spend(addr, Instant::now());
+                }
                 self.start_session(result, "logged in")
             }
             Request::Resume { token } => {
@@ -319,6 +333,15 @@ impl Control {
 
 fn error(code: ErrorCode, message: String) -> Reply {
     Reply::Error { code, message }
+}
+
+fn rate_limited(what: &str, wait: Duration) -> Reply {
+    let secs = wait.as_secs().max(1);
+    warn!(what, retry_in_secs = secs, "rate limited");
+    error(
+        ErrorCode::RateLimited,
+        format!("too many {what} from your address; retry in {secs} s"),
+    )
 }
 
 fn not_authenticated() -> Reply {

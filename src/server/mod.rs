@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod config;
 mod connection;
 pub mod password;
+pub mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use tracing::{debug, info, warn};
 use self::accounts::Accounts;
 pub use self::config::{ConfigError, ConfigLayer, ServerConfig, TlsSource};
 use self::password::{PasswordError, Passwords};
+use self::throttle::Throttle;
 use crate::protocol::CloseCode;
 use crate::store::{FjallStore, Store, StoreError};
 use crate::tls::{self, ServerIdentity, TlsError};
@@ -63,6 +65,8 @@ pub enum ServerError {
 pub(crate) struct Shared {
     pub(crate) accounts: Accounts,
     pub(crate) handshake_timeout: Duration,
+    pub(crate) failed_logins: Throttle,
+    pub(crate) signups: Throttle,
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -112,6 +116,8 @@ impl Server {
         let shared = Arc::new(Shared {
             accounts,
             handshake_timeout: config.handshake_timeout,
+            failed_logins: Throttle::new(config.failed_logins_per_minute),
+            signups: Throttle::new(config.signups_per_minute),
         });
         Ok(Self {
             endpoint,
@@ -131,10 +137,7 @@ impl Server {
         info!(listen = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(), data = %self.config.data_dir.display(), "serving");
         let tracker = TaskTracker::new();
         let active = Arc::new(AtomicUsize::new(0));
-        tracker.spawn(sweep_sessions(
-            self.shared.accounts.clone(),
-            shutdown.clone(),
-        ));
+        tracker.spawn(sweep(Arc::clone(&self.shared), shutdown.clone()));
 
         loop {
             let incoming = tokio::select! {
@@ -212,14 +215,23 @@ impl Drop for ConnectionSlot {
     }
 }
 
-async fn sweep_sessions(accounts: Accounts, shutdown: CancellationToken) {
-    let mut interval = tokio::time::interval(SESSION_SWEEP_INTERVAL);
+/// Housekeeping: forget refilled throttle buckets every minute, purge expired sessions hourly.
+async fn sweep(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut minutes = tokio::time::interval(Duration::from_secs(60));
+    let mut last_session_sweep: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = interval.tick() => {}
+            _ = minutes.tick() => {}
         }
-        match accounts.purge_expired().await {
+        let now = std::time::Instant::now();
+        shared.failed_logins.prune(now);
+        shared.signups.prune(now);
+        if last_session_sweep.is_some_and(|t| t.elapsed() < SESSION_SWEEP_INTERVAL) {
+            continue;
+        }
+        last_session_sweep = Some(tokio::time::Instant::now());
+        match shared.accounts.purge_expired().await {
             Ok(0) => {}
             Ok(n) => info!(sessions = n, "purged expired sessions"),
             Err(e) => warn!(error = %e, "session sweep failed"),
