@@ -92,10 +92,18 @@ pub fn server_endpoint(addr: SocketAddr, crypto: QuicServerConfig) -> io::Result
     config
         .transport_config(Arc::new(server_transport()))
         .migration(true);
+    let socket = bind_udp(addr)?;
+    let sock = socket2::SockRef::from(&socket);
+    tracing::info!(
+        recv_buffer = sock.recv_buffer_size().unwrap_or(0),
+        send_buffer = sock.send_buffer_size().unwrap_or(0),
+        requested = UDP_BUFFER_BYTES,
+        "UDP socket buffers (the kernel caps them at net.core.rmem_max/wmem_max)"
+    );
     Endpoint::new(
         EndpointConfig::default(),
         Some(config),
-        bind_udp(addr)?,
+        socket,
         Arc::new(TokioRuntime),
     )
 }
