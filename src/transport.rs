@@ -25,9 +25,12 @@ pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Bidirectional streams a client may have open: exactly one, the control stream.
 pub const MAX_CLIENT_BIDI_STREAMS: u32 = 1;
 
-/// Unidirectional streams a client may have open. No request uses them yet; message streams
-/// raise this when they arrive.
-pub const MAX_CLIENT_UNI_STREAMS: u32 = 0;
+/// Message streams (unidirectional) a client may have open towards the server at once: enough
+/// to keep a fast sender busy over a long round trip, few enough to bound per-connection work.
+pub const MAX_CLIENT_UNI_STREAMS: u32 = 128;
+
+/// Message streams the server may have open towards a client at once (deliveries in flight).
+pub const MAX_SERVER_UNI_STREAMS: u32 = 128;
 
 /// Bytes a peer may have in flight on one stream: two largest control frames.
 pub const STREAM_RECEIVE_WINDOW: u32 = 128 * 1024;
@@ -81,7 +84,7 @@ pub fn client_transport() -> TransportConfig {
     let mut transport = common_transport();
     transport
         .max_concurrent_bidi_streams(VarInt::from_u32(0))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(MAX_SERVER_UNI_STREAMS))
         .keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
     transport
 }

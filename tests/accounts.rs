@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{PASSWORD, TestServer};
 use securefastchat::client::ClientError;
-use securefastchat::protocol::{ErrorCode, Password, SessionToken};
+use securefastchat::protocol::{CloseCode, ErrorCode, Password, SessionToken};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
@@ -171,21 +171,32 @@ async fn revoked_and_unknown_tokens_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logout_ends_the_session_on_every_connection() {
+async fn a_newer_login_takes_over_and_the_older_connection_is_told_why() {
     let server = TestServer::start().await;
     let (first, token) = server.signed_up("fiona").await;
     let second = server.client().await;
-    second.resume(token).await.unwrap();
-    first.logout().await.unwrap();
-    assert_eq!(
-        server_error(second.whoami().await).0,
-        ErrorCode::NotAuthenticated
-    );
-    // The connection may log in again afterwards.
-    second
-        .login("fiona", Password::new(PASSWORD))
+    second.resume(token.clone()).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), first.connection().closed())
         .await
         .unwrap();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code.into_inner(),
+                u64::from(CloseCode::Replaced.code())
+            );
+            assert!(String::from_utf8_lossy(&close.reason).contains("another connection"));
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+    assert_eq!(second.whoami().await.unwrap().username, "fiona");
+    // A logout revokes the token: it cannot be resumed anywhere afterwards.
+    second.logout().await.unwrap();
+    let third = server.client().await;
+    assert_eq!(
+        server_error(third.resume(token).await).0,
+        ErrorCode::InvalidToken
+    );
     server.stop().await;
 }
 

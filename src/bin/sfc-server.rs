@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use securefastchat::server::{ConfigLayer, Server};
+use securefastchat::store::Durability;
 use securefastchat::tls::DevCertificates;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -54,6 +55,37 @@ struct Cli {
     /// Signups allowed per client address per minute, 0 = unlimited [default: 20]
     #[arg(long, env = "SFC_SIGNUPS_PER_MINUTE")]
     signups_per_minute: Option<u32>,
+    /// Key bundle fetches allowed per user per minute, 0 = unlimited [default: 60]
+    #[arg(long, env = "SFC_BUNDLE_FETCHES_PER_MINUTE")]
+    bundle_fetches_per_minute: Option<u32>,
+    /// Undelivered messages are deleted after this many seconds [default: 604800 = 7 days]
+    #[arg(long, env = "SFC_MESSAGE_TTL_SECS")]
+    message_ttl_secs: Option<u64>,
+    /// Largest message body in bytes [default: 65536]
+    #[arg(long, env = "SFC_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<u64>,
+    /// Pending messages an inbox may hold [default: 10000]
+    #[arg(long, env = "SFC_MAX_PENDING")]
+    max_pending: Option<u64>,
+    /// sync: messages are on disk before they are acknowledged; buffered: in the OS only
+    /// (survives a server crash, not a power loss) [default: sync]
+    #[arg(long, env = "SFC_DURABILITY", value_enum)]
+    durability: Option<DurabilityArg>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum DurabilityArg {
+    Sync,
+    Buffered,
+}
+
+impl From<DurabilityArg> for Durability {
+    fn from(arg: DurabilityArg) -> Self {
+        match arg {
+            DurabilityArg::Sync => Durability::Sync,
+            DurabilityArg::Buffered => Durability::Buffered,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,6 +147,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         password_workers: cli.password_workers,
         failed_logins_per_minute: cli.failed_logins_per_minute,
         signups_per_minute: cli.signups_per_minute,
+        bundle_fetches_per_minute: cli.bundle_fetches_per_minute,
+        message_ttl_secs: cli.message_ttl_secs,
+        max_message_bytes: cli.max_message_bytes,
+        max_pending: cli.max_pending,
+        durability: cli.durability.map(Durability::from),
     };
     let config = flags.over(file).resolve()?;
 

@@ -104,6 +104,7 @@ impl ClientError {
                     Some(CloseCode::Shutdown) => "shutdown".to_owned(),
                     Some(CloseCode::ProtocolViolation) => "protocol violation".to_owned(),
                     Some(CloseCode::Overloaded) => "overloaded".to_owned(),
+                    Some(CloseCode::Replaced) => "replaced by a newer login".to_owned(),
                     None => format!("code {}", close.error_code),
                 };
                 Self::Closed {

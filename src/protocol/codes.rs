@@ -40,6 +40,18 @@ pub enum ErrorCode {
     Busy,
     /// The server failed for a reason of its own; the request may be retried.
     Internal,
+    /// No account has this username.
+    UnknownUser,
+    /// The user has not published keys yet, so no session can be started with them.
+    NoKeys,
+    /// Uploaded keys are malformed or a signature does not verify.
+    InvalidKeys,
+    /// The recipient's inbox is full; the message was not stored.
+    InboxFull,
+    /// The message body is larger than the server accepts.
+    MessageTooLarge,
+    /// The request is not allowed (e.g. presence of a user who has not written to you).
+    NotAllowed,
     /// A code this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -66,6 +78,12 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::Busy => "busy",
             Self::Internal => "internal",
+            Self::UnknownUser => "unknown_user",
+            Self::NoKeys => "no_keys",
+            Self::InvalidKeys => "invalid_keys",
+            Self::InboxFull => "inbox_full",
+            Self::MessageTooLarge => "message_too_large",
+            Self::NotAllowed => "not_allowed",
             Self::Unknown => "unknown",
         }
     }
@@ -89,6 +107,8 @@ pub enum CloseCode {
     ProtocolViolation = 2,
     /// The server is at its connection limit.
     Overloaded = 3,
+    /// The same user logged in on a newer connection, which takes over delivery.
+    Replaced = 4,
 }
 
 impl CloseCode {
@@ -104,6 +124,7 @@ impl CloseCode {
             1 => Some(Self::Shutdown),
             2 => Some(Self::ProtocolViolation),
             3 => Some(Self::Overloaded),
+            4 => Some(Self::Replaced),
             _ => None,
         }
     }

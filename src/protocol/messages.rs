@@ -1,15 +1,10 @@
 //! Control-stream messages: what a client asks (`ClientFrame`) and what the server answers or
 //! pushes (`ServerFrame`). Both are MessagePack maps whose `type` field names the variant.
 
-use std::fmt;
+use serde::{Deserialize, Serialize};
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use subtle::ConstantTimeEq;
-
-use super::ErrorCode;
-
-/// Length of a session token in bytes (256 bits).
-pub const TOKEN_LEN: usize = 32;
+use super::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
+use super::{ErrorCode, MessageId, Password, SessionToken};
 
 /// A request from the client: `{"id": u64, "type": "...", ...fields}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +19,7 @@ pub struct ClientFrame {
 /// Every request a client may send on the control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)] // a frame is decoded once and handled in place
 pub enum Request {
     /// Must be the first request on a connection: announces the protocol version.
     Hello {
@@ -63,6 +59,47 @@ pub enum Request {
     Whoami,
     /// Liveness check; allowed at any time after `hello`.
     Ping,
+    /// Upload or replace public keys: the identity key (required the first time), a signed
+    /// prekey, a last-resort prekey, and one-time prekeys to add.
+    PublishKeys {
+        /// Ed25519 identity key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identity_key: Option<IdentityKeyBytes>,
+        /// A new signed prekey (replaces the current one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signed_prekey: Option<SignedPrekey>,
+        /// A new last-resort prekey (replaces the current one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_resort: Option<SignedPrekey>,
+        /// One-time prekeys to add.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        one_time_prekeys: Vec<OneTimePrekey>,
+    },
+    /// Get a user's prekey bundle to start a session (consumes one one-time prekey).
+    FetchBundle {
+        /// Whose bundle.
+        username: String,
+    },
+    /// Get a user's identity key only (for safety numbers); consumes nothing.
+    FetchIdentity {
+        /// Whose key.
+        username: String,
+    },
+    /// Acknowledge delivered messages by their server sequence numbers.
+    Ack {
+        /// Sequence numbers from `deliver` headers.
+        seqs: Vec<u64>,
+    },
+    /// Delete a message you sent that has not been delivered yet.
+    Unsend {
+        /// The id you gave it.
+        message_id: MessageId,
+    },
+    /// Is this contact online? Allowed once the contact has sent you a message.
+    Online {
+        /// The contact.
+        username: String,
+    },
 }
 
 /// The `type` names of [`Request`], to tell an unknown request from a malformed known one.
@@ -84,6 +121,18 @@ pub enum RequestKind {
     Whoami,
     /// `ping`
     Ping,
+    /// `publish_keys`
+    PublishKeys,
+    /// `fetch_bundle`
+    FetchBundle,
+    /// `fetch_identity`
+    FetchIdentity,
+    /// `ack`
+    Ack,
+    /// `unsend`
+    Unsend,
+    /// `online`
+    Online,
 }
 
 impl RequestKind {
@@ -98,6 +147,12 @@ impl RequestKind {
             "logout" => Self::Logout,
             "whoami" => Self::Whoami,
             "ping" => Self::Ping,
+            "publish_keys" => Self::PublishKeys,
+            "fetch_bundle" => Self::FetchBundle,
+            "fetch_identity" => Self::FetchIdentity,
+            "ack" => Self::Ack,
+            "unsend" => Self::Unsend,
+            "online" => Self::Online,
             _ => return None,
         })
     }
@@ -113,6 +168,12 @@ impl RequestKind {
             Self::Logout => "logout",
             Self::Whoami => "whoami",
             Self::Ping => "ping",
+            Self::PublishKeys => "publish_keys",
+            Self::FetchBundle => "fetch_bundle",
+            Self::FetchIdentity => "fetch_identity",
+            Self::Ack => "ack",
+            Self::Unsend => "unsend",
+            Self::Online => "online",
         }
     }
 }
@@ -129,6 +190,12 @@ impl Request {
             Self::Logout => RequestKind::Logout,
             Self::Whoami => RequestKind::Whoami,
             Self::Ping => RequestKind::Ping,
+            Self::PublishKeys { .. } => RequestKind::PublishKeys,
+            Self::FetchBundle { .. } => RequestKind::FetchBundle,
+            Self::FetchIdentity { .. } => RequestKind::FetchIdentity,
+            Self::Ack { .. } => RequestKind::Ack,
+            Self::Unsend { .. } => RequestKind::Unsend,
+            Self::Online { .. } => RequestKind::Online,
         }
     }
 }
@@ -148,6 +215,7 @@ pub struct ServerFrame {
 /// Every reply the server may send on the control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)] // a frame is built once and encoded in place
 pub enum Reply {
     /// Answer to `hello`.
     Hello {
@@ -192,6 +260,72 @@ pub enum Reply {
     },
     /// Answer to `ping`.
     Pong,
+    /// Answer to `publish_keys`.
+    KeysPublished {
+        /// One-time prekeys the server now holds for you.
+        one_time_prekeys: u32,
+    },
+    /// Answer to `fetch_bundle`: exactly one of `one_time_prekey` and `last_resort` is present.
+    Bundle {
+        /// Whose bundle.
+        username: String,
+        /// Their Ed25519 identity key.
+        identity_key: IdentityKeyBytes,
+        /// Their current signed prekey.
+        signed_prekey: SignedPrekey,
+        /// A one-time prekey, handed out to you only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        one_time_prekey: Option<OneTimePrekey>,
+        /// Their last-resort prekey, when no one-time prekey is left.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_resort: Option<SignedPrekey>,
+    },
+    /// Answer to `fetch_identity`.
+    Identity {
+        /// Whose key.
+        username: String,
+        /// Their Ed25519 identity key.
+        identity_key: IdentityKeyBytes,
+    },
+    /// Answer to `ack`.
+    Acked {
+        /// How many of the acknowledged messages were still pending (and are now deleted).
+        removed: u64,
+    },
+    /// Answer to `unsend`.
+    Unsent {
+        /// Whether the message was deleted before delivery.
+        deleted: bool,
+    },
+    /// Answer to `online`.
+    Presence {
+        /// The contact.
+        username: String,
+        /// Whether they have a connection now.
+        online: bool,
+    },
+    /// Event: a message you sent is durably stored for its recipient (or was already).
+    Sent {
+        /// The message's id.
+        message_id: MessageId,
+        /// Whether the server had already stored this id from you (nothing new was stored).
+        duplicate: bool,
+    },
+    /// Event: a message you sent was refused; nothing was stored.
+    SendFailed {
+        /// The message's id (absent when the stream's header could not be read).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message_id: Option<MessageId>,
+        /// Why.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+    },
+    /// Event: you have few one-time prekeys left on the server; upload more.
+    PrekeysLow {
+        /// How many remain.
+        remaining: u32,
+    },
     /// The request failed (or, without `id`, the connection has a problem).
     Error {
         /// What went wrong, for programs.
@@ -199,107 +333,6 @@ pub enum Reply {
         /// What went wrong, for people; never contains secrets.
         message: String,
     },
-}
-
-/// A password as it travels in `signup` and `login`: a MessagePack `str`.
-///
-/// Its `Debug` output is masked so it cannot reach a log by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Password(String);
-
-impl Password {
-    /// Wraps a password.
-    pub fn new(password: impl Into<String>) -> Self {
-        Self(password.into())
-    }
-
-    /// The password's bytes, for hashing.
-    pub fn expose(&self) -> &[u8] {
-        self.0.as_bytes()
-    }
-
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether the password is empty.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Password(***)")
-    }
-}
-
-impl Serialize for Password {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Password {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer).map(Self)
-    }
-}
-
-/// A 256-bit session token: a MessagePack `bin` of exactly 32 bytes.
-///
-/// Compared in constant time; `Debug` is masked.
-#[derive(Clone)]
-pub struct SessionToken([u8; TOKEN_LEN]);
-
-impl SessionToken {
-    /// A fresh token from the operating system's CSPRNG.
-    pub fn generate() -> Result<Self, getrandom::Error> {
-        let mut bytes = [0u8; TOKEN_LEN];
-        getrandom::fill(&mut bytes)?;
-        Ok(Self(bytes))
-    }
-
-    /// Wraps raw token bytes.
-    pub fn from_bytes(bytes: [u8; TOKEN_LEN]) -> Self {
-        Self(bytes)
-    }
-
-    /// The raw token bytes (secret).
-    pub fn expose(&self) -> &[u8; TOKEN_LEN] {
-        &self.0
-    }
-}
-
-impl PartialEq for SessionToken {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.ct_eq(&other.0).into()
-    }
-}
-
-impl Eq for SessionToken {}
-
-impl fmt::Debug for SessionToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SessionToken(***)")
-    }
-}
-
-impl Serialize for SessionToken {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for SessionToken {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let bytes = serde_bytes::ByteBuf::deserialize(deserializer)?;
-        let array: [u8; TOKEN_LEN] = bytes.as_slice().try_into().map_err(|_| {
-            serde::de::Error::invalid_length(bytes.len(), &"a 32-byte session token")
-        })?;
-        Ok(Self(array))
-    }
 }
 
 #[cfg(test)]

@@ -5,18 +5,23 @@
 
 mod codes;
 mod frame;
+mod ids;
+pub mod keys;
 mod messages;
 mod request;
+mod secrets;
+mod stream;
 mod username;
 
 pub use codes::{CloseCode, ErrorCode};
 pub use frame::{
     FrameError, LENGTH_PREFIX, decode_body, encode_frame, frame_length, read_frame, write_frame,
 };
-pub use messages::{
-    ClientFrame, Password, Reply, Request, RequestKind, ServerFrame, SessionToken, TOKEN_LEN,
-};
+pub use ids::{MESSAGE_ID_LEN, MessageId};
+pub use messages::{ClientFrame, Reply, Request, RequestKind, ServerFrame};
 pub use request::{RequestError, decode_request};
+pub use secrets::{Password, SessionToken, TOKEN_LEN};
+pub use stream::{DeliverHeader, MAX_STREAM_HEADER, SendHeader, StreamHeader};
 pub use username::{Username, UsernameError};
 
 /// The ALPN protocol id both ends must offer in the TLS handshake.

@@ -138,6 +138,11 @@ impl Accounts {
         }
     }
 
+    /// The store behind the accounts.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     /// Signup step one: whether `raw` is a valid, free username (returned folded).
     pub async fn check_username(&self, raw: &str) -> Result<(Username, bool), AccountError> {
         let username = Username::parse(raw)?;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::store::{DEFAULT_MAX_PENDING, Durability};
+
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 /// Default data directory.
@@ -21,6 +23,12 @@ pub const DEFAULT_SESSION_TTL_SECS: u64 = 30 * 24 * 3600;
 pub const DEFAULT_FAILED_LOGINS_PER_MINUTE: u32 = 30;
 /// Default signups allowed per address per minute (and as a burst).
 pub const DEFAULT_SIGNUPS_PER_MINUTE: u32 = 20;
+/// Default key bundle fetches per user per minute (and as a burst).
+pub const DEFAULT_BUNDLE_FETCHES_PER_MINUTE: u32 = 60;
+/// Default lifetime of an undelivered message: 7 days, as in the seed.
+pub const DEFAULT_MESSAGE_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Default largest message body: 64 KiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 64 * 1024;
 
 /// Where the server's TLS identity comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +71,16 @@ pub struct ServerConfig {
     pub failed_logins_per_minute: u32,
     /// Signups per address per minute (0 = unlimited).
     pub signups_per_minute: u32,
+    /// Key bundle fetches per user per minute (0 = unlimited).
+    pub bundle_fetches_per_minute: u32,
+    /// Undelivered messages are deleted after this long.
+    pub message_ttl: Duration,
+    /// Largest message body accepted.
+    pub max_message_bytes: u64,
+    /// Pending messages an inbox may hold.
+    pub max_pending: u64,
+    /// Whether message writes are synced before they are acknowledged.
+    pub durability: Durability,
 }
 
 impl ServerConfig {
@@ -79,6 +97,11 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             failed_logins_per_minute: DEFAULT_FAILED_LOGINS_PER_MINUTE,
             signups_per_minute: DEFAULT_SIGNUPS_PER_MINUTE,
+            bundle_fetches_per_minute: DEFAULT_BUNDLE_FETCHES_PER_MINUTE,
+            message_ttl: Duration::from_secs(DEFAULT_MESSAGE_TTL_SECS),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_pending: DEFAULT_MAX_PENDING,
+            durability: Durability::Sync,
         }
     }
 }
@@ -113,6 +136,16 @@ pub struct ConfigLayer {
     pub failed_logins_per_minute: Option<u32>,
     /// Signups per address per minute (0 = unlimited).
     pub signups_per_minute: Option<u32>,
+    /// Key bundle fetches per user per minute (0 = unlimited).
+    pub bundle_fetches_per_minute: Option<u32>,
+    /// Lifetime of undelivered messages in seconds.
+    pub message_ttl_secs: Option<u64>,
+    /// Largest message body in bytes.
+    pub max_message_bytes: Option<u64>,
+    /// Pending messages per inbox.
+    pub max_pending: Option<u64>,
+    /// `sync` or `buffered`.
+    pub durability: Option<Durability>,
 }
 
 /// Why the configuration is unusable.
@@ -167,6 +200,13 @@ impl ConfigLayer {
                 .failed_logins_per_minute
                 .or(lower.failed_logins_per_minute),
             signups_per_minute: self.signups_per_minute.or(lower.signups_per_minute),
+            bundle_fetches_per_minute: self
+                .bundle_fetches_per_minute
+                .or(lower.bundle_fetches_per_minute),
+            message_ttl_secs: self.message_ttl_secs.or(lower.message_ttl_secs),
+            max_message_bytes: self.max_message_bytes.or(lower.max_message_bytes),
+            max_pending: self.max_pending.or(lower.max_pending),
+            durability: self.durability.or(lower.durability),
         }
     }
 
@@ -217,6 +257,36 @@ impl ConfigLayer {
         }
         if let Some(n) = self.signups_per_minute {
             config.signups_per_minute = n;
+        }
+        if let Some(n) = self.bundle_fetches_per_minute {
+            config.bundle_fetches_per_minute = n;
+        }
+        if let Some(secs) = self.message_ttl_secs {
+            if secs == 0 {
+                return Err(ConfigError::Invalid(
+                    "message_ttl_secs must be at least 1".into(),
+                ));
+            }
+            config.message_ttl = Duration::from_secs(secs);
+        }
+        if let Some(bytes) = self.max_message_bytes {
+            if !(1..=16 * 1024 * 1024).contains(&bytes) {
+                return Err(ConfigError::Invalid(
+                    "max_message_bytes must be 1 to 16 MiB".into(),
+                ));
+            }
+            config.max_message_bytes = bytes;
+        }
+        if let Some(n) = self.max_pending {
+            if n == 0 {
+                return Err(ConfigError::Invalid(
+                    "max_pending must be at least 1".into(),
+                ));
+            }
+            config.max_pending = n;
+        }
+        if let Some(durability) = self.durability {
+            config.durability = durability;
         }
         Ok(config)
     }

@@ -1,23 +1,36 @@
-//! One client connection: the handshake, the control stream's read-dispatch-reply loop, and
-//! the per-connection session state (hello seen, who is logged in).
+//! One client connection: the handshake, the control stream's read loop, the writer task that
+//! owns the control stream's send side (replies and pushed events share it, in order), and
+//! the message streams. Request handling itself lives in `requests`.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, Span, debug, error, info, info_span, warn};
+use tracing::{Instrument, Span, debug, info_span, warn};
 
 use super::Shared;
-use super::accounts::{AccountError, ActiveSession, IssuedSession};
+use super::messaging::{SessionCell, accept_message_streams};
+use super::requests::Control;
 use crate::protocol::{
-    CloseCode, ErrorCode, FrameError, MAX_CONTROL_FRAME, PROTOCOL_VERSION, Reply, Request,
-    RequestError, RequestKind, ServerFrame, decode_request, read_frame, write_frame,
+    CloseCode, ErrorCode, FrameError, MAX_CONTROL_FRAME, Reply, ServerFrame, read_frame,
+    write_frame,
 };
-use crate::unix_now;
 
-/// How long we wait for a peer to read our last error before closing on it.
+/// How long we wait for a peer to read our last frames before closing on it.
 const LINGER: Duration = Duration::from_secs(1);
+/// Replies and events that may wait for the control stream's writer.
+const CONTROL_QUEUE: usize = 1024;
+
+/// What the control stream's writer task is asked to do.
+#[allow(clippy::large_enum_variant)] // frames dominate; boxing each would cost more
+pub(crate) enum Outgoing {
+    /// Write this frame.
+    Frame(ServerFrame),
+    /// Finish the stream, give the peer a moment to read it, then report back.
+    Finish(oneshot::Sender<()>),
+}
 
 /// Serves one incoming connection until it ends or the server shuts down.
 pub(crate) async fn serve(incoming: Incoming, shared: Arc<Shared>, shutdown: CancellationToken) {
@@ -25,18 +38,7 @@ pub(crate) async fn serve(incoming: Incoming, shared: Arc<Shared>, shutdown: Can
         info_span!("conn", remote = %incoming.remote_address(), user = tracing::field::Empty);
     async move {
         match accept(incoming, &shared, &shutdown).await {
-            Ok(Some((conn, send, recv))) => {
-                let mut control = Control {
-                    conn,
-                    send,
-                    recv,
-                    shared,
-                    hello: false,
-                    session: None,
-                    span: Span::current(),
-                };
-                control.run(&shutdown).await;
-            }
+            Ok(Some((conn, send, recv))) => run(conn, send, recv, shared, &shutdown).await,
             Ok(None) => {}
             Err(reason) => debug!(%reason, "connection not established"),
         }
@@ -80,291 +82,148 @@ async fn accept(
     }
 }
 
-fn close(conn: &Connection, code: CloseCode, reason: &str) {
+pub(crate) fn close(conn: &Connection, code: CloseCode, reason: &str) {
     conn.close(VarInt::from_u32(code.code()), reason.as_bytes());
 }
 
-struct Control {
+async fn write_frames(mut send: SendStream, mut queue: mpsc::Receiver<Outgoing>) {
+    while let Some(outgoing) = queue.recv().await {
+        match outgoing {
+            Outgoing::Frame(frame) => {
+                if let Err(e) = write_frame(&mut send, &frame, MAX_CONTROL_FRAME).await {
+                    debug!(error = %e, "cannot write to the control stream; connection gone");
+                    return;
+                }
+            }
+            Outgoing::Finish(done) => {
+                if send.finish().is_ok() {
+                    let _ = tokio::time::timeout(LINGER, send.stopped()).await;
+                }
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+}
+
+/// Forwards pushed events (from message streams and the router) into the writer's queue.
+async fn forward_events(mut events: mpsc::Receiver<ServerFrame>, queue: mpsc::Sender<Outgoing>) {
+    while let Some(frame) = events.recv().await {
+        if queue.send(Outgoing::Frame(frame)).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn run(
     conn: Connection,
     send: SendStream,
-    recv: RecvStream,
+    mut recv: RecvStream,
     shared: Arc<Shared>,
-    hello: bool,
-    session: Option<ActiveSession>,
-    span: Span,
-}
+    shutdown: &CancellationToken,
+) {
+    let (queue, queue_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (events, events_rx) = mpsc::channel(CONTROL_QUEUE);
+    let writer = tokio::spawn(write_frames(send, queue_rx));
+    let forwarder = tokio::spawn(forward_events(events_rx, queue.clone()));
+    let session: SessionCell = Arc::new(Mutex::new(None));
+    let streams = tokio::spawn(
+        accept_message_streams(
+            conn.clone(),
+            Arc::clone(&shared),
+            session.clone(),
+            events.clone(),
+        )
+        .instrument(Span::current()),
+    );
+    let mut control = Control::new(conn.clone(), shared, session, events, Span::current());
 
-impl Control {
-    async fn run(&mut self, shutdown: &CancellationToken) {
-        let mut buf = Vec::new();
-        // A peer that opens the stream but never completes `hello` would otherwise hold its
-        // slot until the idle timeout (forever, with keep-alives).
-        let hello_deadline = tokio::time::Instant::now() + self.shared.handshake_timeout;
-        loop {
-            let read = tokio::select! {
-                () = shutdown.cancelled() => {
-                    close(&self.conn, CloseCode::Shutdown, "server shutting down");
-                    return;
-                }
-                () = tokio::time::sleep_until(hello_deadline), if !self.hello => {
-                    debug!("no hello in time");
-                    close(&self.conn, CloseCode::ProtocolViolation, "no hello in time");
-                    return;
-                }
-                read = read_frame(&mut self.recv, MAX_CONTROL_FRAME, &mut buf) => read,
-            };
-            match read {
-                Ok(true) => {
-                    let reply = self.dispatch(&buf).await;
-                    if let Err(e) = write_frame(&mut self.send, &reply, MAX_CONTROL_FRAME).await {
-                        debug!(error = %e, "cannot reply; connection gone");
-                        return;
-                    }
-                }
-                Ok(false) => {
-                    debug!("client finished its control stream");
-                    let _ = self.send.finish();
-                    close(&self.conn, CloseCode::Normal, "bye");
-                    return;
-                }
-                Err(FrameError::TooLarge { len, max }) => {
-                    warn!(len, max, "oversize control frame");
-                    let message = format!("frame of {len} bytes exceeds the limit of {max}");
-                    self.fail(ErrorCode::FrameTooLarge, message).await;
-                    return;
-                }
-                Err(FrameError::Truncated) => {
-                    debug!("control stream ended inside a frame");
-                    self.fail(
-                        ErrorCode::TruncatedFrame,
-                        "stream ended inside a frame".into(),
-                    )
-                    .await;
-                    return;
-                }
-                Err(e) => {
-                    debug!(error = %e, "control stream closed");
-                    return;
-                }
+    let mut buf = Vec::new();
+    // A peer that opens the stream but never completes `hello` would otherwise hold its slot
+    // until the idle timeout (forever, with keep-alives).
+    let hello_deadline = tokio::time::Instant::now() + control.handshake_timeout();
+    let ending = loop {
+        let read = tokio::select! {
+            () = shutdown.cancelled() => break Ending::Close(CloseCode::Shutdown, "server shutting down"),
+            () = tokio::time::sleep_until(hello_deadline), if !control.said_hello() => {
+                debug!("no hello in time");
+                break Ending::Close(CloseCode::ProtocolViolation, "no hello in time");
             }
-        }
-    }
-
-    /// Sends a connection-level error, lets the peer read it, then closes.
-    async fn fail(&mut self, code: ErrorCode, message: String) {
-        let frame = ServerFrame {
-            id: None,
-            reply: Reply::Error { code, message },
+            read = read_frame(&mut recv, MAX_CONTROL_FRAME, &mut buf) => read,
         };
-        if write_frame(&mut self.send, &frame, MAX_CONTROL_FRAME)
-            .await
-            .is_ok()
-            && self.send.finish().is_ok()
-        {
-            let _ = tokio::time::timeout(LINGER, self.send.stopped()).await;
+        match read {
+            Ok(true) => {
+                let reply = control.dispatch(&buf).await;
+                if queue.send(Outgoing::Frame(reply)).await.is_err() {
+                    break Ending::Gone;
+                }
+            }
+            Ok(false) => {
+                debug!("client finished its control stream");
+                break Ending::Finish(CloseCode::Normal, None);
+            }
+            Err(FrameError::TooLarge { len, max }) => {
+                warn!(len, max, "oversize control frame");
+                let message = format!("frame of {len} bytes exceeds the limit of {max}");
+                break Ending::Finish(
+                    CloseCode::ProtocolViolation,
+                    Some(Box::new(Reply::Error {
+                        code: ErrorCode::FrameTooLarge,
+                        message,
+                    })),
+                );
+            }
+            Err(FrameError::Truncated) => {
+                debug!("control stream ended inside a frame");
+                let message = "stream ended inside a frame".to_owned();
+                break Ending::Finish(
+                    CloseCode::ProtocolViolation,
+                    Some(Box::new(Reply::Error {
+                        code: ErrorCode::TruncatedFrame,
+                        message,
+                    })),
+                );
+            }
+            Err(e) => {
+                debug!(error = %e, "control stream closed");
+                break Ending::Gone;
+            }
         }
-        close(&self.conn, CloseCode::ProtocolViolation, code.as_str());
-    }
-
-    async fn dispatch(&mut self, body: &[u8]) -> ServerFrame {
-        match decode_request(body) {
-            Ok(frame) => {
-                let reply = self.handle(frame.request).await;
-                ServerFrame {
-                    id: Some(frame.id),
-                    reply,
-                }
+    };
+    control.end_session();
+    match ending {
+        Ending::Close(code, reason) => close(&conn, code, reason),
+        Ending::Finish(code, last) => {
+            if let Some(reply) = last {
+                let reply = *reply;
+                let _ = queue
+                    .send(Outgoing::Frame(ServerFrame { id: None, reply }))
+                    .await;
             }
-            Err(RequestError::Malformed(why)) => ServerFrame {
-                id: None,
-                reply: error(ErrorCode::MalformedFrame, why),
-            },
-            Err(e @ RequestError::Unknown { id, .. }) => ServerFrame {
-                id: Some(id),
-                reply: error(ErrorCode::UnknownRequest, e.to_string()),
-            },
-            Err(e @ RequestError::Bad { id, .. }) => ServerFrame {
-                id: Some(id),
-                reply: error(ErrorCode::BadRequest, e.to_string()),
-            },
-        }
-    }
-
-    async fn handle(&mut self, request: Request) -> Reply {
-        let kind = request.kind();
-        if !self.hello && kind != RequestKind::Hello {
-            return error(
-                ErrorCode::HelloRequired,
-                "the first request must be `hello`".into(),
-            );
-        }
-        match request {
-            Request::Hello { version, client } => {
-                if version != PROTOCOL_VERSION {
-                    return error(
-                        ErrorCode::UnsupportedVersion,
-                        format!("this server speaks protocol version {PROTOCOL_VERSION}"),
-                    );
-                }
-                self.hello = true;
-                debug!(client = client.as_deref().unwrap_or("-"), "hello");
-                Reply::Hello {
-                    version: PROTOCOL_VERSION,
-                    server: concat!("sfc-server/", env!("CARGO_PKG_VERSION")).into(),
-                    max_frame: MAX_CONTROL_FRAME,
-                }
+            let (done, flushed) = oneshot::channel();
+            if queue.send(Outgoing::Finish(done)).await.is_ok() {
+                let _ = tokio::time::timeout(LINGER * 2, flushed).await;
             }
-            Request::Ping => Reply::Pong,
-            Request::CheckUsername { username } => {
-                match self.shared.accounts.check_username(&username).await {
-                    Ok((username, available)) => Reply::UsernameStatus {
-                        username: username.to_string(),
-                        available,
-                    },
-                    Err(e) => account_error(e),
-                }
-            }
-            Request::Signup { username, password } => {
-                if self.session.is_some() {
-                    return already_authenticated();
-                }
-                let addr = self.conn.remote_address().ip();
-                if let Err(wait) = self.shared.signups.check(addr, Instant::now()) {
-                    return rate_limited("signups", wait);
-                }
-                let result = self.shared.accounts.signup(&username, password).await;
-                if matches!(result, Ok(_) | Err(AccountError::UsernameTaken)) {
-                    self.shared.signups.spend(addr, Instant::now());
-                }
-                self.start_session(result, "signed up")
-            }
-            Request::Login { username, password } => {
-                if self.session.is_some() {
-                    return already_authenticated();
-                }
-                let addr = self.conn.remote_address().ip();
-                if let Err(wait) = self.shared.failed_logins.check(addr, Instant::now()) {
-                    return rate_limited("failed logins", wait);
-                }
-                let result = self.shared.accounts.login(&username, password).await;
-                if matches!(result, Err(AccountError::InvalidCredentials)) {
-                    self.shared.failed_logins.spend(addr, Instant::now());
-                }
-                self.start_session(result, "logged in")
-            }
-            Request::Resume { token } => {
-                if self.session.is_some() {
-                    return already_authenticated();
-                }
-                match self.shared.accounts.resume(&token).await {
-                    Ok(session) => {
-                        self.span.record("user", session.username.as_str());
-                        info!("resumed session");
-                        let reply = Reply::Resumed {
-                            username: session.username.to_string(),
-                            expires_at: session.expires_at,
-                        };
-                        self.session = Some(session);
-                        reply
-                    }
-                    Err(e) => account_error(e),
-                }
-            }
-            Request::Logout => {
-                let Some(session) = self.authenticated().await else {
-                    return not_authenticated();
-                };
-                match self.shared.accounts.logout(&session).await {
-                    Ok(()) => {
-                        info!("logged out");
-                        self.session = None;
-                        Reply::LoggedOut
-                    }
-                    Err(e) => account_error(e),
-                }
-            }
-            Request::Whoami => match self.authenticated().await {
-                Some(session) => Reply::Whoami {
-                    username: session.username.to_string(),
-                    expires_at: session.expires_at,
-                },
-                None => not_authenticated(),
-            },
-        }
-    }
-
-    /// The session, unless there is none or it has expired or been revoked (then it is
-    /// dropped). Checks the store, so a logout on another connection is seen here too.
-    async fn authenticated(&mut self) -> Option<ActiveSession> {
-        let session = self.session.clone()?;
-        let active = session.expires_at > unix_now()
-            && match self.shared.accounts.is_active(&session).await {
-                Ok(active) => active,
-                Err(e) => {
-                    // Fail closed: a store error must not extend a revoked session.
-                    warn!(error = %e, "cannot check the session; treating it as ended");
-                    false
-                }
+            let reason = match code {
+                CloseCode::Normal => "bye".to_owned(),
+                _ => "protocol violation".to_owned(),
             };
-        if !active {
-            debug!("session expired or revoked");
-            self.session = None;
+            close(&conn, code, &reason);
         }
-        self.session.clone()
+        Ending::Gone => {}
     }
-
-    fn start_session(&mut self, result: Result<IssuedSession, AccountError>, what: &str) -> Reply {
-        match result {
-            Ok(IssuedSession { token, session }) => {
-                self.span.record("user", session.username.as_str());
-                info!("{what}");
-                let reply = Reply::Session {
-                    username: session.username.to_string(),
-                    token,
-                    expires_at: session.expires_at,
-                };
-                self.session = Some(session);
-                reply
-            }
-            Err(e) => account_error(e),
-        }
-    }
+    drop(control);
+    drop(queue);
+    forwarder.abort();
+    streams.abort();
+    let _ = writer.await;
 }
 
-fn error(code: ErrorCode, message: String) -> Reply {
-    Reply::Error { code, message }
-}
-
-fn rate_limited(what: &str, wait: Duration) -> Reply {
-    let secs = wait.as_secs().max(1);
-    warn!(what, retry_in_secs = secs, "rate limited");
-    error(
-        ErrorCode::RateLimited,
-        format!("too many {what} from your address; retry in {secs} s"),
-    )
-}
-
-fn not_authenticated() -> Reply {
-    error(
-        ErrorCode::NotAuthenticated,
-        "log in, sign up or resume first".into(),
-    )
-}
-
-fn already_authenticated() -> Reply {
-    error(
-        ErrorCode::AlreadyAuthenticated,
-        "this connection already has a session; log out first".into(),
-    )
-}
-
-fn account_error(e: AccountError) -> Reply {
-    if e.is_internal() {
-        error!(error = %e, "account operation failed");
-        return error(ErrorCode::Internal, "internal server error".into());
-    }
-    if e.code() == ErrorCode::Busy {
-        warn!("refusing request: server busy");
-    }
-    error(e.code(), e.to_string())
+enum Ending {
+    /// Close at once with this code.
+    Close(CloseCode, &'static str),
+    /// Send the last frame (if any), finish the control stream, then close with this code.
+    Finish(CloseCode, Option<Box<Reply>>),
+    /// The connection is already gone.
+    Gone,
 }

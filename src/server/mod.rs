@@ -7,7 +7,11 @@
 pub mod accounts;
 pub mod config;
 mod connection;
+mod directory;
+mod messaging;
 pub mod password;
+mod requests;
+pub mod router;
 pub mod throttle;
 
 use std::net::SocketAddr;
@@ -23,9 +27,11 @@ use tracing::{debug, info, warn};
 use self::accounts::Accounts;
 pub use self::config::{ConfigError, ConfigLayer, ServerConfig, TlsSource};
 use self::password::{PasswordError, Passwords};
+use self::router::Router;
 use self::throttle::Throttle;
 use crate::protocol::CloseCode;
-use crate::store::{FjallStore, Store, StoreError};
+use crate::protocol::Username;
+use crate::store::{FjallStore, Store, StoreError, StoreOptions};
 use crate::tls::{self, ServerIdentity, TlsError};
 use crate::transport;
 
@@ -67,6 +73,16 @@ pub(crate) struct Shared {
     pub(crate) handshake_timeout: Duration,
     pub(crate) failed_logins: Throttle,
     pub(crate) signups: Throttle,
+    pub(crate) bundle_fetches: Throttle<Username>,
+    pub(crate) router: Arc<Router>,
+    pub(crate) limits: MessageLimits,
+}
+
+/// Limits on messages, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MessageLimits {
+    pub(crate) max_message_bytes: u64,
+    pub(crate) message_ttl: Duration,
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -108,8 +124,14 @@ impl Server {
         })?;
 
         let data_dir = config.data_dir.clone();
-        let store: Arc<dyn Store> =
-            Arc::new(tokio::task::spawn_blocking(move || FjallStore::open(&data_dir)).await??);
+        let options = StoreOptions {
+            durability: config.durability,
+            max_pending: config.max_pending,
+        };
+        let store: Arc<dyn Store> = Arc::new(
+            tokio::task::spawn_blocking(move || FjallStore::open_with(&data_dir, options))
+                .await??,
+        );
         let workers = config.password_workers;
         let passwords = tokio::task::spawn_blocking(move || Passwords::new(workers)).await??;
         let accounts = Accounts::new(Arc::clone(&store), passwords, config.session_ttl);
@@ -118,6 +140,12 @@ impl Server {
             handshake_timeout: config.handshake_timeout,
             failed_logins: Throttle::new(config.failed_logins_per_minute),
             signups: Throttle::new(config.signups_per_minute),
+            bundle_fetches: Throttle::new(config.bundle_fetches_per_minute),
+            router: Arc::new(Router::default()),
+            limits: MessageLimits {
+                max_message_bytes: config.max_message_bytes,
+                message_ttl: config.message_ttl,
+            },
         });
         Ok(Self {
             endpoint,
@@ -227,6 +255,7 @@ async fn sweep(shared: Arc<Shared>, shutdown: CancellationToken) {
         let now = std::time::Instant::now();
         shared.failed_logins.prune(now);
         shared.signups.prune(now);
+        shared.bundle_fetches.prune(now);
         if last_session_sweep.is_some_and(|t| t.elapsed() < SESSION_SWEEP_INTERVAL) {
             continue;
         }
@@ -235,6 +264,16 @@ async fn sweep(shared: Arc<Shared>, shutdown: CancellationToken) {
             Ok(0) => {}
             Ok(n) => info!(sessions = n, "purged expired sessions"),
             Err(e) => warn!(error = %e, "session sweep failed"),
+        }
+        match shared
+            .accounts
+            .store()
+            .purge_expired_messages(crate::unix_now())
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => info!(messages = n, "deleted expired undelivered messages"),
+            Err(e) => warn!(error = %e, "message expiry sweep failed"),
         }
     }
 }

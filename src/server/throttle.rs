@@ -7,6 +7,7 @@
 //! than letting the table grow.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -20,12 +21,30 @@ struct Bucket {
     updated: Instant,
 }
 
-/// A token bucket per address.
+/// A token bucket per key (by default a client address).
 #[derive(Debug)]
-pub struct Throttle {
+pub struct Throttle<K = IpAddr> {
     burst: f64,
     per_second: f64,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<HashMap<K, Bucket>>,
+}
+
+/// What a throttle counts by: addresses are grouped (IPv6 by /64), other keys are themselves.
+pub trait ThrottleKey: Hash + Eq + Clone {
+    /// The key attempts are counted under.
+    fn bucket(&self) -> Self;
+}
+
+impl ThrottleKey for IpAddr {
+    fn bucket(&self) -> Self {
+        key(*self)
+    }
+}
+
+impl ThrottleKey for crate::protocol::Username {
+    fn bucket(&self) -> Self {
+        self.clone()
+    }
 }
 
 /// The key an address is throttled under.
@@ -43,7 +62,7 @@ fn key(addr: IpAddr) -> IpAddr {
     }
 }
 
-impl Throttle {
+impl<K: ThrottleKey> Throttle<K> {
     /// `per_minute` attempts per minute per address, with a burst of the same size.
     /// `per_minute == 0` disables the throttle.
     pub fn new(per_minute: u32) -> Self {
@@ -61,14 +80,14 @@ impl Throttle {
     }
 
     /// Whether `addr` may make an attempt now; `Err(wait)` says how long until it may.
-    pub fn check(&self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
+    pub fn check(&self, addr: K, now: Instant) -> Result<(), Duration> {
         if self.burst == 0.0 {
             return Ok(());
         }
         let Ok(mut buckets) = self.buckets.lock() else {
             return Ok(());
         };
-        let Some(bucket) = buckets.get_mut(&key(addr)) else {
+        let Some(bucket) = buckets.get_mut(&addr.bucket()) else {
             return Ok(());
         };
         self.refill(bucket, now);
@@ -82,18 +101,19 @@ impl Throttle {
     }
 
     /// Spends one attempt of `addr`'s bucket (call after a failure, or before costly work).
-    pub fn spend(&self, addr: IpAddr, now: Instant) {
+    pub fn spend(&self, addr: K, now: Instant) {
         if self.burst == 0.0 {
             return;
         }
         let Ok(mut buckets) = self.buckets.lock() else {
             return;
         };
-        if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&key(addr)) {
+        let addr = addr.bucket();
+        if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&addr) {
             tracing::warn!("throttle table full; not tracking more addresses until pruned");
             return;
         }
-        let bucket = buckets.entry(key(addr)).or_insert(Bucket {
+        let bucket = buckets.entry(addr).or_insert(Bucket {
             tokens: self.burst,
             updated: now,
         });
@@ -124,7 +144,7 @@ mod tests {
 
     #[test]
     fn a_burst_then_a_slow_refill() {
-        let throttle = Throttle::new(3);
+        let throttle: Throttle = Throttle::new(3);
         let addr: IpAddr = "192.0.2.1".parse().unwrap();
         let start = Instant::now();
         for _ in 0..3 {
@@ -147,7 +167,7 @@ mod tests {
 
     #[test]
     fn ipv6_hosts_share_their_64() {
-        let throttle = Throttle::new(1);
+        let throttle: Throttle = Throttle::new(1);
         let now = Instant::now();
         throttle.spend("2001:db8::1".parse().unwrap(), now);
         assert!(throttle.check("2001:db8::2".parse().unwrap(), now).is_err());
@@ -160,7 +180,7 @@ mod tests {
 
     #[test]
     fn prune_forgets_refilled_buckets_and_zero_disables() {
-        let throttle = Throttle::new(60);
+        let throttle: Throttle = Throttle::new(60);
         let now = Instant::now();
         throttle.spend("192.0.2.1".parse().unwrap(), now);
         throttle.prune(now);
@@ -168,7 +188,7 @@ mod tests {
         throttle.prune(now + Duration::from_secs(2));
         assert_eq!(throttle.tracked(), 0);
 
-        let off = Throttle::new(0);
+        let off: Throttle = Throttle::new(0);
         for _ in 0..100 {
             off.spend("192.0.2.1".parse().unwrap(), now);
         }

@@ -1,8 +1,9 @@
 //! The embedded [`Store`]: fjall keyspaces in one database directory.
 //!
 //! Keyspaces: `users` (username → [`UserRecord`]) and `sessions` (token digest →
-//! [`SessionRecord`]), values in named MessagePack. Every call runs on the bounded blocking pool;
-//! writes are synced (`SyncData`) before they return.
+//! [`SessionRecord`]) here; the key directory in `fjall_keys`; inboxes (written only by the
+//! group-commit thread of `inbox_writer`). Values are named MessagePack. Every call runs on the
+//! bounded blocking pool; account and key writes are synced (`SyncData`) before they return.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -12,9 +13,16 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Created, SessionRecord, Store, StoreError, TokenDigest, UserRecord};
+use super::fjall_keys::KeyDirectory;
+use super::inbox_writer::{InboxKeyspaces, InboxWriter, inbox_key, pair_key};
+use super::{
+    Appended, Created, Durability, KeysRecord, NewMessage, SentRecord, SessionRecord, Store,
+    StoreError, StoredMessage, TakenBundle, TokenDigest, UserRecord,
+};
 use crate::blocking::BlockingPool;
+use crate::protocol::MessageId;
 use crate::protocol::Username;
+use crate::protocol::keys::OneTimePrekey;
 
 const USERS: &str = "users";
 const SESSIONS: &str = "sessions";
@@ -24,11 +32,33 @@ const CONCURRENT_CALLS: usize = 16;
 /// How many may wait for a thread before callers are told the store is saturated.
 const MAX_WAITING_CALLS: usize = 4096;
 
+/// Default cap on pending messages per inbox.
+pub const DEFAULT_MAX_PENDING: u64 = 10_000;
+
+/// Tunables of the fjall store.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// How durable an acknowledged message is.
+    pub durability: Durability,
+    /// Pending messages an inbox may hold before new ones are refused.
+    pub max_pending: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Sync,
+            max_pending: DEFAULT_MAX_PENDING,
+        }
+    }
+}
+
 /// The fjall-backed store. Cheap to clone.
 #[derive(Clone)]
 pub struct FjallStore {
     inner: Arc<Inner>,
     pool: BlockingPool,
+    writer: Arc<InboxWriter>,
 }
 
 struct Inner {
@@ -37,22 +67,48 @@ struct Inner {
     sessions: Keyspace,
     /// Serialises check-then-insert in `create_user` so racing signups cannot both win.
     create_user: Mutex<()>,
+    directory: KeyDirectory,
+    inbox: InboxKeyspaces,
 }
 
 impl FjallStore {
-    /// Opens (or creates) the database in `dir`. Blocking: call before serving or off the runtime.
+    /// Opens (or creates) the database in `dir` with default options.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, StoreOptions::default())
+    }
+
+    /// Opens (or creates) the database in `dir` and starts the inbox writer. Blocking: call
+    /// before serving or off the runtime.
+    pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let db = Database::builder(dir).open()?;
-        let users = db.keyspace(USERS, KeyspaceCreateOptions::default)?;
-        let sessions = db.keyspace(SESSIONS, KeyspaceCreateOptions::default)?;
+        let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let users = keyspace(USERS)?;
+        let sessions = keyspace(SESSIONS)?;
+        let directory = KeyDirectory {
+            db: db.clone(),
+            keys: keyspace("keys")?,
+            prekeys: keyspace("prekeys")?,
+            lock: Mutex::new(()),
+        };
+        let inbox = InboxKeyspaces {
+            db: db.clone(),
+            inbox: keyspace("inbox")?,
+            sent: keyspace("sent")?,
+            meta: keyspace("meta")?,
+            contacts: keyspace("contacts")?,
+        };
+        let writer = InboxWriter::start(inbox.clone(), options.durability, options.max_pending)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 users,
                 sessions,
                 create_user: Mutex::new(()),
+                directory,
+                inbox,
             }),
             pool: BlockingPool::new("store", CONCURRENT_CALLS, MAX_WAITING_CALLS),
+            writer: Arc::new(writer),
         })
     }
 
@@ -167,5 +223,120 @@ impl Store for FjallStore {
     async fn flush(&self) -> Result<(), StoreError> {
         self.call(|db| Ok(db.db.persist(PersistMode::SyncAll)?))
             .await
+    }
+
+    async fn put_keys(
+        &self,
+        username: &Username,
+        keys: Option<KeysRecord>,
+        one_time_prekeys: Vec<OneTimePrekey>,
+    ) -> Result<u32, StoreError> {
+        let user = username.clone();
+        self.call(move |db| db.directory.put(&user, keys, one_time_prekeys))
+            .await
+    }
+
+    async fn keys(&self, username: &Username) -> Result<Option<KeysRecord>, StoreError> {
+        let user = username.clone();
+        self.call(move |db| db.directory.get(&user)).await
+    }
+
+    async fn take_bundle(&self, username: &Username) -> Result<Option<TakenBundle>, StoreError> {
+        let user = username.clone();
+        self.call(move |db| db.directory.take_bundle(&user)).await
+    }
+
+    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        self.writer.append(message).await
+    }
+
+    async fn pending(
+        &self,
+        username: &Username,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let (start, end) = (
+            inbox_key(username, after.saturating_add(1)),
+            inbox_key(username, u64::MAX),
+        );
+        self.call(move |db| {
+            let mut messages = Vec::new();
+            for entry in db.inbox.inbox.range(start..=end).take(limit) {
+                let (_, value) = entry.into_inner()?;
+                messages.push(decode::<StoredMessage>("inbox", &value)?);
+            }
+            Ok(messages)
+        })
+        .await
+    }
+
+    async fn remove_pending(&self, username: &Username, seqs: Vec<u64>) -> Result<u64, StoreError> {
+        self.writer.remove(username.clone(), seqs).await
+    }
+
+    async fn sent(
+        &self,
+        sender: &Username,
+        id: MessageId,
+    ) -> Result<Option<SentRecord>, StoreError> {
+        let key = pair_key(sender, &id.0);
+        self.call(move |db| match db.inbox.sent.get(key)? {
+            Some(bytes) => decode("sent", &bytes).map(Some),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    async fn has_written_to(
+        &self,
+        subject: &Username,
+        viewer: &Username,
+    ) -> Result<bool, StoreError> {
+        let key = pair_key(viewer, subject.as_str().as_bytes());
+        self.call(move |db| Ok(db.inbox.contacts.contains_key(key)?))
+            .await
+    }
+
+    async fn purge_expired_messages(&self, now: u64) -> Result<u64, StoreError> {
+        let (expired, forgotten) = self
+            .call(move |db| {
+                let mut expired: Vec<(Username, u64)> = Vec::new();
+                for entry in db.inbox.inbox.iter() {
+                    let (key, value) = entry.into_inner()?;
+                    let message: StoredMessage = decode("inbox", &value)?;
+                    if message.expires_at <= now {
+                        let user = key
+                            .split(|b| *b == 0)
+                            .next()
+                            .map(|b| String::from_utf8_lossy(b).into_owned());
+                        if let Some(user) = user.and_then(|u| Username::parse(&u).ok()) {
+                            expired.push((user, message.seq));
+                        }
+                    }
+                }
+                let mut forgotten = Vec::new();
+                for entry in db.inbox.sent.iter() {
+                    let (key, value) = entry.into_inner()?;
+                    let record: SentRecord = decode("sent", &value)?;
+                    if record.expires_at <= now {
+                        forgotten.push(key.to_vec());
+                    }
+                }
+                Ok((expired, forgotten))
+            })
+            .await?;
+        let mut by_user: std::collections::BTreeMap<Username, Vec<u64>> = Default::default();
+        for (user, seq) in expired {
+            by_user.entry(user).or_default().push(seq);
+        }
+        let mut removed = 0;
+        for (user, seqs) in by_user {
+            removed += self.writer.remove(user, seqs).await?;
+        }
+        if !forgotten.is_empty() {
+            self.writer.forget_sent(forgotten).await?;
+        }
+        Ok(removed)
     }
 }

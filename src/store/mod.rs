@@ -3,15 +3,18 @@
 //! The trait speaks in domain records (users, sessions), not keys and bytes, so a distributed
 //! backend can be added later without touching the server's logic.
 
+mod fjall_keys;
 mod fjall_store;
+mod inbox_writer;
 
-pub use fjall_store::FjallStore;
+pub use fjall_store::{DEFAULT_MAX_PENDING, FjallStore, StoreOptions};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::blocking::BlockingError;
-use crate::protocol::Username;
+use crate::protocol::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
+use crate::protocol::{MessageId, Username};
 
 /// SHA-256 of a session token: what the store keeps instead of the token itself.
 pub type TokenDigest = [u8; 32];
@@ -48,6 +51,104 @@ pub enum Created {
     AlreadyExists,
 }
 
+/// How durable an acknowledged message write is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Synced to disk (fsync/fdatasync) before it is acknowledged: survives power loss.
+    #[default]
+    Sync,
+    /// Handed to the operating system before it is acknowledged: survives a crash of the
+    /// server process, not of the machine. For benchmarks and disposable deployments.
+    Buffered,
+}
+
+/// A message to append to its recipient's inbox.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Who sent it.
+    pub sender: Username,
+    /// Whose inbox it goes to.
+    pub recipient: Username,
+    /// The sender's id for it.
+    pub id: MessageId,
+    /// The sender's `kind` (opaque to the server).
+    pub kind: String,
+    /// The sealed body (opaque to the server).
+    pub body: Vec<u8>,
+    /// When the server received it, seconds since the Unix epoch.
+    pub sent_at: u64,
+    /// When it is deleted if still undelivered, seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+/// The outcome of [`Store::append`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored durably under this sequence number in the recipient's inbox.
+    Stored {
+        /// The inbox sequence number.
+        seq: u64,
+    },
+    /// The sender had already sent this id; nothing new was stored.
+    Duplicate,
+    /// The recipient's inbox is full; nothing was stored.
+    InboxFull,
+}
+
+/// A message waiting in an inbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// Its sequence number in the inbox.
+    pub seq: u64,
+    /// The sender's id for it.
+    pub id: MessageId,
+    /// Who sent it.
+    pub from: Username,
+    /// The sender's `kind`.
+    pub kind: String,
+    /// When the server received it.
+    pub sent_at: u64,
+    /// When it expires.
+    pub expires_at: u64,
+    /// The sealed body.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// Where a sent message went, kept for deduplication and `unsend` until it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentRecord {
+    /// The recipient.
+    pub recipient: Username,
+    /// Its sequence number in the recipient's inbox.
+    pub seq: u64,
+    /// When the record (and the message, if undelivered) expires.
+    pub expires_at: u64,
+}
+
+/// A user's published public keys (one-time prekeys are kept apart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeysRecord {
+    /// Ed25519 identity key.
+    pub identity_key: IdentityKeyBytes,
+    /// Current signed prekey.
+    pub signed_prekey: SignedPrekey,
+    /// Last-resort prekey, handed out when no one-time prekey is left.
+    pub last_resort: SignedPrekey,
+}
+
+/// What a bundle fetch hands out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenBundle {
+    /// The published keys.
+    pub keys: KeysRecord,
+    /// A one-time prekey, now deleted from the store; `None` when none was left.
+    pub one_time_prekey: Option<OneTimePrekey>,
+    /// One-time prekeys still stored after this fetch.
+    pub remaining: u32,
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -71,6 +172,12 @@ pub enum StoreError {
     /// A lock inside the store was poisoned by a panic.
     #[error("store lock poisoned")]
     Poisoned,
+    /// The inbox writer thread has stopped.
+    #[error("inbox writer stopped")]
+    WriterStopped,
+    /// The request breaks a store limit (too many prekeys, ...).
+    #[error("{0}")]
+    Limit(String),
 }
 
 /// What the server needs to persist. Every write is durable when its future resolves.
@@ -103,4 +210,53 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes everything written so far durable (called at shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Stores a user's public keys (replacing earlier ones) and adds one-time prekeys.
+    /// Returns how many one-time prekeys the user now has.
+    async fn put_keys(
+        &self,
+        username: &Username,
+        keys: Option<KeysRecord>,
+        one_time_prekeys: Vec<OneTimePrekey>,
+    ) -> Result<u32, StoreError>;
+
+    /// The user's published keys, if any.
+    async fn keys(&self, username: &Username) -> Result<Option<KeysRecord>, StoreError>;
+
+    /// Hands out the user's bundle, removing (durably) the one-time prekey it contains, so no
+    /// one-time prekey is ever handed out twice, also under concurrent fetches.
+    async fn take_bundle(&self, username: &Username) -> Result<Option<TakenBundle>, StoreError>;
+
+    /// Appends a message to its recipient's inbox through group commit: durable (per the
+    /// configured [`Durability`]) when this returns. Deduplicates by (sender, id) and enforces
+    /// the per-inbox quota.
+    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError>;
+
+    /// Up to `limit` pending messages of `username` with `seq > after`, in order.
+    async fn pending(
+        &self,
+        username: &Username,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Deletes these pending messages of `username`; returns how many existed.
+    async fn remove_pending(&self, username: &Username, seqs: Vec<u64>) -> Result<u64, StoreError>;
+
+    /// Where a message `sender` sent with `id` went, if it is still remembered.
+    async fn sent(
+        &self,
+        sender: &Username,
+        id: MessageId,
+    ) -> Result<Option<SentRecord>, StoreError>;
+
+    /// Whether `subject` has ever sent `viewer` a message (presence is shown only then).
+    async fn has_written_to(
+        &self,
+        subject: &Username,
+        viewer: &Username,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes expired inbox entries and send records; returns how many messages went.
+    async fn purge_expired_messages(&self, now: u64) -> Result<u64, StoreError>;
 }

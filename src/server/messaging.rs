@@ -1,0 +1,252 @@
+//! Message streams: receiving a client's messages (one unidirectional stream each) into the
+//! recipient's inbox, and delivering an online user's inbox on server-opened streams.
+
+use std::sync::{Arc, Mutex};
+
+use quinn::{Connection, RecvStream, VarInt};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, debug_span, warn};
+
+use super::Shared;
+use super::accounts::ActiveSession;
+use crate::protocol::{
+    DeliverHeader, ErrorCode, MAX_STREAM_HEADER, MessageId, Reply, SendHeader, ServerFrame,
+    StreamHeader, Username, decode_body, read_frame, write_frame,
+};
+use crate::store::{Appended, NewMessage};
+use crate::unix_now;
+
+/// The session of a connection, shared by its control loop and its message streams.
+pub(crate) type SessionCell = Arc<Mutex<Option<ActiveSession>>>;
+
+/// Longest `kind` accepted, in bytes.
+const MAX_KIND_LEN: usize = 32;
+/// Inbox entries read per store call while delivering.
+const DELIVERY_BATCH: usize = 128;
+/// Stream error code sent with STOP_SENDING when a message stream is refused.
+const STREAM_REFUSED: u32 = 1;
+
+/// Accepts the connection's message streams until it closes.
+pub(crate) async fn accept_message_streams(
+    conn: Connection,
+    shared: Arc<Shared>,
+    session: SessionCell,
+    events: mpsc::Sender<ServerFrame>,
+) {
+    while let Ok(stream) = conn.accept_uni().await {
+        let (shared, session, events) = (Arc::clone(&shared), session.clone(), events.clone());
+        tokio::spawn(
+            async move {
+                if let Some(reply) = receive(stream, &shared, &session).await {
+                    let _ = events.send(ServerFrame { id: None, reply }).await;
+                }
+            }
+            .instrument(debug_span!("message")),
+        );
+    }
+}
+
+fn failed(message_id: Option<MessageId>, code: ErrorCode, message: impl Into<String>) -> Reply {
+    Reply::SendFailed {
+        message_id,
+        code,
+        message: message.into(),
+    }
+}
+
+/// Reads one message stream and stores the message; returns the event for the sender.
+async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell) -> Option<Reply> {
+    let refuse = |stream: &mut RecvStream| {
+        let _ = stream.stop(VarInt::from_u32(STREAM_REFUSED));
+    };
+    let mut buf = Vec::new();
+    match read_frame(&mut stream, MAX_STREAM_HEADER, &mut buf).await {
+        Ok(true) => {}
+        Ok(false) | Err(_) => {
+            refuse(&mut stream);
+            return Some(failed(
+                None,
+                ErrorCode::MalformedFrame,
+                "unreadable message stream header",
+            ));
+        }
+    }
+    let header = match decode_body::<StreamHeader>(&buf) {
+        Ok(StreamHeader::Send(header)) => header,
+        Ok(StreamHeader::Deliver(_)) | Err(_) => {
+            refuse(&mut stream);
+            return Some(failed(
+                None,
+                ErrorCode::MalformedFrame,
+                "expected a `send` header",
+            ));
+        }
+    };
+    let id = header.id;
+    let sender = match session.lock().ok().and_then(|s| s.clone()) {
+        Some(s) if s.expires_at > unix_now() => s.username,
+        _ => {
+            refuse(&mut stream);
+            return Some(failed(
+                Some(id),
+                ErrorCode::NotAuthenticated,
+                "log in before sending",
+            ));
+        }
+    };
+    if let Err((code, why)) = check_header(&header, shared.limits.max_message_bytes) {
+        refuse(&mut stream);
+        return Some(failed(Some(id), code, why));
+    }
+    let Ok(recipient) = Username::parse(&header.to) else {
+        refuse(&mut stream);
+        return Some(failed(Some(id), ErrorCode::UnknownUser, "no such user"));
+    };
+    let mut body = vec![0u8; usize::try_from(header.length).unwrap_or(0)];
+    if stream.read_exact(&mut body).await.is_err() {
+        return Some(failed(
+            Some(id),
+            ErrorCode::TruncatedFrame,
+            "stream ended inside the body",
+        ));
+    }
+    match stream.read(&mut [0u8; 1]).await {
+        Ok(None) => {}
+        _ => {
+            refuse(&mut stream);
+            return Some(failed(
+                Some(id),
+                ErrorCode::BadRequest,
+                "bytes after the declared body",
+            ));
+        }
+    }
+    match shared.accounts.store().user_exists(&recipient).await {
+        Ok(true) => {}
+        Ok(false) => return Some(failed(Some(id), ErrorCode::UnknownUser, "no such user")),
+        Err(e) => return Some(store_failure(id, &e)),
+    }
+    let now = unix_now();
+    let message = NewMessage {
+        sender,
+        recipient: recipient.clone(),
+        id,
+        kind: header.kind,
+        body,
+        sent_at: now,
+        expires_at: now.saturating_add(shared.limits.message_ttl.as_secs()),
+    };
+    match shared.accounts.store().append(message).await {
+        Ok(Appended::Stored { seq }) => {
+            debug!(%id, seq, to = %recipient, "stored");
+            shared.router.wake(&recipient);
+            Some(Reply::Sent {
+                message_id: id,
+                duplicate: false,
+            })
+        }
+        Ok(Appended::Duplicate) => Some(Reply::Sent {
+            message_id: id,
+            duplicate: true,
+        }),
+        Ok(Appended::InboxFull) => Some(failed(
+            Some(id),
+            ErrorCode::InboxFull,
+            "the recipient's inbox is full",
+        )),
+        Err(e) => Some(store_failure(id, &e)),
+    }
+}
+
+fn store_failure(id: MessageId, e: &crate::store::StoreError) -> Reply {
+    warn!(error = %e, %id, "cannot store message");
+    failed(
+        Some(id),
+        ErrorCode::Internal,
+        "the message could not be stored; send it again",
+    )
+}
+
+fn check_header(header: &SendHeader, max_body: u64) -> Result<(), (ErrorCode, String)> {
+    if header.length > max_body {
+        return Err((
+            ErrorCode::MessageTooLarge,
+            format!("{} bytes exceeds the limit of {max_body}", header.length),
+        ));
+    }
+    if header.kind.is_empty() || header.kind.len() > MAX_KIND_LEN {
+        return Err((
+            ErrorCode::BadRequest,
+            format!("`kind` has 1 to {MAX_KIND_LEN} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Pushes `user`'s inbox to `conn`, in order, until `stop` or the connection ends.
+pub(crate) async fn deliver(
+    conn: Connection,
+    shared: Arc<Shared>,
+    user: Username,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let store = shared.accounts.store();
+    let (mut after, mut prev) = (0u64, 0u64);
+    loop {
+        let batch = tokio::select! {
+            () = stop.cancelled() => return,
+            batch = store.pending(&user, after, DELIVERY_BATCH) => batch,
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                warn!(error = %e, "cannot read the inbox; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = wake.notified() => continue,
+            }
+        }
+        let now = unix_now();
+        for message in batch {
+            after = message.seq;
+            if message.expires_at <= now || !shared.router.claim(&user, message.seq) {
+                continue;
+            }
+            let header = DeliverHeader {
+                seq: message.seq,
+                prev,
+                id: message.id,
+                from: message.from.to_string(),
+                sent_at: message.sent_at,
+                kind: message.kind,
+                length: message.body.len() as u64,
+            };
+            let pushed = tokio::select! {
+                () = stop.cancelled() => return,
+                pushed = push(&conn, &header, &message.body) => pushed,
+            };
+            if let Err(e) = pushed {
+                debug!(error = %e, "delivery stopped: connection gone");
+                return;
+            }
+            prev = message.seq;
+        }
+    }
+}
+
+async fn push(conn: &Connection, header: &DeliverHeader, body: &[u8]) -> Result<(), String> {
+    let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+    let header = StreamHeader::Deliver(header.clone());
+    write_frame(&mut stream, &header, MAX_STREAM_HEADER)
+        .await
+        .map_err(|e| e.to_string())?;
+    stream.write_all(body).await.map_err(|e| e.to_string())?;
+    stream.finish().map_err(|e| e.to_string())
+}

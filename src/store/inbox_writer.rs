@@ -1,0 +1,323 @@
+//! Group commit for inboxes: one thread owns every inbox write. It takes all the operations
+//! waiting in its queue (up to a batch limit), applies them to one fjall batch, syncs once, and
+//! only then answers each caller. Many connections' messages share one fsync, and sequence
+//! numbers, deduplication and quotas need no locks because one thread decides them.
+//!
+//! Key layout (usernames never contain 0x00):
+//! - `inbox`: recipient 0x00 seq(u64 BE) → [`StoredMessage`]
+//! - `sent`: sender 0x00 message-id(16) → [`SentRecord`]
+//! - `meta`: `seq` 0x00 user → next seq (u64 BE); `cnt` 0x00 user → pending count (u64 BE)
+//! - `contacts`: viewer 0x00 subject → empty (the subject has written to the viewer)
+
+use std::collections::{HashMap, HashSet};
+use std::thread::JoinHandle;
+
+use fjall::{Database, Keyspace, OwnedWriteBatch, PersistMode};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Appended, Durability, NewMessage, SentRecord, StoreError, StoredMessage};
+use crate::protocol::{MessageId, Username};
+
+/// Most operations folded into one batch (and one sync).
+const MAX_BATCH: usize = 1024;
+/// Operations that may queue for the writer before callers wait for room.
+const QUEUE: usize = 8192;
+
+/// The keyspaces the writer owns.
+#[derive(Clone)]
+pub(super) struct InboxKeyspaces {
+    pub db: Database,
+    pub inbox: Keyspace,
+    pub sent: Keyspace,
+    pub meta: Keyspace,
+    pub contacts: Keyspace,
+}
+
+pub(super) fn inbox_key(user: &Username, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(user.as_str().len() + 9);
+    key.extend_from_slice(user.as_str().as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub(super) fn pair_key(first: &Username, second: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(first.as_str().len() + 1 + second.len());
+    key.extend_from_slice(first.as_str().as_bytes());
+    key.push(0);
+    key.extend_from_slice(second);
+    key
+}
+
+fn meta_key(kind: &[u8], user: &Username) -> Vec<u8> {
+    let mut key = kind.to_vec();
+    key.push(0);
+    key.extend_from_slice(user.as_str().as_bytes());
+    key
+}
+
+enum Op {
+    Append(
+        Box<NewMessage>,
+        oneshot::Sender<Result<Appended, StoreError>>,
+    ),
+    Remove(Username, Vec<u64>, oneshot::Sender<Result<u64, StoreError>>),
+    /// Removes expired send records (keys in `sent`).
+    ForgetSent(Vec<Vec<u8>>, oneshot::Sender<Result<u64, StoreError>>),
+}
+
+/// Handle to the writer thread; dropping every handle stops it after the queue drains.
+pub(super) struct InboxWriter {
+    queue: mpsc::Sender<Op>,
+    _thread: JoinHandle<()>,
+}
+
+impl InboxWriter {
+    pub fn start(
+        keyspaces: InboxKeyspaces,
+        durability: Durability,
+        max_pending: u64,
+    ) -> Result<Self, StoreError> {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let mut state = WriterState {
+            ks: keyspaces,
+            durability,
+            max_pending,
+            next_seq: HashMap::new(),
+            pending: HashMap::new(),
+            contacts: HashSet::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("sfc-inbox-writer".into())
+            .spawn(move || state.run(rx))
+            .map_err(|e| StoreError::Limit(format!("cannot start the inbox writer: {e}")))?;
+        Ok(Self {
+            queue,
+            _thread: thread,
+        })
+    }
+
+    async fn submit<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .send(op(tx))
+            .await
+            .map_err(|_| StoreError::WriterStopped)?;
+        rx.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    pub async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        self.submit(|tx| Op::Append(Box::new(message), tx)).await
+    }
+
+    pub async fn remove(&self, user: Username, seqs: Vec<u64>) -> Result<u64, StoreError> {
+        self.submit(|tx| Op::Remove(user, seqs, tx)).await
+    }
+
+    pub async fn forget_sent(&self, keys: Vec<Vec<u8>>) -> Result<u64, StoreError> {
+        self.submit(|tx| Op::ForgetSent(keys, tx)).await
+    }
+}
+
+struct WriterState {
+    ks: InboxKeyspaces,
+    durability: Durability,
+    max_pending: u64,
+    /// Next sequence number per inbox (loaded from `meta` on first use).
+    next_seq: HashMap<Username, u64>,
+    /// Pending messages per inbox (loaded from `meta` on first use).
+    pending: HashMap<Username, u64>,
+    /// (viewer, subject) pairs known to be in `contacts`.
+    contacts: HashSet<(Username, Username)>,
+}
+
+type Reply = Box<dyn FnOnce(Option<&StoreError>)>;
+
+impl WriterState {
+    fn run(&mut self, mut rx: mpsc::Receiver<Op>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut ops = vec![first];
+            while ops.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.commit(ops);
+        }
+    }
+
+    fn commit(&mut self, ops: Vec<Op>) {
+        let mode = match self.durability {
+            Durability::Sync => PersistMode::SyncData,
+            Durability::Buffered => PersistMode::Buffer,
+        };
+        let mut batch = self.ks.db.batch().durability(Some(mode));
+        let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
+        let mut in_batch: HashMap<(Username, MessageId), ()> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Append(message, tx) => {
+                    let result = self.append(&mut batch, &mut in_batch, *message);
+                    replies.push(deferred(tx, result));
+                }
+                Op::Remove(user, seqs, tx) => {
+                    let result = self.remove(&mut batch, &user, &seqs);
+                    replies.push(deferred(tx, result));
+                }
+                Op::ForgetSent(keys, tx) => {
+                    let count = keys.len() as u64;
+                    for key in keys {
+                        batch.remove(&self.ks.sent, key);
+                    }
+                    replies.push(deferred(tx, Ok(count)));
+                }
+            }
+        }
+        let failure = if batch.is_empty() {
+            Ok(())
+        } else {
+            batch.commit()
+        };
+        match failure {
+            Ok(()) => replies.into_iter().for_each(|reply| reply(None)),
+            Err(e) => {
+                tracing::error!(error = %e, "inbox batch failed; nothing in it was stored");
+                // The caches may describe writes that never happened: reload them lazily.
+                self.next_seq.clear();
+                self.pending.clear();
+                self.contacts.clear();
+                let error = StoreError::Engine(e);
+                replies.into_iter().for_each(|reply| reply(Some(&error)));
+            }
+        }
+    }
+
+    fn load_counter(&self, kind: &[u8], user: &Username) -> Result<u64, StoreError> {
+        Ok(match self.ks.meta.get(meta_key(kind, user))? {
+            Some(bytes) => {
+                u64::from_be_bytes(bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    keyspace: "meta",
+                    reason: "counter is not 8 bytes".into(),
+                })?)
+            }
+            None => 0,
+        })
+    }
+
+    fn append(
+        &mut self,
+        batch: &mut OwnedWriteBatch,
+        in_batch: &mut HashMap<(Username, MessageId), ()>,
+        message: NewMessage,
+    ) -> Result<Appended, StoreError> {
+        let sent_key = pair_key(&message.sender, &message.id.0);
+        if in_batch.contains_key(&(message.sender.clone(), message.id))
+            || self.ks.sent.contains_key(&sent_key)?
+        {
+            return Ok(Appended::Duplicate);
+        }
+        let pending = match self.pending.get(&message.recipient) {
+            Some(n) => *n,
+            None => self.load_counter(b"cnt", &message.recipient)?,
+        };
+        if pending >= self.max_pending {
+            return Ok(Appended::InboxFull);
+        }
+        let seq = match self.next_seq.get(&message.recipient) {
+            Some(n) => *n,
+            None => self.load_counter(b"seq", &message.recipient)?.max(1),
+        };
+        let stored = StoredMessage {
+            seq,
+            id: message.id,
+            from: message.sender.clone(),
+            kind: message.kind,
+            sent_at: message.sent_at,
+            expires_at: message.expires_at,
+            body: message.body,
+        };
+        let record = SentRecord {
+            recipient: message.recipient.clone(),
+            seq,
+            expires_at: message.expires_at,
+        };
+        batch.insert(
+            &self.ks.inbox,
+            inbox_key(&message.recipient, seq),
+            rmp_serde::to_vec_named(&stored)?,
+        );
+        batch.insert(&self.ks.sent, sent_key, rmp_serde::to_vec_named(&record)?);
+        batch.insert(
+            &self.ks.meta,
+            meta_key(b"seq", &message.recipient),
+            (seq + 1).to_be_bytes().to_vec(),
+        );
+        batch.insert(
+            &self.ks.meta,
+            meta_key(b"cnt", &message.recipient),
+            (pending + 1).to_be_bytes().to_vec(),
+        );
+        let pair = (message.recipient.clone(), message.sender.clone());
+        if !self.contacts.contains(&pair) {
+            batch.insert(
+                &self.ks.contacts,
+                pair_key(&pair.0, pair.1.as_str().as_bytes()),
+                Vec::new(),
+            );
+            self.contacts.insert(pair);
+        }
+        self.next_seq.insert(message.recipient.clone(), seq + 1);
+        self.pending.insert(message.recipient, pending + 1);
+        in_batch.insert((message.sender, message.id), ());
+        Ok(Appended::Stored { seq })
+    }
+
+    fn remove(
+        &mut self,
+        batch: &mut OwnedWriteBatch,
+        user: &Username,
+        seqs: &[u64],
+    ) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        let mut seen = HashSet::new();
+        for &seq in seqs {
+            let key = inbox_key(user, seq);
+            if seen.insert(seq) && self.ks.inbox.contains_key(&key)? {
+                batch.remove(&self.ks.inbox, key);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            let pending = match self.pending.get(user) {
+                Some(n) => *n,
+                None => self.load_counter(b"cnt", user)?,
+            };
+            let left = pending.saturating_sub(removed);
+            batch.insert(
+                &self.ks.meta,
+                meta_key(b"cnt", user),
+                left.to_be_bytes().to_vec(),
+            );
+            self.pending.insert(user.clone(), left);
+        }
+        Ok(removed)
+    }
+}
+
+/// Packages a result so it is sent only after the batch commit, as an error if it failed.
+fn deferred<T: 'static>(
+    tx: oneshot::Sender<Result<T, StoreError>>,
+    result: Result<T, StoreError>,
+) -> Reply {
+    Box::new(move |failure: Option<&StoreError>| {
+        let outcome = match (failure, result) {
+            (Some(e), _) => Err(StoreError::Limit(format!("batch not stored: {e}"))),
+            (None, result) => result,
+        };
+        let _ = tx.send(outcome);
+    })
+}
