@@ -6,6 +6,7 @@
 
 mod error;
 pub mod home;
+mod streams;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,12 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 pub use self::error::ClientError;
+pub use self::streams::{Delivered, MAX_DELIVERED_BODY};
+use crate::protocol::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
 use crate::protocol::{
-    ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, PROTOCOL_VERSION, Password, Reply,
-    Request, ServerFrame, SessionToken, decode_body, read_frame, write_frame,
+    ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Password,
+    Reply, Request, ServerFrame, SessionToken, decode_body, read_frame, write_frame,
 };
 use crate::{tls, transport};
 
@@ -110,6 +113,38 @@ pub async fn connect_raw(options: &ClientOptions) -> Result<(Endpoint, Connectio
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ClientError>>>>>;
+type PendingSends =
+    Arc<Mutex<HashMap<MessageId, oneshot::Sender<Result<SendOutcome, ClientError>>>>>;
+
+/// What the server said about a sent message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Durably stored for the recipient.
+    Stored,
+    /// The server already had this id from us; it was not stored twice.
+    Duplicate,
+}
+
+/// A recipient's prekey bundle, as the server handed it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    /// Whose bundle.
+    pub username: String,
+    /// Ed25519 identity key.
+    pub identity_key: IdentityKeyBytes,
+    /// Current signed prekey.
+    pub signed_prekey: SignedPrekey,
+    /// A one-time prekey for us alone, if any was left.
+    pub one_time_prekey: Option<OneTimePrekey>,
+    /// The last-resort prekey, when no one-time prekey was left.
+    pub last_resort: Option<SignedPrekey>,
+}
+
+/// Events the server pushed that are not replies.
+#[derive(Debug, Default)]
+struct Notices {
+    prekeys_low: Option<u32>,
+}
 
 /// A connection to a server with its control stream open and `hello` exchanged.
 pub struct Client {
@@ -120,6 +155,10 @@ pub struct Client {
     next_id: AtomicU64,
     request_timeout: Duration,
     reader: tokio::task::JoinHandle<()>,
+    sends: PendingSends,
+    notices: Arc<Mutex<Notices>>,
+    deliveries: tokio::sync::Mutex<mpsc::Receiver<Delivered>>,
+    receiver: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Client {
@@ -139,7 +178,17 @@ impl Client {
             .await
             .map_err(|e| ClientError::from_connection(e, &options.server))?;
         let pending: Pending = Arc::default();
-        let reader = tokio::spawn(read_replies(recv, conn.clone(), Arc::clone(&pending)));
+        let sends: PendingSends = Arc::default();
+        let notices: Arc<Mutex<Notices>> = Arc::default();
+        let reader = tokio::spawn(read_replies(
+            recv,
+            conn.clone(),
+            Arc::clone(&pending),
+            Arc::clone(&sends),
+            Arc::clone(&notices),
+        ));
+        let (deliveries_tx, deliveries) = mpsc::channel(1024);
+        let receiver = tokio::spawn(streams::receive_deliveries(conn.clone(), deliveries_tx));
         let client = Self {
             endpoint,
             conn,
@@ -148,6 +197,10 @@ impl Client {
             next_id: AtomicU64::new(1),
             request_timeout: options.request_timeout,
             reader,
+            sends,
+            notices,
+            deliveries: tokio::sync::Mutex::new(deliveries),
+            receiver,
         };
         let hello = Request::Hello {
             version: PROTOCOL_VERSION,
@@ -157,6 +210,20 @@ impl Client {
             Reply::Hello { .. } => Ok(client),
             other => Err(unexpected("hello", &other)),
         }
+    }
+
+    /// Moves the connection to a new UDP socket (a new local port), as a phone does when it
+    /// changes networks; QUIC migrates the connection and the session goes on.
+    pub fn rebind(&self) -> Result<(), ClientError> {
+        let local = self.endpoint.local_addr().map_err(ClientError::Io)?;
+        let fresh = SocketAddr::new(local.ip(), 0);
+        let socket = transport::bind_udp(fresh).map_err(ClientError::Io)?;
+        self.endpoint.rebind(socket).map_err(ClientError::Io)
+    }
+
+    /// The local UDP address the client sends from.
+    pub fn local_addr(&self) -> Result<SocketAddr, ClientError> {
+        self.endpoint.local_addr().map_err(ClientError::Io)
     }
 
     /// The underlying QUIC connection.
@@ -293,6 +360,144 @@ impl Client {
         }
     }
 
+    /// Sends one message (`body` as sealed by the caller) and waits until the server says it is
+    /// durably stored for the recipient (or was already, for a resent id).
+    pub async fn send_message(
+        &self,
+        to: &str,
+        kind: &str,
+        id: MessageId,
+        body: &[u8],
+    ) -> Result<SendOutcome, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.sends
+            .lock()
+            .map_err(|_| ClientError::Poisoned)?
+            .insert(id, tx);
+        let forget = || {
+            if let Ok(mut sends) = self.sends.lock() {
+                sends.remove(&id);
+            }
+        };
+        if let Err(e) = streams::send_stream(&self.conn, to, kind, id, body).await {
+            forget();
+            return Err(self.lost(e.to_string()));
+        }
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(self.lost("reply reader stopped".into())),
+            Err(_) => {
+                forget();
+                Err(ClientError::Timeout(self.request_timeout))
+            }
+        }
+    }
+
+    /// The next delivered message, in the server's order; `None` if none arrives within
+    /// `wait` or the connection is gone. Acknowledge it with [`Client::ack`] once it is safe.
+    pub async fn next_delivery(&self, wait: Duration) -> Option<Delivered> {
+        let mut deliveries = self.deliveries.lock().await;
+        tokio::time::timeout(wait, deliveries.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Acknowledges delivered messages so the server deletes them; returns how many it had.
+    pub async fn ack(&self, seqs: Vec<u64>) -> Result<u64, ClientError> {
+        match self.request(Request::Ack { seqs }).await? {
+            Reply::Acked { removed } => Ok(removed),
+            other => Err(unexpected("ack", &other)),
+        }
+    }
+
+    /// Deletes a sent message that has not been delivered yet; says whether it did.
+    pub async fn unsend(&self, message_id: MessageId) -> Result<bool, ClientError> {
+        match self.request(Request::Unsend { message_id }).await? {
+            Reply::Unsent { deleted } => Ok(deleted),
+            other => Err(unexpected("unsend", &other)),
+        }
+    }
+
+    /// Whether a contact who has written to us is online.
+    pub async fn online(&self, username: &str) -> Result<bool, ClientError> {
+        match self
+            .request(Request::Online {
+                username: username.into(),
+            })
+            .await?
+        {
+            Reply::Presence { online, .. } => Ok(online),
+            other => Err(unexpected("online", &other)),
+        }
+    }
+
+    /// Uploads keys; returns how many one-time prekeys the server holds for us now.
+    pub async fn publish_keys(
+        &self,
+        identity_key: Option<IdentityKeyBytes>,
+        signed_prekey: Option<SignedPrekey>,
+        last_resort: Option<SignedPrekey>,
+        one_time_prekeys: Vec<OneTimePrekey>,
+    ) -> Result<u32, ClientError> {
+        let request = Request::PublishKeys {
+            identity_key,
+            signed_prekey,
+            last_resort,
+            one_time_prekeys,
+        };
+        match self.request(request).await? {
+            Reply::KeysPublished { one_time_prekeys } => Ok(one_time_prekeys),
+            other => Err(unexpected("publish_keys", &other)),
+        }
+    }
+
+    /// Fetches a user's prekey bundle (consuming one of their one-time prekeys).
+    pub async fn fetch_bundle(&self, username: &str) -> Result<Bundle, ClientError> {
+        match self
+            .request(Request::FetchBundle {
+                username: username.into(),
+            })
+            .await?
+        {
+            Reply::Bundle {
+                username,
+                identity_key,
+                signed_prekey,
+                one_time_prekey,
+                last_resort,
+            } => Ok(Bundle {
+                username,
+                identity_key,
+                signed_prekey,
+                one_time_prekey,
+                last_resort,
+            }),
+            other => Err(unexpected("fetch_bundle", &other)),
+        }
+    }
+
+    /// Fetches a user's identity key without consuming anything.
+    pub async fn fetch_identity(&self, username: &str) -> Result<IdentityKeyBytes, ClientError> {
+        match self
+            .request(Request::FetchIdentity {
+                username: username.into(),
+            })
+            .await?
+        {
+            Reply::Identity { identity_key, .. } => Ok(identity_key),
+            other => Err(unexpected("fetch_identity", &other)),
+        }
+    }
+
+    /// The remaining count from the last "prekeys low" event, if one came (and clears it).
+    pub fn take_prekeys_low(&self) -> Option<u32> {
+        self.notices
+            .lock()
+            .ok()
+            .and_then(|mut n| n.prekeys_low.take())
+    }
+
     /// Round trip to the server.
     pub async fn ping(&self) -> Result<(), ClientError> {
         match self.request(Request::Ping).await? {
@@ -310,6 +515,7 @@ impl Client {
         self.conn
             .close(VarInt::from_u32(CloseCode::Normal.code()), b"bye");
         self.reader.abort();
+        self.receiver.abort();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
@@ -336,7 +542,13 @@ fn session_reply(request: &str, reply: Reply) -> Result<(SessionInfo, SessionTok
 }
 
 /// Routes replies to waiting requests until the stream ends; then fails whoever still waits.
-async fn read_replies(mut recv: RecvStream, conn: Connection, pending: Pending) {
+async fn read_replies(
+    mut recv: RecvStream,
+    conn: Connection,
+    pending: Pending,
+    sends: PendingSends,
+    notices: Arc<Mutex<Notices>>,
+) {
     let mut buf = Vec::new();
     let failure = loop {
         match read_frame(&mut recv, MAX_CONTROL_FRAME, &mut buf).await {
@@ -357,12 +569,39 @@ async fn read_replies(mut recv: RecvStream, conn: Connection, pending: Pending) 
                     let _ = waiter.send(Ok(frame.reply));
                 }
             }
-            None => {
-                if let Reply::Error { code, message } = frame.reply {
-                    break ClientError::Server { code, message };
+            None => match frame.reply {
+                Reply::Error { code, message } => break ClientError::Server { code, message },
+                Reply::Sent {
+                    message_id,
+                    duplicate,
+                } => {
+                    let outcome = if duplicate {
+                        SendOutcome::Duplicate
+                    } else {
+                        SendOutcome::Stored
+                    };
+                    let waiter = sends.lock().ok().and_then(|mut s| s.remove(&message_id));
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(Ok(outcome));
+                    }
                 }
-                tracing::debug!(?frame, "ignoring event");
-            }
+                Reply::SendFailed {
+                    message_id: Some(message_id),
+                    code,
+                    message,
+                } => {
+                    let waiter = sends.lock().ok().and_then(|mut s| s.remove(&message_id));
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(Err(ClientError::Server { code, message }));
+                    }
+                }
+                Reply::PrekeysLow { remaining } => {
+                    if let Ok(mut n) = notices.lock() {
+                        n.prekeys_low = Some(remaining);
+                    }
+                }
+                other => tracing::debug!(?other, "ignoring event"),
+            },
         }
     };
     let failure = match (&failure, conn.close_reason()) {
@@ -376,6 +615,13 @@ async fn read_replies(mut recv: RecvStream, conn: Connection, pending: Pending) 
         Err(_) => Vec::new(),
     };
     for waiter in waiters {
+        let _ = waiter.send(Err(failure.clone_for_waiter()));
+    }
+    let send_waiters: Vec<_> = match sends.lock() {
+        Ok(mut s) => s.drain().map(|(_, w)| w).collect(),
+        Err(_) => Vec::new(),
+    };
+    for waiter in send_waiters {
         let _ = waiter.send(Err(failure.clone_for_waiter()));
     }
 }

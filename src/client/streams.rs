@@ -1,0 +1,140 @@
+//! Message streams on the client side: sending one message per unidirectional stream, and
+//! receiving the server's deliveries, released to the application in the server's order.
+
+use std::collections::BTreeMap;
+
+use quinn::{Connection, RecvStream};
+use tokio::sync::mpsc;
+
+use super::ClientError;
+use crate::protocol::{
+    DeliverHeader, MAX_STREAM_HEADER, MessageId, SendHeader, StreamHeader, decode_body, read_frame,
+    write_frame,
+};
+
+/// Largest delivered body this client accepts (the server's default limit is 64 KiB).
+pub const MAX_DELIVERED_BODY: u64 = 16 * 1024 * 1024;
+/// Deliveries held back waiting for an earlier one before order is given up on.
+const MAX_HELD: usize = 4096;
+
+/// A message the server delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// The server's sequence number: acknowledge it with [`super::Client::ack`].
+    pub seq: u64,
+    /// The sender's message id (drop duplicates by it).
+    pub id: MessageId,
+    /// The sender.
+    pub from: String,
+    /// When the server stored it, seconds since the Unix epoch.
+    pub sent_at: u64,
+    /// The sender's `kind`.
+    pub kind: String,
+    /// The body as the sender sealed it.
+    pub body: Vec<u8>,
+}
+
+/// Writes one message stream: header, body, FIN.
+pub(super) async fn send_stream(
+    conn: &Connection,
+    to: &str,
+    kind: &str,
+    id: MessageId,
+    body: &[u8],
+) -> Result<(), ClientError> {
+    let lost = |e: &dyn std::fmt::Display| ClientError::ConnectionLost(e.to_string());
+    let mut stream = conn.open_uni().await.map_err(|e| lost(&e))?;
+    let header = StreamHeader::Send(SendHeader {
+        id,
+        to: to.to_owned(),
+        kind: kind.to_owned(),
+        length: body.len() as u64,
+    });
+    write_frame(&mut stream, &header, MAX_STREAM_HEADER)
+        .await
+        .map_err(|e| lost(&e))?;
+    stream.write_all(body).await.map_err(|e| lost(&e))?;
+    stream.finish().map_err(|e| lost(&e))
+}
+
+async fn read_delivery(mut stream: RecvStream) -> Option<(u64, Delivered)> {
+    let mut buf = Vec::new();
+    if !read_frame(&mut stream, MAX_STREAM_HEADER, &mut buf)
+        .await
+        .ok()?
+    {
+        return None;
+    }
+    let StreamHeader::Deliver(DeliverHeader {
+        seq,
+        prev,
+        id,
+        from,
+        sent_at,
+        kind,
+        length,
+    }) = decode_body(&buf).ok()?
+    else {
+        return None;
+    };
+    if length > MAX_DELIVERED_BODY {
+        return None;
+    }
+    let mut body = vec![0u8; usize::try_from(length).ok()?];
+    stream.read_exact(&mut body).await.ok()?;
+    Some((
+        prev,
+        Delivered {
+            seq,
+            id,
+            from,
+            sent_at,
+            kind,
+            body,
+        },
+    ))
+}
+
+/// Accepts delivery streams and releases them in the chain order the server gave (`prev`).
+pub(super) async fn receive_deliveries(conn: Connection, out: mpsc::Sender<Delivered>) {
+    let (arrived_tx, mut arrived) = mpsc::channel::<(u64, Delivered)>(256);
+    let reader = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            while let Ok(stream) = conn.accept_uni().await {
+                let arrived_tx = arrived_tx.clone();
+                tokio::spawn(async move {
+                    match read_delivery(stream).await {
+                        Some(delivery) => {
+                            let _ = arrived_tx.send(delivery).await;
+                        }
+                        None => tracing::warn!("dropping an unreadable delivery stream"),
+                    }
+                });
+            }
+        })
+    };
+    let mut released = 0u64;
+    let mut held: BTreeMap<u64, Delivered> = BTreeMap::new();
+    while let Some((prev, delivery)) = arrived.recv().await {
+        held.insert(prev, delivery);
+        loop {
+            let next = match held.remove(&released) {
+                Some(next) => next,
+                // Too much waiting on a missing link (it failed to arrive): give up on the
+                // order rather than on the messages.
+                None if held.len() > MAX_HELD => match held.pop_first() {
+                    Some((_, next)) => next,
+                    None => break,
+                },
+                None => break,
+            };
+            released = next.seq;
+            if out.send(next).await.is_err() {
+                reader.abort();
+                return;
+            }
+        }
+    }
+    reader.abort();
+}
