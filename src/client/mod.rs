@@ -379,9 +379,13 @@ impl Client {
                 sends.remove(&id);
             }
         };
-        if let Err(e) = streams::send_stream(&self.conn, to, kind, id, body).await {
-            forget();
-            return Err(self.lost(e.to_string()));
+        match streams::send_stream(&self.conn, to, kind, id, body).await {
+            // A refused stream is explained by a `send_failed` event: wait for it below.
+            Ok(()) | Err(streams::StreamFailure::Refused) => {}
+            Err(streams::StreamFailure::Lost(e)) => {
+                forget();
+                return Err(self.lost(e.to_string()));
+            }
         }
         match tokio::time::timeout(self.request_timeout, rx).await {
             Ok(Ok(outcome)) => outcome,

@@ -9,7 +9,6 @@ use tokio::sync::mpsc;
 use super::ClientError;
 use crate::protocol::{
     DeliverHeader, MAX_STREAM_HEADER, MessageId, SendHeader, StreamHeader, decode_body, read_frame,
-    write_frame,
 };
 
 /// Largest delivered body this client accepts (the server's default limit is 64 KiB).
@@ -34,6 +33,14 @@ pub struct Delivered {
     pub body: Vec<u8>,
 }
 
+/// Why a message stream could not be written.
+pub(super) enum StreamFailure {
+    /// The server stopped reading it: it refused the message and says why on the control stream.
+    Refused,
+    /// The connection failed.
+    Lost(ClientError),
+}
+
 /// Writes one message stream: header, body, FIN.
 pub(super) async fn send_stream(
     conn: &Connection,
@@ -41,8 +48,36 @@ pub(super) async fn send_stream(
     kind: &str,
     id: MessageId,
     body: &[u8],
-) -> Result<(), ClientError> {
-    let lost = |e: &dyn std::fmt::Display| ClientError::ConnectionLost(e.to_string());
+) -> Result<(), StreamFailure> {
+    match write_stream(conn, to, kind, id, body).await {
+        Ok(()) => Ok(()),
+        Err(WriteFailure::Stopped) => Err(StreamFailure::Refused),
+        Err(WriteFailure::Other(e)) => Err(StreamFailure::Lost(ClientError::ConnectionLost(e))),
+    }
+}
+
+enum WriteFailure {
+    Stopped,
+    Other(String),
+}
+
+impl From<quinn::WriteError> for WriteFailure {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::Stopped(_) => Self::Stopped,
+            other => Self::Other(other.to_string()),
+        }
+    }
+}
+
+async fn write_stream(
+    conn: &Connection,
+    to: &str,
+    kind: &str,
+    id: MessageId,
+    body: &[u8],
+) -> Result<(), WriteFailure> {
+    let lost = |e: &dyn std::fmt::Display| WriteFailure::Other(e.to_string());
     let mut stream = conn.open_uni().await.map_err(|e| lost(&e))?;
     let header = StreamHeader::Send(SendHeader {
         id,
@@ -50,10 +85,9 @@ pub(super) async fn send_stream(
         kind: kind.to_owned(),
         length: body.len() as u64,
     });
-    write_frame(&mut stream, &header, MAX_STREAM_HEADER)
-        .await
-        .map_err(|e| lost(&e))?;
-    stream.write_all(body).await.map_err(|e| lost(&e))?;
+    let frame = crate::protocol::encode_frame(&header, MAX_STREAM_HEADER).map_err(|e| lost(&e))?;
+    stream.write_all(&frame).await?;
+    stream.write_all(body).await?;
     stream.finish().map_err(|e| lost(&e))
 }
 
