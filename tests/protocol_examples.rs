@@ -3,8 +3,8 @@
 //! `--nocapture` to print them.
 
 use securefastchat::protocol::{
-    ClientFrame, ErrorCode, MAX_CONTROL_FRAME, Password, Reply, Request, ServerFrame, SessionToken,
-    encode_frame,
+    ClientFrame, DeliverHeader, ErrorCode, MAX_CONTROL_FRAME, MAX_STREAM_HEADER, MessageId,
+    Password, Reply, Request, SendHeader, ServerFrame, SessionToken, StreamHeader, encode_frame,
 };
 
 fn hex_lines(bytes: &[u8]) -> String {
@@ -29,6 +29,57 @@ fn token() -> SessionToken {
 }
 
 fn examples() -> Vec<(&'static str, Vec<u8>)> {
+    let mut all = control_examples();
+    all.extend(messaging_examples());
+    all
+}
+
+fn messaging_examples() -> Vec<(&'static str, Vec<u8>)> {
+    let mid = MessageId([0x11; 16]);
+    let header = |h: StreamHeader| encode_frame(&h, MAX_STREAM_HEADER);
+    let client = |id, request| encode_frame(&ClientFrame { id, request }, MAX_CONTROL_FRAME);
+    let server = |id, reply| encode_frame(&ServerFrame { id, reply }, MAX_CONTROL_FRAME);
+    vec![
+        (
+            "send header",
+            header(StreamHeader::Send(SendHeader {
+                id: mid,
+                to: "bob".into(),
+                kind: "text".into(),
+                length: 120,
+            })),
+        ),
+        (
+            "sent",
+            server(
+                None,
+                Reply::Sent {
+                    message_id: mid,
+                    duplicate: false,
+                },
+            ),
+        ),
+        (
+            "deliver header",
+            header(StreamHeader::Deliver(DeliverHeader {
+                seq: 42,
+                prev: 41,
+                id: mid,
+                from: "alice".into(),
+                sent_at: 1_767_225_600,
+                kind: "text".into(),
+                length: 120,
+            })),
+        ),
+        ("ack", client(9, Request::Ack { seqs: vec![41, 42] })),
+        ("acked", server(Some(9), Reply::Acked { removed: 2 })),
+    ]
+    .into_iter()
+    .map(|(name, frame)| (name, frame.unwrap()))
+    .collect()
+}
+
+fn control_examples() -> Vec<(&'static str, Vec<u8>)> {
     let client = |id, request| encode_frame(&ClientFrame { id, request }, MAX_CONTROL_FRAME);
     let server = |id, reply| encode_frame(&ServerFrame { id, reply }, MAX_CONTROL_FRAME);
     vec![

@@ -43,6 +43,8 @@ enum Expected {
     Str,
     Uint,
     Bin,
+    Array,
+    Map,
 }
 
 impl Expected {
@@ -51,6 +53,8 @@ impl Expected {
             Self::Str => value.as_str().is_some(),
             Self::Uint => value.as_u64().is_some(),
             Self::Bin => matches!(value, Value::Binary(_)),
+            Self::Array => matches!(value, Value::Array(_)),
+            Self::Map => matches!(value, Value::Map(_)),
         }
     }
 
@@ -59,6 +63,8 @@ impl Expected {
             Self::Str => "a UTF-8 string",
             Self::Uint => "an unsigned integer",
             Self::Bin => "a byte string (bin)",
+            Self::Array => "an array",
+            Self::Map => "a map",
         }
     }
 }
@@ -73,6 +79,12 @@ fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
         (K::CheckUsername | K::Signup | K::Login, "username") => Some(Expected::Str),
         (K::Signup | K::Login, "password") => Some(Expected::Str),
         (K::Resume, "token") => Some(Expected::Bin),
+        (K::FetchBundle | K::FetchIdentity | K::Online, "username") => Some(Expected::Str),
+        (K::Unsend, "message_id") => Some(Expected::Bin),
+        (K::Ack, "seqs") => Some(Expected::Array),
+        (K::PublishKeys, "identity_key") => Some(Expected::Bin),
+        (K::PublishKeys, "signed_prekey" | "last_resort") => Some(Expected::Map),
+        (K::PublishKeys, "one_time_prekeys") => Some(Expected::Array),
         _ => None,
     }
 }
