@@ -261,3 +261,53 @@ async fn gen_certs_writes_the_three_files() {
         assert!(dir.path().join(file).exists(), "{file}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_message_survives_a_server_crash_and_arrives_once() {
+    use securefastchat::client::{Client, ClientOptions};
+    use securefastchat::protocol::{MessageId, Password};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("certs").join("ca.crt");
+    let server = ServerProcess::start(dir.path()).await;
+    let options = ClientOptions::new(server.addr.clone(), &ca);
+    let alice = Client::connect(&options).await.unwrap();
+    alice
+        .signup("alice", Password::new(PASSWORD))
+        .await
+        .unwrap();
+    let bob = Client::connect(&options).await.unwrap();
+    let (_, bob_token) = bob.signup("bob", Password::new(PASSWORD)).await.unwrap();
+    bob.close().await;
+
+    alice
+        .send_message("bob", "text", MessageId([5; 16]), b"durable")
+        .await
+        .unwrap();
+    // SIGKILL right after the acknowledgement: no graceful shutdown, no flush.
+    let mut child = server.child;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    drop(alice);
+
+    let server = ServerProcess::start(dir.path()).await;
+    let options = ClientOptions::new(server.addr.clone(), &ca);
+    let bob = Client::connect(&options).await.unwrap();
+    bob.resume(bob_token).await.unwrap();
+    let got = bob
+        .next_delivery(Duration::from_secs(5))
+        .await
+        .expect("the message survived");
+    assert_eq!(
+        (got.id, got.body.as_slice()),
+        (MessageId([5; 16]), &b"durable"[..])
+    );
+    bob.ack(vec![got.seq]).await.unwrap();
+    assert!(
+        bob.next_delivery(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "exactly once"
+    );
+    server.terminate().await;
+}
