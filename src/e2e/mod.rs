@@ -1,0 +1,29 @@
+//! End-to-end encryption, Signal-style: Ed25519 identities, signed and one-time X25519
+//! prekeys, X3DH to agree on a secret, the Double Ratchet to run a conversation, and envelopes
+//! for the wire. No sockets, storage or clocks: the client persists what is serializable here,
+//! and the server only ever sees public keys and ciphertext.
+//!
+//! - [`identity`](IdentityKeyPair): identity keys, their X25519 form, safety numbers.
+//! - `prekeys`: what travels ([`PrekeyBundle`]) and the signature checks the server runs on
+//!   upload ([`verify_signed_prekey`]); `prekey_store`: the client's private [`PrekeyStore`].
+//! - `x3dh`: the key agreement and the [`InitialHeader`].
+
+// The crate-private halves are used by the sessions built on them in the next commit.
+#![allow(dead_code)]
+
+mod error;
+mod identity;
+mod keys;
+mod prekey_store;
+mod prekeys;
+mod x3dh;
+
+pub use error::E2eError;
+pub use identity::{IDENTITY_KEY_LEN, IdentityKey, IdentityKeyPair, check_identity, safety_number};
+pub use keys::{OsRandom, SecretSource};
+pub use prekey_store::{MAX_SIGNED_PREKEYS, PrekeyStore};
+pub use prekeys::{
+    OneTimePrekeyPublic, PrekeyBundle, SignedPrekeyPublic, verify_last_resort_prekey,
+    verify_signed_prekey,
+};
+pub use x3dh::{ASSOCIATED_DATA_LEN, InitialHeader};
