@@ -3,21 +3,28 @@
 //! for the wire. No sockets, storage or clocks: the client persists what is serializable here,
 //! and the server only ever sees public keys and ciphertext.
 //!
+//! `docs/E2E.md` specifies every byte (key encodings, KDF inputs, associated data, envelope
+//! layout) with test vectors, so other implementations can interoperate.
+//!
 //! - [`identity`](IdentityKeyPair): identity keys, their X25519 form, safety numbers.
 //! - `prekeys`: what travels ([`PrekeyBundle`]) and the signature checks the server runs on
 //!   upload ([`verify_signed_prekey`]); `prekey_store`: the client's private [`PrekeyStore`].
 //! - `x3dh`: the key agreement and the [`InitialHeader`].
+//! - `ratchet`: the Double Ratchet with bounded skipped-message keys.
+//! - [`Session`] and [`Envelope`]: what the client calls.
 
-// The crate-private halves are used by the sessions built on them in the next commit.
-#![allow(dead_code)]
-
+mod envelope;
 mod error;
 mod identity;
 mod keys;
 mod prekey_store;
 mod prekeys;
+mod ratchet;
+mod session;
 mod x3dh;
 
+
+pub use envelope::{Envelope, MAX_ENVELOPE_LEN, MAX_PLAINTEXT_LEN};
 pub use error::E2eError;
 pub use identity::{IDENTITY_KEY_LEN, IdentityKey, IdentityKeyPair, check_identity, safety_number};
 pub use keys::{OsRandom, SecretSource};
@@ -26,4 +33,6 @@ pub use prekeys::{
     OneTimePrekeyPublic, PrekeyBundle, SignedPrekeyPublic, verify_last_resort_prekey,
     verify_signed_prekey,
 };
+pub use ratchet::{HEADER_AD_LEN, Header, MAX_SKIP, MAX_SKIPPED_KEYS, RatchetState, TAG_LEN};
+pub use session::{MESSAGE_ID_LEN, Session};
 pub use x3dh::{ASSOCIATED_DATA_LEN, InitialHeader};
