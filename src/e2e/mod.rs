@@ -23,6 +23,8 @@ mod ratchet;
 mod session;
 mod x3dh;
 
+#[cfg(test)]
+mod tests;
 
 pub use envelope::{Envelope, MAX_ENVELOPE_LEN, MAX_PLAINTEXT_LEN};
 pub use error::E2eError;
