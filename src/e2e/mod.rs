@@ -6,12 +6,18 @@
 //! `docs/E2E.md` specifies every byte (key encodings, KDF inputs, associated data, envelope
 //! layout) with test vectors, so other implementations can interoperate.
 //!
-//! - [`identity`](IdentityKeyPair): identity keys, their X25519 form, safety numbers.
+//! Layout (the modules are private; their public types are re-exported here):
+//!
+//! - `identity`: [`IdentityKeyPair`], [`IdentityKey`], their X25519 form, [`safety_number`].
 //! - `prekeys`: what travels ([`PrekeyBundle`]) and the signature checks the server runs on
 //!   upload ([`verify_signed_prekey`]); `prekey_store`: the client's private [`PrekeyStore`].
 //! - `x3dh`: the key agreement and the [`InitialHeader`].
-//! - `ratchet`: the Double Ratchet with bounded skipped-message keys.
-//! - [`Session`] and [`Envelope`]: what the client calls.
+//! - `ratchet`: the Double Ratchet ([`RatchetState`]) with bounded skipped-message keys.
+//! - `session`, `envelope`: [`Session`] and [`Envelope`], what the client calls.
+//! - `keys`: zeroizing secrets, [`SecretSource`], X25519 and HKDF helpers.
+//!
+//! Server side, only [`verify_signed_prekey`] and [`verify_last_resort_prekey`] (on upload)
+//! and the public wire types are needed.
 
 mod envelope;
 mod error;

@@ -1,4 +1,4 @@
-//! The Double Ratchet (https://signal.org/docs/specifications/doubleratchet/), with
+//! The Double Ratchet (<https://signal.org/docs/specifications/doubleratchet/>), with
 //! HKDF-SHA256 for KDF_RK, HMAC-SHA256 for KDF_CK and ChaCha20-Poly1305 for messages.
 //!
 //! Decryption is transactional: it works on a copy of the chain state and on a list of newly

@@ -1,4 +1,4 @@
-//! X3DH key agreement (https://signal.org/docs/specifications/x3dh/): the initiator turns a
+//! X3DH key agreement (<https://signal.org/docs/specifications/x3dh/>): the initiator turns a
 //! [`PrekeyBundle`] into a shared secret and an [`InitialHeader`]; the responder turns that
 //! header and its [`PrekeyStore`] into the same secret.
 //!
