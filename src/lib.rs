@@ -9,6 +9,7 @@
 //! - [`store`]: the narrow [`store::Store`] trait and its fjall implementation.
 //! - [`server`]: configuration, accept loop, per-connection control stream, accounts.
 //! - [`client`]: the client library behind the `sfc` command: connect, signup, login, resume.
+//! - [`e2e`]: end-to-end encryption (identities, prekeys, X3DH, Double Ratchet, envelopes); no I/O.
 //!
 //! The binaries in `src/bin/` only parse arguments and call into these modules.
 
@@ -18,6 +19,7 @@
 
 pub mod blocking;
 pub mod client;
+pub mod e2e;
 pub mod protocol;
 pub mod server;
 pub mod store;

@@ -1,0 +1,48 @@
+//! End-to-end encryption, Signal-style: Ed25519 identities, signed and one-time X25519
+//! prekeys, X3DH to agree on a secret, the Double Ratchet to run a conversation, and envelopes
+//! for the wire. No sockets, storage or clocks: the client persists what is serializable here,
+//! and the server only ever sees public keys and ciphertext.
+//!
+//! `docs/E2E.md` specifies every byte (key encodings, KDF inputs, associated data, envelope
+//! layout) with test vectors, so other implementations can interoperate.
+//!
+//! Layout (the modules are private; their public types are re-exported here):
+//!
+//! - `identity`: [`IdentityKeyPair`], [`IdentityKey`], their X25519 form, [`safety_number`].
+//! - `prekeys`: what travels ([`PrekeyBundle`]) and the signature checks the server runs on
+//!   upload ([`verify_signed_prekey`]); `prekey_store`: the client's private [`PrekeyStore`].
+//! - `x3dh`: the key agreement and the [`InitialHeader`].
+//! - `ratchet`: the Double Ratchet ([`RatchetState`]) with bounded skipped-message keys.
+//! - `session`, `envelope`: [`Session`] and [`Envelope`], what the client calls.
+//! - `keys`: zeroizing secrets, [`SecretSource`], X25519 and HKDF helpers.
+//!
+//! Server side, only [`verify_signed_prekey`] and [`verify_last_resort_prekey`] (on upload)
+//! and the public wire types are needed.
+
+mod envelope;
+mod error;
+mod identity;
+mod keys;
+mod prekey_store;
+mod prekeys;
+mod ratchet;
+mod session;
+mod x3dh;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod vectors;
+
+pub use envelope::{Envelope, MAX_ENVELOPE_LEN, MAX_PLAINTEXT_LEN};
+pub use error::E2eError;
+pub use identity::{IDENTITY_KEY_LEN, IdentityKey, IdentityKeyPair, check_identity, safety_number};
+pub use keys::{OsRandom, SecretSource};
+pub use prekey_store::{MAX_SIGNED_PREKEYS, PrekeyStore};
+pub use prekeys::{
+    OneTimePrekeyPublic, PrekeyBundle, SignedPrekeyPublic, verify_last_resort_prekey,
+    verify_signed_prekey,
+};
+pub use ratchet::{HEADER_AD_LEN, Header, MAX_SKIP, MAX_SKIPPED_KEYS, RatchetState, TAG_LEN};
+pub use session::{MESSAGE_ID_LEN, Session};
+pub use x3dh::{ASSOCIATED_DATA_LEN, InitialHeader};

@@ -1,0 +1,281 @@
+//! Byte-exact test vectors, the same ones `docs/E2E.md` lists for other implementations.
+//!
+//! Every secret is SHA-256 of an ASCII label; everything else follows deterministically
+//! (Ed25519 signatures are deterministic too).
+
+use sha2::{Digest, Sha256};
+
+use super::keys::{Secret32, x25519_public};
+use super::ratchet::aead_key_nonce;
+use super::session::message_ad;
+use super::*;
+use crate::protocol::Username;
+
+fn secret(label: &str) -> [u8; 32] {
+    Sha256::digest(label.as_bytes()).into()
+}
+
+/// Hands out the given secrets in order, then refuses.
+struct Fixed(Vec<[u8; 32]>);
+
+impl SecretSource for Fixed {
+    fn secret_bytes(&mut self) -> Result<[u8; 32], E2eError> {
+        if self.0.is_empty() {
+            return Err(E2eError::Primitive);
+        }
+        Ok(self.0.remove(0))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    hex::encode(bytes)
+}
+
+fn name(s: &str) -> Username {
+    Username::parse(s).unwrap()
+}
+
+fn ids(start: u8) -> [u8; 16] {
+    std::array::from_fn(|i| start + i as u8)
+}
+
+struct Vectors {
+    lines: Vec<(String, String)>,
+}
+
+impl Vectors {
+    fn put(&mut self, key: &str, value: impl Into<String>) {
+        self.lines.push((key.to_owned(), value.into()));
+    }
+
+    fn get(&self, key: &str) -> &str {
+        &self.lines.iter().find(|(k, _)| k == key).unwrap().1
+    }
+}
+
+/// Runs the documented scenario and records every intermediate value.
+fn scenario() -> Vectors {
+    let mut v = Vectors { lines: Vec::new() };
+    let alice = IdentityKeyPair::from_seed(&secret("alice identity"));
+    let bob = IdentityKeyPair::from_seed(&secret("bob identity"));
+    let mut store = PrekeyStore::from_secrets(
+        &bob,
+        (1, secret("bob signed prekey")),
+        (1, secret("bob last-resort prekey")),
+        &[(2, secret("bob one-time prekey"))],
+    )
+    .unwrap();
+    v.put("IK_A", hex(alice.public().as_bytes()));
+    v.put("IK_B", hex(bob.public().as_bytes()));
+    v.put(
+        "IK_A x25519 public",
+        hex(&alice.public().to_x25519().unwrap()),
+    );
+    v.put("IK_A x25519 secret", hex(alice.x25519_secret().expose()));
+    v.put(
+        "IK_B x25519 public",
+        hex(&bob.public().to_x25519().unwrap()),
+    );
+    let spk = store.signed_prekey();
+    v.put("SPK_B public", hex(&spk.key));
+    v.put("SPK_B signature", hex(&spk.signature));
+    v.put("LR_B signature", hex(&store.last_resort_prekey().signature));
+    let otp = store.one_time_prekeys()[0].clone();
+    v.put("OPK_B public", hex(&otp.key));
+    let bundle = PrekeyBundle {
+        identity_key: bob.public(),
+        signed_prekey: spk,
+        one_time_prekey: Some(otp),
+        last_resort_prekey: None,
+    };
+    v.put("bundle", hex(&rmp_serde::to_vec_named(&bundle).unwrap()));
+
+    let ek = secret("alice ephemeral");
+    v.put("EK_A public", hex(&x25519_public(&Secret32::new(ek))));
+    let init = x3dh::initiate(&alice, &bundle, Secret32::new(ek)).unwrap();
+    v.put("SK", hex(init.agreement.shared_secret.expose()));
+    v.put("AD", hex(&init.agreement.associated_data));
+
+    let (alice_name, bob_name) = (name("alice"), name("bob"));
+    let mut source = Fixed(vec![ek, secret("alice ratchet")]);
+    let mut a =
+        Session::initiate_with(&mut source, &alice, &alice_name, &bob_name, &bundle).unwrap();
+    let ratchet_a = x25519_public(&Secret32::new(secret("alice ratchet")));
+    v.put("alice ratchet public", hex(&ratchet_a));
+    let mk = a.ratchet().next_sending_message_key().unwrap();
+    v.put("first message key", hex(mk.expose()));
+    let okm = aead_key_nonce(&mk).unwrap();
+    v.put("first AEAD key", hex(&okm[..32]));
+    v.put("first AEAD nonce", hex(&okm[32..]));
+    v.put(
+        "first extra AD",
+        hex(&message_ad(&alice_name, &bob_name, &ids(0))),
+    );
+    let first = a.seal(ids(0), b"Hello, Bob!").unwrap();
+    v.put("first ciphertext", hex(&first.ciphertext));
+    v.put("first envelope", hex(&first.to_bytes().unwrap()));
+
+    let mut source = Fixed(vec![secret("bob ratchet")]);
+    let (mut b, text) = Session::accept_with(
+        &mut source,
+        &bob,
+        &mut store,
+        &bob_name,
+        &alice_name,
+        ids(0),
+        &first,
+    )
+    .unwrap();
+    assert_eq!(text, b"Hello, Bob!");
+    let ratchet_b = x25519_public(&Secret32::new(secret("bob ratchet")));
+    v.put("bob ratchet public", hex(&ratchet_b));
+    let reply = b.seal(ids(16), b"Hi Alice!").unwrap();
+    v.put("reply envelope", hex(&reply.to_bytes().unwrap()));
+    let mut source = Fixed(vec![secret("alice ratchet 2")]);
+    assert_eq!(
+        a.open_with(&mut source, ids(16), &reply).unwrap(),
+        b"Hi Alice!"
+    );
+    v.put(
+        "safety number",
+        safety_number(&alice_name, &alice.public(), &bob_name, &bob.public()),
+    );
+    v
+}
+
+/// The values `docs/E2E.md` lists, cross-checked against an independent Python implementation
+/// of the spec (`cryptography` + `msgpack`).
+const EXPECTED: &[(&str, &str)] = &[
+    (
+        "IK_A",
+        "e683ae242758a0da9389619ef238916d91a6bae7b5423b1037e7ed14d76bae94",
+    ),
+    (
+        "IK_B",
+        "2c21cd0bb45e6aec2b376e91e832d60313f8f2248828c243c87ab59ad35135aa",
+    ),
+    (
+        "IK_A x25519 public",
+        "bb635ce46052dffa9868b48b6c10890e4c0a7d2b07deb42e38e6e11e6c36d050",
+    ),
+    (
+        "IK_A x25519 secret",
+        "08585c6c12c558955a763c9bce630a1747e0a83b9b5f14e9f00d81e354a13141",
+    ),
+    (
+        "IK_B x25519 public",
+        "bf5ce3aaf87626972180cacc5b148990084be7751f4439c2eca5843d7d5bc271",
+    ),
+    (
+        "SPK_B public",
+        "b3d658053de4c4954e38daf0a2430eafe0c03d826c61975f53d4f7e138aed762",
+    ),
+    (
+        "SPK_B signature",
+        concat!(
+            "d896ac0eb1af69b27d273cbc7b932bead3debaa58ec6ab1c13d863b796f69a2c",
+            "c21a0d81f6bee1c44aa02f9f815f06fe3bb6f1a7864f9d944246ae419ff40901",
+        ),
+    ),
+    (
+        "LR_B signature",
+        concat!(
+            "5ff3ea5bcb01181b5e5cd68f3bbb31230c769d2c131e4234b428dc36b4bd3b0e",
+            "8fd5bf00639d07adcb212c93ad4e935f3f4cacb5a4f9fe95846c6029fa40740b",
+        ),
+    ),
+    (
+        "OPK_B public",
+        "0370f68dea4a3381bc982ff1d63821728fbb3c4e73f3e534712cdead90538a7f",
+    ),
+    (
+        "bundle",
+        concat!(
+            "83ac6964656e746974795f6b6579c4202c21cd0bb45e6aec2b376e91e832d603",
+            "13f8f2248828c243c87ab59ad35135aaad7369676e65645f7072656b657983a2",
+            "696401a36b6579c420b3d658053de4c4954e38daf0a2430eafe0c03d826c6197",
+            "5f53d4f7e138aed762a97369676e6174757265c440d896ac0eb1af69b27d273c",
+            "bc7b932bead3debaa58ec6ab1c13d863b796f69a2cc21a0d81f6bee1c44aa02f",
+            "9f815f06fe3bb6f1a7864f9d944246ae419ff40901af6f6e655f74696d655f70",
+            "72656b657982a2696402a36b6579c4200370f68dea4a3381bc982ff1d6382172",
+            "8fbb3c4e73f3e534712cdead90538a7f",
+        ),
+    ),
+    (
+        "EK_A public",
+        "9b6d9e84cdd58b6de4adf54cc8c28e387917a5a6736c2ff87b3d009f21b5f111",
+    ),
+    (
+        "SK",
+        "c879de3c41d059e90fac4a2f34e05907b96b078468d2db97417cd3ba47ac3b17",
+    ),
+    (
+        "AD",
+        concat!(
+            "e683ae242758a0da9389619ef238916d91a6bae7b5423b1037e7ed14d76bae94",
+            "2c21cd0bb45e6aec2b376e91e832d60313f8f2248828c243c87ab59ad35135aa",
+        ),
+    ),
+    (
+        "alice ratchet public",
+        "a7244b29b9c7ae5475592379168f21b852ef340d91727086e25ae8fbaa2cae39",
+    ),
+    (
+        "first message key",
+        "e63259956d86c51fdf09bbea6bbf246839624540aaf17eafbacea34c39a74f8e",
+    ),
+    (
+        "first AEAD key",
+        "e3168b0369e5d3dea06df05413f16f26f9c7f554396f6f4512e1cb83f3248ca2",
+    ),
+    ("first AEAD nonce", "828e1b24536135ce45659da8"),
+    (
+        "first extra AD",
+        "0005616c6963650003626f62000102030405060708090a0b0c0d0e0f",
+    ),
+    (
+        "first ciphertext",
+        "38b83bb0997a0ee71cced14da645a72d476e1aba6770d14817b524",
+    ),
+    (
+        "first envelope",
+        concat!(
+            "83a7696e697469616c84ac6964656e746974795f6b6579c420e683ae242758a0",
+            "da9389619ef238916d91a6bae7b5423b1037e7ed14d76bae94ad657068656d65",
+            "72616c5f6b6579c4209b6d9e84cdd58b6de4adf54cc8c28e387917a5a6736c2f",
+            "f87b3d009f21b5f111b07369676e65645f7072656b65795f696401b26f6e655f",
+            "74696d655f7072656b65795f696402a668656164657283a26468c420a7244b29",
+            "b9c7ae5475592379168f21b852ef340d91727086e25ae8fbaa2cae39a2706e00",
+            "a16e00aa63697068657274657874c41b38b83bb0997a0ee71cced14da645a72d",
+            "476e1aba6770d14817b524",
+        ),
+    ),
+    (
+        "bob ratchet public",
+        "355cba1e5872679ef89092ba9626e6f02ac27a9864dd594cfbf49fc378d9e14d",
+    ),
+    (
+        "reply envelope",
+        concat!(
+            "82a668656164657283a26468c420355cba1e5872679ef89092ba9626e6f02ac2",
+            "7a9864dd594cfbf49fc378d9e14da2706e00a16e00aa63697068657274657874",
+            "c4193b08449b479fd740c17df25fbee28c8b8fffc8e7a9ddc3753e",
+        ),
+    ),
+    (
+        "safety number",
+        concat!(
+            "70516 51600 77012 86160 72929 16939 48192 44884 94886 27591 6928",
+            "9 52397",
+        ),
+    ),
+];
+
+#[test]
+fn vectors_match_the_spec() {
+    let got = scenario();
+    assert_eq!(got.lines.len(), EXPECTED.len());
+    for (key, expected) in EXPECTED {
+        assert_eq!(got.get(key), *expected, "vector `{key}`");
+    }
+}
