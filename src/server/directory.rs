@@ -1,26 +1,9 @@
 //! The key directory's rules: what a `publish_keys` may change, and the signature checks that
 //! keep the server from storing (and handing out) prekeys their owner did not sign.
 
-use ed25519_dalek::{Signature, VerifyingKey};
-
+use crate::e2e::{IdentityKey, verify_last_resort_prekey, verify_signed_prekey};
 use crate::protocol::keys::{IdentityKeyBytes, SignedPrekey};
 use crate::store::KeysRecord;
-
-/// Signature domain of signed prekeys (see the E2E section of docs/PROTOCOL.md).
-const SIGNED_PREKEY_LABEL: &[u8] = b"SFC signed prekey v1";
-/// Signature domain of last-resort prekeys.
-const LAST_RESORT_LABEL: &[u8] = b"SFC last-resort prekey v1";
-
-fn verify(identity: &VerifyingKey, label: &[u8], prekey: &SignedPrekey) -> Result<(), String> {
-    let mut message = Vec::with_capacity(label.len() + 4 + 32);
-    message.extend_from_slice(label);
-    message.extend_from_slice(&prekey.id.to_be_bytes());
-    message.extend_from_slice(&prekey.key.0);
-    let signature = Signature::from_bytes(&prekey.signature.0);
-    identity
-        .verify_strict(&message, &signature)
-        .map_err(|_| format!("the signature of prekey {} does not verify", prekey.id))
-}
 
 /// Combines an upload with what is stored. The first upload must carry all three keys; later
 /// ones may replace any of them. Every prekey that is stored after the call is checked against
@@ -53,9 +36,12 @@ pub(crate) fn merge_keys(
             }
         },
     };
-    let identity = VerifyingKey::from_bytes(&merged.identity_key.0)
+    let identity = IdentityKey::from_bytes(&merged.identity_key.0)
         .map_err(|_| "identity_key is not a valid Ed25519 public key".to_owned())?;
-    verify(&identity, SIGNED_PREKEY_LABEL, &merged.signed_prekey)?;
-    verify(&identity, LAST_RESORT_LABEL, &merged.last_resort)?;
+    let (spk, last) = (&merged.signed_prekey, &merged.last_resort);
+    verify_signed_prekey(&identity, spk.id, &spk.key.0, &spk.signature.0)
+        .map_err(|e| format!("signed prekey {}: {e}", spk.id))?;
+    verify_last_resort_prekey(&identity, last.id, &last.key.0, &last.signature.0)
+        .map_err(|e| format!("last-resort prekey {}: {e}", last.id))?;
     Ok(Some(merged))
 }
