@@ -311,3 +311,82 @@ async fn an_acknowledged_message_survives_a_server_crash_and_arrives_once() {
     );
     server.terminate().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfc_sends_and_receives_end_to_end() {
+    let server = TestServer::start().await;
+    let addr = server.addr.to_string();
+    let ca = server.ca_file();
+    let homes = tempfile::tempdir().unwrap();
+    let (alice, bob) = (homes.path().join("alice"), homes.path().join("bob"));
+    let sfc_as = |home: &Path, args: &[&str]| {
+        let mut command = sfc(&addr, &ca, home);
+        command.env("SFC_PASSWORD", PASSWORD).args(args);
+        command
+    };
+    assert!(
+        run(sfc_as(&alice, &["signup", "alice"]))
+            .await
+            .status
+            .success()
+    );
+    assert!(run(sfc_as(&bob, &["signup", "bob"])).await.status.success());
+
+    let out = run(sfc_as(&alice, &["send", "bob", "hello bob"])).await;
+    assert!(out.status.success(), "{out:?}");
+    let id = stdout(&out).trim().to_owned();
+    assert_eq!(id.len(), 32, "{id}");
+
+    let out = run(sfc_as(
+        &bob,
+        &["recv", "--json", "--count", "1", "--wait", "5"],
+    ))
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(line["id"], id.as_str());
+    assert_eq!(line["from"], "alice");
+    assert_eq!(line["text"], "hello bob");
+    assert!(line["sent_at"].as_u64().unwrap() > 1_700_000_000);
+
+    // Two sfc processes on one home directory at once: the keystore must survive both.
+    let first = sfc_as(&alice, &["send", "bob", "one"]).output();
+    let second = sfc_as(&alice, &["send", "bob", "two"]).output();
+    let (first, second) = tokio::join!(first, second);
+    assert!(first.unwrap().status.success());
+    assert!(second.unwrap().status.success());
+    let out = run(sfc_as(&bob, &["recv", "--count", "2", "--wait", "5"])).await;
+    let mut lines: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    lines.sort();
+    assert_eq!(lines, ["alice\tone", "alice\ttwo"]);
+
+    let out = run(sfc_as(&bob, &["online", "alice"])).await;
+    assert_eq!(stdout(&out).trim(), "offline");
+    assert_fails_with(&run(sfc_as(&alice, &["online", "carol"])).await, "private");
+
+    let a = run(sfc_as(&alice, &["fingerprint", "bob"])).await;
+    let b = run(sfc_as(&bob, &["fingerprint", "alice"])).await;
+    assert_eq!(stdout(&a), stdout(&b));
+    assert_eq!(stdout(&a).split_whitespace().count(), 12);
+
+    // Unsend before delivery succeeds; after delivery it says so and fails.
+    let out = run(sfc_as(&alice, &["send", "bob", "oops"])).await;
+    let oops = stdout(&out).trim().to_owned();
+    assert!(
+        run(sfc_as(&alice, &["unsend", &oops]))
+            .await
+            .status
+            .success()
+    );
+    let out = run(sfc_as(&bob, &["recv", "--wait", "1"])).await;
+    assert_eq!(stdout(&out), "");
+    assert_fails_with(
+        &run(sfc_as(&alice, &["unsend", &oops])).await,
+        "not deleted",
+    );
+    assert_fails_with(
+        &run(sfc_as(&alice, &["unsend", "xyz"])).await,
+        "32 hex digits",
+    );
+    server.stop().await;
+}

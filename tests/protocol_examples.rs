@@ -144,7 +144,16 @@ fn control_examples() -> Vec<(&'static str, Vec<u8>)> {
                 },
             ),
         ),
-        ("resume", client(4, Request::Resume { token: token() })),
+        (
+            "resume",
+            client(
+                4,
+                Request::Resume {
+                    token: token(),
+                    deliver: true,
+                },
+            ),
+        ),
         (
             "resumed",
             server(

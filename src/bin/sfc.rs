@@ -3,12 +3,16 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use securefastchat::client::chat;
 use securefastchat::client::home::{Home, SavedSession};
+use securefastchat::client::messenger::{Messenger, Received};
 use securefastchat::client::{Client, ClientError, ClientOptions};
-use securefastchat::protocol::{ErrorCode, Password};
+use securefastchat::protocol::{ErrorCode, MessageId, Password};
 
 /// SecureFastChat client.
 #[derive(Parser, Debug)]
@@ -34,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create an account (password from SFC_PASSWORD or a prompt) and log in
+    /// Create an account (password from SFC_PASSWORD or a prompt), log in, publish keys
     Signup {
         /// 3-32 characters of a-z 0-9 _ . -
         user: String,
@@ -48,6 +52,45 @@ enum Command {
     Logout,
     /// Show who is logged in
     Whoami,
+    /// Send an end-to-end encrypted message; prints its id once the server has stored it
+    Send {
+        /// Recipient
+        user: String,
+        /// The message
+        text: String,
+    },
+    /// Receive messages: one `FROM<TAB>TEXT` line each (or JSON with --json)
+    Recv {
+        /// Stop after this many seconds without a message
+        #[arg(long, default_value_t = 2)]
+        wait: u64,
+        /// Stop after this many messages
+        #[arg(long)]
+        count: Option<usize>,
+        /// One JSON object per line: id, from, sent_at, text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a sent message that has not been delivered yet
+    Unsend {
+        /// The message id `sfc send` printed
+        id: String,
+    },
+    /// Is a contact online? (only contacts who have written to you)
+    Online {
+        /// The contact
+        user: String,
+    },
+    /// Show the safety number of you and USER, to compare in person
+    Fingerprint {
+        /// The contact
+        user: String,
+    },
+    /// Interactive chat with USER
+    Chat {
+        /// The contact
+        user: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -106,7 +149,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 token,
                 session.expires_at,
             )?;
-            client.close().await;
+            let messenger = Messenger::new(client, home.dir(), &session.username)?;
+            messenger.ensure_keys().await?;
+            messenger.close().await;
             println!("signed up and logged in as {}", session.username);
         }
         Command::Login { user } => {
@@ -120,26 +165,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 token,
                 session.expires_at,
             )?;
-            client.close().await;
+            let messenger = Messenger::new(client, home.dir(), &session.username)?;
+            messenger.ensure_keys().await?;
+            messenger.close().await;
             println!("logged in as {}", session.username);
         }
         Command::Whoami => {
-            let saved = home
-                .load_session()?
-                .context("not logged in (run `sfc login USER`)")?;
-            let client = Client::connect(&options).await?;
-            let session = match client.resume(saved.token).await {
-                Err(e) if e.is_server(ErrorCode::InvalidToken) => {
-                    home.clear_session()?;
-                    bail!(
-                        "session expired or revoked (run `sfc login {}`)",
-                        saved.username
-                    );
-                }
-                other => other?,
-            };
+            let (client, saved) = resume(&home, &options, false).await?;
             client.close().await;
-            println!("{}", session.username);
+            println!("{}", saved.username);
         }
         Command::Logout => {
             let Some(saved) = home.load_session()? else {
@@ -156,8 +190,125 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             home.clear_session()?;
             println!("logged out {}", saved.username);
         }
+        Command::Send { user, text } => {
+            let messenger = messenger(&home, &options, false).await?;
+            let (id, warning) = messenger.send_text(&user, &text).await?;
+            if let Some(warning) = warning {
+                eprintln!("sfc: warning: {warning}");
+            }
+            messenger.close().await;
+            println!("{id}");
+        }
+        Command::Recv { wait, count, json } => {
+            let messenger = messenger(&home, &options, true).await?;
+            let mut shown = 0;
+            while count.is_none_or(|n| shown < n) {
+                let Some(received) = messenger.receive(Duration::from_secs(wait)).await? else {
+                    break;
+                };
+                match received {
+                    Received::Text {
+                        id,
+                        from,
+                        sent_at,
+                        text,
+                        warning,
+                    } => {
+                        if let Some(warning) = warning {
+                            eprintln!("sfc: warning: {warning}");
+                        }
+                        if json {
+                            let line = serde_json::json!({
+                                "id": id.to_hex(), "from": from, "sent_at": sent_at, "text": text,
+                            });
+                            println!("{line}");
+                        } else {
+                            println!("{from}\t{text}");
+                        }
+                        shown += 1;
+                    }
+                    Received::Undecryptable { from, reason, .. } => {
+                        eprintln!(
+                            "sfc: warning: a message from {from} could not be opened: {reason}"
+                        );
+                    }
+                    Received::Duplicate => {}
+                }
+            }
+            messenger.close().await;
+        }
+        Command::Unsend { id } => {
+            let id = MessageId::from_hex(&id).context("a message id is 32 hex digits")?;
+            let (client, _) = resume(&home, &options, false).await?;
+            let deleted = client.unsend(id).await?;
+            client.close().await;
+            if !deleted {
+                bail!("not deleted: the message was already delivered, expired, or is unknown");
+            }
+            println!("deleted {id}");
+        }
+        Command::Online { user } => {
+            let (client, _) = resume(&home, &options, false).await?;
+            let online = client.online(&user).await?;
+            client.close().await;
+            println!("{}", if online { "online" } else { "offline" });
+        }
+        Command::Fingerprint { user } => {
+            let messenger = messenger(&home, &options, false).await?;
+            let number = messenger.fingerprint(&user).await?;
+            messenger.close().await;
+            println!("{number}");
+        }
+        Command::Chat { user } => {
+            if !std::io::stdin().is_terminal() {
+                bail!("sfc chat needs a terminal (use `sfc send` and `sfc recv` in scripts)");
+            }
+            let messenger = Arc::new(messenger(&home, &options, true).await?);
+            let me = home.load_session()?.map(|s| s.username).unwrap_or_default();
+            chat::run(Arc::clone(&messenger), &me, &user).await?;
+            if let Ok(messenger) = Arc::try_unwrap(messenger) {
+                messenger.close().await;
+            }
+        }
     }
     Ok(())
+}
+
+/// Connects and resumes the saved session.
+async fn resume(
+    home: &Home,
+    options: &ClientOptions,
+    deliver: bool,
+) -> anyhow::Result<(Client, SavedSession)> {
+    let saved = home
+        .load_session()?
+        .context("not logged in (run `sfc login USER`)")?;
+    let client = Client::connect(options).await?;
+    match client.resume_with(saved.token.clone(), deliver).await {
+        Err(e) if e.is_server(ErrorCode::InvalidToken) => {
+            home.clear_session()?;
+            bail!(
+                "session expired or revoked (run `sfc login {}`)",
+                saved.username
+            );
+        }
+        other => {
+            other?;
+        }
+    }
+    Ok((client, saved))
+}
+
+/// Resumes the saved session and makes sure its keys are in place.
+async fn messenger(
+    home: &Home,
+    options: &ClientOptions,
+    deliver: bool,
+) -> anyhow::Result<Messenger> {
+    let (client, saved) = resume(home, options, deliver).await?;
+    let messenger = Messenger::new(client, home.dir(), &saved.username)?;
+    messenger.ensure_keys().await?;
+    Ok(messenger)
 }
 
 fn save(

@@ -155,7 +155,7 @@ impl Home {
 }
 
 /// Writes `contents` to `path` via a 0600 temp file, fsync and rename.
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), HomeError> {
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), HomeError> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let io = |p: &Path| {
         let p = p.to_owned();

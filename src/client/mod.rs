@@ -4,8 +4,11 @@
 //! Requests may be issued concurrently from several tasks: each carries a fresh id, and a
 //! reader task routes every reply to the request that is waiting for it.
 
+pub mod chat;
 mod error;
 pub mod home;
+pub mod keystore;
+pub mod messenger;
 mod streams;
 
 use std::collections::HashMap;
@@ -326,7 +329,17 @@ impl Client {
 
     /// Restores a session with a token from an earlier login.
     pub async fn resume(&self, token: SessionToken) -> Result<SessionInfo, ClientError> {
-        match self.request(Request::Resume { token }).await? {
+        self.resume_with(token, true).await
+    }
+
+    /// [`Client::resume`], choosing whether this connection receives the user's messages
+    /// (`false` leaves delivery with whichever connection has it, e.g. a running chat).
+    pub async fn resume_with(
+        &self,
+        token: SessionToken,
+        deliver: bool,
+    ) -> Result<SessionInfo, ClientError> {
+        match self.request(Request::Resume { token, deliver }).await? {
             Reply::Resumed {
                 username,
                 expires_at,

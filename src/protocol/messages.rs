@@ -52,6 +52,10 @@ pub enum Request {
     Resume {
         /// The token from `session`.
         token: SessionToken,
+        /// Whether this connection receives the user's messages (taking delivery over from
+        /// any other connection). `false` for short-lived connections that only send or ask.
+        #[serde(default = "default_true", skip_serializing_if = "is_true")]
+        deliver: bool,
     },
     /// Revoke this connection's session token; the connection stays open, unauthenticated.
     Logout,
@@ -100,6 +104,14 @@ pub enum Request {
         /// The contact.
         username: String,
     },
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 /// The `type` names of [`Request`], to tell an unknown request from a malformed known one.
@@ -413,7 +425,10 @@ mod tests {
         let token = SessionToken::from_bytes([0xab; 32]);
         let frame = ClientFrame {
             id: 3,
-            request: Request::Resume { token },
+            request: Request::Resume {
+                token,
+                deliver: true,
+            },
         };
         let body = body_of(&frame);
         let bin_at = body

@@ -45,6 +45,7 @@ enum Expected {
     Bin,
     Array,
     Map,
+    Bool,
 }
 
 impl Expected {
@@ -55,6 +56,7 @@ impl Expected {
             Self::Bin => matches!(value, Value::Binary(_)),
             Self::Array => matches!(value, Value::Array(_)),
             Self::Map => matches!(value, Value::Map(_)),
+            Self::Bool => matches!(value, Value::Boolean(_)),
         }
     }
 
@@ -65,6 +67,7 @@ impl Expected {
             Self::Bin => "a byte string (bin)",
             Self::Array => "an array",
             Self::Map => "a map",
+            Self::Bool => "a boolean",
         }
     }
 }
@@ -79,6 +82,7 @@ fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
         (K::CheckUsername | K::Signup | K::Login, "username") => Some(Expected::Str),
         (K::Signup | K::Login, "password") => Some(Expected::Str),
         (K::Resume, "token") => Some(Expected::Bin),
+        (K::Resume, "deliver") => Some(Expected::Bool),
         (K::FetchBundle | K::FetchIdentity | K::Online, "username") => Some(Expected::Str),
         (K::Unsend, "message_id") => Some(Expected::Bin),
         (K::Ack, "seqs") => Some(Expected::Array),

@@ -189,7 +189,7 @@ impl Control {
                 }
                 self.start_session(result, "logged in")
             }
-            Request::Resume { token } => {
+            Request::Resume { token, deliver } => {
                 if self.current().is_some() {
                     return already_authenticated();
                 }
@@ -199,8 +199,15 @@ impl Control {
                             username: session.username.to_string(),
                             expires_at: session.expires_at,
                         };
-                        self.begin_session(session);
-                        info!("resumed session");
+                        if deliver {
+                            self.begin_session(session);
+                        } else {
+                            self.span.record("user", session.username.as_str());
+                            if let Ok(mut cell) = self.session.lock() {
+                                *cell = Some(session);
+                            }
+                        }
+                        info!(deliver, "resumed session");
                         reply
                     }
                     Err(e) => account_error(e),

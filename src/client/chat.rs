@@ -1,0 +1,179 @@
+//! `sfc chat USER`: an interactive terminal chat. The screen scrolls the conversation; the
+//! bottom line is where you type. Incoming messages are printed above the typing line as they
+//! arrive, without disturbing what you are typing. Enter sends, Ctrl-C or Ctrl-D (or `/quit`)
+//! leaves.
+
+use std::io::{Write, stdout};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+use crossterm::terminal::{self, Clear, ClearType};
+use crossterm::{cursor, queue};
+use tokio::sync::mpsc;
+
+use super::messenger::{Messenger, MessengerError, Received};
+
+/// What the keyboard thread reports.
+enum Input {
+    Line(String),
+    Edit(String),
+    Quit,
+}
+
+/// Restores the terminal when the chat ends, however it ends.
+struct RawMode;
+
+impl RawMode {
+    fn enter() -> std::io::Result<Self> {
+        terminal::enable_raw_mode()?;
+        Ok(Self)
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = terminal::disable_raw_mode();
+        println!();
+    }
+}
+
+fn redraw(prompt: &str, typed: &str) {
+    let mut out = stdout();
+    let _ = queue!(out, cursor::MoveToColumn(0), Clear(ClearType::CurrentLine));
+    let _ = write!(out, "{prompt}{typed}");
+    let _ = out.flush();
+}
+
+fn print_above(prompt: &str, typed: &str, line: &str) {
+    let mut out = stdout();
+    let _ = queue!(out, cursor::MoveToColumn(0), Clear(ClearType::CurrentLine));
+    // Raw mode: a newline does not return the carriage by itself.
+    let _ = write!(out, "{}\r\n", line.replace('\n', "\r\n"));
+    let _ = out.flush();
+    redraw(prompt, typed);
+}
+
+fn read_keys(tx: mpsc::Sender<Input>) {
+    let mut typed = String::new();
+    loop {
+        let Ok(event) = event::read() else {
+            let _ = tx.blocking_send(Input::Quit);
+            return;
+        };
+        let Event::Key(KeyEvent {
+            code,
+            modifiers,
+            kind: KeyEventKind::Press,
+            ..
+        }) = event
+        else {
+            continue;
+        };
+        let ctrl = modifiers.contains(KeyModifiers::CONTROL);
+        let input = match code {
+            KeyCode::Char('c' | 'd') if ctrl => Input::Quit,
+            KeyCode::Enter => Input::Line(std::mem::take(&mut typed)),
+            KeyCode::Backspace => {
+                typed.pop();
+                Input::Edit(typed.clone())
+            }
+            KeyCode::Char(c) if !ctrl => {
+                typed.push(c);
+                Input::Edit(typed.clone())
+            }
+            _ => continue,
+        };
+        let quit = matches!(input, Input::Quit);
+        if tx.blocking_send(input).is_err() || quit {
+            return;
+        }
+    }
+}
+
+/// Runs the chat with `peer` until the user leaves.
+pub async fn run(messenger: Arc<Messenger>, me: &str, peer: &str) -> Result<(), MessengerError> {
+    let prompt = format!("{me}> ");
+    println!("chatting with {peer} (Enter sends, Ctrl-C leaves)");
+    let _raw = RawMode::enter().map_err(|e| MessengerError::Client(super::ClientError::Io(e)))?;
+    let (tx, mut keys) = mpsc::channel(64);
+    std::thread::spawn(move || read_keys(tx));
+    // Receiving runs in its own task so that a keystroke never interrupts a message between
+    // its arrival and its acknowledgement.
+    let (incoming_tx, mut incoming) = mpsc::channel(64);
+    let receiver = {
+        let messenger = Arc::clone(&messenger);
+        tokio::spawn(async move {
+            loop {
+                let received = messenger.receive(Duration::from_secs(1)).await;
+                let failed = received.is_err();
+                if incoming_tx.send(received).await.is_err() || failed {
+                    return;
+                }
+            }
+        })
+    };
+    let result = chat_loop(&messenger, &prompt, me, peer, &mut keys, &mut incoming).await;
+    receiver.abort();
+    result
+}
+
+async fn chat_loop(
+    messenger: &Messenger,
+    prompt: &str,
+    me: &str,
+    peer: &str,
+    keys: &mut mpsc::Receiver<Input>,
+    incoming: &mut mpsc::Receiver<Result<Option<Received>, MessengerError>>,
+) -> Result<(), MessengerError> {
+    let prompt = prompt.to_owned();
+    let mut typed = String::new();
+    redraw(&prompt, &typed);
+    loop {
+        tokio::select! {
+            input = keys.recv() => match input {
+                None | Some(Input::Quit) => return Ok(()),
+                Some(Input::Edit(now)) => {
+                    typed = now;
+                    redraw(&prompt, &typed);
+                }
+                Some(Input::Line(line)) => {
+                    typed.clear();
+                    let line = line.trim().to_owned();
+                    if line == "/quit" {
+                        return Ok(());
+                    }
+                    if line.is_empty() {
+                        redraw(&prompt, &typed);
+                        continue;
+                    }
+                    match messenger.send_text(peer, &line).await {
+                        Ok((_, warning)) => {
+                            if let Some(warning) = warning {
+                                print_above(&prompt, &typed, &format!("!! {warning}"));
+                            }
+                            print_above(&prompt, &typed, &format!("{me}: {line}"));
+                        }
+                        Err(e) => print_above(&prompt, &typed, &format!("!! not sent: {e}")),
+                    }
+                }
+            },
+                        received = incoming.recv() => match received.unwrap_or(Ok(None)) {
+                Ok(Some(Received::Text { from, text, warning, .. })) => {
+                    if let Some(warning) = warning {
+                        print_above(&prompt, &typed, &format!("!! {warning}"));
+                    }
+                    print_above(&prompt, &typed, &format!("{from}: {text}"));
+                }
+                Ok(Some(Received::Undecryptable { from, reason, .. })) => {
+                    print_above(&prompt, &typed, &format!("!! a message from {from} could not be opened: {reason}"));
+                }
+                Ok(Some(Received::Duplicate) | None) => {}
+                Err(e) => {
+                    print_above(&prompt, &typed, &format!("!! connection problem: {e}"));
+                    return Err(e);
+                }
+            },
+        }
+    }
+}

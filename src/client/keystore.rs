@@ -1,0 +1,166 @@
+//! The client's private key material and end-to-end sessions, kept in the home directory as
+//! one MessagePack file (`keystore.msgpack`, mode 0600). Every change is a locked
+//! load-modify-save: an exclusive lock on `keystore.lock` across processes, written atomically,
+//! so two `sfc` processes on one home directory take turns and never corrupt it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::home::{HomeError, write_private};
+use crate::e2e::{IdentityKey, IdentityKeyPair, PrekeyStore, Session};
+use crate::protocol::MessageId;
+
+const KEYSTORE_FILE: &str = "keystore.msgpack";
+const LOCK_FILE: &str = "keystore.lock";
+/// Message ids remembered to drop duplicates (redeliveries after a crash before the ack).
+const SEEN_IDS: usize = 10_000;
+
+/// Everything secret the client keeps.
+#[derive(Serialize, Deserialize)]
+pub struct KeyState {
+    /// The account these keys belong to.
+    pub username: String,
+    #[serde(with = "serde_bytes")]
+    identity_seed: [u8; 32],
+    /// Signed, last-resort and one-time prekeys (private halves).
+    pub prekeys: PrekeyStore,
+    /// When the signed prekey was last rotated, in seconds since the Unix epoch.
+    pub signed_prekey_rotated_at: u64,
+    /// One session per peer.
+    pub sessions: BTreeMap<String, Session>,
+    /// Identity keys seen for each peer (trust on first use); a change is warned about.
+    pub pinned: BTreeMap<String, Pinned>,
+    /// (sender, message id) of recent messages, to show each message once.
+    seen: VecDeque<(String, MessageId)>,
+}
+
+/// A peer's identity key as first seen.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pinned(#[serde(with = "serde_bytes")] pub [u8; 32]);
+
+impl KeyState {
+    /// New keys for `username`.
+    pub fn new(username: &str, identity: &IdentityKeyPair, prekeys: PrekeyStore, now: u64) -> Self {
+        Self {
+            username: username.to_owned(),
+            identity_seed: *identity.expose_seed(),
+            prekeys,
+            signed_prekey_rotated_at: now,
+            sessions: BTreeMap::new(),
+            pinned: BTreeMap::new(),
+            seen: VecDeque::new(),
+        }
+    }
+
+    /// The identity key pair.
+    pub fn identity(&self) -> IdentityKeyPair {
+        IdentityKeyPair::from_seed(&self.identity_seed)
+    }
+
+    /// Whether this message was already shown.
+    pub fn seen(&self, from: &str, id: MessageId) -> bool {
+        self.seen.iter().any(|(f, i)| *i == id && f == from)
+    }
+
+    /// Remembers a shown message.
+    pub fn mark_seen(&mut self, from: &str, id: MessageId) {
+        if self.seen.len() >= SEEN_IDS {
+            self.seen.pop_front();
+        }
+        self.seen.push_back((from.to_owned(), id));
+    }
+
+    /// Pins `key` for `peer`; returns the previously pinned key if it was different.
+    pub fn pin(&mut self, peer: &str, key: &IdentityKey) -> Option<Pinned> {
+        let new = Pinned(*key.as_bytes());
+        match self.pinned.insert(peer.to_owned(), new) {
+            Some(old) if old != new => Some(old),
+            _ => None,
+        }
+    }
+}
+
+/// The keystore of one home directory.
+#[derive(Debug, Clone)]
+pub struct Keystore {
+    dir: PathBuf,
+}
+
+/// An exclusive lock on the keystore, released when dropped.
+struct Locked {
+    _file: File,
+}
+
+impl Keystore {
+    /// The keystore in `dir` (the home directory).
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn lock(&self) -> Result<Locked, HomeError> {
+        let path = self.dir.join(LOCK_FILE);
+        let io = |source| HomeError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        file.lock().map_err(io)?;
+        Ok(Locked { _file: file })
+    }
+
+    fn load(&self) -> Result<Option<KeyState>, HomeError> {
+        let path = self.dir.join(KEYSTORE_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(HomeError::Io { path, source }),
+        };
+        rmp_serde::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| HomeError::Corrupt {
+                path,
+                reason: e.to_string(),
+            })
+    }
+
+    fn save(&self, state: &KeyState) -> Result<(), HomeError> {
+        let path = self.dir.join(KEYSTORE_FILE);
+        let bytes = rmp_serde::to_vec_named(state).map_err(|e| HomeError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_private(&path, &bytes)
+    }
+
+    /// Runs `change` on the state under the lock and saves the result (if `change` succeeds).
+    /// `change` gets `None` when no keys exist yet and may create them.
+    pub fn update<T, E: From<HomeError>>(
+        &self,
+        change: impl FnOnce(&mut Option<KeyState>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let _lock = self.lock()?;
+        let mut state = self.load()?;
+        let result = change(&mut state)?;
+        if let Some(state) = &state {
+            self.save(state)?;
+        }
+        Ok(result)
+    }
+
+    /// Reads the state under the lock without changing it.
+    pub fn read<T>(&self, read: impl FnOnce(Option<&KeyState>) -> T) -> Result<T, HomeError> {
+        let _lock = self.lock()?;
+        let state = self.load()?;
+        Ok(read(state.as_ref()))
+    }
+}

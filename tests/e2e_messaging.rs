@@ -1,0 +1,168 @@
+//! End-to-end encrypted messaging through a real server with the client's `Messenger`: the
+//! server stores only ciphertext, each message is shown once, tampering and identity changes
+//! are reported.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{PASSWORD, TestServer};
+use securefastchat::client::messenger::{Messenger, Received};
+use securefastchat::protocol::{MessageId, Password};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn messenger(server: &TestServer, home: &Path, name: &str, signup: bool) -> Messenger {
+    let client = server.client().await;
+    if signup {
+        client.signup(name, Password::new(PASSWORD)).await.unwrap();
+    } else {
+        client.login(name, Password::new(PASSWORD)).await.unwrap();
+    }
+    let messenger = Messenger::new(client, home, name).unwrap();
+    messenger.ensure_keys().await.unwrap();
+    messenger
+}
+
+fn text_of(received: Option<Received>) -> (String, String, Option<String>) {
+    match received {
+        Some(Received::Text {
+            from,
+            text,
+            warning,
+            ..
+        }) => (from, text, warning),
+        other => panic!("expected a text, got {other:?}"),
+    }
+}
+
+fn files_contain(dir: &Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir).unwrap().any(|entry| {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files_contain(&path, needle)
+        } else {
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            bytes.windows(needle.len()).any(|w| w == needle)
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_in_both_directions_leaves_no_plaintext_on_the_server() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = messenger(&server, &homes.path().join("a"), "alice", true).await;
+    let bob = messenger(&server, &homes.path().join("b"), "bob", true).await;
+    bob.close().await;
+
+    // Hex digits resist compression: if the text were stored, these bytes would be on disk.
+    let secret = "7f3a9c1e5b2d8f4a6c0e1b3d5f7a9c2e4b6d8f0a1c3e5b7d9f2a4c6e8b0d1f3a";
+    alice.send_text("bob", secret).await.unwrap();
+    server_flush_and_check(&server, secret.as_bytes());
+
+    let bob = messenger(&server, &homes.path().join("b"), "bob", false).await;
+    assert_eq!(
+        text_of(bob.receive(WAIT).await.unwrap()),
+        ("alice".into(), secret.into(), None)
+    );
+    bob.send_text("alice", "and back").await.unwrap();
+    assert_eq!(text_of(alice.receive(WAIT).await.unwrap()).1, "and back");
+    for n in 0..5 {
+        alice.send_text("bob", &format!("turn {n}")).await.unwrap();
+        assert_eq!(
+            text_of(bob.receive(WAIT).await.unwrap()).1,
+            format!("turn {n}")
+        );
+        bob.send_text("alice", &format!("reply {n}")).await.unwrap();
+        assert_eq!(
+            text_of(alice.receive(WAIT).await.unwrap()).1,
+            format!("reply {n}")
+        );
+    }
+    assert_eq!(
+        alice.fingerprint("bob").await.unwrap(),
+        bob.fingerprint("alice").await.unwrap()
+    );
+    server.stop().await;
+}
+
+fn server_flush_and_check(server: &TestServer, needle: &[u8]) {
+    assert!(
+        !files_contain(&server.dir.path().join("data"), needle),
+        "plaintext found in the server's data directory"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_redelivered_after_a_crash_before_the_ack_is_shown_once() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = messenger(&server, &homes.path().join("a"), "alice", true).await;
+    let bob = messenger(&server, &homes.path().join("b"), "bob", true).await;
+    alice.send_text("bob", "exactly once").await.unwrap();
+
+    let delivered = bob.client().next_delivery(WAIT).await.unwrap();
+    assert_eq!(
+        text_of(Some(bob.open_delivered(&delivered).unwrap())).1,
+        "exactly once"
+    );
+    drop(bob); // crash: seen, but never acknowledged
+
+    let bob = messenger(&server, &homes.path().join("b"), "bob", false).await;
+    assert_eq!(bob.receive(WAIT).await.unwrap(), Some(Received::Duplicate));
+    assert!(
+        bob.client()
+            .next_delivery(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "acked now"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_envelopes_are_reported_and_the_session_goes_on() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = messenger(&server, &homes.path().join("a"), "alice", true).await;
+    let bob = messenger(&server, &homes.path().join("b"), "bob", true).await;
+    alice.send_text("bob", "genuine").await.unwrap();
+    assert_eq!(text_of(bob.receive(WAIT).await.unwrap()).1, "genuine");
+
+    // Alice's client (or anyone with her session token) sends bytes that are no valid envelope.
+    alice
+        .client()
+        .send_message("bob", "text", MessageId([1; 16]), b"\x81\xa1x\x01")
+        .await
+        .unwrap();
+    assert!(matches!(
+        bob.receive(WAIT).await.unwrap(),
+        Some(Received::Undecryptable { .. })
+    ));
+    alice.send_text("bob", "still fine").await.unwrap();
+    assert_eq!(text_of(bob.receive(WAIT).await.unwrap()).1, "still fine");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_identity_key_is_warned_about() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = messenger(&server, &homes.path().join("a"), "alice", true).await;
+    let bob = messenger(&server, &homes.path().join("b"), "bob", true).await;
+    bob.send_text("alice", "hello from my phone").await.unwrap();
+    assert_eq!(text_of(alice.receive(WAIT).await.unwrap()).2, None);
+    let before = alice.fingerprint("bob").await.unwrap();
+    bob.close().await;
+
+    // Bob reinstalls: a new home directory, so a new identity key.
+    let bob = messenger(&server, &homes.path().join("b2"), "bob", false).await;
+    bob.send_text("alice", "new phone").await.unwrap();
+    let (from, text, warning) = text_of(alice.receive(WAIT).await.unwrap());
+    assert_eq!((from.as_str(), text.as_str()), ("bob", "new phone"));
+    assert!(warning.unwrap().contains("identity key has changed"));
+    assert_ne!(alice.fingerprint("bob").await.unwrap(), before);
+    server.stop().await;
+}
