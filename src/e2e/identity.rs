@@ -182,7 +182,7 @@ pub fn check_identity(known: &IdentityKey, presented: &IdentityKey) -> Result<()
 /// The safety number of two users: 60 decimal digits in 12 groups of 5, separated by spaces.
 ///
 /// Both users compute the same string (the two parties are sorted), and it changes when either
-/// name or key changes. Algorithm (see `docs/E2E.md`):
+/// name or key changes. Algorithm (see part II of `docs/PROTOCOL.md`):
 ///
 /// 1. part(name, key) = u16-be(len(name)) ‖ name ‖ key (name as canonical UTF-8 username);
 /// 2. sort the two parts as byte strings; d = SHA-512("SecureFastChat safety number v1" ‖ lo ‖ hi);

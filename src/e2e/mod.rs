@@ -3,7 +3,7 @@
 //! for the wire. No sockets, storage or clocks: the client persists what is serializable here,
 //! and the server only ever sees public keys and ciphertext.
 //!
-//! `docs/E2E.md` specifies every byte (key encodings, KDF inputs, associated data, envelope
+//! part II of `docs/PROTOCOL.md` specifies every byte (key encodings, KDF inputs, associated data, envelope
 //! layout) with test vectors, so other implementations can interoperate.
 //!
 //! Layout (the modules are private; their public types are re-exported here):

@@ -1,4 +1,4 @@
-//! Byte-exact test vectors, the same ones `docs/E2E.md` lists for other implementations.
+//! Byte-exact test vectors, the same ones part II of `docs/PROTOCOL.md` lists for other implementations.
 //!
 //! Every secret is SHA-256 of an ASCII label; everything else follows deterministically
 //! (Ed25519 signatures are deterministic too).
@@ -143,7 +143,7 @@ fn scenario() -> Vectors {
     v
 }
 
-/// The values `docs/E2E.md` lists, cross-checked against an independent Python implementation
+/// The values part II of `docs/PROTOCOL.md` lists, cross-checked against an independent Python implementation
 /// of the spec (`cryptography` + `msgpack`).
 const EXPECTED: &[(&str, &str)] = &[
     (
