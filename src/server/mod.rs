@@ -127,6 +127,7 @@ impl Server {
         let options = StoreOptions {
             durability: config.durability,
             max_pending: config.max_pending,
+            ..StoreOptions::default()
         };
         let store: Arc<dyn Store> = Arc::new(
             tokio::task::spawn_blocking(move || FjallStore::open_with(&data_dir, options))

@@ -42,6 +42,8 @@ pub struct StoreOptions {
     pub durability: Durability,
     /// Pending messages an inbox may hold before new ones are refused.
     pub max_pending: u64,
+    /// Most inbox writes folded into one sync (1 = a sync per message, no group commit).
+    pub max_batch: usize,
 }
 
 impl Default for StoreOptions {
@@ -49,6 +51,7 @@ impl Default for StoreOptions {
         Self {
             durability: Durability::Sync,
             max_pending: DEFAULT_MAX_PENDING,
+            max_batch: super::inbox_writer::DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -97,7 +100,12 @@ impl FjallStore {
             meta: keyspace("meta")?,
             contacts: keyspace("contacts")?,
         };
-        let writer = InboxWriter::start(inbox.clone(), options.durability, options.max_pending)?;
+        let writer = InboxWriter::start(
+            inbox.clone(),
+            options.durability,
+            options.max_pending,
+            options.max_batch,
+        )?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,

@@ -18,8 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Appended, Durability, NewMessage, SentRecord, StoreError, StoredMessage};
 use crate::protocol::{MessageId, Username};
 
-/// Most operations folded into one batch (and one sync).
-const MAX_BATCH: usize = 1024;
+/// Most operations folded into one batch (and one sync), by default.
+pub const DEFAULT_MAX_BATCH: usize = 1024;
 /// Operations that may queue for the writer before callers wait for room.
 const QUEUE: usize = 8192;
 
@@ -77,12 +77,14 @@ impl InboxWriter {
         keyspaces: InboxKeyspaces,
         durability: Durability,
         max_pending: u64,
+        max_batch: usize,
     ) -> Result<Self, StoreError> {
         let (queue, rx) = mpsc::channel(QUEUE);
         let mut state = WriterState {
             ks: keyspaces,
             durability,
             max_pending,
+            max_batch: max_batch.max(1),
             next_seq: HashMap::new(),
             pending: HashMap::new(),
             contacts: HashSet::new(),
@@ -126,6 +128,7 @@ struct WriterState {
     ks: InboxKeyspaces,
     durability: Durability,
     max_pending: u64,
+    max_batch: usize,
     /// Next sequence number per inbox (loaded from `meta` on first use).
     next_seq: HashMap<Username, u64>,
     /// Pending messages per inbox (loaded from `meta` on first use).
@@ -140,7 +143,7 @@ impl WriterState {
     fn run(&mut self, mut rx: mpsc::Receiver<Op>) {
         while let Some(first) = rx.blocking_recv() {
             let mut ops = vec![first];
-            while ops.len() < MAX_BATCH {
+            while ops.len() < self.max_batch {
                 match rx.try_recv() {
                     Ok(op) => ops.push(op),
                     Err(_) => break,
