@@ -66,10 +66,20 @@ enum Op {
     ForgetSent(Vec<Vec<u8>>, oneshot::Sender<Result<u64, StoreError>>),
 }
 
-/// Handle to the writer thread; dropping every handle stops it after the queue drains.
+/// Handle to the writer thread; dropping it stops the thread after the queue drains and waits
+/// for it, so the database is closed when the store is (a restart can reopen it at once).
 pub(super) struct InboxWriter {
-    queue: mpsc::Sender<Op>,
-    _thread: JoinHandle<()>,
+    queue: Option<mpsc::Sender<Op>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for InboxWriter {
+    fn drop(&mut self) {
+        self.queue = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl InboxWriter {
@@ -94,8 +104,8 @@ impl InboxWriter {
             .spawn(move || state.run(rx))
             .map_err(|e| StoreError::Limit(format!("cannot start the inbox writer: {e}")))?;
         Ok(Self {
-            queue,
-            _thread: thread,
+            queue: Some(queue),
+            thread: Some(thread),
         })
     }
 
@@ -104,7 +114,8 @@ impl InboxWriter {
         op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.queue
+        let queue = self.queue.as_ref().ok_or(StoreError::WriterStopped)?;
+        queue
             .send(op(tx))
             .await
             .map_err(|_| StoreError::WriterStopped)?;
