@@ -8,9 +8,18 @@ use std::time::Duration;
 
 use common::TestServer;
 use securefastchat::client::{Client, ClientError, SendOutcome};
+use securefastchat::protocol::SessionToken;
 use securefastchat::protocol::{ErrorCode, MessageId};
 
 const WAIT: Duration = Duration::from_secs(5);
+
+/// Alice online; Bob signed up and gone offline (his token returned).
+async fn alice_and_offline_bob(server: &TestServer) -> (Client, SessionToken) {
+    let (alice, _) = server.signed_up("alice").await;
+    let (bob, token) = server.signed_up("bob").await;
+    bob.close().await;
+    (alice, token)
+}
 
 fn id(n: u8) -> MessageId {
     MessageId([n; 16])
@@ -48,17 +57,14 @@ async fn a_message_reaches_an_online_recipient_and_is_deleted_once_acknowledged(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_recipient_gets_everything_in_order_at_login() {
     let server = TestServer::start().await;
-    let (alice, _) = server.signed_up("alice").await;
-    let (bob, bob_token) = server.signed_up("bob").await;
-    bob.close().await;
+    let (alice, bob_token) = alice_and_offline_bob(&server).await;
     for n in 1..=5 {
         alice
             .send_message("bob", "text", id(n), &[n])
             .await
             .unwrap();
     }
-    let bob = server.client().await;
-    bob.resume(bob_token).await.unwrap();
+    let bob = server.resumed(bob_token).await;
     let mut seqs = Vec::new();
     for n in 1..=5 {
         let got = bob.next_delivery(WAIT).await.expect("delivered");
@@ -86,8 +92,7 @@ async fn an_unacknowledged_message_comes_again_after_reconnecting() {
     let first = bob.next_delivery(WAIT).await.unwrap();
     // Bob's client dies before acknowledging.
     drop(bob);
-    let bob = server.client().await;
-    bob.resume(token).await.unwrap();
+    let bob = server.resumed(token).await;
     let again = bob.next_delivery(WAIT).await.unwrap();
     assert_eq!(
         (again.id, again.seq, again.body.clone()),
@@ -129,9 +134,7 @@ async fn a_resent_id_is_acknowledged_again_but_stored_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsend_deletes_only_what_was_not_delivered() {
     let server = TestServer::start().await;
-    let (alice, _) = server.signed_up("alice").await;
-    let (bob, token) = server.signed_up("bob").await;
-    bob.close().await;
+    let (alice, token) = alice_and_offline_bob(&server).await;
     alice
         .send_message("bob", "text", id(1), b"oops")
         .await
@@ -144,8 +147,7 @@ async fn unsend_deletes_only_what_was_not_delivered() {
     assert!(!alice.unsend(id(1)).await.unwrap(), "already gone");
     assert!(!alice.unsend(id(3)).await.unwrap(), "never sent");
 
-    let bob = server.client().await;
-    bob.resume(token).await.unwrap();
+    let bob = server.resumed(token).await;
     let got = bob.next_delivery(WAIT).await.unwrap();
     assert_eq!(got.body, b"keep");
     assert!(
@@ -161,9 +163,7 @@ async fn unsend_deletes_only_what_was_not_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_inbox_refuses_with_a_typed_error() {
     let server = TestServer::start_with(|c| c.max_pending = 3).await;
-    let (alice, _) = server.signed_up("alice").await;
-    let (bob, token) = server.signed_up("bob").await;
-    bob.close().await;
+    let (alice, token) = alice_and_offline_bob(&server).await;
     for n in 1..=3 {
         alice
             .send_message("bob", "text", id(n), b"x")
@@ -175,8 +175,7 @@ async fn a_full_inbox_refuses_with_a_typed_error() {
         ErrorCode::InboxFull
     );
     // Acknowledging makes room again.
-    let bob = server.client().await;
-    bob.resume(token).await.unwrap();
+    let bob = server.resumed(token).await;
     let got = bob.next_delivery(WAIT).await.unwrap();
     bob.ack(vec![got.seq]).await.unwrap();
     alice
@@ -189,9 +188,7 @@ async fn a_full_inbox_refuses_with_a_typed_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_messages_are_not_delivered() {
     let server = TestServer::start_with(|c| c.message_ttl = Duration::from_secs(1)).await;
-    let (alice, _) = server.signed_up("alice").await;
-    let (bob, token) = server.signed_up("bob").await;
-    bob.close().await;
+    let (alice, token) = alice_and_offline_bob(&server).await;
     alice
         .send_message("bob", "text", id(1), b"stale")
         .await
@@ -201,8 +198,7 @@ async fn expired_messages_are_not_delivered() {
         .send_message("bob", "text", id(2), b"fresh")
         .await
         .unwrap();
-    let bob = server.client().await;
-    bob.resume(token).await.unwrap();
+    let bob = server.resumed(token).await;
     let got = bob.next_delivery(WAIT).await.unwrap();
     assert_eq!(got.body, b"fresh");
     assert!(
@@ -320,15 +316,12 @@ async fn a_recipient_that_changes_address_keeps_receiving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reconnects_receives_what_it_missed() {
     let server = TestServer::start().await;
-    let (alice, _) = server.signed_up("alice").await;
-    let (bob, token) = server.signed_up("bob").await;
-    bob.close().await;
+    let (alice, token) = alice_and_offline_bob(&server).await;
     alice
         .send_message("bob", "text", id(1), b"missed")
         .await
         .unwrap();
-    let bob: Client = server.client().await;
-    bob.resume(token).await.unwrap();
+    let bob = server.resumed(token).await;
     assert_eq!(bob.next_delivery(WAIT).await.unwrap().body, b"missed");
     server.stop().await;
 }

@@ -75,6 +75,13 @@ impl TestServer {
         (client, token)
     }
 
+    /// A new connection resuming the session of `token`.
+    pub async fn resumed(&self, token: SessionToken) -> Client {
+        let client = self.client().await;
+        client.resume(token).await.unwrap();
+        client
+    }
+
     /// Graceful shutdown; returns the directory so the server can be started on it again.
     pub async fn stop(self) -> TempDir {
         self.shutdown.cancel();
