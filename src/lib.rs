@@ -7,8 +7,11 @@
 //! - [`transport`]: quinn endpoints, UDP socket sizing and transport parameters for phones.
 //! - [`blocking`]: the bounded pool that keeps fjall and argon2 off the async runtime.
 //! - [`store`]: the narrow [`store::Store`] trait and its fjall implementation.
-//! - [`server`]: configuration, accept loop, per-connection control stream, accounts.
-//! - [`client`]: the client library behind the `sfc` command: connect, signup, login, resume.
+//! - [`server`]: configuration, accept loop, connections, requests, accounts, key directory,
+//!   message streams, group-commit delivery, router, throttles.
+//! - [`client`]: the client library behind `sfc`: connect, accounts, messages, the end-to-end
+//!   messenger, the keystore in the home directory, the terminal chat.
+//! - [`bench`]: the load generator behind `sfc-bench` (scenarios, HDR latency, server stats).
 //! - [`e2e`]: end-to-end encryption (identities, prekeys, X3DH, Double Ratchet, envelopes); no I/O.
 //!
 //! The binaries in `src/bin/` only parse arguments and call into these modules.
@@ -17,6 +20,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod blocking;
 pub mod client;
 pub mod e2e;

@@ -1,0 +1,178 @@
+//! The load generator behind `sfc-bench`: real clients (QUIC, TLS, the client library) driving a
+//! server, an HDR histogram of latencies, and the server's CPU time and peak memory when it is
+//! spawned as a child process.
+//!
+//! Latency of the open-loop relay is measured from each message's *intended* send time, so a
+//! stall delays the measurement instead of the schedule (no coordinated omission).
+
+mod scenarios;
+mod target;
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+pub use scenarios::run;
+pub use target::{ServerStats, Target};
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// N sender/receiver pairs online.
+    Relay,
+    /// Fill offline inboxes, then log the users in and drain them.
+    Offline,
+    /// Password logins.
+    Login,
+    /// Token resumes.
+    Resume,
+    /// Full TLS handshakes (connect, hello, close).
+    Handshake,
+    /// Hold N authenticated idle connections.
+    Connections,
+}
+
+impl Scenario {
+    /// The scenario's name on the command line and in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Relay => "relay",
+            Self::Offline => "offline",
+            Self::Login => "login",
+            Self::Resume => "resume",
+            Self::Handshake => "handshake",
+            Self::Connections => "connections",
+        }
+    }
+}
+
+/// Parameters of a run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Pairs (relay), users (offline), concurrent clients (login, resume, handshake) or
+    /// connections (connections).
+    pub clients: usize,
+    /// Total messages (or operations) per second across all clients; `None` is full speed.
+    pub rate: Option<f64>,
+    /// How long to offer load (or hold connections).
+    pub duration: Duration,
+    /// Message body size in bytes.
+    pub size: usize,
+    /// Sends in flight per sender at full speed.
+    pub window: usize,
+    /// Messages per user in the offline scenario.
+    pub backlog: usize,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Latency {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl Latency {
+    fn from(histogram: &Histogram<u64>) -> Self {
+        Self {
+            p50: histogram.value_at_quantile(0.5),
+            p90: histogram.value_at_quantile(0.9),
+            p99: histogram.value_at_quantile(0.99),
+            p999: histogram.value_at_quantile(0.999),
+            max: histogram.max(),
+        }
+    }
+}
+
+/// The result of a run, as printed with `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The scenario's name.
+    pub scenario: &'static str,
+    /// Messages acknowledged by the server (or operations completed).
+    pub sent: u64,
+    /// Messages received by the receivers (or operations completed).
+    pub delivered: u64,
+    /// `sent` minus unique deliveries (must be 0).
+    pub lost: u64,
+    /// Deliveries of an id already received (must be 0).
+    pub duplicates: u64,
+    /// Operations or messages that failed with an error.
+    pub errors: u64,
+    /// Delivered (or completed) per second over the measured interval.
+    pub throughput_per_s: f64,
+    /// Latency distribution, microseconds.
+    pub latency_us: Latency,
+    /// The server's CPU seconds during the run (with `--spawn`).
+    pub server_cpu_s: Option<f64>,
+    /// The server's peak resident memory (with `--spawn`).
+    pub server_peak_rss_bytes: Option<u64>,
+    /// Connections held (connections scenario).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
+    /// Server RSS growth per held connection (connections scenario, with `--spawn`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_rss_per_connection_bytes: Option<u64>,
+}
+
+impl Report {
+    /// The report as plain lines for people.
+    pub fn to_text(&self) -> String {
+        let mut text = format!(
+            "scenario {}: sent {} delivered {} lost {} duplicates {} errors {}\n\
+             throughput {:.0}/s; latency us p50 {} p90 {} p99 {} p99.9 {} max {}\n",
+            self.scenario,
+            self.sent,
+            self.delivered,
+            self.lost,
+            self.duplicates,
+            self.errors,
+            self.throughput_per_s,
+            self.latency_us.p50,
+            self.latency_us.p90,
+            self.latency_us.p99,
+            self.latency_us.p999,
+            self.latency_us.max,
+        );
+        if let (Some(cpu), Some(rss)) = (self.server_cpu_s, self.server_peak_rss_bytes) {
+            text.push_str(&format!(
+                "server: {cpu:.2} CPU s, peak RSS {:.1} MiB\n",
+                rss as f64 / 1048576.0
+            ));
+        }
+        if let Some(n) = self.connections {
+            text.push_str(&format!("connections held: {n}"));
+            if let Some(per) = self.server_rss_per_connection_bytes {
+                text.push_str(&format!(", server RSS per connection {per} B"));
+            }
+            text.push('\n');
+        }
+        text
+    }
+}
+
+/// Why a run could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Setting up (spawning the server, creating users) failed.
+    #[error("{0}")]
+    Setup(String),
+    /// A client operation failed where the run cannot go on.
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+}
+
+/// A histogram of 1 µs to 1 h with 3 significant digits.
+pub(crate) fn histogram() -> Result<Histogram<u64>, BenchError> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).map_err(|e| BenchError::Setup(e.to_string()))
+}

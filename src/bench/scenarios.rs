@@ -1,0 +1,463 @@
+//! The scenarios: each sets up its users, offers load, and fills a [`Report`].
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinSet;
+
+use super::{BenchError, BenchOptions, Latency, Report, Scenario, Target, histogram};
+use crate::client::{Client, ClientOptions, SendOutcome};
+use crate::protocol::{MessageId, Password, SessionToken};
+
+const PASSWORD: &str = "bench password 1";
+
+/// Runs `options.scenario` against `target`.
+pub async fn run(target: &Target, options: &BenchOptions) -> Result<Report, BenchError> {
+    let prefix = unique_prefix()?;
+    let before = target.stats();
+    let mut report = match options.scenario {
+        Scenario::Relay => relay(&target.options, options, &prefix).await?,
+        Scenario::Offline => offline(&target.options, options, &prefix).await?,
+        Scenario::Login | Scenario::Resume | Scenario::Handshake => {
+            repeated(&target.options, options, &prefix).await?
+        }
+        Scenario::Connections => connections(target, options, &prefix).await?,
+    };
+    if let (Some(before), Some(after)) = (before, target.stats()) {
+        report.server_cpu_s = Some(after.cpu_s - before.cpu_s);
+        report.server_peak_rss_bytes = Some(after.peak_rss);
+    }
+    Ok(report)
+}
+
+/// A short random name prefix so runs against one server do not collide.
+fn unique_prefix() -> Result<String, BenchError> {
+    let mut bytes = [0u8; 3];
+    getrandom::fill(&mut bytes).map_err(|e| BenchError::Setup(e.to_string()))?;
+    Ok(format!("b{}", hex::encode(bytes)))
+}
+
+fn wall_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+async fn signup(options: &ClientOptions, name: &str) -> Result<(Client, SessionToken), BenchError> {
+    let client = Client::connect(options).await?;
+    let (_, token) = client.signup(name, Password::new(PASSWORD)).await?;
+    Ok((client, token))
+}
+
+fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Report {
+    Report {
+        scenario: scenario.name(),
+        sent: 0,
+        delivered: 0,
+        lost: 0,
+        duplicates: 0,
+        errors: 0,
+        throughput_per_s: 0.0,
+        latency_us: Latency::from(histogram),
+        server_cpu_s: None,
+        server_peak_rss_bytes: None,
+        connections: None,
+        server_rss_per_connection_bytes: None,
+    }
+}
+
+/// What a receiver saw.
+#[derive(Default)]
+struct Received {
+    unique: u64,
+    duplicates: u64,
+}
+
+/// Receives until `stop` says senders are done and nothing more arrives; acks in batches.
+async fn receive(
+    client: Arc<Client>,
+    latencies: Arc<Mutex<Histogram<u64>>>,
+    done: Arc<AtomicU64>,
+    stamped: bool,
+) -> Result<Received, BenchError> {
+    let mut seen = HashSet::new();
+    let mut got = Received::default();
+    let mut acks = Vec::new();
+    loop {
+        let idle = if done.load(Ordering::Acquire) == 1 {
+            Duration::from_secs(3)
+        } else {
+            Duration::from_millis(50)
+        };
+        let Some(message) = client.next_delivery(idle).await else {
+            if !acks.is_empty() {
+                client.ack(std::mem::take(&mut acks)).await?;
+            }
+            if done.load(Ordering::Acquire) == 1 {
+                return Ok(got);
+            }
+            continue;
+        };
+        if !seen.insert(message.id) {
+            got.duplicates += 1;
+        } else {
+            got.unique += 1;
+            if stamped && message.body.len() >= 8 {
+                let mut stamp = [0u8; 8];
+                stamp.copy_from_slice(&message.body[..8]);
+                let micros = wall_nanos().saturating_sub(u64::from_be_bytes(stamp)) / 1000;
+                let _ = latencies.lock().await.record(micros.max(1));
+            }
+        }
+        acks.push(message.seq);
+        if acks.len() >= 256 {
+            client.ack(std::mem::take(&mut acks)).await?;
+        }
+    }
+}
+
+/// N online pairs; open loop at `rate` or closed loop with `window` sends in flight.
+async fn relay(
+    target: &ClientOptions,
+    options: &BenchOptions,
+    prefix: &str,
+) -> Result<Report, BenchError> {
+    let latencies = Arc::new(Mutex::new(histogram()?));
+    let done = Arc::new(AtomicU64::new(0));
+    let (mut senders, mut receivers) = (Vec::new(), JoinSet::new());
+    for p in 0..options.clients {
+        let (sender, _) = signup(target, &format!("{prefix}s{p}")).await?;
+        let (receiver, _) = signup(target, &format!("{prefix}r{p}")).await?;
+        senders.push(Arc::new(sender));
+        receivers.spawn(receive(
+            Arc::new(receiver),
+            Arc::clone(&latencies),
+            Arc::clone(&done),
+            true,
+        ));
+    }
+    let (sent, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let start = Instant::now();
+    let deadline = start + options.duration;
+    let per_sender_rate = options.rate.map(|r| r / options.clients as f64);
+    let mut sending = JoinSet::new();
+    for (p, sender) in senders.iter().enumerate() {
+        let (sender, sent, errors) = (Arc::clone(sender), Arc::clone(&sent), Arc::clone(&errors));
+        let (to, size, window) = (
+            format!("{prefix}r{p}"),
+            options.size.max(16),
+            options.window.max(1),
+        );
+        sending.spawn(async move {
+            // Open loop: a bound on sends in flight only to keep memory finite; latency is
+            // still measured from the intended time, so such a stall shows.
+            let slots = Arc::new(Semaphore::new(if per_sender_rate.is_some() {
+                4096
+            } else {
+                window
+            }));
+            let mut inflight = JoinSet::new();
+            let mut i: u64 = 0;
+            loop {
+                let intended = match per_sender_rate {
+                    Some(rate) => start + Duration::from_secs_f64(i as f64 / rate),
+                    None => Instant::now(),
+                };
+                if intended >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(intended.into()).await;
+                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                    break;
+                };
+                let intended_wall =
+                    wall_nanos().saturating_sub(intended.elapsed().as_nanos() as u64);
+                let (sender, sent, errors, to) = (
+                    Arc::clone(&sender),
+                    Arc::clone(&sent),
+                    Arc::clone(&errors),
+                    to.clone(),
+                );
+                inflight.spawn(async move {
+                    let mut body = vec![0u8; size];
+                    body[..8].copy_from_slice(&intended_wall.to_be_bytes());
+                    let mut id = [0u8; 16];
+                    id[..8].copy_from_slice(&(p as u64).to_be_bytes());
+                    id[8..].copy_from_slice(&i.to_be_bytes());
+                    match sender
+                        .send_message(&to, "bench", MessageId(id), &body)
+                        .await
+                    {
+                        Ok(SendOutcome::Stored) => sent.fetch_add(1, Ordering::Relaxed),
+                        Ok(SendOutcome::Duplicate) | Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    drop(permit);
+                });
+                i += 1;
+            }
+            while inflight.join_next().await.is_some() {}
+        });
+    }
+    while sending.join_next().await.is_some() {}
+    done.store(1, Ordering::Release);
+    let (mut delivered, mut duplicates) = (0, 0);
+    while let Some(result) = receivers.join_next().await {
+        let got = result.map_err(|e| BenchError::Setup(e.to_string()))??;
+        delivered += got.unique;
+        duplicates += got.duplicates;
+    }
+    let elapsed = start
+        .elapsed()
+        .saturating_sub(Duration::from_secs(3))
+        .max(options.duration);
+    let histogram = latencies.lock().await;
+    let mut report = empty_report(Scenario::Relay, &histogram);
+    report.sent = sent.load(Ordering::Relaxed);
+    report.errors = errors.load(Ordering::Relaxed);
+    report.delivered = delivered;
+    report.duplicates = duplicates;
+    report.lost = report.sent.saturating_sub(delivered);
+    report.throughput_per_s = delivered as f64 / elapsed.as_secs_f64();
+    for sender in senders {
+        if let Ok(sender) = Arc::try_unwrap(sender) {
+            sender.close().await;
+        }
+    }
+    Ok(report)
+}
+
+/// Fill N offline inboxes with `backlog` messages each, then log the users in and drain them.
+async fn offline(
+    target: &ClientOptions,
+    options: &BenchOptions,
+    prefix: &str,
+) -> Result<Report, BenchError> {
+    let (sender, _) = signup(target, &format!("{prefix}sender")).await?;
+    let sender = Arc::new(sender);
+    let mut tokens = Vec::new();
+    for u in 0..options.clients {
+        let (client, token) = signup(target, &format!("{prefix}u{u}")).await?;
+        client.close().await;
+        tokens.push(token);
+    }
+    let (sent, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let slots = Arc::new(Semaphore::new(64));
+    let mut inflight = JoinSet::new();
+    for u in 0..options.clients {
+        for i in 0..options.backlog as u64 {
+            let permit = Arc::clone(&slots)
+                .acquire_owned()
+                .await
+                .map_err(|e| BenchError::Setup(e.to_string()))?;
+            let (sender, sent, errors) =
+                (Arc::clone(&sender), Arc::clone(&sent), Arc::clone(&errors));
+            let (to, size) = (format!("{prefix}u{u}"), options.size.max(16));
+            inflight.spawn(async move {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&(u as u64).to_be_bytes());
+                id[8..].copy_from_slice(&i.to_be_bytes());
+                match sender
+                    .send_message(&to, "bench", MessageId(id), &vec![0x42; size])
+                    .await
+                {
+                    Ok(SendOutcome::Stored) => sent.fetch_add(1, Ordering::Relaxed),
+                    Ok(SendOutcome::Duplicate) | Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+                drop(permit);
+            });
+        }
+    }
+    while inflight.join_next().await.is_some() {}
+    let latencies = Arc::new(Mutex::new(histogram()?));
+    let done = Arc::new(AtomicU64::new(1));
+    let start = Instant::now();
+    let mut receivers = JoinSet::new();
+    for token in tokens {
+        let client = Client::connect(target).await?;
+        client.resume(token).await?;
+        receivers.spawn(receive(
+            Arc::new(client),
+            Arc::clone(&latencies),
+            Arc::clone(&done),
+            false,
+        ));
+    }
+    let (mut delivered, mut duplicates) = (0, 0);
+    while let Some(result) = receivers.join_next().await {
+        let got = result.map_err(|e| BenchError::Setup(e.to_string()))??;
+        delivered += got.unique;
+        duplicates += got.duplicates;
+    }
+    // Each receiver waits 3 s of silence to be sure it is done; that is not drain time.
+    let elapsed = start
+        .elapsed()
+        .saturating_sub(Duration::from_secs(3))
+        .max(Duration::from_millis(1));
+    let histogram = latencies.lock().await;
+    let mut report = empty_report(Scenario::Offline, &histogram);
+    report.sent = sent.load(Ordering::Relaxed);
+    report.errors = errors.load(Ordering::Relaxed);
+    report.delivered = delivered;
+    report.duplicates = duplicates;
+    report.lost = report.sent.saturating_sub(delivered);
+    report.throughput_per_s = delivered as f64 / elapsed.as_secs_f64();
+    Ok(report)
+}
+
+/// Login, resume or handshake, repeated by `clients` concurrent loops for `duration`.
+async fn repeated(
+    target: &ClientOptions,
+    options: &BenchOptions,
+    prefix: &str,
+) -> Result<Report, BenchError> {
+    let scenario = options.scenario;
+    let mut accounts = Vec::new();
+    if scenario != Scenario::Handshake {
+        for c in 0..options.clients {
+            let name = format!("{prefix}u{c}");
+            let (client, token) = signup(target, &name).await?;
+            client.close().await;
+            accounts.push((name, token));
+        }
+    }
+    let latencies = Arc::new(Mutex::new(histogram()?));
+    let (completed, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let start = Instant::now();
+    let deadline = start + options.duration;
+    let mut loops = JoinSet::new();
+    for c in 0..options.clients {
+        let account = accounts.get(c).cloned();
+        let (target, latencies, completed, errors) = (
+            target.clone(),
+            Arc::clone(&latencies),
+            Arc::clone(&completed),
+            Arc::clone(&errors),
+        );
+        loops.spawn(async move {
+            while Instant::now() < deadline {
+                let begin = Instant::now();
+                let outcome = async {
+                    let client = Client::connect(&target).await?;
+                    match (&account, scenario) {
+                        (Some((name, _)), Scenario::Login) => {
+                            client.login(name, Password::new(PASSWORD)).await?;
+                        }
+                        (Some((_, token)), Scenario::Resume) => {
+                            client.resume_with(token.clone(), false).await?;
+                        }
+                        _ => {}
+                    }
+                    let took = begin.elapsed();
+                    // Closing waits for the close to be acknowledged; let that happen aside.
+                    tokio::spawn(client.close());
+                    Ok::<_, crate::client::ClientError>(took)
+                }
+                .await;
+                match outcome {
+                    Ok(took) => {
+                        completed.fetch_add(1, Ordering::Relaxed);
+                        let _ = latencies
+                            .lock()
+                            .await
+                            .record((took.as_micros() as u64).max(1));
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+    while loops.join_next().await.is_some() {}
+    let elapsed = start.elapsed();
+    let histogram = latencies.lock().await;
+    let mut report = empty_report(scenario, &histogram);
+    report.sent = completed.load(Ordering::Relaxed);
+    report.delivered = report.sent;
+    report.errors = errors.load(Ordering::Relaxed);
+    report.throughput_per_s = report.sent as f64 / elapsed.as_secs_f64();
+    Ok(report)
+}
+
+/// Opens and holds `clients` authenticated idle connections; reports server RSS per connection.
+async fn connections(
+    target: &Target,
+    options: &BenchOptions,
+    prefix: &str,
+) -> Result<Report, BenchError> {
+    let (owner, token) = signup(&target.options, &format!("{prefix}idle")).await?;
+    owner.close().await;
+    let before = target.stats();
+    let latencies = Arc::new(Mutex::new(histogram()?));
+    let errors = Arc::new(AtomicU64::new(0));
+    let held = Arc::new(Mutex::new(Vec::with_capacity(options.clients)));
+    let slots = Arc::new(Semaphore::new(64));
+    let mut opening = JoinSet::new();
+    let start = Instant::now();
+    for _ in 0..options.clients {
+        let permit = Arc::clone(&slots)
+            .acquire_owned()
+            .await
+            .map_err(|e| BenchError::Setup(e.to_string()))?;
+        let (target, token, latencies, errors, held) = (
+            target.options.clone(),
+            token.clone(),
+            Arc::clone(&latencies),
+            Arc::clone(&errors),
+            Arc::clone(&held),
+        );
+        opening.spawn(async move {
+            let begin = Instant::now();
+            let opened = async {
+                let client = Client::connect(&target).await?;
+                client.resume_with(token, false).await?;
+                Ok::<_, crate::client::ClientError>(client)
+            }
+            .await;
+            match opened {
+                Ok(client) => {
+                    let _ = latencies
+                        .lock()
+                        .await
+                        .record((begin.elapsed().as_micros() as u64).max(1));
+                    held.lock().await.push(client);
+                }
+                Err(_) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            drop(permit);
+        });
+    }
+    while opening.join_next().await.is_some() {}
+    let opened_in = start.elapsed();
+    tokio::time::sleep(options.duration).await;
+    let during = target.stats();
+    let held = std::mem::take(&mut *held.lock().await);
+    let count = held.len() as u64;
+    let histogram = latencies.lock().await;
+    let mut report = empty_report(Scenario::Connections, &histogram);
+    report.sent = count;
+    report.delivered = count;
+    report.errors = errors.load(Ordering::Relaxed);
+    report.throughput_per_s = count as f64 / opened_in.as_secs_f64();
+    report.connections = Some(count);
+    if let (Some(before), Some(during)) = (before, during)
+        && count > 0
+    {
+        report.server_rss_per_connection_bytes =
+            Some(during.rss.saturating_sub(before.rss) / count);
+    }
+    drop(histogram);
+    for client in held {
+        client.close().await;
+    }
+    Ok(report)
+}

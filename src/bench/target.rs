@@ -1,0 +1,142 @@
+//! The server under load: one already running (`--server`), or a child `sfc-server` with a
+//! temporary data directory (`--spawn`) whose CPU time and memory are read from `/proc`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::BenchError;
+use crate::client::ClientOptions;
+
+/// The server's resource use, from `/proc/PID`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerStats {
+    /// User + system CPU seconds so far.
+    pub cpu_s: f64,
+    /// Resident memory now, bytes.
+    pub rss: u64,
+    /// Peak resident memory, bytes.
+    pub peak_rss: u64,
+}
+
+/// Where the load goes.
+pub struct Target {
+    /// How clients reach it.
+    pub options: ClientOptions,
+    child: Option<(Child, u32, tempfile::TempDir)>,
+}
+
+impl Target {
+    /// A server that is already running.
+    pub fn remote(server: String, ca: PathBuf) -> Self {
+        let mut options = ClientOptions::new(server, ca);
+        options.request_timeout = Duration::from_secs(60);
+        Self {
+            options,
+            child: None,
+        }
+    }
+
+    /// Starts `server_bin` on 127.0.0.1 with a fresh data directory and per-address limits
+    /// lifted (one address plays every client). `extra` are more server flags.
+    pub async fn spawn(server_bin: &Path, extra: &[String]) -> Result<Self, BenchError> {
+        let setup = |e: &dyn std::fmt::Display| BenchError::Setup(e.to_string());
+        let dir = tempfile::tempdir().map_err(|e| setup(&e))?;
+        let mut child = Command::new(server_bin)
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(dir.path().join("data"))
+            .arg("--certs")
+            .arg(dir.path().join("certs"))
+            .args([
+                "--signups-per-minute",
+                "0",
+                "--failed-logins-per-minute",
+                "0",
+            ])
+            .args([
+                "--bundle-fetches-per-minute",
+                "0",
+                "--max-pending",
+                "10000000",
+            ])
+            .args(["--max-connections", "1000000"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                BenchError::Setup(format!("cannot start {}: {e}", server_bin.display()))
+            })?;
+        let pid = child
+            .id()
+            .ok_or_else(|| BenchError::Setup("server exited at once".into()))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| BenchError::Setup("no stderr".into()))?;
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.split("listen=").nth(1) {
+                    return rest.split_whitespace().next().map(str::to_owned);
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| BenchError::Setup("the server did not report its address".into()))?;
+        // Keep draining its log so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let mut target = Self::remote(addr, dir.path().join("certs").join("ca.crt"));
+        target.child = Some((child, pid, dir));
+        Ok(target)
+    }
+
+    /// The spawned server's resource use, if there is one.
+    pub fn stats(&self) -> Option<ServerStats> {
+        let (_, pid, _) = self.child.as_ref()?;
+        read_stats(*pid)
+    }
+
+    /// Stops a spawned server.
+    pub async fn stop(mut self) {
+        if let Some((mut child, _, _)) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+}
+
+/// Linux's USER_HZ, the unit of CPU times in `/proc/PID/stat` (100 on every mainstream build).
+const CLOCK_TICKS_PER_S: f64 = 100.0;
+
+fn read_stats(pid: u32) -> Option<ServerStats> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name and state.
+    let cpu_s = (ticks(11)? + ticks(12)?) / CLOCK_TICKS_PER_S;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|v| v * 1024)
+    };
+    Some(ServerStats {
+        cpu_s,
+        rss: kib("VmRSS:")?,
+        peak_rss: kib("VmHWM:")?,
+    })
+}

@@ -1,0 +1,137 @@
+//! `sfc-bench`: the load generator. Parses arguments and runs a scenario of the library's
+//! `bench` module against a running server or one it spawns.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use securefastchat::bench::{self, BenchOptions, Scenario, Target};
+
+/// Load generator for SecureFastChat: real clients (QUIC, TLS) against a server.
+#[derive(Parser, Debug)]
+#[command(name = "sfc-bench", version)]
+struct Cli {
+    /// What to measure
+    #[arg(value_enum)]
+    scenario: ScenarioArg,
+    /// Server address (with --ca); without it, --spawn is implied
+    #[arg(long)]
+    server: Option<String>,
+    /// CA certificate of --server
+    #[arg(long, default_value = "certs/ca.crt")]
+    ca: PathBuf,
+    /// Start a server with a temporary data directory as a child (to read its CPU and memory)
+    #[arg(long)]
+    spawn: bool,
+    /// The sfc-server binary for --spawn [default: next to this program]
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Durability of the spawned server: sync or buffered
+    #[arg(long, default_value = "sync")]
+    durability: String,
+    /// Pairs (relay), users (offline), concurrent loops (login, resume, handshake), connections
+    #[arg(long, default_value_t = 10)]
+    clients: usize,
+    /// Total messages (or operations) per second; omitted = full speed
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds of load (or of holding connections)
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Message body bytes
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    /// Sends in flight per sender at full speed
+    #[arg(long, default_value_t = 8)]
+    window: usize,
+    /// Messages per user in the offline scenario
+    #[arg(long, default_value_t = 1000)]
+    backlog: usize,
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ScenarioArg {
+    Relay,
+    Offline,
+    Login,
+    Resume,
+    Handshake,
+    Connections,
+}
+
+impl From<ScenarioArg> for Scenario {
+    fn from(arg: ScenarioArg) -> Self {
+        match arg {
+            ScenarioArg::Relay => Scenario::Relay,
+            ScenarioArg::Offline => Scenario::Offline,
+            ScenarioArg::Login => Scenario::Login,
+            ScenarioArg::Resume => Scenario::Resume,
+            ScenarioArg::Handshake => Scenario::Handshake,
+            ScenarioArg::Connections => Scenario::Connections,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("sfc-bench: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sfc-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let target = match (&cli.server, cli.spawn) {
+        (Some(server), false) => Target::remote(server.clone(), cli.ca.clone()),
+        _ => {
+            let bin = match &cli.server_bin {
+                Some(bin) => bin.clone(),
+                None => std::env::current_exe()?.with_file_name("sfc-server"),
+            };
+            Target::spawn(&bin, &["--durability".into(), cli.durability.clone()])
+                .await
+                .context("starting the server")?
+        }
+    };
+    let options = BenchOptions {
+        scenario: cli.scenario.into(),
+        clients: cli.clients.max(1),
+        rate: cli.rate.filter(|r| *r > 0.0),
+        duration: Duration::from_secs_f64(cli.duration.max(0.1)),
+        size: cli.size,
+        window: cli.window,
+        backlog: cli.backlog,
+    };
+    if !cli.json && std::io::stderr().is_terminal() {
+        eprintln!(
+            "running {} for {:.1} s ...",
+            options.scenario.name(),
+            cli.duration
+        );
+    }
+    let report = bench::run(&target, &options).await;
+    target.stop().await;
+    let report = report?;
+    if cli.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}

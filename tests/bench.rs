@@ -1,0 +1,86 @@
+//! `sfc-bench` in a short configuration: every scenario runs against a spawned server, its JSON
+//! parses, and nothing is lost or doubled.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+async fn bench(scenario: &str, clients: u32, extra: &[&str]) -> serde_json::Value {
+    let run = Command::new(env!("CARGO_BIN_EXE_sfc-bench"))
+        .arg(scenario)
+        .args(["--spawn", "--server-bin", env!("CARGO_BIN_EXE_sfc-server")])
+        .args(["--clients", &clients.to_string()])
+        .args(["--duration", "1", "--backlog", "100", "--json"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{scenario}: {out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 1, "one JSON object: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn check(report: &serde_json::Value, scenario: &str) {
+    assert_eq!(report["scenario"], scenario);
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent > 0, "{report}");
+    assert_eq!(report["delivered"].as_u64().unwrap(), sent, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(
+        report["throughput_per_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    for key in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(report["latency_us"][key].is_u64(), "{key}: {report}");
+    }
+    assert!(report["server_cpu_s"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        report["server_peak_rss_bytes"].as_u64().unwrap() > 1 << 20,
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_full_speed_and_open_loop() {
+    let report = bench("relay", 3, &[]).await;
+    check(&report, "relay");
+    assert!(report["latency_us"]["p50"].as_u64().unwrap() > 0);
+    let report = bench("relay", 3, &["--rate", "300"]).await;
+    check(&report, "relay");
+    // 300/s for 1 s: the schedule is honoured within a margin.
+    let sent = report["sent"].as_u64().unwrap();
+    assert!((200..=330).contains(&sent), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_fills_and_drains_every_inbox() {
+    let report = bench("offline", 3, &[]).await;
+    check(&report, "offline");
+    assert_eq!(report["sent"], 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_resume_and_handshake_loops() {
+    for scenario in ["login", "resume", "handshake"] {
+        check(&bench(scenario, 3, &[]).await, scenario);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_held_and_measured() {
+    let report = bench("connections", 20, &[]).await;
+    check(&report, "connections");
+    assert_eq!(report["connections"], 20);
+    assert!(
+        report["server_rss_per_connection_bytes"].is_u64(),
+        "{report}"
+    );
+}
