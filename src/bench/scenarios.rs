@@ -15,6 +15,16 @@ use crate::protocol::{MessageId, Password, SessionToken};
 
 const PASSWORD: &str = "bench password 1";
 
+/// Silence after which a receiver decides everything has arrived (and which is not counted as
+/// drain time). Overridable with `SFC_BENCH_DRAIN_SECS` for diagnosis.
+static DRAIN_WAIT: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
+    std::env::var("SFC_BENCH_DRAIN_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(3))
+});
+
 /// Runs `options.scenario` against `target`.
 pub async fn run(target: &Target, options: &BenchOptions) -> Result<Report, BenchError> {
     let prefix = unique_prefix()?;
@@ -90,11 +100,16 @@ async fn receive(
     let mut acks = Vec::new();
     loop {
         let idle = if done.load(Ordering::Acquire) == 1 {
-            Duration::from_secs(3)
+            *DRAIN_WAIT
         } else {
             Duration::from_millis(50)
         };
         let Some(message) = client.next_delivery(idle).await else {
+            if let Some(reason) = client.connection().close_reason() {
+                return Err(BenchError::Setup(format!(
+                    "a receiver's connection closed: {reason}"
+                )));
+            }
             if !acks.is_empty() {
                 client.ack(std::mem::take(&mut acks)).await?;
             }
@@ -215,7 +230,7 @@ async fn relay(
     }
     let elapsed = start
         .elapsed()
-        .saturating_sub(Duration::from_secs(3))
+        .saturating_sub(*DRAIN_WAIT)
         .max(options.duration);
     let histogram = latencies.lock().await;
     let mut report = empty_report(Scenario::Relay, &histogram);
@@ -298,7 +313,7 @@ async fn offline(
     // Each receiver waits 3 s of silence to be sure it is done; that is not drain time.
     let elapsed = start
         .elapsed()
-        .saturating_sub(Duration::from_secs(3))
+        .saturating_sub(*DRAIN_WAIT)
         .max(Duration::from_millis(1));
     let histogram = latencies.lock().await;
     let mut report = empty_report(Scenario::Offline, &histogram);

@@ -91,14 +91,15 @@ async fn write_stream(
     stream.finish().map_err(|e| lost(&e))
 }
 
-async fn read_delivery(mut stream: RecvStream) -> Option<(u64, Delivered)> {
+async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), String> {
     let mut buf = Vec::new();
     if !read_frame(&mut stream, MAX_STREAM_HEADER, &mut buf)
         .await
-        .ok()?
+        .map_err(|e| e.to_string())?
     {
-        return None;
+        return Err("empty stream".into());
     }
+    let header = decode_body(&buf).map_err(|e| e.to_string())?;
     let StreamHeader::Deliver(DeliverHeader {
         seq,
         prev,
@@ -107,16 +108,25 @@ async fn read_delivery(mut stream: RecvStream) -> Option<(u64, Delivered)> {
         sent_at,
         kind,
         length,
-    }) = decode_body(&buf).ok()?
+    }) = header
     else {
-        return None;
+        return Err("not a deliver header".into());
     };
     if length > MAX_DELIVERED_BODY {
-        return None;
+        return Err(format!("body of {length} bytes is too large"));
     }
-    let mut body = vec![0u8; usize::try_from(length).ok()?];
-    stream.read_exact(&mut body).await.ok()?;
-    Some((
+    let mut body = vec![0u8; usize::try_from(length).map_err(|e| e.to_string())?];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Read up to the FIN: dropping a stream before its end would ask the server to stop
+    // sending (STOP_SENDING), which it would have to tell from a real failure.
+    stream
+        .read_to_end(0)
+        .await
+        .map_err(|e| format!("after the body: {e}"))?;
+    Ok((
         prev,
         Delivered {
             seq,
@@ -139,10 +149,12 @@ pub(super) async fn receive_deliveries(conn: Connection, out: mpsc::Sender<Deliv
                 let arrived_tx = arrived_tx.clone();
                 tokio::spawn(async move {
                     match read_delivery(stream).await {
-                        Some(delivery) => {
+                        Ok(delivery) => {
                             let _ = arrived_tx.send(delivery).await;
                         }
-                        None => tracing::warn!("dropping an unreadable delivery stream"),
+                        Err(why) => {
+                            tracing::warn!(%why, "dropping an unreadable delivery stream")
+                        }
                     }
                 });
             }

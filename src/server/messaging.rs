@@ -12,7 +12,7 @@ use super::Shared;
 use super::accounts::ActiveSession;
 use crate::protocol::{
     DeliverHeader, ErrorCode, MAX_STREAM_HEADER, MessageId, Reply, SendHeader, ServerFrame,
-    StreamHeader, Username, decode_body, read_frame, write_frame,
+    StreamHeader, Username, decode_body, read_frame,
 };
 use crate::store::{Appended, NewMessage};
 use crate::unix_now;
@@ -232,21 +232,50 @@ pub(crate) async fn deliver(
                 () = stop.cancelled() => return,
                 pushed = push(&conn, &header, &message.body) => pushed,
             };
-            if let Err(e) = pushed {
-                debug!(error = %e, "delivery stopped: connection gone");
-                return;
+            match pushed {
+                Ok(()) => prev = message.seq,
+                Err(PushError::ConnectionLost(e)) => {
+                    debug!(error = %e, "delivery stopped: connection gone");
+                    return;
+                }
+                // The client refused this one stream; it stays unacknowledged and comes again
+                // on the next connection. The chain goes on from the last message pushed whole.
+                Err(PushError::Stream(e)) => {
+                    warn!(error = %e, seq = message.seq, "delivery stream refused")
+                }
             }
-            prev = message.seq;
         }
     }
 }
 
-async fn push(conn: &Connection, header: &DeliverHeader, body: &[u8]) -> Result<(), String> {
-    let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
-    let header = StreamHeader::Deliver(header.clone());
-    write_frame(&mut stream, &header, MAX_STREAM_HEADER)
+/// Why a delivery stream failed.
+enum PushError {
+    /// The connection is gone: stop delivering to it.
+    ConnectionLost(String),
+    /// Only this stream failed (the client stopped it).
+    Stream(String),
+}
+
+impl From<quinn::WriteError> for PushError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::ConnectionLost(e) => Self::ConnectionLost(e.to_string()),
+            other => Self::Stream(other.to_string()),
+        }
+    }
+}
+
+async fn push(conn: &Connection, header: &DeliverHeader, body: &[u8]) -> Result<(), PushError> {
+    let mut stream = conn
+        .open_uni()
         .await
-        .map_err(|e| e.to_string())?;
-    stream.write_all(body).await.map_err(|e| e.to_string())?;
-    stream.finish().map_err(|e| e.to_string())
+        .map_err(|e| PushError::ConnectionLost(e.to_string()))?;
+    let header = StreamHeader::Deliver(header.clone());
+    let frame = crate::protocol::encode_frame(&header, MAX_STREAM_HEADER)
+        .map_err(|e| PushError::Stream(e.to_string()))?;
+    stream.write_all(&frame).await?;
+    stream.write_all(body).await?;
+    // The data is queued; a stop from the client after this point changes nothing.
+    let _ = stream.finish();
+    Ok(())
 }
