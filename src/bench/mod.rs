@@ -123,6 +123,10 @@ pub struct Report {
     /// Server RSS growth per held connection (connections scenario, with `--spawn`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_rss_per_connection_bytes: Option<u64>,
+    /// When messages were lost: how many of them a reconnecting receiver then got (stored on
+    /// the server but not delivered during the run). Diagnoses where a loss happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redelivered_after_reconnect: Option<u64>,
 }
 
 impl Report {
@@ -148,6 +152,11 @@ impl Report {
             text.push_str(&format!(
                 "server: {cpu:.2} CPU s, peak RSS {:.1} MiB\n",
                 rss as f64 / 1048576.0
+            ));
+        }
+        if let Some(n) = self.redelivered_after_reconnect {
+            text.push_str(&format!(
+                "of the lost, {n} came on reconnecting (stored, not delivered in-session)\n"
             ));
         }
         if let Some(n) = self.connections {

@@ -78,6 +78,7 @@ fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Report {
         server_peak_rss_bytes: None,
         connections: None,
         server_rss_per_connection_bytes: None,
+        redelivered_after_reconnect: None,
     }
 }
 
@@ -99,7 +100,10 @@ async fn receive(
     let mut got = Received::default();
     let mut acks = Vec::new();
     loop {
-        let idle = if done.load(Ordering::Acquire) == 1 {
+        // Only a full drain wait that began after the senders were done may end the receiver:
+        // a short wait that merely overlapped their end would miss messages still in flight.
+        let finishing = done.load(Ordering::Acquire) == 1;
+        let idle = if finishing {
             *DRAIN_WAIT
         } else {
             Duration::from_millis(50)
@@ -113,7 +117,7 @@ async fn receive(
             if !acks.is_empty() {
                 client.ack(std::mem::take(&mut acks)).await?;
             }
-            if done.load(Ordering::Acquire) == 1 {
+            if finishing {
                 return Ok(got);
             }
             continue;
@@ -144,10 +148,11 @@ async fn relay(
 ) -> Result<Report, BenchError> {
     let latencies = Arc::new(Mutex::new(histogram()?));
     let done = Arc::new(AtomicU64::new(0));
-    let (mut senders, mut receivers) = (Vec::new(), JoinSet::new());
+    let (mut senders, mut receivers, mut tokens) = (Vec::new(), JoinSet::new(), Vec::new());
     for p in 0..options.clients {
         let (sender, _) = signup(target, &format!("{prefix}s{p}")).await?;
-        let (receiver, _) = signup(target, &format!("{prefix}r{p}")).await?;
+        let (receiver, token) = signup(target, &format!("{prefix}r{p}")).await?;
+        tokens.push(token);
         senders.push(Arc::new(sender));
         receivers.spawn(receive(
             Arc::new(receiver),
@@ -240,6 +245,19 @@ async fn relay(
     report.duplicates = duplicates;
     report.lost = report.sent.saturating_sub(delivered);
     report.throughput_per_s = delivered as f64 / elapsed.as_secs_f64();
+    if report.lost > 0 {
+        let mut redelivered = 0;
+        for token in tokens {
+            let client = Client::connect(target).await?;
+            client.resume(token).await?;
+            while let Some(message) = client.next_delivery(Duration::from_secs(2)).await {
+                client.ack(vec![message.seq]).await?;
+                redelivered += 1;
+            }
+            client.close().await;
+        }
+        report.redelivered_after_reconnect = Some(redelivered);
+    }
     for sender in senders {
         if let Ok(sender) = Arc::try_unwrap(sender) {
             sender.close().await;

@@ -139,7 +139,7 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
     };
     match shared.accounts.store().append(message).await {
         Ok(Appended::Stored { seq }) => {
-            debug!(%id, seq, to = %recipient, "stored");
+            tracing::trace!(%id, seq, to = %recipient, "stored");
             shared.router.wake(&recipient);
             Some(Reply::Sent {
                 message_id: id,
@@ -233,7 +233,10 @@ pub(crate) async fn deliver(
                 pushed = push(&conn, &header, &message.body) => pushed,
             };
             match pushed {
-                Ok(()) => prev = message.seq,
+                Ok(()) => {
+                    tracing::trace!(seq = message.seq, prev, "pushed");
+                    prev = message.seq;
+                }
                 Err(PushError::ConnectionLost(e)) => {
                     debug!(error = %e, "delivery stopped: connection gone");
                     return;
