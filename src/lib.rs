@@ -11,7 +11,7 @@
 //!   message streams, group-commit delivery, router, throttles.
 //! - [`client`]: the client library behind `sfc`: connect, accounts, messages, the end-to-end
 //!   messenger, the keystore in the home directory, the terminal chat.
-//! - [`bench`]: the load generator behind `sfc-bench` (scenarios, HDR latency, server stats).
+//! - [`bench`](mod@bench): the load generator behind `sfc-bench` (scenarios, HDR latency, server stats).
 //! - [`e2e`]: end-to-end encryption (identities, prekeys, X3DH, Double Ratchet, envelopes); no I/O.
 //!
 //! The binaries in `src/bin/` only parse arguments and call into these modules.
