@@ -17,7 +17,7 @@ pub use scenarios::run;
 pub use target::{ServerStats, Target};
 
 /// What to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
     /// N sender/receiver pairs online.
     Relay,

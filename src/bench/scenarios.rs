@@ -89,7 +89,31 @@ struct Received {
     duplicates: u64,
 }
 
-/// Receives until `stop` says senders are done and nothing more arrives; acks in batches.
+/// Sums what the receivers saw.
+async fn collect(
+    receivers: &mut JoinSet<Result<Received, BenchError>>,
+) -> Result<Received, BenchError> {
+    let mut total = Received::default();
+    while let Some(result) = receivers.join_next().await {
+        let got = result.map_err(|e| BenchError::Setup(e.to_string()))??;
+        total.unique += got.unique;
+        total.duplicates += got.duplicates;
+    }
+    Ok(total)
+}
+
+impl Report {
+    /// Fills delivered, duplicates, lost and throughput from what the receivers saw
+    /// (`sent` must be set already).
+    fn count_deliveries(&mut self, received: &Received, elapsed: Duration) {
+        self.delivered = received.unique;
+        self.duplicates = received.duplicates;
+        self.lost = self.sent.saturating_sub(received.unique);
+        self.throughput_per_s = received.unique as f64 / elapsed.as_secs_f64();
+    }
+}
+
+/// Receives until `done` says the senders finished and a full drain wait passes in silence; acks in batches.
 async fn receive(
     client: Arc<Client>,
     latencies: Arc<Mutex<Histogram<u64>>>,
@@ -227,24 +251,15 @@ async fn relay(
     }
     while sending.join_next().await.is_some() {}
     done.store(1, Ordering::Release);
-    let (mut delivered, mut duplicates) = (0, 0);
-    while let Some(result) = receivers.join_next().await {
-        let got = result.map_err(|e| BenchError::Setup(e.to_string()))??;
-        delivered += got.unique;
-        duplicates += got.duplicates;
-    }
+    let received = collect(&mut receivers).await?;
     let elapsed = start
         .elapsed()
         .saturating_sub(*DRAIN_WAIT)
         .max(options.duration);
-    let histogram = latencies.lock().await;
-    let mut report = empty_report(Scenario::Relay, &histogram);
+    let mut report = empty_report(Scenario::Relay, &*latencies.lock().await);
     report.sent = sent.load(Ordering::Relaxed);
     report.errors = errors.load(Ordering::Relaxed);
-    report.delivered = delivered;
-    report.duplicates = duplicates;
-    report.lost = report.sent.saturating_sub(delivered);
-    report.throughput_per_s = delivered as f64 / elapsed.as_secs_f64();
+    report.count_deliveries(&received, elapsed);
     if report.lost > 0 {
         let mut redelivered = 0;
         for token in tokens {
@@ -322,25 +337,16 @@ async fn offline(
             false,
         ));
     }
-    let (mut delivered, mut duplicates) = (0, 0);
-    while let Some(result) = receivers.join_next().await {
-        let got = result.map_err(|e| BenchError::Setup(e.to_string()))??;
-        delivered += got.unique;
-        duplicates += got.duplicates;
-    }
+    let received = collect(&mut receivers).await?;
     // Each receiver waits 3 s of silence to be sure it is done; that is not drain time.
     let elapsed = start
         .elapsed()
         .saturating_sub(*DRAIN_WAIT)
         .max(Duration::from_millis(1));
-    let histogram = latencies.lock().await;
-    let mut report = empty_report(Scenario::Offline, &histogram);
+    let mut report = empty_report(Scenario::Offline, &*latencies.lock().await);
     report.sent = sent.load(Ordering::Relaxed);
     report.errors = errors.load(Ordering::Relaxed);
-    report.delivered = delivered;
-    report.duplicates = duplicates;
-    report.lost = report.sent.saturating_sub(delivered);
-    report.throughput_per_s = delivered as f64 / elapsed.as_secs_f64();
+    report.count_deliveries(&received, elapsed);
     Ok(report)
 }
 

@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use securefastchat::bench::{self, BenchOptions, Scenario, Target};
+use securefastchat::store::Durability;
 
 /// Load generator for SecureFastChat: real clients (QUIC, TLS) against a server.
 #[derive(Parser, Debug)]
@@ -16,7 +17,7 @@ use securefastchat::bench::{self, BenchOptions, Scenario, Target};
 struct Cli {
     /// What to measure
     #[arg(value_enum)]
-    scenario: ScenarioArg,
+    scenario: Scenario,
     /// Server address (with --ca); without it, --spawn is implied
     #[arg(long)]
     server: Option<String>,
@@ -29,9 +30,9 @@ struct Cli {
     /// The sfc-server binary for --spawn [default: next to this program]
     #[arg(long)]
     server_bin: Option<PathBuf>,
-    /// Durability of the spawned server: sync or buffered
-    #[arg(long, default_value = "sync")]
-    durability: String,
+    /// Durability of the spawned server
+    #[arg(long, value_enum, default_value = "sync")]
+    durability: Durability,
     /// Pairs (relay), users (offline), concurrent loops (login, resume, handshake), connections
     #[arg(long, default_value_t = 10)]
     clients: usize,
@@ -53,29 +54,6 @@ struct Cli {
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug)]
-enum ScenarioArg {
-    Relay,
-    Offline,
-    Login,
-    Resume,
-    Handshake,
-    Connections,
-}
-
-impl From<ScenarioArg> for Scenario {
-    fn from(arg: ScenarioArg) -> Self {
-        match arg {
-            ScenarioArg::Relay => Scenario::Relay,
-            ScenarioArg::Offline => Scenario::Offline,
-            ScenarioArg::Login => Scenario::Login,
-            ScenarioArg::Resume => Scenario::Resume,
-            ScenarioArg::Handshake => Scenario::Handshake,
-            ScenarioArg::Connections => Scenario::Connections,
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -111,13 +89,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(bin) => bin.clone(),
                 None => std::env::current_exe()?.with_file_name("sfc-server"),
             };
-            Target::spawn(&bin, &["--durability".into(), cli.durability.clone()])
+            let durability = match cli.durability {
+                Durability::Sync => "sync",
+                Durability::Buffered => "buffered",
+            };
+            Target::spawn(&bin, &["--durability".into(), durability.into()])
                 .await
                 .context("starting the server")?
         }
     };
     let options = BenchOptions {
-        scenario: cli.scenario.into(),
+        scenario: cli.scenario,
         clients: cli.clients.max(1),
         rate: cli.rate.filter(|r| *r > 0.0),
         duration: Duration::from_secs_f64(cli.duration.max(0.1)),

@@ -70,22 +70,7 @@ struct Cli {
     /// sync: messages are on disk before they are acknowledged; buffered: in the OS only
     /// (survives a server crash, not a power loss) [default: sync]
     #[arg(long, env = "SFC_DURABILITY", value_enum)]
-    durability: Option<DurabilityArg>,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum DurabilityArg {
-    Sync,
-    Buffered,
-}
-
-impl From<DurabilityArg> for Durability {
-    fn from(arg: DurabilityArg) -> Self {
-        match arg {
-            DurabilityArg::Sync => Durability::Sync,
-            DurabilityArg::Buffered => Durability::Buffered,
-        }
-    }
+    durability: Option<Durability>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,7 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         message_ttl_secs: cli.message_ttl_secs,
         max_message_bytes: cli.max_message_bytes,
         max_pending: cli.max_pending,
-        durability: cli.durability.map(Durability::from),
+        durability: cli.durability,
     };
     let config = flags.over(file).resolve()?;
 

@@ -113,7 +113,10 @@ impl Server {
                 }
                 identity
             }
-            TlsSource::Files { cert, key } => ServerIdentity::load(cert, key)?,
+            TlsSource::Files { cert, key } => {
+                let (cert, key) = (cert.clone(), key.clone());
+                tokio::task::spawn_blocking(move || ServerIdentity::load(&cert, &key)).await??
+            }
         };
         let crypto = tls::server_crypto(identity)?;
         let endpoint = transport::server_endpoint(config.listen, crypto).map_err(|source| {

@@ -52,7 +52,7 @@ pub enum Created {
 }
 
 /// How durable an acknowledged message write is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
     /// Synced to disk (fsync/fdatasync) before it is acknowledged: survives power loss.
