@@ -56,9 +56,16 @@ impl Default for StoreOptions {
     }
 }
 
+/// Existing usernames remembered in memory at most (accounts are never deleted, so a name once
+/// seen stays valid; past the cap lookups simply go to disk).
+const KNOWN_USERS_CACHE: usize = 1_000_000;
+
 /// The fjall-backed store. Cheap to clone.
 #[derive(Clone)]
 pub struct FjallStore {
+    /// Names known to exist: every message send checks its recipient, and that must not cost a
+    /// blocking-pool hop each time.
+    known_users: Arc<Mutex<std::collections::HashSet<Username>>>,
     inner: Arc<Inner>,
     pool: BlockingPool,
     writer: Arc<InboxWriter>,
@@ -107,6 +114,7 @@ impl FjallStore {
             options.max_batch,
         )?;
         Ok(Self {
+            known_users: Arc::default(),
             inner: Arc::new(Inner {
                 db,
                 users,
@@ -118,6 +126,14 @@ impl FjallStore {
             pool: BlockingPool::new("store", CONCURRENT_CALLS, MAX_WAITING_CALLS),
             writer: Arc::new(writer),
         })
+    }
+
+    fn remember_user(&self, username: &Username) -> Result<(), StoreError> {
+        let mut known = self.known_users.lock().map_err(|_| StoreError::Poisoned)?;
+        if known.len() < KNOWN_USERS_CACHE {
+            known.insert(username.clone());
+        }
+        Ok(())
     }
 
     async fn call<T, F>(&self, job: F) -> Result<T, StoreError>
@@ -144,8 +160,20 @@ fn decode<T: DeserializeOwned>(keyspace: &'static str, bytes: &[u8]) -> Result<T
 #[async_trait]
 impl Store for FjallStore {
     async fn user_exists(&self, username: &Username) -> Result<bool, StoreError> {
+        if self
+            .known_users
+            .lock()
+            .map_err(|_| StoreError::Poisoned)?
+            .contains(username)
+        {
+            return Ok(true);
+        }
         let key = username.as_str().to_owned();
-        self.call(move |db| Ok(db.users.contains_key(key)?)).await
+        let exists = self.call(move |db| Ok(db.users.contains_key(key)?)).await?;
+        if exists {
+            self.remember_user(username)?;
+        }
+        Ok(exists)
     }
 
     async fn create_user(
@@ -155,16 +183,21 @@ impl Store for FjallStore {
     ) -> Result<Created, StoreError> {
         let key = username.as_str().to_owned();
         let value = encode(&user)?;
-        self.call(move |db| {
-            let _guard = db.create_user.lock().map_err(|_| StoreError::Poisoned)?;
-            if db.users.contains_key(&key)? {
-                return Ok(Created::AlreadyExists);
-            }
-            db.users.insert(key, value)?;
-            db.db.persist(PersistMode::SyncData)?;
-            Ok(Created::Created)
-        })
-        .await
+        let created = self
+            .call(move |db| {
+                let _guard = db.create_user.lock().map_err(|_| StoreError::Poisoned)?;
+                if db.users.contains_key(&key)? {
+                    return Ok(Created::AlreadyExists);
+                }
+                db.users.insert(key, value)?;
+                db.db.persist(PersistMode::SyncData)?;
+                Ok(Created::Created)
+            })
+            .await?;
+        if created == Created::Created {
+            self.remember_user(username)?;
+        }
+        Ok(created)
     }
 
     async fn user(&self, username: &Username) -> Result<Option<UserRecord>, StoreError> {
