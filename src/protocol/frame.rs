@@ -43,15 +43,31 @@ pub enum FrameError {
 /// Encodes `msg` as one frame (prefix and body), refusing bodies larger than `max`.
 pub fn encode_frame<T: Serialize>(msg: &T, max: u32) -> Result<Vec<u8>, FrameError> {
     let mut buf = Vec::with_capacity(64);
+    encode_frame_into(&mut buf, msg, max)?;
+    Ok(buf)
+}
+
+/// Appends one frame carrying `msg` to `buf` (so several frames can go out in one write). On
+/// error `buf` is left as it was.
+pub fn encode_frame_into<T: Serialize>(
+    buf: &mut Vec<u8>,
+    msg: &T,
+    max: u32,
+) -> Result<(), FrameError> {
+    let start = buf.len();
     buf.extend_from_slice(&[0; LENGTH_PREFIX]);
-    rmp_serde::encode::write_named(&mut buf, msg)?;
-    let body_len = buf.len() - LENGTH_PREFIX;
+    if let Err(e) = rmp_serde::encode::write_named(buf, msg) {
+        buf.truncate(start);
+        return Err(e.into());
+    }
+    let body_len = buf.len() - start - LENGTH_PREFIX;
     let len = u32::try_from(body_len).unwrap_or(u32::MAX);
     if len > max {
+        buf.truncate(start);
         return Err(FrameError::TooLarge { len, max });
     }
-    buf[..LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
-    Ok(buf)
+    buf[start..start + LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+    Ok(())
 }
 
 /// Reads the body length from a complete 4-byte prefix and checks it against `max`.

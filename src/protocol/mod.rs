@@ -15,7 +15,8 @@ mod username;
 
 pub use codes::{CloseCode, ErrorCode};
 pub use frame::{
-    FrameError, LENGTH_PREFIX, decode_body, encode_frame, frame_length, read_frame, write_frame,
+    FrameError, LENGTH_PREFIX, decode_body, encode_frame, encode_frame_into, frame_length,
+    read_frame, write_frame,
 };
 pub use ids::{MESSAGE_ID_LEN, MessageId};
 pub use messages::{ClientFrame, Reply, Request, RequestKind, ServerFrame};

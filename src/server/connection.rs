@@ -14,8 +14,8 @@ use super::Shared;
 use super::messaging::{SessionCell, accept_message_streams};
 use super::requests::Control;
 use crate::protocol::{
-    CloseCode, ErrorCode, FrameError, MAX_CONTROL_FRAME, Reply, ServerFrame, read_frame,
-    write_frame,
+    CloseCode, ErrorCode, FrameError, MAX_CONTROL_FRAME, Reply, ServerFrame, encode_frame_into,
+    read_frame,
 };
 
 /// How long we wait for a peer to read our last frames before closing on it.
@@ -86,30 +86,64 @@ pub(crate) fn close(conn: &Connection, code: CloseCode, reason: &str) {
     conn.close(VarInt::from_u32(code.code()), reason.as_bytes());
 }
 
-async fn write_frames(mut send: SendStream, mut queue: mpsc::Receiver<Outgoing>) {
-    while let Some(outgoing) = queue.recv().await {
-        match outgoing {
-            Outgoing::Frame(frame) => {
-                if let Err(e) = write_frame(&mut send, &frame, MAX_CONTROL_FRAME).await {
-                    debug!(error = %e, "cannot write to the control stream; connection gone");
-                    return;
-                }
-            }
-            Outgoing::Finish(done) => {
-                if send.finish().is_ok() {
-                    let _ = tokio::time::timeout(LINGER, send.stopped()).await;
-                }
-                let _ = done.send(());
-                return;
-            }
-        }
-    }
-}
+/// Most bytes of frames gathered into one write of the control stream.
+const COALESCE_BYTES: usize = 32 * 1024;
 
-/// Forwards pushed events (from message streams and the router) into the writer's queue.
-async fn forward_events(mut events: mpsc::Receiver<ServerFrame>, queue: mpsc::Sender<Outgoing>) {
-    while let Some(frame) = events.recv().await {
-        if queue.send(Outgoing::Frame(frame)).await.is_err() {
+/// Owns the control stream's send side: writes replies (from `queue`) and pushed events (from
+/// `events`) in the order they are taken. Whatever is already waiting when it wakes goes out
+/// in one write, so a burst of `sent` events costs one stream write instead of one each.
+async fn write_frames(
+    mut send: SendStream,
+    mut queue: mpsc::Receiver<Outgoing>,
+    mut events: mpsc::Receiver<ServerFrame>,
+) {
+    let mut buf = Vec::with_capacity(4096);
+    let mut events_open = true;
+    loop {
+        let first = tokio::select! {
+            biased;
+            outgoing = queue.recv() => outgoing,
+            event = events.recv(), if events_open => match event {
+                Some(frame) => Some(Outgoing::Frame(frame)),
+                None => {
+                    events_open = false;
+                    continue;
+                }
+            },
+        };
+        let Some(mut next) = first else { return };
+        buf.clear();
+        let finish = loop {
+            match next {
+                Outgoing::Frame(frame) => {
+                    if let Err(e) = encode_frame_into(&mut buf, &frame, MAX_CONTROL_FRAME) {
+                        warn!(error = %e, "cannot encode a control frame; dropped");
+                    }
+                }
+                Outgoing::Finish(done) => break Some(done),
+            }
+            if buf.len() >= COALESCE_BYTES {
+                break None;
+            }
+            next = match queue.try_recv() {
+                Ok(outgoing) => outgoing,
+                Err(_) => match events.try_recv() {
+                    Ok(frame) => Outgoing::Frame(frame),
+                    Err(_) => break None,
+                },
+            };
+        };
+        if !buf.is_empty()
+            && let Err(e) = send.write_all(&buf).await
+        {
+            debug!(error = %e, "cannot write to the control stream; connection gone");
+            return;
+        }
+        if let Some(done) = finish {
+            if send.finish().is_ok() {
+                let _ = tokio::time::timeout(LINGER, send.stopped()).await;
+            }
+            let _ = done.send(());
             return;
         }
     }
@@ -124,8 +158,7 @@ async fn run(
 ) {
     let (queue, queue_rx) = mpsc::channel(CONTROL_QUEUE);
     let (events, events_rx) = mpsc::channel(CONTROL_QUEUE);
-    let writer = tokio::spawn(write_frames(send, queue_rx));
-    let forwarder = tokio::spawn(forward_events(events_rx, queue.clone()));
+    let writer = tokio::spawn(write_frames(send, queue_rx, events_rx));
     let session: SessionCell = Arc::new(Mutex::new(None));
     let streams = tokio::spawn(
         accept_message_streams(
@@ -214,7 +247,6 @@ async fn run(
     }
     drop(control);
     drop(queue);
-    forwarder.abort();
     streams.abort();
     let _ = writer.await;
 }

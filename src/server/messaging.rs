@@ -4,17 +4,18 @@
 use std::sync::{Arc, Mutex};
 
 use quinn::{Connection, RecvStream, VarInt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::Shared;
 use super::accounts::ActiveSession;
+use super::router::{Mailbox, Taken};
 use crate::protocol::{
     DeliverHeader, ErrorCode, MAX_STREAM_HEADER, MessageId, Reply, SendHeader, ServerFrame,
     StreamHeader, Username, decode_body, read_frame,
 };
-use crate::store::{Appended, NewMessage};
+use crate::store::{Appended, NewMessage, StoredMessage};
 use crate::unix_now;
 
 /// The session of a connection, shared by its control loop and its message streams.
@@ -128,6 +129,12 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
         Err(e) => return Some(store_failure(id, &e)),
     }
     let now = unix_now();
+    let expires_at = now.saturating_add(shared.limits.message_ttl.as_secs());
+    // A copy for the recipient's deliverer, so it need not read the message back.
+    let copy = shared
+        .router
+        .is_online(&recipient)
+        .then(|| (sender.clone(), header.kind.clone(), body.clone()));
     let message = NewMessage {
         sender,
         recipient: recipient.clone(),
@@ -135,12 +142,21 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
         kind: header.kind,
         body,
         sent_at: now,
-        expires_at: now.saturating_add(shared.limits.message_ttl.as_secs()),
+        expires_at,
     };
     match shared.accounts.store().append(message).await {
         Ok(Appended::Stored { seq }) => {
             tracing::trace!(%id, seq, to = %recipient, "stored");
-            shared.router.wake(&recipient);
+            let stored = copy.map(|(from, kind, body)| StoredMessage {
+                seq,
+                id,
+                from,
+                kind,
+                sent_at: now,
+                expires_at,
+                body,
+            });
+            shared.router.offer(&recipient, stored);
             Some(Reply::Sent {
                 message_id: id,
                 duplicate: false,
@@ -184,35 +200,52 @@ fn check_header(header: &SendHeader, max_body: u64) -> Result<(), (ErrorCode, St
     Ok(())
 }
 
-/// Pushes `user`'s inbox to `conn`, in order, until `stop` or the connection ends.
+/// Pushes `user`'s inbox to `conn`, in order, until `stop` or the connection ends. It reads
+/// the inbox from the store at first and whenever the mailbox says so; otherwise it pushes the
+/// copies the mailbox holds.
 pub(crate) async fn deliver(
     conn: Connection,
     shared: Arc<Shared>,
     user: Username,
-    wake: Arc<Notify>,
+    mailbox: Arc<Mailbox>,
     stop: CancellationToken,
 ) {
     let store = shared.accounts.store();
     let (mut after, mut prev) = (0u64, 0u64);
+    let mut read_store = true;
     loop {
-        let batch = tokio::select! {
-            () = stop.cancelled() => return,
-            batch = store.pending(&user, after, DELIVERY_BATCH) => batch,
-        };
-        let batch = match batch {
-            Ok(batch) => batch,
-            Err(e) => {
-                warn!(error = %e, "cannot read the inbox; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        if batch.is_empty() {
-            tokio::select! {
+        let batch = if read_store {
+            let batch = tokio::select! {
                 () = stop.cancelled() => return,
-                () = wake.notified() => continue,
+                batch = store.pending(&user, after, DELIVERY_BATCH) => batch,
+            };
+            match batch {
+                Ok(batch) if batch.len() < DELIVERY_BATCH => {
+                    read_store = false;
+                    batch
+                }
+                Ok(batch) => batch,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the inbox; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    continue;
+                }
             }
-        }
+        } else {
+            match mailbox.take_after(after) {
+                Taken::Messages(batch) => batch,
+                Taken::ReadStore => {
+                    read_store = true;
+                    continue;
+                }
+                Taken::Nothing => {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = mailbox.changed() => continue,
+                    }
+                }
+            }
+        };
         let now = unix_now();
         for message in batch {
             after = message.seq;
@@ -274,10 +307,12 @@ async fn push(conn: &Connection, header: &DeliverHeader, body: &[u8]) -> Result<
         .await
         .map_err(|e| PushError::ConnectionLost(e.to_string()))?;
     let header = StreamHeader::Deliver(header.clone());
-    let frame = crate::protocol::encode_frame(&header, MAX_STREAM_HEADER)
+    // Header and body in one buffer: one write, one wake of the connection's driver.
+    let mut frame = Vec::with_capacity(128 + body.len());
+    crate::protocol::encode_frame_into(&mut frame, &header, MAX_STREAM_HEADER)
         .map_err(|e| PushError::Stream(e.to_string()))?;
+    frame.extend_from_slice(body);
     stream.write_all(&frame).await?;
-    stream.write_all(body).await?;
     // The data is queued; a stop from the client after this point changes nothing.
     let _ = stream.finish();
     Ok(())

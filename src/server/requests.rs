@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::Connection;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, error, info, warn};
 
 use super::Shared;
 use super::accounts::{AccountError, ActiveSession, IssuedSession};
 use super::messaging::{SessionCell, deliver};
-use super::router::Registration;
+use super::router::{Mailbox, Registration};
 use crate::protocol::keys::IdentityKeyBytes;
 use crate::protocol::keys::{OneTimePrekey, SignedPrekey};
 use crate::protocol::{
@@ -106,11 +106,11 @@ impl Control {
 
     fn begin_session(&mut self, session: ActiveSession) {
         self.span.record("user", session.username.as_str());
-        let wake = Arc::new(Notify::new());
+        let mailbox = Arc::new(Mailbox::default());
         let registration = self.shared.router.register(
             &session.username,
             &self.conn,
-            Arc::clone(&wake),
+            Arc::clone(&mailbox),
             self.events.clone(),
         );
         let stop = CancellationToken::new();
@@ -119,7 +119,7 @@ impl Control {
                 self.conn.clone(),
                 Arc::clone(&self.shared),
                 session.username.clone(),
-                wake,
+                mailbox,
                 stop.clone(),
             )
             .instrument(self.span.clone()),

@@ -4,7 +4,7 @@
 //! connection is *claimed* and can no longer be unsent; an unsent one is *cancelled* and will
 //! not be delivered.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -12,13 +12,111 @@ use quinn::{Connection, VarInt};
 use tokio::sync::{Notify, mpsc};
 
 use crate::protocol::{CloseCode, Reply, ServerFrame, Username};
+use crate::store::StoredMessage;
+
+/// Most messages a mailbox holds before its deliverer is sent back to the store.
+const MAILBOX_MESSAGES: usize = 512;
+/// Most body bytes a mailbox holds before its deliverer is sent back to the store.
+const MAILBOX_BYTES: usize = 256 * 1024;
+
+/// Messages stored for an online user since its deliverer last looked, kept in memory so the
+/// deliverer can push them without reading them back from the store. The store stays the
+/// truth: whenever the mailbox cannot prove it holds the next message in order (a gap, an
+/// overflow, a message stored without a copy), the deliverer reads the inbox instead.
+#[derive(Default)]
+pub struct Mailbox {
+    notify: Notify,
+    fresh: Mutex<Fresh>,
+}
+
+#[derive(Default)]
+struct Fresh {
+    messages: BTreeMap<u64, StoredMessage>,
+    bytes: usize,
+    /// Something was stored that is not in `messages`: the inbox must be read.
+    stale: bool,
+}
+
+/// What a deliverer should do next, from [`Mailbox::take_after`].
+pub enum Taken {
+    /// Push these, in order: they directly follow the last message pushed.
+    Messages(Vec<StoredMessage>),
+    /// Read the inbox from the store.
+    ReadStore,
+    /// Nothing new: wait for [`Mailbox::changed`].
+    Nothing,
+}
+
+impl Mailbox {
+    /// Adds a message just stored (or, with `None`, notes that one was stored without a copy)
+    /// and wakes the deliverer.
+    fn offer(&self, message: Option<StoredMessage>) {
+        if let Ok(mut fresh) = self.fresh.lock() {
+            match message {
+                Some(m)
+                    if !fresh.stale
+                        && fresh.messages.len() < MAILBOX_MESSAGES
+                        && fresh.bytes + m.body.len() <= MAILBOX_BYTES =>
+                {
+                    fresh.bytes += m.body.len();
+                    fresh.messages.insert(m.seq, m);
+                }
+                _ => {
+                    fresh.stale = true;
+                    fresh.messages.clear();
+                    fresh.bytes = 0;
+                }
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    /// Takes the run of messages that directly follows `after` (the last sequence number
+    /// pushed, or read from the store), or says to read the store.
+    pub fn take_after(&self, after: u64) -> Taken {
+        let Ok(mut fresh) = self.fresh.lock() else {
+            return Taken::ReadStore;
+        };
+        if fresh.stale {
+            fresh.stale = false;
+            fresh.messages.clear();
+            fresh.bytes = 0;
+            return Taken::ReadStore;
+        }
+        // What the store already gave the deliverer.
+        let newer = fresh.messages.split_off(&after.saturating_add(1));
+        fresh.messages = newer;
+        let mut run = Vec::new();
+        let mut next = after.saturating_add(1);
+        while let Some(entry) = fresh.messages.first_entry() {
+            if *entry.key() != next {
+                break;
+            }
+            let message = entry.remove();
+            next = next.saturating_add(1);
+            run.push(message);
+        }
+        fresh.bytes = fresh.messages.values().map(|m| m.body.len()).sum();
+        match (run.is_empty(), fresh.messages.is_empty()) {
+            (false, _) => Taken::Messages(run),
+            // A gap: the missing message is stored but its copy is late or was never made.
+            (true, false) => Taken::ReadStore,
+            (true, true) => Taken::Nothing,
+        }
+    }
+
+    /// Completes when something was offered since the last call (at once if it already was).
+    pub async fn changed(&self) {
+        self.notify.notified().await;
+    }
+}
 
 /// The online state of one user.
 struct Online {
     conn_id: u64,
     conn: Connection,
-    /// Wakes the connection's deliverer when new messages are stored.
-    wake: Arc<Notify>,
+    /// Hands newly stored messages to the connection's deliverer.
+    mailbox: Arc<Mailbox>,
     /// Pushes events onto the connection's control stream.
     events: mpsc::Sender<ServerFrame>,
 }
@@ -64,14 +162,14 @@ impl Router {
         self: &Arc<Self>,
         user: &Username,
         conn: &Connection,
-        wake: Arc<Notify>,
+        mailbox: Arc<Mailbox>,
         events: mpsc::Sender<ServerFrame>,
     ) -> Registration {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Online {
             conn_id,
             conn: conn.clone(),
-            wake,
+            mailbox,
             events,
         };
         let previous = match self.online.lock() {
@@ -107,12 +205,15 @@ impl Router {
             .unwrap_or(false)
     }
 
-    /// Wakes `user`'s deliverer, if online.
-    pub fn wake(&self, user: &Username) {
-        if let Ok(online) = self.online.lock()
-            && let Some(o) = online.get(user)
-        {
-            o.wake.notify_one();
+    /// Tells `user`'s deliverer, if online, that `message` was just stored (`None`: a message
+    /// was stored but no copy was kept, so the deliverer reads the inbox).
+    pub fn offer(&self, user: &Username, message: Option<StoredMessage>) {
+        let mailbox = match self.online.lock() {
+            Ok(online) => online.get(user).map(|o| Arc::clone(&o.mailbox)),
+            Err(_) => None,
+        };
+        if let Some(mailbox) = mailbox {
+            mailbox.offer(message);
         }
     }
 
@@ -163,5 +264,77 @@ impl Router {
                 claims.remove(user);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::MessageId;
+
+    fn message(seq: u64, len: usize) -> StoredMessage {
+        StoredMessage {
+            seq,
+            id: MessageId([seq as u8; 16]),
+            from: Username::parse("alice").expect("valid name"),
+            kind: "text".into(),
+            sent_at: 1,
+            expires_at: 2,
+            body: vec![0; len],
+        }
+    }
+
+    fn seqs(taken: Taken) -> Option<Vec<u64>> {
+        match taken {
+            Taken::Messages(m) => Some(m.iter().map(|m| m.seq).collect()),
+            Taken::ReadStore => None,
+            Taken::Nothing => Some(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn hands_out_runs_that_follow_the_last_pushed() {
+        let mailbox = Mailbox::default();
+        assert_eq!(seqs(mailbox.take_after(0)), Some(vec![]));
+        mailbox.offer(Some(message(5, 10)));
+        mailbox.offer(Some(message(7, 10)));
+        mailbox.offer(Some(message(6, 10)));
+        assert_eq!(seqs(mailbox.take_after(4)), Some(vec![5, 6, 7]));
+        assert_eq!(seqs(mailbox.take_after(7)), Some(vec![]));
+    }
+
+    #[test]
+    fn a_gap_sends_the_deliverer_to_the_store() {
+        let mailbox = Mailbox::default();
+        mailbox.offer(Some(message(9, 10)));
+        // 8 is stored but its copy has not arrived (or never will): read the store.
+        assert_eq!(seqs(mailbox.take_after(7)), None);
+        // The store gave up to 9; the copy of 9 is dropped as already pushed.
+        assert_eq!(seqs(mailbox.take_after(9)), Some(vec![]));
+    }
+
+    #[test]
+    fn a_message_stored_without_a_copy_sends_the_deliverer_to_the_store() {
+        let mailbox = Mailbox::default();
+        mailbox.offer(Some(message(1, 10)));
+        mailbox.offer(None);
+        mailbox.offer(Some(message(3, 10)));
+        assert_eq!(seqs(mailbox.take_after(0)), None);
+        assert_eq!(seqs(mailbox.take_after(3)), Some(vec![]));
+    }
+
+    #[test]
+    fn overflow_is_bounded_and_sends_the_deliverer_to_the_store() {
+        let mailbox = Mailbox::default();
+        for seq in 1..=(MAILBOX_MESSAGES as u64 + 10) {
+            mailbox.offer(Some(message(seq, 1)));
+        }
+        assert!(mailbox.fresh.lock().expect("lock").messages.is_empty());
+        assert_eq!(seqs(mailbox.take_after(0)), None);
+
+        let big = Mailbox::default();
+        big.offer(Some(message(1, MAILBOX_BYTES)));
+        big.offer(Some(message(2, 1)));
+        assert_eq!(seqs(big.take_after(0)), None);
     }
 }
