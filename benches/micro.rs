@@ -7,11 +7,15 @@
 
 use std::hint::black_box;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use ed25519_dalek::{Signer, SigningKey};
+use securefastchat::e2e::{
+    Envelope, IdentityKeyPair, PrekeyBundle, PrekeyStore, Session, verify_signed_prekey,
+};
 use securefastchat::protocol::{
     ClientFrame, DeliverHeader, MAX_CONTROL_FRAME, MAX_STREAM_HEADER, MessageId, Password, Reply,
-    Request, SendHeader, ServerFrame, SessionToken, StreamHeader, decode_body, decode_request,
-    encode_frame, frame_length,
+    Request, SendHeader, ServerFrame, SessionToken, StreamHeader, Username, decode_body,
+    decode_request, encode_frame, frame_length,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -114,5 +118,211 @@ fn frame_codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, frame_codec);
+// ---------------------------------------------------------------------------------------------
+// End-to-end sessions
+// ---------------------------------------------------------------------------------------------
+
+struct Party {
+    name: Username,
+    identity: IdentityKeyPair,
+    prekeys: PrekeyStore,
+}
+
+fn party(name: &str, seed: u8) -> Party {
+    let identity = IdentityKeyPair::from_seed(&[seed; 32]);
+    let prekeys = PrekeyStore::generate(&identity, 1).expect("prekeys");
+    Party {
+        name: Username::parse(name).expect("valid username"),
+        identity,
+        prekeys,
+    }
+}
+
+/// The bundle the server hands out while a one-time prekey is left.
+fn bundle(p: &Party) -> PrekeyBundle {
+    PrekeyBundle {
+        identity_key: p.identity.public(),
+        signed_prekey: p.prekeys.signed_prekey(),
+        one_time_prekey: p.prekeys.one_time_prekeys().into_iter().next(),
+        last_resort_prekey: None,
+    }
+}
+
+fn message_id(n: u64) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[8..].copy_from_slice(&n.to_be_bytes());
+    id
+}
+
+/// Alice initiates, Bob accepts, Bob replies and Alice reads it: both ratchets have turned and
+/// neither side attaches an initial header any more (the steady state of a conversation).
+fn established() -> (Session, Session) {
+    let alice = party("alice", 1);
+    let mut bob = party("bob", 2);
+    let mut a = Session::initiate(&alice.identity, &alice.name, &bob.name, &bundle(&bob))
+        .expect("initiate");
+    let first = a.seal(message_id(0), b"hi bob").expect("seal");
+    let (mut b, _) = Session::accept(
+        &bob.identity,
+        &mut bob.prekeys,
+        &bob.name,
+        &alice.name,
+        message_id(0),
+        &first,
+    )
+    .expect("accept");
+    let reply = b.seal(message_id(1), b"hi alice").expect("seal");
+    a.open(message_id(1), &reply).expect("open");
+    assert!(!a.awaiting_reply());
+    (a, b)
+}
+
+fn envelopes(c: &mut Criterion) {
+    let mut group = c.benchmark_group("envelope");
+    for (label, size) in [("128B", 128usize), ("4KiB", 4096)] {
+        let plaintext = vec![0x5a; size];
+        group.throughput(Throughput::Bytes(size as u64));
+
+        // Seal alone: the sender's chain advances one step per message, no DH.
+        let (mut alice, _) = established();
+        let mut n = 0u64;
+        group.bench_function(format!("seal/{label}"), |b| {
+            b.iter(|| {
+                n += 1;
+                alice
+                    .seal(message_id(n), black_box(&plaintext))
+                    .expect("seal")
+            })
+        });
+
+        // Open alone: each envelope is sealed in the (untimed) setup, in order, so every open
+        // is the next message of the receiving chain.
+        let (mut alice, mut bob) = established();
+        let mut sealed = 0u64;
+        group.bench_function(format!("open/{label}"), |b| {
+            b.iter_batched(
+                || {
+                    sealed += 1;
+                    let env = alice.seal(message_id(sealed), &plaintext).expect("seal");
+                    (sealed, env)
+                },
+                |(n, env): (u64, Envelope)| bob.open(message_id(n), &env).expect("open"),
+                BatchSize::SmallInput,
+            )
+        });
+
+        // The wire form around it: envelope encoding and the strict decoder.
+        let (mut alice, _) = established();
+        let env = alice.seal(message_id(1), &plaintext).expect("seal");
+        let bytes = env.to_bytes().expect("encodable envelope");
+        group.bench_function(format!("to_bytes/{label}"), |b| {
+            b.iter(|| black_box(&env).to_bytes().expect("encodable"))
+        });
+        group.bench_function(format!("from_bytes/{label}"), |b| {
+            b.iter(|| Envelope::from_bytes(black_box(&bytes)).expect("decodable"))
+        });
+    }
+    group.finish();
+}
+
+fn key_agreement(c: &mut Criterion) {
+    let mut group = c.benchmark_group("keys");
+    let alice = party("alice", 1);
+    let bob = party("bob", 2);
+    let bob_bundle = bundle(&bob);
+
+    group.bench_function("x3dh_initiate", |b| {
+        b.iter(|| {
+            Session::initiate(
+                &alice.identity,
+                &alice.name,
+                &bob.name,
+                black_box(&bob_bundle),
+            )
+            .expect("initiate")
+        })
+    });
+
+    // Accepting consumes the one-time prekey, so each run gets a fresh copy of Bob's store.
+    let mut first_session =
+        Session::initiate(&alice.identity, &alice.name, &bob.name, &bob_bundle).expect("initiate");
+    let first = first_session
+        .seal(message_id(0), &[0x5a; 128])
+        .expect("seal");
+    group.bench_function("x3dh_accept_and_open_first_128B", |b| {
+        b.iter_batched(
+            || bob.prekeys.clone(),
+            |mut prekeys| {
+                Session::accept(
+                    &bob.identity,
+                    &mut prekeys,
+                    &bob.name,
+                    &alice.name,
+                    message_id(0),
+                    black_box(&first),
+                )
+                .expect("accept")
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    group.bench_function("x3dh_establish_full_128B", |b| {
+        b.iter_batched(
+            || bob.prekeys.clone(),
+            |mut prekeys| {
+                let mut a = Session::initiate(&alice.identity, &alice.name, &bob.name, &bob_bundle)
+                    .expect("initiate");
+                let first = a.seal(message_id(0), &[0x5a; 128]).expect("seal");
+                let (b, _) = Session::accept(
+                    &bob.identity,
+                    &mut prekeys,
+                    &bob.name,
+                    &alice.name,
+                    message_id(0),
+                    &first,
+                )
+                .expect("accept");
+                (a, b)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    let secret = [0x42u8; 32];
+    let public = x25519_dalek::x25519([0x24; 32], x25519_dalek::X25519_BASEPOINT_BYTES);
+    group.bench_function("x25519_dh", |b| {
+        b.iter(|| x25519_dalek::x25519(black_box(secret), black_box(public)))
+    });
+
+    let spk = bob.prekeys.signed_prekey();
+    let ik = bob.identity.public();
+    group.bench_function("verify_signed_prekey", |b| {
+        b.iter(|| {
+            verify_signed_prekey(
+                black_box(&ik),
+                spk.id,
+                black_box(&spk.key),
+                black_box(&spk.signature),
+            )
+            .expect("valid signature")
+        })
+    });
+
+    // The signature check alone, without the small-order X25519 check verify_signed_prekey adds.
+    let signing = SigningKey::from_bytes(&[7; 32]);
+    let verifying = signing.verifying_key();
+    let message = [0x33u8; 56];
+    let signature = signing.sign(&message);
+    group.bench_function("ed25519_verify_strict", |b| {
+        b.iter(|| {
+            verifying
+                .verify_strict(black_box(&message), black_box(&signature))
+                .expect("valid signature")
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, frame_codec, envelopes, key_agreement);
 criterion_main!(benches);
