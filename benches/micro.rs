@@ -6,8 +6,10 @@
 //! alone with e.g. `-- store/`.
 
 use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use ed25519_dalek::{Signer, SigningKey};
 use securefastchat::e2e::{
     Envelope, IdentityKeyPair, PrekeyBundle, PrekeyStore, Session, verify_signed_prekey,
@@ -17,8 +19,10 @@ use securefastchat::protocol::{
     Request, SendHeader, ServerFrame, SessionToken, StreamHeader, Username, decode_body,
     decode_request, encode_frame, frame_length,
 };
+use securefastchat::store::{Appended, Durability, FjallStore, NewMessage, Store, StoreOptions};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::task::JoinSet;
 
 // ---------------------------------------------------------------------------------------------
 // Frame codec
@@ -324,5 +328,151 @@ fn key_agreement(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, frame_codec, envelopes, key_agreement);
+// ---------------------------------------------------------------------------------------------
+// Store: group-commit appends and acks
+// ---------------------------------------------------------------------------------------------
+
+/// Concurrent appenders (one sender → recipient pair each), as in `benches/relay.rs`.
+const APPENDERS: usize = 64;
+/// Messages each appender appends per round, one after the other.
+const PER_APPENDER: usize = 16;
+const ROUND: usize = APPENDERS * PER_APPENDER;
+const BODY: usize = 128;
+
+struct Pairs(Vec<(Username, Username)>);
+
+impl Pairs {
+    fn new() -> Self {
+        Self(
+            (0..APPENDERS)
+                .map(|w| {
+                    let name = |role: &str| Username::parse(&format!("{role}{w:03}"));
+                    (
+                        name("sender").expect("valid"),
+                        name("recipient").expect("valid"),
+                    )
+                })
+                .collect(),
+        )
+    }
+}
+
+/// One round: every appender appends its messages (each awaited: durable before the next),
+/// then, if `ack`, acknowledges them in one call. Returns the time spent appending and the
+/// time spent acking (`Duration::ZERO` for the acks when they are untimed).
+async fn round(
+    store: &Arc<FjallStore>,
+    pairs: &Arc<Pairs>,
+    round_no: u64,
+    ack: bool,
+) -> (Duration, Duration) {
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for w in 0..APPENDERS {
+        let (store, pairs) = (Arc::clone(store), Arc::clone(pairs));
+        tasks.spawn(async move {
+            let (sender, recipient) = &pairs.0[w];
+            let mut seqs = Vec::with_capacity(PER_APPENDER);
+            for i in 0..PER_APPENDER {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&round_no.to_be_bytes());
+                id[8..].copy_from_slice(&(i as u64).to_be_bytes());
+                let appended = store
+                    .append(NewMessage {
+                        sender: sender.clone(),
+                        recipient: recipient.clone(),
+                        id: MessageId(id),
+                        kind: "text".into(),
+                        body: vec![0x5a; BODY],
+                        sent_at: 0,
+                        expires_at: u64::MAX,
+                    })
+                    .await
+                    .expect("append");
+                let Appended::Stored { seq } = appended else {
+                    panic!("append not stored: {appended:?}");
+                };
+                seqs.push(seq);
+            }
+            seqs
+        });
+    }
+    let mut acks = Vec::with_capacity(APPENDERS);
+    while let Some(seqs) = tasks.join_next().await {
+        acks.push(seqs.expect("appender task"));
+    }
+    let appended = start.elapsed();
+
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (w, seqs) in acks.into_iter().enumerate() {
+        let (store, pairs) = (Arc::clone(store), Arc::clone(pairs));
+        tasks.spawn(async move {
+            let removed = store
+                .remove_pending(&pairs.0[w].1, seqs)
+                .await
+                .expect("ack");
+            assert_eq!(removed, PER_APPENDER as u64);
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("ack task");
+    }
+    let acked = if ack { start.elapsed() } else { Duration::ZERO };
+    (appended, acked)
+}
+
+fn store_group_commit(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut group = c.benchmark_group("store");
+    // A round takes milliseconds (a sync per batch): flat sampling, the fewest samples allowed.
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(ROUND as u64));
+    let pairs = Arc::new(Pairs::new());
+    for (label, durability) in [
+        ("sync", Durability::Sync),
+        ("buffered", Durability::Buffered),
+    ] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = StoreOptions {
+            durability,
+            max_pending: u64::MAX,
+            ..StoreOptions::default()
+        };
+        let store = Arc::new(FjallStore::open_with(dir.path(), options).expect("open store"));
+        let mut round_no = 0u64;
+        for (what, ack) in [("append", false), ("append_then_ack", true)] {
+            let id = format!("{what}/{label}/{APPENDERS}x{PER_APPENDER}x{BODY}B");
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    runtime.block_on(async {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            round_no += 1;
+                            let (appended, acked) = round(&store, &pairs, round_no, ack).await;
+                            total += appended + acked;
+                        }
+                        total
+                    })
+                })
+            });
+        }
+        // Closes the database (joins the writer thread) before its directory goes.
+        drop(store);
+        drop(dir);
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    frame_codec,
+    envelopes,
+    key_agreement,
+    store_group_commit
+);
 criterion_main!(benches);
