@@ -172,14 +172,16 @@ impl WriterState {
         let mut batch = self.ks.db.batch().durability(Some(mode));
         let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
         let mut in_batch: HashMap<(Username, MessageId), ()> = HashMap::new();
+        // Inboxes whose counters changed: written once per batch, not once per message.
+        let mut touched: HashSet<Username> = HashSet::new();
         for op in ops {
             match op {
                 Op::Append(message, tx) => {
-                    let result = self.append(&mut batch, &mut in_batch, *message);
+                    let result = self.append(&mut batch, &mut in_batch, &mut touched, *message);
                     replies.push(deferred(tx, result));
                 }
                 Op::Remove(user, seqs, tx) => {
-                    let result = self.remove(&mut batch, &user, &seqs);
+                    let result = self.remove(&mut batch, &mut touched, &user, &seqs);
                     replies.push(deferred(tx, result));
                 }
                 Op::ForgetSent(keys, tx) => {
@@ -189,6 +191,22 @@ impl WriterState {
                     }
                     replies.push(deferred(tx, Ok(count)));
                 }
+            }
+        }
+        for user in touched {
+            if let Some(seq) = self.next_seq.get(&user) {
+                batch.insert(
+                    &self.ks.meta,
+                    meta_key(b"seq", &user),
+                    seq.to_be_bytes().to_vec(),
+                );
+            }
+            if let Some(count) = self.pending.get(&user) {
+                batch.insert(
+                    &self.ks.meta,
+                    meta_key(b"cnt", &user),
+                    count.to_be_bytes().to_vec(),
+                );
             }
         }
         let failure = if batch.is_empty() {
@@ -226,6 +244,7 @@ impl WriterState {
         &mut self,
         batch: &mut OwnedWriteBatch,
         in_batch: &mut HashMap<(Username, MessageId), ()>,
+        touched: &mut HashSet<Username>,
         message: NewMessage,
     ) -> Result<Appended, StoreError> {
         let sent_key = pair_key(&message.sender, &message.id.0);
@@ -265,16 +284,6 @@ impl WriterState {
             rmp_serde::to_vec_named(&stored)?,
         );
         batch.insert(&self.ks.sent, sent_key, rmp_serde::to_vec_named(&record)?);
-        batch.insert(
-            &self.ks.meta,
-            meta_key(b"seq", &message.recipient),
-            (seq + 1).to_be_bytes().to_vec(),
-        );
-        batch.insert(
-            &self.ks.meta,
-            meta_key(b"cnt", &message.recipient),
-            (pending + 1).to_be_bytes().to_vec(),
-        );
         let pair = (message.recipient.clone(), message.sender.clone());
         if !self.contacts.contains(&pair) {
             batch.insert(
@@ -285,7 +294,8 @@ impl WriterState {
             self.contacts.insert(pair);
         }
         self.next_seq.insert(message.recipient.clone(), seq + 1);
-        self.pending.insert(message.recipient, pending + 1);
+        self.pending.insert(message.recipient.clone(), pending + 1);
+        touched.insert(message.recipient);
         in_batch.insert((message.sender, message.id), ());
         Ok(Appended::Stored { seq })
     }
@@ -293,6 +303,7 @@ impl WriterState {
     fn remove(
         &mut self,
         batch: &mut OwnedWriteBatch,
+        touched: &mut HashSet<Username>,
         user: &Username,
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
@@ -310,13 +321,9 @@ impl WriterState {
                 Some(n) => *n,
                 None => self.load_counter(b"cnt", user)?,
             };
-            let left = pending.saturating_sub(removed);
-            batch.insert(
-                &self.ks.meta,
-                meta_key(b"cnt", user),
-                left.to_be_bytes().to_vec(),
-            );
-            self.pending.insert(user.clone(), left);
+            self.pending
+                .insert(user.clone(), pending.saturating_sub(removed));
+            touched.insert(user.clone());
         }
         Ok(removed)
     }
