@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 
-use super::{BenchError, BenchOptions, Latency, Report, Scenario, Target, histogram};
+use super::{BenchError, BenchOptions, Latency, Report, Scenario, Target, histogram, percentiles};
 use crate::client::{Client, ClientOptions, SendOutcome};
 use crate::protocol::{MessageId, Password, SessionToken};
 
@@ -74,6 +74,7 @@ fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Report {
         errors: 0,
         throughput_per_s: 0.0,
         latency_us: Latency::from(histogram),
+        latency_percentiles_us: percentiles(histogram),
         server_cpu_s: None,
         server_peak_rss_bytes: None,
         connections: None,
