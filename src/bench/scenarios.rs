@@ -282,11 +282,14 @@ async fn relay(
         }
         report.redelivered_after_reconnect = Some(redelivered);
     }
+    // Together: each close waits for its connection to drain (a few round trips).
+    let mut closing = JoinSet::new();
     for sender in senders {
         if let Ok(sender) = Arc::try_unwrap(sender) {
-            sender.close().await;
+            closing.spawn(sender.close());
         }
     }
+    closing.join_all().await;
     Ok(report)
 }
 
@@ -515,8 +518,10 @@ async fn connections(
             Some(during.rss.saturating_sub(before.rss) / count);
     }
     drop(histogram);
+    let mut closing = JoinSet::new();
     for client in held {
-        client.close().await;
+        closing.spawn(client.close());
     }
+    closing.join_all().await;
     Ok(report)
 }
