@@ -41,6 +41,27 @@ fn check(report: &serde_json::Value, scenario: &str) {
     for key in ["p50", "p90", "p99", "p999", "max"] {
         assert!(report["latency_us"][key].is_u64(), "{key}: {report}");
     }
+    // `[percentile, µs]` pairs from 0 to 100, both non-decreasing, agreeing with `latency_us`.
+    let pairs: Vec<(f64, u64)> = report["latency_percentiles_us"]
+        .as_array()
+        .unwrap_or_else(|| panic!("latency_percentiles_us: {report}"))
+        .iter()
+        .map(|pair| (pair[0].as_f64().unwrap(), pair[1].as_u64().unwrap()))
+        .collect();
+    assert!(pairs.len() >= 10, "{report}");
+    assert_eq!(pairs.first().unwrap().0, 0.0, "{report}");
+    assert_eq!(pairs.last().unwrap().0, 100.0, "{report}");
+    for step in pairs.windows(2) {
+        assert!(step[0].0 < step[1].0, "percentiles increase: {report}");
+        assert!(
+            step[0].1 <= step[1].1,
+            "latencies do not decrease: {report}"
+        );
+    }
+    let at = |p: f64| pairs.iter().find(|pair| pair.0 == p).map(|pair| pair.1);
+    assert_eq!(at(50.0), report["latency_us"]["p50"].as_u64(), "{report}");
+    assert_eq!(at(99.9), report["latency_us"]["p999"].as_u64(), "{report}");
+    assert_eq!(at(100.0), report["latency_us"]["max"].as_u64(), "{report}");
     assert!(report["server_cpu_s"].as_f64().unwrap() > 0.0, "{report}");
     assert!(
         report["server_peak_rss_bytes"].as_u64().unwrap() > 1 << 20,

@@ -5,6 +5,7 @@
 //! Latency of the open-loop relay is measured from each message's *intended* send time, so a
 //! stall delays the measurement instead of the schedule (no coordinated omission).
 
+pub mod progress;
 mod scenarios;
 mod target;
 
@@ -82,6 +83,21 @@ pub struct Latency {
     pub max: u64,
 }
 
+/// The quantiles of [`Report::latency_percentiles_us`]: the whole distribution for plots, from
+/// the smallest value (0) to the largest (1), with more points in the tail.
+const QUANTILES: [f64; 14] = [
+    0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999, 1.0,
+];
+
+/// `[percentile, microseconds]` pairs at [`QUANTILES`], both non-decreasing.
+fn percentiles(histogram: &Histogram<u64>) -> Vec<(f64, u64)> {
+    QUANTILES
+        .iter()
+        // Percent rounded to 3 decimals, so that 0.999 prints as 99.9.
+        .map(|&q| ((q * 1e5).round() / 1e3, histogram.value_at_quantile(q)))
+        .collect()
+}
+
 impl Latency {
     fn from(histogram: &Histogram<u64>) -> Self {
         Self {
@@ -113,6 +129,9 @@ pub struct Report {
     pub throughput_per_s: f64,
     /// Latency distribution, microseconds.
     pub latency_us: Latency,
+    /// The latency distribution in more detail: `[percentile, microseconds]` pairs from 0 (the
+    /// smallest) to 100 (the largest), for plots.
+    pub latency_percentiles_us: Vec<(f64, u64)>,
     /// The server's CPU seconds during the run (with `--spawn`).
     pub server_cpu_s: Option<f64>,
     /// The server's peak resident memory (with `--spawn`).

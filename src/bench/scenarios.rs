@@ -9,7 +9,8 @@ use hdrhistogram::Histogram;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 
-use super::{BenchError, BenchOptions, Latency, Report, Scenario, Target, histogram};
+use super::progress::{self, Goal};
+use super::{BenchError, BenchOptions, Latency, Report, Scenario, Target, histogram, percentiles};
 use crate::client::{Client, ClientOptions, SendOutcome};
 use crate::protocol::{MessageId, Password, SessionToken};
 
@@ -28,6 +29,7 @@ static DRAIN_WAIT: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
 /// Runs `options.scenario` against `target`.
 pub async fn run(target: &Target, options: &BenchOptions) -> Result<Report, BenchError> {
     let prefix = unique_prefix()?;
+    progress::reset(options.scenario);
     let before = target.stats();
     let mut report = match options.scenario {
         Scenario::Relay => relay(&target.options, options, &prefix).await?,
@@ -61,6 +63,7 @@ fn wall_nanos() -> u64 {
 async fn signup(options: &ClientOptions, name: &str) -> Result<(Client, SessionToken), BenchError> {
     let client = Client::connect(options).await?;
     let (_, token) = client.signup(name, Password::new(PASSWORD)).await?;
+    progress::user();
     Ok((client, token))
 }
 
@@ -74,6 +77,7 @@ fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Report {
         errors: 0,
         throughput_per_s: 0.0,
         latency_us: Latency::from(histogram),
+        latency_percentiles_us: percentiles(histogram),
         server_cpu_s: None,
         server_peak_rss_bytes: None,
         connections: None,
@@ -150,6 +154,7 @@ async fn receive(
             got.duplicates += 1;
         } else {
             got.unique += 1;
+            progress::delivered();
             if stamped && message.body.len() >= 8 {
                 let mut stamp = [0u8; 8];
                 stamp.copy_from_slice(&message.body[..8]);
@@ -173,6 +178,7 @@ async fn relay(
     let latencies = Arc::new(Mutex::new(histogram()?));
     let done = Arc::new(AtomicU64::new(0));
     let (mut senders, mut receivers, mut tokens) = (Vec::new(), JoinSet::new(), Vec::new());
+    progress::phase("setup", Goal::Users(2 * options.clients as u64));
     for p in 0..options.clients {
         let (sender, _) = signup(target, &format!("{prefix}s{p}")).await?;
         let (receiver, token) = signup(target, &format!("{prefix}r{p}")).await?;
@@ -186,6 +192,8 @@ async fn relay(
         ));
     }
     let (sent, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    progress::track_sent(&sent);
+    progress::phase("load", Goal::Time(options.duration));
     let start = Instant::now();
     let deadline = start + options.duration;
     let per_sender_rate = options.rate.map(|r| r / options.clients as f64);
@@ -251,6 +259,7 @@ async fn relay(
     }
     while sending.join_next().await.is_some() {}
     done.store(1, Ordering::Release);
+    progress::phase("drain", Goal::Delivered(sent.load(Ordering::Relaxed)));
     let received = collect(&mut receivers).await?;
     let elapsed = start
         .elapsed()
@@ -273,11 +282,14 @@ async fn relay(
         }
         report.redelivered_after_reconnect = Some(redelivered);
     }
+    // Together: each close waits for its connection to drain (a few round trips).
+    let mut closing = JoinSet::new();
     for sender in senders {
         if let Ok(sender) = Arc::try_unwrap(sender) {
-            sender.close().await;
+            closing.spawn(sender.close());
         }
     }
+    closing.join_all().await;
     Ok(report)
 }
 
@@ -287,6 +299,7 @@ async fn offline(
     options: &BenchOptions,
     prefix: &str,
 ) -> Result<Report, BenchError> {
+    progress::phase("setup", Goal::Users(options.clients as u64 + 1));
     let (sender, _) = signup(target, &format!("{prefix}sender")).await?;
     let sender = Arc::new(sender);
     let mut tokens = Vec::new();
@@ -298,6 +311,9 @@ async fn offline(
     let (sent, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let slots = Arc::new(Semaphore::new(64));
     let mut inflight = JoinSet::new();
+    let total = (options.clients * options.backlog) as u64;
+    progress::track_sent(&sent);
+    progress::phase("fill", Goal::Sent(total));
     for u in 0..options.clients {
         for i in 0..options.backlog as u64 {
             let permit = Arc::clone(&slots)
@@ -325,6 +341,7 @@ async fn offline(
     while inflight.join_next().await.is_some() {}
     let latencies = Arc::new(Mutex::new(histogram()?));
     let done = Arc::new(AtomicU64::new(1));
+    progress::phase("drain", Goal::Delivered(sent.load(Ordering::Relaxed)));
     let start = Instant::now();
     let mut receivers = JoinSet::new();
     for token in tokens {
@@ -359,6 +376,7 @@ async fn repeated(
     let scenario = options.scenario;
     let mut accounts = Vec::new();
     if scenario != Scenario::Handshake {
+        progress::phase("setup", Goal::Users(options.clients as u64));
         for c in 0..options.clients {
             let name = format!("{prefix}u{c}");
             let (client, token) = signup(target, &name).await?;
@@ -368,6 +386,8 @@ async fn repeated(
     }
     let latencies = Arc::new(Mutex::new(histogram()?));
     let (completed, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    progress::track_sent(&completed);
+    progress::phase("load", Goal::Time(options.duration));
     let start = Instant::now();
     let deadline = start + options.duration;
     let mut loops = JoinSet::new();
@@ -439,6 +459,7 @@ async fn connections(
     let held = Arc::new(Mutex::new(Vec::with_capacity(options.clients)));
     let slots = Arc::new(Semaphore::new(64));
     let mut opening = JoinSet::new();
+    progress::phase("open", Goal::Delivered(options.clients as u64));
     let start = Instant::now();
     for _ in 0..options.clients {
         let permit = Arc::clone(&slots)
@@ -467,6 +488,7 @@ async fn connections(
                         .await
                         .record((begin.elapsed().as_micros() as u64).max(1));
                     held.lock().await.push(client);
+                    progress::delivered();
                 }
                 Err(_) => {
                     errors.fetch_add(1, Ordering::Relaxed);
@@ -477,6 +499,7 @@ async fn connections(
     }
     while opening.join_next().await.is_some() {}
     let opened_in = start.elapsed();
+    progress::phase("hold", Goal::Time(options.duration));
     tokio::time::sleep(options.duration).await;
     let during = target.stats();
     let held = std::mem::take(&mut *held.lock().await);
@@ -495,8 +518,10 @@ async fn connections(
             Some(during.rss.saturating_sub(before.rss) / count);
     }
     drop(histogram);
+    let mut closing = JoinSet::new();
     for client in held {
-        client.close().await;
+        closing.spawn(client.close());
     }
+    closing.join_all().await;
     Ok(report)
 }

@@ -1,13 +1,13 @@
 //! `sfc-bench`: the load generator. Parses arguments and runs a scenario of the library's
 //! `bench` module against a running server or one it spawns.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use securefastchat::bench::progress::{Display, Style};
 use securefastchat::bench::{self, BenchOptions, Scenario, Target};
 use securefastchat::store::Durability;
 
@@ -107,14 +107,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         window: cli.window,
         backlog: cli.backlog,
     };
-    if !cli.json && std::io::stderr().is_terminal() {
-        eprintln!(
-            "running {} for {:.1} s ...",
-            options.scenario.name(),
-            cli.duration
-        );
-    }
+    // On stderr, so that stdout stays one JSON object with --json.
+    let progress = Display::start(Style::for_stderr());
     let report = bench::run(&target, &options).await;
+    progress.finish();
     target.stop().await;
     let report = report?;
     if cli.json {
