@@ -10,11 +10,14 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 
 use super::progress::{self, Goal};
+use super::sealing::{Keys, Opener, Sealer};
 use super::{BenchError, BenchOptions, Latency, Report, Scenario, Target, histogram, percentiles};
 use crate::client::{Client, ClientOptions, SendOutcome};
 use crate::protocol::{MessageId, Password, SessionToken};
 
 const PASSWORD: &str = "bench password 1";
+/// Users set up at once (sign-ups hash passwords: more would only queue on the server).
+const SETUP_CONCURRENCY: usize = 16;
 
 /// Silence after which a receiver decides everything has arrived (and which is not counted as
 /// drain time). Overridable with `SFC_BENCH_DRAIN_SECS` for diagnosis.
@@ -120,6 +123,7 @@ impl Report {
 /// Receives until `done` says the senders finished and a full drain wait passes in silence; acks in batches.
 async fn receive(
     client: Arc<Client>,
+    mut opener: Opener,
     latencies: Arc<Mutex<Histogram<u64>>>,
     done: Arc<AtomicU64>,
     stamped: bool,
@@ -153,11 +157,12 @@ async fn receive(
         if !seen.insert(message.id) {
             got.duplicates += 1;
         } else {
+            let plaintext = opener.open(&message.from, message.id, &message.body)?;
             got.unique += 1;
             progress::delivered();
-            if stamped && message.body.len() >= 8 {
+            if stamped && plaintext.len() >= 8 {
                 let mut stamp = [0u8; 8];
-                stamp.copy_from_slice(&message.body[..8]);
+                stamp.copy_from_slice(&plaintext[..8]);
                 let micros = wall_nanos().saturating_sub(u64::from_be_bytes(stamp)) / 1000;
                 let _ = latencies.lock().await.record(micros.max(1));
             }
@@ -167,6 +172,59 @@ async fn receive(
             client.ack(std::mem::take(&mut acks)).await?;
         }
     }
+}
+
+/// One relay pair, ready: the sender holds a session toward the receiver.
+struct Pair {
+    sender: Client,
+    sealer: Sealer,
+    receiver: Client,
+    opener: Opener,
+    token: SessionToken,
+}
+
+/// Signs up `count` pairs (some at once), publishes the receivers' keys and runs X3DH from
+/// each sender; returns them in order.
+async fn setup_pairs(
+    target: &ClientOptions,
+    prefix: &str,
+    count: usize,
+) -> Result<Vec<Pair>, BenchError> {
+    let slots = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
+    let mut setting_up = JoinSet::new();
+    for p in 0..count {
+        let (target, prefix, slots) = (target.clone(), prefix.to_owned(), Arc::clone(&slots));
+        setting_up.spawn(async move {
+            let _slot = slots
+                .acquire_owned()
+                .await
+                .map_err(|e| BenchError::Setup(e.to_string()))?;
+            let (sender_name, receiver_name) = (format!("{prefix}s{p}"), format!("{prefix}r{p}"));
+            let (sender, _) = signup(&target, &sender_name).await?;
+            let (receiver, token) = signup(&target, &receiver_name).await?;
+            let opener = Keys::publish(&receiver, &receiver_name).await?.opener();
+            let sender_keys = Keys::publish(&sender, &sender_name).await?;
+            let sealer = sender_keys.seal_to(&sender, &receiver_name).await?;
+            Ok::<_, BenchError>((
+                p,
+                Pair {
+                    sender,
+                    sealer,
+                    receiver,
+                    opener,
+                    token,
+                },
+            ))
+        });
+    }
+    let mut pairs: Vec<Option<Pair>> = (0..count).map(|_| None).collect();
+    while let Some(joined) = setting_up.join_next().await {
+        let (p, pair) = joined.map_err(|e| BenchError::Setup(e.to_string()))??;
+        if let Some(slot) = pairs.get_mut(p) {
+            *slot = Some(pair);
+        }
+    }
+    Ok(pairs.into_iter().flatten().collect())
 }
 
 /// N online pairs; open loop at `rate` or closed loop with `window` sends in flight.
@@ -179,13 +237,12 @@ async fn relay(
     let done = Arc::new(AtomicU64::new(0));
     let (mut senders, mut receivers, mut tokens) = (Vec::new(), JoinSet::new(), Vec::new());
     progress::phase("setup", Goal::Users(2 * options.clients as u64));
-    for p in 0..options.clients {
-        let (sender, _) = signup(target, &format!("{prefix}s{p}")).await?;
-        let (receiver, token) = signup(target, &format!("{prefix}r{p}")).await?;
-        tokens.push(token);
-        senders.push(Arc::new(sender));
+    for pair in setup_pairs(target, prefix, options.clients).await? {
+        tokens.push(pair.token);
+        senders.push(Arc::new((pair.sender, pair.sealer)));
         receivers.spawn(receive(
-            Arc::new(receiver),
+            Arc::new(pair.receiver),
+            pair.opener,
             Arc::clone(&latencies),
             Arc::clone(&done),
             true,
@@ -236,17 +293,22 @@ async fn relay(
                     to.clone(),
                 );
                 inflight.spawn(async move {
-                    let mut body = vec![0u8; size];
-                    body[..8].copy_from_slice(&intended_wall.to_be_bytes());
+                    let mut plaintext = vec![0u8; size];
+                    plaintext[..8].copy_from_slice(&intended_wall.to_be_bytes());
                     let mut id = [0u8; 16];
                     id[..8].copy_from_slice(&(p as u64).to_be_bytes());
                     id[8..].copy_from_slice(&i.to_be_bytes());
-                    match sender
-                        .send_message(&to, "bench", MessageId(id), &body)
-                        .await
-                    {
-                        Ok(SendOutcome::Stored) => sent.fetch_add(1, Ordering::Relaxed),
-                        Ok(SendOutcome::Duplicate) | Err(_) => {
+                    let (client, sealer) = &*sender;
+                    let outcome = match sealer.seal(MessageId(id), &plaintext) {
+                        Ok(body) => client
+                            .send_message(&to, "bench", MessageId(id), &body)
+                            .await
+                            .ok(),
+                        Err(_) => None,
+                    };
+                    match outcome {
+                        Some(SendOutcome::Stored) => sent.fetch_add(1, Ordering::Relaxed),
+                        Some(SendOutcome::Duplicate) | None => {
                             errors.fetch_add(1, Ordering::Relaxed)
                         }
                     };
@@ -285,7 +347,7 @@ async fn relay(
     // Together: each close waits for its connection to drain (a few round trips).
     let mut closing = JoinSet::new();
     for sender in senders {
-        if let Ok(sender) = Arc::try_unwrap(sender) {
+        if let Ok((sender, _)) = Arc::try_unwrap(sender) {
             closing.spawn(sender.close());
         }
     }
@@ -300,39 +362,52 @@ async fn offline(
     prefix: &str,
 ) -> Result<Report, BenchError> {
     progress::phase("setup", Goal::Users(options.clients as u64 + 1));
-    let (sender, _) = signup(target, &format!("{prefix}sender")).await?;
-    let sender = Arc::new(sender);
-    let mut tokens = Vec::new();
+    let sender_name = format!("{prefix}sender");
+    let (sender, _) = signup(target, &sender_name).await?;
+    let sender_keys = Keys::publish(&sender, &sender_name).await?;
+    let mut users = Vec::new();
     for u in 0..options.clients {
-        let (client, token) = signup(target, &format!("{prefix}u{u}")).await?;
+        let name = format!("{prefix}u{u}");
+        let (client, token) = signup(target, &name).await?;
+        let opener = Keys::publish(&client, &name).await?.opener();
         client.close().await;
-        tokens.push(token);
+        let sealer = Arc::new(sender_keys.seal_to(&sender, &name).await?);
+        users.push((token, opener, sealer));
     }
+    let sender = Arc::new(sender);
     let (sent, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let slots = Arc::new(Semaphore::new(64));
     let mut inflight = JoinSet::new();
     let total = (options.clients * options.backlog) as u64;
     progress::track_sent(&sent);
     progress::phase("fill", Goal::Sent(total));
-    for u in 0..options.clients {
+    for (u, (_, _, sealer)) in users.iter().enumerate() {
         for i in 0..options.backlog as u64 {
             let permit = Arc::clone(&slots)
                 .acquire_owned()
                 .await
                 .map_err(|e| BenchError::Setup(e.to_string()))?;
-            let (sender, sent, errors) =
-                (Arc::clone(&sender), Arc::clone(&sent), Arc::clone(&errors));
+            let (sender, sent, errors, sealer) = (
+                Arc::clone(&sender),
+                Arc::clone(&sent),
+                Arc::clone(&errors),
+                Arc::clone(sealer),
+            );
             let (to, size) = (format!("{prefix}u{u}"), options.size.max(16));
             inflight.spawn(async move {
                 let mut id = [0u8; 16];
                 id[..8].copy_from_slice(&(u as u64).to_be_bytes());
                 id[8..].copy_from_slice(&i.to_be_bytes());
-                match sender
-                    .send_message(&to, "bench", MessageId(id), &vec![0x42; size])
-                    .await
-                {
-                    Ok(SendOutcome::Stored) => sent.fetch_add(1, Ordering::Relaxed),
-                    Ok(SendOutcome::Duplicate) | Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                let outcome = match sealer.seal(MessageId(id), &vec![0x42; size]) {
+                    Ok(body) => sender
+                        .send_message(&to, "bench", MessageId(id), &body)
+                        .await
+                        .ok(),
+                    Err(_) => None,
+                };
+                match outcome {
+                    Some(SendOutcome::Stored) => sent.fetch_add(1, Ordering::Relaxed),
+                    Some(SendOutcome::Duplicate) | None => errors.fetch_add(1, Ordering::Relaxed),
                 };
                 drop(permit);
             });
@@ -344,11 +419,12 @@ async fn offline(
     progress::phase("drain", Goal::Delivered(sent.load(Ordering::Relaxed)));
     let start = Instant::now();
     let mut receivers = JoinSet::new();
-    for token in tokens {
+    for (token, opener, _) in users {
         let client = Client::connect(target).await?;
         client.resume(token).await?;
         receivers.spawn(receive(
             Arc::new(client),
+            opener,
             Arc::clone(&latencies),
             Arc::clone(&done),
             false,

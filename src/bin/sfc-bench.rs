@@ -42,7 +42,8 @@ struct Cli {
     /// Seconds of load (or of holding connections)
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
-    /// Message body bytes
+    /// Plaintext bytes per message (each is sealed end to end: the envelope on the wire adds
+    /// its ratchet header, the X3DH initial header until the peer replies, and a 16-byte tag)
     #[arg(long, default_value_t = 128)]
     size: usize,
     /// Sends in flight per sender at full speed

@@ -81,7 +81,7 @@ pub struct Messenger {
     me: Username,
 }
 
-fn wire_signed(spk: &SignedPrekeyPublic) -> SignedPrekey {
+pub(crate) fn wire_signed(spk: &SignedPrekeyPublic) -> SignedPrekey {
     SignedPrekey {
         id: spk.id,
         key: Bin(spk.key),
@@ -89,14 +89,14 @@ fn wire_signed(spk: &SignedPrekeyPublic) -> SignedPrekey {
     }
 }
 
-fn wire_one_time(otp: &OneTimePrekeyPublic) -> OneTimePrekey {
+pub(crate) fn wire_one_time(otp: &OneTimePrekeyPublic) -> OneTimePrekey {
     OneTimePrekey {
         id: otp.id,
         key: Bin(otp.key),
     }
 }
 
-fn to_bundle(bundle: &Bundle) -> Result<PrekeyBundle, E2eError> {
+pub(crate) fn to_bundle(bundle: &Bundle) -> Result<PrekeyBundle, E2eError> {
     let signed = |s: &SignedPrekey| SignedPrekeyPublic {
         id: s.id,
         key: s.key.0,
