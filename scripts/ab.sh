@@ -19,11 +19,13 @@ fi
 cargo build --release --locked --quiet --bin sfc-bench
 bench=target/release/sfc-bench
 summary() {
-  python3 -c '
+  python3 - "$1" <<'PY'
 import json, sys
-d = json.loads(sys.argv[1]); l = d["latency_us"]
-print(f"{d[\"throughput_per_s\"]:.0f}/s lost={d[\"lost\"]} dup={d[\"duplicates\"]} p50={l[\"p50\"]}us p99={l[\"p99\"]}us p99.9={l[\"p999\"]}us")
-' "$1"
+d = json.loads(sys.argv[1])
+l = d["latency_us"]
+print("%.0f/s lost=%d dup=%d p50=%dus p99=%dus p99.9=%dus" % (
+    d["throughput_per_s"], d["lost"], d["duplicates"], l["p50"], l["p99"], l["p999"]))
+PY
 }
 for round in $(seq "$rounds"); do
   for bin in "$@"; do
@@ -37,7 +39,7 @@ for round in $(seq "$rounds"); do
       sleep 10
       if pid=$(pgrep -n -f "^$bin") && t=$(perf stat -x, -e task-clock -p "$pid" -- sleep 5 2>&1 \
           | grep task-clock | cut -d, -f1); then
-        cpu=$(python3 -c "print(f'{float(\"$t\") * 1000 / (5000 * 5):.1f}')")
+        cpu=$(python3 -c "print('%.1f' % (float('$t') * 1000 / (5000 * 5)))")
       fi
     fi
     wait "$load"
