@@ -33,14 +33,14 @@ pub(crate) async fn accept_message_streams(
     conn: Connection,
     shared: Arc<Shared>,
     session: SessionCell,
-    events: mpsc::Sender<ServerFrame>,
+    events: mpsc::Sender<Box<ServerFrame>>,
 ) {
     while let Ok(stream) = conn.accept_uni().await {
         let (shared, session, events) = (Arc::clone(&shared), session.clone(), events.clone());
         tokio::spawn(
             async move {
                 if let Some(reply) = receive(stream, &shared, &session).await {
-                    let _ = events.send(ServerFrame { id: None, reply }).await;
+                    let _ = events.send(Box::new(ServerFrame { id: None, reply })).await;
                 }
             }
             .instrument(debug_span!("message")),

@@ -47,7 +47,7 @@ pub(crate) struct Control {
     shared: Arc<Shared>,
     hello: bool,
     session: SessionCell,
-    events: mpsc::Sender<ServerFrame>,
+    events: mpsc::Sender<Box<ServerFrame>>,
     delivery: Option<Delivery>,
     span: Span,
 }
@@ -57,7 +57,7 @@ impl Control {
         conn: Connection,
         shared: Arc<Shared>,
         session: SessionCell,
-        events: mpsc::Sender<ServerFrame>,
+        events: mpsc::Sender<Box<ServerFrame>>,
         span: Span,
     ) -> Self {
         Self {

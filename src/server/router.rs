@@ -118,7 +118,7 @@ struct Online {
     /// Hands newly stored messages to the connection's deliverer.
     mailbox: Arc<Mailbox>,
     /// Pushes events onto the connection's control stream.
-    events: mpsc::Sender<ServerFrame>,
+    events: mpsc::Sender<Box<ServerFrame>>,
 }
 
 #[derive(Default)]
@@ -163,7 +163,7 @@ impl Router {
         user: &Username,
         conn: &Connection,
         mailbox: Arc<Mailbox>,
-        events: mpsc::Sender<ServerFrame>,
+        events: mpsc::Sender<Box<ServerFrame>>,
     ) -> Registration {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Online {
@@ -222,7 +222,7 @@ impl Router {
         if let Ok(online) = self.online.lock()
             && let Some(o) = online.get(user)
         {
-            let _ = o.events.try_send(ServerFrame { id: None, reply });
+            let _ = o.events.try_send(Box::new(ServerFrame { id: None, reply }));
         }
     }
 
