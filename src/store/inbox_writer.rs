@@ -9,7 +9,7 @@
 //! - `meta`: `seq` 0x00 user → next seq (u64 BE); `cnt` 0x00 user → pending count (u64 BE)
 //! - `contacts`: viewer 0x00 subject → empty (the subject has written to the viewer)
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::thread::JoinHandle;
 
 use fjall::{Database, Keyspace, OwnedWriteBatch, PersistMode};
@@ -22,6 +22,48 @@ use crate::protocol::{MessageId, Username};
 pub const DEFAULT_MAX_BATCH: usize = 1024;
 /// Operations that may queue for the writer before callers wait for room.
 const QUEUE: usize = 8192;
+/// Out-of-order removals remembered per inbox before the writer forgets what it knows of that
+/// inbox (and asks the store again).
+const MAX_REMOVED_AHEAD: usize = 4096;
+
+/// What the writer knows of one inbox's messages without asking the store: every message from
+/// seq `from` (the next seq when the inbox was first used in this process) up to its next seq
+/// was appended by this writer, and is pending unless removed since. All removals (acks,
+/// unsend, expiry) go through the writer, so this stays exact; an ack then costs no lookup.
+struct KnownPending {
+    from: u64,
+    /// Every seq in `from..removed_below` is removed.
+    removed_below: u64,
+    /// Removed seqs above `removed_below` (acks out of order).
+    removed: BTreeSet<u64>,
+}
+
+impl KnownPending {
+    fn new(from: u64) -> Self {
+        Self {
+            from,
+            removed_below: from,
+            removed: BTreeSet::new(),
+        }
+    }
+
+    /// Whether `seq` (below the inbox's next seq) is pending; `None` if it is older than what
+    /// this writer knows.
+    fn pending(&self, seq: u64) -> Option<bool> {
+        (seq >= self.from).then(|| seq >= self.removed_below && !self.removed.contains(&seq))
+    }
+
+    fn remove(&mut self, seq: u64) {
+        if seq == self.removed_below {
+            self.removed_below += 1;
+            while self.removed.remove(&self.removed_below) {
+                self.removed_below += 1;
+            }
+        } else if seq > self.removed_below {
+            self.removed.insert(seq);
+        }
+    }
+}
 
 /// The keyspaces the writer owns.
 #[derive(Clone)]
@@ -98,6 +140,7 @@ impl InboxWriter {
             next_seq: HashMap::new(),
             pending: HashMap::new(),
             contacts: HashSet::new(),
+            known: HashMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name("sfc-inbox-writer".into())
@@ -146,6 +189,8 @@ struct WriterState {
     pending: HashMap<Username, u64>,
     /// (viewer, subject) pairs known to be in `contacts`.
     contacts: HashSet<(Username, Username)>,
+    /// Which messages of each inbox are pending, as far as this writer knows.
+    known: HashMap<Username, KnownPending>,
 }
 
 type Reply = Box<dyn FnOnce(Option<&StoreError>)>;
@@ -172,8 +217,10 @@ impl WriterState {
         let mut batch = self.ks.db.batch().durability(Some(mode));
         let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
         let mut in_batch: HashMap<(Username, MessageId), ()> = HashMap::new();
-        // Inboxes whose counters changed: written once per batch, not once per message.
-        let mut touched: HashSet<Username> = HashSet::new();
+        // Inboxes whose counters changed: written once per batch, not once per message. The
+        // value is the first seq appended to the inbox in this batch (`u64::MAX` if none): a
+        // seq from there on is only in the batch, not in the store, and cannot be removed yet.
+        let mut touched: HashMap<Username, u64> = HashMap::new();
         for op in ops {
             match op {
                 Op::Append(message, tx) => {
@@ -193,7 +240,7 @@ impl WriterState {
                 }
             }
         }
-        for user in touched {
+        for user in touched.into_keys() {
             if let Some(seq) = self.next_seq.get(&user) {
                 batch.insert(
                     &self.ks.meta,
@@ -222,6 +269,7 @@ impl WriterState {
                 self.next_seq.clear();
                 self.pending.clear();
                 self.contacts.clear();
+                self.known.clear();
                 let error = StoreError::Engine(e);
                 replies.into_iter().for_each(|reply| reply(Some(&error)));
             }
@@ -244,7 +292,7 @@ impl WriterState {
         &mut self,
         batch: &mut OwnedWriteBatch,
         in_batch: &mut HashMap<(Username, MessageId), ()>,
-        touched: &mut HashSet<Username>,
+        touched: &mut HashMap<Username, u64>,
         message: NewMessage,
     ) -> Result<Appended, StoreError> {
         let sent_key = pair_key(&message.sender, &message.id.0);
@@ -262,7 +310,12 @@ impl WriterState {
         }
         let seq = match self.next_seq.get(&message.recipient) {
             Some(n) => *n,
-            None => self.load_counter(b"seq", &message.recipient)?.max(1),
+            None => {
+                let next = self.load_counter(b"seq", &message.recipient)?.max(1);
+                self.known
+                    .insert(message.recipient.clone(), KnownPending::new(next));
+                next
+            }
         };
         let stored = StoredMessage {
             seq,
@@ -295,7 +348,8 @@ impl WriterState {
         }
         self.next_seq.insert(message.recipient.clone(), seq + 1);
         self.pending.insert(message.recipient.clone(), pending + 1);
-        touched.insert(message.recipient);
+        let first = touched.entry(message.recipient).or_insert(u64::MAX);
+        *first = (*first).min(seq);
         in_batch.insert((message.sender, message.id), ());
         Ok(Appended::Stored { seq })
     }
@@ -303,18 +357,44 @@ impl WriterState {
     fn remove(
         &mut self,
         batch: &mut OwnedWriteBatch,
-        touched: &mut HashSet<Username>,
+        touched: &mut HashMap<Username, u64>,
         user: &Username,
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
         let mut removed = 0;
         let mut seen = HashSet::new();
+        let next = self.next_seq.get(user).copied();
+        let in_batch_from = touched.get(user).copied().unwrap_or(u64::MAX);
         for &seq in seqs {
+            if !seen.insert(seq) {
+                continue;
+            }
+            let known = match (self.known.get(user), next) {
+                // Appended in this very batch: not in the store yet (as before this cache).
+                _ if seq >= in_batch_from => Some(false),
+                (Some(k), Some(next)) if seq >= next => k.pending(seq).map(|_| false),
+                (Some(k), Some(_)) => k.pending(seq),
+                _ => None,
+            };
             let key = inbox_key(user, seq);
-            if seen.insert(seq) && self.ks.inbox.contains_key(&key)? {
+            let present = match known {
+                Some(present) => present,
+                None => self.ks.inbox.contains_key(&key)?,
+            };
+            if present {
                 batch.remove(&self.ks.inbox, key);
                 removed += 1;
+                if let Some(k) = self.known.get_mut(user) {
+                    k.remove(seq);
+                }
             }
+        }
+        if self
+            .known
+            .get(user)
+            .is_some_and(|k| k.removed.len() > MAX_REMOVED_AHEAD)
+        {
+            self.known.remove(user);
         }
         if removed > 0 {
             let pending = match self.pending.get(user) {
@@ -323,7 +403,7 @@ impl WriterState {
             };
             self.pending
                 .insert(user.clone(), pending.saturating_sub(removed));
-            touched.insert(user.clone());
+            touched.entry(user.clone()).or_insert(u64::MAX);
         }
         Ok(removed)
     }
