@@ -10,9 +10,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info_span, warn};
 
-use super::Shared;
 use super::messaging::{SessionCell, accept_message_streams};
 use super::requests::Control;
+use super::{ConnectionSlot, Shared};
 use crate::protocol::{
     CloseCode, ErrorCode, FrameError, MAX_CONTROL_FRAME, Reply, ServerFrame, encode_frame_into,
     read_frame,
@@ -34,11 +34,19 @@ pub(crate) enum Outgoing {
 }
 
 /// Serves one incoming connection until it ends or the server shuts down.
-pub(crate) async fn serve(incoming: Incoming, shared: Arc<Shared>, shutdown: CancellationToken) {
+/// `handshake` counts this connection among the handshakes in flight until it is established.
+pub(crate) async fn serve(
+    incoming: Incoming,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    handshake: ConnectionSlot,
+) {
     let span =
         info_span!("conn", remote = %incoming.remote_address(), user = tracing::field::Empty);
     async move {
-        match accept(incoming, &shared, &shutdown).await {
+        let accepted = accept(incoming, &shared, &shutdown).await;
+        drop(handshake);
+        match accepted {
             Ok(Some((conn, send, recv))) => run(conn, send, recv, shared, &shutdown).await,
             Ok(None) => {}
             Err(reason) => debug!(%reason, "connection not established"),

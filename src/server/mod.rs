@@ -169,6 +169,7 @@ impl Server {
         info!(listen = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(), data = %self.config.data_dir.display(), "serving");
         let tracker = TaskTracker::new();
         let active = Arc::new(AtomicUsize::new(0));
+        let handshaking = Arc::new(AtomicUsize::new(0));
         tracker.spawn(sweep(Arc::clone(&self.shared), shutdown.clone()));
 
         loop {
@@ -177,7 +178,7 @@ impl Server {
                 incoming = self.endpoint.accept() => incoming,
             };
             let Some(incoming) = incoming else { break };
-            self.admit(incoming, &tracker, &active, &shutdown);
+            self.admit(incoming, &tracker, (&active, &handshaking), &shutdown);
         }
 
         info!(
@@ -206,7 +207,7 @@ impl Server {
         &self,
         incoming: Incoming,
         tracker: &TaskTracker,
-        active: &Arc<AtomicUsize>,
+        (active, handshaking): (&Arc<AtomicUsize>, &Arc<AtomicUsize>),
         shutdown: &CancellationToken,
     ) {
         let now_active = active.load(Ordering::Relaxed);
@@ -215,7 +216,11 @@ impl Server {
             incoming.refuse();
             return;
         }
-        if !incoming.remote_address_validated() && now_active >= RETRY_THRESHOLD {
+        // Counted are handshakes in flight, not connections: a server holding many idle
+        // clients must not make every new one pay a Retry round trip.
+        if !incoming.remote_address_validated()
+            && handshaking.load(Ordering::Relaxed) >= RETRY_THRESHOLD
+        {
             // Under load, make unvalidated clients prove their address first.
             if let Err(e) = incoming.retry() {
                 e.into_incoming().ignore();
@@ -223,16 +228,17 @@ impl Server {
             return;
         }
         let slot = ConnectionSlot::take(active);
+        let handshake = ConnectionSlot::take(handshaking);
         let (shared, shutdown) = (Arc::clone(&self.shared), shutdown.clone());
         tracker.spawn(async move {
             let _slot = slot;
-            connection::serve(incoming, shared, shutdown).await;
+            connection::serve(incoming, shared, shutdown, handshake).await;
         });
     }
 }
 
-/// Counts a connection as active for as long as it lives.
-struct ConnectionSlot(Arc<AtomicUsize>);
+/// Counts a connection (or its handshake) for as long as it is held.
+pub(crate) struct ConnectionSlot(Arc<AtomicUsize>);
 
 impl ConnectionSlot {
     fn take(active: &Arc<AtomicUsize>) -> Self {
