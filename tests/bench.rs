@@ -93,6 +93,11 @@ async fn login_resume_and_handshake_loops() {
     for scenario in ["login", "resume", "handshake"] {
         check(&bench(scenario, 3, &[]).await, scenario);
     }
+    // `--rate` paces them too: 50 handshakes/s for 1 s over 3 loops.
+    let report = bench("handshake", 3, &["--rate", "50"]).await;
+    check(&report, "handshake");
+    let done = report["sent"].as_u64().unwrap();
+    assert!((30..=51).contains(&done), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

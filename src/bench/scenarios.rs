@@ -466,6 +466,9 @@ async fn repeated(
     progress::phase("load", Goal::Time(options.duration));
     let start = Instant::now();
     let deadline = start + options.duration;
+    // With `--rate`, each loop keeps its share of the schedule and latency counts from the
+    // intended start (a loop that falls behind starts the next operation at once).
+    let per_loop_rate = options.rate.map(|r| r / options.clients.max(1) as f64);
     let mut loops = JoinSet::new();
     for c in 0..options.clients {
         let account = accounts.get(c).cloned();
@@ -476,8 +479,20 @@ async fn repeated(
             Arc::clone(&errors),
         );
         loops.spawn(async move {
+            let mut i: u64 = 0;
             while Instant::now() < deadline {
-                let begin = Instant::now();
+                let begin = match per_loop_rate {
+                    Some(rate) if rate > 0.0 => {
+                        let intended = start + Duration::from_secs_f64(i as f64 / rate);
+                        if intended >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep_until(intended.into()).await;
+                        intended
+                    }
+                    _ => Instant::now(),
+                };
+                i += 1;
                 let outcome = async {
                     let client = Client::connect(&target).await?;
                     match (&account, scenario) {
