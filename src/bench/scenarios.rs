@@ -174,6 +174,28 @@ async fn receive(
     }
 }
 
+/// Seals `plaintext` for `to` and sends it under the id made of `owner` (pair or user index)
+/// and `i`; true if the server stored it (a duplicate, or any failure, is an error here).
+async fn send_sealed(
+    client: &Client,
+    sealer: &Sealer,
+    to: &str,
+    (owner, i): (usize, u64),
+    plaintext: &[u8],
+) -> bool {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&(owner as u64).to_be_bytes());
+    id[8..].copy_from_slice(&i.to_be_bytes());
+    let id = MessageId(id);
+    let Ok(body) = sealer.seal(id, plaintext) else {
+        return false;
+    };
+    matches!(
+        client.send_message(to, "bench", id, &body).await,
+        Ok(SendOutcome::Stored)
+    )
+}
+
 /// One relay pair, ready: the sender holds a session toward the receiver.
 struct Pair {
     sender: Client,
@@ -295,23 +317,10 @@ async fn relay(
                 inflight.spawn(async move {
                     let mut plaintext = vec![0u8; size];
                     plaintext[..8].copy_from_slice(&intended_wall.to_be_bytes());
-                    let mut id = [0u8; 16];
-                    id[..8].copy_from_slice(&(p as u64).to_be_bytes());
-                    id[8..].copy_from_slice(&i.to_be_bytes());
                     let (client, sealer) = &*sender;
-                    let outcome = match sealer.seal(MessageId(id), &plaintext) {
-                        Ok(body) => client
-                            .send_message(&to, "bench", MessageId(id), &body)
-                            .await
-                            .ok(),
-                        Err(_) => None,
-                    };
-                    match outcome {
-                        Some(SendOutcome::Stored) => sent.fetch_add(1, Ordering::Relaxed),
-                        Some(SendOutcome::Duplicate) | None => {
-                            errors.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
+                    let stored = send_sealed(client, sealer, &to, (p, i), &plaintext).await;
+                    let counter = if stored { &sent } else { &errors };
+                    counter.fetch_add(1, Ordering::Relaxed);
                     drop(permit);
                 });
                 i += 1;
@@ -395,20 +404,9 @@ async fn offline(
             );
             let (to, size) = (format!("{prefix}u{u}"), options.size.max(16));
             inflight.spawn(async move {
-                let mut id = [0u8; 16];
-                id[..8].copy_from_slice(&(u as u64).to_be_bytes());
-                id[8..].copy_from_slice(&i.to_be_bytes());
-                let outcome = match sealer.seal(MessageId(id), &vec![0x42; size]) {
-                    Ok(body) => sender
-                        .send_message(&to, "bench", MessageId(id), &body)
-                        .await
-                        .ok(),
-                    Err(_) => None,
-                };
-                match outcome {
-                    Some(SendOutcome::Stored) => sent.fetch_add(1, Ordering::Relaxed),
-                    Some(SendOutcome::Duplicate) | None => errors.fetch_add(1, Ordering::Relaxed),
-                };
+                let stored = send_sealed(&sender, &sealer, &to, (u, i), &vec![0x42; size]).await;
+                let counter = if stored { &sent } else { &errors };
+                counter.fetch_add(1, Ordering::Relaxed);
                 drop(permit);
             });
         }

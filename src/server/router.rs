@@ -83,20 +83,22 @@ impl Mailbox {
             fresh.bytes = 0;
             return Taken::ReadStore;
         }
-        // What the store already gave the deliverer.
-        let newer = fresh.messages.split_off(&after.saturating_add(1));
-        fresh.messages = newer;
-        let mut run = Vec::new();
+        // Drop what the store already gave the deliverer, then take the run that follows.
         let mut next = after.saturating_add(1);
+        let newer = fresh.messages.split_off(&next);
+        let pushed = std::mem::replace(&mut fresh.messages, newer);
+        let mut freed: usize = pushed.values().map(|m| m.body.len()).sum();
+        let mut run = Vec::new();
         while let Some(entry) = fresh.messages.first_entry() {
             if *entry.key() != next {
                 break;
             }
             let message = entry.remove();
+            freed += message.body.len();
             next = next.saturating_add(1);
             run.push(message);
         }
-        fresh.bytes = fresh.messages.values().map(|m| m.body.len()).sum();
+        fresh.bytes = fresh.bytes.saturating_sub(freed);
         match (run.is_empty(), fresh.messages.is_empty()) {
             (false, _) => Taken::Messages(run),
             // A gap: the missing message is stored but its copy is late or was never made.
@@ -299,7 +301,10 @@ mod tests {
         mailbox.offer(Some(message(5, 10)));
         mailbox.offer(Some(message(7, 10)));
         mailbox.offer(Some(message(6, 10)));
+        mailbox.offer(Some(message(3, 10)));
+        assert_eq!(mailbox.fresh.lock().expect("lock").bytes, 40);
         assert_eq!(seqs(mailbox.take_after(4)), Some(vec![5, 6, 7]));
+        assert_eq!(mailbox.fresh.lock().expect("lock").bytes, 0);
         assert_eq!(seqs(mailbox.take_after(7)), Some(vec![]));
     }
 

@@ -372,7 +372,8 @@ impl WriterState {
             let known = match (self.known.get(user), next) {
                 // Appended in this very batch: not in the store yet (as before this cache).
                 _ if seq >= in_batch_from => Some(false),
-                (Some(k), Some(next)) if seq >= next => k.pending(seq).map(|_| false),
+                // Never given out.
+                (Some(_), Some(next)) if seq >= next => Some(false),
                 (Some(k), Some(_)) => k.pending(seq),
                 _ => None,
             };
