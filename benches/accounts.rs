@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use securefastchat::client::{Client, ClientOptions};
 use securefastchat::protocol::Password;
 use securefastchat::server::password::Passwords;
@@ -17,29 +18,20 @@ use tokio_util::sync::CancellationToken;
 
 const PASSWORD: &str = "correct horse battery staple";
 
+/// `cargo bench` passes `--bench` to every bench target; it is accepted and ignored.
+#[derive(Parser)]
 struct Args {
+    /// Accounts signed up, then logged in
+    #[arg(long, default_value_t = 200)]
     users: usize,
+    /// Clients at once
+    #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// argon2 hashes timed on one worker
+    #[arg(long, default_value_t = 40)]
     hashes: usize,
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        users: 200,
-        concurrency: 16,
-        hashes: 40,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().and_then(|v| v.parse().ok());
-        match flag.as_str() {
-            "--users" => args.users = value().unwrap_or(args.users),
-            "--concurrency" => args.concurrency = value().unwrap_or(args.concurrency),
-            "--hashes" => args.hashes = value().unwrap_or(args.hashes),
-            _ => {} // cargo bench passes --bench
-        }
-    }
-    args
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn summary(name: &str, mut samples: Vec<Duration>, wall: Duration) {
@@ -56,7 +48,7 @@ fn summary(name: &str, mut samples: Vec<Duration>, wall: Duration) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args();
+    let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use clap::Parser;
 use securefastchat::client::{Client, ClientOptions};
 use securefastchat::protocol::{MessageId, Password, Username};
 use securefastchat::server::{Server, ServerConfig, TlsSource};
@@ -18,38 +19,29 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+/// `cargo bench` passes `--bench` to every bench target; it is accepted and ignored.
+#[derive(Parser)]
 struct Args {
+    /// Sender/receiver pairs of the online relay
+    #[arg(long, default_value_t = 50)]
     pairs: usize,
+    /// Messages of the online relay, in all
+    #[arg(long, default_value_t = 10_000)]
     messages: usize,
+    /// Body bytes
+    #[arg(long, default_value_t = 128)]
     size: usize,
+    /// Messages stored for the offline user, then drained
+    #[arg(long, default_value_t = 100_000)]
     backlog: usize,
+    /// Inbox appends of the store benches
+    #[arg(long, default_value_t = 20_000)]
     store_writes: usize,
+    /// Sends in flight per sender
+    #[arg(long, default_value_t = 8)]
     window: usize,
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        pairs: 50,
-        messages: 10_000,
-        size: 128,
-        backlog: 100_000,
-        store_writes: 20_000,
-        window: 8,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().and_then(|v| v.parse().ok());
-        match flag.as_str() {
-            "--pairs" => args.pairs = value().unwrap_or(args.pairs),
-            "--messages" => args.messages = value().unwrap_or(args.messages),
-            "--size" => args.size = value().unwrap_or(args.size),
-            "--backlog" => args.backlog = value().unwrap_or(args.backlog),
-            "--store-writes" => args.store_writes = value().unwrap_or(args.store_writes),
-            "--window" => args.window = value().unwrap_or(args.window),
-            _ => {}
-        }
-    }
-    args
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn now_nanos() -> u64 {
@@ -67,7 +59,7 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args();
+    let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
