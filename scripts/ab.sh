@@ -18,6 +18,8 @@ if [[ $# -lt 2 ]]; then
 fi
 cargo build --release --locked --quiet --bin sfc-bench
 bench=target/release/sfc-bench
+rate_json=$(mktemp)
+trap 'rm -f "$rate_json"' EXIT
 summary() {
   python3 - "$1" <<'PY'
 import json, sys
@@ -31,7 +33,7 @@ for round in $(seq "$rounds"); do
   for bin in "$@"; do
     full=$("$bench" relay --server-bin "$bin" --clients 100 --duration 5 --json 2>/dev/null)
     "$bench" relay --server-bin "$bin" --clients 100 --rate 5000 --duration 16 --json \
-      >/tmp/sfc-ab-rate.json 2>/dev/null &
+      >"$rate_json" 2>/dev/null &
     load=$!
     cpu=""
     if command -v perf >/dev/null; then
@@ -45,6 +47,6 @@ for round in $(seq "$rounds"); do
     wait "$load"
     echo "round $round $bin"
     echo "  full speed:  $(summary "$full")"
-    echo "  5,000/s:     $(summary "$(cat /tmp/sfc-ab-rate.json)")${cpu:+  server CPU ${cpu} us/message}"
+    echo "  5,000/s:     $(summary "$(cat "$rate_json")")${cpu:+  server CPU ${cpu} us/message}"
   done
 done
