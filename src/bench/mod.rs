@@ -73,7 +73,7 @@ pub struct BenchOptions {
 }
 
 /// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Latency {
     /// Median.
     pub p50: u64,
@@ -103,7 +103,7 @@ fn percentiles(histogram: &Histogram<u64>) -> Vec<(f64, u64)> {
 }
 
 impl Latency {
-    fn from(histogram: &Histogram<u64>) -> Self {
+    pub(crate) fn from(histogram: &Histogram<u64>) -> Self {
         Self {
             p50: histogram.value_at_quantile(0.5),
             p90: histogram.value_at_quantile(0.9),
@@ -150,6 +150,10 @@ pub struct Report {
     /// the server but not delivered during the run). Diagnoses where a loss happened.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redelivered_after_reconnect: Option<u64>,
+    /// Open loop (`--rate`): how late the load generator's pacer handed out send slots,
+    /// microseconds. Latency counts from the intended time, so this is part of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pacer_lateness_us: Option<Latency>,
 }
 
 impl Report {
@@ -175,6 +179,12 @@ impl Report {
             text.push_str(&format!(
                 "server: {cpu:.2} CPU s, peak RSS {:.1} MiB\n",
                 rss as f64 / 1048576.0
+            ));
+        }
+        if let Some(late) = &self.pacer_lateness_us {
+            text.push_str(&format!(
+                "pacer lateness us p50 {} p99 {} max {} (included in latency)\n",
+                late.p50, late.p99, late.max
             ));
         }
         if let Some(n) = self.redelivered_after_reconnect {

@@ -86,6 +86,7 @@ fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Report {
         connections: None,
         server_rss_per_connection_bytes: None,
         redelivered_after_reconnect: None,
+        pacer_lateness_us: None,
     }
 }
 
@@ -173,6 +174,48 @@ async fn receive(
         }
     }
 }
+
+/// The open-loop schedule: slot k is due at `start + k / rate` and goes to sender
+/// `k % senders`. Returns how late the pacer handed slots out (its own timer error, which
+/// the latency figures include).
+fn pace(
+    senders: &[tokio::sync::mpsc::UnboundedSender<Instant>],
+    start: Instant,
+    rate: f64,
+    deadline: Instant,
+) -> Latency {
+    precise_sleeps();
+    let mut lateness = histogram().ok();
+    for k in 0u64.. {
+        let at = start + Duration::from_secs_f64(k as f64 / rate);
+        if at >= deadline || senders.is_empty() {
+            break;
+        }
+        let now = Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
+        }
+        if let Some(h) = lateness.as_mut() {
+            let _ = h.record((at.elapsed().as_micros() as u64).max(1));
+        }
+        let sender = &senders[(k % senders.len() as u64) as usize];
+        let _ = sender.send(at);
+    }
+    lateness.map(|h| Latency::from(&h)).unwrap_or_default()
+}
+
+/// Asks the kernel to wake this thread's sleeps on time: the default timer slack of 50 us
+/// would otherwise make every open-loop send that much late.
+#[cfg(target_os = "linux")]
+fn precise_sleeps() {
+    // SAFETY: PR_SET_TIMERSLACK takes an integer and changes only this thread's timer slack.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn precise_sleeps() {}
 
 /// Seals `plaintext` for `to` and sends it under the id made of `owner` (pair or user index)
 /// and `i`; true if the server stored it (a duplicate, or any failure, is an error here).
@@ -275,10 +318,26 @@ async fn relay(
     progress::phase("load", Goal::Time(options.duration));
     let start = Instant::now();
     let deadline = start + options.duration;
-    let per_sender_rate = options.rate.map(|r| r / options.clients as f64);
+    // Open loop: one pacer thread hands each sender the instants it is due to send (sender p
+    // gets every clients-th slot of an even schedule), so the schedule does not depend on
+    // the runtime's 1 ms timer wheel and the senders never send in bursts.
+    let (mut schedules, pacer) = match options.rate {
+        Some(rate) if rate > 0.0 => {
+            let (txs, rxs): (Vec<_>, Vec<_>) = (0..options.clients)
+                .map(|_| tokio::sync::mpsc::unbounded_channel())
+                .unzip();
+            let pacer = std::thread::Builder::new()
+                .name("sfc-bench-pacer".into())
+                .spawn(move || pace(&txs, start, rate, deadline))
+                .map_err(|e| BenchError::Setup(format!("cannot start the pacer: {e}")))?;
+            (rxs.into_iter().map(Some).collect(), Some(pacer))
+        }
+        _ => ((0..options.clients).map(|_| None).collect::<Vec<_>>(), None),
+    };
     let mut sending = JoinSet::new();
     for (p, sender) in senders.iter().enumerate() {
         let (sender, sent, errors) = (Arc::clone(sender), Arc::clone(&sent), Arc::clone(&errors));
+        let mut schedule = schedules.get_mut(p).and_then(Option::take);
         let (to, size, window) = (
             format!("{prefix}r{p}"),
             options.size.max(16),
@@ -287,7 +346,7 @@ async fn relay(
         sending.spawn(async move {
             // Open loop: a bound on sends in flight only to keep memory finite; latency is
             // still measured from the intended time, so such a stall shows.
-            let slots = Arc::new(Semaphore::new(if per_sender_rate.is_some() {
+            let slots = Arc::new(Semaphore::new(if schedule.is_some() {
                 4096
             } else {
                 window
@@ -295,14 +354,16 @@ async fn relay(
             let mut inflight = JoinSet::new();
             let mut i: u64 = 0;
             loop {
-                let intended = match per_sender_rate {
-                    Some(rate) => start + Duration::from_secs_f64(i as f64 / rate),
+                let intended = match &mut schedule {
+                    Some(schedule) => match schedule.recv().await {
+                        Some(at) => at,
+                        None => break,
+                    },
                     None => Instant::now(),
                 };
                 if intended >= deadline {
                     break;
                 }
-                tokio::time::sleep_until(intended.into()).await;
                 let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
                     break;
                 };
@@ -329,6 +390,11 @@ async fn relay(
         });
     }
     while sending.join_next().await.is_some() {}
+    let pacer_lateness = match pacer.map(std::thread::JoinHandle::join) {
+        Some(Ok(lateness)) => Some(lateness),
+        Some(Err(_)) => return Err(BenchError::Setup("the pacer panicked".into())),
+        None => None,
+    };
     done.store(1, Ordering::Release);
     progress::phase("drain", Goal::Delivered(sent.load(Ordering::Relaxed)));
     let received = collect(&mut receivers).await?;
@@ -340,6 +406,7 @@ async fn relay(
     report.sent = sent.load(Ordering::Relaxed);
     report.errors = errors.load(Ordering::Relaxed);
     report.count_deliveries(&received, elapsed);
+    report.pacer_lateness_us = pacer_lateness;
     if report.lost > 0 {
         let mut redelivered = 0;
         for token in tokens {
@@ -467,6 +534,7 @@ async fn repeated(
     // With `--rate`, each loop keeps its share of the schedule and latency counts from the
     // intended start (a loop that falls behind starts the next operation at once).
     let per_loop_rate = options.rate.map(|r| r / options.clients.max(1) as f64);
+    let loops_n = options.clients.max(1);
     let mut loops = JoinSet::new();
     for c in 0..options.clients {
         let account = accounts.get(c).cloned();
@@ -478,10 +546,12 @@ async fn repeated(
         );
         loops.spawn(async move {
             let mut i: u64 = 0;
+            // Offset as in `relay`: an even schedule, not bursts of one operation per loop.
+            let phase = c as f64 / loops_n as f64;
             while Instant::now() < deadline {
                 let begin = match per_loop_rate {
                     Some(rate) if rate > 0.0 => {
-                        let intended = start + Duration::from_secs_f64(i as f64 / rate);
+                        let intended = start + Duration::from_secs_f64((i as f64 + phase) / rate);
                         if intended >= deadline {
                             break;
                         }
