@@ -19,7 +19,9 @@ use securefastchat::protocol::{
     Request, SendHeader, ServerFrame, SessionToken, StreamHeader, Username, decode_body,
     decode_request, encode_frame, frame_length,
 };
-use securefastchat::store::{Appended, Durability, FjallStore, NewMessage, Store, StoreOptions};
+use securefastchat::store::{
+    Appended, Durability, FjallStore, NewMessage, Removal, Store, StoreOptions,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
@@ -378,15 +380,18 @@ async fn round(
                 id[..8].copy_from_slice(&round_no.to_be_bytes());
                 id[8..].copy_from_slice(&(i as u64).to_be_bytes());
                 let appended = store
-                    .append(NewMessage {
-                        sender: sender.clone(),
-                        recipient: recipient.clone(),
-                        id: MessageId(id),
-                        kind: "text".into(),
-                        body: vec![0x5a; BODY],
-                        sent_at: 0,
-                        expires_at: u64::MAX,
-                    })
+                    .append(
+                        NewMessage {
+                            sender: sender.clone(),
+                            recipient: recipient.clone(),
+                            id: MessageId(id),
+                            kind: "text".into(),
+                            body: vec![0x5a; BODY],
+                            sent_at: 0,
+                            expires_at: u64::MAX,
+                        },
+                        None,
+                    )
                     .await
                     .expect("append");
                 let Appended::Stored { seq } = appended else {
@@ -409,7 +414,7 @@ async fn round(
         let (store, pairs) = (Arc::clone(store), Arc::clone(pairs));
         tasks.spawn(async move {
             let removed = store
-                .remove_pending(&pairs.0[w].1, seqs)
+                .remove_pending(&pairs.0[w].1, seqs, Removal::Acknowledged)
                 .await
                 .expect("ack");
             assert_eq!(removed, PER_APPENDER as u64);

@@ -109,15 +109,18 @@ async fn store_writes(args: &Args) -> anyhow::Result<()> {
                     let mut id = [0u8; 16];
                     id[..8].copy_from_slice(&(i as u64).to_be_bytes());
                     store
-                        .append(NewMessage {
-                            sender: sender.clone(),
-                            recipient: recipient.clone(),
-                            id: MessageId(id),
-                            kind: "text".into(),
-                            body: body.clone(),
-                            sent_at: 0,
-                            expires_at: u64::MAX,
-                        })
+                        .append(
+                            NewMessage {
+                                sender: sender.clone(),
+                                recipient: recipient.clone(),
+                                id: MessageId(id),
+                                kind: "text".into(),
+                                body: body.clone(),
+                                sent_at: 0,
+                                expires_at: u64::MAX,
+                            },
+                            None,
+                        )
                         .await?;
                 }
                 anyhow::Ok(())

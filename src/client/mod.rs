@@ -420,6 +420,12 @@ impl Client {
             .flatten()
     }
 
+    /// A delivered message that has already arrived, without waiting: lets a receiver take
+    /// everything at hand and acknowledge it in one batch.
+    pub fn try_next_delivery(&self) -> Option<Delivered> {
+        self.deliveries.try_lock().ok()?.try_recv().ok()
+    }
+
     /// Acknowledges delivered messages so the server deletes them; returns how many it had.
     pub async fn ack(&self, seqs: Vec<u64>) -> Result<u64, ClientError> {
         match self.request(Request::Ack { seqs }).await? {

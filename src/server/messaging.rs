@@ -15,7 +15,7 @@ use crate::protocol::{
     DeliverHeader, ErrorCode, MAX_STREAM_HEADER, MessageId, Reply, SendHeader, ServerFrame,
     StreamHeader, Username, decode_body, read_frame,
 };
-use crate::store::{Appended, NewMessage, StoredMessage};
+use crate::store::{Appended, NewMessage, OnOrdered, StoredMessage};
 use crate::unix_now;
 
 /// The session of a connection, shared by its control loop and its message streams.
@@ -130,11 +130,33 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
     }
     let now = unix_now();
     let expires_at = now.saturating_add(shared.limits.message_ttl.as_secs());
-    // A copy for the recipient's deliverer, so it need not read the message back.
-    let copy = shared
-        .router
-        .is_online(&recipient)
-        .then(|| (sender.clone(), header.kind.clone(), body.clone()));
+    // A copy for an online recipient's deliverer, handed over as soon as the message has its
+    // seq (while the batch syncs), so delivery does not wait for the disk and the deliverer
+    // need not read the message back.
+    let copy: Option<OnOrdered> = shared.router.is_online(&recipient).then(|| {
+        let router = Arc::clone(&shared.router);
+        let (to, from, kind, body) = (
+            recipient.clone(),
+            sender.clone(),
+            header.kind.clone(),
+            body.clone(),
+        );
+        Box::new(move |seq| {
+            router.offer(
+                &to,
+                StoredMessage {
+                    seq,
+                    id,
+                    from,
+                    kind,
+                    sent_at: now,
+                    expires_at,
+                    body,
+                },
+            )
+        }) as OnOrdered
+    });
+    let copied = copy.is_some();
     let message = NewMessage {
         sender,
         recipient: recipient.clone(),
@@ -144,19 +166,10 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
         sent_at: now,
         expires_at,
     };
-    match shared.accounts.store().append(message).await {
+    match shared.accounts.store().append(message, copy).await {
         Ok(Appended::Stored { seq }) => {
             tracing::trace!(%id, seq, to = %recipient, "stored");
-            let stored = copy.map(|(from, kind, body)| StoredMessage {
-                seq,
-                id,
-                from,
-                kind,
-                sent_at: now,
-                expires_at,
-                body,
-            });
-            shared.router.offer(&recipient, stored);
+            shared.router.stored(&recipient, seq, copied);
             Some(Reply::Sent {
                 message_id: id,
                 duplicate: false,
@@ -213,6 +226,9 @@ pub(crate) async fn deliver(
     let store = shared.accounts.store();
     let (mut after, mut prev) = (0u64, 0u64);
     let mut read_store = true;
+    // The last store read found nothing new: a gap in the mailbox then means a message not
+    // synced yet, and its sync will wake this loop (see `Mailbox`); reading again would spin.
+    let mut dry = false;
     loop {
         let batch = if read_store {
             let batch = tokio::select! {
@@ -222,9 +238,13 @@ pub(crate) async fn deliver(
             match batch {
                 Ok(batch) if batch.len() < DELIVERY_BATCH => {
                     read_store = false;
+                    dry = batch.is_empty();
                     batch
                 }
-                Ok(batch) => batch,
+                Ok(batch) => {
+                    dry = false;
+                    batch
+                }
                 Err(e) => {
                     warn!(error = %e, "cannot read the inbox; retrying");
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -233,12 +253,19 @@ pub(crate) async fn deliver(
             }
         } else {
             match mailbox.take_after(after) {
-                Taken::Messages(batch) => batch,
+                Taken::Messages(batch) => {
+                    dry = false;
+                    batch
+                }
                 Taken::ReadStore => {
                     read_store = true;
                     continue;
                 }
-                Taken::Nothing => {
+                Taken::Gap if !dry => {
+                    read_store = true;
+                    continue;
+                }
+                Taken::Gap | Taken::Nothing => {
                     tokio::select! {
                         () = stop.cancelled() => return,
                         () = mailbox.changed() => continue,

@@ -19,7 +19,7 @@ use crate::protocol::{
     ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Reply, Request, RequestError,
     RequestKind, ServerFrame, Username, decode_request,
 };
-use crate::store::StoreError;
+use crate::store::{Removal, StoreError};
 use crate::unix_now;
 
 /// Fewer one-time prekeys than this left after a fetch: the owner is told to upload more.
@@ -290,7 +290,10 @@ impl Control {
                     );
                 }
                 let store = self.shared.accounts.store();
-                match store.remove_pending(&me, seqs.clone()).await {
+                match store
+                    .remove_pending(&me, seqs.clone(), Removal::Acknowledged)
+                    .await
+                {
                     Ok(removed) => {
                         self.shared.router.release(&me, &seqs);
                         Reply::Acked { removed }
@@ -424,7 +427,7 @@ impl Control {
             return Reply::Unsent { deleted: false };
         }
         match store
-            .remove_pending(&record.recipient, vec![record.seq])
+            .remove_pending(&record.recipient, vec![record.seq], Removal::Unsent)
             .await
         {
             Ok(removed) => Reply::Unsent {

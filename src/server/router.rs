@@ -23,6 +23,11 @@ const MAILBOX_BYTES: usize = 256 * 1024;
 /// deliverer can push them without reading them back from the store. The store stays the
 /// truth: whenever the mailbox cannot prove it holds the next message in order (a gap, an
 /// overflow, a message stored without a copy), the deliverer reads the inbox instead.
+///
+/// Copies arrive when a message's place in the inbox is decided, before it is durable; the
+/// store has it only after the sync. So a message whose copy this mailbox does not hold must
+/// wake the deliverer again once it is synced ([`Mailbox::committed`]): a store read made
+/// before that would not have seen it.
 #[derive(Default)]
 pub struct Mailbox {
     notify: Notify,
@@ -35,6 +40,10 @@ struct Fresh {
     bytes: usize,
     /// Something was stored that is not in `messages`: the inbox must be read.
     stale: bool,
+    /// The highest seq whose copy was offered here.
+    offered_upto: u64,
+    /// The highest seq whose copy was offered here and dropped (overflow).
+    dropped_upto: u64,
 }
 
 /// What a deliverer should do next, from [`Mailbox::take_after`].
@@ -43,15 +52,22 @@ pub enum Taken {
     Messages(Vec<StoredMessage>),
     /// Read the inbox from the store.
     ReadStore,
+    /// The next message is missing (its copy is late, was dropped, or never came): read the
+    /// store, or if a read just found nothing, wait for [`Mailbox::changed`]; the missing
+    /// message's sync marks the mailbox stale.
+    Gap,
     /// Nothing new: wait for [`Mailbox::changed`].
     Nothing,
 }
 
 impl Mailbox {
-    /// Adds a message just stored (or, with `None`, notes that one was stored without a copy)
-    /// and wakes the deliverer.
+    /// Adds a copy of a message just ordered (or, with `None`, notes that one was stored without
+    /// a copy) and wakes the deliverer.
     fn offer(&self, message: Option<StoredMessage>) {
         if let Ok(mut fresh) = self.fresh.lock() {
+            if let Some(m) = &message {
+                fresh.offered_upto = fresh.offered_upto.max(m.seq);
+            }
             match message {
                 Some(m)
                     if !fresh.stale
@@ -61,7 +77,10 @@ impl Mailbox {
                     fresh.bytes += m.body.len();
                     fresh.messages.insert(m.seq, m);
                 }
-                _ => {
+                dropped => {
+                    if let Some(m) = dropped {
+                        fresh.dropped_upto = fresh.dropped_upto.max(m.seq);
+                    }
                     fresh.stale = true;
                     fresh.messages.clear();
                     fresh.bytes = 0;
@@ -69,6 +88,22 @@ impl Mailbox {
             }
         }
         self.notify.notify_one();
+    }
+
+    /// Notes that `seq`, whose copy was offered to the recipient's mailbox of the moment, is
+    /// now in the store. If this mailbox does not hold that copy (dropped, or offered to an
+    /// older connection's mailbox), the deliverer must read the store again.
+    fn committed(&self, seq: u64) {
+        let Ok(mut fresh) = self.fresh.lock() else {
+            return;
+        };
+        if !fresh.stale && (seq <= fresh.dropped_upto || seq > fresh.offered_upto) {
+            fresh.stale = true;
+            fresh.messages.clear();
+            fresh.bytes = 0;
+            drop(fresh);
+            self.notify.notify_one();
+        }
     }
 
     /// Takes the run of messages that directly follows `after` (the last sequence number
@@ -101,8 +136,8 @@ impl Mailbox {
         fresh.bytes = fresh.bytes.saturating_sub(freed);
         match (run.is_empty(), fresh.messages.is_empty()) {
             (false, _) => Taken::Messages(run),
-            // A gap: the missing message is stored but its copy is late or was never made.
-            (true, false) => Taken::ReadStore,
+            // A gap: the missing message's copy is late or was never made.
+            (true, false) => Taken::Gap,
             (true, true) => Taken::Nothing,
         }
     }
@@ -207,15 +242,30 @@ impl Router {
             .unwrap_or(false)
     }
 
-    /// Tells `user`'s deliverer, if online, that `message` was just stored (`None`: a message
-    /// was stored but no copy was kept, so the deliverer reads the inbox).
-    pub fn offer(&self, user: &Username, message: Option<StoredMessage>) {
-        let mailbox = match self.online.lock() {
+    /// Hands `user`'s deliverer, if online, a copy of a message whose place in the inbox was
+    /// just decided (it may not be durable yet).
+    pub fn offer(&self, user: &Username, message: StoredMessage) {
+        if let Some(mailbox) = self.mailbox(user) {
+            mailbox.offer(Some(message));
+        }
+    }
+
+    /// Tells `user`'s deliverer, if online, that message `seq` is now in the store; `copied`
+    /// says whether it was [`Router::offer`]ed (otherwise the deliverer reads the inbox).
+    pub fn stored(&self, user: &Username, seq: u64, copied: bool) {
+        if let Some(mailbox) = self.mailbox(user) {
+            if copied {
+                mailbox.committed(seq);
+            } else {
+                mailbox.offer(None);
+            }
+        }
+    }
+
+    fn mailbox(&self, user: &Username) -> Option<Arc<Mailbox>> {
+        match self.online.lock() {
             Ok(online) => online.get(user).map(|o| Arc::clone(&o.mailbox)),
             Err(_) => None,
-        };
-        if let Some(mailbox) = mailbox {
-            mailbox.offer(message);
         }
     }
 
@@ -289,7 +339,7 @@ mod tests {
     fn seqs(taken: Taken) -> Option<Vec<u64>> {
         match taken {
             Taken::Messages(m) => Some(m.iter().map(|m| m.seq).collect()),
-            Taken::ReadStore => None,
+            Taken::ReadStore | Taken::Gap => None,
             Taken::Nothing => Some(Vec::new()),
         }
     }
@@ -341,5 +391,39 @@ mod tests {
         big.offer(Some(message(1, MAILBOX_BYTES)));
         big.offer(Some(message(2, 1)));
         assert_eq!(seqs(big.take_after(0)), None);
+    }
+
+    #[test]
+    fn a_dropped_copy_marks_the_mailbox_stale_again_once_synced() {
+        let mailbox = Mailbox::default();
+        for seq in 1..=(MAILBOX_MESSAGES as u64 + 1) {
+            mailbox.offer(Some(message(seq, 1)));
+        }
+        // The deliverer reads the store before the batch is synced: it finds nothing.
+        assert!(matches!(mailbox.take_after(0), Taken::ReadStore));
+        assert!(matches!(mailbox.take_after(0), Taken::Nothing));
+        // The sync of a dropped copy sends it back to the store, once.
+        mailbox.committed(1);
+        mailbox.committed(2);
+        assert!(matches!(mailbox.take_after(0), Taken::ReadStore));
+        // A copy it holds needs nothing.
+        mailbox.offer(Some(message(1000, 1)));
+        mailbox.committed(1000);
+        assert!(matches!(mailbox.take_after(999), Taken::Messages(_)));
+    }
+
+    #[test]
+    fn a_copy_offered_to_another_mailbox_marks_this_one_stale_once_synced() {
+        // A newer connection's mailbox never saw seq 5's copy (the older one got it).
+        let mailbox = Mailbox::default();
+        mailbox.committed(5);
+        assert!(matches!(mailbox.take_after(0), Taken::ReadStore));
+    }
+
+    #[test]
+    fn a_gap_is_not_a_stale_mailbox() {
+        let mailbox = Mailbox::default();
+        mailbox.offer(Some(message(3, 1)));
+        assert!(matches!(mailbox.take_after(1), Taken::Gap));
     }
 }

@@ -16,8 +16,8 @@ use serde::de::DeserializeOwned;
 use super::fjall_keys::KeyDirectory;
 use super::inbox_writer::{InboxKeyspaces, InboxWriter, inbox_key, pair_key};
 use super::{
-    Appended, Created, Durability, KeysRecord, NewMessage, SentRecord, SessionRecord, Store,
-    StoreError, StoredMessage, TakenBundle, TokenDigest, UserRecord,
+    Appended, Created, Durability, KeysRecord, NewMessage, OnOrdered, Removal, SentRecord,
+    SessionRecord, Store, StoreError, StoredMessage, TakenBundle, TokenDigest, UserRecord,
 };
 use crate::blocking::BlockingPool;
 use crate::protocol::MessageId;
@@ -287,8 +287,12 @@ impl Store for FjallStore {
         self.call(move |db| db.directory.take_bundle(&user)).await
     }
 
-    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
-        self.writer.append(message).await
+    async fn append(
+        &self,
+        message: NewMessage,
+        on_ordered: Option<OnOrdered>,
+    ) -> Result<Appended, StoreError> {
+        self.writer.append(message, on_ordered).await
     }
 
     async fn pending(
@@ -312,8 +316,13 @@ impl Store for FjallStore {
         .await
     }
 
-    async fn remove_pending(&self, username: &Username, seqs: Vec<u64>) -> Result<u64, StoreError> {
-        self.writer.remove(username.clone(), seqs).await
+    async fn remove_pending(
+        &self,
+        username: &Username,
+        seqs: Vec<u64>,
+        removal: Removal,
+    ) -> Result<u64, StoreError> {
+        self.writer.remove(username.clone(), seqs, removal).await
     }
 
     async fn sent(
@@ -373,7 +382,10 @@ impl Store for FjallStore {
         }
         let mut removed = 0;
         for (user, seqs) in by_user {
-            removed += self.writer.remove(user, seqs).await?;
+            removed += self
+                .writer
+                .remove(user, seqs, Removal::Acknowledged)
+                .await?;
         }
         if !forgotten.is_empty() {
             self.writer.forget_sent(forgotten).await?;

@@ -3,10 +3,25 @@
 //! only then answers each caller. Many connections' messages share one fsync, and sequence
 //! numbers, deduplication and quotas need no locks because one thread decides them.
 //!
+//! An append may carry an [`OnOrdered`] hook, called with the message's sequence number once
+//! the whole batch is built and before it is synced: the server hands the message to an online
+//! recipient while the sync runs, so delivery does not wait for the disk (the sender's `sent`
+//! still does). Sequence numbers are never reused, even when a batch fails or the process dies
+//! with a batch unsynced: counters only grow in memory, and after a run that did not end
+//! cleanly (its [`RUNNING`] marker is still there) each inbox's counter skips
+//! [`SEQ_RESTART_GAP`] past the stored one on first use.
+//!
+//! Counters cost few writes: an inbox's next seq is stored only every [`SEQ_CHECKPOINT`] seqs
+//! (and exactly at a clean stop), and its pending count is not stored at all but counted from
+//! the inbox when this process first needs it (a memtable insert per message and per ack was
+//! the writer's largest cost).
+//!
 //! Key layout (usernames never contain 0x00):
 //! - `inbox`: recipient 0x00 seq(u64 BE) → [`StoredMessage`]
 //! - `sent`: sender 0x00 message-id(16) → [`SentRecord`]
-//! - `meta`: `seq` 0x00 user → next seq (u64 BE); `cnt` 0x00 user → pending count (u64 BE)
+//! - `meta`: `seq` 0x00 user → next seq (u64 BE), at least; [`RUNNING`] → empty while a writer
+//!   runs (and after one that did not stop cleanly). Stores from before this layout also hold
+//!   `cnt` 0x00 user keys, no longer read.
 //! - `contacts`: viewer 0x00 subject → empty (the subject has written to the viewer)
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -15,13 +30,24 @@ use std::thread::JoinHandle;
 use fjall::{Database, Keyspace, OwnedWriteBatch, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Appended, Durability, NewMessage, SentRecord, StoreError, StoredMessage};
+use super::{
+    Appended, Durability, NewMessage, OnOrdered, Removal, SentRecord, StoreError, StoredMessage,
+};
 use crate::protocol::{MessageId, Username};
 
 /// Most operations folded into one batch (and one sync), by default.
 pub const DEFAULT_MAX_BATCH: usize = 1024;
 /// Operations that may queue for the writer before callers wait for room.
 const QUEUE: usize = 8192;
+/// How far an inbox's counter skips ahead of the stored one after an unclean stop: more than
+/// a checkpoint interval plus a batch, so no seq handed out before a crash (stored or not) is
+/// ever given to another message.
+const SEQ_RESTART_GAP: u64 = 1 << 20;
+/// An inbox's next seq is written to `meta` once it is this far past the stored value.
+const SEQ_CHECKPOINT: u64 = 4096;
+/// Key in `meta` written (synced) when a writer starts and removed when it stops with every
+/// counter stored exactly. (It has no 0x00, so no counter key can equal it.)
+const RUNNING: &[u8] = b"writer-running";
 /// Out-of-order removals remembered per inbox before the writer forgets what it knows of that
 /// inbox (and asks the store again).
 const MAX_REMOVED_AHEAD: usize = 4096;
@@ -101,9 +127,15 @@ fn meta_key(kind: &[u8], user: &Username) -> Vec<u8> {
 enum Op {
     Append(
         Box<NewMessage>,
+        Option<OnOrdered>,
         oneshot::Sender<Result<Appended, StoreError>>,
     ),
-    Remove(Username, Vec<u64>, oneshot::Sender<Result<u64, StoreError>>),
+    Remove(
+        Username,
+        Vec<u64>,
+        Removal,
+        oneshot::Sender<Result<u64, StoreError>>,
+    ),
     /// Removes expired send records (keys in `sent`).
     ForgetSent(Vec<Vec<u8>>, oneshot::Sender<Result<u64, StoreError>>),
 }
@@ -132,12 +164,16 @@ impl InboxWriter {
         max_batch: usize,
     ) -> Result<Self, StoreError> {
         let (queue, rx) = mpsc::channel(QUEUE);
+        let seq_gap = mark_running(&keyspaces)?;
         let mut state = WriterState {
+            seq_gap,
+            failed: false,
             ks: keyspaces,
             durability,
             max_pending,
             max_batch: max_batch.max(1),
             next_seq: HashMap::new(),
+            stored_seq: HashMap::new(),
             pending: HashMap::new(),
             contacts: HashSet::new(),
             known: HashMap::new(),
@@ -165,12 +201,22 @@ impl InboxWriter {
         rx.await.map_err(|_| StoreError::WriterStopped)?
     }
 
-    pub async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
-        self.submit(|tx| Op::Append(Box::new(message), tx)).await
+    pub async fn append(
+        &self,
+        message: NewMessage,
+        on_ordered: Option<OnOrdered>,
+    ) -> Result<Appended, StoreError> {
+        self.submit(|tx| Op::Append(Box::new(message), on_ordered, tx))
+            .await
     }
 
-    pub async fn remove(&self, user: Username, seqs: Vec<u64>) -> Result<u64, StoreError> {
-        self.submit(|tx| Op::Remove(user, seqs, tx)).await
+    pub async fn remove(
+        &self,
+        user: Username,
+        seqs: Vec<u64>,
+        removal: Removal,
+    ) -> Result<u64, StoreError> {
+        self.submit(|tx| Op::Remove(user, seqs, removal, tx)).await
     }
 
     pub async fn forget_sent(&self, keys: Vec<Vec<u8>>) -> Result<u64, StoreError> {
@@ -180,12 +226,18 @@ impl InboxWriter {
 
 struct WriterState {
     ks: InboxKeyspaces,
+    /// Added to a stored seq counter on first use (after an unclean stop).
+    seq_gap: u64,
+    /// A batch failed in this run: its seqs may have been given out but not stored.
+    failed: bool,
     durability: Durability,
     max_pending: u64,
     max_batch: usize,
     /// Next sequence number per inbox (loaded from `meta` on first use).
     next_seq: HashMap<Username, u64>,
-    /// Pending messages per inbox (loaded from `meta` on first use).
+    /// The next seq as stored in `meta`, per inbox in `next_seq`.
+    stored_seq: HashMap<Username, u64>,
+    /// Pending messages per inbox (counted from the inbox on first use).
     pending: HashMap<Username, u64>,
     /// (viewer, subject) pairs known to be in `contacts`.
     contacts: HashSet<(Username, Username)>,
@@ -207,15 +259,41 @@ impl WriterState {
             }
             self.commit(ops);
         }
+        // A clean stop stores every counter exactly and drops the marker, so the next start
+        // continues without a gap. After a failed batch the marker stays: its seqs may have
+        // been given out without being stored.
+        if !self.failed {
+            let mut batch = self.ks.db.batch().durability(Some(PersistMode::SyncData));
+            for (user, next) in &self.next_seq {
+                if self.stored_seq.get(user) != Some(next) {
+                    batch.insert(
+                        &self.ks.meta,
+                        meta_key(b"seq", user),
+                        next.to_be_bytes().to_vec(),
+                    );
+                }
+            }
+            batch.remove(&self.ks.meta, RUNNING);
+            if let Err(e) = batch.commit() {
+                tracing::warn!(error = %e, "cannot store the inbox counters at stop");
+            }
+        }
     }
 
     fn commit(&mut self, ops: Vec<Op>) {
+        // Only appends and unsends need the sync before their answer. A batch of acks alone
+        // (or expiry, or forgetting expired send records) is handed to the OS and made durable by the next synced batch (the
+        // journal is written in order): see [`Removal::Acknowledged`].
+        let must_sync = ops
+            .iter()
+            .any(|op| matches!(op, Op::Append(..) | Op::Remove(_, _, Removal::Unsent, _)));
         let mode = match self.durability {
-            Durability::Sync => PersistMode::SyncData,
-            Durability::Buffered => PersistMode::Buffer,
+            Durability::Sync if must_sync => PersistMode::SyncData,
+            Durability::Sync | Durability::Buffered => PersistMode::Buffer,
         };
         let mut batch = self.ks.db.batch().durability(Some(mode));
         let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
+        let mut ordered: Vec<(OnOrdered, u64)> = Vec::new();
         let mut in_batch: HashMap<(Username, MessageId), ()> = HashMap::new();
         // Inboxes whose counters changed: written once per batch, not once per message. The
         // value is the first seq appended to the inbox in this batch (`u64::MAX` if none): a
@@ -223,11 +301,14 @@ impl WriterState {
         let mut touched: HashMap<Username, u64> = HashMap::new();
         for op in ops {
             match op {
-                Op::Append(message, tx) => {
+                Op::Append(message, on_ordered, tx) => {
                     let result = self.append(&mut batch, &mut in_batch, &mut touched, *message);
+                    if let (Some(hook), Ok(Appended::Stored { seq })) = (on_ordered, &result) {
+                        ordered.push((hook, *seq));
+                    }
                     replies.push(deferred(tx, result));
                 }
-                Op::Remove(user, seqs, tx) => {
+                Op::Remove(user, seqs, _, tx) => {
                     let result = self.remove(&mut batch, &mut touched, &user, &seqs);
                     replies.push(deferred(tx, result));
                 }
@@ -240,21 +321,25 @@ impl WriterState {
                 }
             }
         }
+        let mut checkpoints = Vec::new();
         for user in touched.into_keys() {
-            if let Some(seq) = self.next_seq.get(&user) {
+            let (Some(&next), Some(&stored)) =
+                (self.next_seq.get(&user), self.stored_seq.get(&user))
+            else {
+                continue;
+            };
+            if next.saturating_sub(stored) >= SEQ_CHECKPOINT {
                 batch.insert(
                     &self.ks.meta,
                     meta_key(b"seq", &user),
-                    seq.to_be_bytes().to_vec(),
+                    next.to_be_bytes().to_vec(),
                 );
+                checkpoints.push((user, next));
             }
-            if let Some(count) = self.pending.get(&user) {
-                batch.insert(
-                    &self.ks.meta,
-                    meta_key(b"cnt", &user),
-                    count.to_be_bytes().to_vec(),
-                );
-            }
+        }
+        // The batch's order is final: let the messages go to online recipients while it syncs.
+        for (hook, seq) in ordered {
+            hook(seq);
         }
         let failure = if batch.is_empty() {
             Ok(())
@@ -262,18 +347,38 @@ impl WriterState {
             batch.commit()
         };
         match failure {
-            Ok(()) => replies.into_iter().for_each(|reply| reply(None)),
+            Ok(()) => {
+                self.stored_seq.extend(checkpoints);
+                replies.into_iter().for_each(|reply| reply(None));
+            }
             Err(e) => {
                 tracing::error!(error = %e, "inbox batch failed; nothing in it was stored");
-                // The caches may describe writes that never happened: reload them lazily.
-                self.next_seq.clear();
+                self.failed = true;
+                // The caches may describe writes that never happened: reload them lazily. The
+                // seq counters stay (they only grow): the batch's seqs may have been delivered.
                 self.pending.clear();
                 self.contacts.clear();
-                self.known.clear();
+                self.known = self
+                    .next_seq
+                    .iter()
+                    .map(|(user, next)| (user.clone(), KnownPending::new(*next)))
+                    .collect();
                 let error = StoreError::Engine(e);
                 replies.into_iter().for_each(|reply| reply(Some(&error)));
             }
         }
+    }
+
+    /// Pending messages of `user`, counted from the inbox (once per process and inbox).
+    fn count_pending(&self, user: &Username) -> Result<u64, StoreError> {
+        let mut prefix = user.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut count = 0u64;
+        for entry in self.ks.inbox.prefix(prefix) {
+            entry.key()?;
+            count += 1;
+        }
+        Ok(count)
     }
 
     fn load_counter(&self, kind: &[u8], user: &Username) -> Result<u64, StoreError> {
@@ -303,7 +408,7 @@ impl WriterState {
         }
         let pending = match self.pending.get(&message.recipient) {
             Some(n) => *n,
-            None => self.load_counter(b"cnt", &message.recipient)?,
+            None => self.count_pending(&message.recipient)?,
         };
         if pending >= self.max_pending {
             return Ok(Appended::InboxFull);
@@ -311,7 +416,9 @@ impl WriterState {
         let seq = match self.next_seq.get(&message.recipient) {
             Some(n) => *n,
             None => {
-                let next = self.load_counter(b"seq", &message.recipient)?.max(1);
+                let stored = self.load_counter(b"seq", &message.recipient)?;
+                let next = stored.max(1).saturating_add(self.seq_gap);
+                self.stored_seq.insert(message.recipient.clone(), stored);
                 self.known
                     .insert(message.recipient.clone(), KnownPending::new(next));
                 next
@@ -400,7 +507,7 @@ impl WriterState {
         if removed > 0 {
             let pending = match self.pending.get(user) {
                 Some(n) => *n,
-                None => self.load_counter(b"cnt", user)?,
+                None => self.count_pending(user)?,
             };
             self.pending
                 .insert(user.clone(), pending.saturating_sub(removed));
@@ -408,6 +515,16 @@ impl WriterState {
         }
         Ok(removed)
     }
+}
+
+/// Stores the running marker (synced, so a crash from now on is noticed) and returns the seq
+/// gap this run must leave: [`SEQ_RESTART_GAP`] if the last writer did not stop cleanly.
+fn mark_running(ks: &InboxKeyspaces) -> Result<u64, StoreError> {
+    let crashed = ks.meta.contains_key(RUNNING)?;
+    let mut batch = ks.db.batch().durability(Some(PersistMode::SyncData));
+    batch.insert(&ks.meta, RUNNING, Vec::new());
+    batch.commit()?;
+    Ok(if crashed { SEQ_RESTART_GAP } else { 0 })
 }
 
 /// Packages a result so it is sent only after the batch commit, as an error if it failed.

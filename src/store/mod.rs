@@ -82,6 +82,22 @@ pub struct NewMessage {
     pub expires_at: u64,
 }
 
+/// Called with a message's inbox seq once its place is decided, before it is durable: see
+/// [`Store::append`].
+pub type OnOrdered = Box<dyn FnOnce(u64) + Send>;
+
+/// How durable a [`Store::remove_pending`] must be when it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Acknowledged (or expired) messages: the removal is made durable by the next synced
+    /// write. Lost in a crash, it only means the message is delivered again, which clients
+    /// handle by its id; so acks need not wait for a sync of their own.
+    Acknowledged,
+    /// Unsent messages: synced before it returns (per the store's [`Durability`]), so an
+    /// unsent message never comes back.
+    Unsent,
+}
+
 /// The outcome of [`Store::append`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
@@ -229,8 +245,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends a message to its recipient's inbox through group commit: durable (per the
     /// configured [`Durability`]) when this returns. Deduplicates by (sender, id) and enforces
-    /// the per-inbox quota.
-    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError>;
+    /// the per-inbox quota. If the message is stored, `on_ordered` is called with its seq as
+    /// soon as its place in the inbox is decided, before it is durable (on the writer's
+    /// thread: it must be quick and must not block). A seq is never given to two messages.
+    async fn append(
+        &self,
+        message: NewMessage,
+        on_ordered: Option<OnOrdered>,
+    ) -> Result<Appended, StoreError>;
 
     /// Up to `limit` pending messages of `username` with `seq > after`, in order.
     async fn pending(
@@ -241,7 +263,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StoredMessage>, StoreError>;
 
     /// Deletes these pending messages of `username`; returns how many existed.
-    async fn remove_pending(&self, username: &Username, seqs: Vec<u64>) -> Result<u64, StoreError>;
+    async fn remove_pending(
+        &self,
+        username: &Username,
+        seqs: Vec<u64>,
+        removal: Removal,
+    ) -> Result<u64, StoreError>;
 
     /// Where a message `sender` sent with `id` went, if it is still remembered.
     async fn sent(
