@@ -295,3 +295,22 @@ async fn failed_logins_and_signups_are_throttled_per_address() {
     assert_eq!(code, ErrorCode::RateLimited);
     server.stop().await;
 }
+
+/// A logout on one connection ends the session on every other connection that holds the same
+/// token at once: control requests and message streams alike, without a restart or a resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_ends_the_session_on_every_connection_at_once() {
+    let server = TestServer::start().await;
+    let (first, token) = server.signed_up("hanna").await;
+    server.signed_up("ivo").await;
+    let second = server.client().await;
+    second.resume_with(token, false).await.unwrap();
+    assert_eq!(second.whoami().await.unwrap().username, "hanna");
+    first.logout().await.unwrap();
+    let (code, _) = server_error(second.whoami().await);
+    assert_eq!(code, ErrorCode::NotAuthenticated);
+    let id = securefastchat::protocol::MessageId([7; 16]);
+    let (code, _) = server_error(second.send_message("ivo", "text", id, b"late").await);
+    assert_eq!(code, ErrorCode::NotAuthenticated);
+    server.stop().await;
+}

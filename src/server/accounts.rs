@@ -3,7 +3,9 @@
 //! Only digests of session tokens are stored. Every failure a peer can cause maps to one
 //! [`AccountError`] that the connection turns into a typed error code.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -105,6 +107,47 @@ pub struct ActiveSession {
     pub digest: TokenDigest,
     /// When the token expires, in seconds since the Unix epoch.
     pub expires_at: u64,
+    /// Set when the session is revoked (logout on any connection).
+    revoked: Arc<AtomicBool>,
+}
+
+impl ActiveSession {
+    /// Whether the session still holds: not expired and not revoked. No store access: a
+    /// logout on any connection of this server sets the shared flag at once.
+    pub fn is_active(&self) -> bool {
+        self.expires_at > unix_now() && !self.revoked.load(Ordering::Acquire)
+    }
+}
+
+/// The revocation flags of the sessions that live connections hold, by token digest, so a
+/// logout reaches every connection using that token without each request reading the store.
+/// Entries die with their last connection; dead ones are swept as the map grows, so it stays
+/// within twice the live sessions.
+#[derive(Default)]
+struct LiveSessions {
+    flags: HashMap<TokenDigest, Weak<AtomicBool>>,
+    sweep_at: usize,
+}
+
+impl LiveSessions {
+    fn flag(&mut self, digest: TokenDigest) -> Arc<AtomicBool> {
+        if let Some(flag) = self.flags.get(&digest).and_then(Weak::upgrade) {
+            return flag;
+        }
+        if self.flags.len() >= self.sweep_at {
+            self.flags.retain(|_, flag| flag.strong_count() > 0);
+            self.sweep_at = (self.flags.len() * 2).max(1024);
+        }
+        let flag = Arc::new(AtomicBool::new(false));
+        self.flags.insert(digest, Arc::downgrade(&flag));
+        flag
+    }
+
+    fn revoke(&mut self, digest: &TokenDigest) {
+        if let Some(flag) = self.flags.remove(digest).and_then(|f| f.upgrade()) {
+            flag.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// Account operations over a store and a password hasher.
@@ -113,6 +156,7 @@ pub struct Accounts {
     store: Arc<dyn Store>,
     passwords: Passwords,
     session_ttl: Duration,
+    live: Arc<Mutex<LiveSessions>>,
 }
 
 /// SHA-256 of a session token: what the store keys sessions by.
@@ -135,6 +179,7 @@ impl Accounts {
             store,
             passwords,
             session_ttl,
+            live: Arc::default(),
         }
     }
 
@@ -211,18 +256,27 @@ impl Accounts {
             username: record.username,
             digest,
             expires_at: record.expires_at,
+            revoked: self.live_flag(digest)?,
         })
-    }
-
-    /// Whether a session is still valid: stored (not revoked) and not expired.
-    pub async fn is_active(&self, session: &ActiveSession) -> Result<bool, AccountError> {
-        let stored = self.store.session(&session.digest).await?;
-        Ok(stored.is_some_and(|record| record.expires_at > unix_now()))
     }
 
     /// Revokes a session: its token is refused from now on, on every connection.
     pub async fn logout(&self, session: &ActiveSession) -> Result<(), AccountError> {
+        // The flag first: from here on no connection acts on the session, even if the store
+        // fails (then the token stays valid for a later resume, and the client is told).
+        self.revoke_live(&session.digest);
         Ok(self.store.delete_session(&session.digest).await?)
+    }
+
+    fn revoke_live(&self, digest: &TokenDigest) {
+        if let Ok(mut live) = self.live.lock() {
+            live.revoke(digest);
+        }
+    }
+
+    fn live_flag(&self, digest: TokenDigest) -> Result<Arc<AtomicBool>, AccountError> {
+        let mut live = self.live.lock().map_err(|_| StoreError::Poisoned)?;
+        Ok(live.flag(digest))
     }
 
     /// Deletes expired sessions; returns how many.
@@ -249,6 +303,7 @@ impl Accounts {
                 username,
                 digest,
                 expires_at,
+                revoked: self.live_flag(digest)?,
             },
         })
     }

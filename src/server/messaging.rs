@@ -86,7 +86,7 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
     };
     let id = header.id;
     let sender = match session.lock().ok().and_then(|s| s.clone()) {
-        Some(s) if s.expires_at > unix_now() => s.username,
+        Some(s) if s.is_active() => s.username,
         _ => {
             refuse(&mut stream);
             return Some(failed(

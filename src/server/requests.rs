@@ -20,7 +20,6 @@ use crate::protocol::{
     RequestKind, ServerFrame, Username, decode_request,
 };
 use crate::store::{Removal, StoreError};
-use crate::unix_now;
 
 /// Fewer one-time prekeys than this left after a fetch: the owner is told to upload more.
 pub const PREKEYS_LOW: u32 = 10;
@@ -214,7 +213,7 @@ impl Control {
                 }
             }
             other => {
-                let Some(session) = self.authenticated().await else {
+                let Some(session) = self.authenticated() else {
                     return not_authenticated();
                 };
                 self.handle_authenticated(session, other).await
@@ -438,19 +437,10 @@ impl Control {
     }
 
     /// The session, unless there is none or it has expired or been revoked (then it is
-    /// dropped). Checks the store, so a logout on another connection is seen here too.
-    async fn authenticated(&mut self) -> Option<ActiveSession> {
+    /// dropped). A logout on another connection is seen here too (a shared flag).
+    fn authenticated(&mut self) -> Option<ActiveSession> {
         let session = self.current()?;
-        let active = session.expires_at > unix_now()
-            && match self.shared.accounts.is_active(&session).await {
-                Ok(active) => active,
-                Err(e) => {
-                    // Fail closed: a store error must not extend a revoked session.
-                    warn!(error = %e, "cannot check the session; treating it as ended");
-                    false
-                }
-            };
-        if !active {
+        if !session.is_active() {
             debug!("session expired or revoked");
             self.end_session();
         }
