@@ -11,6 +11,8 @@
 //!
 //! This is what libsodium's `crypto_sign_ed25519_{pk,sk}_to_curve25519` compute.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::fmt;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
@@ -26,6 +28,17 @@ use crate::protocol::Username;
 /// Length of an encoded identity key (a compressed Edwards point).
 pub const IDENTITY_KEY_LEN: usize = 32;
 
+/// Identity keys a thread remembers as already validated.
+const VALIDATED_CAP: usize = 1024;
+
+thread_local! {
+    /// Encodings this thread has validated. Validity depends on the 32 bytes alone, so this
+    /// only saves work: every envelope of a session that awaits its first reply carries the
+    /// sender's identity key, and checking it (a point decompression) was the largest cost of
+    /// opening such a message. Public keys only; cleared when full.
+    static VALIDATED: RefCell<HashSet<[u8; IDENTITY_KEY_LEN]>> = RefCell::new(HashSet::new());
+}
+
 /// Domain separation for the safety number hash.
 const SAFETY_NUMBER_LABEL: &[u8] = b"SecureFastChat safety number v1";
 
@@ -39,6 +52,9 @@ pub struct IdentityKey([u8; IDENTITY_KEY_LEN]);
 impl IdentityKey {
     /// Parses and validates an encoded identity key.
     pub fn from_bytes(bytes: &[u8; IDENTITY_KEY_LEN]) -> Result<Self, E2eError> {
+        if VALIDATED.with(|v| v.borrow().contains(bytes)) {
+            return Ok(Self(*bytes));
+        }
         let key = VerifyingKey::from_bytes(bytes).map_err(|_| E2eError::InvalidKey)?;
         // dalek accepts a y ≥ p and decodes it mod p; two encodings of one key would let a
         // server show different bytes (and safety numbers) for the same identity.
@@ -46,6 +62,13 @@ impl IdentityKey {
         if !canonical || key.is_weak() {
             return Err(E2eError::InvalidKey);
         }
+        VALIDATED.with(|v| {
+            let mut v = v.borrow_mut();
+            if v.len() >= VALIDATED_CAP {
+                v.clear();
+            }
+            v.insert(*bytes);
+        });
         Ok(Self(*bytes))
     }
 
