@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use quinn::{Connection, RecvStream};
 use tokio::sync::mpsc;
 
@@ -140,29 +142,32 @@ async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Strin
 }
 
 /// Accepts delivery streams and releases them in the chain order the server gave (`prev`).
+/// One task reads all of them (the server's stream limit bounds how many are open at once):
+/// no task and no channel hop per message.
 pub(super) async fn receive_deliveries(conn: Connection, out: mpsc::Sender<Delivered>) {
-    let (arrived_tx, mut arrived) = mpsc::channel::<(u64, Delivered)>(256);
-    let reader = {
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            while let Ok(stream) = conn.accept_uni().await {
-                let arrived_tx = arrived_tx.clone();
-                tokio::spawn(async move {
-                    match read_delivery(stream).await {
-                        Ok(delivery) => {
-                            let _ = arrived_tx.send(delivery).await;
-                        }
-                        Err(why) => {
-                            tracing::warn!(%why, "dropping an unreadable delivery stream")
-                        }
-                    }
-                });
-            }
-        })
-    };
+    let mut reading = FuturesUnordered::new();
+    let mut accepting = true;
     let mut released = 0u64;
     let mut held: BTreeMap<u64, Delivered> = BTreeMap::new();
-    while let Some((prev, delivery)) = arrived.recv().await {
+    loop {
+        let read = tokio::select! {
+            accepted = conn.accept_uni(), if accepting => {
+                match accepted {
+                    Ok(stream) => reading.push(read_delivery(stream)),
+                    Err(_) => accepting = false,
+                }
+                continue;
+            }
+            Some(read) = reading.next() => read,
+            else => return,
+        };
+        let (prev, delivery) = match read {
+            Ok(arrived) => arrived,
+            Err(why) => {
+                tracing::warn!(%why, "dropping an unreadable delivery stream");
+                continue;
+            }
+        };
         held.insert(prev, delivery);
         loop {
             let next = match held.remove(&released) {
@@ -177,10 +182,8 @@ pub(super) async fn receive_deliveries(conn: Connection, out: mpsc::Sender<Deliv
             };
             released = next.seq;
             if out.send(next).await.is_err() {
-                reader.abort();
                 return;
             }
         }
     }
-    reader.abort();
 }

@@ -3,6 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use quinn::{Connection, RecvStream, VarInt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -25,26 +27,42 @@ pub(crate) type SessionCell = Arc<Mutex<Option<ActiveSession>>>;
 const MAX_KIND_LEN: usize = 32;
 /// Inbox entries read per store call while delivering.
 const DELIVERY_BATCH: usize = 128;
+/// Message streams of one connection handled at once.
+const MAX_RECEIVING: usize = 1024;
 /// Stream error code sent with STOP_SENDING when a message stream is refused.
 const STREAM_REFUSED: u32 = 1;
 
-/// Accepts the connection's message streams until it closes.
+/// Accepts the connection's message streams until it closes, and handles them in this one
+/// task (no task per message). At most [`MAX_RECEIVING`] are handled at once: beyond that it
+/// stops accepting, and the client's stream limit holds further messages back.
 pub(crate) async fn accept_message_streams(
     conn: Connection,
     shared: Arc<Shared>,
     session: SessionCell,
     events: mpsc::Sender<Box<ServerFrame>>,
 ) {
-    while let Ok(stream) = conn.accept_uni().await {
+    let handle = |stream: RecvStream| {
         let (shared, session, events) = (Arc::clone(&shared), session.clone(), events.clone());
-        tokio::spawn(
-            async move {
-                if let Some(reply) = receive(stream, &shared, &session).await {
-                    let _ = events.send(Box::new(ServerFrame { id: None, reply })).await;
+        async move {
+            if let Some(reply) = receive(stream, &shared, &session).await {
+                let _ = events.send(Box::new(ServerFrame { id: None, reply })).await;
+            }
+        }
+        .instrument(debug_span!("message"))
+    };
+    let mut receiving = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            accepted = conn.accept_uni(), if open && receiving.len() < MAX_RECEIVING => {
+                match accepted {
+                    Ok(stream) => receiving.push(handle(stream)),
+                    Err(_) => open = false,
                 }
             }
-            .instrument(debug_span!("message")),
-        );
+            Some(()) = receiving.next() => {}
+            else => return,
+        }
     }
 }
 
