@@ -524,7 +524,14 @@ fn mark_running(ks: &InboxKeyspaces) -> Result<u64, StoreError> {
     let mut batch = ks.db.batch().durability(Some(PersistMode::SyncData));
     batch.insert(&ks.meta, RUNNING, Vec::new());
     batch.commit()?;
-    Ok(if crashed { SEQ_RESTART_GAP } else { 0 })
+    if crashed {
+        tracing::warn!(
+            "the last run did not stop cleanly: inbox sequence numbers jump ahead, so none \
+             handed out before the stop is reused"
+        );
+        return Ok(SEQ_RESTART_GAP);
+    }
+    Ok(0)
 }
 
 /// Packages a result so it is sent only after the batch commit, as an error if it failed.
