@@ -26,7 +26,7 @@ const MAILBOX_BYTES: usize = 256 * 1024;
 ///
 /// Copies arrive when a message's place in the inbox is decided, before it is durable; the
 /// store has it only after the sync. So a message whose copy this mailbox does not hold must
-/// wake the deliverer again once it is synced ([`Mailbox::committed`]): a store read made
+/// wake the deliverer again once it is synced (`Mailbox::committed`): a store read made
 /// before that would not have seen it.
 #[derive(Default)]
 pub struct Mailbox {
