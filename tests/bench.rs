@@ -74,11 +74,16 @@ async fn relay_full_speed_and_open_loop() {
     let report = bench("relay", 3, &[]).await;
     check(&report, "relay");
     assert!(report["latency_us"]["p50"].as_u64().unwrap() > 0);
+    assert!(report.get("pacer_lateness_us").is_none(), "{report}");
     let report = bench("relay", 3, &["--rate", "300"]).await;
     check(&report, "relay");
     // 300/s for 1 s: the schedule is honoured within a margin.
     let sent = report["sent"].as_u64().unwrap();
     assert!((200..=330).contains(&sent), "{report}");
+    // Open loop reports how late its pacer was (part of the latency it measures).
+    let late = &report["pacer_lateness_us"];
+    let (p50, max) = (late["p50"].as_u64(), late["max"].as_u64());
+    assert!(matches!((p50, max), (Some(p50), Some(max)) if p50 >= 1 && p50 <= max), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
