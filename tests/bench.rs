@@ -83,7 +83,10 @@ async fn relay_full_speed_and_open_loop() {
     // Open loop reports how late its pacer was (part of the latency it measures).
     let late = &report["pacer_lateness_us"];
     let (p50, max) = (late["p50"].as_u64(), late["max"].as_u64());
-    assert!(matches!((p50, max), (Some(p50), Some(max)) if p50 >= 1 && p50 <= max), "{report}");
+    assert!(
+        matches!((p50, max), (Some(p50), Some(max)) if p50 >= 1 && p50 <= max),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
