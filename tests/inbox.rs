@@ -135,9 +135,22 @@ async fn seqs_are_not_reused_after_an_unclean_stop() {
         "seq {seq} could repeat one given out before the crash"
     );
     assert_eq!(pending(&after_crash).await, vec![1, 2, 3, seq]);
+    // A second crash in a row skips further still.
+    let crashed_again = tempfile::tempdir().expect("tempdir");
+    copy_dir(crashed.path(), crashed_again.path());
     drop(after_crash);
+    let again = FjallStore::open(crashed_again.path()).expect("open the second crash image");
+    let next = append(&again, 6).await;
+    assert!(
+        next > seq + 4096,
+        "seq {next} after a second crash, {seq} after the first"
+    );
+    drop(again);
 
     // Stopped cleanly this time: the next seq follows on.
     let reopened = FjallStore::open(crashed.path()).expect("reopen");
     assert_eq!(append(&reopened, 5).await, seq + 1);
+    drop(reopened);
+    let reopened = FjallStore::open(crashed_again.path()).expect("reopen");
+    assert_eq!(append(&reopened, 7).await, next + 1);
 }

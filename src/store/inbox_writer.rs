@@ -8,8 +8,8 @@
 //! recipient while the sync runs, so delivery does not wait for the disk (the sender's `sent`
 //! still does). Sequence numbers are never reused, even when a batch fails or the process dies
 //! with a batch unsynced: counters only grow in memory, and after a run that did not end
-//! cleanly (its [`RUNNING`] marker is still there) each inbox's counter skips
-//! [`SEQ_RESTART_GAP`] past the stored one on first use.
+//! cleanly (its [`RUNNING`] marker is still there) each inbox's counter skips past the stored
+//! one on first use, by [`SEQ_RESTART_GAP`] for each unclean stop in a row.
 //!
 //! Counters cost few writes: an inbox's next seq is stored only every [`SEQ_CHECKPOINT`] seqs
 //! (and exactly at a clean stop), and its pending count is not stored at all but counted from
@@ -19,9 +19,9 @@
 //! Key layout (usernames never contain 0x00):
 //! - `inbox`: recipient 0x00 seq(u64 BE) → [`StoredMessage`]
 //! - `sent`: sender 0x00 message-id(16) → [`SentRecord`]
-//! - `meta`: `seq` 0x00 user → next seq (u64 BE), at least; [`RUNNING`] → empty while a writer
-//!   runs (and after one that did not stop cleanly). Stores from before this layout also hold
-//!   `cnt` 0x00 user keys, no longer read.
+//! - `meta`: `seq` 0x00 user → next seq (u64 BE), at least; [`RUNNING`] → unclean stops in a
+//!   row before this run (u64 BE), while a writer runs and after one that did not stop cleanly.
+//!   Stores from before this layout also hold `cnt` 0x00 user keys, no longer read.
 //! - `contacts`: viewer 0x00 subject → empty (the subject has written to the viewer)
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -39,14 +39,17 @@ use crate::protocol::{MessageId, Username};
 pub const DEFAULT_MAX_BATCH: usize = 1024;
 /// Operations that may queue for the writer before callers wait for room.
 const QUEUE: usize = 8192;
-/// How far an inbox's counter skips ahead of the stored one after an unclean stop: more than
-/// a checkpoint interval plus a batch, so no seq handed out before a crash (stored or not) is
-/// ever given to another message.
+/// How far an inbox's counter skips ahead of the stored one per unclean stop: more than a
+/// checkpoint interval plus a batch, so no seq handed out before a crash (stored or not) is
+/// ever given to another message. It grows with each unclean stop in a row, because a run
+/// that crashes before its first checkpoint is synced leaves the stored counter where it was
+/// while it may have handed out seqs from the skipped-to value on.
 const SEQ_RESTART_GAP: u64 = 1 << 20;
 /// An inbox's next seq is written to `meta` once it is this far past the stored value.
 const SEQ_CHECKPOINT: u64 = 4096;
 /// Key in `meta` written (synced) when a writer starts and removed when it stops with every
-/// counter stored exactly. (It has no 0x00, so no counter key can equal it.)
+/// counter stored exactly; its value counts the unclean stops in a row before this run. (It
+/// has no 0x00, so no counter key can equal it.)
 const RUNNING: &[u8] = b"writer-running";
 /// Out-of-order removals remembered per inbox before the writer forgets what it knows of that
 /// inbox (and asks the store again).
@@ -282,8 +285,9 @@ impl WriterState {
 
     fn commit(&mut self, ops: Vec<Op>) {
         // Only appends and unsends need the sync before their answer. A batch of acks alone
-        // (or expiry, or forgetting expired send records) is handed to the OS and made durable by the next synced batch (the
-        // journal is written in order): see [`Removal::Acknowledged`].
+        // (or expiry, or forgetting expired send records) is handed to the OS and made durable
+        // by the next synced batch (the journal is written in order): see
+        // [`Removal::Acknowledged`].
         let must_sync = ops
             .iter()
             .any(|op| matches!(op, Op::Append(..) | Op::Remove(_, _, Removal::Unsent, _)));
@@ -518,20 +522,28 @@ impl WriterState {
 }
 
 /// Stores the running marker (synced, so a crash from now on is noticed) and returns the seq
-/// gap this run must leave: [`SEQ_RESTART_GAP`] if the last writer did not stop cleanly.
+/// gap this run must leave: [`SEQ_RESTART_GAP`] times the unclean stops in a row, 0 after a
+/// clean stop.
 fn mark_running(ks: &InboxKeyspaces) -> Result<u64, StoreError> {
-    let crashed = ks.meta.contains_key(RUNNING)?;
+    let unclean = match ks.meta.get(RUNNING)? {
+        None => 0,
+        // A marker of another length (an earlier layout's empty value) is one unclean stop.
+        Some(value) => match <[u8; 8]>::try_from(value.as_ref()) {
+            Ok(count) => u64::from_be_bytes(count).saturating_add(1),
+            Err(_) => 1,
+        },
+    };
     let mut batch = ks.db.batch().durability(Some(PersistMode::SyncData));
-    batch.insert(&ks.meta, RUNNING, Vec::new());
+    batch.insert(&ks.meta, RUNNING, unclean.to_be_bytes().to_vec());
     batch.commit()?;
-    if crashed {
+    if unclean > 0 {
         tracing::warn!(
+            unclean_stops_in_a_row = unclean,
             "the last run did not stop cleanly: inbox sequence numbers jump ahead, so none \
              handed out before the stop is reused"
         );
-        return Ok(SEQ_RESTART_GAP);
     }
-    Ok(0)
+    Ok(unclean.saturating_mul(SEQ_RESTART_GAP))
 }
 
 /// Packages a result so it is sent only after the batch commit, as an error if it failed.
