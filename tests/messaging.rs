@@ -325,3 +325,39 @@ async fn a_client_that_reconnects_receives_what_it_missed() {
     assert_eq!(bob.next_delivery(WAIT).await.unwrap().body, b"missed");
     server.stop().await;
 }
+
+/// Seqs are not contiguous from a new connection's point of view: after everything was
+/// acknowledged, a reconnected recipient's next message has a seq far above 1, and (delivered
+/// while its batch syncs) it may reach the mailbox before the store has it. It must still
+/// arrive at once, again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_message_after_everything_was_acknowledged_and_a_reconnect_arrives() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.signed_up("alice").await;
+    let (bob, token) = server.signed_up("bob").await;
+    for n in 1..=3u8 {
+        alice
+            .send_message("bob", "text", id(n), b"x")
+            .await
+            .unwrap();
+        let got = bob.next_delivery(WAIT).await.expect("delivered");
+        bob.ack(vec![got.seq]).await.unwrap();
+    }
+    bob.close().await;
+    for round in 0..5u8 {
+        let bob = server.client().await;
+        bob.resume(token.clone()).await.unwrap();
+        // Let the new deliverer read the (empty) inbox first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let n = 10 + round;
+        alice
+            .send_message("bob", "text", id(n), b"y")
+            .await
+            .unwrap();
+        let got = bob.next_delivery(WAIT).await.expect("delivered");
+        assert_eq!(got.id, id(n), "round {round}");
+        bob.ack(vec![got.seq]).await.unwrap();
+        bob.close().await;
+    }
+    server.stop().await;
+}

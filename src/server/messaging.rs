@@ -27,6 +27,10 @@ pub(crate) type SessionCell = Arc<Mutex<Option<ActiveSession>>>;
 const MAX_KIND_LEN: usize = 32;
 /// Inbox entries read per store call while delivering.
 const DELIVERY_BATCH: usize = 128;
+/// First and longest wait before a deliverer that holds a copy it cannot place reads the store
+/// again (see `deliver`).
+const GAP_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(1);
+const GAP_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_millis(50);
 /// Message streams of one connection handled at once.
 const MAX_RECEIVING: usize = 1024;
 /// Stream error code sent with STOP_SENDING when a message stream is refused.
@@ -244,9 +248,14 @@ pub(crate) async fn deliver(
     let store = shared.accounts.store();
     let (mut after, mut prev) = (0u64, 0u64);
     let mut read_store = true;
-    // The last store read found nothing new: a gap in the mailbox then means a message not
-    // synced yet, and its sync will wake this loop (see `Mailbox`); reading again would spin.
+    // The last store read found nothing new. A gap in the mailbox then usually means a message
+    // not synced yet: reading again at once would spin for the length of an fsync, so the
+    // loop waits for the mailbox to change (a sync marks it stale when it must) or for a
+    // backoff, whichever comes first, and then reads the store again. Seqs are not contiguous
+    // (acked, unsent, skipped after a crash), so the held copy may well be the next message:
+    // only the store can tell, and the backoff guarantees that it is asked.
     let mut dry = false;
+    let mut backoff = GAP_BACKOFF_MIN;
     loop {
         let batch = if read_store {
             let batch = tokio::select! {
@@ -257,10 +266,14 @@ pub(crate) async fn deliver(
                 Ok(batch) if batch.len() < DELIVERY_BATCH => {
                     read_store = false;
                     dry = batch.is_empty();
+                    if !dry {
+                        backoff = GAP_BACKOFF_MIN;
+                    }
                     batch
                 }
                 Ok(batch) => {
                     dry = false;
+                    backoff = GAP_BACKOFF_MIN;
                     batch
                 }
                 Err(e) => {
@@ -273,6 +286,7 @@ pub(crate) async fn deliver(
             match mailbox.take_after(after) {
                 Taken::Messages(batch) => {
                     dry = false;
+                    backoff = GAP_BACKOFF_MIN;
                     batch
                 }
                 Taken::ReadStore => {
@@ -283,7 +297,18 @@ pub(crate) async fn deliver(
                     read_store = true;
                     continue;
                 }
-                Taken::Gap | Taken::Nothing => {
+                Taken::Gap => {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = mailbox.changed() => {}
+                        () = tokio::time::sleep(backoff) => {
+                            backoff = (backoff * 2).min(GAP_BACKOFF_MAX);
+                        }
+                    }
+                    read_store = true;
+                    continue;
+                }
+                Taken::Nothing => {
                     tokio::select! {
                         () = stop.cancelled() => return,
                         () = mailbox.changed() => continue,
