@@ -154,3 +154,32 @@ async fn seqs_are_not_reused_after_an_unclean_stop() {
     let reopened = FjallStore::open(crashed_again.path()).expect("reopen");
     assert_eq!(append(&reopened, 7).await, next + 1);
 }
+
+/// An inbox that a crashed run used and the next (clean) run did not touch still skips ahead
+/// when it is next used: its stored counter may be behind seqs handed out before the crash.
+#[tokio::test]
+async fn an_inbox_untouched_since_a_crash_still_skips_ahead() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let crashed = tempfile::tempdir().expect("tempdir");
+    let store = FjallStore::open(dir.path()).expect("open");
+    for n in 1..=3 {
+        append(&store, n).await;
+    }
+    copy_dir(dir.path(), crashed.path());
+    drop(store);
+
+    // A clean run after the crash that writes only to carol's inbox.
+    let clean = FjallStore::open(crashed.path()).expect("open the crash image");
+    let mut to_carol = message(9);
+    to_carol.recipient = user("carol");
+    clean.append(to_carol, None).await.expect("append");
+    drop(clean);
+
+    let reopened = FjallStore::open(crashed.path()).expect("reopen");
+    assert_eq!(pending(&reopened).await, vec![1, 2, 3]);
+    let seq = append(&reopened, 4).await;
+    assert!(
+        seq > 3 + 4096,
+        "seq {seq} could repeat one given out before the crash"
+    );
+}

@@ -7,9 +7,11 @@
 //! the whole batch is built and before it is synced: the server hands the message to an online
 //! recipient while the sync runs, so delivery does not wait for the disk (the sender's `sent`
 //! still does). Sequence numbers are never reused, even when a batch fails or the process dies
-//! with a batch unsynced: counters only grow in memory, and after a run that did not end
-//! cleanly (its [`RUNNING`] marker is still there) each inbox's counter skips past the stored
-//! one on first use, by [`SEQ_RESTART_GAP`] for each unclean stop in a row.
+//! with a batch unsynced: counters only grow in memory, and every start after a run that did
+//! not end cleanly (its [`RUNNING`] marker is still there) begins a new *epoch*. A counter is
+//! stored with the epoch it was written in, and on first use skips [`SEQ_RESTART_GAP`] past
+//! the stored value for every epoch since: so an inbox that a crashed run used skips ahead
+//! whenever it is next used, also after later clean runs that did not touch it.
 //!
 //! Counters cost few writes: an inbox's next seq is stored only every [`SEQ_CHECKPOINT`] seqs
 //! (and exactly at a clean stop), and its pending count is not stored at all but counted from
@@ -19,9 +21,10 @@
 //! Key layout (usernames never contain 0x00):
 //! - `inbox`: recipient 0x00 seq(u64 BE) → [`StoredMessage`]
 //! - `sent`: sender 0x00 message-id(16) → [`SentRecord`]
-//! - `meta`: `seq` 0x00 user → next seq (u64 BE), at least; [`RUNNING`] → unclean stops in a
-//!   row before this run (u64 BE), while a writer runs and after one that did not stop cleanly.
-//!   Stores from before this layout also hold `cnt` 0x00 user keys, no longer read.
+//! - `meta`: `seq` 0x00 user → next seq (u64 BE, at least) and the epoch it was written in
+//!   (u64 BE; absent in stores from before epochs: 0); [`EPOCH`] → the current epoch (u64 BE);
+//!   [`RUNNING`] → empty, while a writer runs and after one that did not stop cleanly. Stores
+//!   from before this layout also hold `cnt` 0x00 user keys, no longer read.
 //! - `contacts`: viewer 0x00 subject → empty (the subject has written to the viewer)
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -39,18 +42,19 @@ use crate::protocol::{MessageId, Username};
 pub const DEFAULT_MAX_BATCH: usize = 1024;
 /// Operations that may queue for the writer before callers wait for room.
 const QUEUE: usize = 8192;
-/// How far an inbox's counter skips ahead of the stored one per unclean stop: more than a
-/// checkpoint interval plus a batch, so no seq handed out before a crash (stored or not) is
-/// ever given to another message. It grows with each unclean stop in a row, because a run
-/// that crashes before its first checkpoint is synced leaves the stored counter where it was
-/// while it may have handed out seqs from the skipped-to value on.
+/// How far an inbox's counter skips ahead of the stored one per epoch since it was stored:
+/// more than a checkpoint interval plus a batch, so no seq handed out before a crash (stored
+/// or not) is ever given to another message. Per epoch, because a run that crashes before its
+/// first checkpoint is synced leaves the stored counter where it was while it may have handed
+/// out seqs from the skipped-to value on.
 const SEQ_RESTART_GAP: u64 = 1 << 20;
 /// An inbox's next seq is written to `meta` once it is this far past the stored value.
 const SEQ_CHECKPOINT: u64 = 4096;
 /// Key in `meta` written (synced) when a writer starts and removed when it stops with every
-/// counter stored exactly; its value counts the unclean stops in a row before this run. (It
-/// has no 0x00, so no counter key can equal it.)
+/// counter it used stored exactly. (No 0x00 in it, so no counter key can equal it.)
 const RUNNING: &[u8] = b"writer-running";
+/// Key in `meta` of the current epoch, raised (synced) at each start after an unclean stop.
+const EPOCH: &[u8] = b"seq-epoch";
 /// Out-of-order removals remembered per inbox before the writer forgets what it knows of that
 /// inbox (and asks the store again).
 const MAX_REMOVED_AHEAD: usize = 4096;
@@ -167,9 +171,9 @@ impl InboxWriter {
         max_batch: usize,
     ) -> Result<Self, StoreError> {
         let (queue, rx) = mpsc::channel(QUEUE);
-        let seq_gap = mark_running(&keyspaces)?;
+        let epoch = mark_running(&keyspaces)?;
         let mut state = WriterState {
-            seq_gap,
+            epoch,
             failed: false,
             ks: keyspaces,
             durability,
@@ -229,8 +233,8 @@ impl InboxWriter {
 
 struct WriterState {
     ks: InboxKeyspaces,
-    /// Added to a stored seq counter on first use (after an unclean stop).
-    seq_gap: u64,
+    /// The current epoch (see the module documentation).
+    epoch: u64,
     /// A batch failed in this run: its seqs may have been given out but not stored.
     failed: bool,
     durability: Durability,
@@ -272,7 +276,7 @@ impl WriterState {
                     batch.insert(
                         &self.ks.meta,
                         meta_key(b"seq", user),
-                        next.to_be_bytes().to_vec(),
+                        seq_value(*next, self.epoch),
                     );
                 }
             }
@@ -336,7 +340,7 @@ impl WriterState {
                 batch.insert(
                     &self.ks.meta,
                     meta_key(b"seq", &user),
-                    next.to_be_bytes().to_vec(),
+                    seq_value(next, self.epoch),
                 );
                 checkpoints.push((user, next));
             }
@@ -385,16 +389,24 @@ impl WriterState {
         Ok(count)
     }
 
-    fn load_counter(&self, kind: &[u8], user: &Username) -> Result<u64, StoreError> {
-        Ok(match self.ks.meta.get(meta_key(kind, user))? {
-            Some(bytes) => {
-                u64::from_be_bytes(bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                    keyspace: "meta",
-                    reason: "counter is not 8 bytes".into(),
-                })?)
-            }
-            None => 0,
-        })
+    /// The stored next seq of `user`'s inbox and the epoch it was stored in.
+    fn load_seq(&self, user: &Username) -> Result<(u64, u64), StoreError> {
+        let Some(bytes) = self.ks.meta.get(meta_key(b"seq", user))? else {
+            return Ok((0, 0));
+        };
+        let corrupt = || StoreError::Corrupt {
+            keyspace: "meta",
+            reason: "a seq counter is neither 8 nor 16 bytes".into(),
+        };
+        let word = |at: usize| -> Result<u64, StoreError> {
+            let part = bytes.get(at..at + 8).ok_or_else(corrupt)?;
+            Ok(u64::from_be_bytes(part.try_into().map_err(|_| corrupt())?))
+        };
+        match bytes.len() {
+            8 => Ok((word(0)?, 0)),
+            16 => Ok((word(0)?, word(8)?)),
+            _ => Err(corrupt()),
+        }
     }
 
     fn append(
@@ -420,8 +432,11 @@ impl WriterState {
         let seq = match self.next_seq.get(&message.recipient) {
             Some(n) => *n,
             None => {
-                let stored = self.load_counter(b"seq", &message.recipient)?;
-                let next = stored.max(1).saturating_add(self.seq_gap);
+                let (stored, written_in) = self.load_seq(&message.recipient)?;
+                let epochs = self.epoch.saturating_sub(written_in);
+                let next = stored
+                    .max(1)
+                    .saturating_add(epochs.saturating_mul(SEQ_RESTART_GAP));
                 self.stored_seq.insert(message.recipient.clone(), stored);
                 self.known
                     .insert(message.recipient.clone(), KnownPending::new(next));
@@ -521,29 +536,42 @@ impl WriterState {
     }
 }
 
-/// Stores the running marker (synced, so a crash from now on is noticed) and returns the seq
-/// gap this run must leave: [`SEQ_RESTART_GAP`] times the unclean stops in a row, 0 after a
-/// clean stop.
+/// A stored seq counter: the next seq and the epoch it is written in.
+fn seq_value(next: u64, epoch: u64) -> Vec<u8> {
+    let mut value = Vec::with_capacity(16);
+    value.extend_from_slice(&next.to_be_bytes());
+    value.extend_from_slice(&epoch.to_be_bytes());
+    value
+}
+
+/// Stores the running marker (synced, so a crash from now on is noticed), starting a new
+/// epoch if the last writer did not stop cleanly; returns the current epoch.
 fn mark_running(ks: &InboxKeyspaces) -> Result<u64, StoreError> {
-    let unclean = match ks.meta.get(RUNNING)? {
+    let mut epoch = match ks.meta.get(EPOCH)? {
         None => 0,
-        // A marker of another length (an earlier layout's empty value) is one unclean stop.
-        Some(value) => match <[u8; 8]>::try_from(value.as_ref()) {
-            Ok(count) => u64::from_be_bytes(count).saturating_add(1),
-            Err(_) => 1,
-        },
+        Some(value) => {
+            u64::from_be_bytes(value.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                keyspace: "meta",
+                reason: "the seq epoch is not 8 bytes".into(),
+            })?)
+        }
     };
+    let unclean = ks.meta.contains_key(RUNNING)?;
     let mut batch = ks.db.batch().durability(Some(PersistMode::SyncData));
-    batch.insert(&ks.meta, RUNNING, unclean.to_be_bytes().to_vec());
+    if unclean {
+        epoch = epoch.saturating_add(1);
+        batch.insert(&ks.meta, EPOCH, epoch.to_be_bytes().to_vec());
+    }
+    batch.insert(&ks.meta, RUNNING, Vec::new());
     batch.commit()?;
-    if unclean > 0 {
+    if unclean {
         tracing::warn!(
-            unclean_stops_in_a_row = unclean,
+            epoch,
             "the last run did not stop cleanly: inbox sequence numbers jump ahead, so none \
              handed out before the stop is reused"
         );
     }
-    Ok(unclean.saturating_mul(SEQ_RESTART_GAP))
+    Ok(epoch)
 }
 
 /// Packages a result so it is sent only after the batch commit, as an error if it failed.
