@@ -20,7 +20,7 @@ use securefastchat::protocol::{
     decode_request, encode_frame, frame_length,
 };
 use securefastchat::store::{
-    Appended, Durability, FjallStore, NewMessage, Removal, Store, StoreOptions,
+    AppendHooks, Appended, Durability, FjallStore, NewMessage, Removal, Store, StoreOptions,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -390,7 +390,7 @@ async fn round(
                             sent_at: 0,
                             expires_at: u64::MAX,
                         },
-                        None,
+                        AppendHooks::default(),
                     )
                     .await
                     .expect("append");

@@ -14,7 +14,7 @@ use clap::Parser;
 use securefastchat::client::{Client, ClientOptions};
 use securefastchat::protocol::{MessageId, Password, Username};
 use securefastchat::server::{Server, ServerConfig, TlsSource};
-use securefastchat::store::{Durability, FjallStore, NewMessage, Store, StoreOptions};
+use securefastchat::store::{AppendHooks, Durability, FjallStore, NewMessage, Store, StoreOptions};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -119,7 +119,7 @@ async fn store_writes(args: &Args) -> anyhow::Result<()> {
                                 sent_at: 0,
                                 expires_at: u64::MAX,
                             },
-                            None,
+                            AppendHooks::default(),
                         )
                         .await?;
                 }

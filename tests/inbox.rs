@@ -3,7 +3,9 @@
 //! restart.
 
 use securefastchat::protocol::{MessageId, Username};
-use securefastchat::store::{Appended, FjallStore, NewMessage, Removal, Store, StoreOptions};
+use securefastchat::store::{
+    AppendHooks, Appended, FjallStore, NewMessage, Removal, Store, StoreOptions,
+};
 
 fn user(name: &str) -> Username {
     Username::parse(name).expect("valid name")
@@ -22,7 +24,11 @@ fn message(n: u8) -> NewMessage {
 }
 
 async fn append(store: &FjallStore, n: u8) -> u64 {
-    match store.append(message(n), None).await.expect("append") {
+    match store
+        .append(message(n), AppendHooks::default())
+        .await
+        .expect("append")
+    {
         Appended::Stored { seq } => seq,
         other => panic!("not stored: {other:?}"),
     }
@@ -95,7 +101,10 @@ async fn acks_remove_exactly_the_pending_messages_across_a_restart() {
         append(&store, n).await;
     }
     assert_eq!(pending(&store).await, vec![8, 9, 10, 11, 12]);
-    let full = store.append(message(13), None).await.expect("append");
+    let full = store
+        .append(message(13), AppendHooks::default())
+        .await
+        .expect("append");
     assert!(matches!(full, Appended::InboxFull), "{full:?}");
 }
 
@@ -172,7 +181,10 @@ async fn an_inbox_untouched_since_a_crash_still_skips_ahead() {
     let clean = FjallStore::open(crashed.path()).expect("open the crash image");
     let mut to_carol = message(9);
     to_carol.recipient = user("carol");
-    clean.append(to_carol, None).await.expect("append");
+    clean
+        .append(to_carol, AppendHooks::default())
+        .await
+        .expect("append");
     drop(clean);
 
     let reopened = FjallStore::open(crashed.path()).expect("reopen");

@@ -252,20 +252,28 @@ impl Accounts {
             self.store.delete_session(&digest).await?;
             return Err(AccountError::InvalidToken);
         }
+        let revoked = self.live_flag(digest)?;
+        // A logout racing with this resume may have deleted the record after the read above
+        // and revoked the flags before `live_flag`: read again (see `logout`).
+        if self.store.session(&digest).await?.is_none() {
+            return Err(AccountError::InvalidToken);
+        }
         Ok(ActiveSession {
             username: record.username,
             digest,
             expires_at: record.expires_at,
-            revoked: self.live_flag(digest)?,
+            revoked,
         })
     }
 
     /// Revokes a session: its token is refused from now on, on every connection.
     pub async fn logout(&self, session: &ActiveSession) -> Result<(), AccountError> {
-        // The flag first: from here on no connection acts on the session, even if the store
-        // fails (then the token stays valid for a later resume, and the client is told).
+        // The store first, then the flag (whatever the store said): a `resume` that read the
+        // record before the delete takes its flag either before the revocation (and is
+        // revoked with it) or after it, and then reads the store again and finds no session.
+        let deleted = self.store.delete_session(&session.digest).await;
         self.revoke_live(&session.digest);
-        Ok(self.store.delete_session(&session.digest).await?)
+        Ok(deleted?)
     }
 
     fn revoke_live(&self, digest: &TokenDigest) {

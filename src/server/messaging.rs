@@ -17,7 +17,7 @@ use crate::protocol::{
     DeliverHeader, ErrorCode, MAX_STREAM_HEADER, MessageId, Reply, SendHeader, ServerFrame,
     StreamHeader, Username, decode_body, read_frame,
 };
-use crate::store::{Appended, NewMessage, OnOrdered, StoredMessage};
+use crate::store::{AppendHooks, Appended, NewMessage, SeqHook, StoredMessage};
 use crate::unix_now;
 
 /// The session of a connection, shared by its control loop and its message streams.
@@ -155,7 +155,7 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
     // A copy for an online recipient's deliverer, handed over as soon as the message has its
     // seq (while the batch syncs), so delivery does not wait for the disk and the deliverer
     // need not read the message back.
-    let copy: Option<OnOrdered> = shared.router.is_online(&recipient).then(|| {
+    let copy: Option<SeqHook> = shared.router.is_online(&recipient).then(|| {
         let router = Arc::clone(&shared.router);
         let (to, from, kind, body) = (
             recipient.clone(),
@@ -176,9 +176,22 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
                     body,
                 },
             )
-        }) as OnOrdered
+        }) as SeqHook
     });
-    let copied = copy.is_some();
+    // Once synced, the recipient's deliverer is told (it may need the store: see `Mailbox`).
+    // The writer calls this even if this task is gone by then (its connection closed).
+    let synced: SeqHook = {
+        let (router, to, copied) = (
+            Arc::clone(&shared.router),
+            recipient.clone(),
+            copy.is_some(),
+        );
+        Box::new(move |seq| router.stored(&to, seq, copied))
+    };
+    let hooks = AppendHooks {
+        ordered: copy,
+        synced: Some(synced),
+    };
     let message = NewMessage {
         sender,
         recipient: recipient.clone(),
@@ -188,10 +201,9 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
         sent_at: now,
         expires_at,
     };
-    match shared.accounts.store().append(message, copy).await {
+    match shared.accounts.store().append(message, hooks).await {
         Ok(Appended::Stored { seq }) => {
             tracing::trace!(%id, seq, to = %recipient, "stored");
-            shared.router.stored(&recipient, seq, copied);
             Some(Reply::Sent {
                 message_id: id,
                 duplicate: false,

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use super::fjall_keys::KeyDirectory;
 use super::inbox_writer::{InboxKeyspaces, InboxWriter, inbox_key, pair_key};
 use super::{
-    Appended, Created, Durability, KeysRecord, NewMessage, OnOrdered, Removal, SentRecord,
+    AppendHooks, Appended, Created, Durability, KeysRecord, NewMessage, Removal, SentRecord,
     SessionRecord, Store, StoreError, StoredMessage, TakenBundle, TokenDigest, UserRecord,
 };
 use crate::blocking::BlockingPool;
@@ -290,9 +290,9 @@ impl Store for FjallStore {
     async fn append(
         &self,
         message: NewMessage,
-        on_ordered: Option<OnOrdered>,
+        hooks: AppendHooks,
     ) -> Result<Appended, StoreError> {
-        self.writer.append(message, on_ordered).await
+        self.writer.append(message, hooks).await
     }
 
     async fn pending(

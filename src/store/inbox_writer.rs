@@ -3,8 +3,8 @@
 //! only then answers each caller. Many connections' messages share one fsync, and sequence
 //! numbers, deduplication and quotas need no locks because one thread decides them.
 //!
-//! An append may carry an [`OnOrdered`] hook, called with the message's sequence number once
-//! the whole batch is built and before it is synced: the server hands the message to an online
+//! An append may carry [`AppendHooks`]: `ordered` is called with the message's sequence number
+//! once the whole batch is built and before it is synced, `synced` after the sync: the server hands the message to an online
 //! recipient while the sync runs, so delivery does not wait for the disk (the sender's `sent`
 //! still does). Sequence numbers are never reused, even when a batch fails or the process dies
 //! with a batch unsynced: counters only grow in memory, and every start after a run that did
@@ -34,7 +34,8 @@ use fjall::{Database, Keyspace, OwnedWriteBatch, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, Durability, NewMessage, OnOrdered, Removal, SentRecord, StoreError, StoredMessage,
+    AppendHooks, Appended, Durability, NewMessage, Removal, SentRecord, SeqHook, StoreError,
+    StoredMessage,
 };
 use crate::protocol::{MessageId, Username};
 
@@ -134,7 +135,7 @@ fn meta_key(kind: &[u8], user: &Username) -> Vec<u8> {
 enum Op {
     Append(
         Box<NewMessage>,
-        Option<OnOrdered>,
+        AppendHooks,
         oneshot::Sender<Result<Appended, StoreError>>,
     ),
     Remove(
@@ -211,9 +212,9 @@ impl InboxWriter {
     pub async fn append(
         &self,
         message: NewMessage,
-        on_ordered: Option<OnOrdered>,
+        hooks: AppendHooks,
     ) -> Result<Appended, StoreError> {
-        self.submit(|tx| Op::Append(Box::new(message), on_ordered, tx))
+        self.submit(|tx| Op::Append(Box::new(message), hooks, tx))
             .await
     }
 
@@ -301,7 +302,8 @@ impl WriterState {
         };
         let mut batch = self.ks.db.batch().durability(Some(mode));
         let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
-        let mut ordered: Vec<(OnOrdered, u64)> = Vec::new();
+        let mut ordered: Vec<(SeqHook, u64)> = Vec::new();
+        let mut synced: Vec<(SeqHook, u64)> = Vec::new();
         let mut in_batch: HashMap<(Username, MessageId), ()> = HashMap::new();
         // Inboxes whose counters changed: written once per batch, not once per message. The
         // value is the first seq appended to the inbox in this batch (`u64::MAX` if none): a
@@ -309,10 +311,11 @@ impl WriterState {
         let mut touched: HashMap<Username, u64> = HashMap::new();
         for op in ops {
             match op {
-                Op::Append(message, on_ordered, tx) => {
+                Op::Append(message, hooks, tx) => {
                     let result = self.append(&mut batch, &mut in_batch, &mut touched, *message);
-                    if let (Some(hook), Ok(Appended::Stored { seq })) = (on_ordered, &result) {
-                        ordered.push((hook, *seq));
+                    if let Ok(Appended::Stored { seq }) = &result {
+                        ordered.extend(hooks.ordered.map(|hook| (hook, *seq)));
+                        synced.extend(hooks.synced.map(|hook| (hook, *seq)));
                     }
                     replies.push(deferred(tx, result));
                 }
@@ -357,6 +360,9 @@ impl WriterState {
         match failure {
             Ok(()) => {
                 self.stored_seq.extend(checkpoints);
+                for (hook, seq) in synced {
+                    hook(seq);
+                }
                 replies.into_iter().for_each(|reply| reply(None));
             }
             Err(e) => {

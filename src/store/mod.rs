@@ -82,9 +82,18 @@ pub struct NewMessage {
     pub expires_at: u64,
 }
 
-/// Called with a message's inbox seq once its place is decided, before it is durable: see
-/// [`Store::append`].
-pub type OnOrdered = Box<dyn FnOnce(u64) + Send>;
+/// A callback of [`AppendHooks`], given the message's inbox seq.
+pub type SeqHook = Box<dyn FnOnce(u64) + Send>;
+
+/// Callbacks of one [`Store::append`], called only if the message is stored, on the inbox
+/// writer's thread (they must be quick and must not block).
+#[derive(Default)]
+pub struct AppendHooks {
+    /// Once the message's place in the inbox is decided, before it is durable.
+    pub ordered: Option<SeqHook>,
+    /// Once it is durable, whether or not the caller is still waiting for the append.
+    pub synced: Option<SeqHook>,
+}
 
 /// How durable a [`Store::remove_pending`] must be when it returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,14 +254,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends a message to its recipient's inbox through group commit: durable (per the
     /// configured [`Durability`]) when this returns. Deduplicates by (sender, id) and enforces
-    /// the per-inbox quota. If the message is stored, `on_ordered` is called with its seq as
-    /// soon as its place in the inbox is decided, before it is durable (on the writer's
-    /// thread: it must be quick and must not block). A seq is never given to two messages.
-    async fn append(
-        &self,
-        message: NewMessage,
-        on_ordered: Option<OnOrdered>,
-    ) -> Result<Appended, StoreError>;
+    /// the per-inbox quota. If the message is stored, `hooks.ordered` is called with its seq
+    /// as soon as its place in the inbox is decided, before it is durable, and `hooks.synced`
+    /// once it is durable. A seq is never given to two messages.
+    async fn append(&self, message: NewMessage, hooks: AppendHooks)
+    -> Result<Appended, StoreError>;
 
     /// Up to `limit` pending messages of `username` with `seq > after`, in order.
     async fn pending(
