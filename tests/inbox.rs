@@ -121,12 +121,9 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-/// A message may reach its recipient before its batch is synced, so a seq handed out just
-/// before a crash must never be given to another message after it: a copy of the data
-/// directory taken while the store runs (what a crash leaves) restarts its counters far
-/// ahead. A clean stop (the test above) continues where it left off.
-#[tokio::test]
-async fn seqs_are_not_reused_after_an_unclean_stop() {
+/// What a crash leaves: a copy of the data directory taken while the store runs, after bob's
+/// inbox got seqs 1 to 3.
+async fn crash_image_after_three_messages() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     let crashed = tempfile::tempdir().expect("tempdir");
     let store = FjallStore::open(dir.path()).expect("open");
@@ -134,8 +131,16 @@ async fn seqs_are_not_reused_after_an_unclean_stop() {
         assert_eq!(append(&store, n).await, u64::from(n));
     }
     copy_dir(dir.path(), crashed.path());
-    drop(store);
+    crashed
+}
 
+/// A message may reach its recipient before its batch is synced, so a seq handed out just
+/// before a crash must never be given to another message after it: a copy of the data
+/// directory taken while the store runs (what a crash leaves) restarts its counters far
+/// ahead. A clean stop (the test above) continues where it left off.
+#[tokio::test]
+async fn seqs_are_not_reused_after_an_unclean_stop() {
+    let crashed = crash_image_after_three_messages().await;
     let after_crash = FjallStore::open(crashed.path()).expect("open the crash image");
     assert_eq!(pending(&after_crash).await, vec![1, 2, 3]);
     let seq = append(&after_crash, 4).await;
@@ -168,15 +173,7 @@ async fn seqs_are_not_reused_after_an_unclean_stop() {
 /// when it is next used: its stored counter may be behind seqs handed out before the crash.
 #[tokio::test]
 async fn an_inbox_untouched_since_a_crash_still_skips_ahead() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let crashed = tempfile::tempdir().expect("tempdir");
-    let store = FjallStore::open(dir.path()).expect("open");
-    for n in 1..=3 {
-        append(&store, n).await;
-    }
-    copy_dir(dir.path(), crashed.path());
-    drop(store);
-
+    let crashed = crash_image_after_three_messages().await;
     // A clean run after the crash that writes only to carol's inbox.
     let clean = FjallStore::open(crashed.path()).expect("open the crash image");
     let mut to_carol = message(9);
