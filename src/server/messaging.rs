@@ -155,27 +155,21 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
     // A copy for an online recipient's deliverer, handed over as soon as the message has its
     // seq (while the batch syncs), so delivery does not wait for the disk and the deliverer
     // need not read the message back.
-    let copy: Option<SeqHook> = shared.router.is_online(&recipient).then(|| {
-        let router = Arc::clone(&shared.router);
-        let (to, from, kind, body) = (
-            recipient.clone(),
-            sender.clone(),
-            header.kind.clone(),
-            body.clone(),
-        );
+    // The mailbox is looked up here, not on the writer's thread (which every message shares);
+    // if a newer connection takes over meanwhile, the synced hook below sends its deliverer to
+    // the store.
+    let copy: Option<SeqHook> = shared.router.mailbox(&recipient).map(|mailbox| {
+        let (from, kind, body) = (sender.clone(), header.kind.clone(), body.clone());
         Box::new(move |seq| {
-            router.offer(
-                &to,
-                StoredMessage {
-                    seq,
-                    id,
-                    from,
-                    kind,
-                    sent_at: now,
-                    expires_at,
-                    body,
-                },
-            )
+            mailbox.copy(StoredMessage {
+                seq,
+                id,
+                from,
+                kind,
+                sent_at: now,
+                expires_at,
+                body,
+            })
         }) as SeqHook
     });
     // Once synced, the recipient's deliverer is told (it may need the store: see `Mailbox`).
@@ -275,17 +269,9 @@ pub(crate) async fn deliver(
                 batch = store.pending(&user, after, DELIVERY_BATCH) => batch,
             };
             match batch {
-                Ok(batch) if batch.len() < DELIVERY_BATCH => {
-                    read_store = false;
-                    dry = batch.is_empty();
-                    if !dry {
-                        backoff = GAP_BACKOFF_MIN;
-                    }
-                    batch
-                }
                 Ok(batch) => {
-                    dry = false;
-                    backoff = GAP_BACKOFF_MIN;
+                    read_store = batch.len() >= DELIVERY_BATCH;
+                    dry = batch.is_empty();
                     batch
                 }
                 Err(e) => {
@@ -296,11 +282,7 @@ pub(crate) async fn deliver(
             }
         } else {
             match mailbox.take_after(after) {
-                Taken::Messages(batch) => {
-                    dry = false;
-                    backoff = GAP_BACKOFF_MIN;
-                    batch
-                }
+                Taken::Messages(batch) => batch,
                 Taken::ReadStore => {
                     read_store = true;
                     continue;
@@ -328,6 +310,10 @@ pub(crate) async fn deliver(
                 }
             }
         };
+        if !batch.is_empty() {
+            dry = false;
+            backoff = GAP_BACKOFF_MIN;
+        }
         let now = unix_now();
         for message in batch {
             after = message.seq;

@@ -90,6 +90,12 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
+    /// Hands the deliverer a copy of a message whose place in the inbox was just decided (it
+    /// may not be durable yet).
+    pub fn copy(&self, message: StoredMessage) {
+        self.offer(Some(message));
+    }
+
     /// Notes that `seq`, whose copy was offered to the recipient's mailbox of the moment, is
     /// now in the store. If this mailbox does not hold that copy (dropped, or offered to an
     /// older connection's mailbox), the deliverer must read the store again.
@@ -242,14 +248,6 @@ impl Router {
             .unwrap_or(false)
     }
 
-    /// Hands `user`'s deliverer, if online, a copy of a message whose place in the inbox was
-    /// just decided (it may not be durable yet).
-    pub fn offer(&self, user: &Username, message: StoredMessage) {
-        if let Some(mailbox) = self.mailbox(user) {
-            mailbox.offer(Some(message));
-        }
-    }
-
     /// Tells `user`'s deliverer, if online, that message `seq` is now in the store; `copied`
     /// says whether it was [`Router::offer`]ed (otherwise the deliverer reads the inbox).
     pub fn stored(&self, user: &Username, seq: u64, copied: bool) {
@@ -262,7 +260,8 @@ impl Router {
         }
     }
 
-    fn mailbox(&self, user: &Username) -> Option<Arc<Mailbox>> {
+    /// The mailbox of `user`'s delivering connection, if online.
+    pub fn mailbox(&self, user: &Username) -> Option<Arc<Mailbox>> {
         match self.online.lock() {
             Ok(online) => online.get(user).map(|o| Arc::clone(&o.mailbox)),
             Err(_) => None,
