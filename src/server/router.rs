@@ -249,7 +249,7 @@ impl Router {
     }
 
     /// Tells `user`'s deliverer, if online, that message `seq` is now in the store; `copied`
-    /// says whether it was [`Router::offer`]ed (otherwise the deliverer reads the inbox).
+    /// says whether a copy went to a mailbox ([`Mailbox::copy`]; otherwise the deliverer reads the inbox).
     pub fn stored(&self, user: &Username, seq: u64, copied: bool) {
         if let Some(mailbox) = self.mailbox(user) {
             if copied {
