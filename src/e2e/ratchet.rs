@@ -6,12 +6,14 @@
 //! message leaves the state exactly as it was. A message key is deleted as soon as it has been
 //! used, which is what makes a second decryption of the same message fail.
 
-use chacha20poly1305::aead::{Aead, Payload};
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
-use hmac::{Hmac, Mac};
+use std::sync::LazyLock;
+
+use hkdf::Hkdf;
+use hmac::{Hmac, KeyInit, Mac};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::keys::{
     Secret32, dh, fresh_secret, hkdf_sha256, push_wiping, retain_wiping, x25519_public,
@@ -66,56 +68,76 @@ pub(crate) fn kdf_rk(rk: &Secret32, dh_out: &Secret32) -> Result<(Secret32, Secr
     Ok((root, chain))
 }
 
-fn hmac_sha256(key: &Secret32, byte: u8) -> Result<Secret32, E2eError> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key.expose()).map_err(|_| E2eError::Primitive)?;
-    mac.update(&[byte]);
+type HmacSha256 = Hmac<Sha256>;
+
+/// HMAC-SHA256 keyed with the 32 zero bytes that salt every message key's HKDF. Keying an HMAC
+/// costs two SHA-256 blocks; this one is paid once per process.
+static ZERO_SALT: LazyLock<Option<HmacSha256>> =
+    LazyLock::new(|| HmacSha256::new_from_slice(&[0; 32]).ok());
+
+fn finish(mac: HmacSha256, byte: u8) -> Secret32 {
     let mut out = Secret32::new([0; 32]);
     out.expose_mut()
-        .copy_from_slice(&mac.finalize().into_bytes());
-    Ok(out)
+        .copy_from_slice(&mac.chain_update([byte]).finalize().into_bytes());
+    out
 }
 
-/// KDF_CK: message key = HMAC-SHA256(ck, 0x01), next chain key = HMAC-SHA256(ck, 0x02).
+/// KDF_CK: message key = HMAC-SHA256(ck, 0x01), next chain key = HMAC-SHA256(ck, 0x02). Both
+/// share one keyed state.
 pub(crate) fn kdf_ck(ck: &Secret32) -> Result<(Secret32, Secret32), E2eError> {
-    Ok((hmac_sha256(ck, 0x02)?, hmac_sha256(ck, 0x01)?))
+    let mac = HmacSha256::new_from_slice(ck.expose()).map_err(|_| E2eError::Primitive)?;
+    Ok((finish(mac.clone(), 0x02), finish(mac, 0x01)))
 }
 
 /// The AEAD key and nonce of a message key: HKDF-SHA256(salt = 32 × 0x00, ikm = mk, info)
 /// → 44 bytes = key (32) ‖ nonce (12). Every message key is used once, so no pair repeats.
+/// The extract step (PRK = HMAC(salt, mk)) starts from the salt's keyed state.
 pub(crate) fn aead_key_nonce(mk: &Secret32) -> Result<Zeroizing<[u8; 44]>, E2eError> {
+    let salted = ZERO_SALT.as_ref().ok_or(E2eError::Primitive)?.clone();
+    let mut prk = Zeroizing::new([0u8; 32]);
+    prk.copy_from_slice(&salted.chain_update(mk.expose()).finalize().into_bytes());
     let mut okm = Zeroizing::new([0u8; 44]);
-    hkdf_sha256(&[0; 32], mk.expose(), MESSAGE_KEY_INFO, okm.as_mut())?;
+    Hkdf::<Sha256>::from_prk(prk.as_ref())
+        .map_err(|_| E2eError::Primitive)?
+        .expand(MESSAGE_KEY_INFO, okm.as_mut())
+        .map_err(|_| E2eError::Primitive)?;
     Ok(okm)
 }
 
-fn seal(mk: &Secret32, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, E2eError> {
+/// The ChaCha20-Poly1305 key and nonce of a message key (ring's implementation: the same
+/// algorithm and bytes as RFC 8439, several times faster than a portable one at 128 B).
+fn message_cipher(mk: &Secret32) -> Result<(LessSafeKey, Nonce), E2eError> {
     let okm = aead_key_nonce(mk)?;
-    let cipher = ChaCha20Poly1305::new_from_slice(&okm[..32]).map_err(|_| E2eError::Primitive)?;
-    let nonce = okm[32..].try_into().map_err(|_| E2eError::Primitive)?;
-    cipher
-        .encrypt(
-            nonce,
-            Payload {
-                msg: plaintext,
-                aad,
-            },
-        )
-        .map_err(|_| E2eError::Primitive)
+    let key = UnboundKey::new(&CHACHA20_POLY1305, &okm[..32]).map_err(|_| E2eError::Primitive)?;
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&okm[32..]);
+    Ok((LessSafeKey::new(key), Nonce::assume_unique_for_key(nonce)))
+}
+
+fn seal(mk: &Secret32, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, E2eError> {
+    let (key, nonce) = message_cipher(mk)?;
+    let mut sealed = Vec::with_capacity(plaintext.len() + TAG_LEN);
+    sealed.extend_from_slice(plaintext);
+    key.seal_in_place_append_tag(nonce, Aad::from(aad), &mut sealed)
+        .map_err(|_| E2eError::Primitive)?;
+    Ok(sealed)
 }
 
 fn open(mk: &Secret32, ciphertext: &[u8], aad: &[u8]) -> Result<Vec<u8>, E2eError> {
-    let okm = aead_key_nonce(mk)?;
-    let cipher = ChaCha20Poly1305::new_from_slice(&okm[..32]).map_err(|_| E2eError::Primitive)?;
-    let nonce = okm[32..].try_into().map_err(|_| E2eError::Primitive)?;
-    cipher
-        .decrypt(
-            nonce,
-            Payload {
-                msg: ciphertext,
-                aad,
-            },
-        )
-        .map_err(|_| E2eError::DecryptionFailed)
+    let (key, nonce) = message_cipher(mk)?;
+    let mut opened = ciphertext.to_vec();
+    match key.open_in_place(nonce, Aad::from(aad), &mut opened) {
+        Ok(plaintext) => {
+            let len = plaintext.len();
+            opened.truncate(len);
+            Ok(opened)
+        }
+        Err(_) => {
+            // What a failed open leaves in the buffer is unspecified: wipe it.
+            opened.zeroize();
+            Err(E2eError::DecryptionFailed)
+        }
+    }
 }
 
 /// Everything but the skipped keys: small, so decryption can afford to work on a copy.
