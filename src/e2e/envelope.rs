@@ -1,12 +1,12 @@
 //! The envelope: what one encrypted message looks like on the wire, a named MessagePack map
 //! `{initial?, header, ciphertext}`, and its strict decoder.
 //!
-//! Decoding checks the shape on a generic value first (as `protocol::request` does), because
-//! serde would accept an array for a map or a list of integers for a `bin`. Unknown keys are
-//! refused too: this is a versioned cryptographic format, and a field we would ignore is a
-//! field an attacker could use to make two encodings of one message.
+//! The decoder reads the bytes directly, field by field, and accepts only the documented
+//! shape: serde would take an array for a map or a list of integers for a `bin`. Unknown keys
+//! are refused too: this is a versioned cryptographic format, and a field we would ignore is a
+//! field an attacker could use to make two encodings of one message. (It once built a generic
+//! `rmpv` value tree first; that allocation-heavy step was a sixth of a receiving client's CPU.)
 
-use rmpv::Value;
 use serde::Serialize;
 
 use super::ratchet::{Header, TAG_LEN};
@@ -17,9 +17,6 @@ use super::{E2eError, IdentityKey, InitialHeader};
 pub const MAX_PLAINTEXT_LEN: usize = 56 * 1024;
 /// Largest encoded envelope accepted, in bytes.
 pub const MAX_ENVELOPE_LEN: usize = 60 * 1024;
-/// Nesting limit handed to rmpv, which counts a container and its body separately: an envelope
-/// (map → map → bin) needs 7, anything past 16 is hostile.
-const MAX_DEPTH: usize = 16;
 
 /// One encrypted message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -58,7 +55,8 @@ impl Envelope {
     }
 
     /// Decodes an envelope strictly: exactly one map, string keys each at most once, only the
-    /// known keys with their documented types and lengths, and nothing after it.
+    /// known keys with their documented types and lengths, and nothing after it. A nil value
+    /// counts as an absent key.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, E2eError> {
         if bytes.len() > MAX_ENVELOPE_LEN {
             return Err(E2eError::TooLarge {
@@ -67,123 +65,184 @@ impl Envelope {
                 max: MAX_ENVELOPE_LEN,
             });
         }
-        let mut rest = bytes;
-        let value = rmpv::decode::read_value_with_max_depth(&mut rest, MAX_DEPTH)
-            .map_err(|_| malformed("not a valid MessagePack value"))?;
-        if !rest.is_empty() {
+        let mut reader = Reader(bytes);
+        let (mut initial, mut header, mut ciphertext) = (None, None, None);
+        let mut fields = reader.map("envelope", &["initial", "header", "ciphertext"])?;
+        while let Some(field) = fields.next_field(&mut reader)? {
+            match field {
+                "initial" => initial = Some(initial_header(&mut reader)?),
+                "header" => header = Some(read_header(&mut reader)?),
+                _ => ciphertext = Some(reader.bin("ciphertext")?),
+            }
+        }
+        if !reader.0.is_empty() {
             return Err(malformed("bytes follow the MessagePack value"));
         }
-        let map = Fields::of(&value, "envelope", &["initial", "header", "ciphertext"])?;
-        let initial = match map.optional("initial") {
-            Some(v) => Some(initial_header(v)?),
-            None => None,
-        };
-        let header = header(map.required("header")?)?;
-        let Value::Binary(ciphertext) = map.required("ciphertext")? else {
-            return Err(malformed("`ciphertext` must be a bin"));
-        };
+        let header = header.ok_or_else(|| malformed("`envelope` lacks `header`"))?;
+        let ciphertext = ciphertext.ok_or_else(|| malformed("`envelope` lacks `ciphertext`"))?;
         if ciphertext.len() < TAG_LEN || ciphertext.len() > MAX_PLAINTEXT_LEN + TAG_LEN {
             return Err(malformed("`ciphertext` has an impossible length"));
         }
         Ok(Self {
             initial,
             header,
-            ciphertext: ciphertext.clone(),
+            ciphertext: ciphertext.to_vec(),
         })
     }
 }
 
-/// The entries of a map, checked: string keys, no duplicates, none outside `allowed`.
-struct Fields<'a> {
-    what: &'static str,
-    entries: Vec<(&'a str, &'a Value)>,
+/// The bytes of an envelope not read yet.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    /// Consumes a nil if one comes next.
+    fn nil(&mut self) -> bool {
+        match self.0.split_first() {
+            Some((0xc0, rest)) => {
+                self.0 = rest;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn take(&mut self, len: u32) -> Result<&'a [u8], E2eError> {
+        let len = usize::try_from(len).map_err(|_| malformed("a length overflows"))?;
+        if len > self.0.len() {
+            return Err(malformed("not a valid MessagePack value (truncated)"));
+        }
+        let (taken, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Ok(taken)
+    }
+
+    /// A map of `what` whose keys must come from `allowed` (at most 8).
+    fn map(
+        &mut self,
+        what: &'static str,
+        allowed: &'static [&'static str],
+    ) -> Result<Fields, E2eError> {
+        let left = rmp::decode::read_map_len(&mut self.0)
+            .map_err(|_| malformed(format!("`{what}` must be a map")))?;
+        Ok(Fields {
+            what,
+            allowed,
+            seen: 0,
+            left,
+        })
+    }
+
+    fn str(&mut self, what: &str) -> Result<&'a str, E2eError> {
+        let len = rmp::decode::read_str_len(&mut self.0)
+            .map_err(|_| malformed(format!("`{what}` has a key that is not a string")))?;
+        std::str::from_utf8(self.take(len)?)
+            .map_err(|_| malformed(format!("`{what}` has a key that is not UTF-8")))
+    }
+
+    fn bin(&mut self, name: &str) -> Result<&'a [u8], E2eError> {
+        let len = rmp::decode::read_bin_len(&mut self.0)
+            .map_err(|_| malformed(format!("`{name}` must be a bin")))?;
+        self.take(len)
+    }
+
+    fn bin32(&mut self, name: &str) -> Result<[u8; 32], E2eError> {
+        self.bin(name)?
+            .try_into()
+            .map_err(|_| malformed(format!("`{name}` must be 32 bytes")))
+    }
+
+    fn uint32(&mut self, name: &str) -> Result<u32, E2eError> {
+        rmp::decode::read_int(&mut self.0)
+            .map_err(|_| malformed(format!("`{name}` must be an unsigned 32-bit integer")))
+    }
 }
 
-impl<'a> Fields<'a> {
-    fn of(value: &'a Value, what: &'static str, allowed: &[&str]) -> Result<Self, E2eError> {
-        let Value::Map(map) = value else {
-            return Err(malformed(format!("`{what}` must be a map")));
-        };
-        let mut entries: Vec<(&str, &Value)> = Vec::with_capacity(map.len());
-        for (key, value) in map {
-            let Some(key) = key.as_str() else {
+/// The keys of a map being read: each known, each at most once.
+struct Fields {
+    what: &'static str,
+    allowed: &'static [&'static str],
+    seen: u8,
+    left: u32,
+}
+
+impl Fields {
+    /// The next key whose value is not nil (the reader is then at its value), or `None` at
+    /// the end of the map. Every key must be allowed and new, so a map can have at most
+    /// `allowed.len()` entries whatever its header claims.
+    fn next_field(&mut self, reader: &mut Reader<'_>) -> Result<Option<&'static str>, E2eError> {
+        while self.left > 0 {
+            self.left -= 1;
+            let key = reader.str(self.what)?;
+            let Some(index) = self.allowed.iter().position(|k| *k == key) else {
                 return Err(malformed(format!(
-                    "`{what}` has a key that is not a string"
+                    "`{}` has an unknown key `{key}`",
+                    self.what
                 )));
             };
-            if !allowed.contains(&key) {
-                return Err(malformed(format!("`{what}` has an unknown key `{key}`")));
+            let bit = 1u8 << index;
+            if self.seen & bit != 0 {
+                return Err(malformed(format!(
+                    "`{}` has the key `{key}` twice",
+                    self.what
+                )));
             }
-            if entries.iter().any(|(k, _)| *k == key) {
-                return Err(malformed(format!("`{what}` has the key `{key}` twice")));
+            self.seen |= bit;
+            if !reader.nil() {
+                return Ok(Some(self.allowed[index]));
             }
-            entries.push((key, value));
         }
-        Ok(Self { what, entries })
-    }
-
-    /// The value of an optional key; nil counts as absent.
-    fn optional(&self, key: &str) -> Option<&'a Value> {
-        self.entries
-            .iter()
-            .find(|(k, v)| *k == key && !v.is_nil())
-            .map(|(_, v)| *v)
-    }
-
-    fn required(&self, key: &str) -> Result<&'a Value, E2eError> {
-        self.optional(key)
-            .ok_or_else(|| malformed(format!("`{}` lacks `{key}`", self.what)))
+        Ok(None)
     }
 }
 
-fn bin32(value: &Value, name: &str) -> Result<[u8; 32], E2eError> {
-    match value {
-        Value::Binary(bytes) => bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| malformed(format!("`{name}` must be 32 bytes"))),
-        _ => Err(malformed(format!("`{name}` must be a bin"))),
+fn read_header(reader: &mut Reader<'_>) -> Result<Header, E2eError> {
+    let (mut dh, mut pn, mut n) = (None, None, None);
+    let mut fields = reader.map("header", &["dh", "pn", "n"])?;
+    while let Some(field) = fields.next_field(reader)? {
+        match field {
+            "dh" => dh = Some(reader.bin32("dh")?),
+            "pn" => pn = Some(reader.uint32("pn")?),
+            _ => n = Some(reader.uint32("n")?),
+        }
     }
-}
-
-fn uint32(value: &Value, name: &str) -> Result<u32, E2eError> {
-    value
-        .as_u64()
-        .and_then(|v| u32::try_from(v).ok())
-        .ok_or_else(|| malformed(format!("`{name}` must be an unsigned 32-bit integer")))
-}
-
-fn header(value: &Value) -> Result<Header, E2eError> {
-    let map = Fields::of(value, "header", &["dh", "pn", "n"])?;
+    let lacks = |key: &str| malformed(format!("`header` lacks `{key}`"));
     Ok(Header {
-        dh: bin32(map.required("dh")?, "dh")?,
-        pn: uint32(map.required("pn")?, "pn")?,
-        n: uint32(map.required("n")?, "n")?,
+        dh: dh.ok_or_else(|| lacks("dh"))?,
+        pn: pn.ok_or_else(|| lacks("pn"))?,
+        n: n.ok_or_else(|| lacks("n"))?,
     })
 }
 
-fn initial_header(value: &Value) -> Result<InitialHeader, E2eError> {
-    let keys = [
+fn initial_header(reader: &mut Reader<'_>) -> Result<InitialHeader, E2eError> {
+    const KEYS: &[&str] = &[
         "identity_key",
         "ephemeral_key",
         "signed_prekey_id",
         "one_time_prekey_id",
     ];
-    let map = Fields::of(value, "initial", &keys)?;
-    let identity = bin32(map.required("identity_key")?, "identity_key")?;
+    let (mut identity, mut ephemeral, mut signed, mut one_time) = (None, None, None, None);
+    let mut fields = reader.map("initial", KEYS)?;
+    while let Some(field) = fields.next_field(reader)? {
+        match field {
+            "identity_key" => identity = Some(reader.bin32("identity_key")?),
+            "ephemeral_key" => ephemeral = Some(reader.bin32("ephemeral_key")?),
+            "signed_prekey_id" => signed = Some(reader.uint32("signed_prekey_id")?),
+            _ => one_time = Some(reader.uint32("one_time_prekey_id")?),
+        }
+    }
+    let lacks = |key: &str| malformed(format!("`initial` lacks `{key}`"));
     Ok(InitialHeader {
-        identity_key: IdentityKey::from_bytes(&identity)?,
-        ephemeral_key: bin32(map.required("ephemeral_key")?, "ephemeral_key")?,
-        signed_prekey_id: uint32(map.required("signed_prekey_id")?, "signed_prekey_id")?,
-        one_time_prekey_id: match map.optional("one_time_prekey_id") {
-            Some(v) => Some(uint32(v, "one_time_prekey_id")?),
-            None => None,
-        },
+        identity_key: IdentityKey::from_bytes(&identity.ok_or_else(|| lacks("identity_key"))?)?,
+        ephemeral_key: ephemeral.ok_or_else(|| lacks("ephemeral_key"))?,
+        signed_prekey_id: signed.ok_or_else(|| lacks("signed_prekey_id"))?,
+        one_time_prekey_id: one_time,
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use rmpv::Value;
+
     use super::*;
     use crate::e2e::IdentityKeyPair;
 
@@ -254,6 +313,21 @@ mod tests {
             rmp_serde::to_vec(&env).unwrap(), // positional (array) encoding
             vec![0xdf, 0xff, 0xff, 0xff, 0xff],
             vec![],
+            // Cut short inside the ciphertext, and inside the first key.
+            env.to_bytes().unwrap()[..env.to_bytes().unwrap().len() - 1].to_vec(),
+            env.to_bytes().unwrap()[..3].to_vec(),
+            // A nil header is an absent one; a key may not come twice even as nil.
+            edit(&env, |m| m[1].1 = Value::Nil),
+            edit(&env, |m| {
+                m.push((key("initial"), Value::Nil));
+                m.push((key("initial"), Value::Nil));
+            }),
+            // A key that is a str of invalid UTF-8.
+            {
+                let bytes = edit(&env, |m| m.push((Value::from(vec![0xff_u8]), Value::Nil)));
+                assert!(bytes.ends_with(&[0xc4, 0x01, 0xff, 0xc0]));
+                [&bytes[..bytes.len() - 4], &[0xa1, 0xff, 0xc0]].concat()
+            },
         ];
         for bytes in cases {
             assert!(
