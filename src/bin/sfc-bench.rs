@@ -13,8 +13,8 @@ use securefastchat::store::Durability;
 
 /// The load generator allocates with mimalloc: malloc and free were ≈ 10 % of all CPU under
 /// relay load (perf), and the generator shares the cores with the server it measures. (The
-/// server keeps the system allocator: mimalloc took 7 % off its CPU per message but raised its
-/// RSS per idle connection from 47.9 to 59.4 KB; see docs/BENCHMARKS.md.)
+/// server uses jemalloc: mimalloc took 7 % off its CPU per message but raised its RSS per idle
+/// connection from 47.9 to 59.4 KB; see docs/BENCHMARKS.md.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
