@@ -238,7 +238,14 @@ pub fn server_crypto(identity: ServerIdentity) -> Result<QuicServerConfig, TlsEr
 }
 
 /// The client's QUIC crypto: TLS 1.3 only, ALPN `sfc/1`, trusting exactly `anchors`.
-pub fn client_crypto(anchors: Vec<CertificateDer<'static>>) -> Result<QuicClientConfig, TlsError> {
+///
+/// With `resumption`, session tickets the server sends are kept (in memory, for this
+/// configuration) and a later handshake with the same configuration resumes; without, every
+/// handshake is a full one.
+pub fn client_crypto(
+    anchors: Vec<CertificateDer<'static>>,
+    resumption: bool,
+) -> Result<QuicClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     for anchor in anchors {
         roots.add(anchor)?;
@@ -248,6 +255,9 @@ pub fn client_crypto(anchors: Vec<CertificateDer<'static>>) -> Result<QuicClient
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN.to_vec()];
+    if !resumption {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
 }
 

@@ -361,3 +361,47 @@ async fn a_live_message_after_everything_was_acknowledged_and_a_reconnect_arrive
     }
     server.stop().await;
 }
+
+/// Clients made from options with a shared endpoint use one UDP socket; they work side by
+/// side, and closing one (promptly: it does not wait for the endpoint to go idle) leaves the
+/// others working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_can_share_one_endpoint() {
+    let server = TestServer::start().await;
+    let shared = server.options().share_endpoint(false).await.unwrap();
+    let (_, alice_token) = server.signed_up("alice").await;
+    let (_, bob_token) = server.signed_up("bob").await;
+    let (_, carol_token) = server.signed_up("carol").await;
+    let mut clients = Vec::new();
+    for token in [alice_token, bob_token, carol_token] {
+        let client = Client::connect(&shared).await.unwrap();
+        client.resume(token).await.unwrap();
+        clients.push(client);
+    }
+    let port = clients[0].local_addr().unwrap().port();
+    assert!(
+        clients
+            .iter()
+            .all(|c| c.local_addr().unwrap().port() == port)
+    );
+    let carol = clients.pop().unwrap();
+    let bob = clients.pop().unwrap();
+    let alice = clients.pop().unwrap();
+    let started = std::time::Instant::now();
+    carol.close().await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "closing one client waited {:?}",
+        started.elapsed()
+    );
+    alice
+        .send_message("bob", "text", id(1), b"over a shared socket")
+        .await
+        .unwrap();
+    assert_eq!(
+        bob.next_delivery(WAIT).await.unwrap().body,
+        b"over a shared socket"
+    );
+    assert_eq!(alice.whoami().await.unwrap().username, "alice");
+    server.stop().await;
+}

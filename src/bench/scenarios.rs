@@ -20,6 +20,8 @@ const PASSWORD: &str = "bench password 1";
 const MAX_ACK_BATCH: usize = 1024;
 /// Users set up at once (sign-ups hash passwords: more would only queue on the server).
 const SETUP_CONCURRENCY: usize = 16;
+/// Client endpoints (UDP sockets) the login, resume and handshake loops share.
+const SHARED_ENDPOINTS: usize = 4;
 
 /// Silence after which a receiver decides everything has arrived (and which is not counted as
 /// drain time). Overridable with `SFC_BENCH_DRAIN_SECS` for diagnosis.
@@ -540,6 +542,13 @@ async fn repeated(
             accounts.push((name, token));
         }
     }
+    // Each operation is a new connection with a full TLS handshake (no resumption), from a
+    // few shared client endpoints, as an app reconnecting would: a fresh socket, CA load and
+    // TLS configuration per connection cost the generator more CPU than the handshake.
+    let mut endpoints = Vec::new();
+    for _ in 0..options.clients.clamp(1, SHARED_ENDPOINTS) {
+        endpoints.push(target.clone().share_endpoint(false).await?);
+    }
     let latencies = Arc::new(Mutex::new(histogram()?));
     let (completed, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     progress::track_sent(&completed);
@@ -554,7 +563,7 @@ async fn repeated(
     for c in 0..options.clients {
         let account = accounts.get(c).cloned();
         let (target, latencies, completed, errors) = (
-            target.clone(),
+            endpoints[c % endpoints.len()].clone(),
             Arc::clone(&latencies),
             Arc::clone(&completed),
             Arc::clone(&errors),
