@@ -10,7 +10,7 @@ pub const MAX_STREAM_HEADER: u32 = 1024;
 
 /// The header frame that opens a message stream.
 ///
-/// Decoded through [`WireHeader`], a flat map of every field: serde's decoder for an
+/// Decoded through `WireHeader`, a flat map of every field: serde's decoder for an
 /// internally tagged enum buffers the whole map into generic values first, which cost a
 /// tenth of a receiving client's CPU (one header per message).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
