@@ -97,6 +97,8 @@ pub(crate) fn close(conn: &Connection, code: CloseCode, reason: &str) {
 
 /// Most bytes of frames gathered into one write of the control stream.
 const COALESCE_BYTES: usize = 32 * 1024;
+/// A write buffer larger than this is freed once the queues are empty.
+const IDLE_BUFFER_BYTES: usize = 16 * 1024;
 
 /// Owns the control stream's send side: writes replies (from `queue`) and pushed events (from
 /// `events`) in the order they are taken. Whatever is already waiting when it wakes goes out
@@ -106,7 +108,8 @@ async fn write_frames(
     mut queue: mpsc::Receiver<Outgoing>,
     mut events: mpsc::Receiver<Box<ServerFrame>>,
 ) {
-    let mut buf = Vec::with_capacity(4096);
+    // Grown on demand, and given back after a burst: an idle connection holds none of it.
+    let mut buf = Vec::new();
     let mut events_open = true;
     loop {
         let first = tokio::select! {
@@ -147,6 +150,9 @@ async fn write_frames(
         {
             debug!(error = %e, "cannot write to the control stream; connection gone");
             return;
+        }
+        if buf.capacity() > IDLE_BUFFER_BYTES && queue.is_empty() && events.is_empty() {
+            buf = Vec::new();
         }
         if let Some(done) = finish {
             if send.finish().is_ok() {
