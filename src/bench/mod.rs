@@ -28,11 +28,12 @@ pub enum Scenario {
     Relay,
     /// Fill offline inboxes, then log the users in and drain them.
     Offline,
-    /// Password logins.
+    /// Password logins, each on a new connection (full TLS handshake).
     Login,
-    /// Token resumes.
+    /// Token resumes, each on a new connection (full TLS handshake).
     Resume,
-    /// Full TLS handshakes (connect, hello, close).
+    /// Full TLS handshakes (connect, hello, close). Login, resume and handshake loops share
+    /// 4 client sockets, with TLS session resumption off.
     Handshake,
     /// Hold N authenticated idle connections.
     Connections,
