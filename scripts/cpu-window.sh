@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# CPU per delivered message of the load generator, the server and the server's inbox writer
+# thread, read from /proc over a window in the middle of a relay run (the steadiest figure on a
+# noisy machine: a fixed amount of work per message, whatever else the machine does).
+#
+# usage: scripts/cpu-window.sh DIR [sfc-bench relay flags...]
+#   DIR holds the sfc-bench and sfc-server binaries to use (e.g. target/release, or a copy of
+#   an older build for an A/B run). The run is `DIR/sfc-bench relay --spawn --server-bin
+#   DIR/sfc-server FLAGS`; give it at least --duration 6 so the window (1 s after the load
+#   starts, then WINDOW whole seconds of progress lines, default 3) fits inside the load.
+# example: scripts/cpu-window.sh target/release --clients 100 --duration 7 --rate 5000
+set -euo pipefail
+
+dir=${1:?usage: scripts/cpu-window.sh DIR [sfc-bench relay flags...]}
+shift
+window=${WINDOW:-3}
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+"$dir/sfc-bench" relay --spawn --server-bin "$dir/sfc-server" "$@" >"$log" 2>&1 &
+bench=$!
+until grep -q "relay load" "$log" 2>/dev/null; do
+    kill -0 "$bench" 2>/dev/null || { cat "$log" >&2; exit 1; }
+    sleep 0.1
+done
+sleep 1
+server=$(pgrep -P "$bench" sfc-server)
+writer=$(dirname "$(grep -l '^sfc-inbox-write' /proc/"$server"/task/*/comm | head -1)")
+
+ticks() { awk '{print $14 + $15}' "$1"; }           # utime + stime, in clock ticks
+delivered() { grep "relay load" "$log" | tail -1 | sed 's/.*delivered \([0-9,]*\).*/\1/' | tr -d ,; }
+# The delivered count comes from sfc-bench's progress lines (one a second): read the CPU
+# times right after a fresh line, so both figures describe the same instant.
+fresh_line() {
+    local lines
+    lines=$(grep -c "relay load" "$log")
+    while [ "$(grep -c "relay load" "$log")" -le "$lines" ]; do sleep 0.01; done
+}
+
+fresh_line
+b0=$(ticks /proc/$bench/stat); s0=$(ticks /proc/$server/stat); w0=$(ticks "$writer/stat")
+d0=$(delivered); t0=$(date +%s.%N)
+sleep "$(awk -v w="$window" 'BEGIN { print w - 0.5 }')"
+fresh_line
+b1=$(ticks /proc/$bench/stat); s1=$(ticks /proc/$server/stat); w1=$(ticks "$writer/stat")
+d1=$(delivered); t1=$(date +%s.%N)
+wait "$bench"
+
+hz=$(getconf CLK_TCK)
+python3 - "$hz" "$t0" "$t1" "$d0" "$d1" "$b0" "$b1" "$s0" "$s1" "$w0" "$w1" <<'EOF'
+import sys
+hz, t0, t1, d0, d1, b0, b1, s0, s1, w0, w1 = map(float, sys.argv[1:])
+n, dt = d1 - d0, t1 - t0
+per = lambda a, b: (b - a) / hz * 1e6 / n
+print(f"window {dt:.1f} s, {n:.0f} delivered ({n / dt:,.0f}/s): CPU per message "
+      f"load generator {per(b0, b1):.1f} us, server {per(s0, s1):.1f} us "
+      f"(inbox writer {per(w0, w1):.1f} us)")
+EOF
+grep -E "^(scenario|throughput)" "$log"
