@@ -122,6 +122,7 @@ impl<'a> Reader<'a> {
         what: &'static str,
         allowed: &'static [&'static str],
     ) -> Result<Fields, E2eError> {
+        debug_assert!(allowed.len() <= 8, "`Fields::seen` has 8 bits");
         let left = rmp::decode::read_map_len(&mut self.0)
             .map_err(|_| malformed(format!("`{what}` must be a map")))?;
         Ok(Fields {

@@ -1,7 +1,10 @@
 //! Headers of message streams. Every message is one unidirectional QUIC stream: a header frame
 //! (same framing as the control stream), then exactly `length` bytes of sealed body, then FIN.
 
-use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::MessageId;
 
@@ -66,24 +69,115 @@ enum HeaderType {
 
 /// A stream header as it arrives: every field of either type, keys in any order, unknown keys
 /// ignored (as everywhere in the protocol); [`StreamHeader::try_from`] checks that the fields
-/// its `type` needs are there.
+/// its `type` needs are there. The fields both types carry are typed strictly; those of one
+/// type only are read as [`Loose`] values, because to the other type they are unknown keys,
+/// which must be ignored whatever their value.
 #[derive(Deserialize)]
 struct WireHeader {
     #[serde(rename = "type")]
     header_type: HeaderType,
     id: Option<MessageId>,
-    to: Option<String>,
     kind: Option<String>,
     length: Option<u64>,
-    seq: Option<u64>,
-    prev: Option<u64>,
-    from: Option<String>,
-    sent_at: Option<u64>,
+    to: Option<Loose>,
+    seq: Option<Loose>,
+    prev: Option<Loose>,
+    from: Option<Loose>,
+    sent_at: Option<Loose>,
+}
+
+/// Any MessagePack value, kept only if it is an unsigned integer or a string.
+enum Loose {
+    Uint(u64),
+    Str(String),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Loose {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(LooseVisitor)
+    }
+}
+
+struct LooseVisitor;
+
+impl<'de> Visitor<'de> for LooseVisitor {
+    type Value = Loose;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any MessagePack value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Loose, E> {
+        Ok(Loose::Other)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Loose, E> {
+        Ok(u64::try_from(v).map_or(Loose::Other, Loose::Uint))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Loose, E> {
+        Ok(Loose::Uint(v))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Loose, E> {
+        Ok(Loose::Other)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Loose, E> {
+        Ok(Loose::Str(v.to_owned()))
+    }
+
+    fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<Loose, E> {
+        Ok(Loose::Other)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Loose, E> {
+        Ok(Loose::Other)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Loose, E> {
+        Ok(Loose::Other)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Loose, D::Error> {
+        IgnoredAny::deserialize(deserializer).map(|_| Loose::Other)
+    }
+
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Loose, D::Error> {
+        IgnoredAny::deserialize(d).map(|_| Loose::Other)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Loose::Other)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Loose, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Loose::Other)
+    }
 }
 
 /// A field that a stream header of its `type` must carry.
 fn required<T>(value: Option<T>, field: &str) -> Result<T, String> {
     value.ok_or_else(|| format!("missing field `{field}`"))
+}
+
+/// A field of this `type` only, which must be an unsigned integer.
+fn uint(value: Option<Loose>, field: &str) -> Result<u64, String> {
+    match required(value, field)? {
+        Loose::Uint(v) => Ok(v),
+        _ => Err(format!("field `{field}` must be an unsigned integer")),
+    }
+}
+
+/// A field of this `type` only, which must be a string.
+fn text(value: Option<Loose>, field: &str) -> Result<String, String> {
+    match required(value, field)? {
+        Loose::Str(v) => Ok(v),
+        _ => Err(format!("field `{field}` must be a string")),
+    }
 }
 
 impl TryFrom<WireHeader> for StreamHeader {
@@ -93,16 +187,16 @@ impl TryFrom<WireHeader> for StreamHeader {
         Ok(match wire.header_type {
             HeaderType::Send => Self::Send(SendHeader {
                 id: required(wire.id, "id")?,
-                to: required(wire.to, "to")?,
+                to: text(wire.to, "to")?,
                 kind: required(wire.kind, "kind")?,
                 length: required(wire.length, "length")?,
             }),
             HeaderType::Deliver => Self::Deliver(DeliverHeader {
-                seq: required(wire.seq, "seq")?,
-                prev: required(wire.prev, "prev")?,
+                seq: uint(wire.seq, "seq")?,
+                prev: uint(wire.prev, "prev")?,
                 id: required(wire.id, "id")?,
-                from: required(wire.from, "from")?,
-                sent_at: required(wire.sent_at, "sent_at")?,
+                from: text(wire.from, "from")?,
+                sent_at: uint(wire.sent_at, "sent_at")?,
                 kind: required(wire.kind, "kind")?,
                 length: required(wire.length, "length")?,
             }),
@@ -176,6 +270,36 @@ mod tests {
     }
 
     #[test]
+    fn keys_of_the_other_type_are_ignored_whatever_their_value() {
+        // To a `send` header, `seq`, `prev`, `from` and `sent_at` are unknown keys.
+        let mut fields = send_fields();
+        fields.push(("seq", "not a number".into()));
+        fields.push(("from", rmpv::Value::Map(vec![(1.into(), rmpv::Value::Nil)])));
+        fields.push(("sent_at", (-5).into()));
+        let header = decode_body::<StreamHeader>(&encode(&map(&fields))).unwrap();
+        assert!(matches!(header, StreamHeader::Send(_)), "{header:?}");
+        // To a `deliver` header, `to` is.
+        let deliver = StreamHeader::Deliver(DeliverHeader {
+            seq: 5,
+            prev: 3,
+            id: MessageId([2; 16]),
+            from: "alice".into(),
+            sent_at: 1,
+            kind: "text".into(),
+            length: 2,
+        });
+        let rmpv::Value::Map(mut entries) =
+            rmpv::decode::read_value(&mut rmp_serde::to_vec_named(&deliver).unwrap().as_slice())
+                .unwrap()
+        else {
+            panic!("not a map");
+        };
+        entries.push(("to".into(), rmpv::Value::Array(vec![1.into(), 2.into()])));
+        let decoded = decode_body::<StreamHeader>(&encode(&rmpv::Value::Map(entries))).unwrap();
+        assert_eq!(decoded, deliver);
+    }
+
+    #[test]
     fn missing_or_mistyped_fields_and_unknown_types_are_refused() {
         for drop in ["type", "id", "to", "kind", "length"] {
             let fields: Vec<_> = send_fields()
@@ -200,6 +324,12 @@ mod tests {
         // A length that is not an unsigned integer.
         let mut fields = send_fields();
         fields[4].1 = (-1).into();
+        assert!(decode_body::<StreamHeader>(&encode(&map(&fields))).is_err());
+        // A field of its own type with the wrong type, or nil.
+        let mut fields = send_fields();
+        fields[2].1 = 7.into();
+        assert!(decode_body::<StreamHeader>(&encode(&map(&fields))).is_err());
+        fields[2].1 = rmpv::Value::Nil;
         assert!(decode_body::<StreamHeader>(&encode(&map(&fields))).is_err());
         // The same key twice.
         let mut fields = send_fields();
