@@ -54,6 +54,7 @@ fn frame_codec(c: &mut Criterion) {
         id: 42,
         request: Request::Ack {
             seqs: (1_000..1_032).collect(),
+            quiet: false,
         },
     };
     for (name, frame) in [("login", &login), ("ack_32", &ack)] {

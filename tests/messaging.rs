@@ -55,6 +55,47 @@ async fn a_message_reaches_an_online_recipient_and_is_deleted_once_acknowledged(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_ack_deletes_without_a_reply_and_its_failure_is_reported() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.signed_up("alice").await;
+    let (bob, token) = server.signed_up("bob").await;
+    for n in 1..=3 {
+        alice
+            .send_message("bob", "text", id(n), b"quiet")
+            .await
+            .unwrap();
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 3 {
+        seqs.push(bob.next_delivery(WAIT).await.expect("delivered").seq);
+    }
+    bob.ack_quietly(seqs[..2].to_vec()).await.unwrap();
+    // Requests are processed in order: the ping's reply means the quiet ack was processed.
+    bob.ping().await.unwrap();
+    assert!(bob.take_unclaimed_error().is_none());
+    // Only the unacknowledged third message comes again on a new connection.
+    bob.close().await;
+    let bob = server.resumed(token.clone()).await;
+    let again = bob.next_delivery(WAIT).await.expect("redelivered");
+    assert_eq!((again.id, again.seq), (id(3), seqs[2]));
+    assert!(
+        bob.next_delivery(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    // A quiet ack that fails is still answered, and the client reports it.
+    bob.ack_quietly((0..5_000).collect()).await.unwrap();
+    bob.ping().await.unwrap();
+    assert_eq!(
+        code_of(bob.take_unclaimed_error().map_or(Ok(()), Err)),
+        ErrorCode::BadRequest
+    );
+    assert!(bob.take_unclaimed_error().is_none(), "taken once");
+    assert_eq!(bob.ack(vec![again.seq]).await.unwrap(), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_recipient_gets_everything_in_order_at_login() {
     let server = TestServer::start().await;
     let (alice, bob_token) = alice_and_offline_bob(&server).await;

@@ -71,8 +71,27 @@ fn messaging_examples() -> Vec<(&'static str, Vec<u8>)> {
                 length: 120,
             })),
         ),
-        ("ack", client(9, Request::Ack { seqs: vec![41, 42] })),
+        (
+            "ack",
+            client(
+                9,
+                Request::Ack {
+                    seqs: vec![41, 42],
+                    quiet: false,
+                },
+            ),
+        ),
         ("acked", server(Some(9), Reply::Acked { removed: 2 })),
+        (
+            "quiet ack",
+            client(
+                10,
+                Request::Ack {
+                    seqs: vec![43],
+                    quiet: true,
+                },
+            ),
+        ),
     ]
     .into_iter()
     .map(|(name, frame)| (name, frame.unwrap()))

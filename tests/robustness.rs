@@ -207,6 +207,62 @@ async fn unknown_and_malformed_requests_get_typed_errors_with_their_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_ack_is_answered_only_when_it_fails() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::with_hello(&server).await;
+    let quiet = |seqs: Vec<u64>| Request::Ack { seqs, quiet: true };
+    raw.request(2, quiet(vec![1])).await;
+    raw.expect_error(Some(2), ErrorCode::NotAuthenticated).await;
+
+    raw.request(
+        3,
+        Request::Signup {
+            username: "quinn".into(),
+            password: securefastchat::protocol::Password::new("correct horse battery staple"),
+        },
+    )
+    .await;
+    assert!(matches!(raw.reply().await.reply, Reply::Session { .. }));
+    // Nothing is pending, so this would be `acked` with `removed: 0`; quiet, it is not
+    // answered at all: the next frame is the ping's pong.
+    raw.request(4, quiet(vec![1, 2])).await;
+    raw.expect_pong(5).await;
+    raw.request(6, quiet((0..5_000).collect())).await;
+    raw.expect_error(Some(6), ErrorCode::BadRequest).await;
+
+    #[derive(Serialize)]
+    struct MistypedQuiet {
+        id: u64,
+        r#type: &'static str,
+        seqs: Vec<u64>,
+        quiet: &'static str,
+    }
+    raw.map(&MistypedQuiet {
+        id: 7,
+        r#type: "ack",
+        seqs: vec![1],
+        quiet: "yes",
+    })
+    .await;
+    raw.expect_error(Some(7), ErrorCode::BadRequest).await;
+    // Without `quiet` the same ack is answered.
+    raw.request(
+        8,
+        Request::Ack {
+            seqs: vec![1],
+            quiet: false,
+        },
+    )
+    .await;
+    let frame = raw.reply().await;
+    assert_eq!(
+        (frame.id, frame.reply),
+        (Some(8), Reply::Acked { removed: 0 })
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_comes_first_and_versions_are_checked() {
     let server = TestServer::start().await;
     let mut raw = Raw::open(&server).await;

@@ -127,8 +127,8 @@ impl Report {
 
 /// Receives until `done` says the senders finished and a full drain wait passes in silence.
 /// Like a careful client it acknowledges as it goes: everything that has arrived is taken,
-/// opened and acknowledged in one batch (so batches grow with the load, and no ack waits for
-/// a timer).
+/// opened and acknowledged in one quiet batch (so batches grow with the load, no ack waits for
+/// a timer, and none waits for an answer; a failed ack ends the receiver with its error).
 async fn receive(
     client: Arc<Client>,
     mut opener: Opener,
@@ -188,7 +188,10 @@ async fn receive(
                 let _ = histogram.record(micros);
             }
         }
-        client.ack(std::mem::take(&mut acks)).await?;
+        client.ack_quietly(std::mem::take(&mut acks)).await?;
+        if let Some(e) = client.take_unclaimed_error() {
+            return Err(e.into());
+        }
     }
 }
 

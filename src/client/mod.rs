@@ -190,6 +190,8 @@ pub struct Bundle {
 #[derive(Debug, Default)]
 struct Notices {
     prekeys_low: Option<u32>,
+    /// The last error answering a request nobody waits for: a quiet `ack` that failed.
+    unclaimed_error: Option<ClientError>,
 }
 
 /// A connection to a server with its control stream open and `hello` exchanged.
@@ -476,10 +478,37 @@ impl Client {
 
     /// Acknowledges delivered messages so the server deletes them; returns how many it had.
     pub async fn ack(&self, seqs: Vec<u64>) -> Result<u64, ClientError> {
-        match self.request(Request::Ack { seqs }).await? {
+        match self.request(Request::Ack { seqs, quiet: false }).await? {
             Reply::Acked { removed } => Ok(removed),
             other => Err(unexpected("ack", &other)),
         }
+    }
+
+    /// Acknowledges delivered messages without waiting for an answer: the server sends none
+    /// when the ack succeeds, which saves a packet each way. A failure comes back later and
+    /// [`Client::take_unclaimed_error`] reports it. Messages whose ack has not reached the
+    /// server when the connection closes are delivered again on the next one (same id), as
+    /// after any lost ack.
+    pub async fn ack_quietly(&self, seqs: Vec<u64>) -> Result<(), ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = ClientFrame {
+            id,
+            request: Request::Ack { seqs, quiet: true },
+        };
+        let written = {
+            let mut send = self.send.lock().await;
+            write_frame(&mut *send, &frame, MAX_CONTROL_FRAME).await
+        };
+        written.map_err(|e| self.lost(e.to_string()))
+    }
+
+    /// The last error the server answered to a request nobody was waiting for (a quiet ack
+    /// that failed, or a request that had timed out), if one came (and clears it).
+    pub fn take_unclaimed_error(&self) -> Option<ClientError> {
+        self.notices
+            .lock()
+            .ok()
+            .and_then(|mut n| n.unclaimed_error.take())
     }
 
     /// Deletes a sent message that has not been delivered yet; says whether it did.
@@ -640,8 +669,17 @@ async fn read_replies(
         match frame.id {
             Some(id) => {
                 let waiter = pending.lock().ok().and_then(|mut p| p.remove(&id));
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(Ok(frame.reply));
+                match (waiter, frame.reply) {
+                    (Some(waiter), reply) => {
+                        let _ = waiter.send(Ok(reply));
+                    }
+                    (None, Reply::Error { code, message }) => {
+                        tracing::warn!(id, %code, "error for a request nobody waits for");
+                        if let Ok(mut n) = notices.lock() {
+                            n.unclaimed_error = Some(ClientError::Server { code, message });
+                        }
+                    }
+                    (None, other) => tracing::debug!(id, ?other, "late reply"),
                 }
             }
             None => match frame.reply {

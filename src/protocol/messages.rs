@@ -93,6 +93,10 @@ pub enum Request {
     Ack {
         /// Sequence numbers from `deliver` headers.
         seqs: Vec<u64>,
+        /// No `acked` reply on success (a failure is still answered with an `error`): saves
+        /// the reply's packet, and the peer's acknowledgement of it, per batch of acks.
+        #[serde(default, skip_serializing_if = "is_false")]
+        quiet: bool,
     },
     /// Delete a message you sent that has not been delivered yet.
     Unsend {
@@ -104,6 +108,10 @@ pub enum Request {
         /// The contact.
         username: String,
     },
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 fn default_true() -> bool {

@@ -86,6 +86,7 @@ fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
         (K::FetchBundle | K::FetchIdentity | K::Online, "username") => Some(Expected::Str),
         (K::Unsend, "message_id") => Some(Expected::Bin),
         (K::Ack, "seqs") => Some(Expected::Array),
+        (K::Ack, "quiet") => Some(Expected::Bool),
         (K::PublishKeys, "identity_key") => Some(Expected::Bin),
         (K::PublishKeys, "signed_prekey" | "last_resort") => Some(Expected::Map),
         (K::PublishKeys, "one_time_prekeys") => Some(Expected::Array),

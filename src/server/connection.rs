@@ -204,7 +204,9 @@ async fn run(
                 // Boxed: the request handlers' state exists only while one runs, not in every idle
                 // connection's task.
                 let reply = Box::pin(control.dispatch(&buf)).await;
-                if queue.send(Outgoing::Frame(Box::new(reply))).await.is_err() {
+                if let Some(reply) = reply
+                    && queue.send(Outgoing::Frame(Box::new(reply))).await.is_err()
+                {
                     break Ending::Gone;
                 }
             }

@@ -78,12 +78,21 @@ impl Control {
         self.hello
     }
 
-    pub(crate) async fn dispatch(&mut self, body: &[u8]) -> ServerFrame {
-        match decode_request(body) {
-            Ok(frame) => ServerFrame {
-                id: Some(frame.id),
-                reply: self.handle(frame.request).await,
-            },
+    /// Handles one control-stream frame and gives the frame to answer with: `None` only
+    /// for a quiet `ack` that succeeded.
+    pub(crate) async fn dispatch(&mut self, body: &[u8]) -> Option<ServerFrame> {
+        Some(match decode_request(body) {
+            Ok(frame) => {
+                let quiet = matches!(frame.request, Request::Ack { quiet: true, .. });
+                let reply = self.handle(frame.request).await;
+                if quiet && matches!(reply, Reply::Acked { .. }) {
+                    return None;
+                }
+                ServerFrame {
+                    id: Some(frame.id),
+                    reply,
+                }
+            }
             Err(RequestError::Malformed(why)) => ServerFrame {
                 id: None,
                 reply: error(ErrorCode::MalformedFrame, why),
@@ -96,7 +105,7 @@ impl Control {
                 id: Some(id),
                 reply: error(ErrorCode::BadRequest, e.to_string()),
             },
-        }
+        })
     }
 
     fn current(&self) -> Option<ActiveSession> {
@@ -281,7 +290,7 @@ impl Control {
                     Err(e) => store_error(&e),
                 }
             }
-            Request::Ack { seqs } => {
+            Request::Ack { seqs, .. } => {
                 if seqs.len() > MAX_ACK {
                     return error(
                         ErrorCode::BadRequest,

@@ -332,6 +332,16 @@ async def main_flow(args, r: Results):
             r.check(f"pipelining: 3 pings {ids} -> 3 pongs matched by id", ok, replies)
         await step(r, "pipelining", pipelining())
 
+        async def quiet_ack():
+            rid = c.next_id       # no reply is expected, so no pending entry: a reply to it
+            c.next_id += 1        # would be flagged as a reply with an unexpected id
+            c.send_raw(encode_frame({"id": rid, "type": "ack", "seqs": [1], "quiet": True}))
+            rep = await c.request("ping")
+            r.check("quiet ack -> no reply (the next frame is the ping's pong)",
+                    rep.get("type") == "pong" and c.protocol_error is None,
+                    (rep, c.protocol_error))
+        await step(r, "quiet ack", quiet_ack())
+
         async def malformed():
             garbage = b"\xc1\xff\x00"   # 0xc1 is never used in MessagePack
             c.send_raw(struct.pack(">I", len(garbage)) + garbage)
