@@ -7,7 +7,7 @@
 
 use rmpv::Value;
 
-use super::{ClientFrame, RequestKind, decode_body};
+use super::{ClientFrame, Request, RequestKind, decode_body};
 
 /// Deepest nesting accepted in a request; real requests are two levels deep.
 const MAX_DEPTH: usize = 16;
@@ -137,6 +137,28 @@ pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
             return Err(RequestError::Bad { id, kind, reason });
         }
     }
+    if kind == RequestKind::Ack {
+        // The one request of every delivered batch: built from the value already decoded
+        // (serde's flattened, tagged decoding of the frame costs several times more).
+        let bad = |reason: &str| RequestError::Bad {
+            id,
+            kind,
+            reason: reason.to_owned(),
+        };
+        let Some(Value::Array(items)) = field("seqs") else {
+            return Err(bad("missing field `seqs`"));
+        };
+        let seqs = items
+            .iter()
+            .map(Value::as_u64)
+            .collect::<Option<Vec<u64>>>()
+            .ok_or_else(|| bad("`seqs` must hold unsigned integers only"))?;
+        let quiet = field("quiet").and_then(Value::as_bool).unwrap_or(false);
+        return Ok(ClientFrame {
+            id,
+            request: Request::Ack { seqs, quiet },
+        });
+    }
     decode_body::<ClientFrame>(body).map_err(|e| RequestError::Bad {
         id,
         kind,
@@ -150,7 +172,6 @@ pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Request;
     use serde::Serialize;
 
     fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -293,6 +314,88 @@ mod tests {
             match decode_request(&body) {
                 Err(RequestError::Bad { id: got, .. }) => assert_eq!(got, id),
                 other => panic!("{id}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn acks_decode_as_serde_would_and_refuse_what_it_refuses() {
+        #[derive(Serialize)]
+        struct Ack<S: Serialize, Q: Serialize> {
+            id: u64,
+            r#type: &'static str,
+            seqs: S,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            quiet: Option<Q>,
+        }
+        let ack = |seqs: Vec<u64>, quiet: Option<bool>| {
+            encode(&Ack {
+                id: 9,
+                r#type: "ack",
+                seqs,
+                quiet,
+            })
+        };
+        for body in [
+            ack(vec![41, 42, u64::MAX], None),
+            ack(vec![], Some(true)),
+            ack(vec![1], Some(false)),
+        ] {
+            let fast = decode_request(&body).unwrap();
+            assert_eq!(fast, decode_body::<ClientFrame>(&body).unwrap());
+        }
+        assert_eq!(
+            decode_request(&ack(vec![7], Some(true))).unwrap().request,
+            Request::Ack {
+                seqs: vec![7],
+                quiet: true
+            }
+        );
+
+        #[derive(Serialize)]
+        struct NoSeqs {
+            id: u64,
+            r#type: &'static str,
+        }
+        let refused = [
+            encode(&NoSeqs {
+                id: 9,
+                r#type: "ack",
+            }),
+            encode(&Ack {
+                id: 9,
+                r#type: "ack",
+                seqs: vec![1i64, -2],
+                quiet: None::<bool>,
+            }),
+            encode(&Ack {
+                id: 9,
+                r#type: "ack",
+                seqs: vec!["1"],
+                quiet: None::<bool>,
+            }),
+            encode(&Ack {
+                id: 9,
+                r#type: "ack",
+                seqs: 1u64,
+                quiet: None::<bool>,
+            }),
+            encode(&Ack {
+                id: 9,
+                r#type: "ack",
+                seqs: vec![1u64],
+                quiet: Some(1u8),
+            }),
+        ];
+        for body in refused {
+            assert!(decode_body::<ClientFrame>(&body).is_err());
+            match decode_request(&body) {
+                Err(RequestError::Bad {
+                    id: 9,
+                    kind: RequestKind::Ack,
+                    ..
+                }) => {}
+                other => panic!("{other:?}"),
             }
         }
     }

@@ -463,12 +463,16 @@ impl WriterState {
             seq,
             expires_at: message.expires_at,
         };
+        // Sized up front: growing the buffer field by field cost more than the encoding.
+        let stored_len =
+            STORED_OVERHEAD + stored.body.len() + stored.from.as_str().len() + stored.kind.len();
         batch.insert(
             &self.ks.inbox,
             inbox_key(&message.recipient, seq),
-            rmp_serde::to_vec_named(&stored)?,
+            encode_record(&stored, stored_len)?,
         );
-        batch.insert(&self.ks.sent, sent_key, rmp_serde::to_vec_named(&record)?);
+        let record_len = SENT_OVERHEAD + record.recipient.as_str().len();
+        batch.insert(&self.ks.sent, sent_key, encode_record(&record, record_len)?);
         let pair = (message.recipient.clone(), message.sender.clone());
         if !self.contacts.contains(&pair) {
             batch.insert(
@@ -581,6 +585,19 @@ fn mark_running(ks: &InboxKeyspaces) -> Result<u64, StoreError> {
 }
 
 /// Packages a result so it is sent only after the batch commit, as an error if it failed.
+/// An upper bound on a stored message's encoding beyond its body, sender and kind (field
+/// names, headers, integers: 98 bytes at most; a test checks it).
+const STORED_OVERHEAD: usize = 112;
+/// The same for a send record beyond the recipient's name (47 bytes at most).
+const SENT_OVERHEAD: usize = 64;
+
+/// `value` as a MessagePack map, into a buffer of `capacity` bytes.
+fn encode_record<T: serde::Serialize>(value: &T, capacity: usize) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(capacity);
+    rmp_serde::encode::write_named(&mut out, value)?;
+    Ok(out)
+}
+
 fn deferred<T: 'static>(
     tx: oneshot::Sender<Result<T, StoreError>>,
     result: Result<T, StoreError>,
@@ -592,4 +609,42 @@ fn deferred<T: 'static>(
         };
         let _ = tx.send(outcome);
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_buffers_are_sized_for_the_largest_fields() {
+        let from = Username::parse(&"a".repeat(32)).unwrap();
+        let stored = StoredMessage {
+            seq: u64::MAX,
+            id: MessageId([0xff; 16]),
+            from: from.clone(),
+            kind: "k".repeat(300),
+            sent_at: u64::MAX,
+            expires_at: u64::MAX,
+            body: vec![7; 70_000],
+        };
+        let capacity =
+            STORED_OVERHEAD + stored.body.len() + stored.from.as_str().len() + stored.kind.len();
+        let bytes = encode_record(&stored, capacity).unwrap();
+        assert!(bytes.len() <= capacity, "{} > {capacity}", bytes.len());
+        assert_eq!(bytes.capacity(), capacity, "no growth");
+        assert_eq!(
+            rmp_serde::from_slice::<StoredMessage>(&bytes).unwrap(),
+            stored
+        );
+
+        let record = SentRecord {
+            recipient: from,
+            seq: u64::MAX,
+            expires_at: u64::MAX,
+        };
+        let capacity = SENT_OVERHEAD + record.recipient.as_str().len();
+        let bytes = encode_record(&record, capacity).unwrap();
+        assert_eq!(bytes.capacity(), capacity, "no growth");
+        assert_eq!(rmp_serde::from_slice::<SentRecord>(&bytes).unwrap(), record);
+    }
 }
