@@ -335,19 +335,20 @@ fn key_agreement(c: &mut Criterion) {
 // Store: group-commit appends and acks
 // ---------------------------------------------------------------------------------------------
 
-/// Concurrent appenders (one sender → recipient pair each), as in `benches/relay.rs`.
-const APPENDERS: usize = 64;
-/// Messages each appender appends per round, one after the other.
-const PER_APPENDER: usize = 16;
-const ROUND: usize = APPENDERS * PER_APPENDER;
+/// Rounds of the store benchmark: (concurrent appenders, messages each appends one after the
+/// other). Every append waits for its batch's sync, so a batch holds at most one message per
+/// appender: 64 in flight (as in `benches/relay.rs`) measures round trips through the group
+/// commit as much as the writer; 512 (as the relay's 100 pairs × 8 in flight) lets batches grow
+/// to where the writer's own cost per message shows.
+const SHAPES: [(usize, usize); 2] = [(64, 16), (512, 4)];
 const BODY: usize = 128;
 
 struct Pairs(Vec<(Username, Username)>);
 
 impl Pairs {
-    fn new() -> Self {
+    fn new(appenders: usize) -> Self {
         Self(
-            (0..APPENDERS)
+            (0..appenders)
                 .map(|w| {
                     let name = |role: &str| Username::parse(&format!("{role}{w:03}"));
                     (
@@ -366,17 +367,18 @@ impl Pairs {
 async fn round(
     store: &Arc<FjallStore>,
     pairs: &Arc<Pairs>,
+    per_appender: usize,
     round_no: u64,
     ack: bool,
 ) -> (Duration, Duration) {
     let start = Instant::now();
     let mut tasks = JoinSet::new();
-    for w in 0..APPENDERS {
+    for w in 0..pairs.0.len() {
         let (store, pairs) = (Arc::clone(store), Arc::clone(pairs));
         tasks.spawn(async move {
             let (sender, recipient) = &pairs.0[w];
-            let mut seqs = Vec::with_capacity(PER_APPENDER);
-            for i in 0..PER_APPENDER {
+            let mut seqs = Vec::with_capacity(per_appender);
+            for i in 0..per_appender {
                 let mut id = [0u8; 16];
                 id[..8].copy_from_slice(&round_no.to_be_bytes());
                 id[8..].copy_from_slice(&(i as u64).to_be_bytes());
@@ -400,25 +402,26 @@ async fn round(
                 };
                 seqs.push(seq);
             }
-            seqs
+            (w, seqs)
         });
     }
-    let mut acks = Vec::with_capacity(APPENDERS);
-    while let Some(seqs) = tasks.join_next().await {
-        acks.push(seqs.expect("appender task"));
+    // In the order the tasks finish: each keeps its appender's index.
+    let mut acks = Vec::with_capacity(pairs.0.len());
+    while let Some(done) = tasks.join_next().await {
+        acks.push(done.expect("appender task"));
     }
     let appended = start.elapsed();
 
     let start = Instant::now();
     let mut tasks = JoinSet::new();
-    for (w, seqs) in acks.into_iter().enumerate() {
+    for (w, seqs) in acks {
         let (store, pairs) = (Arc::clone(store), Arc::clone(pairs));
         tasks.spawn(async move {
             let removed = store
                 .remove_pending(&pairs.0[w].1, seqs, Removal::Acknowledged)
                 .await
                 .expect("ack");
-            assert_eq!(removed, PER_APPENDER as u64);
+            assert_eq!(removed, per_appender as u64);
         });
     }
     while let Some(done) = tasks.join_next().await {
@@ -437,8 +440,6 @@ fn store_group_commit(c: &mut Criterion) {
     // A round takes milliseconds (a sync per batch): flat sampling, the fewest samples allowed.
     group.sampling_mode(SamplingMode::Flat);
     group.sample_size(10);
-    group.throughput(Throughput::Elements(ROUND as u64));
-    let pairs = Arc::new(Pairs::new());
     for (label, durability) in [
         ("sync", Durability::Sync),
         ("buffered", Durability::Buffered),
@@ -451,21 +452,26 @@ fn store_group_commit(c: &mut Criterion) {
         };
         let store = Arc::new(FjallStore::open_with(dir.path(), options).expect("open store"));
         let mut round_no = 0u64;
-        for (what, ack) in [("append", false), ("append_then_ack", true)] {
-            let id = format!("{what}/{label}/{APPENDERS}x{PER_APPENDER}x{BODY}B");
-            group.bench_function(id, |b| {
-                b.iter_custom(|iters| {
-                    runtime.block_on(async {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            round_no += 1;
-                            let (appended, acked) = round(&store, &pairs, round_no, ack).await;
-                            total += appended + acked;
-                        }
-                        total
+        for (appenders, per_appender) in SHAPES {
+            let pairs = Arc::new(Pairs::new(appenders));
+            group.throughput(Throughput::Elements((appenders * per_appender) as u64));
+            for (what, ack) in [("append", false), ("append_then_ack", true)] {
+                let id = format!("{what}/{label}/{appenders}x{per_appender}x{BODY}B");
+                group.bench_function(id, |b| {
+                    b.iter_custom(|iters| {
+                        runtime.block_on(async {
+                            let mut total = Duration::ZERO;
+                            for _ in 0..iters {
+                                round_no += 1;
+                                let (appended, acked) =
+                                    round(&store, &pairs, per_appender, round_no, ack).await;
+                                total += appended + acked;
+                            }
+                            total
+                        })
                     })
-                })
-            });
+                });
+            }
         }
         // Closes the database (joins the writer thread) before its directory goes.
         drop(store);

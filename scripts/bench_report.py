@@ -252,16 +252,19 @@ def fmt_figure(value, unit):
 
 
 def micro_rate(micro, prefix):
-    """Messages per second of the first micro benchmark named `prefix` + `AxPxBB`."""
+    """Messages per second of the fastest micro benchmark named `prefix` + `AxPxBB` (the
+    store benchmark runs with 64 and with 512 appenders in flight)."""
+    best = None
     for name, median, _, _, _ in micro:
         if not name.startswith(prefix) or not median:
             continue
         shape = name[len(prefix):].split("x")
         try:
-            return int(shape[0]) * int(shape[1]) / (median / 1e9)
+            rate = int(shape[0]) * int(shape[1]) / (median / 1e9)
         except (IndexError, ValueError):
-            return None
-    return None
+            continue
+        best = rate if best is None else max(best, rate)
+    return best
 
 
 def verdict_cell(value, op, bound, measured):

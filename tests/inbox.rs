@@ -192,3 +192,69 @@ async fn an_inbox_untouched_since_a_crash_still_skips_ahead() {
         "seq {seq} could repeat one given out before the crash"
     );
 }
+
+/// Many inboxes written at once, each by its own task (batches of hundreds of messages for
+/// hundreds of inboxes): every ack afterwards removes exactly what its inbox holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_after_wide_concurrent_batches_remove_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = std::sync::Arc::new(FjallStore::open(dir.path()).expect("open"));
+    let shapes = [(64u64, 16u64), (512, 4)];
+    for (round, (inboxes, each)) in shapes.iter().flat_map(|s| [*s; 5]).enumerate() {
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..inboxes {
+            let store = std::sync::Arc::clone(&store);
+            tasks.spawn(async move {
+                let (sender, recipient) = (user(&format!("s{w:03}")), user(&format!("r{w:03}")));
+                let mut seqs = Vec::new();
+                for i in 0..each {
+                    let mut id = [0u8; 16];
+                    id[..8].copy_from_slice(&(round as u64).to_be_bytes());
+                    id[8..].copy_from_slice(&i.to_be_bytes());
+                    let appended = store
+                        .append(
+                            NewMessage {
+                                sender: sender.clone(),
+                                recipient: recipient.clone(),
+                                id: MessageId(id),
+                                kind: "text".into(),
+                                body: vec![1; 16],
+                                sent_at: 1,
+                                expires_at: u64::MAX,
+                            },
+                            AppendHooks::default(),
+                        )
+                        .await
+                        .expect("append");
+                    match appended {
+                        Appended::Stored { seq } => seqs.push(seq),
+                        other => panic!("not stored: {other:?}"),
+                    }
+                }
+                (recipient, seqs)
+            });
+        }
+        let mut written = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            written.push(done.expect("appender"));
+        }
+        // The acks too are concurrent, so they share batches.
+        let mut acks = tokio::task::JoinSet::new();
+        for (recipient, seqs) in written {
+            let store = std::sync::Arc::clone(&store);
+            acks.spawn(async move {
+                let removed = store
+                    .remove_pending(&recipient, seqs.clone(), Removal::Acknowledged)
+                    .await
+                    .expect("remove");
+                assert_eq!(
+                    removed, each,
+                    "{recipient} seqs {seqs:?} ({inboxes} inboxes)"
+                );
+            });
+        }
+        while let Some(done) = acks.join_next().await {
+            done.expect("ack");
+        }
+    }
+}
