@@ -258,3 +258,36 @@ async fn acks_after_wide_concurrent_batches_remove_everything() {
         }
     }
 }
+
+/// A message sent twice at once (a client retrying on a new connection) is stored once, also
+/// while the first copy's batch is still being committed and synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_racing_its_original_is_stored_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = std::sync::Arc::new(FjallStore::open(dir.path()).expect("open"));
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..200u8 {
+        for _copy in 0..2 {
+            let store = std::sync::Arc::clone(&store);
+            tasks.spawn(async move {
+                let appended = store
+                    .append(message(n), AppendHooks::default())
+                    .await
+                    .expect("append");
+                (n, appended)
+            });
+        }
+    }
+    let mut stored = std::collections::HashMap::new();
+    while let Some(done) = tasks.join_next().await {
+        let (n, appended) = done.expect("task");
+        match appended {
+            Appended::Stored { .. } => *stored.entry(n).or_insert(0) += 1,
+            Appended::Duplicate => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(stored.len(), 200);
+    assert!(stored.values().all(|&copies| copies == 1), "{stored:?}");
+    assert_eq!(pending(&store).await.len(), 200);
+}

@@ -1,12 +1,17 @@
-//! Group commit for inboxes: one thread owns every inbox write. It takes all the operations
-//! waiting in its queue (up to a batch limit), applies them to one fjall batch, syncs once, and
-//! only then answers each caller. Many connections' messages share one fsync, and sequence
-//! numbers, deduplication and quotas need no locks because one thread decides them.
+//! Group commit for inboxes, in two threads. The *writer* owns every inbox decision: it takes
+//! all the operations waiting in its queue (up to a batch limit) and builds one fjall batch of
+//! them; sequence numbers, deduplication and quotas need no locks because this one thread
+//! decides them. The *committer* commits the built batches in order and syncs once for all of
+//! those waiting, and only then answers each caller. So many connections' messages share one
+//! fsync, and the writer goes on ordering new messages while a sync runs: with both cores busy
+//! a sync takes milliseconds, and nothing but the answers waits for it. Messages of batches not
+//! yet committed are deduplicated from memory (the store does not show them yet); their acks
+//! become tombstones in a later batch, which the committer writes after them.
 //!
 //! An append may carry [`AppendHooks`]: `ordered` is called with the message's sequence number
-//! once the whole batch is built and before it is synced, `synced` after the sync: the server hands the message to an online
-//! recipient while the sync runs, so delivery does not wait for the disk (the sender's `sent`
-//! still does). Sequence numbers are never reused, even when a batch fails or the process dies
+//! once the whole batch is built and before it is committed, `synced` after the sync: the
+//! server hands the message to an online recipient at once, so delivery does not wait for the
+//! disk (the sender's `sent` still does). Sequence numbers are never reused, even when a batch fails or the process dies
 //! with a batch unsynced: counters only grow in memory, and every start after a run that did
 //! not end cleanly (its [`RUNNING`] marker is still there) begins a new *epoch*. A counter is
 //! stored with the epoch it was written in, and on first use skips [`SEQ_RESTART_GAP`] past
@@ -33,6 +38,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 /// (callgrind, store micro benchmark). Randomly seeded per process; keys are user names.
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type Set<T> = HashSet<T, foldhash::fast::RandomState>;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 
 use fjall::{Database, Keyspace, OwnedWriteBatch, PersistMode};
@@ -48,6 +56,10 @@ use crate::protocol::{MessageId, Username};
 pub const DEFAULT_MAX_BATCH: usize = 1024;
 /// Operations that may queue for the writer before callers wait for room.
 const QUEUE: usize = 8192;
+/// Built batches that may wait for the committer (each of at most `max_batch` operations)
+/// before the writer waits for room: enough for the trickle of small batches that arrive
+/// during one sync at moderate rates, few enough to bound the memory they hold.
+const JOBS_IN_FLIGHT: usize = 16;
 /// How far an inbox's counter skips ahead of the stored one per epoch since it was stored:
 /// more than a checkpoint interval plus a batch, so no seq handed out before a crash (stored
 /// or not) is ever given to another message. Per epoch, because a run that crashes before its
@@ -178,11 +190,20 @@ impl InboxWriter {
     ) -> Result<Self, StoreError> {
         let (queue, rx) = mpsc::channel(QUEUE);
         let epoch = mark_running(&keyspaces)?;
+        let (jobs, jobs_rx) = std_mpsc::sync_channel(JOBS_IN_FLIGHT);
+        let (committed_tx, committed) = std_mpsc::channel();
+        let commit_failed = Arc::new(AtomicBool::new(false));
+        let committer = {
+            let (db, failed) = (keyspaces.db.clone(), Arc::clone(&commit_failed));
+            std::thread::Builder::new()
+                .name("sfc-inbox-commit".into())
+                .spawn(move || run_committer(&db, durability, &jobs_rx, &committed_tx, &failed))
+                .map_err(|e| StoreError::Limit(format!("cannot start the inbox committer: {e}")))?
+        };
         let mut state = WriterState {
             epoch,
             failed: false,
             ks: keyspaces,
-            durability,
             max_pending,
             max_batch: max_batch.max(1),
             next_seq: Map::default(),
@@ -190,6 +211,11 @@ impl InboxWriter {
             pending: Map::default(),
             contacts: Map::default(),
             known: Map::default(),
+            in_flight: Set::default(),
+            jobs: Some(jobs),
+            committed,
+            commit_failed,
+            committer: Some(committer),
         };
         let thread = std::thread::Builder::new()
             .name("sfc-inbox-writer".into())
@@ -243,7 +269,6 @@ struct WriterState {
     epoch: u64,
     /// A batch failed in this run: its seqs may have been given out but not stored.
     failed: bool,
-    durability: Durability,
     max_pending: u64,
     max_batch: usize,
     /// Next sequence number per inbox (loaded from `meta` on first use).
@@ -256,9 +281,30 @@ struct WriterState {
     contacts: Map<Username, Set<Username>>,
     /// Which messages of each inbox are pending, as far as this writer knows.
     known: Map<Username, KnownPending>,
+    /// (sender, id) of every message in a batch not yet committed, for deduplication: the
+    /// store does not show them yet.
+    in_flight: Set<(Username, MessageId)>,
+    /// Built batches, to the committer thread.
+    jobs: Option<std_mpsc::SyncSender<Job>>,
+    /// From the committer: the (sender, id) of the messages of each committed batch.
+    committed: std_mpsc::Receiver<Vec<(Username, MessageId)>>,
+    /// Set by the committer when a commit or a sync fails.
+    commit_failed: Arc<AtomicBool>,
+    committer: Option<JoinHandle<()>>,
 }
 
-type Reply = Box<dyn FnOnce(Option<&StoreError>)>;
+/// A built batch on its way to the committer, with what waits for it.
+struct Job {
+    batch: OwnedWriteBatch,
+    /// It holds an append or an unsend: its answers wait for a sync.
+    must_sync: bool,
+    synced: Vec<(SeqHook, u64)>,
+    replies: Vec<Reply>,
+    /// (sender, id) of the messages it stores.
+    appended: Vec<(Username, MessageId)>,
+}
+
+type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
 impl WriterState {
     fn run(&mut self, mut rx: mpsc::Receiver<Op>) {
@@ -272,6 +318,12 @@ impl WriterState {
             }
             self.commit(ops);
         }
+        // Every built batch is committed (and synced) before the counters are stored.
+        self.jobs = None;
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+        self.note_commits();
         // A clean stop stores every counter exactly and drops the marker, so the next start
         // continues without a gap. After a failed batch the marker stays: its seqs may have
         // been given out without being stored.
@@ -301,16 +353,13 @@ impl WriterState {
         let must_sync = ops
             .iter()
             .any(|op| matches!(op, Op::Append(..) | Op::Remove(_, _, Removal::Unsent, _)));
-        let mode = match self.durability {
-            Durability::Sync if must_sync => PersistMode::SyncData,
-            Durability::Sync | Durability::Buffered => PersistMode::Buffer,
-        };
-        let mut batch = self.ks.db.batch().durability(Some(mode));
+        self.note_commits();
+        // The committer chooses the durability (one sync for all the batches waiting).
+        let mut batch = self.ks.db.batch().durability(Some(PersistMode::Buffer));
         let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
         let mut ordered: Vec<(SeqHook, u64)> = Vec::new();
         let mut synced: Vec<(SeqHook, u64)> = Vec::new();
-        let mut in_batch: Set<(Username, MessageId)> =
-            Set::with_capacity_and_hasher(ops.len(), Default::default());
+        let mut appended: Vec<(Username, MessageId)> = Vec::new();
         // Inboxes whose counters changed: written once per batch, not once per message. The
         // value is the first seq appended to the inbox in this batch (`u64::MAX` if none): a
         // seq from there on is only in the batch, not in the store, and cannot be removed yet.
@@ -319,7 +368,7 @@ impl WriterState {
         for op in ops {
             match op {
                 Op::Append(message, hooks, tx) => {
-                    let result = self.append(&mut batch, &mut in_batch, &mut touched, *message);
+                    let result = self.append(&mut batch, &mut appended, &mut touched, *message);
                     if let Ok(Appended::Stored { seq }) = &result {
                         ordered.extend(hooks.ordered.map(|hook| (hook, *seq)));
                         synced.extend(hooks.synced.map(|hook| (hook, *seq)));
@@ -355,38 +404,54 @@ impl WriterState {
                 checkpoints.push((user, next));
             }
         }
-        // The batch's order is final: let the messages go to online recipients while it syncs.
+        // The batch's order is final: let the messages go to online recipients while it is
+        // committed and synced, which the committer thread does while this one goes on.
         for (hook, seq) in ordered {
             hook(seq);
         }
-        let failure = if batch.is_empty() {
-            Ok(())
-        } else {
-            batch.commit()
+        // Counters are recorded as stored now; if the commit fails, fjall refuses every later
+        // write and the next start begins a new epoch anyway.
+        self.stored_seq.extend(checkpoints);
+        let job = Job {
+            batch,
+            must_sync,
+            synced,
+            replies,
+            appended,
         };
-        match failure {
-            Ok(()) => {
-                self.stored_seq.extend(checkpoints);
-                for (hook, seq) in synced {
-                    hook(seq);
-                }
-                replies.into_iter().for_each(|reply| reply(None));
+        let Some(jobs) = &self.jobs else {
+            return;
+        };
+        if let Err(std_mpsc::SendError(job)) = jobs.send(job) {
+            // The committer is gone (it panicked): nothing more can be stored.
+            self.commit_failed.store(true, Ordering::SeqCst);
+            let error = StoreError::WriterStopped;
+            job.replies
+                .into_iter()
+                .for_each(|reply| reply(Some(&error)));
+        }
+    }
+
+    /// Takes note of the batches committed since the last call: their messages are in the
+    /// store now, and after a failed commit the caches may describe writes that never
+    /// happened.
+    fn note_commits(&mut self) {
+        while let Ok(keys) = self.committed.try_recv() {
+            for key in keys {
+                self.in_flight.remove(&key);
             }
-            Err(e) => {
-                tracing::error!(error = %e, "inbox batch failed; nothing in it was stored");
-                self.failed = true;
-                // The caches may describe writes that never happened: reload them lazily. The
-                // seq counters stay (they only grow): the batch's seqs may have been delivered.
-                self.pending.clear();
-                self.contacts.clear();
-                self.known = self
-                    .next_seq
-                    .iter()
-                    .map(|(user, next)| (user.clone(), KnownPending::new(*next)))
-                    .collect();
-                let error = StoreError::Engine(e);
-                replies.into_iter().for_each(|reply| reply(Some(&error)));
-            }
+        }
+        if !self.failed && self.commit_failed.load(Ordering::SeqCst) {
+            self.failed = true;
+            // Reloaded lazily. The seq counters stay (they only grow): the failed batch's seqs
+            // may have been delivered.
+            self.pending.clear();
+            self.contacts.clear();
+            self.known = self
+                .next_seq
+                .iter()
+                .map(|(user, next)| (user.clone(), KnownPending::new(*next)))
+                .collect();
         }
     }
 
@@ -425,12 +490,14 @@ impl WriterState {
     fn append(
         &mut self,
         batch: &mut OwnedWriteBatch,
-        in_batch: &mut Set<(Username, MessageId)>,
+        appended: &mut Vec<(Username, MessageId)>,
         touched: &mut Map<Username, u64>,
         message: NewMessage,
     ) -> Result<Appended, StoreError> {
         let sent_key = pair_key(&message.sender, &message.id.0);
-        if in_batch.contains(&(message.sender.clone(), message.id))
+        if self
+            .in_flight
+            .contains(&(message.sender.clone(), message.id))
             || self.ks.sent.contains_key(&sent_key)?
         {
             return Ok(Appended::Duplicate);
@@ -500,7 +567,8 @@ impl WriterState {
         set(&mut self.pending, &message.recipient, pending + 1);
         let first = touched.entry(message.recipient).or_insert(u64::MAX);
         *first = (*first).min(seq);
-        in_batch.insert((message.sender, message.id));
+        self.in_flight.insert((message.sender.clone(), message.id));
+        appended.push((message.sender, message.id));
         Ok(Appended::Stored { seq })
     }
 
@@ -569,6 +637,51 @@ fn set(map: &mut Map<Username, u64>, key: &Username, value: u64) {
     }
 }
 
+/// The committer thread: commits the batches the writer built, in order, syncs once for all
+/// of those waiting (in `Sync` durability, when one of them needs it), then answers them. The
+/// writer goes on ordering new messages meanwhile, so delivery never waits for a sync.
+fn run_committer(
+    db: &Database,
+    durability: Durability,
+    jobs: &std_mpsc::Receiver<Job>,
+    committed: &std_mpsc::Sender<Vec<(Username, MessageId)>>,
+    failed: &AtomicBool,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while let Ok(job) = jobs.try_recv() {
+            group.push(job);
+        }
+        let mut error = None;
+        let mut must_sync = false;
+        let mut rest = Vec::with_capacity(group.len());
+        for job in group {
+            must_sync |= job.must_sync;
+            if error.is_none() && !job.batch.is_empty() {
+                error = job.batch.commit().err();
+            }
+            rest.push((job.synced, job.replies, job.appended));
+        }
+        if error.is_none() && must_sync && durability == Durability::Sync {
+            error = db.persist(PersistMode::SyncData).err();
+        }
+        let error = error.map(|e| {
+            tracing::error!(error = %e, "inbox batch failed; nothing after the last sync is stored");
+            failed.store(true, Ordering::SeqCst);
+            StoreError::Engine(e)
+        });
+        for (synced, replies, appended) in rest {
+            if error.is_none() {
+                for (hook, seq) in synced {
+                    hook(seq);
+                }
+            }
+            replies.into_iter().for_each(|reply| reply(error.as_ref()));
+            let _ = committed.send(appended);
+        }
+    }
+}
+
 /// A stored seq counter: the next seq and the epoch it is written in.
 fn seq_value(next: u64, epoch: u64) -> Vec<u8> {
     let mut value = Vec::with_capacity(16);
@@ -607,7 +720,6 @@ fn mark_running(ks: &InboxKeyspaces) -> Result<u64, StoreError> {
     Ok(epoch)
 }
 
-/// Packages a result so it is sent only after the batch commit, as an error if it failed.
 /// An upper bound on a stored message's encoding beyond its body, sender and kind (field
 /// names, headers, integers: 98 bytes at most; a test checks it).
 const STORED_OVERHEAD: usize = 112;
@@ -621,7 +733,8 @@ fn encode_record<T: serde::Serialize>(value: &T, capacity: usize) -> Result<Vec<
     Ok(out)
 }
 
-fn deferred<T: 'static>(
+/// Packages a result so it is sent only after the batch commit, as an error if it failed.
+fn deferred<T: Send + 'static>(
     tx: oneshot::Sender<Result<T, StoreError>>,
     result: Result<T, StoreError>,
 ) -> Reply {
