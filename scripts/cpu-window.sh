@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # CPU per delivered message of the load generator, the server and the server's inbox writer
+# and committer threads (the group commit)
 # thread, read from /proc over a window in the middle of a relay run (the steadiest figure on a
 # noisy machine: a fixed amount of work per message, whatever else the machine does).
 #
@@ -25,9 +26,16 @@ until grep -q "relay load" "$log" 2>/dev/null; do
 done
 sleep 1
 server=$(pgrep -P "$bench" sfc-server)
-writer=$(dirname "$(grep -l '^sfc-inbox-write' /proc/"$server"/task/*/comm | head -1)")
+# The group commit's two threads: the writer (sfc-inbox-writer) and the committer
+# (sfc-inbox-commit); builds from before the committer have the writer only.
+inbox_threads=$(grep -l '^sfc-inbox-' /proc/"$server"/task/*/comm | xargs -n1 dirname)
 
 ticks() { awk '{print $14 + $15}' "$1"; }           # utime + stime, in clock ticks
+inbox_ticks() {
+    local t total=0
+    for t in $inbox_threads; do total=$((total + $(ticks "$t/stat"))); done
+    echo "$total"
+}
 delivered() { grep "relay load" "$log" | tail -1 | sed 's/.*delivered \([0-9,]*\).*/\1/' | tr -d ,; }
 # The delivered count comes from sfc-bench's progress lines (one a second): read the CPU
 # times right after a fresh line, so both figures describe the same instant.
@@ -38,11 +46,11 @@ fresh_line() {
 }
 
 fresh_line
-b0=$(ticks /proc/$bench/stat); s0=$(ticks /proc/$server/stat); w0=$(ticks "$writer/stat")
+b0=$(ticks /proc/$bench/stat); s0=$(ticks /proc/$server/stat); w0=$(inbox_ticks)
 d0=$(delivered); t0=$(date +%s.%N)
 sleep "$(awk -v w="$window" 'BEGIN { print w - 0.5 }')"
 fresh_line
-b1=$(ticks /proc/$bench/stat); s1=$(ticks /proc/$server/stat); w1=$(ticks "$writer/stat")
+b1=$(ticks /proc/$bench/stat); s1=$(ticks /proc/$server/stat); w1=$(inbox_ticks)
 d1=$(delivered); t1=$(date +%s.%N)
 wait "$bench"
 
@@ -54,6 +62,6 @@ n, dt = d1 - d0, t1 - t0
 per = lambda a, b: (b - a) / hz * 1e6 / n
 print(f"window {dt:.1f} s, {n:.0f} delivered ({n / dt:,.0f}/s): CPU per message "
       f"load generator {per(b0, b1):.1f} us, server {per(s0, s1):.1f} us "
-      f"(inbox writer {per(w0, w1):.1f} us)")
+      f"(inbox writer and committer {per(w0, w1):.1f} us)")
 EOF
 grep -E "^(scenario|throughput)" "$log"
