@@ -44,28 +44,17 @@ exec valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" "$
 EOF
 chmod +x "$work/server"
 
-"$dir/sfc-bench" relay --spawn --server-bin "$work/server" "$@" >"$log" 2>&1 &
-bench=$!
-until grep -q "relay load" "$log" 2>/dev/null; do
-    kill -0 "$bench" 2>/dev/null || { cat "$log" >&2; exit 1; }
-    sleep 0.1
-done
+# shellcheck source=lib/relay-window.sh
+source "$(dirname "$0")/lib/relay-window.sh"
+start_relay "$log" "$dir/sfc-bench" "$work/server" "$@"
 sleep 2
-server=$(pgrep -P "$bench" | head -1)
-
-delivered() { grep "relay load" "$log" | tail -1 | sed 's/.*delivered \([0-9,]*\).*/\1/' | tr -d ,; }
-fresh_line() {
-    local lines
-    lines=$(grep -c "relay load" "$log")
-    while [ "$(grep -c "relay load" "$log")" -le "$lines" ]; do sleep 0.01; done
-}
-fresh_line
+fresh_line "$log"
 callgrind_control --instr=on "$server" >/dev/null 2>&1
-d0=$(delivered)
+d0=$(delivered "$log")
 sleep "$(awk -v w="$window" 'BEGIN { print w - 0.5 }')"
-fresh_line
+fresh_line "$log"
 callgrind_control --instr=off "$server" >/dev/null 2>&1
-d1=$(delivered)
+d1=$(delivered "$log")
 # The bench kills its server when it is done, so the profile is written now.
 callgrind_control --dump "$server" >/dev/null 2>&1
 wait "$bench"

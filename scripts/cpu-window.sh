@@ -18,14 +18,10 @@ window=${WINDOW:-3}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
-"$dir/sfc-bench" relay --spawn --server-bin "$dir/sfc-server" "$@" >"$log" 2>&1 &
-bench=$!
-until grep -q "relay load" "$log" 2>/dev/null; do
-    kill -0 "$bench" 2>/dev/null || { cat "$log" >&2; exit 1; }
-    sleep 0.1
-done
+# shellcheck source=lib/relay-window.sh
+source "$(dirname "$0")/lib/relay-window.sh"
+start_relay "$log" "$dir/sfc-bench" "$dir/sfc-server" "$@"
 sleep 1
-server=$(pgrep -P "$bench" sfc-server)
 # The group commit's two threads: the writer (sfc-inbox-writer) and the committer
 # (sfc-inbox-commit); builds from before the committer have the writer only.
 inbox_threads=$(grep -l '^sfc-inbox-' /proc/"$server"/task/*/comm | xargs -n1 dirname)
@@ -36,22 +32,13 @@ inbox_ticks() {
     for t in $inbox_threads; do total=$((total + $(ticks "$t/stat"))); done
     echo "$total"
 }
-delivered() { grep "relay load" "$log" | tail -1 | sed 's/.*delivered \([0-9,]*\).*/\1/' | tr -d ,; }
-# The delivered count comes from sfc-bench's progress lines (one a second): read the CPU
-# times right after a fresh line, so both figures describe the same instant.
-fresh_line() {
-    local lines
-    lines=$(grep -c "relay load" "$log")
-    while [ "$(grep -c "relay load" "$log")" -le "$lines" ]; do sleep 0.01; done
-}
-
-fresh_line
+fresh_line "$log"
 b0=$(ticks /proc/$bench/stat); s0=$(ticks /proc/$server/stat); w0=$(inbox_ticks)
-d0=$(delivered); t0=$(date +%s.%N)
+d0=$(delivered "$log"); t0=$(date +%s.%N)
 sleep "$(awk -v w="$window" 'BEGIN { print w - 0.5 }')"
-fresh_line
+fresh_line "$log"
 b1=$(ticks /proc/$bench/stat); s1=$(ticks /proc/$server/stat); w1=$(inbox_ticks)
-d1=$(delivered); t1=$(date +%s.%N)
+d1=$(delivered "$log"); t1=$(date +%s.%N)
 wait "$bench"
 
 hz=$(getconf CLK_TCK)
