@@ -291,3 +291,83 @@ async fn a_retry_racing_its_original_is_stored_once() {
     assert!(stored.values().all(|&copies| copies == 1), "{stored:?}");
     assert_eq!(pending(&store).await.len(), 200);
 }
+
+/// Once the writer has given up tracking an inbox (more than 4,096 acks out of order), acks
+/// are checked against the store: an ack that arrives while its message's batch is still
+/// waiting to be committed must still remove it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_of_uncommitted_messages_count_after_the_writer_forgets_an_inbox() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = std::sync::Arc::new(FjallStore::open(dir.path()).expect("open"));
+    let new = |sender: &str, recipient: &str, n: u64| {
+        let mut id = [0u8; 16];
+        id[8..].copy_from_slice(&n.to_be_bytes());
+        NewMessage {
+            sender: user(sender),
+            recipient: user(recipient),
+            id: MessageId(id),
+            kind: "text".into(),
+            body: vec![1; 16],
+            sent_at: 1,
+            expires_at: u64::MAX,
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..4_098u64 {
+        let store = std::sync::Arc::clone(&store);
+        tasks.spawn(async move {
+            store
+                .append(new("alice", "bob", n), AppendHooks::default())
+                .await
+        });
+    }
+    let mut seqs = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        match done.expect("task").expect("append") {
+            Appended::Stored { seq } => seqs.push(seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    seqs.sort_unstable();
+    // All but the first, so every removal is out of order: the writer forgets bob's inbox.
+    let removed = store
+        .remove_pending(&user("bob"), seqs[1..].to_vec(), Removal::Acknowledged)
+        .await
+        .expect("remove");
+    assert_eq!(removed, 4_097);
+
+    // Keep the committer busy with syncs while bob acks each new message as soon as its seq
+    // is decided, before its batch is committed.
+    let busy = {
+        let store = std::sync::Arc::clone(&store);
+        tokio::spawn(async move {
+            for n in 0..2_000u64 {
+                let _ = store
+                    .append(new("carol", "dave", n), AppendHooks::default())
+                    .await;
+            }
+        })
+    };
+    for n in 10_000..10_100u64 {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let hooks = AppendHooks {
+            ordered: Some(Box::new(move |seq| {
+                let _ = tx.send(seq);
+            })),
+            synced: None,
+        };
+        let append = {
+            let store = std::sync::Arc::clone(&store);
+            tokio::spawn(async move { store.append(new("alice", "bob", n), hooks).await })
+        };
+        let seq = rx.await.expect("ordered");
+        let removed = store
+            .remove_pending(&user("bob"), vec![seq], Removal::Acknowledged)
+            .await
+            .expect("remove");
+        assert_eq!(removed, 1, "message {n}, seq {seq}");
+        assert!(matches!(append.await, Ok(Ok(Appended::Stored { .. }))));
+    }
+    busy.abort();
+    assert_eq!(pending(&store).await, vec![seqs[0]]);
+}

@@ -56,10 +56,13 @@ use crate::protocol::{MessageId, Username};
 pub const DEFAULT_MAX_BATCH: usize = 1024;
 /// Operations that may queue for the writer before callers wait for room.
 const QUEUE: usize = 8192;
-/// Built batches that may wait for the committer (each of at most `max_batch` operations)
-/// before the writer waits for room: enough for the trickle of small batches that arrive
-/// during one sync at moderate rates, few enough to bound the memory they hold.
+/// Built batches that may wait for the committer: enough for the trickle of small batches
+/// that arrive during one sync at moderate rates.
 const JOBS_IN_FLIGHT: usize = 16;
+/// Operations in built batches not yet committed, at most: the writer waits for commits
+/// before it builds past this, so a stalled disk holds back at most this many (plus the
+/// queue) in memory.
+const MAX_OPS_IN_FLIGHT: usize = 4096;
 /// How far an inbox's counter skips ahead of the stored one per epoch since it was stored:
 /// more than a checkpoint interval plus a batch, so no seq handed out before a crash (stored
 /// or not) is ever given to another message. Per epoch, because a run that crashes before its
@@ -170,12 +173,19 @@ enum Op {
 pub(super) struct InboxWriter {
     queue: Option<mpsc::Sender<Op>>,
     thread: Option<JoinHandle<()>>,
+    committer: Option<JoinHandle<()>>,
 }
 
 impl Drop for InboxWriter {
     fn drop(&mut self) {
         self.queue = None;
-        if let Some(thread) = self.thread.take() {
+        // The writer ends once the committer has committed everything it built; the committer
+        // ends when the writer is gone (also if it panicked), and only then is the database
+        // closed.
+        for thread in [self.thread.take(), self.committer.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = thread.join();
         }
     }
@@ -215,7 +225,8 @@ impl InboxWriter {
             jobs: Some(jobs),
             committed,
             commit_failed,
-            committer: Some(committer),
+            ops_in_flight: 0,
+            inboxes_in_flight: Map::default(),
         };
         let thread = std::thread::Builder::new()
             .name("sfc-inbox-writer".into())
@@ -224,6 +235,7 @@ impl InboxWriter {
         Ok(Self {
             queue: Some(queue),
             thread: Some(thread),
+            committer: Some(committer),
         })
     }
 
@@ -286,11 +298,23 @@ struct WriterState {
     in_flight: Set<(Username, MessageId)>,
     /// Built batches, to the committer thread.
     jobs: Option<std_mpsc::SyncSender<Job>>,
-    /// From the committer: the (sender, id) of the messages of each committed batch.
-    committed: std_mpsc::Receiver<Vec<(Username, MessageId)>>,
-    /// Set by the committer when a commit or a sync fails.
+    /// From the committer: each committed batch.
+    committed: std_mpsc::Receiver<Committed>,
+    /// Set by the committer when a commit or a sync fails, or when it panics.
     commit_failed: Arc<AtomicBool>,
-    committer: Option<JoinHandle<()>>,
+    /// Operations in built batches not yet committed.
+    ops_in_flight: usize,
+    /// Inboxes with appends or removals in built batches not yet committed (how many).
+    inboxes_in_flight: Map<Username, usize>,
+}
+
+/// What the committer reports of a batch once it is committed (or has failed).
+struct Committed {
+    /// (sender, id) of the messages it stored.
+    appended: Vec<(Username, MessageId)>,
+    /// The inbox of each of its appends and removals.
+    inboxes: Vec<Username>,
+    ops: usize,
 }
 
 /// A built batch on its way to the committer, with what waits for it.
@@ -302,6 +326,8 @@ struct Job {
     replies: Vec<Reply>,
     /// (sender, id) of the messages it stores.
     appended: Vec<(Username, MessageId)>,
+    inboxes: Vec<Username>,
+    ops: usize,
 }
 
 type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
@@ -318,10 +344,11 @@ impl WriterState {
             }
             self.commit(ops);
         }
-        // Every built batch is committed (and synced) before the counters are stored.
+        // Every built batch is committed (and synced) before the counters are stored: the
+        // committer's reports end when it has finished them all and stopped.
         self.jobs = None;
-        if let Some(committer) = self.committer.take() {
-            let _ = committer.join();
+        while let Ok(done) = self.committed.recv() {
+            self.take_note(done);
         }
         self.note_commits();
         // A clean stop stores every counter exactly and drops the marker, so the next start
@@ -354,12 +381,24 @@ impl WriterState {
             .iter()
             .any(|op| matches!(op, Op::Append(..) | Op::Remove(_, _, Removal::Unsent, _)));
         self.note_commits();
+        if self.jobs.is_none() {
+            // The committer is gone: nothing can be stored. Dropping the operations answers
+            // their callers with `WriterStopped`.
+            return;
+        }
+        while self.ops_in_flight > 0 && self.ops_in_flight + ops.len() > MAX_OPS_IN_FLIGHT {
+            if !self.wait_for_commit() {
+                return;
+            }
+        }
         // The committer chooses the durability (one sync for all the batches waiting).
         let mut batch = self.ks.db.batch().durability(Some(PersistMode::Buffer));
         let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
         let mut ordered: Vec<(SeqHook, u64)> = Vec::new();
         let mut synced: Vec<(SeqHook, u64)> = Vec::new();
         let mut appended: Vec<(Username, MessageId)> = Vec::new();
+        let mut inboxes: Vec<Username> = Vec::with_capacity(ops.len());
+        let op_count = ops.len();
         // Inboxes whose counters changed: written once per batch, not once per message. The
         // value is the first seq appended to the inbox in this batch (`u64::MAX` if none): a
         // seq from there on is only in the batch, not in the store, and cannot be removed yet.
@@ -368,6 +407,7 @@ impl WriterState {
         for op in ops {
             match op {
                 Op::Append(message, hooks, tx) => {
+                    inboxes.push(message.recipient.clone());
                     let result = self.append(&mut batch, &mut appended, &mut touched, *message);
                     if let Ok(Appended::Stored { seq }) = &result {
                         ordered.extend(hooks.ordered.map(|hook| (hook, *seq)));
@@ -377,6 +417,7 @@ impl WriterState {
                 }
                 Op::Remove(user, seqs, _, tx) => {
                     let result = self.remove(&mut batch, &mut touched, &user, &seqs);
+                    inboxes.push(user);
                     replies.push(deferred(tx, result));
                 }
                 Op::ForgetSent(keys, tx) => {
@@ -412,19 +453,24 @@ impl WriterState {
         // Counters are recorded as stored now; if the commit fails, fjall refuses every later
         // write and the next start begins a new epoch anyway.
         self.stored_seq.extend(checkpoints);
+        for inbox in &inboxes {
+            *self.inboxes_in_flight.entry(inbox.clone()).or_default() += 1;
+        }
+        self.ops_in_flight += op_count;
         let job = Job {
             batch,
             must_sync,
             synced,
             replies,
             appended,
+            inboxes,
+            ops: op_count,
         };
         let Some(jobs) = &self.jobs else {
             return;
         };
         if let Err(std_mpsc::SendError(job)) = jobs.send(job) {
-            // The committer is gone (it panicked): nothing more can be stored.
-            self.commit_failed.store(true, Ordering::SeqCst);
+            self.committer_gone();
             let error = StoreError::WriterStopped;
             job.replies
                 .into_iter()
@@ -432,14 +478,50 @@ impl WriterState {
         }
     }
 
+    /// Blocks until the committer reports a batch; `false` if it is gone.
+    fn wait_for_commit(&mut self) -> bool {
+        match self.committed.recv() {
+            Ok(done) => {
+                self.take_note(done);
+                true
+            }
+            Err(_) => {
+                self.committer_gone();
+                false
+            }
+        }
+    }
+
+    /// The committer stopped (it panicked): nothing more can be stored, and the next start
+    /// must not trust the counters.
+    fn committer_gone(&mut self) {
+        tracing::error!("the inbox committer stopped; no more messages can be stored");
+        self.commit_failed.store(true, Ordering::SeqCst);
+        self.jobs = None;
+        self.note_commits();
+    }
+
+    fn take_note(&mut self, done: Committed) {
+        for key in done.appended {
+            self.in_flight.remove(&key);
+        }
+        for inbox in done.inboxes {
+            if let Some(n) = self.inboxes_in_flight.get_mut(&inbox) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.inboxes_in_flight.remove(&inbox);
+                }
+            }
+        }
+        self.ops_in_flight = self.ops_in_flight.saturating_sub(done.ops);
+    }
+
     /// Takes note of the batches committed since the last call: their messages are in the
     /// store now, and after a failed commit the caches may describe writes that never
     /// happened.
     fn note_commits(&mut self) {
-        while let Ok(keys) = self.committed.try_recv() {
-            for key in keys {
-                self.in_flight.remove(&key);
-            }
+        while let Ok(done) = self.committed.try_recv() {
+            self.take_note(done);
         }
         if !self.failed && self.commit_failed.load(Ordering::SeqCst) {
             self.failed = true;
@@ -579,6 +661,15 @@ impl WriterState {
         user: &Username,
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
+        // Without what this writer knows of the inbox, the store decides; it must then show
+        // every batch built before this one.
+        if !self.known.contains_key(user) {
+            while self.inboxes_in_flight.contains_key(user) {
+                if !self.wait_for_commit() {
+                    return Err(StoreError::WriterStopped);
+                }
+            }
+        }
         let mut removed = 0;
         let mut seen = Set::with_capacity_and_hasher(seqs.len(), Default::default());
         let next = self.next_seq.get(user).copied();
@@ -644,9 +735,10 @@ fn run_committer(
     db: &Database,
     durability: Durability,
     jobs: &std_mpsc::Receiver<Job>,
-    committed: &std_mpsc::Sender<Vec<(Username, MessageId)>>,
+    committed: &std_mpsc::Sender<Committed>,
     failed: &AtomicBool,
 ) {
+    let _panic = FailOnPanic(failed);
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while let Ok(job) = jobs.try_recv() {
@@ -660,7 +752,12 @@ fn run_committer(
             if error.is_none() && !job.batch.is_empty() {
                 error = job.batch.commit().err();
             }
-            rest.push((job.synced, job.replies, job.appended));
+            let done = Committed {
+                appended: job.appended,
+                inboxes: job.inboxes,
+                ops: job.ops,
+            };
+            rest.push((job.synced, job.replies, done));
         }
         if error.is_none() && must_sync && durability == Durability::Sync {
             error = db.persist(PersistMode::SyncData).err();
@@ -670,14 +767,25 @@ fn run_committer(
             failed.store(true, Ordering::SeqCst);
             StoreError::Engine(e)
         });
-        for (synced, replies, appended) in rest {
+        for (synced, replies, done) in rest {
             if error.is_none() {
                 for (hook, seq) in synced {
                     hook(seq);
                 }
             }
             replies.into_iter().for_each(|reply| reply(error.as_ref()));
-            let _ = committed.send(appended);
+            let _ = committed.send(done);
+        }
+    }
+}
+
+/// Marks the commits failed if the committer unwinds: the writer must then not stop cleanly.
+struct FailOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
         }
     }
 }
