@@ -13,14 +13,30 @@ fn user(name: &str) -> Username {
 
 fn message(n: u8) -> NewMessage {
     NewMessage {
-        sender: user("alice"),
-        recipient: user("bob"),
-        id: MessageId([n; 16]),
-        kind: "text".into(),
         body: vec![n; 32],
+        ..between("alice", "bob", [n; 16])
+    }
+}
+
+/// A message from `sender` to `recipient` with this id.
+fn between(sender: &str, recipient: &str, id: [u8; 16]) -> NewMessage {
+    NewMessage {
+        sender: user(sender),
+        recipient: user(recipient),
+        id: MessageId(id),
+        kind: "text".into(),
+        body: vec![1; 16],
         sent_at: 1,
         expires_at: u64::MAX,
     }
+}
+
+/// A 16-byte message id made of two numbers.
+fn id_of(high: u64, low: u64) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&high.to_be_bytes());
+    id[8..].copy_from_slice(&low.to_be_bytes());
+    id
 }
 
 async fn append(store: &FjallStore, n: u8) -> u64 {
@@ -205,25 +221,12 @@ async fn acks_after_wide_concurrent_batches_remove_everything() {
         for w in 0..inboxes {
             let store = std::sync::Arc::clone(&store);
             tasks.spawn(async move {
-                let (sender, recipient) = (user(&format!("s{w:03}")), user(&format!("r{w:03}")));
+                let (sender, recipient) = (format!("s{w:03}"), format!("r{w:03}"));
                 let mut seqs = Vec::new();
                 for i in 0..each {
-                    let mut id = [0u8; 16];
-                    id[..8].copy_from_slice(&(round as u64).to_be_bytes());
-                    id[8..].copy_from_slice(&i.to_be_bytes());
+                    let message = between(&sender, &recipient, id_of(round as u64, i));
                     let appended = store
-                        .append(
-                            NewMessage {
-                                sender: sender.clone(),
-                                recipient: recipient.clone(),
-                                id: MessageId(id),
-                                kind: "text".into(),
-                                body: vec![1; 16],
-                                sent_at: 1,
-                                expires_at: u64::MAX,
-                            },
-                            AppendHooks::default(),
-                        )
+                        .append(message, AppendHooks::default())
                         .await
                         .expect("append");
                     match appended {
@@ -231,7 +234,7 @@ async fn acks_after_wide_concurrent_batches_remove_everything() {
                         other => panic!("not stored: {other:?}"),
                     }
                 }
-                (recipient, seqs)
+                (user(&recipient), seqs)
             });
         }
         let mut written = Vec::new();
@@ -299,19 +302,7 @@ async fn a_retry_racing_its_original_is_stored_once() {
 async fn acks_of_uncommitted_messages_count_after_the_writer_forgets_an_inbox() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = std::sync::Arc::new(FjallStore::open(dir.path()).expect("open"));
-    let new = |sender: &str, recipient: &str, n: u64| {
-        let mut id = [0u8; 16];
-        id[8..].copy_from_slice(&n.to_be_bytes());
-        NewMessage {
-            sender: user(sender),
-            recipient: user(recipient),
-            id: MessageId(id),
-            kind: "text".into(),
-            body: vec![1; 16],
-            sent_at: 1,
-            expires_at: u64::MAX,
-        }
-    };
+    let new = |sender: &str, recipient: &str, n: u64| between(sender, recipient, id_of(0, n));
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..4_098u64 {
         let store = std::sync::Arc::clone(&store);
