@@ -77,7 +77,8 @@ const RUNNING: &[u8] = b"writer-running";
 /// Key in `meta` of the current epoch, raised (synced) at each start after an unclean stop.
 const EPOCH: &[u8] = b"seq-epoch";
 /// Out-of-order removals remembered per inbox before the writer forgets what it knows of that
-/// inbox (and asks the store again).
+/// inbox's older messages (and asks the store about them again); it goes on tracking the
+/// messages appended from then on.
 const MAX_REMOVED_AHEAD: usize = 4096;
 
 /// What the writer knows of one inbox's messages without asking the store: every message from
@@ -661,16 +662,8 @@ impl WriterState {
         user: &Username,
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
-        // Without what this writer knows of the inbox, the store decides; it must then show
-        // every batch built before this one.
-        if !self.known.contains_key(user) {
-            while self.inboxes_in_flight.contains_key(user) {
-                if !self.wait_for_commit() {
-                    return Err(StoreError::WriterStopped);
-                }
-            }
-        }
         let mut removed = 0;
+        let mut store_current = false;
         let mut seen = Set::with_capacity_and_hasher(seqs.len(), Default::default());
         let next = self.next_seq.get(user).copied();
         let in_batch_from = touched.get(user).copied().unwrap_or(u64::MAX);
@@ -689,7 +682,19 @@ impl WriterState {
             let key = inbox_key(user, seq);
             let present = match known {
                 Some(present) => present,
-                None => self.ks.inbox.contains_key(&key)?,
+                None => {
+                    // The store decides what this writer does not know; it must then show
+                    // the inbox's batches built before this one (committed, if not synced).
+                    if !store_current {
+                        while self.inboxes_in_flight.contains_key(user) {
+                            if !self.wait_for_commit() {
+                                return Err(StoreError::WriterStopped);
+                            }
+                        }
+                        store_current = true;
+                    }
+                    self.ks.inbox.contains_key(&key)?
+                }
             };
             if present {
                 batch.remove(&self.ks.inbox, key);
@@ -704,7 +709,14 @@ impl WriterState {
             .get(user)
             .is_some_and(|k| k.removed.len() > MAX_REMOVED_AHEAD)
         {
-            self.known.remove(user);
+            match next {
+                Some(next) => {
+                    self.known.insert(user.clone(), KnownPending::new(next));
+                }
+                None => {
+                    self.known.remove(user);
+                }
+            }
         }
         if removed > 0 {
             let pending = match self.pending.get(user) {
@@ -751,13 +763,18 @@ fn run_committer(
             must_sync |= job.must_sync;
             if error.is_none() && !job.batch.is_empty() {
                 error = job.batch.commit().err();
+                if error.is_some() {
+                    failed.store(true, Ordering::SeqCst);
+                }
             }
-            let done = Committed {
+            // The store shows the batch now (the sync only makes it durable): the writer may
+            // stop tracking it, and its memory is free.
+            let _ = committed.send(Committed {
                 appended: job.appended,
                 inboxes: job.inboxes,
                 ops: job.ops,
-            };
-            rest.push((job.synced, job.replies, done));
+            });
+            rest.push((job.synced, job.replies));
         }
         if error.is_none() && must_sync && durability == Durability::Sync {
             error = db.persist(PersistMode::SyncData).err();
@@ -767,14 +784,13 @@ fn run_committer(
             failed.store(true, Ordering::SeqCst);
             StoreError::Engine(e)
         });
-        for (synced, replies, done) in rest {
+        for (synced, replies) in rest {
             if error.is_none() {
                 for (hook, seq) in synced {
                     hook(seq);
                 }
             }
             replies.into_iter().for_each(|reply| reply(error.as_ref()));
-            let _ = committed.send(done);
         }
     }
 }
