@@ -293,14 +293,9 @@ impl Client {
             .lock()
             .map_err(|_| ClientError::Poisoned)?
             .insert(id, tx);
-        let frame = ClientFrame { id, request };
-        let written = {
-            let mut send = self.send.lock().await;
-            write_frame(&mut *send, &frame, MAX_CONTROL_FRAME).await
-        };
-        if let Err(e) = written {
+        if let Err(e) = self.write_request(id, request).await {
             self.forget(id);
-            return Err(self.lost(e.to_string()));
+            return Err(e);
         }
         let reply = match tokio::time::timeout(self.request_timeout, rx).await {
             Ok(Ok(reply)) => reply?,
@@ -314,6 +309,16 @@ impl Client {
             Reply::Error { code, message } => Err(ClientError::Server { code, message }),
             other => Ok(other),
         }
+    }
+
+    /// Writes one request frame on the control stream.
+    async fn write_request(&self, id: u64, request: Request) -> Result<(), ClientError> {
+        let frame = ClientFrame { id, request };
+        let written = {
+            let mut send = self.send.lock().await;
+            write_frame(&mut *send, &frame, MAX_CONTROL_FRAME).await
+        };
+        written.map_err(|e| self.lost(e.to_string()))
     }
 
     fn forget(&self, id: u64) {
@@ -491,15 +496,8 @@ impl Client {
     /// after any lost ack.
     pub async fn ack_quietly(&self, seqs: Vec<u64>) -> Result<(), ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = ClientFrame {
-            id,
-            request: Request::Ack { seqs, quiet: true },
-        };
-        let written = {
-            let mut send = self.send.lock().await;
-            write_frame(&mut *send, &frame, MAX_CONTROL_FRAME).await
-        };
-        written.map_err(|e| self.lost(e.to_string()))
+        self.write_request(id, Request::Ack { seqs, quiet: true })
+            .await
     }
 
     /// The last error the server answered to a request nobody was waiting for (a quiet ack
