@@ -234,6 +234,18 @@ mod tests {
         ]
     }
 
+    fn sample_deliver() -> DeliverHeader {
+        DeliverHeader {
+            seq: 5,
+            prev: 3,
+            id: MessageId([2; 16]),
+            from: "alice".into(),
+            sent_at: 1_700_000_000,
+            kind: "text".into(),
+            length: 200,
+        }
+    }
+
     #[test]
     fn both_types_round_trip() {
         let send = StreamHeader::Send(SendHeader {
@@ -242,16 +254,7 @@ mod tests {
             kind: "text".into(),
             length: 9,
         });
-        let deliver = StreamHeader::Deliver(DeliverHeader {
-            seq: 5,
-            prev: 3,
-            id: MessageId([2; 16]),
-            from: "alice".into(),
-            sent_at: 1_700_000_000,
-            kind: "text".into(),
-            length: 200,
-        });
-        for header in [send, deliver] {
+        for header in [send, StreamHeader::Deliver(sample_deliver())] {
             let bytes = rmp_serde::to_vec_named(&header).unwrap();
             assert_eq!(decode_body::<StreamHeader>(&bytes).unwrap(), header);
         }
@@ -279,15 +282,7 @@ mod tests {
         let header = decode_body::<StreamHeader>(&encode(&map(&fields))).unwrap();
         assert!(matches!(header, StreamHeader::Send(_)), "{header:?}");
         // To a `deliver` header, `to` is.
-        let deliver = StreamHeader::Deliver(DeliverHeader {
-            seq: 5,
-            prev: 3,
-            id: MessageId([2; 16]),
-            from: "alice".into(),
-            sent_at: 1,
-            kind: "text".into(),
-            length: 2,
-        });
+        let deliver = StreamHeader::Deliver(sample_deliver());
         let rmpv::Value::Map(mut entries) =
             rmpv::decode::read_value(&mut rmp_serde::to_vec_named(&deliver).unwrap().as_slice())
                 .unwrap()
