@@ -24,14 +24,9 @@ shift
 window=${WINDOW:-8}
 top=${TOP:-25}
 
-if ! command -v valgrind >/dev/null || ! command -v callgrind_annotate >/dev/null; then
-    command -v apt-get >/dev/null || { echo "callgrind.sh: valgrind is needed" >&2; exit 1; }
-    as_root=""
-    [ "$(id -u)" -eq 0 ] || as_root="sudo"
-    echo "== installing valgrind" >&2
-    $as_root apt-get update -qq
-    $as_root apt-get install -y -qq valgrind >/dev/null
-fi
+# shellcheck source=lib/valgrind.sh
+source "$(dirname "$0")/lib/valgrind.sh"
+ensure_valgrind
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
