@@ -472,7 +472,10 @@ async fn offline(
     }
     let sender = Arc::new(sender);
     let (sent, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let slots = Arc::new(Semaphore::new(64));
+    // As many sends in flight as the server lets one connection open message streams.
+    let slots = Arc::new(Semaphore::new(
+        crate::transport::MAX_CLIENT_UNI_STREAMS as usize,
+    ));
     let mut inflight = JoinSet::new();
     let total = (options.clients * options.backlog) as u64;
     progress::track_sent(&sent);
