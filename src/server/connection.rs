@@ -36,7 +36,7 @@ pub(crate) enum Outgoing {
 /// Serves one incoming connection until it ends or the server shuts down.
 /// `handshake` counts this connection among the handshakes in flight until it is established.
 pub(crate) async fn serve(
-    incoming: Incoming,
+    incoming: Box<Incoming>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     handshake: ConnectionSlot,
@@ -59,11 +59,11 @@ pub(crate) async fn serve(
 type Established = (Connection, SendStream, RecvStream);
 
 async fn accept(
-    incoming: Incoming,
+    incoming: Box<Incoming>,
     shared: &Shared,
     shutdown: &CancellationToken,
 ) -> Result<Option<Established>, String> {
-    let connecting = incoming.accept().map_err(|e| e.to_string())?;
+    let connecting = (*incoming).accept().map_err(|e| e.to_string())?;
     let conn = match tokio::time::timeout(shared.handshake_timeout, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return Err(format!("handshake failed: {e}")),
