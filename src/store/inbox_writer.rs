@@ -11,12 +11,13 @@
 //! An append may carry [`AppendHooks`]: `ordered` is called with the message's sequence number
 //! once the whole batch is built and before it is committed, `synced` after the sync: the
 //! server hands the message to an online recipient at once, so delivery does not wait for the
-//! disk (the sender's `sent` still does). Sequence numbers are never reused, even when a batch fails or the process dies
-//! with a batch unsynced: counters only grow in memory, and every start after a run that did
-//! not end cleanly (its [`RUNNING`] marker is still there) begins a new *epoch*. A counter is
-//! stored with the epoch it was written in, and on first use skips [`SEQ_RESTART_GAP`] past
-//! the stored value for every epoch since: so an inbox that a crashed run used skips ahead
-//! whenever it is next used, also after later clean runs that did not touch it.
+//! disk (the sender's `sent` still does). Sequence numbers are never reused, even when a batch
+//! fails or the process dies with a batch unsynced: counters only grow in memory, and every
+//! start after a run that did not end cleanly (its [`RUNNING`] marker is still there) begins a
+//! new *epoch*. A counter is stored with the epoch it was written in, and on first use skips
+//! [`SEQ_RESTART_GAP`] past the stored value for every epoch since: so an inbox that a crashed
+//! run used skips ahead whenever it is next used, also after later clean runs that did not
+//! touch it.
 //!
 //! Counters cost few writes: an inbox's next seq is stored only every [`SEQ_CHECKPOINT`] seqs
 //! (and exactly at a clean stop), and its pending count is not stored at all but counted from
@@ -33,11 +34,6 @@
 //! - `contacts`: viewer 0x00 subject → empty (the subject has written to the viewer)
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-
-/// The writer's maps, hashed with foldhash: SipHash was ≈ 15 % of the writer's instructions
-/// (callgrind, store micro benchmark). Randomly seeded per process; keys are user names.
-type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-type Set<T> = HashSet<T, foldhash::fast::RandomState>;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -51,6 +47,11 @@ use super::{
     StoredMessage,
 };
 use crate::protocol::{MessageId, Username};
+
+/// The writer's maps, hashed with foldhash: SipHash was ≈ 15 % of the writer's instructions
+/// (callgrind, store micro benchmark). Randomly seeded per process; keys are user names.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type Set<T> = HashSet<T, foldhash::fast::RandomState>;
 
 /// Most operations folded into one batch (and one sync), by default.
 pub const DEFAULT_MAX_BATCH: usize = 1024;
