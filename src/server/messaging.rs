@@ -1,11 +1,11 @@
 //! Message streams: receiving a client's messages (one unidirectional stream each) into the
 //! recipient's inbox, and delivering an online user's inbox on server-opened streams.
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use quinn::{Connection, RecvStream, VarInt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -57,14 +57,13 @@ pub(crate) async fn accept_message_streams(
     };
     // Boxed futures: a `FuturesUnordered` allocates a stub task sized like its future when it
     // is made, and the handler's future (≈ 0.8 KB) would then sit in every idle connection.
-    let mut receiving: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>> =
-        FuturesUnordered::new();
+    let mut receiving: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
     let mut open = true;
     loop {
         tokio::select! {
             accepted = conn.accept_uni(), if open && receiving.len() < MAX_RECEIVING => {
                 match accepted {
-                    Ok(stream) => receiving.push(Box::pin(handle(stream))),
+                    Ok(stream) => receiving.push(handle(stream).boxed()),
                     Err(_) => open = false,
                 }
             }
