@@ -3,7 +3,9 @@
 //! spawned as a child process.
 //!
 //! Every relay and offline message is sealed end to end (X3DH, then the Double Ratchet) by its
-//! sender and opened by its receiver, as a real client does; sessions stay in memory.
+//! sender and opened by its receiver, as a real client does; sessions stay in memory. A relay
+//! pair's session is started before the load (one warm-up message, opened and acknowledged,
+//! not counted), so the relay measures relaying, not the receivers' one-time X3DH accepts.
 //!
 //! Latency of the open-loop relay is measured from each message's *intended* send time, so a
 //! stall delays the measurement instead of the schedule (no coordinated omission).
@@ -24,7 +26,7 @@ pub use target::{ServerStats, Target};
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
-    /// N sender/receiver pairs online.
+    /// N sender/receiver pairs online, each pair's session started before the load.
     Relay,
     /// Fill offline inboxes, then log the users in and drain them.
     Offline,
