@@ -298,8 +298,8 @@ def targets_table(runs, micro):
 def figures_table(runs):
     lines = [
         "| run | command | sent | delivered | lost | dup | err | throughput | p50 | p99 | p99.9 "
-        "| server CPU | peak RSS | notes |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| server CPU | peak RSS | machine busy / steal | notes |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for run in runs:
         result = run.get("result") or {}
@@ -323,6 +323,7 @@ def figures_table(runs):
         throughput = result.get("throughput_per_s")
         cpu = result.get("server_cpu_s")
         rss = result.get("server_peak_rss_bytes")
+        busy, steal = result.get("machine_busy_pct"), result.get("machine_steal_pct")
         lines.append(
             "| "
             + " | ".join(
@@ -340,6 +341,7 @@ def figures_table(runs):
                     fmt_us(latency(run, "p999")),
                     "–" if cpu is None else f"{cpu:.1f} s",
                     "–" if rss is None else f"{rss / (1024 * 1024):.0f} MiB",
+                    "–" if busy is None or steal is None else f"{busy:.0f} % / {steal:.1f} %",
                     "; ".join(notes),
                 ]
             )
@@ -416,7 +418,11 @@ def block(meta, runs, micro, svg_links):
         "login, resume, handshake (connect, TLS, hello, then the request) and connections (time to "
         "open one). Throughput is messages delivered per second, or operations completed per "
         "second, or connections opened per second. Server CPU and peak RSS cover the whole run, its "
-        "setup (sign-ups hash passwords) and the closing of its connections included. `sfc-bench` "
+        "setup (sign-ups hash passwords) and the closing of its connections included. Machine busy "
+        "and steal are the whole machine's, in percent of both cores' time, over the measured part "
+        "of the run (from `/proc/stat`): steal is time the hypervisor gave to other guests while "
+        "this one wanted to run, and it comes in bursts that stall whatever was running, so a run "
+        "with steal has its tail latency and throughput from a slower machine. `sfc-bench` "
         "is `target/release/sfc-bench`.",
         "",
     ]

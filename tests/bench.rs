@@ -67,6 +67,13 @@ fn check(report: &serde_json::Value, scenario: &str) {
         report["server_peak_rss_bytes"].as_u64().unwrap() > 1 << 20,
         "{report}"
     );
+    // The machine's load while measured: the run itself kept it busy.
+    if cfg!(target_os = "linux") {
+        let busy = report["machine_busy_pct"].as_f64().unwrap();
+        let steal = report["machine_steal_pct"].as_f64().unwrap();
+        assert!(busy > 0.0 && busy + steal <= 100.0 + 1e-9, "{report}");
+        assert!(steal >= 0.0, "{report}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 pub use scenarios::run;
-pub use target::{ServerStats, Target};
+pub use target::{MachineLoad, MachineTimes, ServerStats, Target};
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -153,6 +153,12 @@ pub struct Report {
     /// the server but not delivered during the run). Diagnoses where a loss happened.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redelivered_after_reconnect: Option<u64>,
+    /// The whole machine's busy time over the measured interval, percent of all cores
+    /// (Linux; `null` elsewhere).
+    pub machine_busy_pct: Option<f64>,
+    /// Of the same interval, the percent of the cores' time the hypervisor took (steal):
+    /// a disturbed run shows here.
+    pub machine_steal_pct: Option<f64>,
     /// Open loop (`--rate`): how late the load generator's pacer handed out send slots,
     /// microseconds. Latency counts from the intended time, so this is part of it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -182,6 +188,11 @@ impl Report {
             text.push_str(&format!(
                 "server: {cpu:.2} CPU s, peak RSS {:.1} MiB\n",
                 rss as f64 / 1048576.0
+            ));
+        }
+        if let (Some(busy), Some(steal)) = (self.machine_busy_pct, self.machine_steal_pct) {
+            text.push_str(&format!(
+                "machine while measured: {busy:.1} % busy, {steal:.1} % stolen by the hypervisor\n"
             ));
         }
         if let Some(late) = &self.pacer_lateness_us {

@@ -11,7 +11,10 @@ use tokio::task::JoinSet;
 
 use super::progress::{self, Goal};
 use super::sealing::{Keys, Opener, Sealer};
-use super::{BenchError, BenchOptions, Latency, Report, Scenario, Target, histogram, percentiles};
+use super::{
+    BenchError, BenchOptions, Latency, MachineTimes, Report, Scenario, Target, histogram,
+    percentiles,
+};
 use crate::client::{Client, ClientOptions, SendOutcome};
 use crate::protocol::{MessageId, Password, SessionToken};
 
@@ -93,6 +96,8 @@ fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Report {
         server_peak_rss_bytes: None,
         connections: None,
         server_rss_per_connection_bytes: None,
+        machine_busy_pct: None,
+        machine_steal_pct: None,
         redelivered_after_reconnect: None,
         pacer_lateness_us: None,
     }
@@ -119,6 +124,14 @@ async fn collect(
 }
 
 impl Report {
+    /// Fills the machine's load over the measured interval, which began at `since`.
+    fn machine_since(&mut self, since: Option<MachineTimes>) {
+        if let Some(load) = since.and_then(MachineTimes::load_since) {
+            self.machine_busy_pct = Some(load.busy_pct);
+            self.machine_steal_pct = Some(load.steal_pct);
+        }
+    }
+
     /// Fills delivered, duplicates, lost and throughput from what the receivers saw
     /// (`sent` must be set already).
     fn count_deliveries(&mut self, received: &Received, elapsed: Duration) {
@@ -368,6 +381,7 @@ async fn relay(
     let (sent, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     progress::track_sent(&sent);
     progress::phase("load", Goal::Time(options.duration));
+    let machine = MachineTimes::now();
     let start = Instant::now();
     let deadline = start + options.duration;
     // Open loop: one pacer thread hands each sender the instants it is due to send (sender p
@@ -455,6 +469,7 @@ async fn relay(
         .saturating_sub(*DRAIN_WAIT)
         .max(options.duration);
     let mut report = empty_report(Scenario::Relay, &*latencies.lock().await);
+    report.machine_since(machine);
     report.sent = sent.load(Ordering::Relaxed);
     report.errors = errors.load(Ordering::Relaxed);
     report.count_deliveries(&received, elapsed);
@@ -537,6 +552,7 @@ async fn offline(
     let latencies = Arc::new(Mutex::new(histogram()?));
     let done = Arc::new(AtomicU64::new(1));
     progress::phase("drain", Goal::Delivered(sent.load(Ordering::Relaxed)));
+    let machine = MachineTimes::now();
     let start = Instant::now();
     let mut receivers = JoinSet::new();
     for (token, opener, _) in users {
@@ -557,6 +573,7 @@ async fn offline(
         .saturating_sub(*DRAIN_WAIT)
         .max(Duration::from_millis(1));
     let mut report = empty_report(Scenario::Offline, &*latencies.lock().await);
+    report.machine_since(machine);
     report.sent = sent.load(Ordering::Relaxed);
     report.errors = errors.load(Ordering::Relaxed);
     report.count_deliveries(&received, elapsed);
@@ -591,6 +608,7 @@ async fn repeated(
     let (completed, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     progress::track_sent(&completed);
     progress::phase("load", Goal::Time(options.duration));
+    let machine = MachineTimes::now();
     let start = Instant::now();
     let deadline = start + options.duration;
     // With `--rate`, each loop keeps its share of the schedule and latency counts from the
@@ -659,6 +677,7 @@ async fn repeated(
     let elapsed = start.elapsed();
     let histogram = latencies.lock().await;
     let mut report = empty_report(scenario, &histogram);
+    report.machine_since(machine);
     report.sent = completed.load(Ordering::Relaxed);
     report.delivered = report.sent;
     report.errors = errors.load(Ordering::Relaxed);
@@ -681,6 +700,7 @@ async fn connections(
     let slots = Arc::new(Semaphore::new(64));
     let mut opening = JoinSet::new();
     progress::phase("open", Goal::Delivered(options.clients as u64));
+    let machine = MachineTimes::now();
     let start = Instant::now();
     for _ in 0..options.clients {
         let permit = Arc::clone(&slots)
@@ -727,6 +747,7 @@ async fn connections(
     let count = held.len() as u64;
     let histogram = latencies.lock().await;
     let mut report = empty_report(Scenario::Connections, &histogram);
+    report.machine_since(machine);
     report.sent = count;
     report.delivered = count;
     report.errors = errors.load(Ordering::Relaxed);

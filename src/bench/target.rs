@@ -140,3 +140,87 @@ fn read_stats(pid: u32) -> Option<ServerStats> {
         peak_rss: kib("VmHWM:")?,
     })
 }
+
+/// The whole machine's CPU time so far, from the first line of `/proc/stat`: what a run
+/// shares the cores with, and what the hypervisor took from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineTimes {
+    /// user + nice + system + irq + softirq, all cores.
+    busy: u64,
+    /// Time the hypervisor ran something else while a core of this machine wanted to run.
+    steal: u64,
+    /// Everything, idle and iowait included.
+    total: u64,
+}
+
+/// How busy the machine was over an interval, in percent of all its cores' time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MachineLoad {
+    /// Running anything of this machine (the run itself and whatever else runs).
+    pub busy_pct: f64,
+    /// Stolen by the hypervisor: cores this machine wanted but did not get. It comes in
+    /// bursts, and a burst stalls whatever was running: a tail-latency figure from a run with
+    /// steal says as much about the host as about the server.
+    pub steal_pct: f64,
+}
+
+impl MachineTimes {
+    /// Now; `None` where `/proc/stat` cannot be read (not Linux).
+    pub fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        parse_cpu_line(stat.lines().next()?)
+    }
+
+    /// The load between `self` and a later reading.
+    pub fn load_until(self, later: Self) -> Option<MachineLoad> {
+        let total = later.total.checked_sub(self.total).filter(|&t| t > 0)? as f64;
+        Some(MachineLoad {
+            busy_pct: later.busy.saturating_sub(self.busy) as f64 * 100.0 / total,
+            steal_pct: later.steal.saturating_sub(self.steal) as f64 * 100.0 / total,
+        })
+    }
+
+    /// The load from `self` until now.
+    pub fn load_since(self) -> Option<MachineLoad> {
+        self.load_until(Self::now()?)
+    }
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal [guest guest_nice]` (guest time is
+/// already counted in user and nice).
+fn parse_cpu_line(line: &str) -> Option<MachineTimes> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let values: Vec<u64> = fields
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = values.try_into().ok()?;
+    let busy = user + nice + system + irq + softirq;
+    Some(MachineTimes {
+        busy,
+        steal,
+        total: busy + idle + iowait + steal,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_load_comes_from_the_cpu_line() {
+        let before = parse_cpu_line("cpu  100 0 50 800 10 0 5 5 0 0").unwrap();
+        let after = parse_cpu_line("cpu  160 0 70 895 10 0 10 25 0 0").unwrap();
+        // 200 ticks in all: 85 busy, 20 stolen, 95 idle.
+        let load = before.load_until(after).unwrap();
+        assert!((load.busy_pct - 42.5).abs() < 1e-9, "{load:?}");
+        assert!((load.steal_pct - 10.0).abs() < 1e-9, "{load:?}");
+        assert_eq!(before.load_until(before), None, "no time passed");
+        assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(parse_cpu_line("cpu  1 2 3"), None, "too few fields");
+        assert!(MachineTimes::now().is_none() || cfg!(target_os = "linux"));
+    }
+}
