@@ -153,8 +153,9 @@ pub struct Report {
     /// the server but not delivered during the run). Diagnoses where a loss happened.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redelivered_after_reconnect: Option<u64>,
-    /// The whole machine's busy time over the measured interval, percent of all cores
-    /// (Linux; `null` elsewhere).
+    /// The whole machine's busy time over the load, percent of all cores (relay: while the
+    /// senders send; offline: until the last message is in; connections: while they open;
+    /// Linux only, `null` elsewhere).
     pub machine_busy_pct: Option<f64>,
     /// Of the same interval, the percent of the cores' time the hypervisor took (steal):
     /// a disturbed run shows here.
@@ -192,7 +193,7 @@ impl Report {
         }
         if let (Some(busy), Some(steal)) = (self.machine_busy_pct, self.machine_steal_pct) {
             text.push_str(&format!(
-                "machine while measured: {busy:.1} % busy, {steal:.1} % stolen by the hypervisor\n"
+                "machine during the load: {busy:.1} % busy, {steal:.1} % stolen by the hypervisor\n"
             ));
         }
         if let Some(late) = &self.pacer_lateness_us {

@@ -85,6 +85,11 @@ pub(crate) fn delivered() {
     DELIVERED.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Unique messages received so far in this run.
+pub(crate) fn delivered_count() -> u64 {
+    DELIVERED.load(Ordering::Relaxed)
+}
+
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Style {

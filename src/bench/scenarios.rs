@@ -12,8 +12,8 @@ use tokio::task::JoinSet;
 use super::progress::{self, Goal};
 use super::sealing::{Keys, Opener, Sealer};
 use super::{
-    BenchError, BenchOptions, Latency, MachineTimes, Report, Scenario, Target, histogram,
-    percentiles,
+    BenchError, BenchOptions, Latency, MachineLoad, MachineTimes, Report, Scenario, Target,
+    histogram, percentiles,
 };
 use crate::client::{Client, ClientOptions, SendOutcome};
 use crate::protocol::{MessageId, Password, SessionToken};
@@ -124,9 +124,9 @@ async fn collect(
 }
 
 impl Report {
-    /// Fills the machine's load over the measured interval, which began at `since`.
-    fn machine_since(&mut self, since: Option<MachineTimes>) {
-        if let Some(load) = since.and_then(MachineTimes::load_since) {
+    /// Fills the machine's load over the measured interval.
+    fn machine(&mut self, load: Option<MachineLoad>) {
+        if let Some(load) = load {
             self.machine_busy_pct = Some(load.busy_pct);
             self.machine_steal_pct = Some(load.steal_pct);
         }
@@ -456,6 +456,8 @@ async fn relay(
         });
     }
     while sending.join_next().await.is_some() {}
+    // Over the load, not the receivers' wait for silence after it.
+    let machine = machine.and_then(MachineTimes::load_since);
     let pacer_lateness = match pacer.map(std::thread::JoinHandle::join) {
         Some(Ok(lateness)) => Some(lateness),
         Some(Err(_)) => return Err(BenchError::Setup("the pacer panicked".into())),
@@ -469,7 +471,7 @@ async fn relay(
         .saturating_sub(*DRAIN_WAIT)
         .max(options.duration);
     let mut report = empty_report(Scenario::Relay, &*latencies.lock().await);
-    report.machine_since(machine);
+    report.machine(machine);
     report.sent = sent.load(Ordering::Relaxed);
     report.errors = errors.load(Ordering::Relaxed);
     report.count_deliveries(&received, elapsed);
@@ -551,8 +553,16 @@ async fn offline(
     while inflight.join_next().await.is_some() {}
     let latencies = Arc::new(Mutex::new(histogram()?));
     let done = Arc::new(AtomicU64::new(1));
-    progress::phase("drain", Goal::Delivered(sent.load(Ordering::Relaxed)));
+    let total_sent = sent.load(Ordering::Relaxed);
+    progress::phase("drain", Goal::Delivered(total_sent));
+    // The machine's load until the last message is in, not over the wait for silence after.
     let machine = MachineTimes::now();
+    let drained = tokio::spawn(async move {
+        while progress::delivered_count() < total_sent {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        machine.and_then(MachineTimes::load_since)
+    });
     let start = Instant::now();
     let mut receivers = JoinSet::new();
     for (token, opener, _) in users {
@@ -572,8 +582,15 @@ async fn offline(
         .elapsed()
         .saturating_sub(*DRAIN_WAIT)
         .max(Duration::from_millis(1));
+    let machine = if drained.is_finished() {
+        drained.await.ok().flatten()
+    } else {
+        // Some never came (the report says so): the load until now.
+        drained.abort();
+        machine.and_then(MachineTimes::load_since)
+    };
     let mut report = empty_report(Scenario::Offline, &*latencies.lock().await);
-    report.machine_since(machine);
+    report.machine(machine);
     report.sent = sent.load(Ordering::Relaxed);
     report.errors = errors.load(Ordering::Relaxed);
     report.count_deliveries(&received, elapsed);
@@ -677,7 +694,7 @@ async fn repeated(
     let elapsed = start.elapsed();
     let histogram = latencies.lock().await;
     let mut report = empty_report(scenario, &histogram);
-    report.machine_since(machine);
+    report.machine(machine.and_then(MachineTimes::load_since));
     report.sent = completed.load(Ordering::Relaxed);
     report.delivered = report.sent;
     report.errors = errors.load(Ordering::Relaxed);
@@ -740,6 +757,7 @@ async fn connections(
     }
     while opening.join_next().await.is_some() {}
     let opened_in = start.elapsed();
+    let machine = machine.and_then(MachineTimes::load_since);
     progress::phase("hold", Goal::Time(options.duration));
     tokio::time::sleep(options.duration).await;
     let during = target.stats();
@@ -747,7 +765,7 @@ async fn connections(
     let count = held.len() as u64;
     let histogram = latencies.lock().await;
     let mut report = empty_report(Scenario::Connections, &histogram);
-    report.machine_since(machine);
+    report.machine(machine);
     report.sent = count;
     report.delivered = count;
     report.errors = errors.load(Ordering::Relaxed);
