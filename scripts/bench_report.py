@@ -419,7 +419,7 @@ def block(meta, runs, micro, svg_links):
         "open one). Throughput is messages delivered per second, or operations completed per "
         "second, or connections opened per second. Server CPU and peak RSS cover the whole run, its "
         "setup (sign-ups hash passwords) and the closing of its connections included. Machine busy "
-        "and steal are the whole machine's, in percent of both cores' time, over the load (relay: "
+        "and steal are the whole machine's, in percent of all its cores' time, over the load (relay: "
         "while the senders send; offline: until the last message is in; connections: while they "
         "open; from `/proc/stat`): steal is time the hypervisor gave to other guests while "
         "this one wanted to run, and it comes in bursts that stall whatever was running, so a run "

@@ -67,12 +67,20 @@ fn check(report: &serde_json::Value, scenario: &str) {
         report["server_peak_rss_bytes"].as_u64().unwrap() > 1 << 20,
         "{report}"
     );
-    // The machine's load while measured: the run itself kept it busy.
-    if cfg!(target_os = "linux") {
-        let busy = report["machine_busy_pct"].as_f64().unwrap();
-        let steal = report["machine_steal_pct"].as_f64().unwrap();
-        assert!(busy > 0.0 && busy + steal <= 100.0 + 1e-9, "{report}");
-        assert!(steal >= 0.0, "{report}");
+    // The machine's load during the load phase, which kept it busy: present on Linux unless the
+    // phase was too short to tell (a few connections open in a blink); the relay's is seconds.
+    let busy = report["machine_busy_pct"].as_f64();
+    let steal = report["machine_steal_pct"].as_f64();
+    match (busy, steal) {
+        (Some(busy), Some(steal)) => {
+            assert!(busy > 0.0 && steal >= 0.0, "{report}");
+            assert!(busy + steal <= 100.0 + 1e-9, "{report}");
+        }
+        (None, None) => assert!(
+            scenario != "relay" || !cfg!(target_os = "linux"),
+            "{report}"
+        ),
+        _ => panic!("busy and steal come together: {report}"),
     }
 }
 

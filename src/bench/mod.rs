@@ -154,8 +154,8 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redelivered_after_reconnect: Option<u64>,
     /// The whole machine's busy time over the load, percent of all cores (relay: while the
-    /// senders send; offline: until the last message is in; connections: while they open;
-    /// Linux only, `null` elsewhere).
+    /// senders send; offline: until the last message is in; connections: while they open).
+    /// `null` off Linux and for a load shorter than half a second of two cores.
     pub machine_busy_pct: Option<f64>,
     /// Of the same interval, the percent of the cores' time the hypervisor took (steal):
     /// a disturbed run shows here.

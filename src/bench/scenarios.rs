@@ -23,7 +23,8 @@ const PASSWORD: &str = "bench password 1";
 const MAX_ACK_BATCH: usize = 1024;
 /// Users set up at once (sign-ups hash passwords: more would only queue on the server).
 const SETUP_CONCURRENCY: usize = 16;
-/// The message index of a relay pair's warm-up message (the load's count from 0).
+/// The message index of a relay pair's warm-up message. The load's messages count up from 0,
+/// so no load message shares its id.
 const WARM_UP_ID: u64 = u64::MAX;
 /// How long a receiver waits for its warm-up message.
 const WARM_UP_WAIT: Duration = Duration::from_secs(30);
@@ -125,7 +126,7 @@ async fn collect(
 
 impl Report {
     /// Fills the machine's load over the measured interval.
-    fn machine(&mut self, load: Option<MachineLoad>) {
+    fn set_machine_load(&mut self, load: Option<MachineLoad>) {
         if let Some(load) = load {
             self.machine_busy_pct = Some(load.busy_pct);
             self.machine_steal_pct = Some(load.steal_pct);
@@ -260,13 +261,10 @@ async fn send_sealed(
     client: &Client,
     sealer: &Sealer,
     to: &str,
-    (owner, i): (usize, u64),
+    owner_and_index: (usize, u64),
     plaintext: &[u8],
 ) -> bool {
-    let mut id = [0u8; 16];
-    id[..8].copy_from_slice(&(owner as u64).to_be_bytes());
-    id[8..].copy_from_slice(&i.to_be_bytes());
-    let id = MessageId(id);
+    let id = message_id(owner_and_index);
     let Ok(body) = sealer.seal(id, plaintext) else {
         return false;
     };
@@ -274,6 +272,14 @@ async fn send_sealed(
         client.send_message(to, "bench", id, &body).await,
         Ok(SendOutcome::Stored)
     )
+}
+
+/// The id of message `i` of `owner` (a pair or user index): both, big-endian.
+fn message_id((owner, i): (usize, u64)) -> MessageId {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&(owner as u64).to_be_bytes());
+    id[8..].copy_from_slice(&i.to_be_bytes());
+    MessageId(id)
 }
 
 /// One relay pair, ready: both hold their session (the receiver has opened a first message).
@@ -304,10 +310,9 @@ async fn setup_pairs(
             let (sender_name, receiver_name) = (format!("{prefix}s{p}"), format!("{prefix}r{p}"));
             let (sender, _) = signup(&target, &sender_name).await?;
             let (receiver, token) = signup(&target, &receiver_name).await?;
-            let opener = Keys::publish(&receiver, &receiver_name).await?.opener();
+            let mut opener = Keys::publish(&receiver, &receiver_name).await?.opener();
             let sender_keys = Keys::publish(&sender, &sender_name).await?;
             let sealer = sender_keys.seal_to(&sender, &receiver_name).await?;
-            let mut opener = opener;
             warm_up(&sender, &sealer, &receiver_name, &receiver, &mut opener, p).await?;
             Ok::<_, BenchError>((
                 p,
@@ -343,15 +348,28 @@ async fn warm_up(
     opener: &mut Opener,
     p: usize,
 ) -> Result<(), BenchError> {
-    if !send_sealed(sender, sealer, receiver_name, (p, WARM_UP_ID), b"warm-up").await {
-        return Err(BenchError::Setup(format!(
-            "the warm-up message to {receiver_name} was not stored"
-        )));
+    let id = message_id((p, WARM_UP_ID));
+    let body = sealer.seal(id, b"warm-up")?;
+    match sender
+        .send_message(receiver_name, "bench", id, &body)
+        .await?
+    {
+        SendOutcome::Stored => {}
+        SendOutcome::Duplicate => {
+            return Err(BenchError::Setup(format!(
+                "the warm-up message to {receiver_name} was refused as a duplicate"
+            )));
+        }
     }
-    let message = receiver
-        .next_delivery(WARM_UP_WAIT)
-        .await
-        .ok_or_else(|| BenchError::Setup(format!("{receiver_name} got no warm-up message")))?;
+    let Some(message) = receiver.next_delivery(WARM_UP_WAIT).await else {
+        let why = match receiver.connection().close_reason() {
+            Some(reason) => format!("its connection closed: {reason}"),
+            None => format!("none came within {} s", WARM_UP_WAIT.as_secs()),
+        };
+        return Err(BenchError::Setup(format!(
+            "{receiver_name} got no warm-up message: {why}"
+        )));
+    };
     opener.open(&message.from, message.id, &message.body)?;
     receiver.ack(vec![message.seq]).await?;
     Ok(())
@@ -471,7 +489,7 @@ async fn relay(
         .saturating_sub(*DRAIN_WAIT)
         .max(options.duration);
     let mut report = empty_report(Scenario::Relay, &*latencies.lock().await);
-    report.machine(machine);
+    report.set_machine_load(machine);
     report.sent = sent.load(Ordering::Relaxed);
     report.errors = errors.load(Ordering::Relaxed);
     report.count_deliveries(&received, elapsed);
@@ -557,7 +575,9 @@ async fn offline(
     progress::phase("drain", Goal::Delivered(total_sent));
     // The machine's load until the last message is in, not over the wait for silence after.
     let machine = MachineTimes::now();
-    let drained = tokio::spawn(async move {
+    // In a JoinSet, so that it is aborted if this function returns early.
+    let mut drained = JoinSet::new();
+    drained.spawn(async move {
         while progress::delivered_count() < total_sent {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -582,15 +602,13 @@ async fn offline(
         .elapsed()
         .saturating_sub(*DRAIN_WAIT)
         .max(Duration::from_millis(1));
-    let machine = if drained.is_finished() {
-        drained.await.ok().flatten()
-    } else {
-        // Some never came (the report says so): the load until now.
-        drained.abort();
-        machine.and_then(MachineTimes::load_since)
+    let machine = match drained.try_join_next() {
+        Some(done) => done.ok().flatten(),
+        // Some never came (the report says so): the load until the receivers gave up.
+        None => machine.and_then(MachineTimes::load_since),
     };
     let mut report = empty_report(Scenario::Offline, &*latencies.lock().await);
-    report.machine(machine);
+    report.set_machine_load(machine);
     report.sent = sent.load(Ordering::Relaxed);
     report.errors = errors.load(Ordering::Relaxed);
     report.count_deliveries(&received, elapsed);
@@ -694,7 +712,7 @@ async fn repeated(
     let elapsed = start.elapsed();
     let histogram = latencies.lock().await;
     let mut report = empty_report(scenario, &histogram);
-    report.machine(machine.and_then(MachineTimes::load_since));
+    report.set_machine_load(machine.and_then(MachineTimes::load_since));
     report.sent = completed.load(Ordering::Relaxed);
     report.delivered = report.sent;
     report.errors = errors.load(Ordering::Relaxed);
@@ -765,7 +783,7 @@ async fn connections(
     let count = held.len() as u64;
     let histogram = latencies.lock().await;
     let mut report = empty_report(Scenario::Connections, &histogram);
-    report.machine(machine);
+    report.set_machine_load(machine);
     report.sent = count;
     report.delivered = count;
     report.errors = errors.load(Ordering::Relaxed);

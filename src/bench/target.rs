@@ -167,13 +167,23 @@ pub struct MachineLoad {
 impl MachineTimes {
     /// Now; `None` where `/proc/stat` cannot be read (not Linux).
     pub fn now() -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        parse_cpu_line(stat.lines().next()?)
+        use std::io::{BufRead, Read};
+        let file = std::fs::File::open("/proc/stat").ok()?;
+        // The first line, the whole machine's, is all that is read (and at most 4 KiB of it).
+        let mut line = String::new();
+        std::io::BufReader::new(file.take(4096))
+            .read_line(&mut line)
+            .ok()?;
+        parse_cpu_line(&line)
     }
 
-    /// The load between `self` and a later reading.
+    /// The load between `self` and a later reading; `None` if less than [`MIN_TICKS`] of the
+    /// cores' time passed, too little for a percentage worth showing.
     pub fn load_until(self, later: Self) -> Option<MachineLoad> {
-        let total = later.total.checked_sub(self.total).filter(|&t| t > 0)? as f64;
+        let total = later
+            .total
+            .checked_sub(self.total)
+            .filter(|&t| t >= MIN_TICKS)? as f64;
         Some(MachineLoad {
             busy_pct: later.busy.saturating_sub(self.busy) as f64 * 100.0 / total,
             steal_pct: later.steal.saturating_sub(self.steal) as f64 * 100.0 / total,
@@ -185,6 +195,10 @@ impl MachineTimes {
         self.load_until(Self::now()?)
     }
 }
+
+/// The shortest interval [`MachineTimes::load_until`] reports on, in clock ticks of all cores
+/// together (1/100 s each): half a second of two cores.
+const MIN_TICKS: u64 = 100;
 
 /// `cpu  user nice system idle iowait irq softirq steal [guest guest_nice]` (guest time is
 /// already counted in user and nice).
@@ -198,12 +212,13 @@ fn parse_cpu_line(line: &str) -> Option<MachineTimes> {
         .map(|f| f.parse().ok())
         .collect::<Option<_>>()?;
     let [user, nice, system, idle, iowait, irq, softirq, steal] = values.try_into().ok()?;
-    let busy = user + nice + system + irq + softirq;
-    Some(MachineTimes {
-        busy,
-        steal,
-        total: busy + idle + iowait + steal,
-    })
+    let busy = [nice, system, irq, softirq]
+        .into_iter()
+        .try_fold(user, u64::checked_add)?;
+    let total = [idle, iowait, steal]
+        .into_iter()
+        .try_fold(busy, u64::checked_add)?;
+    Some(MachineTimes { busy, steal, total })
 }
 
 #[cfg(test)]
@@ -219,8 +234,12 @@ mod tests {
         assert!((load.busy_pct - 42.5).abs() < 1e-9, "{load:?}");
         assert!((load.steal_pct - 10.0).abs() < 1e-9, "{load:?}");
         assert_eq!(before.load_until(before), None, "no time passed");
+        let soon = parse_cpu_line("cpu  100 0 50 899 10 0 5 5 0 0").unwrap();
+        assert_eq!(before.load_until(soon), None, "99 ticks: too short");
         assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
         assert_eq!(parse_cpu_line("cpu  1 2 3"), None, "too few fields");
-        assert!(MachineTimes::now().is_none() || cfg!(target_os = "linux"));
+        let huge = format!("cpu  {} 1 0 0 0 0 0 0", u64::MAX);
+        assert_eq!(parse_cpu_line(&huge), None, "overflow");
+        assert_eq!(MachineTimes::now().is_some(), cfg!(target_os = "linux"));
     }
 }
