@@ -177,8 +177,8 @@ impl MachineTimes {
         parse_cpu_line(&line)
     }
 
-    /// The load between `self` and a later reading; `None` if less than [`MIN_TICKS`] of the
-    /// cores' time passed, too little for a percentage worth showing.
+    /// The load between `self` and a later reading; `None` if less than 100 clock ticks of all
+    /// cores together passed (half a second of two cores), too little for a percentage.
     pub fn load_until(self, later: Self) -> Option<MachineLoad> {
         let total = later
             .total
