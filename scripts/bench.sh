@@ -3,8 +3,10 @@
 # sfc-bench against a server it spawns, saves the results as JSON lines, and regenerates the block
 # of docs/BENCHMARKS.md between `<!-- bench.sh: begin -->` and `<!-- bench.sh: end -->` and the
 # plots in docs/bench/. Everything else in BENCHMARKS.md (the hand-written analysis) is kept.
-# The runs take 3 to 4 minutes on 2 cores, plus the build and any criterion micro benchmarks
-# (benches/micro.rs, run where it exists); --quick takes about one minute.
+# The suite's runs take about 6 minutes on 2 cores and are made SFC_BENCH_REPEAT times (3: the
+# report gives each figure's median, with the range in the notes; this machine's speed moves
+# within minutes), plus the build and any criterion micro benchmarks (benches/micro.rs, run
+# where it exists); --quick takes about one minute.
 #
 # usage: scripts/bench.sh [--quick] [--no-micro] [--report-only]
 #   --quick        a short, small run to test this script (not figures to quote)
@@ -12,6 +14,7 @@
 #   --report-only  no runs: rebuild the report and plots from the last results
 #
 # environment (defaults in brackets, --quick's after the slash):
+#   SFC_BENCH_REPEAT       rounds of the whole list of runs; medians are reported [3 / 1]
 #   SFC_BENCH_DURATION     seconds of load per run [5 / 1]
 #   SFC_BENCH_PAIRS        relay pairs at full speed, sync durability ["1 10 50 100 1000" / "1 10 100"]
 #   SFC_BENCH_RATE         messages/s of the open-loop latency run, 100 pairs [5000]
@@ -61,13 +64,16 @@ if [[ $quick == 1 ]]; then
     backlog=${SFC_BENCH_BACKLOG:-10000}
     connections=${SFC_BENCH_CONNECTIONS:-200}
     micro_time=${SFC_BENCH_MICRO_TIME:-0.3}
+    repeat=${SFC_BENCH_REPEAT:-1}
 else
     duration=${SFC_BENCH_DURATION:-5}
     pairs=${SFC_BENCH_PAIRS:-"1 10 50 100 1000"}
     backlog=${SFC_BENCH_BACKLOG:-100000}
     connections=${SFC_BENCH_CONNECTIONS:-2000}
     micro_time=${SFC_BENCH_MICRO_TIME:-2}
+    repeat=${SFC_BENCH_REPEAT:-3}
 fi
+[[ $repeat =~ ^[1-9][0-9]*$ ]] || die "SFC_BENCH_REPEAT must be a whole number of rounds, at least 1"
 rate=${SFC_BENCH_RATE:-5000}
 run_timeout=${SFC_BENCH_TIMEOUT:-600}
 retries=${SFC_BENCH_RETRIES:-1}
@@ -111,7 +117,8 @@ mkdir -p "$out"
 rm -f "$marker"
 "${report[@]}" meta --quick "$quick" --config duration="$duration" --config pairs="$pairs" \
     --config rate="$rate" --config backlog="$backlog" --config connections="$connections" \
-    --config micro="$have_micro" --config micro_time="$micro_time" >"$meta"
+    --config micro="$have_micro" --config micro_time="$micro_time" --config repeat="$repeat" \
+    >"$meta"
 suite_start=$(date +%s)
 
 # A run in its own process group (timeout's), so that a timeout or Ctrl-C also stops the server
@@ -156,16 +163,21 @@ run() {
         --exit "$status" --attempts "$attempt" --stdout "$stdout" -- "${args[@]}" >>"$results"
 }
 
-for n in $pairs; do
-    run "relay, $n pair$([[ $n == 1 ]] || echo s)" relay --clients "$n" --duration "$duration"
+# Whole rounds rather than each run three times in a row, so that a slow minute of the machine
+# touches one sample of several figures, not every sample of one.
+for round in $(seq 1 "$repeat"); do
+    echo "== round $round of $repeat" >&2
+    for n in $pairs; do
+        run "relay, $n pair$([[ $n == 1 ]] || echo s)" relay --clients "$n" --duration "$duration"
+    done
+    run "relay, 100 pairs, buffered" relay --clients 100 --duration "$duration" --durability buffered
+    run "relay, 100 pairs at $rate msg/s" relay --clients 100 --rate "$rate" --duration "$duration"
+    run "offline drain, $backlog messages" offline --clients 1 --backlog "$backlog"
+    run "login, 16 concurrent" login --clients 16 --duration "$duration"
+    run "resume, 16 concurrent" resume --clients 16 --duration "$duration"
+    run "handshake, 16 concurrent" handshake --clients 16 --duration "$duration"
+    run "connections, $connections idle" connections --clients "$connections" --duration "$duration"
 done
-run "relay, 100 pairs, buffered" relay --clients 100 --duration "$duration" --durability buffered
-run "relay, 100 pairs at $rate msg/s" relay --clients 100 --rate "$rate" --duration "$duration"
-run "offline drain, $backlog messages" offline --clients 1 --backlog "$backlog"
-run "login, 16 concurrent" login --clients 16 --duration "$duration"
-run "resume, 16 concurrent" resume --clients 16 --duration "$duration"
-run "handshake, 16 concurrent" handshake --clients 16 --duration "$duration"
-run "connections, $connections idle" connections --clients "$connections" --duration "$duration"
 
 if [[ $have_micro == 1 ]]; then
     echo "== [micro] cargo bench --bench micro" >&2

@@ -230,6 +230,80 @@ def figure(run, key):
     return latency(run, key)
 
 
+def median(values):
+    values = sorted(values)
+    n = len(values)
+    if n == 0:
+        return None
+    mid = n // 2
+    return values[mid] if n % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+# Figures of a result replaced by their median over the rounds (integers stay integers).
+MEDIAN_KEYS = (
+    "throughput_per_s",
+    "server_cpu_s",
+    "server_peak_rss_bytes",
+    "server_rss_per_connection_bytes",
+    "machine_busy_pct",
+    "machine_steal_pct",
+)
+LATENCY_KEYS = ("p50", "p90", "p99", "p999", "max")
+# Counts that must be 0, summed over the rounds so that one bad round shows.
+SUMMED_KEYS = ("lost", "duplicates", "errors")
+
+
+def combine_rounds(runs):
+    """One run per label: with several rounds of a label, a run whose figures are the medians
+    over its successful rounds (the representative round, for the latency distribution of the
+    plots, is the one with the median p99 in open loop and the median throughput otherwise),
+    lost, duplicates and errors summed over all rounds, and the rounds' ranges kept for the
+    notes. Labels keep the order of their first round."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(run["label"], []).append(run)
+    combined = []
+    for label, group in groups.items():
+        if len(group) == 1:
+            combined.append(group[0])
+            continue
+        ok = [r for r in group if not r.get("error") and r.get("result")]
+        if not ok:
+            merged = dict(group[-1])
+        else:
+            by_rate = ok[0]["params"].get("rate") is not None
+            key = (lambda r: r["result"]["latency_us"]["p99"]) if by_rate else (
+                lambda r: r["result"]["throughput_per_s"]
+            )
+            ranked = sorted(ok, key=key)
+            merged = dict(ranked[(len(ranked) - 1) // 2])
+            result = dict(merged["result"])
+            for k in MEDIAN_KEYS:
+                values = [r["result"].get(k) for r in ok if r["result"].get(k) is not None]
+                if values:
+                    m = median(values)
+                    result[k] = round(m) if all(isinstance(v, int) for v in values) else m
+            latency_us = dict(result.get("latency_us") or {})
+            for k in LATENCY_KEYS:
+                values = [r["result"]["latency_us"][k] for r in ok if "latency_us" in r["result"]]
+                if values:
+                    latency_us[k] = round(median(values))
+            result["latency_us"] = latency_us
+            for k in SUMMED_KEYS:
+                result[k] = sum(r["result"].get(k, 0) for r in ok)
+            merged["result"] = result
+            merged["ranges"] = {
+                "throughput": [r["result"]["throughput_per_s"] for r in ok],
+                "p99": [r["result"]["latency_us"]["p99"] for r in ok],
+            }
+        merged["rounds"] = len(group)
+        merged["failed_rounds"] = len(group) - len(ok)
+        merged["wall_s"] = sum(r.get("wall_s", 0) for r in group)
+        merged["attempts"] = max(r.get("attempts", 1) for r in group)
+        combined.append(merged)
+    return combined
+
+
 def matches(run, want):
     params = run["params"]
     for key, value in want.items():
@@ -312,6 +386,19 @@ def figures_table(runs):
             notes.append(f"{fmt_bytes(result['server_rss_per_connection_bytes'])} server RSS per connection")
         if result.get("redelivered_after_reconnect") is not None:
             notes.append(f"{thousands(result['redelivered_after_reconnect'])} of the lost came on reconnecting")
+        if run.get("rounds", 1) > 1:
+            rounds = run["rounds"]
+            ranges = run.get("ranges") or {}
+            note = f"median of {rounds} rounds"
+            if run.get("failed_rounds"):
+                note += f" ({run['failed_rounds']} failed)"
+            tp = ranges.get("throughput") or []
+            if len(tp) > 1:
+                note += f": throughput {thousands(min(tp))}–{thousands(max(tp))}/s"
+            p99 = ranges.get("p99") or []
+            if len(p99) > 1 and latency(run, "p99") is not None:
+                note += f", p99 {fmt_us(min(p99))}–{fmt_us(max(p99))}"
+            notes.append(note)
         if run.get("attempts", 1) > 1:
             notes.append(f"{run['attempts']} attempts, the last one shown")
         notes.append(f"{run['wall_s']:.0f} s wall")
@@ -410,7 +497,13 @@ def block(meta, runs, micro, svg_links):
         f"- machine: {m.get('cores')} cores ({m.get('cpu')}), {ram}, {m.get('kernel')}",
         f"- build: {m.get('rustc')}, release profile; commit `{commit}`",
         f"- suite: {config.get('duration')} s of load per run, 128 B bodies, sync durability unless "
-        "said; each run spawns its own server (`--spawn`, a fresh data directory) on 127.0.0.1, and "
+        + (
+            f"said; {config['repeat']} rounds of the whole list, each figure the median of its "
+            "rounds (lost, duplicates and errors summed over them); "
+            if int(config.get("repeat", 1)) > 1
+            else "said; "
+        )
+        + "each run spawns its own server (`--spawn`, a fresh data directory) on 127.0.0.1, and "
         "clients and server share the machine's cores",
         "",
         "Latency is closed loop at full speed (8 sends in flight per sender, so it is mostly "
@@ -726,6 +819,7 @@ def cmd_report(args):
         for line in f:
             if line.strip():
                 runs.append(json.loads(line))
+    runs = combine_rounds(runs)
     os.makedirs(args.svg_dir, exist_ok=True)
     doc_dir = os.path.dirname(os.path.abspath(args.doc))
     links = []
