@@ -3,7 +3,7 @@
 # sfc-bench against a server it spawns, saves the results as JSON lines, and regenerates the block
 # of docs/BENCHMARKS.md between `<!-- bench.sh: begin -->` and `<!-- bench.sh: end -->` and the
 # plots in docs/bench/. Everything else in BENCHMARKS.md (the hand-written analysis) is kept.
-# The suite's runs take about 6 minutes on 2 cores and are made SFC_BENCH_REPEAT times (3: the
+# A round of the suite's runs takes about 3.5 minutes on 2 cores, made SFC_BENCH_REPEAT times (3: the
 # report gives each figure's median, with the range in the notes; this machine's speed moves
 # within minutes), plus the build and any criterion micro benchmarks (benches/micro.rs, run
 # where it exists); --quick takes about one minute.
