@@ -369,6 +369,12 @@ def targets_table(runs, micro):
     return lines
 
 
+def machine_cell(result):
+    """The machine's busy and steal percentages during a run's load, or a dash."""
+    busy, steal = result.get("machine_busy_pct"), result.get("machine_steal_pct")
+    return "–" if busy is None or steal is None else f"{busy:.0f} % / {steal:.1f} %"
+
+
 def figures_table(runs):
     lines = [
         "| run | command | sent | delivered | lost | dup | err | throughput | p50 | p99 | p99.9 "
@@ -410,7 +416,6 @@ def figures_table(runs):
         throughput = result.get("throughput_per_s")
         cpu = result.get("server_cpu_s")
         rss = result.get("server_peak_rss_bytes")
-        busy, steal = result.get("machine_busy_pct"), result.get("machine_steal_pct")
         lines.append(
             "| "
             + " | ".join(
@@ -428,7 +433,7 @@ def figures_table(runs):
                     fmt_us(latency(run, "p999")),
                     "–" if cpu is None else f"{cpu:.1f} s",
                     "–" if rss is None else f"{rss / (1024 * 1024):.0f} MiB",
-                    "–" if busy is None or steal is None else f"{busy:.0f} % / {steal:.1f} %",
+                    machine_cell(result),
                     "; ".join(notes),
                 ]
             )
@@ -845,7 +850,7 @@ def cmd_report(args):
         print(
             f"{run['label']:<36} {fmt_figure(result.get('throughput_per_s'), '/s'):>14}  "
             f"p50 {fmt_us(latency(run, 'p50')):>9}  p99 {fmt_us(latency(run, 'p99')):>9}  "
-            f"lost {result.get('lost', '–')}  {state}"
+            f"lost {result.get('lost', '–')}  machine busy/steal {machine_cell(result)}  {state}"
         )
     for line in targets_table(runs, micro)[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
