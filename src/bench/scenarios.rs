@@ -256,30 +256,25 @@ fn precise_sleeps() {
 fn precise_sleeps() {}
 
 /// Seals `plaintext` for `to` and sends it under the id made of `owner` (pair or user index)
-/// and `i`; true if the server stored it (a duplicate, or any failure, is an error here).
+/// and `i`, both big-endian; the server's answer.
 async fn send_sealed(
     client: &Client,
     sealer: &Sealer,
     to: &str,
-    owner_and_index: (usize, u64),
+    (owner, i): (usize, u64),
     plaintext: &[u8],
-) -> bool {
-    let id = message_id(owner_and_index);
-    let Ok(body) = sealer.seal(id, plaintext) else {
-        return false;
-    };
-    matches!(
-        client.send_message(to, "bench", id, &body).await,
-        Ok(SendOutcome::Stored)
-    )
-}
-
-/// The id of message `i` of `owner` (a pair or user index): both, big-endian.
-fn message_id((owner, i): (usize, u64)) -> MessageId {
+) -> Result<SendOutcome, BenchError> {
     let mut id = [0u8; 16];
     id[..8].copy_from_slice(&(owner as u64).to_be_bytes());
     id[8..].copy_from_slice(&i.to_be_bytes());
-    MessageId(id)
+    let id = MessageId(id);
+    let body = sealer.seal(id, plaintext)?;
+    Ok(client.send_message(to, "bench", id, &body).await?)
+}
+
+/// Whether a load message was stored: a duplicate, or any failure, is an error here.
+fn was_stored(sent: Result<SendOutcome, BenchError>) -> bool {
+    matches!(sent, Ok(SendOutcome::Stored))
 }
 
 /// One relay pair, ready: both hold their session (the receiver has opened a first message).
@@ -348,12 +343,7 @@ async fn warm_up(
     opener: &mut Opener,
     p: usize,
 ) -> Result<(), BenchError> {
-    let id = message_id((p, WARM_UP_ID));
-    let body = sealer.seal(id, b"warm-up")?;
-    match sender
-        .send_message(receiver_name, "bench", id, &body)
-        .await?
-    {
+    match send_sealed(sender, sealer, receiver_name, (p, WARM_UP_ID), b"warm-up").await? {
         SendOutcome::Stored => {}
         SendOutcome::Duplicate => {
             return Err(BenchError::Setup(format!(
@@ -463,7 +453,8 @@ async fn relay(
                     let mut plaintext = vec![0u8; size];
                     plaintext[..8].copy_from_slice(&intended_wall.to_be_bytes());
                     let (client, sealer) = &*sender;
-                    let stored = send_sealed(client, sealer, &to, (p, i), &plaintext).await;
+                    let stored =
+                        was_stored(send_sealed(client, sealer, &to, (p, i), &plaintext).await);
                     let counter = if stored { &sent } else { &errors };
                     counter.fetch_add(1, Ordering::Relaxed);
                     drop(permit);
@@ -561,7 +552,8 @@ async fn offline(
             );
             let (to, size) = (format!("{prefix}u{u}"), options.size.max(16));
             inflight.spawn(async move {
-                let stored = send_sealed(&sender, &sealer, &to, (u, i), &vec![0x42; size]).await;
+                let stored =
+                    was_stored(send_sealed(&sender, &sealer, &to, (u, i), &vec![0x42; size]).await);
                 let counter = if stored { &sent } else { &errors };
                 counter.fetch_add(1, Ordering::Relaxed);
                 drop(permit);
