@@ -155,7 +155,7 @@ pub struct Report {
     pub redelivered_after_reconnect: Option<u64>,
     /// The whole machine's busy time over the load, percent of all cores (relay: while the
     /// senders send; offline: until the last message is in; connections: while they open).
-    /// `null` off Linux and for a load shorter than half a second of two cores.
+    /// `null` off Linux and for a load shorter than a quarter of a second of two cores.
     pub machine_busy_pct: Option<f64>,
     /// Of the same interval, the percent of the cores' time the hypervisor took (steal):
     /// a disturbed run shows here.
