@@ -441,6 +441,9 @@ async fn relay(
                 let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
                     break;
                 };
+                // Finished sends are reaped as the load goes: a JoinSet keeps every finished
+                // task's allocation until it is joined.
+                while inflight.try_join_next().is_some() {}
                 let intended_wall =
                     wall_nanos().saturating_sub(intended.elapsed().as_nanos() as u64);
                 let (sender, sent, errors, to) = (
@@ -544,6 +547,7 @@ async fn offline(
                 .acquire_owned()
                 .await
                 .map_err(|e| BenchError::Setup(e.to_string()))?;
+            while inflight.try_join_next().is_some() {}
             let (sender, sent, errors, sealer) = (
                 Arc::clone(&sender),
                 Arc::clone(&sent),
