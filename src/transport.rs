@@ -32,13 +32,15 @@ pub const MAX_CLIENT_BIDI_STREAMS: u32 = 1;
 /// (`sfc-bench connections --clients 2000`: 46.7 KB → 41.5 KB each at 32).
 pub const MAX_CLIENT_UNI_STREAMS: u32 = 32;
 
-/// Message streams the server may have open towards a client at once (deliveries in flight).
-/// A backlog drains at up to this many messages per round trip plus the time the client takes
-/// to free a stream and grant a new one: with 128 the server waited for stream credit while
-/// both cores had time to spare (one client draining 300k messages: 180k msg/s, machine 80 %
-/// busy; 512: 222k msg/s, 85 %). Only the client's one connection pays for it: quinn's map of
-/// the streams the peer may open, ≈ 15 KB more and ≈ 11 µs of CPU at each connection (1,024:
-/// ≈ 75 KB, for little more).
+/// Message streams the server may have open towards a client at once (deliveries in flight),
+/// once the client has asked for delivery (before that the server pushes nothing, and the
+/// client allows none: see [`client_transport`]). A backlog drains at up to this many messages
+/// per round trip plus the time the client takes to free a stream and grant a new one: with
+/// 128 the server waited for stream credit while both cores had time to spare (one client
+/// draining 300k messages: 180k msg/s, machine 80 % busy; 512: 222k msg/s, 85 %). quinn makes
+/// a map entry for every stream the peer may open, ≈ 15 KB and ≈ 15 µs of CPU for 512 (1,024:
+/// ≈ 75 KB, for little more), which is why a connection that never takes deliveries (a
+/// handshake, a `resume` without delivery) does not pay for them.
 pub const MAX_SERVER_UNI_STREAMS: u32 = 512;
 
 /// Bytes a peer may have in flight on one stream: two largest control frames.
@@ -93,7 +95,9 @@ pub fn client_transport() -> TransportConfig {
     let mut transport = common_transport();
     transport
         .max_concurrent_bidi_streams(VarInt::from_u32(0))
-        .max_concurrent_uni_streams(VarInt::from_u32(MAX_SERVER_UNI_STREAMS))
+        // None until the client asks for delivery; `Client::request` then raises it to
+        // MAX_SERVER_UNI_STREAMS (the MAX_STREAMS frame goes out before the request).
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
     transport
 }

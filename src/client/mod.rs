@@ -287,6 +287,14 @@ impl Client {
     /// Sends one request and waits for its reply. Server errors come back as
     /// [`ClientError::Server`].
     pub async fn request(&self, request: Request) -> Result<Reply, ClientError> {
+        if asks_for_delivery(&request) {
+            // The server pushes messages only to a connection that authenticated with delivery.
+            // Raised before the request is written, so the MAX_STREAMS frame reaches the
+            // server before (or with) the request.
+            self.conn.set_max_concurrent_uni_streams(VarInt::from_u32(
+                transport::MAX_SERVER_UNI_STREAMS,
+            ));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending
@@ -620,6 +628,14 @@ impl Client {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         }
     }
+}
+
+/// Whether `request` makes its connection the one the server delivers the user's messages on.
+fn asks_for_delivery(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Signup { .. } | Request::Login { .. } | Request::Resume { deliver: true, .. }
+    )
 }
 
 fn unexpected(request: &str, reply: &Reply) -> ClientError {
