@@ -25,18 +25,23 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # run KIND PORT: starts the server, loads it, prints one line.
 run() {
     local kind="$1" port="$2" pid
+    local log="$work/server-$port.log" ready
     if [[ $kind == floor ]]; then
-        "$bin/examples/quic_floor" server "127.0.0.1:$port" "$work/certs" 2>/dev/null &
+        "$bin/examples/quic_floor" server "127.0.0.1:$port" "$work/certs" 2>"$log" &
+        ready="listening on"
     else
         "$bin/sfc-server" --listen "127.0.0.1:$port" --data "$work/data-$port" \
-            --certs "$work/certs" >/dev/null 2>&1 &
+            --certs "$work/certs" >"$log" 2>&1 &
+        ready="serving"
     fi
     pid=$!
-    for _ in $(seq 50); do
-        ss -uln 2>/dev/null | grep -q ":$port " && break
+    # Each server says when it listens; give up after 10 s.
+    for _ in $(seq 100); do
+        grep -q "$ready" "$log" && break
+        kill -0 "$pid" 2>/dev/null || { echo "quic-floor.sh: the $kind server exited:" >&2; cat "$log" >&2; exit 1; }
         sleep 0.1
     done
-    sleep 0.5
+    grep -q "$ready" "$log" || { echo "quic-floor.sh: the $kind server did not start" >&2; exit 1; }
     local before after done
     before=$(cpu_ticks "$pid")
     if [[ $kind == floor ]]; then

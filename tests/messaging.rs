@@ -446,3 +446,45 @@ async fn clients_can_share_one_endpoint() {
     assert_eq!(alice.whoami().await.unwrap().username, "alice");
     server.stop().await;
 }
+
+/// A connection allows the server no message streams until it asks for delivery (so a
+/// connection that never takes deliveries does not pay for quinn's per-stream map), and then
+/// takes a backlog larger than the old limit of 128 streams whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_streams_are_allowed_only_once_a_connection_asks_for_delivery() {
+    let server = TestServer::start().await;
+    let (alice, token) = alice_and_offline_bob(&server).await;
+    const BACKLOG: u16 = 300;
+    for n in 0..BACKLOG {
+        let mut bytes = [0u8; 16];
+        bytes[..2].copy_from_slice(&n.to_be_bytes());
+        let outcome = alice
+            .send_message("bob", "text", MessageId(bytes), &n.to_be_bytes())
+            .await
+            .unwrap();
+        assert_eq!(outcome, SendOutcome::Stored);
+    }
+    let granted = |client: &Client| client.connection().stats().frame_tx.max_streams_uni;
+
+    // Connected (hello) and resumed without delivery: no MAX_STREAMS sent, nothing pushed.
+    let watcher = server.client().await;
+    assert_eq!(granted(&watcher), 0);
+    watcher.resume_with(token.clone(), false).await.unwrap();
+    assert_eq!(watcher.whoami().await.unwrap().username, "bob");
+    assert!(watcher.next_delivery(Duration::from_millis(300)).await.is_none());
+    assert_eq!(granted(&watcher), 0);
+
+    // Resumed with delivery: the limit is raised with the request, and the whole backlog
+    // arrives, in order.
+    let bob = server.client().await;
+    bob.resume(token).await.unwrap();
+    assert!(granted(&bob) >= 1, "{:?}", bob.connection().stats().frame_tx);
+    let mut seqs = Vec::new();
+    for n in 0..BACKLOG {
+        let message = bob.next_delivery(WAIT).await.expect("a delivery");
+        assert_eq!(message.body, n.to_be_bytes(), "message {n}");
+        seqs.push(message.seq);
+    }
+    assert_eq!(bob.ack(seqs).await.unwrap(), u64::from(BACKLOG));
+    server.stop().await;
+}
