@@ -471,14 +471,23 @@ async fn delivery_streams_are_allowed_only_once_a_connection_asks_for_delivery()
     assert_eq!(granted(&watcher), 0);
     watcher.resume_with(token.clone(), false).await.unwrap();
     assert_eq!(watcher.whoami().await.unwrap().username, "bob");
-    assert!(watcher.next_delivery(Duration::from_millis(300)).await.is_none());
+    assert!(
+        watcher
+            .next_delivery(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
     assert_eq!(granted(&watcher), 0);
 
     // Resumed with delivery: the limit is raised with the request, and the whole backlog
     // arrives, in order.
     let bob = server.client().await;
     bob.resume(token).await.unwrap();
-    assert!(granted(&bob) >= 1, "{:?}", bob.connection().stats().frame_tx);
+    assert!(
+        granted(&bob) >= 1,
+        "{:?}",
+        bob.connection().stats().frame_tx
+    );
     let mut seqs = Vec::new();
     for n in 0..BACKLOG {
         let message = bob.next_delivery(WAIT).await.expect("a delivery");
