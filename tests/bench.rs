@@ -125,11 +125,14 @@ async fn login_resume_and_handshake_loops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_held_and_measured() {
-    let report = bench("connections", 20, &[]).await;
-    check(&report, "connections");
-    assert_eq!(report["connections"], 20);
-    assert!(
-        report["server_rss_per_connection_bytes"].is_u64(),
-        "{report}"
-    );
+    // Over the default few shared client sockets, and over one socket per connection.
+    for sockets in ["4", "0"] {
+        let report = bench("connections", 20, &["--client-sockets", sockets]).await;
+        check(&report, "connections");
+        assert_eq!(report["connections"], 20);
+        assert!(
+            report["server_rss_per_connection_bytes"].is_u64(),
+            "{report}"
+        );
+    }
 }

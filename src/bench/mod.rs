@@ -73,6 +73,9 @@ pub struct BenchOptions {
     pub window: usize,
     /// Messages per user in the offline scenario.
     pub backlog: usize,
+    /// Client UDP sockets (quinn endpoints) the scenario's connections share, round-robin; 0
+    /// gives each connection its own.
+    pub client_sockets: usize,
 }
 
 /// Latency percentiles in microseconds.

@@ -59,6 +59,11 @@ struct Cli {
     /// Messages per user in the offline scenario
     #[arg(long, default_value_t = 1000)]
     backlog: usize,
+    /// Client UDP sockets (quinn endpoints) that the connections share, round-robin; 0 gives
+    /// each connection its own socket, as each phone has. Every connection still makes its own
+    /// QUIC connection, TLS handshake and end-to-end sessions either way
+    #[arg(long, default_value_t = 4)]
+    client_sockets: usize,
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
@@ -114,6 +119,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         size: cli.size,
         window: cli.window,
         backlog: cli.backlog,
+        client_sockets: cli.client_sockets,
     };
     // On stderr, so that stdout stays one JSON object with --json.
     let progress = Display::start(Style::for_stderr());
