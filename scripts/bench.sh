@@ -19,7 +19,7 @@
 #   SFC_BENCH_PAIRS        relay pairs at full speed, sync durability ["1 10 50 100 1000" / "1 10 100"]
 #   SFC_BENCH_RATE         messages/s of the open-loop latency run, 100 pairs [5000]
 #   SFC_BENCH_BACKLOG      messages drained by one client in the offline run [100000 / 10000]
-#   SFC_BENCH_CONNECTIONS  idle connections held [2000 / 200]
+#   SFC_BENCH_CONNECTIONS  idle connections held [10000 / 200]
 #   SFC_BENCH_MICRO_TIME   criterion measurement seconds per micro benchmark [2 / 0.3]
 #   SFC_BENCH_TIMEOUT      seconds after which one run is stopped and counted as failed [600]
 #   SFC_BENCH_RETRIES      times a failed run is tried again before it counts as failed [1]
@@ -69,7 +69,7 @@ else
     duration=${SFC_BENCH_DURATION:-5}
     pairs=${SFC_BENCH_PAIRS:-"1 10 50 100 1000"}
     backlog=${SFC_BENCH_BACKLOG:-100000}
-    connections=${SFC_BENCH_CONNECTIONS:-2000}
+    connections=${SFC_BENCH_CONNECTIONS:-10000}
     micro_time=${SFC_BENCH_MICRO_TIME:-2}
     repeat=${SFC_BENCH_REPEAT:-3}
 fi
