@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
+mod common;
+
 async fn bench(scenario: &str, clients: u32, extra: &[&str]) -> serde_json::Value {
     let run = Command::new(env!("CARGO_BIN_EXE_sfc-bench"))
         .arg(scenario)
@@ -135,4 +137,36 @@ async fn connections_are_held_and_measured() {
             "{report}"
         );
     }
+}
+
+/// Against a server whose inboxes hold 4 pending messages, a relay sender at full speed is
+/// refused (`inbox_full`) again and again; it sends each refused message again, sealed once
+/// under the same id, so every message still arrives once and the sessions hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_resends_what_a_full_inbox_refused() {
+    let server = common::TestServer::start_with(|config| config.max_pending = 4).await;
+    let run = Command::new(env!("CARGO_BIN_EXE_sfc-bench"))
+        .arg("relay")
+        .args(["--server", &server.addr.to_string()])
+        .arg("--ca")
+        .arg(server.ca_file())
+        .args(["--clients", "1", "--duration", "1", "--json"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent > 0, "{report}");
+    assert_eq!(report["delivered"].as_u64().unwrap(), sent, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(report["refused"].as_u64().unwrap() > 0, "{report}");
+    // Not spawned: no server figures.
+    assert!(report["server_cpu_s"].is_null(), "{report}");
 }

@@ -156,6 +156,11 @@ pub struct Report {
     /// the server but not delivered during the run). Diagnoses where a loss happened.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redelivered_after_reconnect: Option<u64>,
+    /// Relay: sends the server refused because the recipient's inbox was full, each then sent
+    /// again (the same sealed message, the same id) until stored. Not errors: latency counts
+    /// the wait.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<u64>,
     /// The whole machine's busy time over the load, percent of all cores (relay: while the
     /// senders send; offline: until the last message is in; connections: while they open).
     /// `null` off Linux and for a load shorter than a quarter of a second of two cores.
@@ -203,6 +208,11 @@ impl Report {
             text.push_str(&format!(
                 "pacer lateness us p50 {} p99 {} max {} (included in latency)\n",
                 late.p50, late.p99, late.max
+            ));
+        }
+        if let Some(n) = self.refused.filter(|n| *n > 0) {
+            text.push_str(&format!(
+                "refused as inbox_full and sent again: {n} times (the receivers fell behind)\n"
             ));
         }
         if let Some(n) = self.redelivered_after_reconnect {

@@ -16,7 +16,7 @@ use super::{
     histogram, percentiles,
 };
 use crate::client::{Client, ClientOptions, SendOutcome};
-use crate::protocol::{MessageId, Password, SessionToken};
+use crate::protocol::{ErrorCode, MessageId, Password, SessionToken};
 
 const PASSWORD: &str = "bench password 1";
 /// Most seqs a bench receiver acknowledges in one request.
@@ -26,6 +26,8 @@ const SETUP_CONCURRENCY: usize = 16;
 /// The message index of a relay pair's warm-up message. The load's messages count up from 0,
 /// so no load message shares its id.
 const WARM_UP_ID: u64 = u64::MAX;
+/// How long a relay sender keeps resending a message refused with `inbox_full`.
+const RESEND_FOR: Duration = Duration::from_secs(30);
 /// How long a receiver waits for its warm-up message.
 const WARM_UP_WAIT: Duration = Duration::from_secs(30);
 /// The client sockets of a scenario's connections: `--client-sockets` endpoints shared
@@ -122,6 +124,7 @@ fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Report {
         machine_busy_pct: None,
         machine_steal_pct: None,
         redelivered_after_reconnect: None,
+        refused: None,
         pacer_lateness_us: None,
     }
 }
@@ -294,6 +297,38 @@ async fn send_sealed(
     Ok(client.send_message(to, "bench", id, &body).await?)
 }
 
+/// Like [`send_sealed`], but a message the server refuses because the recipient's inbox is
+/// full (`inbox_full`) is sent again, the same sealed bytes under the same id, after a backoff
+/// (1 ms doubling to 100 ms), for at most [`RESEND_FOR`]; each refusal counts in `refused`.
+/// Sealing advanced the sender's ratchet: dropping the message would leave a gap in the
+/// receiver's chain, and past the ratchet's skip limit (1,000) the session breaks.
+async fn send_sealed_resending(
+    client: &Client,
+    sealer: &Sealer,
+    to: &str,
+    (owner, i): (usize, u64),
+    plaintext: &[u8],
+    refused: &AtomicU64,
+) -> Result<SendOutcome, BenchError> {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&(owner as u64).to_be_bytes());
+    id[8..].copy_from_slice(&i.to_be_bytes());
+    let id = MessageId(id);
+    let body = sealer.seal(id, plaintext)?;
+    let give_up = Instant::now() + RESEND_FOR;
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        match client.send_message(to, "bench", id, &body).await {
+            Err(e) if e.is_server(ErrorCode::InboxFull) && Instant::now() < give_up => {
+                refused.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(100));
+            }
+            sent => return Ok(sent?),
+        }
+    }
+}
+
 /// Whether a load message was stored: a duplicate, or any failure, is an error here.
 fn was_stored(sent: Result<SendOutcome, BenchError>) -> bool {
     matches!(sent, Ok(SendOutcome::Stored))
@@ -414,6 +449,7 @@ async fn relay(
         ));
     }
     let (sent, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let refused = Arc::new(AtomicU64::new(0));
     progress::track_sent(&sent);
     progress::phase("load", Goal::Time(options.duration));
     let machine = MachineTimes::now();
@@ -437,7 +473,12 @@ async fn relay(
     };
     let mut sending = JoinSet::new();
     for (p, sender) in senders.iter().enumerate() {
-        let (sender, sent, errors) = (Arc::clone(sender), Arc::clone(&sent), Arc::clone(&errors));
+        let (sender, sent, errors, refused) = (
+            Arc::clone(sender),
+            Arc::clone(&sent),
+            Arc::clone(&errors),
+            Arc::clone(&refused),
+        );
         let mut schedule = schedules.get_mut(p).and_then(Option::take);
         let (to, size, window) = (
             format!("{prefix}r{p}"),
@@ -473,18 +514,21 @@ async fn relay(
                 while inflight.try_join_next().is_some() {}
                 let intended_wall =
                     wall_nanos().saturating_sub(intended.elapsed().as_nanos() as u64);
-                let (sender, sent, errors, to) = (
+                let (sender, sent, errors, refused, to) = (
                     Arc::clone(&sender),
                     Arc::clone(&sent),
                     Arc::clone(&errors),
+                    Arc::clone(&refused),
                     to.clone(),
                 );
                 inflight.spawn(async move {
                     let mut plaintext = vec![0u8; size];
                     plaintext[..8].copy_from_slice(&intended_wall.to_be_bytes());
                     let (client, sealer) = &*sender;
-                    let stored =
-                        was_stored(send_sealed(client, sealer, &to, (p, i), &plaintext).await);
+                    let stored = was_stored(
+                        send_sealed_resending(client, sealer, &to, (p, i), &plaintext, &refused)
+                            .await,
+                    );
                     let counter = if stored { &sent } else { &errors };
                     counter.fetch_add(1, Ordering::Relaxed);
                     drop(permit);
@@ -513,6 +557,7 @@ async fn relay(
     report.set_machine_load(machine);
     report.sent = sent.load(Ordering::Relaxed);
     report.errors = errors.load(Ordering::Relaxed);
+    report.refused = Some(refused.load(Ordering::Relaxed));
     report.count_deliveries(&received, elapsed);
     report.pacer_lateness_us = pacer_lateness;
     if report.lost > 0 {
