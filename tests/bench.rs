@@ -1,6 +1,7 @@
 //! `sfc-bench` in a short configuration: every scenario runs against a spawned server, its JSON
 //! parses, and nothing is lost or doubled.
 
+use std::ffi::OsString;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -8,13 +9,11 @@ use tokio::process::Command;
 
 mod common;
 
-async fn bench(scenario: &str, clients: u32, extra: &[&str]) -> serde_json::Value {
+/// Runs `sfc-bench ARGS --json` (at most 120 s) and parses its one line of JSON.
+async fn run_json(args: Vec<OsString>) -> serde_json::Value {
     let run = Command::new(env!("CARGO_BIN_EXE_sfc-bench"))
-        .arg(scenario)
-        .args(["--spawn", "--server-bin", env!("CARGO_BIN_EXE_sfc-server")])
-        .args(["--clients", &clients.to_string()])
-        .args(["--duration", "1", "--backlog", "100", "--json"])
-        .args(extra)
+        .args(&args)
+        .arg("--json")
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -22,20 +21,39 @@ async fn bench(scenario: &str, clients: u32, extra: &[&str]) -> serde_json::Valu
         .await
         .unwrap()
         .unwrap();
-    assert!(out.status.success(), "{scenario}: {out:?}");
+    assert!(out.status.success(), "{args:?}: {out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text.lines().count(), 1, "one JSON object: {text}");
     serde_json::from_str(&text).unwrap()
 }
 
-fn check(report: &serde_json::Value, scenario: &str) {
-    assert_eq!(report["scenario"], scenario);
+async fn bench(scenario: &str, clients: u32, extra: &[&str]) -> serde_json::Value {
+    let mut args: Vec<OsString> = vec![
+        scenario.into(),
+        "--spawn".into(),
+        "--server-bin".into(),
+        env!("CARGO_BIN_EXE_sfc-server").into(),
+        "--clients".into(),
+        clients.to_string().into(),
+    ];
+    args.extend(["--duration", "1", "--backlog", "100"].map(OsString::from));
+    args.extend(extra.iter().map(OsString::from));
+    run_json(args).await
+}
+
+/// Something was sent, and everything sent arrived once, without errors.
+fn check_counts(report: &serde_json::Value) {
     let sent = report["sent"].as_u64().unwrap();
     assert!(sent > 0, "{report}");
     assert_eq!(report["delivered"].as_u64().unwrap(), sent, "{report}");
     assert_eq!(report["lost"], 0, "{report}");
     assert_eq!(report["duplicates"], 0, "{report}");
     assert_eq!(report["errors"], 0, "{report}");
+}
+
+fn check(report: &serde_json::Value, scenario: &str) {
+    assert_eq!(report["scenario"], scenario);
+    check_counts(report);
     assert!(
         report["throughput_per_s"].as_f64().unwrap() > 0.0,
         "{report}"
@@ -145,27 +163,19 @@ async fn connections_are_held_and_measured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_resends_what_a_full_inbox_refused() {
     let server = common::TestServer::start_with(|config| config.max_pending = 4).await;
-    let run = Command::new(env!("CARGO_BIN_EXE_sfc-bench"))
-        .arg("relay")
-        .args(["--server", &server.addr.to_string()])
-        .arg("--ca")
-        .arg(server.ca_file())
-        .args(["--clients", "1", "--duration", "1", "--json"])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let sent = report["sent"].as_u64().unwrap();
-    assert!(sent > 0, "{report}");
-    assert_eq!(report["delivered"].as_u64().unwrap(), sent, "{report}");
-    assert_eq!(report["lost"], 0, "{report}");
-    assert_eq!(report["duplicates"], 0, "{report}");
-    assert_eq!(report["errors"], 0, "{report}");
+    let report = run_json(vec![
+        "relay".into(),
+        "--server".into(),
+        server.addr.to_string().into(),
+        "--ca".into(),
+        server.ca_file().into(),
+        "--clients".into(),
+        "1".into(),
+        "--duration".into(),
+        "1".into(),
+    ])
+    .await;
+    check_counts(&report);
     assert!(report["refused"].as_u64().unwrap() > 0, "{report}");
     // Not spawned: no server figures.
     assert!(report["server_cpu_s"].is_null(), "{report}");

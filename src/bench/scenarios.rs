@@ -280,35 +280,19 @@ fn precise_sleeps() {
 #[cfg(not(target_os = "linux"))]
 fn precise_sleeps() {}
 
-/// Seals `plaintext` for `to` and sends it under the id made of `owner` (pair or user index)
-/// and `i`, both big-endian; the server's answer.
+/// Seals `plaintext` for `to` under the id made of `(owner, i)` and sends it. With `resend`,
+/// a message the server refuses because the recipient's inbox is full (`inbox_full`) is sent
+/// again, the same sealed bytes under the same id, after a backoff (1 ms doubling to 100 ms),
+/// for at most [`RESEND_FOR`], each refusal counted in `resend`. Sealing advanced the
+/// sender's ratchet: dropping the message would leave a gap in the receiver's chain, and past
+/// the ratchet's skip limit (1,000) the session breaks.
 async fn send_sealed(
     client: &Client,
     sealer: &Sealer,
     to: &str,
     (owner, i): (usize, u64),
     plaintext: &[u8],
-) -> Result<SendOutcome, BenchError> {
-    let mut id = [0u8; 16];
-    id[..8].copy_from_slice(&(owner as u64).to_be_bytes());
-    id[8..].copy_from_slice(&i.to_be_bytes());
-    let id = MessageId(id);
-    let body = sealer.seal(id, plaintext)?;
-    Ok(client.send_message(to, "bench", id, &body).await?)
-}
-
-/// Like [`send_sealed`], but a message the server refuses because the recipient's inbox is
-/// full (`inbox_full`) is sent again, the same sealed bytes under the same id, after a backoff
-/// (1 ms doubling to 100 ms), for at most [`RESEND_FOR`]; each refusal counts in `refused`.
-/// Sealing advanced the sender's ratchet: dropping the message would leave a gap in the
-/// receiver's chain, and past the ratchet's skip limit (1,000) the session breaks.
-async fn send_sealed_resending(
-    client: &Client,
-    sealer: &Sealer,
-    to: &str,
-    (owner, i): (usize, u64),
-    plaintext: &[u8],
-    refused: &AtomicU64,
+    resend: Option<&AtomicU64>,
 ) -> Result<SendOutcome, BenchError> {
     let mut id = [0u8; 16];
     id[..8].copy_from_slice(&(owner as u64).to_be_bytes());
@@ -318,13 +302,15 @@ async fn send_sealed_resending(
     let give_up = Instant::now() + RESEND_FOR;
     let mut backoff = Duration::from_millis(1);
     loop {
-        match client.send_message(to, "bench", id, &body).await {
-            Err(e) if e.is_server(ErrorCode::InboxFull) && Instant::now() < give_up => {
+        match (client.send_message(to, "bench", id, &body).await, resend) {
+            (Err(e), Some(refused))
+                if e.is_server(ErrorCode::InboxFull) && Instant::now() < give_up =>
+            {
                 refused.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(100));
             }
-            sent => return Ok(sent?),
+            (sent, _) => return Ok(sent?),
         }
     }
 }
@@ -404,7 +390,16 @@ async fn warm_up(
     opener: &mut Opener,
     p: usize,
 ) -> Result<(), BenchError> {
-    match send_sealed(sender, sealer, receiver_name, (p, WARM_UP_ID), b"warm-up").await? {
+    match send_sealed(
+        sender,
+        sealer,
+        receiver_name,
+        (p, WARM_UP_ID),
+        b"warm-up",
+        None,
+    )
+    .await?
+    {
         SendOutcome::Stored => {}
         SendOutcome::Duplicate => {
             return Err(BenchError::Setup(format!(
@@ -526,8 +521,7 @@ async fn relay(
                     plaintext[..8].copy_from_slice(&intended_wall.to_be_bytes());
                     let (client, sealer) = &*sender;
                     let stored = was_stored(
-                        send_sealed_resending(client, sealer, &to, (p, i), &plaintext, &refused)
-                            .await,
+                        send_sealed(client, sealer, &to, (p, i), &plaintext, Some(&refused)).await,
                     );
                     let counter = if stored { &sent } else { &errors };
                     counter.fetch_add(1, Ordering::Relaxed);
@@ -629,8 +623,9 @@ async fn offline(
             );
             let (to, size) = (format!("{prefix}u{u}"), options.size.max(16));
             inflight.spawn(async move {
-                let stored =
-                    was_stored(send_sealed(&sender, &sealer, &to, (u, i), &vec![0x42; size]).await);
+                let stored = was_stored(
+                    send_sealed(&sender, &sealer, &to, (u, i), &vec![0x42; size], None).await,
+                );
                 let counter = if stored { &sent } else { &errors };
                 counter.fetch_add(1, Ordering::Relaxed);
                 drop(permit);
