@@ -38,7 +38,13 @@ const WARM_UP_WAIT: Duration = Duration::from_secs(30);
 struct ClientSockets(Vec<ClientOptions>);
 
 impl ClientSockets {
-    async fn open(target: &ClientOptions, shared: usize) -> Result<Self, BenchError> {
+    /// `shared` endpoints for `connections` connections (no more endpoints than connections).
+    async fn open(
+        target: &ClientOptions,
+        shared: usize,
+        connections: usize,
+    ) -> Result<Self, BenchError> {
+        let shared = shared.min(connections);
         if shared == 0 {
             return Ok(Self(vec![target.clone()]));
         }
@@ -431,7 +437,7 @@ async fn relay(
     let done = Arc::new(AtomicU64::new(0));
     let (mut senders, mut receivers, mut tokens) = (Vec::new(), JoinSet::new(), Vec::new());
     progress::phase("setup", Goal::Users(2 * options.clients as u64));
-    let sockets = ClientSockets::open(target, options.client_sockets).await?;
+    let sockets = ClientSockets::open(target, options.client_sockets, 2 * options.clients).await?;
     for pair in setup_pairs(&sockets, prefix, options.clients).await? {
         tokens.push(pair.token);
         senders.push(Arc::new((pair.sender, pair.sealer)));
@@ -585,7 +591,7 @@ async fn offline(
     prefix: &str,
 ) -> Result<Report, BenchError> {
     progress::phase("setup", Goal::Users(options.clients as u64 + 1));
-    let sockets = ClientSockets::open(target, options.client_sockets).await?;
+    let sockets = ClientSockets::open(target, options.client_sockets, options.clients + 1).await?;
     let sender_name = format!("{prefix}sender");
     let (sender, _) = signup(sockets.for_connection(0), &sender_name).await?;
     let sender_keys = Keys::publish(&sender, &sender_name).await?;
@@ -700,7 +706,7 @@ async fn repeated(
     // default from a few shared client endpoints, as an app reconnecting would: a fresh
     // socket, CA load and TLS configuration per connection cost the generator more CPU than
     // the handshake.
-    let sockets = ClientSockets::open(target, options.client_sockets.min(options.clients)).await?;
+    let sockets = ClientSockets::open(target, options.client_sockets, options.clients).await?;
     let latencies = Arc::new(Mutex::new(histogram()?));
     let (completed, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     progress::track_sent(&completed);
@@ -790,7 +796,8 @@ async fn connections(
 ) -> Result<Report, BenchError> {
     let (owner, token) = signup(&target.options, &format!("{prefix}idle")).await?;
     owner.close().await;
-    let sockets = ClientSockets::open(&target.options, options.client_sockets).await?;
+    let sockets =
+        ClientSockets::open(&target.options, options.client_sockets, options.clients).await?;
     let before = target.stats();
     let latencies = Arc::new(Mutex::new(histogram()?));
     let errors = Arc::new(AtomicU64::new(0));
