@@ -164,19 +164,30 @@ struct Online {
     events: mpsc::Sender<Box<ServerFrame>>,
 }
 
+/// The router's maps, hashed with foldhash (randomly seeded per process), as the inbox
+/// writer's: every message looks a name up here three or four times, and SipHash costs
+/// several times more on short keys.
+type Hasher = foldhash::fast::RandomState;
+
 #[derive(Default)]
 struct Claims {
     /// Sequence numbers handed to a connection and not yet acknowledged.
-    claimed: HashSet<u64>,
+    claimed: HashSet<u64, Hasher>,
     /// Sequence numbers unsent before delivery.
-    cancelled: HashSet<u64>,
+    cancelled: HashSet<u64, Hasher>,
+}
+
+impl Claims {
+    fn is_empty(&self) -> bool {
+        self.claimed.is_empty() && self.cancelled.is_empty()
+    }
 }
 
 /// The registry of online users.
 #[derive(Default)]
 pub struct Router {
-    online: Mutex<HashMap<Username, Online>>,
-    claims: Mutex<HashMap<Username, Claims>>,
+    online: Mutex<HashMap<Username, Online, Hasher>>,
+    claims: Mutex<HashMap<Username, Claims, Hasher>>,
     next_id: AtomicU64,
 }
 
@@ -195,6 +206,13 @@ impl Drop for Registration {
                 .is_some_and(|o| o.conn_id == self.conn_id)
         {
             online.remove(&self.user);
+        }
+        // An online user's claims stay while empty (a message a moment makes and releases
+        // one); they go with the connection. Claims still held stay until the next login.
+        if let Ok(mut claims) = self.router.claims.lock()
+            && claims.get(&self.user).is_some_and(Claims::is_empty)
+        {
+            claims.remove(&self.user);
         }
     }
 }
@@ -282,11 +300,16 @@ impl Router {
         let Ok(mut claims) = self.claims.lock() else {
             return false;
         };
-        let c = claims.entry(user.clone()).or_default();
-        if c.cancelled.remove(&seq) {
-            return false;
+        if let Some(c) = claims.get_mut(user) {
+            if c.cancelled.remove(&seq) {
+                return false;
+            }
+            c.claimed.insert(seq);
+            return true;
         }
+        let mut c = Claims::default();
         c.claimed.insert(seq);
+        claims.insert(user.clone(), c);
         true
     }
 
@@ -310,9 +333,6 @@ impl Router {
         {
             for seq in seqs {
                 c.claimed.remove(seq);
-            }
-            if c.claimed.is_empty() && c.cancelled.is_empty() {
-                claims.remove(user);
             }
         }
     }
@@ -417,6 +437,23 @@ mod tests {
         let mailbox = Mailbox::default();
         mailbox.committed(5);
         assert!(matches!(mailbox.take_after(0), Taken::ReadStore));
+    }
+
+    #[test]
+    fn a_claimed_message_cannot_be_unsent_and_an_unsent_one_is_not_claimed() {
+        let router = Router::default();
+        let bob = Username::parse("bob").expect("valid name");
+        assert!(router.claim(&bob, 1));
+        assert!(router.claim(&bob, 2));
+        assert!(!router.cancel(&bob, 1));
+        router.release(&bob, &[1]);
+        // Acknowledged: the claim is gone, the user's (now empty) entry stays for the next.
+        assert!(router.cancel(&bob, 1));
+        assert!(!router.claim(&bob, 1));
+        assert!(!router.cancel(&bob, 2));
+        assert!(router.cancel(&bob, 3));
+        assert!(!router.claim(&bob, 3));
+        assert!(router.claim(&bob, 4));
     }
 
     #[test]
