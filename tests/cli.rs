@@ -390,3 +390,69 @@ async fn sfc_sends_and_receives_end_to_end() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_server_cannot_take_waits_in_the_outbox_and_arrives_later() {
+    let server = TestServer::start_with(|c| c.max_pending = 1).await;
+    let addr = server.addr.to_string();
+    let ca = server.ca_file();
+    let homes = tempfile::tempdir().unwrap();
+    let home = |name: &str| homes.path().join(name);
+    let sfc_as = |name: &str, args: &[&str]| {
+        let mut command = sfc(&addr, &ca, &home(name));
+        command.env("SFC_PASSWORD", PASSWORD).args(args);
+        command
+    };
+    for name in ["alice", "bob", "carol"] {
+        let out = run(sfc_as(name, &["signup", name])).await;
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    let out = run(sfc_as("alice", &["send", "bob", "first"])).await;
+    assert!(out.status.success(), "{out:?}");
+    // Bob's inbox holds one message: the second is sealed, refused, and kept.
+    let out = run(sfc_as("alice", &["send", "bob", "second"])).await;
+    assert_fails_with(&out, "waits in the outbox");
+    assert!(stderr(&out).contains("inbox_full"), "{out:?}");
+    let out = run(sfc_as("alice", &["send", "bob", "third"])).await;
+    assert_fails_with(&out, "waits in the outbox");
+    // Another peer is not held back.
+    let out = run(sfc_as("alice", &["send", "carol", "hi carol"])).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = run(sfc_as("alice", &["outbox"])).await;
+    assert_fails_with(&out, "2 messages still wait");
+    assert_eq!(stdout(&out).lines().count(), 2, "{out:?}");
+    assert!(stdout(&out).lines().all(|l| l.starts_with("bob\t")));
+
+    let out = run(sfc_as("bob", &["recv", "--count", "1", "--wait", "5"])).await;
+    assert_eq!(stdout(&out), "alice\tfirst\n");
+    let out = run(sfc_as("alice", &["outbox"])).await;
+    assert!(
+        !out.status.success(),
+        "one fits, the next is refused: {out:?}"
+    );
+    assert_eq!(stderr(&out).matches("it waited in the outbox").count(), 1);
+    let out = run(sfc_as("bob", &["recv", "--count", "1", "--wait", "5"])).await;
+    assert_eq!(stdout(&out), "alice\tsecond\n");
+    // The next send takes what waited first, in order.
+    let out = run(sfc_as("alice", &["send", "bob", "fourth"])).await;
+    assert!(!out.status.success(), "{out:?}");
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(
+        lines[0].ends_with("to bob (it waited in the outbox)"),
+        "{err}"
+    );
+    assert!(lines[1].contains("waits in the outbox"), "{err}");
+    let out = run(sfc_as("bob", &["recv", "--count", "1", "--wait", "5"])).await;
+    assert_eq!(stdout(&out), "alice\tthird\n");
+    let out = run(sfc_as("alice", &["outbox"])).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "");
+    let out = run(sfc_as("bob", &["recv", "--count", "1", "--wait", "5"])).await;
+    assert_eq!(stdout(&out), "alice\tfourth\n");
+    let out = run(sfc_as("carol", &["recv", "--count", "1", "--wait", "5"])).await;
+    assert_eq!(stdout(&out), "alice\thi carol\n");
+    server.stop().await;
+}

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use securefastchat::client::chat;
 use securefastchat::client::home::{Home, SavedSession};
-use securefastchat::client::messenger::{Messenger, Received};
+use securefastchat::client::messenger::{Flushed, Messenger, Received};
 use securefastchat::client::{Client, ClientError, ClientOptions};
 use securefastchat::protocol::{ErrorCode, MessageId, Password};
 
@@ -52,7 +52,9 @@ enum Command {
     Logout,
     /// Show who is logged in
     Whoami,
-    /// Send an end-to-end encrypted message; prints its id once the server has stored it
+    /// Send an end-to-end encrypted message; prints its id once the server has stored it.
+    /// What the server cannot take now (a full inbox) waits in the outbox and goes first next
+    /// time
     Send {
         /// Recipient
         user: String,
@@ -86,6 +88,8 @@ enum Command {
         /// The contact
         user: String,
     },
+    /// Send what waits in the outbox; list what still waits (`TO<TAB>ID` lines)
+    Outbox,
     /// Interactive chat with USER
     Chat {
         /// The contact
@@ -192,6 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Send { user, text } => {
             let messenger = messenger(&home, &options, false).await?;
+            report_flushed(&messenger.flush_outbox().await?);
             let (id, warning) = messenger.send_text(&user, &text).await?;
             if let Some(warning) = warning {
                 eprintln!("sfc: warning: {warning}");
@@ -259,6 +264,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             messenger.close().await;
             println!("{number}");
         }
+        Command::Outbox => {
+            let messenger = messenger(&home, &options, false).await?;
+            let flushed = messenger.flush_outbox().await?;
+            report_flushed(&flushed);
+            for waiting in messenger.outbox()? {
+                println!("{}\t{}", waiting.to, waiting.id);
+            }
+            messenger.close().await;
+            if let Some(why) = flushed.stopped {
+                bail!("{} messages still wait: {why}", flushed.waiting);
+            }
+        }
         Command::Chat { user } => {
             if !std::io::stdin().is_terminal() {
                 bail!("sfc chat needs a terminal (use `sfc send` and `sfc recv` in scripts)");
@@ -300,6 +317,16 @@ async fn resume(
 }
 
 /// Resumes the saved session and makes sure its keys are in place.
+/// Tells on standard error what happened to messages that waited in the outbox.
+fn report_flushed(flushed: &Flushed) {
+    for (to, id) in &flushed.sent {
+        eprintln!("sfc: sent {id} to {to} (it waited in the outbox)");
+    }
+    for (to, id, why) in &flushed.dropped {
+        eprintln!("sfc: the server refused {id} to {to} for good: {why}");
+    }
+}
+
 async fn messenger(
     home: &Home,
     options: &ClientOptions,

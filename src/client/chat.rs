@@ -129,6 +129,30 @@ async fn chat_loop(
     let prompt = prompt.to_owned();
     let mut typed = String::new();
     redraw(&prompt, &typed);
+    // What waited in the outbox goes first.
+    match messenger.flush_outbox().await {
+        Ok(flushed) => {
+            for (to, id) in &flushed.sent {
+                print_above(
+                    &prompt,
+                    &typed,
+                    &format!("-- sent {id} to {to} from the outbox"),
+                );
+            }
+            for (to, id, why) in &flushed.dropped {
+                let line = format!("!! the server refused {id} to {to} for good: {why}");
+                print_above(&prompt, &typed, &line);
+            }
+            if let Some(why) = flushed.stopped {
+                let line = format!(
+                    "!! {} messages still wait in the outbox: {why}",
+                    flushed.waiting
+                );
+                print_above(&prompt, &typed, &line);
+            }
+        }
+        Err(e) => print_above(&prompt, &typed, &format!("!! outbox: {e}")),
+    }
     loop {
         tokio::select! {
             input = keys.recv() => match input {
@@ -153,6 +177,10 @@ async fn chat_loop(
                                 print_above(&prompt, &typed, &format!("!! {warning}"));
                             }
                             print_above(&prompt, &typed, &format!("{me}: {line}"));
+                        }
+                        Err(e @ MessengerError::Queued { .. }) => {
+                            print_above(&prompt, &typed, &format!("{me}: {line}"));
+                            print_above(&prompt, &typed, &format!("!! {e}"));
                         }
                         Err(e) => print_above(&prompt, &typed, &format!("!! not sent: {e}")),
                     }

@@ -35,6 +35,27 @@ pub struct KeyState {
     pub pinned: BTreeMap<String, Pinned>,
     /// (sender, message id) of recent messages, to show each message once.
     seen: VecDeque<(String, MessageId)>,
+    /// Messages sealed and not yet stored by the server, oldest first. A message is sealed
+    /// and queued here in one save, so the ratchet never moves past a message that could be
+    /// lost; it leaves once the server says `sent` (or refuses it for good). Absent in
+    /// keystores from before the outbox: empty.
+    #[serde(default)]
+    pub outbox: VecDeque<Outgoing>,
+}
+
+/// A sealed message waiting in the outbox. Sent again, it is the same bytes under the same id,
+/// so the server stores it at most once.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Outgoing {
+    /// The recipient.
+    pub to: String,
+    /// The message's id.
+    pub id: MessageId,
+    /// Its `kind`.
+    pub kind: String,
+    /// The sealed envelope.
+    #[serde(with = "serde_bytes")]
+    pub envelope: Vec<u8>,
 }
 
 /// A peer's identity key as first seen.
@@ -52,6 +73,7 @@ impl KeyState {
             sessions: BTreeMap::new(),
             pinned: BTreeMap::new(),
             seen: VecDeque::new(),
+            outbox: VecDeque::new(),
         }
     }
 
@@ -162,5 +184,60 @@ impl Keystore {
         let _lock = self.lock()?;
         let state = self.load()?;
         Ok(read(state.as_ref()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> KeyState {
+        let identity = IdentityKeyPair::generate().unwrap();
+        let prekeys = PrekeyStore::generate(&identity, 2).unwrap();
+        KeyState::new("alice", &identity, prekeys, 1)
+    }
+
+    #[test]
+    fn the_outbox_is_saved_and_a_keystore_from_before_it_loads_with_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Keystore::new(dir.path());
+        let queued = Outgoing {
+            to: "bob".into(),
+            id: MessageId([7; 16]),
+            kind: "text".into(),
+            envelope: vec![1, 2, 3],
+        };
+        store
+            .update(|s| -> Result<(), HomeError> {
+                let mut fresh = state();
+                fresh.outbox.push_back(queued.clone());
+                *s = Some(fresh);
+                Ok(())
+            })
+            .unwrap();
+        let saved = store
+            .read(|s| s.map(|s| s.outbox.iter().cloned().collect::<Vec<_>>()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved.len(), 1);
+        assert_eq!(
+            (saved[0].id, saved[0].envelope.clone()),
+            (queued.id, vec![1, 2, 3])
+        );
+
+        // The same state as a keystore written before the outbox existed: no such field.
+        let bytes = rmp_serde::to_vec_named(&state()).unwrap();
+        let rmpv::Value::Map(fields) = rmpv::decode::read_value(&mut &bytes[..]).unwrap() else {
+            panic!("a keystore is a map");
+        };
+        let old: Vec<_> = fields
+            .into_iter()
+            .filter(|(k, _)| k.as_str() != Some("outbox"))
+            .collect();
+        let mut old_bytes = Vec::new();
+        rmpv::encode::write_value(&mut old_bytes, &rmpv::Value::Map(old)).unwrap();
+        let loaded: KeyState = rmp_serde::from_slice(&old_bytes).unwrap();
+        assert!(loaded.outbox.is_empty());
+        assert_eq!(loaded.username, "alice");
     }
 }

@@ -2,9 +2,10 @@
 //! prekey bundles, text sealed before it leaves and opened after it arrives, duplicates
 //! dropped, acknowledgements sent only once a message is safely recorded.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use super::keystore::{KeyState, Keystore};
+use super::keystore::{KeyState, Keystore, Outgoing};
 use super::{Bundle, Client, ClientError, Delivered};
 use crate::e2e::{
     E2eError, Envelope, IdentityKey, OneTimePrekeyPublic, PrekeyBundle, PrekeyStore, Session,
@@ -20,6 +21,11 @@ pub const PREKEY_BATCH: u32 = 100;
 pub const SIGNED_PREKEY_ROTATION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The `kind` of a text message.
 pub const TEXT: &str = "text";
+/// Most messages the outbox holds. Below the ratchet's `MAX_SKIP` (1,000), so even if every
+/// queued message to one peer were refused for good, the gap they leave stays openable.
+pub const MAX_OUTBOX: usize = 256;
+/// Most envelope bytes the outbox holds (it is saved with the keystore at every change).
+pub const MAX_OUTBOX_BYTES: usize = 2 * 1024 * 1024;
 
 /// Why a messaging operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +48,58 @@ pub enum MessengerError {
     /// A name is not a valid username.
     #[error("invalid username {0:?}")]
     BadName(String),
+    /// The message was sealed and queued, but the server has not stored it yet.
+    #[error(
+        "message {id} not sent yet ({reason}); it waits in the outbox and goes with the next \
+         `sfc send`, `sfc chat` or `sfc outbox`"
+    )]
+    Queued {
+        /// The message's id.
+        id: MessageId,
+        /// Why it is still waiting.
+        reason: String,
+    },
+    /// The outbox is full; nothing was sealed.
+    #[error(
+        "{count} messages ({bytes} bytes) already wait in the outbox: send them first \
+         (`sfc outbox`)"
+    )]
+    OutboxFull {
+        /// Messages waiting.
+        count: usize,
+        /// Their envelope bytes.
+        bytes: usize,
+    },
+}
+
+/// What [`Messenger::flush_outbox`] did.
+#[derive(Debug, Default)]
+pub struct Flushed {
+    /// Stored by the server now: (recipient, id).
+    pub sent: Vec<(String, MessageId)>,
+    /// Refused for good and taken out of the outbox: (recipient, id, why). The recipient will
+    /// not get these.
+    pub dropped: Vec<(String, MessageId, String)>,
+    /// Messages still waiting.
+    pub waiting: usize,
+    /// Why the last attempt stopped short, if it did (the first refusal or connection error).
+    pub stopped: Option<String>,
+}
+
+/// Whether the server may take a refused message later: a full inbox, a busy or failing
+/// server, a session to renew, or any failure of the connection itself.
+fn worth_retrying(e: &ClientError) -> bool {
+    match e {
+        ClientError::Server { code, .. } => matches!(
+            code,
+            ErrorCode::InboxFull
+                | ErrorCode::Busy
+                | ErrorCode::Internal
+                | ErrorCode::RateLimited
+                | ErrorCode::NotAuthenticated
+        ),
+        _ => true,
+    }
 }
 
 /// A message as the application sees it.
@@ -242,6 +300,12 @@ impl Messenger {
 
     /// Encrypts `text` for `to` and sends it; returns once the server has stored it durably.
     /// The second value is a warning for the user when `to`'s identity key changed.
+    ///
+    /// The message is sealed into the outbox (one keystore save) and then sent with whatever
+    /// waited before it. If the server cannot take it now, the error is
+    /// [`MessengerError::Queued`]: it is kept and goes with the next
+    /// [`Messenger::flush_outbox`] (each `send_text` makes one). Messages to one peer leave
+    /// in the order they were written.
     pub async fn send_text(
         &self,
         to: &str,
@@ -259,8 +323,15 @@ impl Messenger {
         let id =
             MessageId::random().map_err(|e| MessengerError::Client(ClientError::Io(e.into())))?;
         let me = self.me.clone();
-        let (bytes, warning) = self.keystore.update(|state| -> Result<_, MessengerError> {
+        let warning = self.keystore.update(|state| -> Result<_, MessengerError> {
             let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
+            let bytes: usize = state.outbox.iter().map(|o| o.envelope.len()).sum();
+            if state.outbox.len() >= MAX_OUTBOX || bytes >= MAX_OUTBOX_BYTES {
+                return Err(MessengerError::OutboxFull {
+                    count: state.outbox.len(),
+                    bytes,
+                });
+            }
             let mut warning = None;
             if !state.sessions.contains_key(peer.as_str()) {
                 let bundle = bundle.as_ref().ok_or(MessengerError::NoKeys)?;
@@ -276,12 +347,85 @@ impl Messenger {
                 .get_mut(peer.as_str())
                 .ok_or(MessengerError::NoKeys)?;
             let envelope = session.seal(id.0, text.as_bytes())?;
-            Ok((envelope.to_bytes()?, warning))
+            state.outbox.push_back(Outgoing {
+                to: peer.as_str().to_owned(),
+                id,
+                kind: TEXT.to_owned(),
+                envelope: envelope.to_bytes()?,
+            });
+            Ok(warning)
         })?;
-        self.client
-            .send_message(peer.as_str(), TEXT, id, &bytes)
-            .await?;
-        Ok((id, warning))
+        let flushed = self.flush_outbox().await?;
+        if flushed.sent.iter().any(|(_, sent)| *sent == id) {
+            return Ok((id, warning));
+        }
+        if let Some((_, _, why)) = flushed.dropped.iter().find(|(_, d, _)| *d == id) {
+            return Err(MessengerError::Client(ClientError::Protocol(format!(
+                "the server refused message {id}: {why}"
+            ))));
+        }
+        Err(MessengerError::Queued {
+            id,
+            reason: flushed
+                .stopped
+                .unwrap_or_else(|| "an earlier message to the same peer waits".into()),
+        })
+    }
+
+    /// The messages waiting in the outbox, oldest first.
+    pub fn outbox(&self) -> Result<Vec<Outgoing>, MessengerError> {
+        Ok(self
+            .keystore
+            .read(|s| s.map(|s| s.outbox.iter().cloned().collect()))?
+            .unwrap_or_default())
+    }
+
+    /// Sends what waits in the outbox, oldest first, and takes out each message the server
+    /// stored (or refused for good). A refusal that may pass (a full inbox, a busy server)
+    /// holds back that peer's later messages; a connection failure stops the attempt.
+    pub async fn flush_outbox(&self) -> Result<Flushed, MessengerError> {
+        let mut flushed = Flushed::default();
+        let mut held_back = BTreeSet::new();
+        for out in self.outbox()? {
+            if held_back.contains(&out.to) {
+                continue;
+            }
+            let done = match self
+                .client
+                .send_message(&out.to, &out.kind, out.id, &out.envelope)
+                .await
+            {
+                Ok(_) => {
+                    flushed.sent.push((out.to.clone(), out.id));
+                    true
+                }
+                Err(e) if worth_retrying(&e) => {
+                    flushed.stopped = Some(e.to_string());
+                    if !matches!(e, ClientError::Server { .. }) {
+                        break;
+                    }
+                    held_back.insert(out.to);
+                    false
+                }
+                Err(e) => {
+                    flushed
+                        .dropped
+                        .push((out.to.clone(), out.id, e.to_string()));
+                    true
+                }
+            };
+            if done {
+                self.keystore
+                    .update(|state| -> Result<(), MessengerError> {
+                        if let Some(state) = state.as_mut() {
+                            state.outbox.retain(|o| o.id != out.id);
+                        }
+                        Ok(())
+                    })?;
+            }
+        }
+        flushed.waiting = self.outbox()?.len();
+        Ok(flushed)
     }
 
     /// The next message, opened, or `None` if nothing arrives within `wait`. It is
