@@ -3,9 +3,10 @@
 //! classified into the error the peer gets (`malformed_frame`, `unknown_request`, `bad_request`).
 //!
 //! serde alone is too lenient here (it would take an array for a map, an integer index for the
-//! `type` tag, or `bin` for a string), so the shape is checked on a generic value first.
+//! `type` tag, or `bin` for a string), so the shape is checked on a generic value first. That
+//! value borrows its strings and byte strings from the frame (no allocation per field).
 
-use rmpv::Value;
+use rmpv::ValueRef as Value;
 
 use super::{ClientFrame, Request, RequestKind, decode_body};
 
@@ -51,7 +52,7 @@ enum Expected {
 impl Expected {
     fn matches(self, value: &Value) -> bool {
         match self {
-            Self::Str => value.as_str().is_some(),
+            Self::Str => as_str(value).is_some(),
             Self::Uint => value.as_u64().is_some(),
             Self::Bin => matches!(value, Value::Binary(_)),
             Self::Array => matches!(value, Value::Array(_)),
@@ -69,6 +70,14 @@ impl Expected {
             Self::Map => "a map",
             Self::Bool => "a boolean",
         }
+    }
+}
+
+/// The text of a MessagePack `str` that is valid UTF-8.
+fn as_str<'a>(value: &'a Value<'_>) -> Option<&'a str> {
+    match value {
+        Value::String(s) => s.as_str(),
+        _ => None,
     }
 }
 
@@ -98,7 +107,7 @@ fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
 pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
     let malformed = |why: &str| RequestError::Malformed(why.to_owned());
     let mut rest = body;
-    let value = rmpv::decode::read_value_with_max_depth(&mut rest, MAX_DEPTH)
+    let value = rmpv::decode::read_value_ref_with_max_depth(&mut rest, MAX_DEPTH)
         .map_err(|_| malformed("the body is not valid MessagePack"))?;
     if !rest.is_empty() {
         return Err(malformed("bytes follow the MessagePack value"));
@@ -108,7 +117,7 @@ pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
     };
     let mut fields = Vec::with_capacity(entries.len());
     for (key, value) in &entries {
-        let Some(key) = key.as_str() else {
+        let Some(key) = as_str(key) else {
             return Err(malformed("map keys must be UTF-8 strings"));
         };
         if fields.iter().any(|(k, _)| *k == key) {
@@ -121,7 +130,7 @@ pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
         .and_then(Value::as_u64)
         .ok_or_else(|| malformed("`id` must be present and an unsigned integer"))?;
     let kind_name = field("type")
-        .and_then(Value::as_str)
+        .and_then(as_str)
         .ok_or_else(|| malformed("`type` must be present and a UTF-8 string"))?;
     let Some(kind) = RequestKind::from_wire(kind_name) else {
         return Err(RequestError::Unknown {
@@ -153,7 +162,7 @@ pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
             .map(Value::as_u64)
             .collect::<Option<Vec<u64>>>()
             .ok_or_else(|| bad("`seqs` must hold unsigned integers only"))?;
-        let quiet = field("quiet").and_then(Value::as_bool).unwrap_or(false);
+        let quiet = matches!(field("quiet"), Some(Value::Boolean(true)));
         return Ok(ClientFrame {
             id,
             request: Request::Ack { seqs, quiet },

@@ -247,7 +247,7 @@ impl Control {
     }
 
     async fn handle_authenticated(&mut self, session: ActiveSession, request: Request) -> Reply {
-        let me = session.username.clone();
+        let me = &session.username;
         match request {
             Request::Logout => match self.shared.accounts.logout(&session).await {
                 Ok(()) => {
@@ -268,7 +268,7 @@ impl Control {
                 one_time_prekeys,
             } => {
                 self.publish_keys(
-                    &me,
+                    me,
                     identity_key,
                     signed_prekey,
                     last_resort,
@@ -276,7 +276,7 @@ impl Control {
                 )
                 .await
             }
-            Request::FetchBundle { username } => self.fetch_bundle(&me, &username).await,
+            Request::FetchBundle { username } => self.fetch_bundle(me, &username).await,
             Request::FetchIdentity { username } => {
                 let Ok(user) = Username::parse(&username) else {
                     return unknown_user();
@@ -299,28 +299,22 @@ impl Control {
                 }
                 let store = self.shared.accounts.store();
                 match store
-                    .remove_pending(&me, seqs.clone(), Removal::Acknowledged)
+                    .remove_pending(me, seqs.clone(), Removal::Acknowledged)
                     .await
                 {
                     Ok(removed) => {
-                        self.shared.router.release(&me, &seqs);
+                        self.shared.router.release(me, &seqs);
                         Reply::Acked { removed }
                     }
                     Err(e) => store_error(&e),
                 }
             }
-            Request::Unsend { message_id } => self.unsend(&me, message_id).await,
+            Request::Unsend { message_id } => self.unsend(me, message_id).await,
             Request::Online { username } => {
                 let Ok(user) = Username::parse(&username) else {
                     return unknown_user();
                 };
-                match self
-                    .shared
-                    .accounts
-                    .store()
-                    .has_written_to(&user, &me)
-                    .await
-                {
+                match self.shared.accounts.store().has_written_to(&user, me).await {
                     Ok(true) => Reply::Presence {
                         username: user.to_string(),
                         online: self.shared.router.is_online(&user),
@@ -452,8 +446,9 @@ impl Control {
         if !session.is_active() {
             debug!("session expired or revoked");
             self.end_session();
+            return None;
         }
-        self.current()
+        Some(session)
     }
 
     fn start_session(&mut self, result: Result<IssuedSession, AccountError>, what: &str) -> Reply {
