@@ -401,7 +401,10 @@ impl Messenger {
                 }
                 Err(e) if worth_retrying(&e) => {
                     flushed.stopped = Some(e.to_string());
-                    if !matches!(e, ClientError::Server { .. }) {
+                    // The connection (or the session) failed: no other message would pass.
+                    if !matches!(e, ClientError::Server { .. })
+                        || e.is_server(ErrorCode::NotAuthenticated)
+                    {
                         break;
                     }
                     held_back.insert(out.to);
