@@ -59,6 +59,14 @@ pub enum MessengerError {
         /// Why it is still waiting.
         reason: String,
     },
+    /// The server refused the message for good (it left the outbox).
+    #[error("the server refused message {id}: {reason}")]
+    Refused {
+        /// The message's id.
+        id: MessageId,
+        /// The server's reason.
+        reason: String,
+    },
     /// The outbox is full; nothing was sealed.
     #[error(
         "{count} messages ({bytes} bytes) already wait in the outbox: send them first \
@@ -360,9 +368,10 @@ impl Messenger {
             return Ok((id, warning));
         }
         if let Some((_, _, why)) = flushed.dropped.iter().find(|(_, d, _)| *d == id) {
-            return Err(MessengerError::Client(ClientError::Protocol(format!(
-                "the server refused message {id}: {why}"
-            ))));
+            return Err(MessengerError::Refused {
+                id,
+                reason: why.clone(),
+            });
         }
         Err(MessengerError::Queued {
             id,
