@@ -11,12 +11,13 @@ use securefastchat::bench::progress::{Display, Style};
 use securefastchat::bench::{self, BenchOptions, Scenario, Target};
 use securefastchat::store::Durability;
 
-/// The load generator allocates with mimalloc: malloc and free were ≈ 10 % of all CPU under
-/// relay load (perf), and the generator shares the cores with the server it measures. (The
-/// server uses jemalloc: mimalloc took 7 % off its CPU per message but raised its RSS per idle
-/// connection from 47.9 to 59.4 KB; see docs/BENCHMARKS.md.)
+/// The load generator allocates with jemalloc, as the server does: it shares the cores with
+/// the server it measures, and glibc's malloc and free were ≈ 10 % of all CPU under relay load
+/// (perf). mimalloc, its allocator until the tenth pass, measured the same CPU per message and
+/// a little more memory, so one allocator serves both (docs/BENCHMARKS.md).
+#[cfg(target_os = "linux")]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Load generator for SecureFastChat: real clients (QUIC, TLS) against a server.
 #[derive(Parser, Debug)]
