@@ -456,3 +456,87 @@ async fn a_message_the_server_cannot_take_waits_in_the_outbox_and_arrives_later(
     assert_eq!(stdout(&out), "alice\thi carol\n");
     server.stop().await;
 }
+
+/// Reads `from` into `seen` until it contains `needle` (or fails after 15 s).
+async fn read_until(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    seen: &mut String,
+    needle: &str,
+) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 4096];
+    while !seen.contains(needle) {
+        let n = tokio::time::timeout_at(deadline, from.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in the chat's output: {seen:?}"))
+            .unwrap();
+        assert!(n > 0, "the chat ended before {needle:?}: {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfc_chat_sends_what_waited_in_the_outbox_once_the_recipient_has_room() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start_with(|c| c.max_pending = 1).await;
+    let addr = server.addr.to_string();
+    let ca = server.ca_file();
+    let homes = tempfile::tempdir().unwrap();
+    let home = |name: &str| homes.path().join(name);
+    let sfc_as = |name: &str, args: &[&str]| {
+        let mut command = sfc(&addr, &ca, &home(name));
+        command.env("SFC_PASSWORD", PASSWORD).args(args);
+        command
+    };
+    for name in ["alice", "bob"] {
+        assert!(run(sfc_as(name, &["signup", name])).await.status.success());
+    }
+    assert!(
+        run(sfc_as("alice", &["send", "bob", "first"]))
+            .await
+            .status
+            .success()
+    );
+
+    // `sfc chat` needs a terminal: `script` (util-linux) gives it one.
+    let mut chat = Command::new("script")
+        .args([
+            "-q",
+            "-c",
+            &format!("{} chat bob", env!("CARGO_BIN_EXE_sfc")),
+            "/dev/null",
+        ])
+        .env_clear()
+        .env("TERM", "xterm")
+        .env("SFC_SERVER", &addr)
+        .env("SFC_CA", &ca)
+        .env("SFC_HOME", home("alice"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("`script` (util-linux) runs sfc chat in a terminal");
+    let mut keys = chat.stdin.take().unwrap();
+    let mut screen = chat.stdout.take().unwrap();
+    let mut seen = String::new();
+    read_until(&mut screen, &mut seen, "chatting with bob").await;
+    keys.write_all(b"second\r").await.unwrap();
+    read_until(&mut screen, &mut seen, "not sent yet").await;
+    assert!(seen.contains("inbox_full"), "{seen:?}");
+
+    let out = run(sfc_as("bob", &["recv", "--count", "1", "--wait", "5"])).await;
+    assert_eq!(stdout(&out), "alice\tfirst\n");
+    // The chat tries the outbox again by itself.
+    read_until(&mut screen, &mut seen, "from the outbox").await;
+    let out = run(sfc_as("bob", &["recv", "--count", "1", "--wait", "5"])).await;
+    assert_eq!(stdout(&out), "alice\tsecond\n");
+
+    keys.write_all(b"\x04").await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), chat.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}: {seen:?}");
+    server.stop().await;
+}

@@ -14,6 +14,9 @@ use tokio::sync::mpsc;
 
 use super::messenger::{Messenger, MessengerError, Received};
 
+/// How often the chat tries again what waits in the outbox.
+const OUTBOX_RETRY: Duration = Duration::from_secs(5);
+
 /// What the keyboard thread reports.
 enum Input {
     Line(String),
@@ -118,6 +121,43 @@ pub async fn run(messenger: Arc<Messenger>, me: &str, peer: &str) -> Result<(), 
     result
 }
 
+/// Sends what waits in the outbox and tells the user what left it (and, with `tell_waiting`,
+/// what still waits and why). Returns whether anything still waits.
+async fn flush_outbox(
+    messenger: &Messenger,
+    prompt: &str,
+    typed: &str,
+    tell_waiting: bool,
+) -> bool {
+    match messenger.flush_outbox().await {
+        Ok(flushed) => {
+            for (to, id) in &flushed.sent {
+                print_above(
+                    prompt,
+                    typed,
+                    &format!("-- sent {id} to {to} from the outbox"),
+                );
+            }
+            for (to, id, why) in &flushed.dropped {
+                let line = format!("!! the server refused {id} to {to} for good: {why}");
+                print_above(prompt, typed, &line);
+            }
+            if tell_waiting && let Some(why) = &flushed.stopped {
+                let line = format!(
+                    "!! {} messages still wait in the outbox: {why}",
+                    flushed.waiting
+                );
+                print_above(prompt, typed, &line);
+            }
+            flushed.waiting > 0
+        }
+        Err(e) => {
+            print_above(prompt, typed, &format!("!! outbox: {e}"));
+            true
+        }
+    }
+}
+
 async fn chat_loop(
     messenger: &Messenger,
     prompt: &str,
@@ -129,32 +169,17 @@ async fn chat_loop(
     let prompt = prompt.to_owned();
     let mut typed = String::new();
     redraw(&prompt, &typed);
-    // What waited in the outbox goes first.
-    match messenger.flush_outbox().await {
-        Ok(flushed) => {
-            for (to, id) in &flushed.sent {
-                print_above(
-                    &prompt,
-                    &typed,
-                    &format!("-- sent {id} to {to} from the outbox"),
-                );
-            }
-            for (to, id, why) in &flushed.dropped {
-                let line = format!("!! the server refused {id} to {to} for good: {why}");
-                print_above(&prompt, &typed, &line);
-            }
-            if let Some(why) = flushed.stopped {
-                let line = format!(
-                    "!! {} messages still wait in the outbox: {why}",
-                    flushed.waiting
-                );
-                print_above(&prompt, &typed, &line);
-            }
-        }
-        Err(e) => print_above(&prompt, &typed, &format!("!! outbox: {e}")),
-    }
+    // What waited in the outbox goes first, and whatever still waits is tried again every
+    // OUTBOX_RETRY (a full inbox empties as its owner reads).
+    let mut waiting = flush_outbox(messenger, &prompt, &typed, true).await;
+    let mut retry =
+        tokio::time::interval_at(tokio::time::Instant::now() + OUTBOX_RETRY, OUTBOX_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = retry.tick(), if waiting => {
+                waiting = flush_outbox(messenger, &prompt, &typed, false).await;
+            }
             input = keys.recv() => match input {
                 None | Some(Input::Quit) => return Ok(()),
                 Some(Input::Edit(now)) => {
@@ -171,6 +196,8 @@ async fn chat_loop(
                         redraw(&prompt, &typed);
                         continue;
                     }
+                    // Whatever happens to it, the next tick looks at the outbox.
+                    waiting = true;
                     match messenger.send_text(peer, &line).await {
                         Ok((_, warning)) => {
                             if let Some(warning) = warning {
@@ -178,9 +205,13 @@ async fn chat_loop(
                             }
                             print_above(&prompt, &typed, &format!("{me}: {line}"));
                         }
-                        Err(e @ MessengerError::Queued { .. }) => {
+                        Err(MessengerError::Queued { reason, .. }) => {
                             print_above(&prompt, &typed, &format!("{me}: {line}"));
-                            print_above(&prompt, &typed, &format!("!! {e}"));
+                            let every = OUTBOX_RETRY.as_secs();
+                            let note = format!(
+                                "!! not sent yet ({reason}): it waits in the outbox, tried again every {every} s"
+                            );
+                            print_above(&prompt, &typed, &note);
                         }
                         Err(e) => print_above(&prompt, &typed, &format!("!! not sent: {e}")),
                     }
