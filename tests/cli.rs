@@ -391,22 +391,44 @@ async fn sfc_sends_and_receives_end_to_end() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_the_server_cannot_take_waits_in_the_outbox_and_arrives_later() {
-    let server = TestServer::start_with(|c| c.max_pending = 1).await;
-    let addr = server.addr.to_string();
-    let ca = server.ca_file();
-    let homes = tempfile::tempdir().unwrap();
-    let home = |name: &str| homes.path().join(name);
-    let sfc_as = |name: &str, args: &[&str]| {
-        let mut command = sfc(&addr, &ca, &home(name));
+/// Users signed up (each with a home directory) on a server that lets one message wait per
+/// inbox.
+struct People {
+    addr: String,
+    ca: std::path::PathBuf,
+    homes: tempfile::TempDir,
+}
+
+impl People {
+    fn home(&self, name: &str) -> std::path::PathBuf {
+        self.homes.path().join(name)
+    }
+
+    fn sfc(&self, name: &str, args: &[&str]) -> Command {
+        let mut command = sfc(&self.addr, &self.ca, &self.home(name));
         command.env("SFC_PASSWORD", PASSWORD).args(args);
         command
+    }
+}
+
+async fn tight_inboxes(names: &[&str]) -> (TestServer, People) {
+    let server = TestServer::start_with(|c| c.max_pending = 1).await;
+    let people = People {
+        addr: server.addr.to_string(),
+        ca: server.ca_file(),
+        homes: tempfile::tempdir().unwrap(),
     };
-    for name in ["alice", "bob", "carol"] {
-        let out = run(sfc_as(name, &["signup", name])).await;
+    for name in names {
+        let out = run(people.sfc(name, &["signup", name])).await;
         assert!(out.status.success(), "{out:?}");
     }
+    (server, people)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_server_cannot_take_waits_in_the_outbox_and_arrives_later() {
+    let (server, people) = tight_inboxes(&["alice", "bob", "carol"]).await;
+    let sfc_as = |name: &str, args: &[&str]| people.sfc(name, args);
 
     let out = run(sfc_as("alice", &["send", "bob", "first"])).await;
     assert!(out.status.success(), "{out:?}");
@@ -479,19 +501,9 @@ async fn read_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sfc_chat_sends_what_waited_in_the_outbox_once_the_recipient_has_room() {
     use tokio::io::AsyncWriteExt;
-    let server = TestServer::start_with(|c| c.max_pending = 1).await;
-    let addr = server.addr.to_string();
-    let ca = server.ca_file();
-    let homes = tempfile::tempdir().unwrap();
-    let home = |name: &str| homes.path().join(name);
-    let sfc_as = |name: &str, args: &[&str]| {
-        let mut command = sfc(&addr, &ca, &home(name));
-        command.env("SFC_PASSWORD", PASSWORD).args(args);
-        command
-    };
-    for name in ["alice", "bob"] {
-        assert!(run(sfc_as(name, &["signup", name])).await.status.success());
-    }
+    let (server, people) = tight_inboxes(&["alice", "bob"]).await;
+    let sfc_as = |name: &str, args: &[&str]| people.sfc(name, args);
+    let (addr, ca, home) = (&people.addr, &people.ca, |name: &str| people.home(name));
     assert!(
         run(sfc_as("alice", &["send", "bob", "first"]))
             .await
@@ -509,8 +521,8 @@ async fn sfc_chat_sends_what_waited_in_the_outbox_once_the_recipient_has_room() 
         ])
         .env_clear()
         .env("TERM", "xterm")
-        .env("SFC_SERVER", &addr)
-        .env("SFC_CA", &ca)
+        .env("SFC_SERVER", addr)
+        .env("SFC_CA", ca)
         .env("SFC_HOME", home("alice"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
