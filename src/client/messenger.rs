@@ -94,19 +94,28 @@ pub struct Flushed {
     pub stopped: Option<String>,
 }
 
-/// Whether the server may take a refused message later: a full inbox, a busy or failing
-/// server, a session to renew, or any failure of the connection itself.
-fn worth_retrying(e: &ClientError) -> bool {
+/// What a failed send of a queued message means for the rest of the outbox.
+enum Refusal {
+    /// The connection or the session failed: no other message would pass now.
+    StopAll,
+    /// The server may take it later (a full inbox, a busy or failing server): keep it, and
+    /// hold back that peer's later messages so they stay in order.
+    HoldPeer,
+    /// Refused for good (e.g. `unknown_user`): take it out and report it.
+    Drop,
+}
+
+fn refusal(e: &ClientError) -> Refusal {
     match e {
-        ClientError::Server { code, .. } => matches!(
-            code,
+        ClientError::Server { code, .. } => match code {
+            ErrorCode::NotAuthenticated => Refusal::StopAll,
             ErrorCode::InboxFull
-                | ErrorCode::Busy
-                | ErrorCode::Internal
-                | ErrorCode::RateLimited
-                | ErrorCode::NotAuthenticated
-        ),
-        _ => true,
+            | ErrorCode::Busy
+            | ErrorCode::Internal
+            | ErrorCode::RateLimited => Refusal::HoldPeer,
+            _ => Refusal::Drop,
+        },
+        _ => Refusal::StopAll,
     }
 }
 
@@ -395,48 +404,49 @@ impl Messenger {
     pub async fn flush_outbox(&self) -> Result<Flushed, MessengerError> {
         let mut flushed = Flushed::default();
         let mut held_back = BTreeSet::new();
+        // Ids to take out, saved once at the end: a crash before that only means sending them
+        // again, which the server answers as duplicates.
+        let mut done = Vec::new();
         for out in self.outbox()? {
             if held_back.contains(&out.to) {
                 continue;
             }
-            let done = match self
+            match self
                 .client
                 .send_message(&out.to, &out.kind, out.id, &out.envelope)
                 .await
             {
                 Ok(_) => {
-                    flushed.sent.push((out.to.clone(), out.id));
-                    true
+                    done.push(out.id);
+                    flushed.sent.push((out.to, out.id));
                 }
-                Err(e) if worth_retrying(&e) => {
-                    flushed.stopped = Some(e.to_string());
-                    // The connection (or the session) failed: no other message would pass.
-                    if !matches!(e, ClientError::Server { .. })
-                        || e.is_server(ErrorCode::NotAuthenticated)
-                    {
+                Err(e) => match refusal(&e) {
+                    Refusal::StopAll => {
+                        flushed.stopped = Some(e.to_string());
                         break;
                     }
-                    held_back.insert(out.to);
-                    false
-                }
-                Err(e) => {
-                    flushed
-                        .dropped
-                        .push((out.to.clone(), out.id, e.to_string()));
-                    true
-                }
-            };
-            if done {
-                self.keystore
-                    .update(|state| -> Result<(), MessengerError> {
-                        if let Some(state) = state.as_mut() {
-                            state.outbox.retain(|o| o.id != out.id);
-                        }
-                        Ok(())
-                    })?;
+                    Refusal::HoldPeer => {
+                        flushed.stopped = Some(e.to_string());
+                        held_back.insert(out.to);
+                    }
+                    Refusal::Drop => {
+                        done.push(out.id);
+                        flushed.dropped.push((out.to, out.id, e.to_string()));
+                    }
+                },
             }
         }
-        flushed.waiting = self.outbox()?.len();
+        flushed.waiting = if done.is_empty() {
+            self.keystore.read(|s| s.map_or(0, |s| s.outbox.len()))?
+        } else {
+            self.keystore
+                .update(|state| -> Result<usize, MessengerError> {
+                    Ok(state.as_mut().map_or(0, |state| {
+                        state.outbox.retain(|o| !done.contains(&o.id));
+                        state.outbox.len()
+                    }))
+                })?
+        };
         Ok(flushed)
     }
 
