@@ -21,6 +21,7 @@ use securefastchat::protocol::{
 };
 use securefastchat::store::{
     AppendHooks, Appended, Durability, FjallStore, NewMessage, Removal, Store, StoreOptions,
+    UserRecord,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -368,6 +369,17 @@ impl Pairs {
     }
 }
 
+/// Accounts for every name of `pairs` (both ends of a message must have one).
+async fn accounts(store: &FjallStore, pairs: &Pairs) {
+    for name in pairs.0.iter().flat_map(|(s, r)| [s, r]) {
+        let record = UserRecord {
+            password_hash: "unused".into(),
+            created_at: 0,
+        };
+        store.create_user(name, record).await.expect("account");
+    }
+}
+
 /// One round: every appender appends its messages (each awaited: durable before the next),
 /// then, if `ack`, acknowledges them in one call. Returns the time spent appending and the
 /// time spent acking (`Duration::ZERO` for the acks when they are untimed).
@@ -458,6 +470,8 @@ fn store_group_commit(c: &mut Criterion) {
             ..StoreOptions::default()
         };
         let store = Arc::new(FjallStore::open_with(dir.path(), options).expect("open store"));
+        let widest = SHAPES.iter().map(|(appenders, _)| *appenders).max();
+        runtime.block_on(accounts(&store, &Pairs::new(widest.unwrap_or(0))));
         let mut round_no = 0u64;
         for (appenders, per_appender) in SHAPES {
             let pairs = Arc::new(Pairs::new(appenders));

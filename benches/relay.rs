@@ -14,7 +14,9 @@ use clap::Parser;
 use securefastchat::client::{Client, ClientOptions};
 use securefastchat::protocol::{MessageId, Password, Username};
 use securefastchat::server::{Server, ServerConfig, TlsSource};
-use securefastchat::store::{AppendHooks, Durability, FjallStore, NewMessage, Store, StoreOptions};
+use securefastchat::store::{
+    AppendHooks, Durability, FjallStore, NewMessage, Store, StoreOptions, UserRecord,
+};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -97,6 +99,16 @@ async fn store_writes(args: &Args) -> anyhow::Result<()> {
         );
         let writers = 64;
         let per_writer = args.store_writes / writers;
+        for w in 0..writers {
+            for role in ["sender", "recipient"] {
+                let record = UserRecord {
+                    password_hash: "unused".into(),
+                    created_at: 0,
+                };
+                let name = Username::parse(&format!("{role}{w:03}"))?;
+                store.create_user(&name, record).await?;
+            }
+        }
         let body = vec![0x5a; args.size];
         let start = Instant::now();
         let mut tasks = JoinSet::new();

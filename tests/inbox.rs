@@ -4,7 +4,8 @@
 
 use securefastchat::protocol::{MessageId, Username};
 use securefastchat::store::{
-    AppendHooks, Appended, FjallStore, NewMessage, Removal, Store, StoreOptions,
+    AppendHooks, Appended, Created, FjallStore, NewMessage, Removal, Store, StoreError,
+    StoreOptions, UserRecord,
 };
 
 fn user(name: &str) -> Username {
@@ -39,6 +40,25 @@ fn id_of(high: u64, low: u64) -> [u8; 16] {
     id
 }
 
+/// Accounts for these names: both ends of a message must have one.
+async fn accounts(store: &FjallStore, names: impl IntoIterator<Item = String>) {
+    for name in names {
+        let record = UserRecord {
+            password_hash: "unused".into(),
+            created_at: 0,
+        };
+        let created = store.create_user(&user(&name), record).await;
+        assert!(
+            matches!(created, Ok(Created::Created)),
+            "{name}: {created:?}"
+        );
+    }
+}
+
+async fn people(store: &FjallStore) {
+    accounts(store, ["alice", "bob", "carol", "dave"].map(String::from)).await;
+}
+
 async fn append(store: &FjallStore, n: u8) -> u64 {
     match store
         .append(message(n), AppendHooks::default())
@@ -61,6 +81,7 @@ async fn acks_remove_exactly_the_pending_messages_across_a_restart() {
     let bob = user("bob");
     {
         let store = FjallStore::open(dir.path()).expect("open");
+        people(&store).await;
         let mut seqs = Vec::new();
         for n in 1..=6 {
             seqs.push(append(&store, n).await);
@@ -143,6 +164,7 @@ async fn crash_image_after_three_messages() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     let crashed = tempfile::tempdir().expect("tempdir");
     let store = FjallStore::open(dir.path()).expect("open");
+    people(&store).await;
     for n in 1..=3 {
         assert_eq!(append(&store, n).await, u64::from(n));
     }
@@ -215,6 +237,11 @@ async fn an_inbox_untouched_since_a_crash_still_skips_ahead() {
 async fn acks_after_wide_concurrent_batches_remove_everything() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = std::sync::Arc::new(FjallStore::open(dir.path()).expect("open"));
+    accounts(
+        &store,
+        (0..512).flat_map(|w| [format!("s{w:03}"), format!("r{w:03}")]),
+    )
+    .await;
     let shapes = [(64u64, 16u64), (512, 4)];
     for (round, (inboxes, each)) in shapes.iter().flat_map(|s| [*s; 5]).enumerate() {
         let mut tasks = tokio::task::JoinSet::new();
@@ -268,6 +295,7 @@ async fn acks_after_wide_concurrent_batches_remove_everything() {
 async fn a_retry_racing_its_original_is_stored_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = std::sync::Arc::new(FjallStore::open(dir.path()).expect("open"));
+    people(&store).await;
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..200u8 {
         for _copy in 0..2 {
@@ -302,6 +330,7 @@ async fn a_retry_racing_its_original_is_stored_once() {
 async fn acks_of_uncommitted_messages_count_after_the_writer_forgets_an_inbox() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = std::sync::Arc::new(FjallStore::open(dir.path()).expect("open"));
+    people(&store).await;
     let new = |sender: &str, recipient: &str, n: u64| between(sender, recipient, id_of(0, n));
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..4_098u64 {
@@ -361,4 +390,37 @@ async fn acks_of_uncommitted_messages_count_after_the_writer_forgets_an_inbox() 
     }
     busy.abort();
     assert_eq!(pending(&store).await, vec![seqs[0]]);
+}
+
+/// Both ends of a message must have accounts; nothing is stored otherwise.
+#[tokio::test]
+async fn a_message_without_an_account_at_either_end_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = FjallStore::open(dir.path()).expect("open");
+    accounts(&store, ["alice".to_string()]).await;
+    for (sender, recipient) in [("alice", "nobody"), ("nobody", "alice")] {
+        let refused = store
+            .append(between(sender, recipient, [1; 16]), AppendHooks::default())
+            .await;
+        assert!(
+            matches!(&refused, Err(StoreError::UnknownUser(name)) if name.as_str() == "nobody"),
+            "{refused:?}"
+        );
+    }
+    assert!(
+        store
+            .pending(&user("alice"), 0, 10)
+            .await
+            .expect("pending")
+            .is_empty()
+    );
+    assert!(
+        store
+            .pending(&user("nobody"), 0, 10)
+            .await
+            .expect("pending")
+            .is_empty()
+    );
+    assert_eq!(store.user_exists(&user("nobody")).await.ok(), Some(false));
+    assert_eq!(store.user_exists(&user("alice")).await.ok(), Some(true));
 }

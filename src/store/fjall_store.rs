@@ -1,10 +1,12 @@
 //! The embedded [`Store`]: fjall keyspaces in one database directory.
 //!
 //! Keyspaces: `users` (username → [`UserRecord`]) and `sessions` (token digest →
-//! [`SessionRecord`]) here; the key directory in `fjall_keys`; inboxes (written only by the
-//! group-commit thread of `inbox_writer`). Values are named MessagePack. Every call runs on the
+//! [`SessionRecord`]) here; users' numeric ids in `user_ids`; the key directory in
+//! `fjall_keys`; inboxes (written only by the group-commit thread of `inbox_writer`). Opening
+//! a store of an older format migrates it first (`migrate`). Values are named MessagePack. Every call runs on the
 //! bounded blocking pool; account and key writes are synced (`SyncData`) before they return.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +16,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::fjall_keys::KeyDirectory;
-use super::inbox_writer::{InboxKeyspaces, InboxWriter, inbox_key, pair_key};
+use super::inbox_writer::{Addressed, InboxKeyspaces, InboxWriter, pair_key};
+use super::user_ids::{UserId, UserIds, decode_id, inbox_key, sent_key};
 use super::{
     AppendHooks, Appended, Created, Durability, KeysRecord, NewMessage, Removal, SentRecord,
     SessionRecord, Store, StoreError, StoredMessage, TakenBundle, TokenDigest, UserRecord,
@@ -56,16 +59,9 @@ impl Default for StoreOptions {
     }
 }
 
-/// Existing usernames remembered in memory at most (accounts are never deleted, so a name once
-/// seen stays valid; past the cap lookups simply go to disk).
-const KNOWN_USERS_CACHE: usize = 1_000_000;
-
 /// The fjall-backed store. Cheap to clone.
 #[derive(Clone)]
 pub struct FjallStore {
-    /// Names known to exist: every message send checks its recipient, and that must not cost a
-    /// blocking-pool hop each time.
-    known_users: Arc<Mutex<std::collections::HashSet<Username>>>,
     inner: Arc<Inner>,
     pool: BlockingPool,
     writer: Arc<InboxWriter>,
@@ -77,6 +73,9 @@ struct Inner {
     sessions: Keyspace,
     /// Serialises check-then-insert in `create_user` so racing signups cannot both win.
     create_user: Mutex<()>,
+    /// Users' ids; the ids of accounts known to exist stay in memory, since every message
+    /// send checks its recipient, and that must not cost a blocking-pool hop each time.
+    ids: UserIds,
     directory: KeyDirectory,
     inbox: InboxKeyspaces,
 }
@@ -102,11 +101,13 @@ impl FjallStore {
         };
         let inbox = InboxKeyspaces {
             db: db.clone(),
-            inbox: keyspace("inbox")?,
-            sent: keyspace("sent")?,
+            inbox: keyspace("inbox_v2")?,
+            sent: keyspace("sent_v2")?,
             meta: keyspace("meta")?,
             contacts: keyspace("contacts")?,
         };
+        let ids = UserIds::open(keyspace("user_ids")?, keyspace("user_names")?)?;
+        super::migrate::run(&db, &users, &inbox.meta, &ids, &inbox.inbox, &inbox.sent)?;
         let writer = InboxWriter::start(
             inbox.clone(),
             options.durability,
@@ -114,12 +115,12 @@ impl FjallStore {
             options.max_batch,
         )?;
         Ok(Self {
-            known_users: Arc::default(),
             inner: Arc::new(Inner {
                 db,
                 users,
                 sessions,
                 create_user: Mutex::new(()),
+                ids,
                 directory,
                 inbox,
             }),
@@ -128,12 +129,23 @@ impl FjallStore {
         })
     }
 
-    fn remember_user(&self, username: &Username) -> Result<(), StoreError> {
-        let mut known = self.known_users.lock().map_err(|_| StoreError::Poisoned)?;
-        if known.len() < KNOWN_USERS_CACHE {
-            known.insert(username.clone());
+    /// The id of `name`, from memory or else the store; `None` if it has none (no account,
+    /// or at most records migrated from an older format without one: `migrate`).
+    async fn user_id(&self, name: &Username) -> Result<Option<UserId>, StoreError> {
+        if let Some(id) = self.inner.ids.cached(name)? {
+            return Ok(Some(id));
         }
-        Ok(())
+        let name = name.clone();
+        self.call(move |db| {
+            let id = db.ids.stored(&name)?;
+            if let Some(id) = id
+                && db.users.contains_key(name.as_str())?
+            {
+                db.ids.remember(&name, id)?;
+            }
+            Ok(id)
+        })
+        .await
     }
 
     async fn call<T, F>(&self, job: F) -> Result<T, StoreError>
@@ -160,20 +172,21 @@ fn decode<T: DeserializeOwned>(keyspace: &'static str, bytes: &[u8]) -> Result<T
 #[async_trait]
 impl Store for FjallStore {
     async fn user_exists(&self, username: &Username) -> Result<bool, StoreError> {
-        if self
-            .known_users
-            .lock()
-            .map_err(|_| StoreError::Poisoned)?
-            .contains(username)
-        {
+        // Only accounts' ids are remembered.
+        if self.inner.ids.cached(username)?.is_some() {
             return Ok(true);
         }
-        let key = username.as_str().to_owned();
-        let exists = self.call(move |db| Ok(db.users.contains_key(key)?)).await?;
-        if exists {
-            self.remember_user(username)?;
-        }
-        Ok(exists)
+        let name = username.clone();
+        self.call(move |db| {
+            if !db.users.contains_key(name.as_str())? {
+                return Ok(false);
+            }
+            if let Some(id) = db.ids.stored(&name)? {
+                db.ids.remember(&name, id)?;
+            }
+            Ok(true)
+        })
+        .await
     }
 
     async fn create_user(
@@ -181,23 +194,22 @@ impl Store for FjallStore {
         username: &Username,
         user: UserRecord,
     ) -> Result<Created, StoreError> {
-        let key = username.as_str().to_owned();
+        let name = username.clone();
         let value = encode(&user)?;
-        let created = self
-            .call(move |db| {
-                let _guard = db.create_user.lock().map_err(|_| StoreError::Poisoned)?;
-                if db.users.contains_key(&key)? {
-                    return Ok(Created::AlreadyExists);
-                }
-                db.users.insert(key, value)?;
-                db.db.persist(PersistMode::SyncData)?;
-                Ok(Created::Created)
-            })
-            .await?;
-        if created == Created::Created {
-            self.remember_user(username)?;
-        }
-        Ok(created)
+        self.call(move |db| {
+            let _guard = db.create_user.lock().map_err(|_| StoreError::Poisoned)?;
+            if db.users.contains_key(name.as_str())? {
+                return Ok(Created::AlreadyExists);
+            }
+            // The account and its id in one synced write.
+            let mut batch = db.db.batch().durability(Some(PersistMode::SyncData));
+            batch.insert(&db.users, name.as_str(), value);
+            let id = db.ids.assign(&mut batch, &name)?;
+            batch.commit()?;
+            db.ids.remember(&name, id)?;
+            Ok(Created::Created)
+        })
+        .await
     }
 
     async fn user(&self, username: &Username) -> Result<Option<UserRecord>, StoreError> {
@@ -292,6 +304,20 @@ impl Store for FjallStore {
         message: NewMessage,
         hooks: AppendHooks,
     ) -> Result<Appended, StoreError> {
+        let unknown = |name: &Username| StoreError::UnknownUser(name.clone());
+        let sender = self
+            .user_id(&message.sender)
+            .await?
+            .ok_or_else(|| unknown(&message.sender))?;
+        let recipient = self
+            .user_id(&message.recipient)
+            .await?
+            .ok_or_else(|| unknown(&message.recipient))?;
+        let message = Addressed {
+            message,
+            sender,
+            recipient,
+        };
         self.writer.append(message, hooks).await
     }
 
@@ -301,9 +327,12 @@ impl Store for FjallStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
+        let Some(id) = self.user_id(username).await? else {
+            return Ok(Vec::new());
+        };
         let (start, end) = (
-            inbox_key(username, after.saturating_add(1)),
-            inbox_key(username, u64::MAX),
+            inbox_key(id, after.saturating_add(1)),
+            inbox_key(id, u64::MAX),
         );
         self.call(move |db| {
             let mut messages = Vec::new();
@@ -322,7 +351,12 @@ impl Store for FjallStore {
         seqs: Vec<u64>,
         removal: Removal,
     ) -> Result<u64, StoreError> {
-        self.writer.remove(username.clone(), seqs, removal).await
+        let Some(id) = self.user_id(username).await? else {
+            return Ok(0);
+        };
+        self.writer
+            .remove(username.clone(), id, seqs, removal)
+            .await
     }
 
     async fn sent(
@@ -330,7 +364,10 @@ impl Store for FjallStore {
         sender: &Username,
         id: MessageId,
     ) -> Result<Option<SentRecord>, StoreError> {
-        let key = pair_key(sender, &id.0);
+        let Some(sender) = self.user_id(sender).await? else {
+            return Ok(None);
+        };
+        let key = sent_key(sender, &id.0);
         self.call(move |db| match db.inbox.sent.get(key)? {
             Some(bytes) => decode("sent", &bytes).map(Some),
             None => Ok(None),
@@ -351,19 +388,29 @@ impl Store for FjallStore {
     async fn purge_expired_messages(&self, now: u64) -> Result<u64, StoreError> {
         let (expired, forgotten) = self
             .call(move |db| {
-                let mut expired: Vec<(Username, u64)> = Vec::new();
+                let mut expired: Vec<(UserId, u64)> = Vec::new();
                 for entry in db.inbox.inbox.iter() {
                     let (key, value) = entry.into_inner()?;
                     let message: StoredMessage = decode("inbox", &value)?;
                     if message.expires_at <= now {
-                        let user = key
-                            .split(|b| *b == 0)
-                            .next()
-                            .map(|b| String::from_utf8_lossy(b).into_owned());
-                        if let Some(user) = user.and_then(|u| Username::parse(&u).ok()) {
-                            expired.push((user, message.seq));
-                        }
+                        let id = key.get(..4).ok_or_else(|| StoreError::Corrupt {
+                            keyspace: "inbox",
+                            reason: "a key is shorter than a user id".into(),
+                        })?;
+                        expired.push((decode_id("inbox", id)?, message.seq));
                     }
+                }
+                let mut by_user: BTreeMap<UserId, (Username, Vec<u64>)> = BTreeMap::new();
+                for (id, seq) in expired {
+                    if let Some((_, seqs)) = by_user.get_mut(&id) {
+                        seqs.push(seq);
+                        continue;
+                    }
+                    let name = db.ids.name_of(id)?.ok_or_else(|| StoreError::Corrupt {
+                        keyspace: "inbox",
+                        reason: format!("user id {id} has no name"),
+                    })?;
+                    by_user.insert(id, (name, vec![seq]));
                 }
                 let mut forgotten = Vec::new();
                 for entry in db.inbox.sent.iter() {
@@ -373,18 +420,14 @@ impl Store for FjallStore {
                         forgotten.push(key.to_vec());
                     }
                 }
-                Ok((expired, forgotten))
+                Ok((by_user, forgotten))
             })
             .await?;
-        let mut by_user: std::collections::BTreeMap<Username, Vec<u64>> = Default::default();
-        for (user, seq) in expired {
-            by_user.entry(user).or_default().push(seq);
-        }
         let mut removed = 0;
-        for (user, seqs) in by_user {
+        for (id, (user, seqs)) in expired {
             removed += self
                 .writer
-                .remove(user, seqs, Removal::Acknowledged)
+                .remove(user, id, seqs, Removal::Acknowledged)
                 .await?;
         }
         if !forgotten.is_empty() {

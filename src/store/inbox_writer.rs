@@ -24,9 +24,9 @@
 //! the inbox when this process first needs it (a memtable insert per message and per ack was
 //! the writer's largest cost).
 //!
-//! Key layout (usernames never contain 0x00):
-//! - `inbox`: recipient 0x00 seq(u64 BE) → [`StoredMessage`]
-//! - `sent`: sender 0x00 message-id(16) → [`SentRecord`]
+//! Key layout (usernames never contain 0x00; ids are the users' numeric ids, see `user_ids`):
+//! - `inbox_v2`: recipient id(u32 BE) seq(u64 BE) → [`StoredMessage`]
+//! - `sent_v2`: sender id(u32 BE) message-id(16) → [`SentRecord`]
 //! - `meta`: `seq` 0x00 user → next seq (u64 BE, at least) and the epoch it was written in
 //!   (u64 BE; absent in stores from before epochs: 0); [`EPOCH`] → the current epoch (u64 BE);
 //!   [`RUNNING`] → empty, while a writer runs and after one that did not stop cleanly. Stores
@@ -42,6 +42,7 @@ use std::thread::JoinHandle;
 use fjall::{Database, Keyspace, OwnedWriteBatch, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
+use super::user_ids::{UserId, inbox_key, sent_key};
 use super::{
     AppendHooks, Appended, Durability, NewMessage, Removal, SentRecord, SeqHook, StoreError,
     StoredMessage,
@@ -131,14 +132,6 @@ pub(super) struct InboxKeyspaces {
     pub contacts: Keyspace,
 }
 
-pub(super) fn inbox_key(user: &Username, seq: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(user.as_str().len() + 9);
-    key.extend_from_slice(user.as_str().as_bytes());
-    key.push(0);
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
-}
-
 pub(super) fn pair_key(first: &Username, second: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(first.as_str().len() + 1 + second.len());
     key.extend_from_slice(first.as_str().as_bytes());
@@ -154,14 +147,23 @@ fn meta_key(kind: &[u8], user: &Username) -> Vec<u8> {
     key
 }
 
+/// A message to append, with its sender's and recipient's ids.
+pub(super) struct Addressed {
+    pub message: NewMessage,
+    pub sender: UserId,
+    pub recipient: UserId,
+}
+
 enum Op {
     Append(
-        Box<NewMessage>,
+        Box<Addressed>,
         AppendHooks,
         oneshot::Sender<Result<Appended, StoreError>>,
     ),
+    /// Removes these seqs from the inbox of the user with this name and id.
     Remove(
         Username,
+        UserId,
         Vec<u64>,
         Removal,
         oneshot::Sender<Result<u64, StoreError>>,
@@ -256,7 +258,7 @@ impl InboxWriter {
 
     pub async fn append(
         &self,
-        message: NewMessage,
+        message: Addressed,
         hooks: AppendHooks,
     ) -> Result<Appended, StoreError> {
         self.submit(|tx| Op::Append(Box::new(message), hooks, tx))
@@ -266,10 +268,12 @@ impl InboxWriter {
     pub async fn remove(
         &self,
         user: Username,
+        id: UserId,
         seqs: Vec<u64>,
         removal: Removal,
     ) -> Result<u64, StoreError> {
-        self.submit(|tx| Op::Remove(user, seqs, removal, tx)).await
+        self.submit(|tx| Op::Remove(user, id, seqs, removal, tx))
+            .await
     }
 
     pub async fn forget_sent(&self, keys: Vec<Vec<u8>>) -> Result<u64, StoreError> {
@@ -295,9 +299,9 @@ struct WriterState {
     contacts: Map<Username, Set<Username>>,
     /// Which messages of each inbox are pending, as far as this writer knows.
     known: Map<Username, KnownPending>,
-    /// (sender, id) of every message in a batch not yet committed, for deduplication: the
+    /// (sender's id, message id) of every message in a batch not yet committed, for deduplication: the
     /// store does not show them yet.
-    in_flight: Set<(Username, MessageId)>,
+    in_flight: Set<(UserId, MessageId)>,
     /// Built batches, to the committer thread.
     jobs: Option<std_mpsc::SyncSender<Job>>,
     /// From the committer: each committed batch.
@@ -312,8 +316,8 @@ struct WriterState {
 
 /// What the committer reports of a batch once it is committed (or has failed).
 struct Committed {
-    /// (sender, id) of the messages it stored.
-    appended: Vec<(Username, MessageId)>,
+    /// (sender's id, message id) of the messages it stored.
+    appended: Vec<(UserId, MessageId)>,
     /// The inbox of each of its appends and removals.
     inboxes: Vec<Username>,
     ops: usize,
@@ -326,8 +330,8 @@ struct Job {
     must_sync: bool,
     synced: Vec<(SeqHook, u64)>,
     replies: Vec<Reply>,
-    /// (sender, id) of the messages it stores.
-    appended: Vec<(Username, MessageId)>,
+    /// (sender's id, message id) of the messages it stores.
+    appended: Vec<(UserId, MessageId)>,
     inboxes: Vec<Username>,
     ops: usize,
 }
@@ -381,7 +385,7 @@ impl WriterState {
         // [`Removal::Acknowledged`].
         let must_sync = ops
             .iter()
-            .any(|op| matches!(op, Op::Append(..) | Op::Remove(_, _, Removal::Unsent, _)));
+            .any(|op| matches!(op, Op::Append(..) | Op::Remove(_, _, _, Removal::Unsent, _)));
         self.note_commits();
         if self.jobs.is_none() {
             // The committer is gone: nothing can be stored. Dropping the operations answers
@@ -398,7 +402,7 @@ impl WriterState {
         let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
         let mut ordered: Vec<(SeqHook, u64)> = Vec::new();
         let mut synced: Vec<(SeqHook, u64)> = Vec::new();
-        let mut appended: Vec<(Username, MessageId)> = Vec::new();
+        let mut appended: Vec<(UserId, MessageId)> = Vec::new();
         let mut inboxes: Vec<Username> = Vec::with_capacity(ops.len());
         let op_count = ops.len();
         // Inboxes whose counters changed: written once per batch, not once per message. The
@@ -409,7 +413,7 @@ impl WriterState {
         for op in ops {
             match op {
                 Op::Append(message, hooks, tx) => {
-                    inboxes.push(message.recipient.clone());
+                    inboxes.push(message.message.recipient.clone());
                     let result = self.append(&mut batch, &mut appended, &mut touched, *message);
                     if let Ok(Appended::Stored { seq }) = &result {
                         ordered.extend(hooks.ordered.map(|hook| (hook, *seq)));
@@ -417,8 +421,8 @@ impl WriterState {
                     }
                     replies.push(deferred(tx, result));
                 }
-                Op::Remove(user, seqs, _, tx) => {
-                    let result = self.remove(&mut batch, &mut touched, &user, &seqs);
+                Op::Remove(user, id, seqs, _, tx) => {
+                    let result = self.remove(&mut batch, &mut touched, (&user, id), &seqs);
                     inboxes.push(user);
                     replies.push(deferred(tx, result));
                 }
@@ -539,12 +543,10 @@ impl WriterState {
         }
     }
 
-    /// Pending messages of `user`, counted from the inbox (once per process and inbox).
-    fn count_pending(&self, user: &Username) -> Result<u64, StoreError> {
-        let mut prefix = user.as_str().as_bytes().to_vec();
-        prefix.push(0);
+    /// Pending messages of user `id`, counted from the inbox (once per process and inbox).
+    fn count_pending(&self, id: UserId) -> Result<u64, StoreError> {
         let mut count = 0u64;
-        for entry in self.ks.inbox.prefix(prefix) {
+        for entry in self.ks.inbox.prefix(id.to_be_bytes()) {
             entry.key()?;
             count += 1;
         }
@@ -574,21 +576,24 @@ impl WriterState {
     fn append(
         &mut self,
         batch: &mut OwnedWriteBatch,
-        appended: &mut Vec<(Username, MessageId)>,
+        appended: &mut Vec<(UserId, MessageId)>,
         touched: &mut Map<Username, u64>,
-        message: NewMessage,
+        addressed: Addressed,
     ) -> Result<Appended, StoreError> {
-        let sent_key = pair_key(&message.sender, &message.id.0);
-        if self
-            .in_flight
-            .contains(&(message.sender.clone(), message.id))
-            || self.ks.sent.contains_key(&sent_key)?
+        let Addressed {
+            message,
+            sender: sender_id,
+            recipient: recipient_id,
+        } = addressed;
+        let sent_key = sent_key(sender_id, &message.id.0);
+        if self.in_flight.contains(&(sender_id, message.id))
+            || self.ks.sent.contains_key(sent_key)?
         {
             return Ok(Appended::Duplicate);
         }
         let pending = match self.pending.get(&message.recipient) {
             Some(n) => *n,
-            None => self.count_pending(&message.recipient)?,
+            None => self.count_pending(recipient_id)?,
         };
         if pending >= self.max_pending {
             return Ok(Appended::InboxFull);
@@ -626,7 +631,7 @@ impl WriterState {
             STORED_OVERHEAD + stored.body.len() + stored.from.as_str().len() + stored.kind.len();
         batch.insert(
             &self.ks.inbox,
-            inbox_key(&message.recipient, seq),
+            inbox_key(recipient_id, seq),
             encode_record(&stored, stored_len)?,
         );
         let record_len = SENT_OVERHEAD + record.recipient.as_str().len();
@@ -651,8 +656,8 @@ impl WriterState {
         set(&mut self.pending, &message.recipient, pending + 1);
         let first = touched.entry(message.recipient).or_insert(u64::MAX);
         *first = (*first).min(seq);
-        self.in_flight.insert((message.sender.clone(), message.id));
-        appended.push((message.sender, message.id));
+        self.in_flight.insert((sender_id, message.id));
+        appended.push((sender_id, message.id));
         Ok(Appended::Stored { seq })
     }
 
@@ -660,7 +665,7 @@ impl WriterState {
         &mut self,
         batch: &mut OwnedWriteBatch,
         touched: &mut Map<Username, u64>,
-        user: &Username,
+        (user, id): (&Username, UserId),
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
         let mut removed = 0;
@@ -680,7 +685,7 @@ impl WriterState {
                 (Some(k), Some(_)) => k.pending(seq),
                 _ => None,
             };
-            let key = inbox_key(user, seq);
+            let key = inbox_key(id, seq);
             let present = match known {
                 Some(present) => present,
                 None => {
@@ -694,7 +699,7 @@ impl WriterState {
                         }
                         store_current = true;
                     }
-                    self.ks.inbox.contains_key(&key)?
+                    self.ks.inbox.contains_key(key)?
                 }
             };
             if present {
@@ -722,7 +727,7 @@ impl WriterState {
         if removed > 0 {
             let pending = match self.pending.get(user) {
                 Some(n) => *n,
-                None => self.count_pending(user)?,
+                None => self.count_pending(id)?,
             };
             set(&mut self.pending, user, pending.saturating_sub(removed));
             touched.entry(user.clone()).or_insert(u64::MAX);

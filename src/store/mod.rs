@@ -6,6 +6,8 @@
 mod fjall_keys;
 mod fjall_store;
 mod inbox_writer;
+mod migrate;
+mod user_ids;
 
 pub use fjall_store::{DEFAULT_MAX_PENDING, FjallStore, StoreOptions};
 
@@ -203,6 +205,9 @@ pub enum StoreError {
     /// The request breaks a store limit (too many prekeys, ...).
     #[error("{0}")]
     Limit(String),
+    /// A message names a sender or recipient without an account.
+    #[error("no account named {0:?}")]
+    UnknownUser(Username),
 }
 
 /// What the server needs to persist. Every write is durable when its future resolves.
@@ -253,7 +258,9 @@ pub trait Store: Send + Sync + 'static {
     async fn take_bundle(&self, username: &Username) -> Result<Option<TakenBundle>, StoreError>;
 
     /// Appends a message to its recipient's inbox through group commit: durable (per the
-    /// configured [`Durability`]) when this returns. Deduplicates by (sender, id) and enforces
+    /// configured [`Durability`]) when this returns. Sender and recipient must have accounts
+    /// ([`StoreError::UnknownUser`] otherwise: the store checks that they have user ids,
+    /// which every account has). Deduplicates by (sender, id) and enforces
     /// the per-inbox quota. If the message is stored, `hooks.ordered` is called with its seq
     /// as soon as its place in the inbox is decided, before it is durable, and `hooks.synced`
     /// once it is durable. A seq is never given to two messages.

@@ -1,0 +1,140 @@
+//! Per-user numeric ids, so the hot keyspaces (`inbox`, `sent`) begin with 4 bytes instead of
+//! a name.
+//!
+//! fjall's memtable compares keys on every insert and lookup, and keeps the first 20 bytes of
+//! a key inline with its first 4 compared before anything else. Keys that began with a user
+//! name were longer than that and shared their first bytes with their neighbours, so every
+//! comparison followed a pointer and compared the whole name. An id ‖ seq key is 12 bytes and
+//! an id ‖ message-id key 20: both inline, and they differ in their first 4 bytes.
+//!
+//! An id is given to an account when it is created, in the same synced write as the account,
+//! and never changes or goes to anyone else. Keyspaces: `user_ids` (name → id, u32 BE) and
+//! `user_names` (id → name).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use fjall::{Keyspace, OwnedWriteBatch};
+
+use super::StoreError;
+use crate::protocol::Username;
+
+/// A user's id in the store's keys.
+pub(super) type UserId = u32;
+
+/// Ids remembered in memory at most (accounts are never deleted, so an id once seen stays
+/// valid; past the cap lookups go to disk).
+const CACHE: usize = 1_000_000;
+
+type Cache = HashMap<Username, UserId, foldhash::fast::RandomState>;
+
+pub(super) struct UserIds {
+    ids: Keyspace,
+    names: Keyspace,
+    cache: Mutex<Cache>,
+    /// The next id to give out.
+    next: Mutex<UserId>,
+}
+
+impl UserIds {
+    pub fn open(ids: Keyspace, names: Keyspace) -> Result<Self, StoreError> {
+        let next = match names.last_key_value() {
+            None => 1,
+            Some(entry) => decode_id("user_names", &entry.key()?)?
+                .checked_add(1)
+                .ok_or_else(exhausted)?,
+        };
+        Ok(Self {
+            ids,
+            names,
+            cache: Mutex::new(Cache::default()),
+            next: Mutex::new(next),
+        })
+    }
+
+    /// The id of `name` if it is in memory.
+    pub fn cached(&self, name: &Username) -> Result<Option<UserId>, StoreError> {
+        Ok(self
+            .cache
+            .lock()
+            .map_err(|_| StoreError::Poisoned)?
+            .get(name)
+            .copied())
+    }
+
+    /// The id of `name` in the store (blocking), not remembered; `None` if it has none.
+    pub fn stored(&self, name: &Username) -> Result<Option<UserId>, StoreError> {
+        match self.ids.get(name.as_str().as_bytes())? {
+            Some(bytes) => decode_id("user_ids", &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The name whose id is `id` (blocking).
+    pub fn name_of(&self, id: UserId) -> Result<Option<Username>, StoreError> {
+        let Some(bytes) = self.names.get(id.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let name = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|s| Username::parse(s).ok())
+            .ok_or_else(|| StoreError::Corrupt {
+                keyspace: "user_names",
+                reason: format!("id {id} has an invalid name"),
+            })?;
+        Ok(Some(name))
+    }
+
+    /// Gives `name` the next id, written in `batch`: the caller commits it (synced) and then
+    /// calls [`Self::remember`]. The id is used up even if the commit fails.
+    pub fn assign(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        name: &Username,
+    ) -> Result<UserId, StoreError> {
+        let mut next = self.next.lock().map_err(|_| StoreError::Poisoned)?;
+        let id = *next;
+        *next = id.checked_add(1).ok_or_else(exhausted)?;
+        batch.insert(&self.ids, name.as_str().as_bytes(), id.to_be_bytes());
+        batch.insert(&self.names, id.to_be_bytes(), name.as_str().as_bytes());
+        Ok(id)
+    }
+
+    /// Keeps the id of `name` in memory. Only accounts' ids are remembered: the store answers
+    /// "does this account exist" from memory with them.
+    pub fn remember(&self, name: &Username, id: UserId) -> Result<(), StoreError> {
+        let mut cache = self.cache.lock().map_err(|_| StoreError::Poisoned)?;
+        if cache.len() < CACHE {
+            cache.insert(name.clone(), id);
+        }
+        Ok(())
+    }
+}
+
+fn exhausted() -> StoreError {
+    StoreError::Limit("no user ids are left".into())
+}
+
+pub(super) fn decode_id(keyspace: &'static str, bytes: &[u8]) -> Result<UserId, StoreError> {
+    let bytes: [u8; 4] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        keyspace,
+        reason: format!("a user id has {} bytes, not 4", bytes.len()),
+    })?;
+    Ok(UserId::from_be_bytes(bytes))
+}
+
+/// `inbox` key: recipient id ‖ seq (u64 BE).
+pub(super) fn inbox_key(user: UserId, seq: u64) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..4].copy_from_slice(&user.to_be_bytes());
+    key[4..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// `sent` key: sender id ‖ message id (16 bytes).
+pub(super) fn sent_key(sender: UserId, id: &[u8; 16]) -> [u8; 20] {
+    let mut key = [0u8; 20];
+    key[..4].copy_from_slice(&sender.to_be_bytes());
+    key[4..].copy_from_slice(id);
+    key
+}
