@@ -424,3 +424,59 @@ async fn a_message_without_an_account_at_either_end_is_refused() {
     assert_eq!(store.user_exists(&user("nobody")).await.ok(), Some(false));
     assert_eq!(store.user_exists(&user("alice")).await.ok(), Some(true));
 }
+
+/// Expired messages leave their inboxes and expired send records go; the rest stay.
+#[tokio::test]
+async fn purging_removes_exactly_what_expired() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = FjallStore::open(dir.path()).expect("open");
+    people(&store).await;
+    let expiring = |sender: &str, recipient: &str, n: u8, expires_at: u64| NewMessage {
+        expires_at,
+        ..between(sender, recipient, [n; 16])
+    };
+    for (sender, recipient, n, expires_at) in [
+        ("alice", "bob", 1, 50),
+        ("alice", "bob", 2, 500),
+        ("carol", "bob", 3, 50),
+        ("alice", "dave", 4, 50),
+        ("dave", "carol", 5, 500),
+    ] {
+        let appended = store
+            .append(
+                expiring(sender, recipient, n, expires_at),
+                AppendHooks::default(),
+            )
+            .await;
+        assert!(
+            matches!(appended, Ok(Appended::Stored { .. })),
+            "{appended:?}"
+        );
+    }
+    assert_eq!(store.purge_expired_messages(100).await.expect("purge"), 3);
+    let ids = |name: &str| {
+        let store = &store;
+        let name = user(name);
+        async move {
+            let pending = store.pending(&name, 0, 10).await.expect("pending");
+            pending.iter().map(|m| m.id.0[0]).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(ids("bob").await, vec![2]);
+    assert_eq!(ids("dave").await, Vec::<u8>::new());
+    assert_eq!(ids("carol").await, vec![5]);
+    for (sender, n, kept) in [
+        ("alice", 1, false),
+        ("carol", 3, false),
+        ("alice", 2, true),
+        ("dave", 5, true),
+    ] {
+        let record = store
+            .sent(&user(sender), MessageId([n; 16]))
+            .await
+            .expect("sent");
+        assert_eq!(record.is_some(), kept, "send record {n} of {sender}");
+    }
+    // Nothing more to purge.
+    assert_eq!(store.purge_expired_messages(100).await.expect("purge"), 0);
+}

@@ -354,9 +354,7 @@ impl Store for FjallStore {
         let Some(id) = self.user_id(username).await? else {
             return Ok(0);
         };
-        self.writer
-            .remove(username.clone(), id, seqs, removal)
-            .await
+        self.writer.remove(id, seqs, removal).await
     }
 
     async fn sent(
@@ -400,17 +398,9 @@ impl Store for FjallStore {
                         expired.push((decode_id("inbox", id)?, message.seq));
                     }
                 }
-                let mut by_user: BTreeMap<UserId, (Username, Vec<u64>)> = BTreeMap::new();
+                let mut by_user: BTreeMap<UserId, Vec<u64>> = BTreeMap::new();
                 for (id, seq) in expired {
-                    if let Some((_, seqs)) = by_user.get_mut(&id) {
-                        seqs.push(seq);
-                        continue;
-                    }
-                    let name = db.ids.name_of(id)?.ok_or_else(|| StoreError::Corrupt {
-                        keyspace: "inbox",
-                        reason: format!("user id {id} has no name"),
-                    })?;
-                    by_user.insert(id, (name, vec![seq]));
+                    by_user.entry(id).or_default().push(seq);
                 }
                 let mut forgotten = Vec::new();
                 for entry in db.inbox.sent.iter() {
@@ -424,11 +414,8 @@ impl Store for FjallStore {
             })
             .await?;
         let mut removed = 0;
-        for (id, (user, seqs)) in expired {
-            removed += self
-                .writer
-                .remove(user, id, seqs, Removal::Acknowledged)
-                .await?;
+        for (id, seqs) in expired {
+            removed += self.writer.remove(id, seqs, Removal::Acknowledged).await?;
         }
         if !forgotten.is_empty() {
             self.writer.forget_sent(forgotten).await?;

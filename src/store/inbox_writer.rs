@@ -160,9 +160,8 @@ enum Op {
         AppendHooks,
         oneshot::Sender<Result<Appended, StoreError>>,
     ),
-    /// Removes these seqs from the inbox of the user with this name and id.
+    /// Removes these seqs from the inbox of the user with this id.
     Remove(
-        Username,
         UserId,
         Vec<u64>,
         Removal,
@@ -222,6 +221,7 @@ impl InboxWriter {
             max_batch: max_batch.max(1),
             next_seq: Map::default(),
             stored_seq: Map::default(),
+            names: Map::default(),
             pending: Map::default(),
             contacts: Map::default(),
             known: Map::default(),
@@ -267,13 +267,11 @@ impl InboxWriter {
 
     pub async fn remove(
         &self,
-        user: Username,
         id: UserId,
         seqs: Vec<u64>,
         removal: Removal,
     ) -> Result<u64, StoreError> {
-        self.submit(|tx| Op::Remove(user, id, seqs, removal, tx))
-            .await
+        self.submit(|tx| Op::Remove(id, seqs, removal, tx)).await
     }
 
     pub async fn forget_sent(&self, keys: Vec<Vec<u8>>) -> Result<u64, StoreError> {
@@ -289,16 +287,19 @@ struct WriterState {
     failed: bool,
     max_pending: u64,
     max_batch: usize,
+    /// Inboxes are known by their owners' ids: no name is hashed or cloned per message.
     /// Next sequence number per inbox (loaded from `meta` on first use).
-    next_seq: Map<Username, u64>,
+    next_seq: Map<UserId, u64>,
     /// The next seq as stored in `meta`, per inbox in `next_seq`.
-    stored_seq: Map<Username, u64>,
+    stored_seq: Map<UserId, u64>,
+    /// The owner's name, per inbox in `next_seq` (for its counter's key in `meta`).
+    names: Map<UserId, Username>,
     /// Pending messages per inbox (counted from the inbox on first use).
-    pending: Map<Username, u64>,
+    pending: Map<UserId, u64>,
     /// Known to be in `contacts`: viewer → the subjects who have written to them.
-    contacts: Map<Username, Set<Username>>,
+    contacts: Map<UserId, Set<UserId>>,
     /// Which messages of each inbox are pending, as far as this writer knows.
-    known: Map<Username, KnownPending>,
+    known: Map<UserId, KnownPending>,
     /// (sender's id, message id) of every message in a batch not yet committed, for deduplication: the
     /// store does not show them yet.
     in_flight: Set<(UserId, MessageId)>,
@@ -311,7 +312,7 @@ struct WriterState {
     /// Operations in built batches not yet committed.
     ops_in_flight: usize,
     /// Inboxes with appends or removals in built batches not yet committed (how many).
-    inboxes_in_flight: Map<Username, usize>,
+    inboxes_in_flight: Map<UserId, usize>,
 }
 
 /// What the committer reports of a batch once it is committed (or has failed).
@@ -319,7 +320,7 @@ struct Committed {
     /// (sender's id, message id) of the messages it stored.
     appended: Vec<(UserId, MessageId)>,
     /// The inbox of each of its appends and removals.
-    inboxes: Vec<Username>,
+    inboxes: Vec<UserId>,
     ops: usize,
 }
 
@@ -332,7 +333,7 @@ struct Job {
     replies: Vec<Reply>,
     /// (sender's id, message id) of the messages it stores.
     appended: Vec<(UserId, MessageId)>,
-    inboxes: Vec<Username>,
+    inboxes: Vec<UserId>,
     ops: usize,
 }
 
@@ -362,8 +363,10 @@ impl WriterState {
         // been given out without being stored.
         if !self.failed {
             let mut batch = self.ks.db.batch().durability(Some(PersistMode::SyncData));
-            for (user, next) in &self.next_seq {
-                if self.stored_seq.get(user) != Some(next) {
+            for (id, next) in &self.next_seq {
+                if let Some(user) = self.names.get(id)
+                    && self.stored_seq.get(id) != Some(next)
+                {
                     batch.insert(
                         &self.ks.meta,
                         meta_key(b"seq", user),
@@ -385,7 +388,7 @@ impl WriterState {
         // [`Removal::Acknowledged`].
         let must_sync = ops
             .iter()
-            .any(|op| matches!(op, Op::Append(..) | Op::Remove(_, _, _, Removal::Unsent, _)));
+            .any(|op| matches!(op, Op::Append(..) | Op::Remove(_, _, Removal::Unsent, _)));
         self.note_commits();
         if self.jobs.is_none() {
             // The committer is gone: nothing can be stored. Dropping the operations answers
@@ -403,17 +406,17 @@ impl WriterState {
         let mut ordered: Vec<(SeqHook, u64)> = Vec::new();
         let mut synced: Vec<(SeqHook, u64)> = Vec::new();
         let mut appended: Vec<(UserId, MessageId)> = Vec::new();
-        let mut inboxes: Vec<Username> = Vec::with_capacity(ops.len());
+        let mut inboxes: Vec<UserId> = Vec::with_capacity(ops.len());
         let op_count = ops.len();
         // Inboxes whose counters changed: written once per batch, not once per message. The
         // value is the first seq appended to the inbox in this batch (`u64::MAX` if none): a
         // seq from there on is only in the batch, not in the store, and cannot be removed yet.
-        let mut touched: Map<Username, u64> =
+        let mut touched: Map<UserId, u64> =
             Map::with_capacity_and_hasher(ops.len(), Default::default());
         for op in ops {
             match op {
                 Op::Append(message, hooks, tx) => {
-                    inboxes.push(message.message.recipient.clone());
+                    inboxes.push(message.recipient);
                     let result = self.append(&mut batch, &mut appended, &mut touched, *message);
                     if let Ok(Appended::Stored { seq }) = &result {
                         ordered.extend(hooks.ordered.map(|hook| (hook, *seq)));
@@ -421,9 +424,9 @@ impl WriterState {
                     }
                     replies.push(deferred(tx, result));
                 }
-                Op::Remove(user, id, seqs, _, tx) => {
-                    let result = self.remove(&mut batch, &mut touched, (&user, id), &seqs);
-                    inboxes.push(user);
+                Op::Remove(id, seqs, _, tx) => {
+                    let result = self.remove(&mut batch, &mut touched, id, &seqs);
+                    inboxes.push(id);
                     replies.push(deferred(tx, result));
                 }
                 Op::ForgetSent(keys, tx) => {
@@ -436,19 +439,21 @@ impl WriterState {
             }
         }
         let mut checkpoints = Vec::new();
-        for user in touched.into_keys() {
-            let (Some(&next), Some(&stored)) =
-                (self.next_seq.get(&user), self.stored_seq.get(&user))
-            else {
+        for id in touched.into_keys() {
+            let (Some(&next), Some(&stored), Some(user)) = (
+                self.next_seq.get(&id),
+                self.stored_seq.get(&id),
+                self.names.get(&id),
+            ) else {
                 continue;
             };
             if next.saturating_sub(stored) >= SEQ_CHECKPOINT {
                 batch.insert(
                     &self.ks.meta,
-                    meta_key(b"seq", &user),
+                    meta_key(b"seq", user),
                     seq_value(next, self.epoch),
                 );
-                checkpoints.push((user, next));
+                checkpoints.push((id, next));
             }
         }
         // The batch's order is final: let the messages go to online recipients while it is
@@ -460,7 +465,7 @@ impl WriterState {
         // write and the next start begins a new epoch anyway.
         self.stored_seq.extend(checkpoints);
         for inbox in &inboxes {
-            *self.inboxes_in_flight.entry(inbox.clone()).or_default() += 1;
+            *self.inboxes_in_flight.entry(*inbox).or_default() += 1;
         }
         self.ops_in_flight += op_count;
         let job = Job {
@@ -538,7 +543,7 @@ impl WriterState {
             self.known = self
                 .next_seq
                 .iter()
-                .map(|(user, next)| (user.clone(), KnownPending::new(*next)))
+                .map(|(id, next)| (*id, KnownPending::new(*next)))
                 .collect();
         }
     }
@@ -577,7 +582,7 @@ impl WriterState {
         &mut self,
         batch: &mut OwnedWriteBatch,
         appended: &mut Vec<(UserId, MessageId)>,
-        touched: &mut Map<Username, u64>,
+        touched: &mut Map<UserId, u64>,
         addressed: Addressed,
     ) -> Result<Appended, StoreError> {
         let Addressed {
@@ -591,14 +596,14 @@ impl WriterState {
         {
             return Ok(Appended::Duplicate);
         }
-        let pending = match self.pending.get(&message.recipient) {
+        let pending = match self.pending.get(&recipient_id) {
             Some(n) => *n,
             None => self.count_pending(recipient_id)?,
         };
         if pending >= self.max_pending {
             return Ok(Appended::InboxFull);
         }
-        let seq = match self.next_seq.get(&message.recipient) {
+        let seq = match self.next_seq.get(&recipient_id) {
             Some(n) => *n,
             None => {
                 let (stored, written_in) = self.load_seq(&message.recipient)?;
@@ -606,9 +611,9 @@ impl WriterState {
                 let next = stored
                     .max(1)
                     .saturating_add(epochs.saturating_mul(SEQ_RESTART_GAP));
-                self.stored_seq.insert(message.recipient.clone(), stored);
-                self.known
-                    .insert(message.recipient.clone(), KnownPending::new(next));
+                self.stored_seq.insert(recipient_id, stored);
+                self.names.insert(recipient_id, message.recipient.clone());
+                self.known.insert(recipient_id, KnownPending::new(next));
                 next
             }
         };
@@ -638,8 +643,8 @@ impl WriterState {
         batch.insert(&self.ks.sent, sent_key, encode_record(&record, record_len)?);
         let known_contact = self
             .contacts
-            .get(&message.recipient)
-            .is_some_and(|subjects| subjects.contains(&message.sender));
+            .get(&recipient_id)
+            .is_some_and(|subjects| subjects.contains(&sender_id));
         if !known_contact {
             batch.insert(
                 &self.ks.contacts,
@@ -647,14 +652,13 @@ impl WriterState {
                 Vec::new(),
             );
             self.contacts
-                .entry(message.recipient.clone())
+                .entry(recipient_id)
                 .or_default()
-                .insert(message.sender.clone());
+                .insert(sender_id);
         }
-        // Updated in place: a new key (a clone of the name) only for an inbox not seen yet.
-        set(&mut self.next_seq, &message.recipient, seq + 1);
-        set(&mut self.pending, &message.recipient, pending + 1);
-        let first = touched.entry(message.recipient).or_insert(u64::MAX);
+        self.next_seq.insert(recipient_id, seq + 1);
+        self.pending.insert(recipient_id, pending + 1);
+        let first = touched.entry(recipient_id).or_insert(u64::MAX);
         *first = (*first).min(seq);
         self.in_flight.insert((sender_id, message.id));
         appended.push((sender_id, message.id));
@@ -664,20 +668,20 @@ impl WriterState {
     fn remove(
         &mut self,
         batch: &mut OwnedWriteBatch,
-        touched: &mut Map<Username, u64>,
-        (user, id): (&Username, UserId),
+        touched: &mut Map<UserId, u64>,
+        id: UserId,
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
         let mut removed = 0;
         let mut store_current = false;
         let mut seen = Set::with_capacity_and_hasher(seqs.len(), Default::default());
-        let next = self.next_seq.get(user).copied();
-        let in_batch_from = touched.get(user).copied().unwrap_or(u64::MAX);
+        let next = self.next_seq.get(&id).copied();
+        let in_batch_from = touched.get(&id).copied().unwrap_or(u64::MAX);
         for &seq in seqs {
             if !seen.insert(seq) {
                 continue;
             }
-            let known = match (self.known.get(user), next) {
+            let known = match (self.known.get(&id), next) {
                 // Appended in this very batch: not in the store yet (as before this cache).
                 _ if seq >= in_batch_from => Some(false),
                 // Never given out.
@@ -692,7 +696,7 @@ impl WriterState {
                     // The store decides what this writer does not know; it must then show
                     // the inbox's batches built before this one (committed, if not synced).
                     if !store_current {
-                        while self.inboxes_in_flight.contains_key(user) {
+                        while self.inboxes_in_flight.contains_key(&id) {
                             if !self.wait_for_commit() {
                                 return Err(StoreError::WriterStopped);
                             }
@@ -705,44 +709,34 @@ impl WriterState {
             if present {
                 batch.remove(&self.ks.inbox, key);
                 removed += 1;
-                if let Some(k) = self.known.get_mut(user) {
+                if let Some(k) = self.known.get_mut(&id) {
                     k.remove(seq);
                 }
             }
         }
         if self
             .known
-            .get(user)
+            .get(&id)
             .is_some_and(|k| k.removed.len() > MAX_REMOVED_AHEAD)
         {
             match next {
                 Some(next) => {
-                    self.known.insert(user.clone(), KnownPending::new(next));
+                    self.known.insert(id, KnownPending::new(next));
                 }
                 None => {
-                    self.known.remove(user);
+                    self.known.remove(&id);
                 }
             }
         }
         if removed > 0 {
-            let pending = match self.pending.get(user) {
+            let pending = match self.pending.get(&id) {
                 Some(n) => *n,
                 None => self.count_pending(id)?,
             };
-            set(&mut self.pending, user, pending.saturating_sub(removed));
-            touched.entry(user.clone()).or_insert(u64::MAX);
+            self.pending.insert(id, pending.saturating_sub(removed));
+            touched.entry(id).or_insert(u64::MAX);
         }
         Ok(removed)
-    }
-}
-
-/// `map[key] = value`, cloning the key only when it is new.
-fn set(map: &mut Map<Username, u64>, key: &Username, value: u64) {
-    match map.get_mut(key) {
-        Some(slot) => *slot = value,
-        None => {
-            map.insert(key.clone(), value);
-        }
     }
 }
 

@@ -9,7 +9,7 @@
 //!
 //! An id is given to an account when it is created, in the same synced write as the account,
 //! and never changes or goes to anyone else. Keyspaces: `user_ids` (name → id, u32 BE) and
-//! `user_names` (id → name).
+//! `user_names` (id → name: the highest id in use is its last key).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -68,21 +68,6 @@ impl UserIds {
             Some(bytes) => decode_id("user_ids", &bytes).map(Some),
             None => Ok(None),
         }
-    }
-
-    /// The name whose id is `id` (blocking).
-    pub fn name_of(&self, id: UserId) -> Result<Option<Username>, StoreError> {
-        let Some(bytes) = self.names.get(id.to_be_bytes())? else {
-            return Ok(None);
-        };
-        let name = std::str::from_utf8(&bytes)
-            .ok()
-            .and_then(|s| Username::parse(s).ok())
-            .ok_or_else(|| StoreError::Corrupt {
-                keyspace: "user_names",
-                reason: format!("id {id} has an invalid name"),
-            })?;
-        Ok(Some(name))
     }
 
     /// Gives `name` the next id, written in `batch`: the caller commits it (synced) and then
