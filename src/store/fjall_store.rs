@@ -3,8 +3,9 @@
 //! Keyspaces: `users` (username → [`UserRecord`]) and `sessions` (token digest →
 //! [`SessionRecord`]) here; users' numeric ids in `user_ids`; the key directory in
 //! `fjall_keys`; inboxes (written only by the group-commit thread of `inbox_writer`). Opening
-//! a store of an older format migrates it first (`migrate`). Values are named MessagePack. Every call runs on the
-//! bounded blocking pool; account and key writes are synced (`SyncData`) before they return.
+//! a store of an older format migrates it first (`migrate`). Values are named MessagePack.
+//! Every call runs on the bounded blocking pool; account and key writes are synced
+//! (`SyncData`) before they return.
 
 use std::collections::BTreeMap;
 use std::path::Path;

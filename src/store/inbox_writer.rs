@@ -300,8 +300,8 @@ struct WriterState {
     contacts: Map<UserId, Set<UserId>>,
     /// Which messages of each inbox are pending, as far as this writer knows.
     known: Map<UserId, KnownPending>,
-    /// (sender's id, message id) of every message in a batch not yet committed, for deduplication: the
-    /// store does not show them yet.
+    /// (sender's id, message id) of every message in a batch not yet committed, for
+    /// deduplication: the store does not show them yet.
     in_flight: Set<(UserId, MessageId)>,
     /// Built batches, to the committer thread.
     jobs: Option<std_mpsc::SyncSender<Job>>,
