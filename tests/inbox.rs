@@ -407,20 +407,10 @@ async fn a_message_without_an_account_at_either_end_is_refused() {
             "{refused:?}"
         );
     }
-    assert!(
-        store
-            .pending(&user("alice"), 0, 10)
-            .await
-            .expect("pending")
-            .is_empty()
-    );
-    assert!(
-        store
-            .pending(&user("nobody"), 0, 10)
-            .await
-            .expect("pending")
-            .is_empty()
-    );
+    for name in ["alice", "nobody"] {
+        let pending = store.pending(&user(name), 0, 10).await.expect("pending");
+        assert!(pending.is_empty(), "{name}: {pending:?}");
+    }
     assert_eq!(store.user_exists(&user("nobody")).await.ok(), Some(false));
     assert_eq!(store.user_exists(&user("alice")).await.ok(), Some(true));
 }
