@@ -105,7 +105,7 @@ async fn a_message_redelivered_after_a_crash_before_the_ack_is_shown_once() {
 
     let delivered = bob.client().next_delivery(WAIT).await.unwrap();
     assert_eq!(
-        text_of(Some(bob.open_delivered(&delivered).unwrap())).1,
+        text_of(Some(bob.open_delivered(delivered).await.unwrap())).1,
         "exactly once"
     );
     drop(bob); // crash: seen, but never acknowledged

@@ -268,7 +268,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let messenger = messenger(&home, &options, false).await?;
             let flushed = messenger.flush_outbox().await?;
             report_flushed(&flushed);
-            for waiting in messenger.outbox()? {
+            for waiting in messenger.outbox().await? {
                 println!("{}\t{}", waiting.to, waiting.id);
             }
             messenger.close().await;

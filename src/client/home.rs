@@ -31,6 +31,10 @@ pub enum HomeError {
         /// What is wrong.
         reason: String,
     },
+    /// The blocking task that did the file work did not finish (it panicked or the runtime
+    /// is shutting down).
+    #[error("the keystore's file task failed: {0}")]
+    Task(String),
 }
 
 /// The session `sfc login` saved.

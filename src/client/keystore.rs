@@ -185,6 +185,33 @@ impl Keystore {
         let state = self.load()?;
         Ok(read(state.as_ref()))
     }
+
+    /// [`Self::update`] on a blocking thread, for async callers: the file lock may wait for
+    /// another `sfc` process, and the file I/O must not hold up the runtime.
+    pub async fn update_async<T, E>(
+        &self,
+        change: impl FnOnce(&mut Option<KeyState>) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<HomeError> + Send + 'static,
+    {
+        let keystore = self.clone();
+        tokio::task::spawn_blocking(move || keystore.update(change))
+            .await
+            .unwrap_or_else(|e| Err(HomeError::Task(e.to_string()).into()))
+    }
+
+    /// [`Self::read`] on a blocking thread, for async callers.
+    pub async fn read_async<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(Option<&KeyState>) -> T + Send + 'static,
+    ) -> Result<T, HomeError> {
+        let keystore = self.clone();
+        tokio::task::spawn_blocking(move || keystore.read(read))
+            .await
+            .unwrap_or_else(|e| Err(HomeError::Task(e.to_string())))
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +222,58 @@ mod tests {
         let identity = IdentityKeyPair::generate().unwrap();
         let prekeys = PrekeyStore::generate(&identity, 2).unwrap();
         KeyState::new("alice", &identity, prekeys, 1)
+    }
+
+    /// While another holder (here a thread; usually another `sfc`) has the keystore's lock,
+    /// an async caller waits on a blocking thread: the runtime, even a single-threaded one,
+    /// goes on running its other tasks.
+    #[tokio::test(flavor = "current_thread")]
+    async fn waiting_for_the_lock_does_not_hold_up_the_runtime() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::time::Duration;
+
+        let dir = tempfile::tempdir().unwrap();
+        let keystore = Keystore::new(dir.path());
+        keystore
+            .update(|s| {
+                *s = Some(state());
+                Ok::<_, HomeError>(())
+            })
+            .unwrap();
+        let (held, is_held) = std::sync::mpsc::channel();
+        let holder = {
+            let keystore = keystore.clone();
+            std::thread::spawn(move || {
+                keystore.read(|_| {
+                    held.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(300));
+                })
+            })
+        };
+        is_held.recv().unwrap();
+        let ticks = Arc::new(AtomicU32::new(0));
+        let ticker = {
+            let ticks = Arc::clone(&ticks);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    ticks.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        let name = keystore
+            .read_async(|s| s.map(|s| s.username.clone()))
+            .await
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("alice"));
+        let ticked = ticks.load(Ordering::SeqCst);
+        assert!(
+            ticked >= 5,
+            "the runtime ticked {ticked} times while the lock was awaited"
+        );
+        ticker.abort();
+        holder.join().unwrap().unwrap();
     }
 
     #[test]

@@ -231,7 +231,7 @@ impl Messenger {
         let now = unix_now();
         let created = self
             .keystore
-            .update(|state| -> Result<bool, MessengerError> {
+            .update_async(move |state| -> Result<bool, MessengerError> {
                 match state {
                     Some(existing) if existing.username != me => {
                         Err(MessengerError::OtherUser(existing.username.clone()))
@@ -244,13 +244,15 @@ impl Messenger {
                         Ok(true)
                     }
                 }
-            })?;
+            })
+            .await?;
         if created {
             return self.publish_all().await;
         }
-        let rotate =
-            self.keystore
-                .update(|state| -> Result<Option<SignedPrekey>, MessengerError> {
+        let rotate = self
+            .keystore
+            .update_async(
+                move |state| -> Result<Option<SignedPrekey>, MessengerError> {
                     let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
                     if now.saturating_sub(state.signed_prekey_rotated_at)
                         < SIGNED_PREKEY_ROTATION.as_secs()
@@ -261,7 +263,9 @@ impl Messenger {
                     let spk = state.prekeys.rotate_signed_prekey(&identity)?;
                     state.signed_prekey_rotated_at = now;
                     Ok(Some(wire_signed(&spk)))
-                })?;
+                },
+            )
+            .await?;
         if let Some(spk) = rotate {
             self.client
                 .publish_keys(None, Some(spk), None, Vec::new())
@@ -278,7 +282,7 @@ impl Messenger {
     async fn publish_all(&self) -> Result<(), MessengerError> {
         let (identity, spk, last, one_time) = self
             .keystore
-            .read(|state| {
+            .read_async(|state| {
                 state.map(|s| {
                     (
                         Bin(*s.identity().public().as_bytes()),
@@ -291,7 +295,8 @@ impl Messenger {
                             .collect::<Vec<_>>(),
                     )
                 })
-            })?
+            })
+            .await?
             .ok_or(MessengerError::NoKeys)?;
         self.client
             .publish_keys(Some(identity), Some(spk), Some(last), one_time)
@@ -300,17 +305,18 @@ impl Messenger {
     }
 
     async fn top_up_prekeys(&self) -> Result<(), MessengerError> {
-        let fresh =
-            self.keystore
-                .update(|state| -> Result<Vec<OneTimePrekey>, MessengerError> {
-                    let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
-                    Ok(state
-                        .prekeys
-                        .add_one_time_prekeys(PREKEY_BATCH)?
-                        .iter()
-                        .map(wire_one_time)
-                        .collect())
-                })?;
+        let fresh = self
+            .keystore
+            .update_async(|state| -> Result<Vec<OneTimePrekey>, MessengerError> {
+                let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
+                Ok(state
+                    .prekeys
+                    .add_one_time_prekeys(PREKEY_BATCH)?
+                    .iter()
+                    .map(wire_one_time)
+                    .collect())
+            })
+            .await?;
         self.client.publish_keys(None, None, None, fresh).await?;
         Ok(())
     }
@@ -329,9 +335,12 @@ impl Messenger {
         text: &str,
     ) -> Result<(MessageId, Option<String>), MessengerError> {
         let peer = username(to)?;
-        let has_session = self
-            .keystore
-            .read(|s| s.is_some_and(|s| s.sessions.contains_key(peer.as_str())))?;
+        let has_session = {
+            let peer = peer.clone();
+            self.keystore
+                .read_async(move |s| s.is_some_and(|s| s.sessions.contains_key(peer.as_str())))
+                .await?
+        };
         let bundle = if has_session {
             None
         } else {
@@ -339,39 +348,42 @@ impl Messenger {
         };
         let id =
             MessageId::random().map_err(|e| MessengerError::Client(ClientError::Io(e.into())))?;
-        let me = self.me.clone();
-        let warning = self.keystore.update(|state| -> Result<_, MessengerError> {
-            let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
-            let bytes: usize = state.outbox.iter().map(|o| o.envelope.len()).sum();
-            if state.outbox.len() >= MAX_OUTBOX || bytes >= MAX_OUTBOX_BYTES {
-                return Err(MessengerError::OutboxFull {
-                    count: state.outbox.len(),
-                    bytes,
-                });
-            }
-            let mut warning = None;
-            if !state.sessions.contains_key(peer.as_str()) {
-                let bundle = bundle.as_ref().ok_or(MessengerError::NoKeys)?;
-                let bundle = to_bundle(bundle)?;
-                let session = Session::initiate(&state.identity(), &me, &peer, &bundle)?;
-                if state.pin(peer.as_str(), &bundle.identity_key).is_some() {
-                    warning = Some(changed_warning(peer.as_str()));
+        let (me, text) = (self.me.clone(), text.to_owned());
+        let warning = self
+            .keystore
+            .update_async(move |state| -> Result<_, MessengerError> {
+                let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
+                let bytes: usize = state.outbox.iter().map(|o| o.envelope.len()).sum();
+                if state.outbox.len() >= MAX_OUTBOX || bytes >= MAX_OUTBOX_BYTES {
+                    return Err(MessengerError::OutboxFull {
+                        count: state.outbox.len(),
+                        bytes,
+                    });
                 }
-                state.sessions.insert(peer.as_str().to_owned(), session);
-            }
-            let session = state
-                .sessions
-                .get_mut(peer.as_str())
-                .ok_or(MessengerError::NoKeys)?;
-            let envelope = session.seal(id.0, text.as_bytes())?;
-            state.outbox.push_back(Outgoing {
-                to: peer.as_str().to_owned(),
-                id,
-                kind: TEXT.to_owned(),
-                envelope: envelope.to_bytes()?,
-            });
-            Ok(warning)
-        })?;
+                let mut warning = None;
+                if !state.sessions.contains_key(peer.as_str()) {
+                    let bundle = bundle.as_ref().ok_or(MessengerError::NoKeys)?;
+                    let bundle = to_bundle(bundle)?;
+                    let session = Session::initiate(&state.identity(), &me, &peer, &bundle)?;
+                    if state.pin(peer.as_str(), &bundle.identity_key).is_some() {
+                        warning = Some(changed_warning(peer.as_str()));
+                    }
+                    state.sessions.insert(peer.as_str().to_owned(), session);
+                }
+                let session = state
+                    .sessions
+                    .get_mut(peer.as_str())
+                    .ok_or(MessengerError::NoKeys)?;
+                let envelope = session.seal(id.0, text.as_bytes())?;
+                state.outbox.push_back(Outgoing {
+                    to: peer.as_str().to_owned(),
+                    id,
+                    kind: TEXT.to_owned(),
+                    envelope: envelope.to_bytes()?,
+                });
+                Ok(warning)
+            })
+            .await?;
         let flushed = self.flush_outbox().await?;
         if flushed.sent.iter().any(|(_, sent)| *sent == id) {
             return Ok((id, warning));
@@ -391,10 +403,11 @@ impl Messenger {
     }
 
     /// The messages waiting in the outbox, oldest first.
-    pub fn outbox(&self) -> Result<Vec<Outgoing>, MessengerError> {
+    pub async fn outbox(&self) -> Result<Vec<Outgoing>, MessengerError> {
         Ok(self
             .keystore
-            .read(|s| s.map(|s| s.outbox.iter().cloned().collect()))?
+            .read_async(|s| s.map(|s| s.outbox.iter().cloned().collect()))
+            .await?
             .unwrap_or_default())
     }
 
@@ -407,7 +420,7 @@ impl Messenger {
         // Ids to take out, saved once at the end: a crash before that only means sending them
         // again, which the server answers as duplicates.
         let mut done = Vec::new();
-        for out in self.outbox()? {
+        for out in self.outbox().await? {
             if held_back.contains(&out.to) {
                 continue;
             }
@@ -437,15 +450,18 @@ impl Messenger {
             }
         }
         flushed.waiting = if done.is_empty() {
-            self.keystore.read(|s| s.map_or(0, |s| s.outbox.len()))?
+            self.keystore
+                .read_async(|s| s.map_or(0, |s| s.outbox.len()))
+                .await?
         } else {
             self.keystore
-                .update(|state| -> Result<usize, MessengerError> {
+                .update_async(move |state| -> Result<usize, MessengerError> {
                     Ok(state.as_mut().map_or(0, |state| {
                         state.outbox.retain(|o| !done.contains(&o.id));
                         state.outbox.len()
                     }))
-                })?
+                })
+                .await?
         };
         Ok(flushed)
     }
@@ -456,8 +472,9 @@ impl Messenger {
         let Some(delivered) = self.client.next_delivery(wait).await else {
             return Ok(None);
         };
-        let received = self.open_delivered(&delivered)?;
-        self.client.ack(vec![delivered.seq]).await?;
+        let seq = delivered.seq;
+        let received = self.open_delivered(delivered).await?;
+        self.client.ack(vec![seq]).await?;
         if self.client.take_prekeys_low().is_some() {
             self.top_up_prekeys().await?;
         }
@@ -466,11 +483,11 @@ impl Messenger {
 
     /// Opens a delivered message and records it as seen (without acknowledging it): what
     /// [`Messenger::receive`] does between the delivery and the ack.
-    pub fn open_delivered(&self, delivered: &Delivered) -> Result<Received, MessengerError> {
+    pub async fn open_delivered(&self, delivered: Delivered) -> Result<Received, MessengerError> {
         let me = self.me.clone();
         let received = self
             .keystore
-            .update(|state| -> Result<Received, MessengerError> {
+            .update_async(move |state| -> Result<Received, MessengerError> {
                 let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
                 if state.seen(&delivered.from, delivered.id) {
                     return Ok(Received::Duplicate);
@@ -495,7 +512,8 @@ impl Messenger {
                     },
                     Err(e) => undecryptable(e.to_string()),
                 })
-            })?;
+            })
+            .await?;
         Ok(received)
     }
 
@@ -506,7 +524,8 @@ impl Messenger {
         let peer_key = IdentityKey::from_bytes(&key.0)?;
         let mine = self
             .keystore
-            .read(|s| s.map(|s| s.identity().public()))?
+            .read_async(|s| s.map(|s| s.identity().public()))
+            .await?
             .ok_or(MessengerError::NoKeys)?;
         Ok(safety_number(&self.me, &mine, &peer_name, &peer_key))
     }
