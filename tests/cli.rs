@@ -532,7 +532,9 @@ async fn sfc_chat_sends_what_waited_in_the_outbox_once_the_recipient_has_room() 
     let mut keys = chat.stdin.take().unwrap();
     let mut screen = chat.stdout.take().unwrap();
     let mut seen = String::new();
-    read_until(&mut screen, &mut seen, "chatting with bob").await;
+    // The prompt is drawn once the terminal is in raw mode: keys typed before that go through
+    // the line discipline, which turns Enter into a line feed.
+    read_until(&mut screen, &mut seen, "alice> ").await;
     keys.write_all(b"second\r").await.unwrap();
     read_until(&mut screen, &mut seen, "not sent yet").await;
     assert!(seen.contains("inbox_full"), "{seen:?}");
