@@ -52,7 +52,12 @@ pub(super) fn run(
     sent: &Keyspace,
 ) -> Result<Migrated, StoreError> {
     if let Some(value) = meta.get(FORMAT_KEY)? {
-        let format = super::user_ids::decode_id("meta", &value)?;
+        let format = <[u8; 4]>::try_from(value.as_ref())
+            .map(u32::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt {
+                keyspace: "meta",
+                reason: format!("the store format has {} bytes, not 4", value.len()),
+            })?;
         if format == FORMAT {
             return Ok(Migrated::default());
         }
