@@ -349,7 +349,8 @@ impl Messenger {
         let id =
             MessageId::random().map_err(|e| MessengerError::Client(ClientError::Io(e.into())))?;
         let (me, text) = (self.me.clone(), text.to_owned());
-        let warning = self
+        // The same save returns the outbox to send, so the flush need not read it again.
+        let (warning, outbox) = self
             .keystore
             .update_async(move |state| -> Result<_, MessengerError> {
                 let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
@@ -381,10 +382,10 @@ impl Messenger {
                     kind: TEXT.to_owned(),
                     envelope: envelope.to_bytes()?,
                 });
-                Ok(warning)
+                Ok((warning, state.outbox.iter().cloned().collect()))
             })
             .await?;
-        let flushed = self.flush_outbox().await?;
+        let flushed = self.send_outbox(outbox).await?;
         if flushed.sent.iter().any(|(_, sent)| *sent == id) {
             return Ok((id, warning));
         }
@@ -415,12 +416,18 @@ impl Messenger {
     /// stored (or refused for good). A refusal that may pass (a full inbox, a busy server)
     /// holds back that peer's later messages; a connection failure stops the attempt.
     pub async fn flush_outbox(&self) -> Result<Flushed, MessengerError> {
+        let outbox = self.outbox().await?;
+        self.send_outbox(outbox).await
+    }
+
+    /// [`Messenger::flush_outbox`] of `outbox`, the keystore's outbox as just read.
+    async fn send_outbox(&self, outbox: Vec<Outgoing>) -> Result<Flushed, MessengerError> {
         let mut flushed = Flushed::default();
         let mut held_back = BTreeSet::new();
         // Ids to take out, saved once at the end: a crash before that only means sending them
         // again, which the server answers as duplicates.
         let mut done = Vec::new();
-        for out in self.outbox().await? {
+        for out in outbox {
             if held_back.contains(&out.to) {
                 continue;
             }
