@@ -11,15 +11,15 @@
 //!   write, as the server does);
 //! - the receiver reads the stream to its end and acknowledges what has arrived in one `ack`
 //!   frame (up to 1,024 seqs) on its control stream, which the server reads and drops;
-//! - each sender keeps 8 messages in flight (`sfc-bench`'s `--window`), a `sent` frame freeing
-//!   one; the pairs' connections share 4 client endpoints (`--client-sockets`).
+//! - each sender keeps 8 messages in flight (`sfc-bench`'s `--window`; WINDOW sets another
+//!   number), a `sent` frame freeing one; the pairs' connections share 4 client endpoints (`--client-sockets`).
 //!
 //! The frames are encoded by the protocol's own encoders, so their sizes are the real ones.
 //!
 //! ```text
-//! cargo run --release --example relay_floor -- spawn PAIRS SECONDS
+//! cargo run --release --example relay_floor -- spawn PAIRS SECONDS [WINDOW]
 //! cargo run --release --example relay_floor -- server 127.0.0.1:4433 CERT_DIR
-//! cargo run --release --example relay_floor -- client 127.0.0.1:4433 CA_FILE PAIRS SECONDS
+//! cargo run --release --example relay_floor -- client 127.0.0.1:4433 CA_FILE PAIRS SECONDS [WINDOW]
 //! ```
 //!
 //! `spawn` makes dev certificates in a temporary directory and runs the server as a child
@@ -52,7 +52,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Client endpoints the connections share (`sfc-bench --client-sockets`' default).
 const ENDPOINTS: usize = 4;
-/// Sends in flight per sender (`sfc-bench --window`'s default).
+/// Sends in flight per sender unless given (`sfc-bench --window`'s default).
 const WINDOW: usize = 8;
 /// The envelope that seals 128 bytes in a running session (`docs/PROTOCOL.md` E7): a map of
 /// `header` (`dh` bin 32, `pn`, `n` as uint32) and `ciphertext` (bin 8 of 128 + 16 bytes).
@@ -67,7 +67,7 @@ const NAME_PREFIX: &str = "k3j9x2m7q4wz";
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn usage() -> Error {
-    "usage: relay_floor spawn PAIRS SECONDS | server ADDR CERT_DIR | client ADDR CA_FILE PAIRS SECONDS"
+    "usage: relay_floor spawn PAIRS SECONDS [WINDOW] | server ADDR CERT_DIR | client ADDR CA_FILE PAIRS SECONDS [WINDOW]"
         .into()
 }
 
@@ -81,10 +81,17 @@ async fn main() -> Result<(), Error> {
         .as_slice()
     {
         ["server", addr, dir] => serve(addr.parse()?, Path::new(dir)).await,
-        ["client", addr, ca, pairs, secs] => {
-            load(addr.parse()?, Path::new(ca), pairs.parse()?, secs.parse()?).await
+        ["client", addr, ca, pairs, secs, window @ ..] => {
+            load(
+                addr.parse()?,
+                Path::new(ca),
+                pairs.parse()?,
+                secs.parse()?,
+                window_arg(window)?,
+            )
+            .await
         }
-        ["spawn", pairs, secs] => {
+        ["spawn", pairs, secs, window @ ..] => {
             let dir = tempfile::tempdir()?;
             tls::ensure_dev_certificates(dir.path())?;
             let (mut child, addr) = spawn_server(dir.path())?;
@@ -93,12 +100,22 @@ async fn main() -> Result<(), Error> {
                 &dir.path().join(tls::CA_CERT_FILE),
                 pairs.parse()?,
                 secs.parse()?,
+                window_arg(window)?,
             )
             .await;
             let _ = child.kill();
             let _ = child.wait();
             result
         }
+        _ => Err(usage()),
+    }
+}
+
+/// The optional last argument: sends in flight per sender.
+fn window_arg(rest: &[&str]) -> Result<usize, Error> {
+    match rest {
+        [] => Ok(WINDOW),
+        [window] => Ok(window.parse::<usize>()?.max(1)),
         _ => Err(usage()),
     }
 }
@@ -279,7 +296,13 @@ struct Counts {
     stop: AtomicBool,
 }
 
-async fn load(addr: SocketAddr, ca: &Path, pairs: u32, secs: f64) -> Result<(), Error> {
+async fn load(
+    addr: SocketAddr,
+    ca: &Path,
+    pairs: u32,
+    secs: f64,
+    window: usize,
+) -> Result<(), Error> {
     let anchors = tls::load_trust_anchors(ca)?;
     let mut endpoints = Vec::with_capacity(ENDPOINTS);
     for _ in 0..ENDPOINTS {
@@ -324,7 +347,7 @@ async fn load(addr: SocketAddr, ca: &Path, pairs: u32, secs: f64) -> Result<(), 
             conn,
             events,
             message,
-            sent_length,
+            (sent_length, window),
             deadline,
             Arc::clone(&counts),
         ));
@@ -373,11 +396,11 @@ async fn send(
     conn: Connection,
     mut events: RecvStream,
     message: Vec<u8>,
-    sent_length: usize,
+    (sent_length, window): (usize, usize),
     deadline: Instant,
     counts: Arc<Counts>,
 ) -> Result<(), Error> {
-    let window = Arc::new(Semaphore::new(WINDOW));
+    let window = Arc::new(Semaphore::new(window));
     let freed = Arc::clone(&window);
     // Every `sent` event frees a slot.
     let events_task = tokio::spawn(async move {
