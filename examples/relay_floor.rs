@@ -11,15 +11,17 @@
 //!   write, as the server does);
 //! - the receiver reads the stream to its end and acknowledges what has arrived in one `ack`
 //!   frame (up to 1,024 seqs) on its control stream, which the server reads and drops;
-//! - each sender keeps 8 messages in flight (`sfc-bench`'s `--window`; WINDOW sets another
-//!   number), a `sent` frame freeing one; the pairs' connections share 4 client endpoints (`--client-sockets`).
+//! - each sender keeps 8 messages in flight (`sfc-bench`'s `--window`; `--window N` sets
+//!   another number), a `sent` frame freeing one; or, with `--rate R`, the senders send R
+//!   messages/s in all on an even schedule (`sfc-bench --rate`), and the latency from each
+//!   message's intended send time to its arrival is reported; the pairs' connections share 4 client endpoints (`--client-sockets`).
 //!
 //! The frames are encoded by the protocol's own encoders, so their sizes are the real ones.
 //!
 //! ```text
-//! cargo run --release --example relay_floor -- spawn PAIRS SECONDS [WINDOW]
+//! cargo run --release --example relay_floor -- spawn PAIRS SECONDS [--window N] [--rate R]
 //! cargo run --release --example relay_floor -- server 127.0.0.1:4433 CERT_DIR
-//! cargo run --release --example relay_floor -- client 127.0.0.1:4433 CA_FILE PAIRS SECONDS [WINDOW]
+//! cargo run --release --example relay_floor -- client 127.0.0.1:4433 CA_FILE PAIRS SECONDS [...]
 //! ```
 //!
 //! `spawn` makes dev certificates in a temporary directory and runs the server as a child
@@ -37,6 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use securefastchat::protocol::{
     ClientFrame, DeliverHeader, MAX_CONTROL_FRAME, MAX_STREAM_HEADER, MessageId, Reply, Request,
@@ -54,6 +57,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 const ENDPOINTS: usize = 4;
 /// Sends in flight per sender unless given (`sfc-bench --window`'s default).
 const WINDOW: usize = 8;
+/// Open loop: a bound on sends in flight only to keep memory finite (as `sfc-bench --rate`).
+const OPEN_LOOP_WINDOW: usize = 4096;
 /// The envelope that seals 128 bytes in a running session (`docs/PROTOCOL.md` E7): a map of
 /// `header` (`dh` bin 32, `pn`, `n` as uint32) and `ciphertext` (bin 8 of 128 + 16 bytes).
 const ENVELOPE_BYTES: usize = 214;
@@ -67,7 +72,8 @@ const NAME_PREFIX: &str = "k3j9x2m7q4wz";
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn usage() -> Error {
-    "usage: relay_floor spawn PAIRS SECONDS [WINDOW] | server ADDR CERT_DIR | client ADDR CA_FILE PAIRS SECONDS [WINDOW]"
+    "usage: relay_floor spawn PAIRS SECONDS [--window N] [--rate R] | server ADDR CERT_DIR \
+     | client ADDR CA_FILE PAIRS SECONDS [--window N] [--rate R]"
         .into()
 }
 
@@ -81,17 +87,17 @@ async fn main() -> Result<(), Error> {
         .as_slice()
     {
         ["server", addr, dir] => serve(addr.parse()?, Path::new(dir)).await,
-        ["client", addr, ca, pairs, secs, window @ ..] => {
+        ["client", addr, ca, pairs, secs, flags @ ..] => {
             load(
                 addr.parse()?,
                 Path::new(ca),
                 pairs.parse()?,
                 secs.parse()?,
-                window_arg(window)?,
+                Shape::parse(flags)?,
             )
             .await
         }
-        ["spawn", pairs, secs, window @ ..] => {
+        ["spawn", pairs, secs, flags @ ..] => {
             let dir = tempfile::tempdir()?;
             tls::ensure_dev_certificates(dir.path())?;
             let (mut child, addr) = spawn_server(dir.path())?;
@@ -100,7 +106,7 @@ async fn main() -> Result<(), Error> {
                 &dir.path().join(tls::CA_CERT_FILE),
                 pairs.parse()?,
                 secs.parse()?,
-                window_arg(window)?,
+                Shape::parse(flags)?,
             )
             .await;
             let _ = child.kill();
@@ -111,12 +117,28 @@ async fn main() -> Result<(), Error> {
     }
 }
 
-/// The optional last argument: sends in flight per sender.
-fn window_arg(rest: &[&str]) -> Result<usize, Error> {
-    match rest {
-        [] => Ok(WINDOW),
-        [window] => Ok(window.parse::<usize>()?.max(1)),
-        _ => Err(usage()),
+/// How the senders send: closed loop with `window` in flight each, or open loop at `rate`
+/// messages/s in all (each sender every `pairs`-th slot of an even schedule, from a pacer
+/// thread, as `sfc-bench --rate` does; latency is then measured from the intended send time).
+struct Shape {
+    window: usize,
+    rate: Option<f64>,
+}
+
+impl Shape {
+    fn parse(flags: &[&str]) -> Result<Self, Error> {
+        let mut shape = Shape {
+            window: WINDOW,
+            rate: None,
+        };
+        for flag in flags.chunks(2) {
+            match flag {
+                ["--window", n] => shape.window = n.parse::<usize>()?.max(1),
+                ["--rate", r] => shape.rate = Some(r.parse::<f64>()?).filter(|r| *r > 0.0),
+                _ => return Err(usage()),
+            }
+        }
+        Ok(shape)
     }
 }
 
@@ -301,7 +323,7 @@ async fn load(
     ca: &Path,
     pairs: u32,
     secs: f64,
-    window: usize,
+    shape: Shape,
 ) -> Result<(), Error> {
     let anchors = tls::load_trust_anchors(ca)?;
     let mut endpoints = Vec::with_capacity(ENDPOINTS);
@@ -312,6 +334,7 @@ async fn load(
         )?);
     }
     let counts = Arc::new(Counts::default());
+    let latencies = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
     let mut senders = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     for pair in 0..pairs {
@@ -320,7 +343,12 @@ async fn load(
         // As the client does before it asks for delivery.
         receiver.set_max_concurrent_uni_streams(VarInt::from_u32(MAX_SERVER_UNI_STREAMS));
         let (acks, _) = hello(&receiver, b'R', pair).await?;
-        tasks.spawn(receive(receiver, acks, Arc::clone(&counts)));
+        tasks.spawn(receive(
+            receiver,
+            acks,
+            Arc::clone(&counts),
+            Arc::clone(&latencies),
+        ));
         let endpoint = &endpoints[(2 * pair as usize + 1) % ENDPOINTS];
         let sender = endpoint.connect(addr, "localhost")?.await?;
         let (_, events) = hello(&sender, b'S', pair).await?;
@@ -340,12 +368,26 @@ async fn load(
     let sent_length = ServerFrames::new()?.sent.len();
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
-    for (conn, events, pair) in senders {
+    // Open loop: the pacer hands each sender its instants; closed loop: none.
+    let (mut schedules, pacer) = match shape.rate {
+        Some(rate) => {
+            let (txs, rxs): (Vec<_>, Vec<_>) =
+                (0..pairs).map(|_| mpsc::unbounded_channel()).unzip();
+            let pacer = std::thread::spawn(move || pace(&txs, start, rate, deadline));
+            (rxs.into_iter().map(Some).collect(), Some(pacer))
+        }
+        None => ((0..pairs).map(|_| None).collect::<Vec<_>>(), None),
+    };
+    for ((conn, events, pair), schedule) in senders.into_iter().zip(schedules.iter_mut()) {
         let mut message = header(pair)?;
         message.resize(message.len() + ENVELOPE_BYTES, 0x5a);
+        let window = match schedule {
+            Some(_) => OPEN_LOOP_WINDOW,
+            None => shape.window,
+        };
         tasks.spawn(send(
             conn,
-            events,
+            (events, schedule.take()),
             message,
             (sent_length, window),
             deadline,
@@ -373,6 +415,18 @@ async fn load(
         "{delivered_by_deadline} delivered in {secs:.2} s = {:.0}/s ({sent} sent, {delivered} delivered in all)",
         delivered_by_deadline as f64 / secs
     );
+    if let Some(pacer) = pacer {
+        let _ = pacer.join();
+        let h = lock(&latencies);
+        println!(
+            "latency from the intended send time, us: p50 {} p90 {} p99 {} p99.9 {} max {}",
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.9),
+            h.value_at_quantile(0.99),
+            h.value_at_quantile(0.999),
+            h.max()
+        );
+    }
     for endpoint in endpoints {
         endpoint.close(0u32.into(), b"");
     }
@@ -392,10 +446,13 @@ async fn hello(conn: &Connection, role: u8, pair: u32) -> Result<(SendStream, Re
     Ok((send, recv))
 }
 
+/// Sends until the deadline: with a schedule, at each instant it gives (the intended send time,
+/// as nanoseconds since the epoch, goes into the body's first 8 bytes), else as the window
+/// allows.
 async fn send(
     conn: Connection,
-    mut events: RecvStream,
-    message: Vec<u8>,
+    (mut events, mut schedule): (RecvStream, Option<mpsc::UnboundedReceiver<Instant>>),
+    mut message: Vec<u8>,
     (sent_length, window): (usize, usize),
     deadline: Instant,
     counts: Arc<Counts>,
@@ -409,7 +466,15 @@ async fn send(
             freed.add_permits(1);
         }
     });
+    let stamp_at = message.len() - ENVELOPE_BYTES;
     while Instant::now() < deadline {
+        if let Some(schedule) = schedule.as_mut() {
+            let Some(intended) = schedule.recv().await else {
+                break;
+            };
+            let stamp = wall_nanos().saturating_sub(intended.elapsed().as_nanos() as u64);
+            message[stamp_at..stamp_at + 8].copy_from_slice(&stamp.to_be_bytes());
+        }
         window.acquire().await?.forget();
         let mut stream = conn.open_uni().await?;
         stream.write_all(&message).await?;
@@ -420,24 +485,46 @@ async fn send(
     Ok(())
 }
 
-async fn receive(conn: Connection, mut acks: SendStream, counts: Arc<Counts>) -> Result<(), Error> {
-    let (arrived, mut queue) = mpsc::unbounded_channel::<()>();
+/// Reads every delivery, records its latency (from the stamp in its body) and acknowledges
+/// what has arrived in one frame.
+async fn receive(
+    conn: Connection,
+    mut acks: SendStream,
+    counts: Arc<Counts>,
+    latencies: Arc<Mutex<Histogram<u64>>>,
+) -> Result<(), Error> {
+    let (arrived, mut queue) = mpsc::unbounded_channel::<u64>();
     let streams = tokio::spawn(async move {
         while let Ok(mut stream) = conn.accept_uni().await {
             let arrived = arrived.clone();
             tokio::spawn(async move {
-                if stream.read_to_end(MAX_STREAM_BYTES).await.is_ok() {
-                    let _ = arrived.send(());
+                if let Ok(delivery) = stream.read_to_end(MAX_STREAM_BYTES).await {
+                    let body = delivery.len().saturating_sub(ENVELOPE_BYTES);
+                    let stamp = delivery
+                        .get(body..body + 8)
+                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                        .map_or(0, u64::from_be_bytes);
+                    let _ = arrived.send(wall_nanos().saturating_sub(stamp) / 1000);
                 }
             });
         }
     });
     let mut seq = 0u64;
-    while queue.recv().await.is_some() {
-        let mut seqs = vec![seq];
-        while seqs.len() < MAX_ACK_BATCH && queue.try_recv().is_ok() {
-            seqs.push(seq + seqs.len() as u64);
+    while let Some(first) = queue.recv().await {
+        let mut micros = vec![first];
+        while micros.len() < MAX_ACK_BATCH {
+            match queue.try_recv() {
+                Ok(m) => micros.push(m),
+                Err(_) => break,
+            }
         }
+        {
+            let mut h = lock(&latencies);
+            for m in &micros {
+                let _ = h.record((*m).max(1));
+            }
+        }
+        let seqs: Vec<u64> = (seq..seq + micros.len() as u64).collect();
         seq += seqs.len() as u64;
         counts
             .delivered
@@ -456,6 +543,33 @@ async fn receive(conn: Connection, mut acks: SendStream, counts: Arc<Counts>) ->
     }
     streams.abort();
     Ok(())
+}
+
+/// Slot k is due at `start + k / rate` and goes to sender `k % senders` (sfc-bench's pacer).
+fn pace(senders: &[mpsc::UnboundedSender<Instant>], start: Instant, rate: f64, deadline: Instant) {
+    // SAFETY: PR_SET_TIMERSLACK takes an integer and changes only this thread's timer slack
+    // (sleeps end on time rather than up to 50 us late).
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
+    for k in 0u64.. {
+        let at = start + Duration::from_secs_f64(k as f64 / rate);
+        if at >= deadline || senders.is_empty() {
+            break;
+        }
+        let now = Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
+        }
+        let _ = senders[(k % senders.len() as u64) as usize].send(at);
+    }
+}
+
+fn wall_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// A progress line a second, in `sfc-bench`'s words (scripts read `delivered N`).

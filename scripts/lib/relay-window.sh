@@ -42,7 +42,7 @@ fresh_line() {
 # threads (the group commit; none in a build without them), read from /proc over SECONDS of
 # progress lines, and the UDP datagrams per message in that window (from /proc/net/snmp: every
 # datagram on the machine, so run nothing else that talks UDP). Prints one line, then waits for
-# the load generator to exit.
+# the load generator to exit (and shows its last lines if it failed).
 cpu_window() {
     local log=$1 window=$2 inbox_threads
     sleep 1
@@ -59,7 +59,8 @@ cpu_window() {
     # shellcheck disable=SC2086
     b1=$(ticks /proc/$bench/stat); s1=$(ticks /proc/$server/stat); w1=$(inbox_ticks $inbox_threads)
     d1=$(delivered "$log"); t1=$(date +%s.%N); u1=$(udp_datagrams)
-    wait "$bench"
+    local failed=0
+    wait "$bench" || failed=$?
     python3 - "$(getconf CLK_TCK)" "$t0" "$t1" "$d0" "$d1" "$b0" "$b1" "$s0" "$s1" "$w0" "$w1" "$u0" "$u1" <<'EOF'
 import sys
 hz, t0, t1, d0, d1, b0, b1, s0, s1, w0, w1, u0, u1 = map(float, sys.argv[1:])
@@ -70,6 +71,10 @@ print(f"window {dt:.1f} s, {n:.0f} delivered ({n / dt:,.0f}/s): CPU per message 
       f"(inbox writer and committer {per(w0, w1):.1f} us); "
       f"UDP datagrams per message {(u1 - u0) / n:.2f}")
 EOF
+    if [ "$failed" -ne 0 ]; then
+        echo "the load generator exited with status $failed after the window; its last lines:"
+        tail -n 5 "$log"
+    fi
 }
 
 # UDP datagrams received on the whole machine (loopback: each one sent is received once).
