@@ -19,17 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use securefastchat::tls::{self, ServerIdentity, client_crypto, server_crypto};
-use securefastchat::transport::{client_endpoint, server_endpoint};
+mod common;
 
-#[cfg(target_os = "linux")]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// Client endpoints the loops share (as in `sfc-bench handshake`).
-const ENDPOINTS: usize = 4;
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
+use common::{ENDPOINTS, Error, client_endpoints, listen};
 
 fn usage() -> Error {
     "usage: quic_floor server ADDR CERT_DIR | client ADDR CA_FILE SECONDS LOOPS".into()
@@ -37,13 +29,7 @@ fn usage() -> Error {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
+    match common::args().as_slice() {
         ["server", addr, dir] => serve(addr.parse()?, Path::new(dir)).await,
         ["client", addr, ca, secs, loops] => {
             let (done, took) = connect_loops(
@@ -65,12 +51,7 @@ async fn main() -> Result<(), Error> {
 }
 
 async fn serve(addr: SocketAddr, dir: &Path) -> Result<(), Error> {
-    let identity = ServerIdentity::load(
-        &dir.join(tls::SERVER_CERT_FILE),
-        &dir.join(tls::SERVER_KEY_FILE),
-    )?;
-    let endpoint = server_endpoint(addr, server_crypto(identity)?)?;
-    eprintln!("listening on {}", endpoint.local_addr()?);
+    let endpoint = listen(addr, dir)?;
     while let Some(incoming) = endpoint.accept().await {
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
@@ -93,14 +74,7 @@ async fn connect_loops(
     duration: Duration,
     loops: usize,
 ) -> Result<(u64, Duration), Error> {
-    let anchors = tls::load_trust_anchors(ca)?;
-    let mut endpoints = Vec::with_capacity(ENDPOINTS);
-    for _ in 0..ENDPOINTS {
-        endpoints.push(client_endpoint(
-            addr,
-            client_crypto(anchors.clone(), false)?,
-        )?);
-    }
+    let endpoints = client_endpoints(addr, ca)?;
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + duration;

@@ -45,16 +45,14 @@ use securefastchat::protocol::{
     ClientFrame, DeliverHeader, MAX_CONTROL_FRAME, MAX_STREAM_HEADER, MessageId, Reply, Request,
     SendHeader, ServerFrame, StreamHeader, encode_frame,
 };
-use securefastchat::tls::{self, ServerIdentity, client_crypto, server_crypto};
-use securefastchat::transport::{MAX_SERVER_UNI_STREAMS, client_endpoint, server_endpoint};
+use securefastchat::tls;
+use securefastchat::transport::MAX_SERVER_UNI_STREAMS;
 use tokio::sync::{Semaphore, mpsc};
 
-#[cfg(target_os = "linux")]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+mod common;
 
-/// Client endpoints the connections share (`sfc-bench --client-sockets`' default).
-const ENDPOINTS: usize = 4;
+use common::{ENDPOINTS, Error, client_endpoints, listen};
+
 /// Sends in flight per sender unless given (`sfc-bench --window`'s default).
 const WINDOW: usize = 8;
 /// Open loop: a bound on sends in flight only to keep memory finite (as `sfc-bench --rate`).
@@ -69,8 +67,6 @@ const MAX_STREAM_BYTES: usize = 64 * 1024;
 /// Names of the length of `sfc-bench`'s (a 12-character run prefix, `s`/`r` and the pair).
 const NAME_PREFIX: &str = "k3j9x2m7q4wz";
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
-
 fn usage() -> Error {
     "usage: relay_floor spawn PAIRS SECONDS [--window N] [--rate R] | server ADDR CERT_DIR \
      | client ADDR CA_FILE PAIRS SECONDS [--window N] [--rate R]"
@@ -79,13 +75,7 @@ fn usage() -> Error {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
+    match common::args().as_slice() {
         ["server", addr, dir] => serve(addr.parse()?, Path::new(dir)).await,
         ["client", addr, ca, pairs, secs, flags @ ..] => {
             load(
@@ -205,12 +195,7 @@ impl ServerFrames {
 type Receivers = Arc<Mutex<HashMap<u32, Connection>>>;
 
 async fn serve(addr: SocketAddr, dir: &Path) -> Result<(), Error> {
-    let identity = ServerIdentity::load(
-        &dir.join(tls::SERVER_CERT_FILE),
-        &dir.join(tls::SERVER_KEY_FILE),
-    )?;
-    let endpoint = server_endpoint(addr, server_crypto(identity)?)?;
-    eprintln!("listening on {}", endpoint.local_addr()?);
+    let endpoint = listen(addr, dir)?;
     let frames = Arc::new(ServerFrames::new()?);
     let receivers: Receivers = Arc::default();
     while let Some(incoming) = endpoint.accept().await {
@@ -325,14 +310,7 @@ async fn load(
     secs: f64,
     shape: Shape,
 ) -> Result<(), Error> {
-    let anchors = tls::load_trust_anchors(ca)?;
-    let mut endpoints = Vec::with_capacity(ENDPOINTS);
-    for _ in 0..ENDPOINTS {
-        endpoints.push(client_endpoint(
-            addr,
-            client_crypto(anchors.clone(), false)?,
-        )?);
-    }
+    let endpoints = client_endpoints(addr, ca)?;
     let counts = Arc::new(Counts::default());
     let latencies = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
     let mut senders = Vec::new();
@@ -373,7 +351,9 @@ async fn load(
         Some(rate) => {
             let (txs, rxs): (Vec<_>, Vec<_>) =
                 (0..pairs).map(|_| mpsc::unbounded_channel()).unzip();
-            let pacer = std::thread::spawn(move || pace(&txs, start, rate, deadline));
+            let pacer = std::thread::spawn(move || {
+                securefastchat::bench::pace(&txs, start, rate, deadline);
+            });
             (rxs.into_iter().map(Some).collect(), Some(pacer))
         }
         None => ((0..pairs).map(|_| None).collect::<Vec<_>>(), None),
@@ -543,27 +523,6 @@ async fn receive(
     }
     streams.abort();
     Ok(())
-}
-
-/// Slot k is due at `start + k / rate` and goes to sender `k % senders` (sfc-bench's pacer).
-fn pace(senders: &[mpsc::UnboundedSender<Instant>], start: Instant, rate: f64, deadline: Instant) {
-    // SAFETY: PR_SET_TIMERSLACK takes an integer and changes only this thread's timer slack
-    // (sleeps end on time rather than up to 50 us late).
-    #[cfg(target_os = "linux")]
-    unsafe {
-        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
-    }
-    for k in 0u64.. {
-        let at = start + Duration::from_secs_f64(k as f64 / rate);
-        if at >= deadline || senders.is_empty() {
-            break;
-        }
-        let now = Instant::now();
-        if at > now {
-            std::thread::sleep(at - now);
-        }
-        let _ = senders[(k % senders.len() as u64) as usize].send(at);
-    }
 }
 
 fn wall_nanos() -> u64 {

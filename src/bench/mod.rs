@@ -20,7 +20,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-pub use scenarios::run;
+pub use scenarios::{pace, run};
 pub use target::{MachineLoad, MachineTimes, ServerStats, Target};
 
 /// What to run.

@@ -245,9 +245,10 @@ async fn receive(
 }
 
 /// The open-loop schedule: slot k is due at `start + k / rate` and goes to sender
-/// `k % senders`. Returns how late the pacer handed slots out (its own timer error, which
-/// the latency figures include).
-fn pace(
+/// `k % senders`. Runs on the calling thread (a thread of its own, with its timer slack set
+/// to the least: sleeps end on time) until `deadline`. Returns how late the pacer handed
+/// slots out (its own timer error, which the latency figures include).
+pub fn pace(
     senders: &[tokio::sync::mpsc::UnboundedSender<Instant>],
     start: Instant,
     rate: f64,
