@@ -1,6 +1,10 @@
-# Shared by scripts/cpu-window.sh, scripts/relay-floor.sh and scripts/callgrind.sh (sourced,
-# not run): start a relay load, find whole-second windows in it from sfc-bench's progress
-# lines, and measure the CPU per message over one.
+# Shared by scripts/cpu-window.sh, scripts/relay-floor.sh, scripts/drain-window.sh and
+# scripts/callgrind.sh (sourced, not run): start a load, find whole-second windows in it from
+# sfc-bench's progress lines, and measure the CPU per message over one.
+#
+# LOAD_LINE is the phase whose progress lines count: `relay load` unless set (the drain of
+# the offline scenario is `offline drain`).
+LOAD_LINE=${LOAD_LINE:-relay load}
 
 # start_relay LOG BENCH SERVER_BIN [relay flags...]: runs `BENCH relay --spawn` in the
 # background with its output in LOG, waits until the load phase has begun, and sets `bench`
@@ -13,13 +17,13 @@ start_relay() {
 
 # start_load LOG COMMAND...: the same for any load generator that spawns its server as its
 # first child and prints sfc-bench's progress lines (`relay load ..., delivered N`), such as
-# examples/relay_floor.rs.
+# examples/relay_floor.rs or `sfc-bench offline` (with LOAD_LINE="offline drain").
 start_load() {
     local log=$1
     shift
     "$@" >"$log" 2>&1 &
     bench=$!
-    until grep -q "relay load" "$log" 2>/dev/null; do
+    until grep -q "$LOAD_LINE" "$log" 2>/dev/null; do
         kill -0 "$bench" 2>/dev/null || { cat "$log" >&2; exit 1; }
         sleep 0.1
     done
@@ -27,17 +31,17 @@ start_load() {
 }
 
 # delivered LOG: the delivered count of the last progress line (one a second).
-delivered() { grep "relay load" "$1" | tail -1 | sed 's/.*delivered \([0-9,]*\).*/\1/' | tr -d ,; }
+delivered() { grep "$LOAD_LINE" "$1" | tail -1 | sed 's/.*delivered \([0-9,]*\).*/\1/' | tr -d ,; }
 
 # fresh_line LOG: waits for the next progress line, so that a figure read right after it and
 # the delivered count describe the same instant.
 fresh_line() {
     local lines
-    lines=$(grep -c "relay load" "$1")
-    while [ "$(grep -c "relay load" "$1")" -le "$lines" ]; do sleep 0.01; done
+    lines=$(grep -c "$LOAD_LINE" "$1")
+    while [ "$(grep -c "$LOAD_LINE" "$1")" -le "$lines" ]; do sleep 0.01; done
 }
 
-# cpu_window LOG SECONDS: after a second of load, the CPU per delivered message of the load
+# cpu_window LOG SECONDS: after SETTLE seconds of load (default 1), the CPU per delivered message of the load
 # generator (`bench`), the server (`server`) and the server's inbox writer and committer
 # threads (the group commit; none in a build without them), read from /proc over SECONDS of
 # progress lines, and the UDP datagrams per message in that window (from /proc/net/snmp: every
@@ -45,7 +49,7 @@ fresh_line() {
 # the load generator to exit (and shows its last lines if it failed).
 cpu_window() {
     local log=$1 window=$2 inbox_threads
-    sleep 1
+    sleep "${SETTLE:-1}"
     # The group commit's two threads: the writer (sfc-inbox-writer) and the committer
     # (sfc-inbox-commit); builds from before the committer have the writer only.
     inbox_threads=$(grep -l '^sfc-inbox-' /proc/"$server"/task/*/comm | xargs -r -n1 dirname || true)
