@@ -245,9 +245,9 @@ async fn receive(
 }
 
 /// The open-loop schedule: slot k is due at `start + k / rate` and goes to sender
-/// `k % senders`. Runs on the calling thread (a thread of its own, with its timer slack set
-/// to the least: sleeps end on time) until `deadline`. Returns how late the pacer handed
-/// slots out (its own timer error, which the latency figures include).
+/// `k % senders`. Blocks the calling thread until `deadline` and sets its timer slack to the
+/// least (so that sleeps end on time): call it on a thread of its own. Returns how late the
+/// pacer handed slots out (its own timer error, which the latency figures include).
 pub fn pace(
     senders: &[tokio::sync::mpsc::UnboundedSender<Instant>],
     start: Instant,
