@@ -427,6 +427,7 @@ impl Messenger {
         // Ids to take out, saved once at the end: a crash before that only means sending them
         // again, which the server answers as duplicates.
         let mut done = Vec::new();
+        let read = outbox.len();
         for out in outbox {
             if held_back.contains(&out.to) {
                 continue;
@@ -456,10 +457,10 @@ impl Messenger {
                 },
             }
         }
+        // Nothing left the outbox: it still holds what was just read (or saved), so there is
+        // no need to read the file again.
         flushed.waiting = if done.is_empty() {
-            self.keystore
-                .read_async(|s| s.map_or(0, |s| s.outbox.len()))
-                .await?
+            read
         } else {
             self.keystore
                 .update_async(move |state| -> Result<usize, MessengerError> {
