@@ -4,48 +4,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Output, Stdio};
-use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
 
+use common::cli::{
+    ServerProcess, assert_fails_with, read_until, run, sfc, stderr, stdout, tight_inboxes,
+};
 use common::{PASSWORD, TestServer};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-fn sfc(server: &str, ca: &Path, home: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_sfc"));
-    command
-        .env_clear()
-        .env("SFC_SERVER", server)
-        .env("SFC_CA", ca)
-        .env("SFC_HOME", home)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    command
-}
-
-async fn run(mut command: Command) -> Output {
-    tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .unwrap()
-        .unwrap()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn assert_fails_with(output: &Output, needle: &str) {
-    assert!(!output.status.success(), "expected failure: {output:?}");
-    let err = stderr(output);
-    assert_eq!(err.lines().count(), 1, "one line on stderr: {err:?}");
-    assert!(err.starts_with("sfc: error: "), "{err:?}");
-    assert!(err.contains(needle), "{err:?} lacks {needle:?}");
-}
+use tokio::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sfc_signs_up_logs_in_and_out() {
@@ -146,67 +112,6 @@ async fn sfc_explains_untrusted_certificates_and_unreachable_servers() {
         .args(["login", "alice"]);
     assert_fails_with(&run(unreachable).await, "unreachable");
     server.stop().await;
-}
-
-/// A running `sfc-server` binary whose log lines are collected.
-struct ServerProcess {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl ServerProcess {
-    async fn start(dir: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sfc-server"))
-            .args(["--listen", "127.0.0.1:0", "--data"])
-            .arg(dir.join("data"))
-            .arg("--certs")
-            .arg(dir.join("certs"))
-            .env_clear()
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                log.lock().unwrap().push(line.clone());
-                if let Some(rest) = line.split("listen=").nth(1) {
-                    return rest.split_whitespace().next().unwrap().to_owned();
-                }
-            }
-            panic!("server exited before serving: {:?}", log.lock().unwrap());
-        })
-        .await
-        .unwrap();
-        let sink = Arc::clone(&log);
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Self { child, addr, log }
-    }
-
-    async fn terminate(mut self) -> Vec<String> {
-        let pid = self.child.id().unwrap().to_string();
-        let kill = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(kill.success());
-        let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(status.success(), "{status:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        self.log.lock().unwrap().clone()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,40 +296,6 @@ async fn sfc_sends_and_receives_end_to_end() {
     server.stop().await;
 }
 
-/// Users signed up (each with a home directory) on a server that lets one message wait per
-/// inbox.
-struct People {
-    addr: String,
-    ca: std::path::PathBuf,
-    homes: tempfile::TempDir,
-}
-
-impl People {
-    fn home(&self, name: &str) -> std::path::PathBuf {
-        self.homes.path().join(name)
-    }
-
-    fn sfc(&self, name: &str, args: &[&str]) -> Command {
-        let mut command = sfc(&self.addr, &self.ca, &self.home(name));
-        command.env("SFC_PASSWORD", PASSWORD).args(args);
-        command
-    }
-}
-
-async fn tight_inboxes(names: &[&str]) -> (TestServer, People) {
-    let server = TestServer::start_with(|c| c.max_pending = 1).await;
-    let people = People {
-        addr: server.addr.to_string(),
-        ca: server.ca_file(),
-        homes: tempfile::tempdir().unwrap(),
-    };
-    for name in names {
-        let out = run(people.sfc(name, &["signup", name])).await;
-        assert!(out.status.success(), "{out:?}");
-    }
-    (server, people)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_the_server_cannot_take_waits_in_the_outbox_and_arrives_later() {
     let (server, people) = tight_inboxes(&["alice", "bob", "carol"]).await;
@@ -479,31 +350,11 @@ async fn a_message_the_server_cannot_take_waits_in_the_outbox_and_arrives_later(
     server.stop().await;
 }
 
-/// Reads `from` into `seen` until it contains `needle` (or fails after 15 s).
-async fn read_until(
-    from: &mut (impl tokio::io::AsyncRead + Unpin),
-    seen: &mut String,
-    needle: &str,
-) {
-    use tokio::io::AsyncReadExt;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let mut buf = [0u8; 4096];
-    while !seen.contains(needle) {
-        let n = tokio::time::timeout_at(deadline, from.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("no {needle:?} in the chat's output: {seen:?}"))
-            .unwrap();
-        assert!(n > 0, "the chat ended before {needle:?}: {seen:?}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sfc_chat_sends_what_waited_in_the_outbox_once_the_recipient_has_room() {
     use tokio::io::AsyncWriteExt;
     let (server, people) = tight_inboxes(&["alice", "bob"]).await;
     let sfc_as = |name: &str, args: &[&str]| people.sfc(name, args);
-    let (addr, ca, home) = (&people.addr, &people.ca, |name: &str| people.home(name));
     assert!(
         run(sfc_as("alice", &["send", "bob", "first"]))
             .await
@@ -511,24 +362,8 @@ async fn sfc_chat_sends_what_waited_in_the_outbox_once_the_recipient_has_room() 
             .success()
     );
 
-    // `sfc chat` needs a terminal: `script` (util-linux) gives it one.
-    let mut chat = Command::new("script")
-        .args([
-            "-q",
-            "-c",
-            &format!("{} chat bob", env!("CARGO_BIN_EXE_sfc")),
-            "/dev/null",
-        ])
-        .env_clear()
-        .env("TERM", "xterm")
-        .env("SFC_SERVER", addr)
-        .env("SFC_CA", ca)
-        .env("SFC_HOME", home("alice"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("`script` (util-linux) runs sfc chat in a terminal");
+    // `sfc chat` needs a terminal.
+    let mut chat = people.in_terminal("alice", "chat bob");
     let mut keys = chat.stdin.take().unwrap();
     let mut screen = chat.stdout.take().unwrap();
     let mut seen = String::new();

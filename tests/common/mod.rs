@@ -2,6 +2,8 @@
 //! directory and rcgen dev certificates.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
