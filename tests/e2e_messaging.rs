@@ -82,8 +82,8 @@ async fn a_conversation_in_both_directions_leaves_no_plaintext_on_the_server() {
         );
     }
     assert_eq!(
-        alice.fingerprint("bob").await.unwrap(),
-        bob.fingerprint("alice").await.unwrap()
+        alice.fingerprint("bob").await.unwrap().number,
+        bob.fingerprint("alice").await.unwrap().number
     );
     server.stop().await;
 }
@@ -95,8 +95,10 @@ fn server_flush_and_check(server: &TestServer, needle: &[u8]) {
     );
 }
 
+/// Bob's client opens a message (its ratchet key is gone) and dies before showing it. The
+/// message is not lost: the next start shows it, once, and the server's redelivery is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_redelivered_after_a_crash_before_the_ack_is_shown_once() {
+async fn a_message_opened_but_not_shown_before_a_crash_is_shown_at_the_next_start_once() {
     let server = TestServer::start().await;
     let homes = tempfile::tempdir().unwrap();
     let alice = messenger(&server, &homes.path().join("a"), "alice", true).await;
@@ -104,13 +106,18 @@ async fn a_message_redelivered_after_a_crash_before_the_ack_is_shown_once() {
     alice.send_text("bob", "exactly once").await.unwrap();
 
     let delivered = bob.client().next_delivery(WAIT).await.unwrap();
-    assert_eq!(
-        text_of(Some(bob.open_delivered(delivered).await.unwrap())).1,
-        "exactly once"
-    );
-    drop(bob); // crash: seen, but never acknowledged
+    let opened = bob.open_delivered(delivered).await.unwrap();
+    assert_eq!(text_of(Some(opened)).1, "exactly once");
+    drop(bob); // crash: opened and kept, never shown, never acknowledged
 
     let bob = messenger(&server, &homes.path().join("b"), "bob", false).await;
+    let kept = bob.receive(WAIT).await.unwrap();
+    assert_eq!(text_of(kept.clone()).1, "exactly once");
+    assert!(
+        matches!(kept, Some(Received::Text { seq: None, .. })),
+        "{kept:?}"
+    );
+    bob.shown(&kept.unwrap()).await.unwrap();
     assert_eq!(bob.receive(WAIT).await.unwrap(), Some(Received::Duplicate));
     assert!(
         bob.client()
@@ -119,6 +126,38 @@ async fn a_message_redelivered_after_a_crash_before_the_ack_is_shown_once() {
             .is_none(),
         "acked now"
     );
+    drop(bob);
+    let bob = messenger(&server, &homes.path().join("b"), "bob", false).await;
+    assert_eq!(bob.receive(Duration::from_millis(500)).await.unwrap(), None);
+    server.stop().await;
+}
+
+/// A message is acknowledged only once the application says it has shown it: a client that
+/// dies after `receive` and before `shown` gets it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_acknowledged_before_it_is_shown() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = messenger(&server, &homes.path().join("a"), "alice", true).await;
+    let bob = messenger(&server, &homes.path().join("b"), "bob", true).await;
+    for n in 0..3 {
+        alice.send_text("bob", &format!("m{n}")).await.unwrap();
+    }
+    let first = bob.receive(WAIT).await.unwrap().unwrap();
+    bob.shown(&first).await.unwrap();
+    let second = bob.receive(WAIT).await.unwrap();
+    assert_eq!(text_of(second).1, "m1");
+    bob.close().await; // killed before showing m1
+
+    let bob = messenger(&server, &homes.path().join("b"), "bob", false).await;
+    let mut texts = Vec::new();
+    while let Some(received) = bob.receive(Duration::from_secs(1)).await.unwrap() {
+        if let Received::Text { text, .. } = &received {
+            texts.push(text.clone());
+        }
+        bob.shown(&received).await.unwrap();
+    }
+    assert_eq!(texts, ["m1", "m2"]);
     server.stop().await;
 }
 
@@ -157,12 +196,36 @@ async fn a_changed_identity_key_is_warned_about() {
     let before = alice.fingerprint("bob").await.unwrap();
     bob.close().await;
 
-    // Bob reinstalls: a new home directory, so a new identity key.
-    let bob = messenger(&server, &homes.path().join("b2"), "bob", false).await;
+    // Bob reinstalls: a new home directory. Its keys are refused unless he replaces the
+    // account's identity on purpose.
+    let client = server.client().await;
+    client.login("bob", Password::new(PASSWORD)).await.unwrap();
+    let b2 = homes.path().join("b2");
+    let refused = Messenger::new(client, &b2, "bob").unwrap();
+    let e = refused.ensure_keys().await.unwrap_err();
+    assert!(e.to_string().contains("--new-identity"), "{e}");
+    refused.close().await;
+    let client = server.client().await;
+    client.login("bob", Password::new(PASSWORD)).await.unwrap();
+    let bob = Messenger::new(client, &b2, "bob").unwrap();
+    bob.ensure_keys_with(true).await.unwrap();
+
     bob.send_text("alice", "new phone").await.unwrap();
     let (from, text, warning) = text_of(alice.receive(WAIT).await.unwrap());
     assert_eq!((from.as_str(), text.as_str()), ("bob", "new phone"));
     assert!(warning.unwrap().contains("identity key has changed"));
-    assert_ne!(alice.fingerprint("bob").await.unwrap(), before);
+    // The number stays the accepted key's; the new key is reported beside it.
+    let after = alice.fingerprint("bob").await.unwrap();
+    assert_eq!(after.number, before.number);
+    let new = after.changed_to.clone().expect("the change is reported");
+    assert_ne!(new, before.number);
+    // Until alice accepts it, every message and send carries the warning.
+    let (_, warning) = alice.send_text("bob", "is that you?").await.unwrap();
+    assert!(warning.is_some());
+    assert_eq!(alice.trust("bob").await.unwrap(), Some(new.clone()));
+    let accepted = alice.fingerprint("bob").await.unwrap();
+    assert_eq!((accepted.number, accepted.changed_to), (new, None));
+    let (_, warning) = alice.send_text("bob", "ok").await.unwrap();
+    assert_eq!(warning, None);
     server.stop().await;
 }

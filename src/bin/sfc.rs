@@ -10,7 +10,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use securefastchat::client::chat;
 use securefastchat::client::home::{Home, SavedSession};
-use securefastchat::client::messenger::{Flushed, Messenger, Received};
+use securefastchat::client::messenger::{
+    Flushed, Messenger, MessengerError, OfflineMessenger, Received,
+};
 use securefastchat::client::{Client, ClientError, ClientOptions};
 use securefastchat::protocol::{ErrorCode, MessageId, Password};
 
@@ -43,10 +45,15 @@ enum Command {
         /// 3-32 characters of a-z 0-9 _ . -
         user: String,
     },
-    /// Log in (password from SFC_PASSWORD or a prompt)
+    /// Log in (password from SFC_PASSWORD or a prompt). In a home without the account's keys,
+    /// refuses if the account already has keys elsewhere
     Login {
         /// Account name
         user: String,
+        /// Make a new identity key here, replacing the account's (every contact sees a key
+        /// change; sessions with the old key end)
+        #[arg(long)]
+        new_identity: bool,
     },
     /// Revoke the saved session on the server and forget it
     Logout,
@@ -83,10 +90,32 @@ enum Command {
         /// The contact
         user: String,
     },
-    /// Show the safety number of you and USER, to compare in person
+    /// Show the safety number of you and USER (from the key you accepted), to compare in person
     Fingerprint {
         /// The contact
         user: String,
+    },
+    /// Mark USER verified after comparing safety numbers in person: a later change of their
+    /// key then blocks sending until you accept it
+    Verify {
+        /// The contact
+        user: String,
+    },
+    /// Accept USER's new identity key (after comparing the new safety number)
+    Trust {
+        /// The contact
+        user: String,
+    },
+    /// Start a new session with USER (the next message starts it from fresh keys)
+    Reset {
+        /// The contact
+        user: String,
+    },
+    /// List the messages that could not be opened (`FROM<TAB>ID<TAB>SENT_AT<TAB>REASON`)
+    Quarantine {
+        /// Empty the quarantine after listing it
+        #[arg(long)]
+        clear: bool,
     },
     /// Send what waits in the outbox; list what still waits (`TO<TAB>ID` lines)
     Outbox,
@@ -139,6 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let options = ClientOptions::new(cli.server.clone(), cli.ca.clone());
     match cli.command {
         Command::Signup { user } => {
+            refuse_other_users_home(&home, &user).await?;
             let client = Client::connect(&options).await?;
             let (name, available) = client.check_username(&user).await?;
             if !available {
@@ -158,10 +188,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             messenger.close().await;
             println!("signed up and logged in as {}", session.username);
         }
-        Command::Login { user } => {
+        Command::Login { user, new_identity } => {
+            refuse_other_users_home(&home, &user).await?;
             let password = read_password(false)?;
             let client = Client::connect(&options).await?;
             let (session, token) = client.login(&user, password).await?;
+            let messenger = Messenger::new(client, home.dir(), &session.username)?;
+            // The keys come first: a login that cannot use this home saves nothing here and
+            // leaves no session behind on the server.
+            if let Err(e) = messenger.ensure_keys_with(new_identity).await {
+                let _ = messenger.client().logout().await;
+                messenger.close().await;
+                return Err(e.into());
+            }
             save(
                 &home,
                 &cli.server,
@@ -169,10 +208,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 token,
                 session.expires_at,
             )?;
-            let messenger = Messenger::new(client, home.dir(), &session.username)?;
-            messenger.ensure_keys().await?;
             messenger.close().await;
-            println!("logged in as {}", session.username);
+            if new_identity {
+                println!("logged in as {} with a new identity key", session.username);
+            } else {
+                println!("logged in as {}", session.username);
+            }
         }
         Command::Whoami => {
             let (client, saved) = resume(&home, &options, false).await?;
@@ -195,7 +236,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("logged out {}", saved.username);
         }
         Command::Send { user, text } => {
-            let messenger = messenger(&home, &options, false).await?;
+            let messenger = match messenger(&home, &options, false).await {
+                Ok(messenger) => messenger,
+                Err(e) => return queue_offline(&home, &user, &text, e).await,
+            };
             report_flushed(&messenger.flush_outbox().await?);
             let (id, warning) = messenger.send_text(&user, &text).await?;
             if let Some(warning) = warning {
@@ -205,19 +249,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{id}");
         }
         Command::Recv { wait, count, json } => {
-            let messenger = messenger(&home, &options, true).await?;
+            let messenger = receiving_messenger(&home, &options).await?;
             let mut shown = 0;
             while count.is_none_or(|n| shown < n) {
                 let Some(received) = messenger.receive(Duration::from_secs(wait)).await? else {
                     break;
                 };
-                match received {
+                match &received {
                     Received::Text {
                         id,
                         from,
                         sent_at,
                         text,
                         warning,
+                        ..
                     } => {
                         if let Some(warning) = warning {
                             eprintln!("sfc: warning: {warning}");
@@ -234,11 +279,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     Received::Undecryptable { from, reason, .. } => {
                         eprintln!(
-                            "sfc: warning: a message from {from} could not be opened: {reason}"
+                            "sfc: warning: a message from {from} could not be opened ({reason}); \
+                             it is kept (`sfc quarantine`) and {from} was asked to send it again"
                         );
                     }
+                    Received::RetryRequested {
+                        from,
+                        id,
+                        resent_as,
+                    } => match resent_as {
+                        Some(new) => {
+                            eprintln!("sfc: {from} could not open {id}: sent again as {new}")
+                        }
+                        None => eprintln!(
+                            "sfc: warning: {from} could not open {id}, and it cannot be sent again"
+                        ),
+                    },
                     Received::Duplicate => {}
                 }
+                // Printed (and flushed) before it counts as shown and is acknowledged.
+                std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;
+                messenger.shown(&received).await?;
             }
             messenger.close().await;
         }
@@ -260,9 +321,65 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Fingerprint { user } => {
             let messenger = messenger(&home, &options, false).await?;
-            let number = messenger.fingerprint(&user).await?;
+            let fingerprint = messenger.fingerprint(&user).await?;
             messenger.close().await;
-            println!("{number}");
+            println!("{}", fingerprint.number);
+            if fingerprint.verified {
+                eprintln!("sfc: {user} is verified (you compared this number in person)");
+            }
+            if let Some(new) = &fingerprint.changed_to {
+                eprintln!(
+                    "sfc: WARNING: {user} now presents ANOTHER identity key, not accepted yet; \
+                     with it the number would be: {new}. Compare it with {user} in person, \
+                     then accept it with `sfc trust {user}`"
+                );
+            }
+            if let Some(other) = &fingerprint.server_differs {
+                eprintln!(
+                    "sfc: WARNING: the server lists ANOTHER identity key for {user} than the one \
+                     you accepted (someone may be in the middle); with it the number would be: \
+                     {other}. The number above is the key you accepted"
+                );
+            }
+            if fingerprint.server_unchecked {
+                eprintln!("sfc: the server could not be asked; this is the key you accepted");
+            }
+        }
+        Command::Verify { user } => {
+            let messenger = messenger(&home, &options, false).await?;
+            let number = messenger.verify(&user).await?;
+            messenger.close().await;
+            println!("{user} verified: {number}");
+        }
+        Command::Trust { user } => {
+            let messenger = messenger(&home, &options, false).await?;
+            let number = messenger.trust(&user).await?;
+            messenger.close().await;
+            match number {
+                Some(number) => println!(
+                    "accepted {user}'s new identity key: {number} (compare it, then `sfc verify {user}`)"
+                ),
+                None => println!("{user}'s identity key has not changed"),
+            }
+        }
+        Command::Reset { user } => {
+            let messenger = local_messenger(&home)?;
+            let had = messenger.reset(&user).await?;
+            if had {
+                println!("the next message to {user} starts a new session");
+            } else {
+                println!("no session with {user} yet");
+            }
+        }
+        Command::Quarantine { clear } => {
+            let messenger = local_messenger(&home)?;
+            for q in messenger.quarantined().await? {
+                println!("{}\t{}\t{}\t{}", q.from, q.id, q.sent_at, q.reason);
+            }
+            if clear {
+                let n = messenger.clear_quarantine().await?;
+                eprintln!("sfc: removed {n} messages from the quarantine");
+            }
         }
         Command::Outbox => {
             let messenger = messenger(&home, &options, false).await?;
@@ -280,7 +397,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !std::io::stdin().is_terminal() {
                 bail!("sfc chat needs a terminal (use `sfc send` and `sfc recv` in scripts)");
             }
-            let messenger = Arc::new(messenger(&home, &options, true).await?);
+            let messenger = Arc::new(receiving_messenger(&home, &options).await?);
             let me = home.load_session()?.map(|s| s.username).unwrap_or_default();
             chat::run(Arc::clone(&messenger), &me, &user).await?;
             if let Ok(messenger) = Arc::try_unwrap(messenger) {
@@ -336,6 +453,66 @@ async fn messenger(
     let messenger = Messenger::new(client, home.dir(), &saved.username)?;
     messenger.ensure_keys().await?;
     Ok(messenger)
+}
+
+/// Resumes the saved session with delivery, holding the home's receive lock (taken before
+/// connecting, so a second receiver stops before it takes delivery from the first).
+async fn receiving_messenger(home: &Home, options: &ClientOptions) -> anyhow::Result<Messenger> {
+    let lock = securefastchat::client::keystore::Keystore::new(home.dir())
+        .lock_receiving()?
+        .ok_or(MessengerError::AlreadyReceiving)?;
+    let (client, saved) = resume(home, options, true).await?;
+    let messenger = Messenger::receiving(client, home.dir(), &saved.username, lock)?;
+    messenger.ensure_keys().await?;
+    Ok(messenger)
+}
+
+/// A messenger for what needs no server (the keystore only).
+fn local_messenger(home: &Home) -> anyhow::Result<OfflineMessenger> {
+    let saved = home
+        .load_session()?
+        .context("not logged in (run `sfc login USER`)")?;
+    Ok(OfflineMessenger::new(home.dir(), &saved.username)?)
+}
+
+/// `sfc send` when the server cannot be reached: seals the message into the outbox if there is
+/// a session with the recipient (exit 1, saying so), or fails with the connection's error.
+async fn queue_offline(
+    home: &Home,
+    to: &str,
+    text: &str,
+    why: anyhow::Error,
+) -> anyhow::Result<()> {
+    let offline = why
+        .downcast_ref::<ClientError>()
+        .is_some_and(securefastchat::client::is_offline);
+    if !offline {
+        return Err(why);
+    }
+    let messenger = local_messenger(home)?;
+    match messenger.queue_text(to, text, &one_line(&why)).await {
+        Ok(queued) => Err(queued.into()),
+        Err(MessengerError::NoSession(_)) => Err(why.context(format!(
+            "nothing was kept: there is no session with {to} yet, and starting one needs the server"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Refuses to sign up or log in as `user` in a home that holds another user's keys, before
+/// anything is saved.
+async fn refuse_other_users_home(home: &Home, user: &str) -> anyhow::Result<()> {
+    let keystore = securefastchat::client::keystore::Keystore::new(home.dir());
+    let holder = keystore
+        .read_async(|s| s.map(|s| s.username.clone()))
+        .await?;
+    let folded = securefastchat::protocol::Username::parse(user)
+        .map(|u| u.as_str().to_owned())
+        .unwrap_or_else(|_| user.to_owned());
+    match holder {
+        Some(holder) if holder != folded => Err(MessengerError::OtherUser(holder).into()),
+        _ => Ok(()),
+    }
 }
 
 fn save(

@@ -217,17 +217,28 @@ async fn chat_loop(
                     }
                 }
             },
-                        received = incoming.recv() => match received.unwrap_or(Ok(None)) {
-                Ok(Some(Received::Text { from, text, warning, .. })) => {
-                    if let Some(warning) = warning {
-                        print_above(&prompt, &typed, &format!("!! {warning}"));
+            received = incoming.recv() => match received.unwrap_or(Ok(None)) {
+                Ok(Some(received)) => {
+                    match &received {
+                        Received::Text { from, text, warning, .. } => {
+                            if let Some(warning) = warning {
+                                print_above(&prompt, &typed, &format!("!! {warning}"));
+                            }
+                            print_above(&prompt, &typed, &format!("{from}: {text}"));
+                        }
+                        Received::Undecryptable { from, reason, .. } => {
+                            let line = format!("!! a message from {from} could not be opened ({reason}); it is kept in `sfc quarantine` and {from} was asked to send it again");
+                            print_above(&prompt, &typed, &line);
+                        }
+                        Received::RetryRequested { from, id, resent_as: Some(new) } => {
+                            print_above(&prompt, &typed, &format!("-- {from} could not open {id}: sent again as {new}"));
+                        }
+                        Received::RetryRequested { .. } | Received::Duplicate => {}
                     }
-                    print_above(&prompt, &typed, &format!("{from}: {text}"));
+                    // Shown: only now may it leave the keystore and the server.
+                    messenger.shown(&received).await?;
                 }
-                Ok(Some(Received::Undecryptable { from, reason, .. })) => {
-                    print_above(&prompt, &typed, &format!("!! a message from {from} could not be opened: {reason}"));
-                }
-                Ok(Some(Received::Duplicate) | None) => {}
+                Ok(None) => {}
                 Err(e) => {
                     print_above(&prompt, &typed, &format!("!! connection problem: {e}"));
                     return Err(e);

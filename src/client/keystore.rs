@@ -15,8 +15,19 @@ use crate::protocol::MessageId;
 
 const KEYSTORE_FILE: &str = "keystore.msgpack";
 const LOCK_FILE: &str = "keystore.lock";
+const RECEIVE_LOCK_FILE: &str = "receive.lock";
 /// Message ids remembered to drop duplicates (redeliveries after a crash before the ack).
 const SEEN_IDS: usize = 10_000;
+/// Earlier sessions kept per peer. libsignal keeps 40; each kept session may hold up to
+/// `MAX_SKIPPED_KEYS` skipped keys, and the whole keystore is rewritten at every change, so we
+/// keep fewer: enough for several restarts and simultaneous starts in a row.
+pub const MAX_KEPT_SESSIONS: usize = 8;
+/// Messages that could not be opened, kept for the user to look at.
+pub const MAX_QUARANTINE: usize = 100;
+/// Messages kept in the conversation history.
+pub const MAX_HISTORY: usize = 500;
+/// Bytes of text kept in the conversation history.
+pub const MAX_HISTORY_BYTES: usize = 512 * 1024;
 
 /// Everything secret the client keeps.
 #[derive(Serialize, Deserialize)]
@@ -29,12 +40,36 @@ pub struct KeyState {
     pub prekeys: PrekeyStore,
     /// When the signed prekey was last rotated, in seconds since the Unix epoch.
     pub signed_prekey_rotated_at: u64,
-    /// One session per peer.
+    /// The session each peer's messages are sealed with (the active one).
     pub sessions: BTreeMap<String, Session>,
-    /// Identity keys seen for each peer (trust on first use); a change is warned about.
+    /// Earlier sessions with each peer, newest first, at most [`MAX_KEPT_SESSIONS`]: a message
+    /// sealed in one of them (sent before the peer switched, or when both started at once)
+    /// still opens. Absent in keystores from before: empty.
+    #[serde(default)]
+    pub kept: BTreeMap<String, VecDeque<Session>>,
+    /// The identity key accepted for each peer (trust on first use, then only by
+    /// `sfc trust`): safety numbers are computed from it.
     pub pinned: BTreeMap<String, Pinned>,
+    /// What the user decided about each peer's identity: verified in person, or a new key
+    /// seen and not accepted yet. Absent in keystores from before: nothing verified.
+    #[serde(default)]
+    pub trust: BTreeMap<String, Trust>,
     /// (sender, message id) of recent messages, to show each message once.
     seen: VecDeque<(String, MessageId)>,
+    /// Messages opened (their ratchet keys are gone) and not yet shown by the application,
+    /// oldest first: a crash between opening and showing shows them at the next start
+    /// instead of losing them. Absent in keystores from before: empty.
+    #[serde(default)]
+    pub unshown: VecDeque<Incoming>,
+    /// Messages that could not be opened, kept for `sfc quarantine`, oldest first, at most
+    /// [`MAX_QUARANTINE`].
+    #[serde(default)]
+    pub quarantine: VecDeque<Quarantined>,
+    /// The recent conversation, both ways, oldest first, bounded by [`MAX_HISTORY`] entries
+    /// and [`MAX_HISTORY_BYTES`] of text: what `sfc chat` shows when it opens, and what is
+    /// sealed again when a peer asks for a message it could not open.
+    #[serde(default)]
+    pub history: VecDeque<HistoryEntry>,
     /// Messages sealed and not yet stored by the server, oldest first. A message is sealed
     /// and queued here in one save, so the ratchet never moves past a message that could be
     /// lost; it leaves once the server says `sent` (or refuses it for good). Absent in
@@ -58,8 +93,69 @@ pub struct Outgoing {
     pub envelope: Vec<u8>,
 }
 
+/// A message opened and kept until the application has shown it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incoming {
+    /// The sender's id for it.
+    pub id: MessageId,
+    /// The sender.
+    pub from: String,
+    /// When the server stored it (Unix seconds).
+    pub sent_at: u64,
+    /// The text.
+    pub text: String,
+    /// A warning to show with it (the sender's identity key changed).
+    pub warning: Option<String>,
+}
+
+/// A message that could not be opened, as it arrived.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Quarantined {
+    /// The sender's id for it.
+    pub id: MessageId,
+    /// The claimed sender.
+    pub from: String,
+    /// When the server stored it (Unix seconds).
+    pub sent_at: u64,
+    /// Its `kind`.
+    pub kind: String,
+    /// Why it could not be opened.
+    pub reason: String,
+    /// The envelope as delivered.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// One message of the conversation history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The other side of the conversation.
+    pub peer: String,
+    /// Sent by this user (`true`) or received.
+    pub outgoing: bool,
+    /// The message's id.
+    pub id: MessageId,
+    /// When it was written (sent) or stored by the server (received), Unix seconds.
+    pub at: u64,
+    /// The text.
+    pub text: String,
+    /// For an outgoing message: already sealed again once because the peer could not open
+    /// it (a message is resent at most once).
+    #[serde(default)]
+    pub resent: bool,
+}
+
+/// What the user decided about a peer's identity key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trust {
+    /// The user compared safety numbers in person (`sfc verify`) for the pinned key.
+    pub verified: bool,
+    /// A different identity key the peer now presents, not accepted yet (`sfc trust`).
+    pub changed_to: Option<Pinned>,
+}
+
 /// A peer's identity key as first seen.
-#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pinned(#[serde(with = "serde_bytes")] pub [u8; 32]);
 
 impl KeyState {
@@ -71,8 +167,13 @@ impl KeyState {
             prekeys,
             signed_prekey_rotated_at: now,
             sessions: BTreeMap::new(),
+            kept: BTreeMap::new(),
             pinned: BTreeMap::new(),
+            trust: BTreeMap::new(),
             seen: VecDeque::new(),
+            unshown: VecDeque::new(),
+            quarantine: VecDeque::new(),
+            history: VecDeque::new(),
             outbox: VecDeque::new(),
         }
     }
@@ -95,12 +196,78 @@ impl KeyState {
         self.seen.push_back((from.to_owned(), id));
     }
 
-    /// Pins `key` for `peer`; returns the previously pinned key if it was different.
-    pub fn pin(&mut self, peer: &str, key: &IdentityKey) -> Option<Pinned> {
+    /// Records that `peer` presents `key`: pins it if nothing is pinned yet (trust on first
+    /// use); if another key is pinned, keeps the pinned one and records `key` as a change not
+    /// accepted yet. Returns whether `key` differs from the pinned key.
+    pub fn saw_identity(&mut self, peer: &str, key: &IdentityKey) -> bool {
         let new = Pinned(*key.as_bytes());
-        match self.pinned.insert(peer.to_owned(), new) {
-            Some(old) if old != new => Some(old),
-            _ => None,
+        match self.pinned.get(peer) {
+            None => {
+                self.pinned.insert(peer.to_owned(), new);
+                false
+            }
+            Some(pinned) if *pinned == new => {
+                if let Some(trust) = self.trust.get_mut(peer) {
+                    trust.changed_to = None;
+                }
+                false
+            }
+            Some(_) => {
+                self.trust.entry(peer.to_owned()).or_default().changed_to = Some(new);
+                true
+            }
+        }
+    }
+
+    /// The trust state of `peer` (default: unverified, no change).
+    pub fn trust_of(&self, peer: &str) -> Trust {
+        self.trust.get(peer).copied().unwrap_or_default()
+    }
+
+    /// Makes `session` the active one with its peer; the one it replaces is kept (newest
+    /// first, the oldest dropped beyond [`MAX_KEPT_SESSIONS`]).
+    pub fn activate(&mut self, peer: &str, session: Session) {
+        if let Some(old) = self.sessions.insert(peer.to_owned(), session) {
+            self.keep(peer, old);
+        }
+    }
+
+    /// Keeps `session` as an earlier session with `peer` (it can open, it does not seal).
+    pub fn keep(&mut self, peer: &str, session: Session) {
+        let kept = self.kept.entry(peer.to_owned()).or_default();
+        kept.push_front(session);
+        kept.truncate(MAX_KEPT_SESSIONS);
+    }
+
+    /// Ends the active session with `peer` (kept, so what is in flight still opens): the next
+    /// message to `peer` starts a fresh one from a new prekey bundle.
+    pub fn reset(&mut self, peer: &str) -> bool {
+        match self.sessions.remove(peer) {
+            Some(old) => {
+                self.keep(peer, old);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds a message to the conversation history, dropping the oldest beyond the bounds.
+    pub fn remember(&mut self, entry: HistoryEntry) {
+        self.history.push_back(entry);
+        let mut bytes: usize = self.history.iter().map(|e| e.text.len()).sum();
+        while self.history.len() > MAX_HISTORY || bytes > MAX_HISTORY_BYTES {
+            match self.history.pop_front() {
+                Some(old) => bytes -= old.text.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Keeps a message that could not be opened, dropping the oldest beyond the bound.
+    pub fn quarantine(&mut self, message: Quarantined) {
+        self.quarantine.push_back(message);
+        while self.quarantine.len() > MAX_QUARANTINE {
+            self.quarantine.pop_front();
         }
     }
 }
@@ -113,6 +280,13 @@ pub struct Keystore {
 
 /// An exclusive lock on the keystore, released when dropped.
 struct Locked {
+    _file: File,
+}
+
+/// The right to receive for a home directory (one process at a time), released when dropped
+/// or when the process ends, however it ends.
+#[derive(Debug)]
+pub struct ReceiveLock {
     _file: File,
 }
 
@@ -138,6 +312,25 @@ impl Keystore {
             .map_err(io)?;
         file.lock().map_err(io)?;
         Ok(Locked { _file: file })
+    }
+
+    /// Takes the home's receive lock without waiting: `None` if another process holds it.
+    pub fn lock_receiving(&self) -> Result<Option<ReceiveLock>, HomeError> {
+        let path = self.dir.join(RECEIVE_LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| HomeError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(ReceiveLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(source)) => Err(HomeError::Io { path, source }),
+        }
     }
 
     fn load(&self) -> Result<Option<KeyState>, HomeError> {

@@ -2,14 +2,14 @@
 //! prekey bundles, text sealed before it leaves and opened after it arrives, duplicates
 //! dropped, acknowledgements sent only once a message is safely recorded.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
-use super::keystore::{KeyState, Keystore, Outgoing};
-use super::{Bundle, Client, ClientError, Delivered};
+use super::keystore::{HistoryEntry, Incoming, KeyState, Keystore, Outgoing, ReceiveLock};
+use super::{Bundle, Client, ClientError};
 use crate::e2e::{
-    E2eError, Envelope, IdentityKey, OneTimePrekeyPublic, PrekeyBundle, PrekeyStore, Session,
-    SignedPrekeyPublic, safety_number,
+    E2eError, IdentityKey, OneTimePrekeyPublic, PrekeyBundle, PrekeyStore, Session,
+    SignedPrekeyPublic,
 };
 use crate::protocol::keys::{Bin, OneTimePrekey, SignedPrekey};
 use crate::protocol::{ErrorCode, MessageId, Username};
@@ -34,7 +34,7 @@ pub enum MessengerError {
     #[error(transparent)]
     Client(#[from] ClientError),
     /// Encryption failed.
-    #[error("encryption: {0}")]
+    #[error(transparent)]
     E2e(#[from] E2eError),
     /// The home directory could not be used.
     #[error(transparent)]
@@ -48,6 +48,47 @@ pub enum MessengerError {
     /// A name is not a valid username.
     #[error("invalid username {0:?}")]
     BadName(String),
+    /// A message to oneself (it could not be opened: sessions are between two users).
+    #[error("you cannot send a message to yourself")]
+    ToSelf,
+    /// A text longer than a message can carry; nothing was sealed.
+    #[error("the message is {len} bytes; a message holds at most {max} bytes of text")]
+    TooLong {
+        /// Its length in bytes (UTF-8).
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// No session with the peer, and no way to start one now (the server is unreachable).
+    #[error("no session with {0} yet, and their keys cannot be fetched now; nothing was kept")]
+    NoSession(String),
+    /// The peer's identity key changed since the user verified it: nothing is sealed for the
+    /// new key until the user accepts it.
+    #[error(
+        "{0}'s identity key changed since you verified it; nothing was sent. Compare safety \
+         numbers again (`sfc fingerprint {0}`), then accept the new key with `sfc trust {0}`"
+    )]
+    VerifiedKeyChanged(String),
+    /// The account already has an identity key, made in another home directory.
+    #[error(
+        "{0} already has keys in another home directory; making new ones here would replace the \
+         account's identity (every contact would see a key change). Use the home that holds the \
+         keys (`--home`), or replace the identity on purpose with `sfc login --new-identity {0}`"
+    )]
+    IdentityElsewhere(String),
+    /// The contact's key is in doubt (a changed key not accepted, or the server lists another
+    /// key): there is nothing to verify until the user decides.
+    #[error(
+        "{0}'s identity key is in doubt (see `sfc fingerprint {0}`); accept the key you \
+         compared with `sfc trust {0}` before verifying"
+    )]
+    KeyInDoubt(String),
+    /// Another process already receives for this home directory.
+    #[error(
+        "another sfc (recv or chat) is already receiving messages for this home directory; stop \
+         it first, or use it"
+    )]
+    AlreadyReceiving,
     /// The message was sealed and queued, but the server has not stored it yet.
     #[error(
         "message {id} not sent yet ({reason}); it waits in the outbox and goes with the next \
@@ -119,10 +160,11 @@ fn refusal(e: &ClientError) -> Refusal {
     }
 }
 
-/// A message as the application sees it.
+/// A message as the application sees it. Show it, then call [`Messenger::shown`]: only then
+/// is it acknowledged to the server and taken out of the keystore.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Received {
-    /// A message, shown for the first time.
+    /// A message to show.
     Text {
         /// The sender's id for it.
         id: MessageId,
@@ -132,11 +174,16 @@ pub enum Received {
         sent_at: u64,
         /// The text.
         text: String,
-        /// Set when the sender's identity key changed: show it to the user.
+        /// Set while the sender's identity key differs from the one accepted for them: show
+        /// it to the user.
         warning: Option<String>,
+        /// The server's sequence number, acknowledged by [`Messenger::shown`] (`None` for a
+        /// message kept by an earlier run that ended before showing it).
+        seq: Option<u64>,
     },
-    /// A message that could not be opened (tampered, replayed, or from a broken session);
-    /// it was acknowledged so it is not delivered again.
+    /// A message that could not be opened (tampered, replayed, or from a broken session). It
+    /// is kept in the home's quarantine (`sfc quarantine`), and the sender's client was asked
+    /// to start a new session and send it again.
     Undecryptable {
         /// The sender's id for it.
         id: MessageId,
@@ -144,9 +191,79 @@ pub enum Received {
         from: String,
         /// Why.
         reason: String,
+        /// The server's sequence number, acknowledged by [`Messenger::shown`].
+        seq: u64,
     },
-    /// A redelivery of a message already shown; acknowledged and otherwise ignored.
+    /// The peer could not open a message this user sent: it was sealed again in a new session
+    /// and sent under a new id (`resent_as`), or not (`None`: unknown, already resent once,
+    /// or too old to be in the history). Already acknowledged.
+    RetryRequested {
+        /// Who asked.
+        from: String,
+        /// The message they could not open.
+        id: MessageId,
+        /// The id it was sent again under.
+        resent_as: Option<MessageId>,
+    },
+    /// A redelivery of a message already kept or shown; acknowledged and otherwise ignored.
     Duplicate,
+}
+
+/// A safety number, computed from the identity key accepted for the peer (never from what the
+/// server says now), with what else the user must know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// The safety number of this user and the peer's accepted key.
+    pub number: String,
+    /// The user verified this number in person (`sfc verify`).
+    pub verified: bool,
+    /// The peer presents another identity key that the user has not accepted: the safety
+    /// number it would have.
+    pub changed_to: Option<String>,
+    /// The server lists an identity key for the peer other than the accepted one (and other
+    /// than `changed_to`): the number that key would give. Someone may be in the middle.
+    pub server_differs: Option<String>,
+    /// The server could not be asked (offline): the number is still the accepted key's.
+    pub server_unchecked: bool,
+}
+
+/// What works on the home directory alone, without a server: the outbox, sessions, the
+/// quarantine and the history.
+#[derive(Debug, Clone)]
+pub struct OfflineMessenger {
+    pub(super) keystore: Keystore,
+    pub(super) me: Username,
+}
+
+impl OfflineMessenger {
+    /// The keys of `me` in `home`.
+    pub fn new(home: &std::path::Path, me: &str) -> Result<Self, MessengerError> {
+        let home = super::home::Home::open(home)?;
+        Ok(Self {
+            keystore: Keystore::new(home.dir()),
+            me: username(me)?,
+        })
+    }
+
+    /// Seals `text` for `to` into the outbox without sending it (the server cannot be reached:
+    /// `reason`), in the session there is. Returns the [`MessengerError::Queued`] to report.
+    /// Without a session, [`MessengerError::NoSession`]: starting one needs the server.
+    pub async fn queue_text(
+        &self,
+        to: &str,
+        text: &str,
+        reason: &str,
+    ) -> Result<MessengerError, MessengerError> {
+        let peer = username(to)?;
+        if peer == self.me {
+            return Err(MessengerError::ToSelf);
+        }
+        let (id, _, _) = seal_into_outbox(&self.keystore, &self.me, &peer, text, None).await?;
+        Ok(MessengerError::Queued {
+            id,
+            reason: reason.to_owned(),
+        })
+    }
 }
 
 /// A logged-in client with its keystore.
@@ -154,6 +271,11 @@ pub struct Messenger {
     client: Client,
     keystore: Keystore,
     me: Username,
+    /// Messages an earlier run kept and never showed, loaded at the first receive and handed
+    /// out before anything new.
+    pub(super) backlog: std::sync::Mutex<Option<VecDeque<Incoming>>>,
+    /// Held while this messenger receives: one receiver per home.
+    _receiving: Option<ReceiveLock>,
 }
 
 pub(crate) fn wire_signed(spk: &SignedPrekeyPublic) -> SignedPrekey {
@@ -191,14 +313,14 @@ pub(crate) fn to_bundle(bundle: &Bundle) -> Result<PrekeyBundle, E2eError> {
     })
 }
 
-fn username(name: &str) -> Result<Username, MessengerError> {
+pub(crate) fn username(name: &str) -> Result<Username, MessengerError> {
     Username::parse(name).map_err(|_| MessengerError::BadName(name.to_owned()))
 }
 
-fn changed_warning(peer: &str) -> String {
+pub(crate) fn changed_warning(peer: &str) -> String {
     format!(
-        "{peer}'s identity key has changed (new device, or someone in the middle): \
-         compare safety numbers with `sfc fingerprint {peer}`"
+        "{peer}'s identity key has changed (a new install, or someone in the middle): compare \
+         safety numbers with `sfc fingerprint {peer}`, then accept it with `sfc trust {peer}`"
     )
 }
 
@@ -210,12 +332,46 @@ impl Messenger {
             client,
             keystore: Keystore::new(home.dir()),
             me: username(me)?,
+            backlog: std::sync::Mutex::new(None),
+            _receiving: None,
         })
+    }
+
+    /// Wraps a client that asked for delivery, holding the home's receive lock
+    /// ([`Keystore::lock_receiving`], taken before the client connected): one process at a
+    /// time shows (and acknowledges) a home's messages.
+    pub fn receiving(
+        client: Client,
+        home: &std::path::Path,
+        me: &str,
+        lock: ReceiveLock,
+    ) -> Result<Self, MessengerError> {
+        let mut messenger = Self::new(client, home, me)?;
+        messenger._receiving = Some(lock);
+        Ok(messenger)
+    }
+
+    /// What works without the server, on the same home.
+    pub fn offline(&self) -> OfflineMessenger {
+        OfflineMessenger {
+            keystore: self.keystore.clone(),
+            me: self.me.clone(),
+        }
     }
 
     /// The client underneath.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The keystore of this messenger's home.
+    pub fn keystore(&self) -> &Keystore {
+        &self.keystore
+    }
+
+    /// This user.
+    pub fn me(&self) -> &str {
+        self.me.as_str()
     }
 
     /// Closes the connection.
@@ -226,8 +382,30 @@ impl Messenger {
     /// Makes sure this user has keys and the server has their public halves: creates and
     /// publishes them the first time, rotates the signed prekey when it is due, and tops up
     /// one-time prekeys when the server said they run low.
-    pub async fn ensure_keys(&self) -> Result<(), MessengerError> {
+    ///
+    /// A home without keys for an account that already has an identity key on the server
+    /// (made in another home) gives [`MessengerError::IdentityElsewhere`]: making new keys
+    /// here would replace the account's identity. `replace_identity` does it anyway.
+    pub async fn ensure_keys_with(&self, replace_identity: bool) -> Result<(), MessengerError> {
         let me = self.me.as_str().to_owned();
+        let has_keys = {
+            let me = me.clone();
+            self.keystore
+                .read_async(move |state| match state {
+                    Some(existing) if existing.username != me => {
+                        Err(MessengerError::OtherUser(existing.username.clone()))
+                    }
+                    other => Ok(other.is_some()),
+                })
+                .await??
+        };
+        if !has_keys && !replace_identity {
+            match self.client.fetch_identity(self.me.as_str()).await {
+                Ok(_) => return Err(MessengerError::IdentityElsewhere(me)),
+                Err(e) if e.is_server(ErrorCode::NoKeys) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let now = unix_now();
         let created = self
             .keystore
@@ -279,6 +457,11 @@ impl Messenger {
         }
     }
 
+    /// [`Messenger::ensure_keys_with`] without replacing an identity made elsewhere.
+    pub async fn ensure_keys(&self) -> Result<(), MessengerError> {
+        self.ensure_keys_with(false).await
+    }
+
     async fn publish_all(&self) -> Result<(), MessengerError> {
         let (identity, spk, last, one_time) = self
             .keystore
@@ -304,7 +487,7 @@ impl Messenger {
         Ok(())
     }
 
-    async fn top_up_prekeys(&self) -> Result<(), MessengerError> {
+    pub(super) async fn top_up_prekeys(&self) -> Result<(), MessengerError> {
         let fresh = self
             .keystore
             .update_async(|state| -> Result<Vec<OneTimePrekey>, MessengerError> {
@@ -322,7 +505,8 @@ impl Messenger {
     }
 
     /// Encrypts `text` for `to` and sends it; returns once the server has stored it durably.
-    /// The second value is a warning for the user when `to`'s identity key changed.
+    /// The second value is a warning for the user while `to`'s identity key differs from the
+    /// one accepted for them.
     ///
     /// The message is sealed into the outbox (one keystore save) and then sent with whatever
     /// waited before it. If the server cannot take it now, the error is
@@ -334,7 +518,7 @@ impl Messenger {
         to: &str,
         text: &str,
     ) -> Result<(MessageId, Option<String>), MessengerError> {
-        let peer = username(to)?;
+        let peer = self.recipient(to)?;
         let has_session = {
             let peer = peer.clone();
             self.keystore
@@ -346,45 +530,8 @@ impl Messenger {
         } else {
             Some(self.client.fetch_bundle(peer.as_str()).await?)
         };
-        let id =
-            MessageId::random().map_err(|e| MessengerError::Client(ClientError::Io(e.into())))?;
-        let (me, text) = (self.me.clone(), text.to_owned());
-        // The same save returns the outbox to send, so the flush need not read it again.
-        let (warning, outbox) = self
-            .keystore
-            .update_async(move |state| -> Result<_, MessengerError> {
-                let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
-                let bytes: usize = state.outbox.iter().map(|o| o.envelope.len()).sum();
-                if state.outbox.len() >= MAX_OUTBOX || bytes >= MAX_OUTBOX_BYTES {
-                    return Err(MessengerError::OutboxFull {
-                        count: state.outbox.len(),
-                        bytes,
-                    });
-                }
-                let mut warning = None;
-                if !state.sessions.contains_key(peer.as_str()) {
-                    let bundle = bundle.as_ref().ok_or(MessengerError::NoKeys)?;
-                    let bundle = to_bundle(bundle)?;
-                    let session = Session::initiate(&state.identity(), &me, &peer, &bundle)?;
-                    if state.pin(peer.as_str(), &bundle.identity_key).is_some() {
-                        warning = Some(changed_warning(peer.as_str()));
-                    }
-                    state.sessions.insert(peer.as_str().to_owned(), session);
-                }
-                let session = state
-                    .sessions
-                    .get_mut(peer.as_str())
-                    .ok_or(MessengerError::NoKeys)?;
-                let envelope = session.seal(id.0, text.as_bytes())?;
-                state.outbox.push_back(Outgoing {
-                    to: peer.as_str().to_owned(),
-                    id,
-                    kind: TEXT.to_owned(),
-                    envelope: envelope.to_bytes()?,
-                });
-                Ok((warning, state.outbox.iter().cloned().collect()))
-            })
-            .await?;
+        let (id, warning, outbox) =
+            seal_into_outbox(&self.keystore, &self.me, &peer, text, bundle).await?;
         let flushed = self.send_outbox(outbox).await?;
         if flushed.sent.iter().any(|(_, sent)| *sent == id) {
             return Ok((id, warning));
@@ -401,6 +548,14 @@ impl Messenger {
                 .stopped
                 .unwrap_or_else(|| "an earlier message to the same peer waits".into()),
         })
+    }
+
+    fn recipient(&self, to: &str) -> Result<Username, MessengerError> {
+        let peer = username(to)?;
+        if peer == self.me {
+            return Err(MessengerError::ToSelf);
+        }
+        Ok(peer)
     }
 
     /// The messages waiting in the outbox, oldest first.
@@ -421,7 +576,10 @@ impl Messenger {
     }
 
     /// [`Messenger::flush_outbox`] of `outbox`, the keystore's outbox as just read.
-    async fn send_outbox(&self, outbox: Vec<Outgoing>) -> Result<Flushed, MessengerError> {
+    pub(super) async fn send_outbox(
+        &self,
+        outbox: Vec<Outgoing>,
+    ) -> Result<Flushed, MessengerError> {
         let mut flushed = Flushed::default();
         let mut held_back = BTreeSet::new();
         // Ids to take out, saved once at the end: a crash before that only means sending them
@@ -473,94 +631,74 @@ impl Messenger {
         };
         Ok(flushed)
     }
-
-    /// The next message, opened, or `None` if nothing arrives within `wait`. It is
-    /// acknowledged to the server only after it is recorded as seen.
-    pub async fn receive(&self, wait: Duration) -> Result<Option<Received>, MessengerError> {
-        let Some(delivered) = self.client.next_delivery(wait).await else {
-            return Ok(None);
-        };
-        let seq = delivered.seq;
-        let received = self.open_delivered(delivered).await?;
-        self.client.ack(vec![seq]).await?;
-        if self.client.take_prekeys_low().is_some() {
-            self.top_up_prekeys().await?;
-        }
-        Ok(Some(received))
-    }
-
-    /// Opens a delivered message and records it as seen (without acknowledging it): what
-    /// [`Messenger::receive`] does between the delivery and the ack.
-    pub async fn open_delivered(&self, delivered: Delivered) -> Result<Received, MessengerError> {
-        let me = self.me.clone();
-        let received = self
-            .keystore
-            .update_async(move |state| -> Result<Received, MessengerError> {
-                let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
-                if state.seen(&delivered.from, delivered.id) {
-                    return Ok(Received::Duplicate);
-                }
-                let undecryptable = |reason: String| Received::Undecryptable {
-                    id: delivered.id,
-                    from: delivered.from.clone(),
-                    reason,
-                };
-                let Ok(peer) = Username::parse(&delivered.from) else {
-                    return Ok(undecryptable("invalid sender name".into()));
-                };
-                let opened = open(state, &me, &peer, delivered.id, &delivered.body);
-                state.mark_seen(&delivered.from, delivered.id);
-                Ok(match opened {
-                    Ok((plaintext, warning)) => Received::Text {
-                        id: delivered.id,
-                        from: delivered.from.clone(),
-                        sent_at: delivered.sent_at,
-                        text: String::from_utf8_lossy(&plaintext).into_owned(),
-                        warning,
-                    },
-                    Err(e) => undecryptable(e.to_string()),
-                })
-            })
-            .await?;
-        Ok(received)
-    }
-
-    /// The safety number of this user and `peer` (as the server currently lists `peer`'s key).
-    pub async fn fingerprint(&self, peer: &str) -> Result<String, MessengerError> {
-        let peer_name = username(peer)?;
-        let key = self.client.fetch_identity(peer_name.as_str()).await?;
-        let peer_key = IdentityKey::from_bytes(&key.0)?;
-        let mine = self
-            .keystore
-            .read_async(|s| s.map(|s| s.identity().public()))
-            .await?
-            .ok_or(MessengerError::NoKeys)?;
-        Ok(safety_number(&self.me, &mine, &peer_name, &peer_key))
-    }
 }
 
-/// Opens an envelope from `peer`, setting up a session when it starts a new one.
-fn open(
-    state: &mut KeyState,
+/// Seals `text` for `peer` into the outbox in one keystore save, starting a session from
+/// `bundle` when there is none (without a bundle and a session, [`MessengerError::NoSession`]).
+/// Returns the message's id, a warning while the peer's identity key differs from the one
+/// accepted for it, and the outbox as saved. Refuses, before sealing anything, a peer whose
+/// verified identity key changed ([`MessengerError::VerifiedKeyChanged`]).
+pub(crate) async fn seal_into_outbox(
+    keystore: &Keystore,
     me: &Username,
     peer: &Username,
-    id: MessageId,
-    body: &[u8],
-) -> Result<(Vec<u8>, Option<String>), E2eError> {
-    let envelope = Envelope::from_bytes(body)?;
-    if let Some(session) = state.sessions.get_mut(peer.as_str()) {
-        match session.open(id.0, &envelope) {
-            Ok(plaintext) => return Ok((plaintext, None)),
-            Err(E2eError::NewSession | E2eError::IdentityChanged { .. }) => {}
-            Err(e) => return Err(e),
-        }
+    text: &str,
+    bundle: Option<Bundle>,
+) -> Result<(MessageId, Option<String>, Vec<Outgoing>), MessengerError> {
+    if text.len() > crate::e2e::MAX_PLAINTEXT_LEN {
+        return Err(MessengerError::TooLong {
+            len: text.len(),
+            max: crate::e2e::MAX_PLAINTEXT_LEN,
+        });
     }
-    let identity = state.identity();
-    let (session, plaintext) =
-        Session::accept(&identity, &mut state.prekeys, me, peer, id.0, &envelope)?;
-    let warning = state
-        .pin(peer.as_str(), session.peer_identity())
-        .map(|_| changed_warning(peer.as_str()));
-    state.sessions.insert(peer.as_str().to_owned(), session);
-    Ok((plaintext, warning))
+    let id = MessageId::random().map_err(|e| MessengerError::Client(ClientError::Io(e.into())))?;
+    let (me, peer, text) = (me.clone(), peer.clone(), text.to_owned());
+    keystore
+        .update_async(move |state| -> Result<_, MessengerError> {
+            let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
+            let bytes: usize = state.outbox.iter().map(|o| o.envelope.len()).sum();
+            if state.outbox.len() >= MAX_OUTBOX || bytes >= MAX_OUTBOX_BYTES {
+                return Err(MessengerError::OutboxFull {
+                    count: state.outbox.len(),
+                    bytes,
+                });
+            }
+            let name = peer.as_str();
+            if !state.sessions.contains_key(name) {
+                let bundle = bundle
+                    .as_ref()
+                    .ok_or(MessengerError::NoSession(name.to_owned()))?;
+                let bundle = to_bundle(bundle)?;
+                state.saw_identity(name, &bundle.identity_key);
+                let trust = state.trust_of(name);
+                if trust.verified && trust.changed_to.is_some() {
+                    return Err(MessengerError::VerifiedKeyChanged(name.to_owned()));
+                }
+                let session = Session::initiate(&state.identity(), &me, &peer, &bundle)?;
+                state.activate(name, session);
+            }
+            let trust = state.trust_of(name);
+            if trust.verified && trust.changed_to.is_some() {
+                return Err(MessengerError::VerifiedKeyChanged(name.to_owned()));
+            }
+            let warning = trust.changed_to.map(|_| changed_warning(name));
+            let session = state.sessions.get_mut(name).ok_or(MessengerError::NoKeys)?;
+            let envelope = session.seal(id.0, text.as_bytes())?;
+            state.outbox.push_back(Outgoing {
+                to: name.to_owned(),
+                id,
+                kind: TEXT.to_owned(),
+                envelope: envelope.to_bytes()?,
+            });
+            state.remember(HistoryEntry {
+                peer: name.to_owned(),
+                outgoing: true,
+                id,
+                at: unix_now(),
+                text,
+                resent: false,
+            });
+            Ok((id, warning, state.outbox.iter().cloned().collect()))
+        })
+        .await
 }

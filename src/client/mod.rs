@@ -9,7 +9,10 @@ mod error;
 pub mod home;
 pub mod keystore;
 pub mod messenger;
+mod receiving;
+mod sessions;
 mod streams;
+mod trust;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,7 +25,10 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::error::ClientError;
+pub use self::messenger::Messenger;
+pub use self::receiving::RETRY;
 pub use self::streams::{Delivered, MAX_DELIVERED_BODY};
+pub use self::trust::is_offline;
 use crate::protocol::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
 use crate::protocol::{
     ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Password,

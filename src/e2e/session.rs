@@ -221,6 +221,12 @@ impl Session {
         &self.my_name
     }
 
+    /// The initiator's ephemeral key that started this session: an envelope whose initial
+    /// header carries it belongs to this session.
+    pub fn origin(&self) -> &[u8; 32] {
+        &self.origin
+    }
+
     /// Whether envelopes still carry the initial header (initiator, no reply yet).
     pub fn awaiting_reply(&self) -> bool {
         self.pending_initial.is_some()

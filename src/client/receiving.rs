@@ -1,0 +1,286 @@
+//! Receiving for people: a delivered message is opened and kept in the keystore in one save,
+//! shown by the application, and only then taken out and acknowledged to the server. A crash
+//! at any point shows a message again only if it may not have been shown; it never loses one.
+//! What cannot be opened is quarantined and its sender asked to send it again (a `retry`
+//! message, `docs/PROTOCOL.md` E8.6).
+
+use std::time::Duration;
+
+use super::keystore::{HistoryEntry, Incoming, Quarantined};
+use super::messenger::{
+    MessengerError, Received, TEXT, changed_warning, seal_into_outbox, username,
+};
+use super::{Delivered, Messenger, sessions};
+use crate::e2e::E2eError;
+use crate::protocol::{MessageId, Username};
+
+/// The `kind` of a retry request: "I could not open your message ID, start a new session and
+/// send it again". Its body is the 16-byte id, not sealed.
+pub const RETRY: &str = "retry";
+
+/// What keeping a delivery in the keystore decided.
+enum Kept {
+    /// Opened and kept until shown.
+    Text(Incoming),
+    /// Kept in the quarantine; `ask_again` when the sender should be asked to resend.
+    Quarantined {
+        from: String,
+        reason: String,
+        ask_again: bool,
+    },
+    /// A retry request for a message in the history: seal it again.
+    Resend {
+        peer: Username,
+        text: String,
+        asked: MessageId,
+    },
+    /// A retry request for nothing this user can send again.
+    NoResend { asked: Option<MessageId> },
+    /// Kept or shown before.
+    Duplicate,
+}
+
+impl Messenger {
+    /// The next message to show, or `None` if nothing arrives within `wait`. Messages an
+    /// earlier run kept and never showed come first. Show it, then call
+    /// [`Messenger::shown`].
+    pub async fn receive(&self, wait: Duration) -> Result<Option<Received>, MessengerError> {
+        if let Some(kept) = self.next_from_backlog().await? {
+            return Ok(Some(kept));
+        }
+        let Some(delivered) = self.client().next_delivery(wait).await else {
+            return Ok(None);
+        };
+        let received = self.open_delivered(delivered).await?;
+        if self.client().take_prekeys_low().is_some() {
+            self.top_up_prekeys().await?;
+        }
+        Ok(Some(received))
+    }
+
+    /// Messages kept by an earlier run and not shown: loaded once, then handed out in order.
+    async fn next_from_backlog(&self) -> Result<Option<Received>, MessengerError> {
+        let loaded = self.backlog_slot(|b| b.is_some())?;
+        if !loaded {
+            let kept = self
+                .keystore()
+                .read_async(|s| s.map(|s| s.unshown.clone()).unwrap_or_default())
+                .await?;
+            self.backlog_slot(|b| *b = Some(kept))?;
+        }
+        let next = self.backlog_slot(|b| b.as_mut().and_then(|b| b.pop_front()))?;
+        Ok(next.map(|m| Received::Text {
+            id: m.id,
+            from: m.from,
+            sent_at: m.sent_at,
+            text: m.text,
+            warning: m.warning,
+            seq: None,
+        }))
+    }
+
+    /// Opens a delivered message and keeps it (or quarantines it) in one keystore save; a
+    /// duplicate or a retry request is acknowledged at once. What [`Messenger::receive`] does
+    /// with each delivery.
+    pub async fn open_delivered(&self, delivered: Delivered) -> Result<Received, MessengerError> {
+        let me = self.me().to_owned();
+        let seq = delivered.seq;
+        let (id, from) = (delivered.id, delivered.from.clone());
+        let kept = self
+            .keystore()
+            .update_async(move |state| -> Result<Kept, MessengerError> {
+                let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
+                if state.seen(&delivered.from, delivered.id) {
+                    return Ok(Kept::Duplicate);
+                }
+                state.mark_seen(&delivered.from, delivered.id);
+                let me = username(&me)?;
+                let quarantine = |state: &mut super::keystore::KeyState, reason: String, ask| {
+                    state.quarantine(Quarantined {
+                        id: delivered.id,
+                        from: delivered.from.clone(),
+                        sent_at: delivered.sent_at,
+                        kind: delivered.kind.clone(),
+                        reason: reason.clone(),
+                        body: delivered.body.clone(),
+                    });
+                    Kept::Quarantined {
+                        from: delivered.from.clone(),
+                        reason,
+                        ask_again: ask,
+                    }
+                };
+                let Ok(peer) = Username::parse(&delivered.from) else {
+                    return Ok(quarantine(state, "invalid sender name".into(), false));
+                };
+                match delivered.kind.as_str() {
+                    TEXT => {}
+                    RETRY => {
+                        let Ok(asked) = <[u8; 16]>::try_from(delivered.body.as_slice()) else {
+                            let reason = "malformed retry request".to_owned();
+                            return Ok(quarantine(state, reason, false));
+                        };
+                        let asked = MessageId(asked);
+                        let entry = state.history.iter_mut().find(|e| {
+                            e.outgoing && !e.resent && e.id == asked && e.peer == peer.as_str()
+                        });
+                        let Some(entry) = entry else {
+                            return Ok(Kept::NoResend { asked: Some(asked) });
+                        };
+                        entry.resent = true;
+                        let text = entry.text.clone();
+                        // The peer cannot open our session: start a fresh one.
+                        state.reset(peer.as_str());
+                        return Ok(Kept::Resend { peer, text, asked });
+                    }
+                    other => {
+                        let reason = format!("unsupported kind {other:?}");
+                        return Ok(quarantine(state, reason, false));
+                    }
+                }
+                match sessions::open(state, &me, &peer, delivered.id, &delivered.body) {
+                    Ok(opened) => {
+                        let text = String::from_utf8_lossy(&opened.plaintext).into_owned();
+                        let changed = opened.identity_changed
+                            || state.trust_of(peer.as_str()).changed_to.is_some();
+                        let incoming = Incoming {
+                            id: delivered.id,
+                            from: delivered.from.clone(),
+                            sent_at: delivered.sent_at,
+                            text: text.clone(),
+                            warning: changed.then(|| changed_warning(peer.as_str())),
+                        };
+                        state.unshown.push_back(incoming.clone());
+                        state.remember(HistoryEntry {
+                            peer: delivered.from.clone(),
+                            outgoing: false,
+                            id: delivered.id,
+                            at: delivered.sent_at,
+                            text,
+                            resent: false,
+                        });
+                        Ok(Kept::Text(incoming))
+                    }
+                    // A replay of a message already opened: nothing to ask for.
+                    Err(e @ E2eError::Duplicate) => Ok(quarantine(state, e.to_string(), false)),
+                    Err(e) => Ok(quarantine(state, e.to_string(), true)),
+                }
+            })
+            .await?;
+        match kept {
+            Kept::Text(m) => Ok(Received::Text {
+                id: m.id,
+                from: m.from,
+                sent_at: m.sent_at,
+                text: m.text,
+                warning: m.warning,
+                seq: Some(seq),
+            }),
+            Kept::Quarantined {
+                from,
+                reason,
+                ask_again,
+            } => {
+                if ask_again {
+                    self.ask_to_resend(&from, id).await;
+                }
+                Ok(Received::Undecryptable {
+                    id,
+                    from,
+                    reason,
+                    seq,
+                })
+            }
+            Kept::Resend { peer, text, asked } => {
+                let resent_as = match self.resend(&peer, &text).await {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        tracing::warn!(%e, "could not send a message again");
+                        None
+                    }
+                };
+                self.client().ack(vec![seq]).await?;
+                Ok(Received::RetryRequested {
+                    from,
+                    id: asked,
+                    resent_as,
+                })
+            }
+            Kept::NoResend { asked } => {
+                self.client().ack(vec![seq]).await?;
+                Ok(Received::RetryRequested {
+                    from,
+                    id: asked.unwrap_or(id),
+                    resent_as: None,
+                })
+            }
+            Kept::Duplicate => {
+                self.client().ack(vec![seq]).await?;
+                Ok(Received::Duplicate)
+            }
+        }
+    }
+
+    /// Records that the application has shown `received` (or told the user about it): it
+    /// leaves the keystore, and the server is told it may delete it.
+    pub async fn shown(&self, received: &Received) -> Result<(), MessengerError> {
+        match received {
+            Received::Text { id, from, seq, .. } => {
+                let (id, from) = (*id, from.clone());
+                self.keystore()
+                    .update_async(move |state| -> Result<(), MessengerError> {
+                        if let Some(state) = state.as_mut() {
+                            state.unshown.retain(|m| !(m.id == id && m.from == from));
+                        }
+                        Ok(())
+                    })
+                    .await?;
+                if let Some(seq) = seq {
+                    self.client().ack(vec![*seq]).await?;
+                }
+            }
+            Received::Undecryptable { seq, .. } => {
+                self.client().ack(vec![*seq]).await?;
+            }
+            Received::RetryRequested { .. } | Received::Duplicate => {}
+        }
+        Ok(())
+    }
+
+    /// Asks `from` to start a new session and send message `id` again. Best effort: the
+    /// message stays in the quarantine whatever happens.
+    async fn ask_to_resend(&self, from: &str, id: MessageId) {
+        let Ok(request_id) = MessageId::random() else {
+            return;
+        };
+        if let Err(e) = self
+            .client()
+            .send_message(from, RETRY, request_id, &id.0)
+            .await
+        {
+            tracing::warn!(%e, "could not ask the sender to resend");
+        }
+    }
+
+    /// Seals `text` again for `peer` in a new session (the old one was just reset) and sends
+    /// it with the outbox; returns the new id.
+    async fn resend(&self, peer: &Username, text: &str) -> Result<MessageId, MessengerError> {
+        let bundle = self.client().fetch_bundle(peer.as_str()).await?;
+        let me = username(self.me())?;
+        let (id, _, outbox) =
+            seal_into_outbox(self.keystore(), &me, peer, text, Some(bundle)).await?;
+        self.send_outbox(outbox).await?;
+        Ok(id)
+    }
+
+    fn backlog_slot<T>(
+        &self,
+        f: impl FnOnce(&mut Option<std::collections::VecDeque<Incoming>>) -> T,
+    ) -> Result<T, MessengerError> {
+        let mut backlog = self
+            .backlog
+            .lock()
+            .map_err(|_| MessengerError::Client(super::ClientError::Poisoned))?;
+        Ok(f(&mut backlog))
+    }
+}
