@@ -37,6 +37,13 @@ fn text_of(received: Option<Received>) -> (String, String, Option<String>) {
     }
 }
 
+/// The next message, shown (and so acknowledged).
+async fn show(m: &Messenger, wait: Duration) -> Received {
+    let received = m.receive(wait).await.unwrap().expect("a message");
+    m.shown(&received).await.unwrap();
+    received
+}
+
 fn files_contain(dir: &Path, needle: &[u8]) -> bool {
     std::fs::read_dir(dir).unwrap().any(|entry| {
         let path = entry.unwrap().path();
@@ -227,5 +234,79 @@ async fn a_changed_identity_key_is_warned_about() {
     assert_eq!((accepted.number, accepted.changed_to), (new, None));
     let (_, warning) = alice.send_text("bob", "ok").await.unwrap();
     assert_eq!(warning, None);
+    server.stop().await;
+}
+
+/// Bob's keystore goes back in time (restored from a backup): alice's next message cannot be
+/// opened. Bob's client keeps it in the quarantine and asks alice's client to send it again,
+/// which seals it in a new session: bob reads it, and the conversation goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_cannot_be_opened_is_quarantined_and_sent_again() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let bob_home = homes.path().join("b");
+    let alice = messenger(&server, &homes.path().join("a"), "alice", true).await;
+    let bob = messenger(&server, &bob_home, "bob", true).await;
+    alice.send_text("bob", "one").await.unwrap();
+    show(&bob, WAIT).await;
+    let keystore = bob_home.join("keystore.msgpack");
+    let backup = std::fs::read(&keystore).unwrap();
+    // Two turns each way: the ratchet moves on to keys the backup does not hold.
+    bob.send_text("alice", "two").await.unwrap();
+    show(&alice, WAIT).await;
+    alice.send_text("bob", "two and a half").await.unwrap();
+    show(&bob, WAIT).await;
+    bob.send_text("alice", "two and three quarters")
+        .await
+        .unwrap();
+    show(&alice, WAIT).await;
+    let (lost, _) = alice.send_text("bob", "three").await.unwrap();
+    std::fs::write(&keystore, backup).unwrap();
+
+    let received = show(&bob, WAIT).await;
+    let Received::Undecryptable { id, from, .. } = &received else {
+        panic!("expected an undecryptable message, got {received:?}");
+    };
+    assert_eq!((*id, from.as_str()), (lost, "alice"));
+    let quarantined = bob.offline().quarantined().await.unwrap();
+    assert_eq!(quarantined.len(), 1);
+    assert_eq!(quarantined[0].id, lost);
+
+    // Alice's client gets the request and seals "three" again in a new session.
+    let retry = alice.receive(WAIT).await.unwrap().unwrap();
+    let Received::RetryRequested {
+        id,
+        resent_as: Some(new_id),
+        ..
+    } = retry
+    else {
+        panic!("expected a retry request answered, got {retry:?}");
+    };
+    assert_eq!(id, lost);
+    let again = show(&bob, WAIT).await;
+    assert_eq!(text_of(Some(again.clone())).1, "three");
+    assert!(matches!(again, Received::Text { id, .. } if id == new_id));
+
+    // A second request for the same message is not answered twice.
+    bob.client()
+        .send_message(
+            "alice",
+            securefastchat::client::RETRY,
+            MessageId([9; 16]),
+            &lost.0,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        alice.receive(WAIT).await.unwrap(),
+        Some(Received::RetryRequested {
+            resent_as: None,
+            ..
+        })
+    ));
+    alice.send_text("bob", "four").await.unwrap();
+    assert_eq!(text_of(bob.receive(WAIT).await.unwrap()).1, "four");
+    bob.send_text("alice", "five").await.unwrap();
+    assert_eq!(text_of(alice.receive(WAIT).await.unwrap()).1, "five");
     server.stop().await;
 }

@@ -144,3 +144,39 @@ async fn one_time_prekeys_are_never_handed_out_twice_under_concurrent_fetches() 
     assert_eq!(bob.take_prekeys_low(), Some(0));
     server.stop().await;
 }
+
+/// A new identity key (the account re-keyed from another home) retires every one-time prekey
+/// stored with the old one: their private halves belong to the old identity's client, so a
+/// bundle must never pair the new identity with one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_identity_key_retires_the_old_one_time_prekeys() {
+    let server = TestServer::start().await;
+    let (bob, _) = server.signed_up("bob").await;
+    let (alice, _) = server.signed_up("alice").await;
+    let old = SigningKey::from_bytes(&[7; 32]);
+    assert_eq!(publish(&bob, &old, 5).await.unwrap(), 5);
+
+    let new = SigningKey::from_bytes(&[9; 32]);
+    let spk = signed(&new, b"SFC signed prekey v1", 1, x25519_public(1));
+    let last = signed(&new, b"SFC last-resort prekey v1", 2, x25519_public(2));
+    let fresh = vec![OneTimePrekey {
+        id: 1,
+        key: Bin(x25519_public(99)),
+    }];
+    let count = bob
+        .publish_keys(
+            Some(Bin(new.verifying_key().to_bytes())),
+            Some(spk),
+            Some(last),
+            fresh,
+        )
+        .await
+        .unwrap();
+    assert_eq!(count, 1, "only the new identity's prekey is left");
+    let bundle = alice.fetch_bundle("bob").await.unwrap();
+    assert_eq!(bundle.identity_key.0, new.verifying_key().to_bytes());
+    assert_eq!(bundle.one_time_prekey.map(|p| p.id), Some(1));
+    let bundle = alice.fetch_bundle("bob").await.unwrap();
+    assert!(bundle.one_time_prekey.is_none() && bundle.last_resort.is_some());
+    server.stop().await;
+}

@@ -6,14 +6,15 @@ use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
 use super::keystore::{HistoryEntry, Incoming, KeyState, Keystore, Outgoing, ReceiveLock};
-use super::{Bundle, Client, ClientError};
+use super::{Bundle, Client, ClientError, ClientOptions};
 use crate::e2e::{
     E2eError, IdentityKey, OneTimePrekeyPublic, PrekeyBundle, PrekeyStore, Session,
     SignedPrekeyPublic,
 };
 use crate::protocol::keys::{Bin, OneTimePrekey, SignedPrekey};
-use crate::protocol::{ErrorCode, MessageId, Username};
+use crate::protocol::{ErrorCode, MessageId, SessionToken, Username};
 use crate::unix_now;
+use std::sync::Arc;
 
 /// One-time prekeys made at signup and at each top-up.
 pub const PREKEY_BATCH: u32 = 100;
@@ -119,6 +120,17 @@ pub enum MessengerError {
         /// Their envelope bytes.
         bytes: usize,
     },
+}
+
+/// The longest wait between two attempts to reconnect.
+pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
+
+impl MessengerError {
+    /// Whether this is the connection failing (the server is down, restarting or
+    /// unreachable), which reconnecting may fix.
+    pub fn is_disconnected(&self) -> bool {
+        matches!(self, Self::Client(e) if super::is_offline(e))
+    }
 }
 
 /// What [`Messenger::flush_outbox`] did.
@@ -266,9 +278,18 @@ impl OfflineMessenger {
     }
 }
 
+/// How to connect again when the connection is lost: the server, and the session to resume.
+struct Reconnect {
+    options: ClientOptions,
+    token: SessionToken,
+    deliver: bool,
+}
+
 /// A logged-in client with its keystore.
 pub struct Messenger {
-    client: Client,
+    /// The current connection; replaced by [`Messenger::reconnect`].
+    client: std::sync::RwLock<Arc<Client>>,
+    reconnect: Option<Reconnect>,
     keystore: Keystore,
     me: Username,
     /// Messages an earlier run kept and never showed, loaded at the first receive and handed
@@ -329,7 +350,8 @@ impl Messenger {
     pub fn new(client: Client, home: &std::path::Path, me: &str) -> Result<Self, MessengerError> {
         let home = super::home::Home::open(home)?;
         Ok(Self {
-            client,
+            client: std::sync::RwLock::new(Arc::new(client)),
+            reconnect: None,
             keystore: Keystore::new(home.dir()),
             me: username(me)?,
             backlog: std::sync::Mutex::new(None),
@@ -359,9 +381,81 @@ impl Messenger {
         }
     }
 
-    /// The client underneath.
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// The client underneath (the current connection).
+    pub fn client(&self) -> Arc<Client> {
+        match self.client.read() {
+            Ok(client) => Arc::clone(&client),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Lets [`Messenger::reconnect`] connect to the server of `options` again and resume the
+    /// session of `token` (asking for delivery with `deliver`).
+    pub fn with_reconnect(
+        mut self,
+        options: ClientOptions,
+        token: SessionToken,
+        deliver: bool,
+    ) -> Self {
+        self.reconnect = Some(Reconnect {
+            options,
+            token,
+            deliver,
+        });
+        self
+    }
+
+    /// Whether the connection is gone (closed by either side, or timed out).
+    pub fn disconnected(&self) -> Option<MessengerError> {
+        let client = self.client();
+        let reason = client.connection().close_reason()?;
+        Some(MessengerError::Client(ClientError::ConnectionLost(
+            reason.to_string(),
+        )))
+    }
+
+    /// [`Messenger::reconnect`] until it works, waiting 1 s, then twice as long after each
+    /// failure (at most [`MAX_RECONNECT_BACKOFF`]); `note` is told before each wait. Gives up
+    /// only on an error that waiting cannot fix (e.g. the session was revoked).
+    pub async fn reconnect_with_backoff(
+        &self,
+        mut note: impl FnMut(&str, Duration),
+    ) -> Result<(), MessengerError> {
+        let mut backoff = Duration::from_secs(1);
+        let mut why = self
+            .disconnected()
+            .map_or_else(|| "connection lost".to_owned(), |e| e.to_string());
+        loop {
+            note(&why, backoff);
+            tokio::time::sleep(backoff).await;
+            match self.reconnect().await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_disconnected() => why = e.to_string(),
+                Err(e) => return Err(e),
+            }
+            backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+        }
+    }
+
+    /// Connects again and resumes the session, replacing the lost connection. What waits in
+    /// the outbox is for the caller to flush; messages not acknowledged on the old connection
+    /// are delivered again on the new one (and dropped as duplicates if already kept).
+    pub async fn reconnect(&self) -> Result<(), MessengerError> {
+        let how = self.reconnect.as_ref().ok_or_else(|| {
+            MessengerError::Client(ClientError::ConnectionLost(
+                "the connection is gone and this client cannot reconnect".into(),
+            ))
+        })?;
+        let client = Client::connect(&how.options).await?;
+        client.resume_with(how.token.clone(), how.deliver).await?;
+        let old = match self.client.write() {
+            Ok(mut current) => std::mem::replace(&mut *current, Arc::new(client)),
+            Err(_) => return Err(MessengerError::Client(ClientError::Poisoned)),
+        };
+        if let Ok(old) = Arc::try_unwrap(old) {
+            old.close().await;
+        }
+        Ok(())
     }
 
     /// The keystore of this messenger's home.
@@ -376,7 +470,13 @@ impl Messenger {
 
     /// Closes the connection.
     pub async fn close(self) {
-        self.client.close().await;
+        let client = match self.client.into_inner() {
+            Ok(client) => client,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Ok(client) = Arc::try_unwrap(client) {
+            client.close().await;
+        }
     }
 
     /// Makes sure this user has keys and the server has their public halves: creates and
@@ -400,7 +500,7 @@ impl Messenger {
                 .await??
         };
         if !has_keys && !replace_identity {
-            match self.client.fetch_identity(self.me.as_str()).await {
+            match self.client().fetch_identity(self.me.as_str()).await {
                 Ok(_) => return Err(MessengerError::IdentityElsewhere(me)),
                 Err(e) if e.is_server(ErrorCode::NoKeys) => {}
                 Err(e) => return Err(e.into()),
@@ -445,11 +545,11 @@ impl Messenger {
             )
             .await?;
         if let Some(spk) = rotate {
-            self.client
+            self.client()
                 .publish_keys(None, Some(spk), None, Vec::new())
                 .await?;
         }
-        match self.client.fetch_identity(self.me.as_str()).await {
+        match self.client().fetch_identity(self.me.as_str()).await {
             Ok(_) => Ok(()),
             // Keys were made here but never reached the server (a crash in between).
             Err(e) if e.is_server(ErrorCode::NoKeys) => self.publish_all().await,
@@ -481,7 +581,7 @@ impl Messenger {
             })
             .await?
             .ok_or(MessengerError::NoKeys)?;
-        self.client
+        self.client()
             .publish_keys(Some(identity), Some(spk), Some(last), one_time)
             .await?;
         Ok(())
@@ -500,7 +600,7 @@ impl Messenger {
                     .collect())
             })
             .await?;
-        self.client.publish_keys(None, None, None, fresh).await?;
+        self.client().publish_keys(None, None, None, fresh).await?;
         Ok(())
     }
 
@@ -528,7 +628,7 @@ impl Messenger {
         let bundle = if has_session {
             None
         } else {
-            Some(self.client.fetch_bundle(peer.as_str()).await?)
+            Some(self.client().fetch_bundle(peer.as_str()).await?)
         };
         let (id, warning, outbox) =
             seal_into_outbox(&self.keystore, &self.me, &peer, text, bundle).await?;
@@ -591,7 +691,7 @@ impl Messenger {
                 continue;
             }
             match self
-                .client
+                .client()
                 .send_message(&out.to, &out.kind, out.id, &out.envelope)
                 .await
             {

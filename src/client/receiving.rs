@@ -43,13 +43,16 @@ enum Kept {
 impl Messenger {
     /// The next message to show, or `None` if nothing arrives within `wait`. Messages an
     /// earlier run kept and never showed come first. Show it, then call
-    /// [`Messenger::shown`].
+    /// [`Messenger::shown`]. A lost connection is an error (see [`Messenger::reconnect`]).
     pub async fn receive(&self, wait: Duration) -> Result<Option<Received>, MessengerError> {
         if let Some(kept) = self.next_from_backlog().await? {
             return Ok(Some(kept));
         }
         let Some(delivered) = self.client().next_delivery(wait).await else {
-            return Ok(None);
+            return match self.disconnected() {
+                Some(lost) => Err(lost),
+                None => Ok(None),
+            };
         };
         let received = self.open_delivered(delivered).await?;
         if self.client().take_prekeys_low().is_some() {

@@ -44,13 +44,31 @@ impl KeyDirectory {
         one_time: Vec<OneTimePrekey>,
     ) -> Result<u32, StoreError> {
         let _guard = self.lock.lock().map_err(|_| StoreError::Poisoned)?;
-        let existing = self.count(user);
+        // A new identity key makes every stored one-time prekey useless (their private halves
+        // belong to the old identity's client): they go in the same batch, so a bundle never
+        // pairs the new identity with an old prekey.
+        let replaced_identity = match (&keys, self.get(user)?) {
+            (Some(new), Some(old)) => new.identity_key != old.identity_key,
+            _ => false,
+        };
+        let stale: Vec<_> = if replaced_identity {
+            self.prekeys
+                .prefix(Self::prefix(user))
+                .map(|entry| entry.key().map(|k| k.to_vec()))
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        let existing = self.count(user).saturating_sub(stale.len());
         if existing + one_time.len() > MAX_ONE_TIME_PREKEYS {
             return Err(StoreError::Limit(format!(
                 "at most {MAX_ONE_TIME_PREKEYS} one-time prekeys may be stored ({existing} are)"
             )));
         }
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        for key in stale {
+            batch.remove(&self.prekeys, key);
+        }
         if let Some(keys) = keys {
             batch.insert(
                 &self.keys,
@@ -61,7 +79,7 @@ impl KeyDirectory {
         let mut added = 0;
         for prekey in one_time {
             let key = pair_key(user, &prekey.id.to_be_bytes());
-            if !self.prekeys.contains_key(&key)? {
+            if replaced_identity || !self.prekeys.contains_key(&key)? {
                 added += 1;
             }
             batch.insert(&self.prekeys, key, prekey.key.0.to_vec());
