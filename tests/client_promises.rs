@@ -325,3 +325,34 @@ async fn sending_to_oneself_is_refused() {
     assert!(out.status.success() && stdout(&out).is_empty(), "{out:?}");
     server.stop().await;
 }
+
+/// `sfc recv --wait` outlives a server restart: it says the connection was lost, reconnects
+/// with the saved session, and shows what arrives afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_receiver_reconnects_after_a_server_restart() {
+    let server = TestServer::start().await;
+    let people = People::signed_up(&server, &["alice", "bob"]).await;
+    let mut recv = people.sfc("bob", &["recv", "--wait", "30", "--count", "2"]);
+    recv.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let recv = recv.spawn().unwrap();
+    let out = run(people.sfc("alice", &["send", "bob", "before"])).await;
+    assert!(out.status.success(), "{out:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let addr = server.addr;
+    let dir = server.stop().await;
+    let server = TestServer::start_at(addr, dir, |_| {}).await;
+    let out = run(people.sfc("alice", &["send", "bob", "after"])).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = tokio::time::timeout(Duration::from_secs(30), recv.wait_with_output())
+        .await
+        .expect("recv ends after two messages")
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "alice\tbefore\nalice\tafter\n");
+    let err = stderr(&out);
+    assert!(
+        err.contains("connection lost") && err.contains("reconnected"),
+        "{err}"
+    );
+    server.stop().await;
+}

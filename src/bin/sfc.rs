@@ -13,7 +13,7 @@ use securefastchat::client::home::{Home, SavedSession};
 use securefastchat::client::messenger::{
     Flushed, Messenger, MessengerError, OfflineMessenger, Received,
 };
-use securefastchat::client::{Client, ClientError, ClientOptions};
+use securefastchat::client::{Client, ClientError, ClientOptions, ConnectionEvent};
 use securefastchat::protocol::{ErrorCode, MessageId, Password};
 
 /// SecureFastChat client.
@@ -252,7 +252,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let messenger = receiving_messenger(&home, &options).await?;
             let mut shown = 0;
             while count.is_none_or(|n| shown < n) {
-                let Some(received) = messenger.receive(Duration::from_secs(wait)).await? else {
+                let wait = Duration::from_secs(wait);
+                let Some(received) = messenger
+                    .receive_reconnecting(wait, Some(wait), &mut tell_connection)
+                    .await?
+                else {
                     break;
                 };
                 match &received {
@@ -455,6 +459,22 @@ async fn messenger(
     Ok(messenger)
 }
 
+/// Tells on standard error what happened to the connection.
+fn tell_connection(event: ConnectionEvent<'_>) {
+    match event {
+        ConnectionEvent::Lost { why, wait } => {
+            eprintln!(
+                "sfc: connection lost ({why}); reconnecting in {} s",
+                wait.as_secs()
+            );
+        }
+        ConnectionEvent::Back(flushed) => {
+            eprintln!("sfc: reconnected");
+            report_flushed(flushed);
+        }
+    }
+}
+
 /// Resumes the saved session with delivery, holding the home's receive lock (taken before
 /// connecting, so a second receiver stops before it takes delivery from the first).
 async fn receiving_messenger(home: &Home, options: &ClientOptions) -> anyhow::Result<Messenger> {
@@ -462,7 +482,8 @@ async fn receiving_messenger(home: &Home, options: &ClientOptions) -> anyhow::Re
         .lock_receiving()?
         .ok_or(MessengerError::AlreadyReceiving)?;
     let (client, saved) = resume(home, options, true).await?;
-    let messenger = Messenger::receiving(client, home.dir(), &saved.username, lock)?;
+    let messenger = Messenger::receiving(client, home.dir(), &saved.username, lock)?
+        .with_reconnect(options.clone(), saved.token, true);
     messenger.ensure_keys().await?;
     Ok(messenger)
 }

@@ -415,22 +415,28 @@ impl Messenger {
     }
 
     /// [`Messenger::reconnect`] until it works, waiting 1 s, then twice as long after each
-    /// failure (at most [`MAX_RECONNECT_BACKOFF`]); `note` is told before each wait. Gives up
-    /// only on an error that waiting cannot fix (e.g. the session was revoked).
+    /// failure (at most [`MAX_RECONNECT_BACKOFF`]); `note` is told why and how long before
+    /// each wait. Gives up on an error that waiting cannot fix (e.g. the session was revoked),
+    /// or once `give_up_after` has passed.
     pub async fn reconnect_with_backoff(
         &self,
+        give_up_after: Option<Duration>,
         mut note: impl FnMut(&str, Duration),
     ) -> Result<(), MessengerError> {
+        let start = tokio::time::Instant::now();
         let mut backoff = Duration::from_secs(1);
-        let mut why = self
-            .disconnected()
-            .map_or_else(|| "connection lost".to_owned(), |e| e.to_string());
+        let mut last = self.disconnected().unwrap_or_else(|| {
+            MessengerError::Client(ClientError::ConnectionLost("connection lost".into()))
+        });
         loop {
-            note(&why, backoff);
+            if give_up_after.is_some_and(|limit| start.elapsed() + backoff > limit) {
+                return Err(last);
+            }
+            note(&last.to_string(), backoff);
             tokio::time::sleep(backoff).await;
             match self.reconnect().await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_disconnected() => why = e.to_string(),
+                Err(e) if e.is_disconnected() => last = e,
                 Err(e) => return Err(e),
             }
             backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);

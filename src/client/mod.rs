@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use self::error::ClientError;
 pub use self::messenger::Messenger;
-pub use self::receiving::RETRY;
+pub use self::receiving::{Connection as ConnectionEvent, RETRY};
 pub use self::streams::{Delivered, MAX_DELIVERED_BODY};
 pub use self::trust::is_offline;
 use crate::protocol::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};

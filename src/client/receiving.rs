@@ -18,6 +18,20 @@ use crate::protocol::{MessageId, Username};
 /// send it again". Its body is the 16-byte id, not sealed.
 pub const RETRY: &str = "retry";
 
+/// What happened to the connection, for the user.
+#[derive(Debug)]
+pub enum Connection<'a> {
+    /// Lost (`why`); the next attempt comes after `wait`.
+    Lost {
+        /// Why.
+        why: &'a str,
+        /// Until the next attempt.
+        wait: Duration,
+    },
+    /// Connected again; the outbox was sent.
+    Back(&'a super::messenger::Flushed),
+}
+
 /// What keeping a delivery in the keystore decided.
 enum Kept {
     /// Opened and kept until shown.
@@ -59,6 +73,31 @@ impl Messenger {
             self.top_up_prekeys().await?;
         }
         Ok(Some(received))
+    }
+
+    /// [`Messenger::receive`], reconnecting when the connection is lost
+    /// ([`Messenger::reconnect_with_backoff`], giving up after `give_up_after`), then sending
+    /// what waits in the outbox. `note` hears of each loss (`Lost`) and each return
+    /// (`Back`).
+    pub async fn receive_reconnecting(
+        &self,
+        wait: Duration,
+        give_up_after: Option<Duration>,
+        note: &mut impl FnMut(Connection<'_>),
+    ) -> Result<Option<Received>, MessengerError> {
+        loop {
+            match self.receive(wait).await {
+                Err(e) if e.is_disconnected() => {
+                    self.reconnect_with_backoff(give_up_after, |why, wait| {
+                        note(Connection::Lost { why, wait })
+                    })
+                    .await?;
+                    let flushed = self.flush_outbox().await?;
+                    note(Connection::Back(&flushed));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Messages kept by an earlier run and not shown: loaded once, then handed out in order.

@@ -35,8 +35,18 @@ impl TestServer {
 
     /// Starts a server on the data and certificates in `dir` (a restart when reused).
     pub async fn start_in(dir: TempDir, tune: impl FnOnce(&mut ServerConfig)) -> Self {
+        Self::start_at("127.0.0.1:0".parse().unwrap(), dir, tune).await
+    }
+
+    /// [`TestServer::start_in`] listening on `addr` (the address of a server that stopped, to
+    /// restart it where its clients look for it).
+    pub async fn start_at(
+        addr: SocketAddr,
+        dir: TempDir,
+        tune: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
         let mut config = ServerConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
+            addr,
             dir.path().join("data"),
             TlsSource::Dev {
                 dir: dir.path().join("certs"),
