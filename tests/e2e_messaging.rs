@@ -310,3 +310,38 @@ async fn a_message_that_cannot_be_opened_is_quarantined_and_sent_again() {
     assert_eq!(text_of(alice.receive(WAIT).await.unwrap()).1, "five");
     server.stop().await;
 }
+
+/// The acknowledgement fails (the server went down between the message being shown and the
+/// ack): the server delivers the message again after the restart, and the client drops it as
+/// shown, acknowledges it, and shows the next message. Nothing lost, nothing shown twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_acknowledgement_neither_loses_nor_repeats_a_message() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = messenger(&server, &homes.path().join("a"), "alice", true).await;
+    let bob = messenger(&server, &homes.path().join("b"), "bob", true).await;
+    alice.send_text("bob", "first").await.unwrap();
+    alice.send_text("bob", "second").await.unwrap();
+    alice.close().await;
+    let first = bob.receive(WAIT).await.unwrap().unwrap();
+    assert_eq!(text_of(Some(first.clone())).1, "first");
+    let addr = server.addr;
+    let dir = server.stop().await;
+    assert!(
+        bob.shown(&first).await.is_err(),
+        "the ack cannot reach the server"
+    );
+    bob.close().await;
+
+    let server = TestServer::start_at(addr, dir, |_| {}).await;
+    let bob = messenger(&server, &homes.path().join("b"), "bob", false).await;
+    let mut texts = Vec::new();
+    while let Some(received) = bob.receive(Duration::from_secs(1)).await.unwrap() {
+        if let Received::Text { text, .. } = &received {
+            texts.push(text.clone());
+        }
+        bob.shown(&received).await.unwrap();
+    }
+    assert_eq!(texts, ["second"]);
+    server.stop().await;
+}
