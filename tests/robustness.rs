@@ -9,8 +9,8 @@ use common::TestServer;
 use quinn::{ConnectionError, RecvStream, SendStream};
 use securefastchat::client::{Client, ClientError, ClientOptions, connect_raw};
 use securefastchat::protocol::{
-    ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, Reply, Request, ServerFrame, decode_body,
-    encode_frame, read_frame,
+    ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, MAX_NESTING, MessageId, Reply, Request,
+    ServerFrame, decode_body, encode_frame, read_frame,
 };
 use securefastchat::tls::DevCertificates;
 use serde::Serialize;
@@ -354,5 +354,121 @@ async fn connections_past_the_limit_are_refused() {
     assert!(matches!(err, ClientError::Refused(_)), "{err:?}");
     first.ping().await.unwrap();
     second.ping().await.unwrap();
+    server.stop().await;
+}
+
+/// A frame body `levels` maps or arrays deep: `fields` in the top map plus `x`, which nests
+/// the rest, a string at the bottom.
+fn nested_body(fields: &[(&str, rmpv::Value)], levels: usize, maps: bool) -> Vec<u8> {
+    let mut x = rmpv::Value::from("leaf");
+    for _ in 1..levels {
+        x = if maps {
+            rmpv::Value::Map(vec![("k".into(), x)])
+        } else {
+            rmpv::Value::Array(vec![x])
+        };
+    }
+    let mut entries: Vec<_> = fields
+        .iter()
+        .map(|(k, v)| (rmpv::Value::from(*k), v.clone()))
+        .collect();
+    entries.push(("x".into(), x));
+    let mut body = Vec::new();
+    rmpv::encode::write_value(&mut body, &rmpv::Value::Map(entries)).unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_frames_nest_up_to_sixteen_maps_or_arrays() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::with_hello(&server).await;
+    let mut id = 1;
+    for maps in [true, false] {
+        id += 1;
+        let ping = [("id", rmpv::Value::from(id)), ("type", "ping".into())];
+        raw.body(&nested_body(&ping, MAX_NESTING, maps)).await;
+        let frame = raw.reply().await;
+        assert_eq!(
+            (frame.id, frame.reply),
+            (Some(id), Reply::Pong),
+            "maps: {maps}"
+        );
+        raw.body(&nested_body(&ping, MAX_NESTING + 1, maps)).await;
+        raw.expect_error(None, ErrorCode::MalformedFrame).await;
+    }
+    raw.expect_pong(id + 1).await;
+    server.stop().await;
+}
+
+/// Signs `name` up on a raw connection (after `hello`).
+async fn raw_signed_up(server: &TestServer, name: &str) -> Raw {
+    let mut raw = Raw::with_hello(server).await;
+    raw.request(
+        2,
+        Request::Signup {
+            username: name.into(),
+            password: securefastchat::protocol::Password::new("correct horse battery staple"),
+        },
+    )
+    .await;
+    assert!(matches!(raw.reply().await.reply, Reply::Session { .. }));
+    raw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_stream_headers_nest_up_to_sixteen_maps_or_arrays() {
+    let server = TestServer::start().await;
+    server.signed_up("bob").await;
+    let mut raw = raw_signed_up(&server, "alice").await;
+    for (n, maps) in [(1u8, true), (2, false)] {
+        let header = |id: u8| {
+            [
+                ("type", rmpv::Value::from("send")),
+                ("id", rmpv::Value::Binary(vec![id; 16])),
+                ("to", "bob".into()),
+                ("kind", "text".into()),
+                ("length", 1.into()),
+            ]
+        };
+        let mut stream = raw.conn.open_uni().await.unwrap();
+        let body = nested_body(&header(n), MAX_NESTING, maps);
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame.push(b'!');
+        stream.write_all(&frame).await.unwrap();
+        stream.finish().unwrap();
+        let event = raw.reply().await;
+        assert_eq!(
+            (event.id, event.reply),
+            (
+                None,
+                Reply::Sent {
+                    message_id: MessageId([n; 16]),
+                    duplicate: false
+                }
+            )
+        );
+
+        let mut stream = raw.conn.open_uni().await.unwrap();
+        let body = nested_body(&header(n + 10), MAX_NESTING + 1, maps);
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame.push(b'!');
+        stream.write_all(&frame).await.unwrap();
+        let _ = stream.finish();
+        let event = raw.reply().await;
+        assert!(
+            matches!(
+                event.reply,
+                Reply::SendFailed {
+                    message_id: None,
+                    code: ErrorCode::MalformedFrame,
+                    ..
+                }
+            ),
+            "{event:?}"
+        );
+    }
+    raw.expect_pong(9).await;
     server.stop().await;
 }
