@@ -9,8 +9,8 @@ use common::TestServer;
 use quinn::{ConnectionError, RecvStream, SendStream};
 use securefastchat::client::{Client, ClientError, ClientOptions, connect_raw};
 use securefastchat::protocol::{
-    ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, MAX_NESTING, MessageId, Reply, Request,
-    ServerFrame, decode_body, encode_frame, read_frame,
+    ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, MAX_NESTING, MAX_STREAM_HEADER,
+    MessageId, Reply, Request, ServerFrame, decode_body, encode_frame, read_frame,
 };
 use securefastchat::tls::DevCertificates;
 use serde::Serialize;
@@ -469,6 +469,124 @@ async fn message_stream_headers_nest_up_to_sixteen_maps_or_arrays() {
             "{event:?}"
         );
     }
+    raw.expect_pong(9).await;
+    server.stop().await;
+}
+
+/// The next event about a message stream, skipping nothing else (the raw connection sends no
+/// requests meanwhile).
+async fn send_event(raw: &mut Raw) -> (Option<MessageId>, ErrorCode) {
+    let event = raw.reply().await;
+    match event {
+        ServerFrame {
+            id: None,
+            reply: Reply::SendFailed {
+                message_id, code, ..
+            },
+        } => (message_id, code),
+        other => panic!("expected send_failed, got {other:?}"),
+    }
+}
+
+fn send_header(id: MessageId, length: u64) -> Vec<u8> {
+    let header =
+        securefastchat::protocol::StreamHeader::Send(securefastchat::protocol::SendHeader {
+            id,
+            to: "bob".into(),
+            kind: "text".into(),
+            length,
+        });
+    encode_frame(&header, MAX_STREAM_HEADER).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_message_streams_get_typed_events() {
+    let server = TestServer::start().await;
+    server.signed_up("bob").await;
+    let mut raw = raw_signed_up(&server, "alice").await;
+
+    // A header longer than 1,024 bytes: refused from its length prefix.
+    let mut stream = raw.conn.open_uni().await.unwrap();
+    stream
+        .write_all(&(MAX_STREAM_HEADER + 1).to_be_bytes())
+        .await
+        .unwrap();
+    assert_eq!(send_event(&mut raw).await, (None, ErrorCode::FrameTooLarge));
+    let stopped = tokio::time::timeout(Duration::from_secs(5), stream.stopped());
+    assert_eq!(
+        stopped.await.unwrap().unwrap(),
+        Some(quinn::VarInt::from_u32(1))
+    );
+
+    // A stream that ends inside its header.
+    let mut stream = raw.conn.open_uni().await.unwrap();
+    stream
+        .write_all(&send_header(MessageId([1; 16]), 5)[..9])
+        .await
+        .unwrap();
+    stream.finish().unwrap();
+    assert_eq!(
+        send_event(&mut raw).await,
+        (None, ErrorCode::TruncatedFrame)
+    );
+
+    // A stream that ends (FIN) inside its body.
+    let id = MessageId([2; 16]);
+    let mut stream = raw.conn.open_uni().await.unwrap();
+    stream.write_all(&send_header(id, 100)).await.unwrap();
+    stream.write_all(&[7; 10]).await.unwrap();
+    stream.finish().unwrap();
+    assert_eq!(
+        send_event(&mut raw).await,
+        (Some(id), ErrorCode::TruncatedFrame)
+    );
+
+    // A stream the client resets inside its body, once the server has read the header.
+    let id = MessageId([3; 16]);
+    let mut stream = raw.conn.open_uni().await.unwrap();
+    stream.write_all(&send_header(id, 100)).await.unwrap();
+    stream.write_all(&[7; 10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream.reset(quinn::VarInt::from_u32(9)).unwrap();
+    assert_eq!(
+        send_event(&mut raw).await,
+        (Some(id), ErrorCode::TruncatedFrame)
+    );
+
+    // More bytes than the header announced.
+    let id = MessageId([4; 16]);
+    let mut stream = raw.conn.open_uni().await.unwrap();
+    stream.write_all(&send_header(id, 3)).await.unwrap();
+    stream.write_all(b"four").await.unwrap();
+    let _ = stream.finish();
+    assert_eq!(
+        send_event(&mut raw).await,
+        (Some(id), ErrorCode::BadRequest)
+    );
+
+    // None of it was stored, and the connection goes on.
+    let mut stream = raw.conn.open_uni().await.unwrap();
+    let id = MessageId([5; 16]);
+    stream.write_all(&send_header(id, 2)).await.unwrap();
+    stream.write_all(b"ok").await.unwrap();
+    stream.finish().unwrap();
+    let event = raw.reply().await;
+    assert_eq!(
+        event.reply,
+        Reply::Sent {
+            message_id: id,
+            duplicate: false
+        }
+    );
+    let bob = server.client().await;
+    bob.login(
+        "bob",
+        securefastchat::protocol::Password::new(common::PASSWORD),
+    )
+    .await
+    .unwrap();
+    let only = bob.next_delivery(Duration::from_secs(5)).await.unwrap();
+    assert_eq!((only.id, only.body.as_slice()), (id, &b"ok"[..]));
     raw.expect_pong(9).await;
     server.stop().await;
 }
