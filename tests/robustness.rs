@@ -590,3 +590,95 @@ async fn broken_message_streams_get_typed_events() {
     raw.expect_pong(9).await;
     server.stop().await;
 }
+
+/// A signed prekey as MessagePack, signed by `identity` under `label`.
+fn wire_signed_prekey(identity: &ed25519_dalek::SigningKey, label: &[u8], id: u32) -> rmpv::Value {
+    use ed25519_dalek::Signer;
+    let key = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([id as u8; 32]));
+    let mut message = label.to_vec();
+    message.extend_from_slice(&id.to_be_bytes());
+    message.extend_from_slice(key.as_bytes());
+    rmpv::Value::Map(vec![
+        ("id".into(), id.into()),
+        ("key".into(), rmpv::Value::Binary(key.as_bytes().to_vec())),
+        (
+            "signature".into(),
+            rmpv::Value::Binary(identity.sign(&message).to_bytes().to_vec()),
+        ),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incomplete_first_key_upload_is_invalid_keys_and_stores_nothing() {
+    let server = TestServer::start().await;
+    let mut raw = raw_signed_up(&server, "alice").await;
+    let identity = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let identity_key = rmpv::Value::Binary(identity.verifying_key().to_bytes().to_vec());
+    let spk = wire_signed_prekey(&identity, b"SFC signed prekey v1", 1);
+    let last = wire_signed_prekey(&identity, b"SFC last-resort prekey v1", 2);
+    let publish = |id: u64, fields: &[(&str, &rmpv::Value)]| {
+        let mut entries = vec![
+            ("id".into(), id.into()),
+            ("type".into(), "publish_keys".into()),
+        ];
+        entries.extend(
+            fields
+                .iter()
+                .map(|(k, v)| (rmpv::Value::from(*k), (*v).clone())),
+        );
+        let mut body = Vec::new();
+        rmpv::encode::write_value(&mut body, &rmpv::Value::Map(entries)).unwrap();
+        body
+    };
+    let incomplete = [
+        publish(3, &[("identity_key", &identity_key)]),
+        publish(
+            4,
+            &[("identity_key", &identity_key), ("signed_prekey", &spk)],
+        ),
+        publish(5, &[("signed_prekey", &spk), ("last_resort", &last)]),
+        // Part II's PrekeyBundle calls the key `last_resort_prekey`; on the wire of part I it
+        // is `last_resort`, and the other name is an unknown key, ignored.
+        publish(
+            6,
+            &[
+                ("identity_key", &identity_key),
+                ("signed_prekey", &spk),
+                ("last_resort_prekey", &last),
+            ],
+        ),
+    ];
+    for (id, body) in (3..).zip(incomplete) {
+        raw.body(&body).await;
+        raw.expect_error(Some(id), ErrorCode::InvalidKeys).await;
+    }
+    raw.request(
+        7,
+        Request::FetchBundle {
+            username: "alice".into(),
+        },
+    )
+    .await;
+    raw.expect_error(Some(7), ErrorCode::NoKeys).await;
+
+    raw.body(&publish(
+        8,
+        &[
+            ("identity_key", &identity_key),
+            ("signed_prekey", &spk),
+            ("last_resort", &last),
+        ],
+    ))
+    .await;
+    let frame = raw.reply().await;
+    assert_eq!(
+        (frame.id, frame.reply),
+        (
+            Some(8),
+            Reply::KeysPublished {
+                one_time_prekeys: 0
+            }
+        )
+    );
+    server.stop().await;
+}
