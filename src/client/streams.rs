@@ -1,11 +1,12 @@
 //! Message streams on the client side: sending one message per unidirectional stream, and
 //! receiving the server's deliveries, released to the application in the server's order.
 
-use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, VecDeque};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use quinn::{Connection, RecvStream};
+use quinn::{Connection, ReadToEndError, RecvStream, VarInt};
 use tokio::sync::mpsc;
 
 use super::ClientError;
@@ -13,10 +14,19 @@ use crate::protocol::{
     DeliverHeader, MAX_STREAM_HEADER, MessageId, SendHeader, StreamHeader, decode_body, read_frame,
 };
 
-/// Largest delivered body this client accepts (the server's default limit is 64 KiB).
-pub const MAX_DELIVERED_BODY: u64 = 16 * 1024 * 1024;
+/// Largest delivered body this client accepts: the largest end-to-end envelope (part II, E7),
+/// which is what every body is. A longer one could not be opened anyway, so its stream is
+/// refused from its header, before a byte of the body is read or buffered.
+pub const MAX_DELIVERED_BODY: u64 = crate::e2e::MAX_ENVELOPE_LEN as u64;
 /// Deliveries held back waiting for an earlier one before order is given up on.
 const MAX_HELD: usize = 4096;
+/// Bytes of bodies held back before order is given up on: 273 bodies of the largest size,
+/// many more of a chat's. With the streams being read (at most the transport's
+/// `MAX_SERVER_UNI_STREAMS`, 512, each buffering at most [`MAX_DELIVERED_BODY`]: 30 MiB), this
+/// bounds what a server can make the receiver hold.
+const MAX_HELD_BYTES: usize = 16 << 20;
+/// STOP_SENDING code of a delivery stream this client refuses.
+const DELIVERY_REFUSED: u32 = 1;
 
 /// A message the server delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,15 +103,34 @@ async fn write_stream(
     stream.finish().map_err(|e| lost(&e))
 }
 
-async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), String> {
+/// A delivery stream that gave no message.
+#[derive(Debug)]
+struct Unreadable {
+    /// `(prev, seq)` from its header, when the header was read: the place of the missing
+    /// message in the server's chain, so later ones are not held back for it.
+    link: Option<(u64, u64)>,
+    /// Why, for the log.
+    why: String,
+}
+
+impl Unreadable {
+    fn new(why: impl Into<String>) -> Self {
+        Self {
+            link: None,
+            why: why.into(),
+        }
+    }
+}
+
+async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Unreadable> {
     let mut buf = Vec::new();
     if !read_frame(&mut stream, MAX_STREAM_HEADER, &mut buf)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| Unreadable::new(e.to_string()))?
     {
-        return Err("empty stream".into());
+        return Err(Unreadable::new("empty stream"));
     }
-    let header = decode_body(&buf).map_err(|e| e.to_string())?;
+    let header = decode_body(&buf).map_err(|e| Unreadable::new(e.to_string()))?;
     let StreamHeader::Deliver(DeliverHeader {
         seq,
         prev,
@@ -112,22 +141,35 @@ async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Strin
         length,
     }) = header
     else {
-        return Err("not a deliver header".into());
+        return Err(Unreadable::new("not a deliver header"));
+    };
+    let failed = |why: String| Unreadable {
+        link: Some((prev, seq)),
+        why,
     };
     if length > MAX_DELIVERED_BODY {
-        return Err(format!("body of {length} bytes is too large"));
+        let _ = stream.stop(VarInt::from_u32(DELIVERY_REFUSED));
+        return Err(failed(format!(
+            "a body of {length} bytes exceeds the limit of {MAX_DELIVERED_BODY}"
+        )));
     }
-    let mut body = vec![0u8; usize::try_from(length).map_err(|e| e.to_string())?];
-    stream
-        .read_exact(&mut body)
-        .await
-        .map_err(|e| e.to_string())?;
-    // Read up to the FIN: dropping a stream before its end would ask the server to stop
-    // sending (STOP_SENDING), which it would have to tell from a real failure.
-    stream
-        .read_to_end(0)
-        .await
-        .map_err(|e| format!("after the body: {e}"))?;
+    // Buffered as it arrives (never more than `length`), up to the FIN: reading to the end
+    // also spares the server a STOP_SENDING it would have to tell from a real failure.
+    let length = usize::try_from(length).map_err(|e| failed(e.to_string()))?;
+    let body = match stream.read_to_end(length).await {
+        Ok(body) if body.len() == length => body,
+        Ok(body) => {
+            return Err(failed(format!(
+                "the stream ended after {} of {length} body bytes",
+                body.len()
+            )));
+        }
+        Err(ReadToEndError::TooLong) => {
+            let _ = stream.stop(VarInt::from_u32(DELIVERY_REFUSED));
+            return Err(failed("bytes after the announced body".into()));
+        }
+        Err(ReadToEndError::Read(e)) => return Err(failed(e.to_string())),
+    };
     Ok((
         prev,
         Delivered {
@@ -141,14 +183,104 @@ async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Strin
     ))
 }
 
+/// A place in the server's delivery chain.
+enum Link {
+    /// A message, waiting for the one before it.
+    Message(Delivered),
+    /// A message whose stream was unreadable: passed over, so the chain goes on after it.
+    Skipped {
+        /// Its `seq`.
+        seq: u64,
+    },
+}
+
+impl Link {
+    fn seq(&self) -> u64 {
+        match self {
+            Self::Message(m) => m.seq,
+            Self::Skipped { seq } => *seq,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Message(m) => m.body.len(),
+            Self::Skipped { .. } => 0,
+        }
+    }
+}
+
+/// Puts deliveries back into the order of the server's chain (each names the `seq` pushed
+/// before it as `prev`), holding early ones within [`MAX_HELD`] and [`MAX_HELD_BYTES`]; past
+/// either, it gives up the order rather than the messages.
+#[derive(Default)]
+struct Reorder {
+    /// The highest `seq` passed (released or skipped).
+    passed: u64,
+    /// Early arrivals by their `prev`.
+    held: BTreeMap<u64, Link>,
+    held_bytes: usize,
+    /// Messages released, in order, for the caller to take.
+    ready: VecDeque<Delivered>,
+}
+
+impl Reorder {
+    fn arrive(&mut self, prev: u64, link: Link) {
+        // Its predecessor was passed: it is next, or a straggler after order was given up.
+        if prev <= self.passed {
+            self.pass(link);
+        } else {
+            match self.held.entry(prev) {
+                Entry::Vacant(place) => {
+                    self.held_bytes += link.bytes();
+                    place.insert(link);
+                }
+                // Two streams after the same `prev`: the server failed to push the first and
+                // chained the next one where it was. The message wins over a skipped link.
+                Entry::Occupied(mut place) => match (place.get(), link) {
+                    (Link::Skipped { .. }, link @ Link::Message(_)) => {
+                        self.held_bytes += link.bytes();
+                        place.insert(link);
+                    }
+                    (_, Link::Skipped { .. }) => {}
+                    (Link::Message(_), link @ Link::Message(_)) => self.pass(link),
+                },
+            }
+        }
+        while self.held.len() > MAX_HELD || self.held_bytes > MAX_HELD_BYTES {
+            let Some((_, link)) = self.held.pop_first() else {
+                break;
+            };
+            self.held_bytes -= link.bytes();
+            self.pass(link);
+        }
+    }
+
+    /// Releases `link` and the held ones that follow it.
+    fn pass(&mut self, link: Link) {
+        let mut next = Some(link);
+        while let Some(link) = next {
+            let seq = link.seq();
+            self.passed = self.passed.max(seq);
+            if let Link::Message(message) = link {
+                self.ready.push_back(message);
+            }
+            next = self.held.remove(&seq);
+            if let Some(link) = &next {
+                self.held_bytes -= link.bytes();
+            }
+        }
+    }
+}
+
 /// Accepts delivery streams and releases them in the chain order the server gave (`prev`).
-/// One task reads all of them (the server's stream limit bounds how many are open at once):
-/// no task and no channel hop per message.
+/// One task reads all of them (the client's stream limit, `MAX_SERVER_UNI_STREAMS`, bounds how
+/// many are open at once, and each buffers at most [`MAX_DELIVERED_BODY`]): no task and no
+/// channel hop per message.
 pub(super) async fn receive_deliveries(conn: Connection, out: mpsc::Sender<Delivered>) {
     let mut reading = FuturesUnordered::new();
     let mut accepting = true;
-    let mut released = 0u64;
-    let mut held: BTreeMap<u64, Delivered> = BTreeMap::new();
+    let mut order = Reorder::default();
     loop {
         let read = tokio::select! {
             accepted = conn.accept_uni(), if accepting => {
@@ -161,29 +293,196 @@ pub(super) async fn receive_deliveries(conn: Connection, out: mpsc::Sender<Deliv
             Some(read) = reading.next() => read,
             else => return,
         };
-        let (prev, delivery) = match read {
-            Ok(arrived) => arrived,
-            Err(why) => {
+        match read {
+            Ok((prev, delivery)) => order.arrive(prev, Link::Message(delivery)),
+            Err(Unreadable { link, why }) => {
                 tracing::warn!(%why, "dropping an unreadable delivery stream");
-                continue;
+                if let Some((prev, seq)) = link {
+                    order.arrive(prev, Link::Skipped { seq });
+                }
             }
-        };
-        held.insert(prev, delivery);
-        loop {
-            let next = match held.remove(&released) {
-                Some(next) => next,
-                // Too much waiting on a missing link (it failed to arrive): give up on the
-                // order rather than on the messages.
-                None if held.len() > MAX_HELD => match held.pop_first() {
-                    Some((_, next)) => next,
-                    None => break,
-                },
-                None => break,
-            };
-            released = next.seq;
+        }
+        while let Some(next) = order.ready.pop_front() {
             if out.send(next).await.is_err() {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::protocol::encode_frame;
+    use crate::{tls, transport};
+
+    fn message(seq: u64, body_len: usize) -> Delivered {
+        Delivered {
+            seq,
+            id: MessageId([seq as u8; 16]),
+            from: "alice".into(),
+            sent_at: 1,
+            kind: "text".into(),
+            body: vec![0; body_len],
+        }
+    }
+
+    fn drain(order: &mut Reorder) -> Vec<u64> {
+        order.ready.drain(..).map(|m| m.seq).collect()
+    }
+
+    #[test]
+    fn reorder_follows_the_chain_and_passes_over_skipped_links() {
+        let mut order = Reorder::default();
+        order.arrive(3, Link::Message(message(5, 1)));
+        order.arrive(1, Link::Message(message(3, 1)));
+        assert!(drain(&mut order).is_empty());
+        order.arrive(0, Link::Message(message(1, 1)));
+        assert_eq!(drain(&mut order), [1, 3, 5]);
+        // Seq 7 was unreadable: 9, chained after it, does not wait for it.
+        order.arrive(7, Link::Message(message(9, 1)));
+        order.arrive(5, Link::Skipped { seq: 7 });
+        assert_eq!(drain(&mut order), [9]);
+        // The server could not push 11 and chained 13 after 9: the skipped link is superseded.
+        order.arrive(9, Link::Skipped { seq: 11 });
+        assert_eq!(drain(&mut order), Vec::<u64>::new());
+        order.arrive(9, Link::Message(message(13, 1)));
+        assert_eq!(drain(&mut order), [13]);
+        assert!(order.held.is_empty());
+    }
+
+    #[test]
+    fn reorder_holds_bounded_bytes_then_gives_up_the_order() {
+        let mut order = Reorder::default();
+        let big = MAX_DELIVERED_BODY as usize;
+        let fits = MAX_HELD_BYTES / big;
+        // Seq 1 never arrives; 2, 3, … wait for it until the bytes held pass the bound.
+        for seq in 2..2 + fits as u64 {
+            order.arrive(seq - 1, Link::Message(message(seq, big)));
+        }
+        assert!(order.ready.is_empty());
+        assert_eq!(order.held_bytes, fits * big);
+        let last = 2 + fits as u64;
+        order.arrive(last - 1, Link::Message(message(last, big)));
+        assert_eq!(drain(&mut order), (2..=last).collect::<Vec<_>>());
+        assert_eq!((order.held.len(), order.held_bytes), (0, 0));
+        // The straggler still comes, at once.
+        order.arrive(0, Link::Message(message(1, 1)));
+        assert_eq!(drain(&mut order), [1]);
+    }
+
+    /// A QUIC server and a client connected to it that allows delivery streams, on 127.0.0.1.
+    async fn connected() -> (quinn::Endpoint, Connection, quinn::Endpoint, Connection) {
+        let dev = tls::DevCertificates::generate(&[]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        dev.write_to(dir.path()).unwrap();
+        let identity = tls::ServerIdentity::from_dev(&dev).unwrap();
+        let server = transport::server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            tls::server_crypto(identity).unwrap(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let anchors = tls::load_trust_anchors(&dir.path().join("ca.crt")).unwrap();
+        let client =
+            transport::client_endpoint(addr, tls::client_crypto(anchors, false).unwrap()).unwrap();
+        let connecting = client.connect(addr, "localhost").unwrap();
+        let accepting = async { server.accept().await.unwrap().await };
+        let (client_conn, server_conn) = tokio::join!(connecting, accepting);
+        let (client_conn, server_conn) = (client_conn.unwrap(), server_conn.unwrap());
+        client_conn
+            .set_max_concurrent_uni_streams(VarInt::from_u32(transport::MAX_SERVER_UNI_STREAMS));
+        (server, server_conn, client, client_conn)
+    }
+
+    fn deliver_header(seq: u64, prev: u64, length: u64) -> Vec<u8> {
+        let header = StreamHeader::Deliver(DeliverHeader {
+            seq,
+            prev,
+            id: MessageId([seq as u8; 16]),
+            from: "alice".into(),
+            sent_at: 1,
+            kind: "text".into(),
+            length,
+        });
+        encode_frame(&header, MAX_STREAM_HEADER).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_oversize_delivery_is_refused_from_its_header() {
+        let (_server, server_conn, _client, client_conn) = connected().await;
+        for length in [MAX_DELIVERED_BODY + 1, 16 << 20, u64::MAX] {
+            let mut stream = server_conn.open_uni().await.unwrap();
+            stream
+                .write_all(&deliver_header(7, 0, length))
+                .await
+                .unwrap();
+            let accepted = client_conn.accept_uni().await.unwrap();
+            let reading = tokio::spawn(read_delivery(accepted));
+            // The client stops the stream before a byte of the body was sent.
+            let stopped = tokio::time::timeout(Duration::from_secs(5), stream.stopped()).await;
+            assert_eq!(
+                stopped.unwrap().unwrap(),
+                Some(VarInt::from_u32(DELIVERY_REFUSED))
+            );
+            let refused = reading.await.unwrap().unwrap_err();
+            assert_eq!(refused.link, Some((0, 7)), "{refused:?}");
+            assert!(refused.why.contains("exceeds the limit"), "{refused:?}");
+        }
+        // The largest allowed body is read.
+        let mut stream = server_conn.open_uni().await.unwrap();
+        stream
+            .write_all(&deliver_header(8, 0, MAX_DELIVERED_BODY))
+            .await
+            .unwrap();
+        stream
+            .write_all(&vec![5; MAX_DELIVERED_BODY as usize])
+            .await
+            .unwrap();
+        stream.finish().unwrap();
+        let accepted = client_conn.accept_uni().await.unwrap();
+        let (prev, delivered) = read_delivery(accepted).await.unwrap();
+        assert_eq!((prev, delivered.seq, delivered.body.len()), (0, 8, 61_440));
+    }
+
+    #[tokio::test]
+    async fn a_short_or_long_body_is_refused() {
+        let (_server, server_conn, _client, client_conn) = connected().await;
+        for (sent, fin) in [(10usize, true), (101, false)] {
+            let mut stream = server_conn.open_uni().await.unwrap();
+            stream.write_all(&deliver_header(4, 2, 100)).await.unwrap();
+            stream.write_all(&vec![1; sent]).await.unwrap();
+            if fin {
+                stream.finish().unwrap();
+            }
+            let accepted = client_conn.accept_uni().await.unwrap();
+            let refused = read_delivery(accepted).await.unwrap_err();
+            assert_eq!(refused.link, Some((2, 4)), "{refused:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_delivery_does_not_hold_back_the_ones_after_it() {
+        let (_server, server_conn, _client, client_conn) = connected().await;
+        let (tx, mut rx) = mpsc::channel(16);
+        let receiving = tokio::spawn(receive_deliveries(client_conn.clone(), tx));
+        for (seq, prev, length) in [(1, 0, 3), (2, 1, 20 << 20), (3, 2, 3)] {
+            let mut stream = server_conn.open_uni().await.unwrap();
+            stream
+                .write_all(&deliver_header(seq, prev, length))
+                .await
+                .unwrap();
+            if length == 3 {
+                stream.write_all(b"abc").await.unwrap();
+                stream.finish().unwrap();
+            }
+        }
+        for seq in [1, 3] {
+            let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+            assert_eq!(got.unwrap().unwrap().seq, seq);
+        }
+        receiving.abort();
     }
 }

@@ -1,13 +1,16 @@
 //! Length-prefixed MessagePack frames: a `u32` big-endian body length, then the body.
 //!
 //! The length is checked against the caller's cap before a byte of the body is buffered, and a
-//! body must be exactly one MessagePack value (trailing bytes are an error).
+//! body must be exactly one MessagePack value (trailing bytes are an error) that nests maps and
+//! arrays at most [`MAX_NESTING`] levels deep.
 
 use std::io::Cursor;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::nesting::{MAX_NESTING, TooDeep, check_nesting};
 
 /// Size of the length prefix in bytes.
 pub const LENGTH_PREFIX: usize = 4;
@@ -29,6 +32,9 @@ pub enum FrameError {
     /// The body is not a valid encoding of the expected message.
     #[error("undecodable frame body: {0}")]
     Decode(#[from] rmp_serde::decode::Error),
+    /// The body nests maps and arrays deeper than the protocol allows.
+    #[error(transparent)]
+    TooDeep(#[from] TooDeep),
     /// The body decoded but bytes were left over after the value.
     #[error("{0} trailing bytes after the frame's MessagePack value")]
     TrailingBytes(usize),
@@ -79,8 +85,15 @@ pub fn frame_length(prefix: [u8; LENGTH_PREFIX], max: u32) -> Result<u32, FrameE
     Ok(len)
 }
 
-/// Decodes a frame body as exactly one MessagePack value of type `T`.
+/// Decodes a frame body as exactly one MessagePack value of type `T`, nested at most
+/// [`MAX_NESTING`] levels deep.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    check_nesting(body, MAX_NESTING)?;
+    decode_checked_body(body)
+}
+
+/// [`decode_body`] for a body whose nesting the caller has checked.
+pub(super) fn decode_checked_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     let mut cursor = Cursor::new(body);
     let value = T::deserialize(&mut rmp_serde::Deserializer::new(&mut cursor))?;
     let used = usize::try_from(cursor.position()).unwrap_or(usize::MAX);

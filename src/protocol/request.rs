@@ -8,10 +8,14 @@
 
 use rmpv::ValueRef as Value;
 
-use super::{ClientFrame, Request, RequestKind, decode_body};
+use super::frame::decode_checked_body;
+use super::nesting::{MAX_NESTING, check_nesting};
+use super::{ClientFrame, Request, RequestKind};
 
-/// Deepest nesting accepted in a request; real requests are two levels deep.
-const MAX_DEPTH: usize = 16;
+/// The depth budget rmpv needs for a value that [`check_nesting`] let through: rmpv spends one
+/// unit on every value and one more on every map or array it opens, and a string or extension
+/// at the bottom costs three. Only a safety net: the nesting is already checked.
+const RMPV_DEPTH: usize = 2 * MAX_NESTING + 3;
 
 /// Why a frame body is not a valid request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,8 +110,11 @@ fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
 /// Decodes a control-stream frame body into a request, strictly.
 pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
     let malformed = |why: &str| RequestError::Malformed(why.to_owned());
+    if let Err(e) = check_nesting(body, MAX_NESTING) {
+        return Err(RequestError::Malformed(e.to_string()));
+    }
     let mut rest = body;
-    let value = rmpv::decode::read_value_ref_with_max_depth(&mut rest, MAX_DEPTH)
+    let value = rmpv::decode::read_value_ref_with_max_depth(&mut rest, RMPV_DEPTH)
         .map_err(|_| malformed("the body is not valid MessagePack"))?;
     if !rest.is_empty() {
         return Err(malformed("bytes follow the MessagePack value"));
@@ -168,7 +175,7 @@ pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
             request: Request::Ack { seqs, quiet },
         });
     }
-    decode_body::<ClientFrame>(body).map_err(|e| RequestError::Bad {
+    decode_checked_body::<ClientFrame>(body).map_err(|e| RequestError::Bad {
         id,
         kind,
         reason: match e {
@@ -181,6 +188,7 @@ pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::decode_body;
     use serde::Serialize;
 
     fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -235,6 +243,39 @@ mod tests {
                 "{body:02x?} → {:?}",
                 decode_request(&body)
             );
+        }
+    }
+
+    /// A `ping` whose unknown field `x` nests maps or arrays so that the frame is `levels`
+    /// deep; the innermost holds a string, which costs a generic decoder the most depth.
+    fn ping_nested(levels: usize, maps: bool) -> Vec<u8> {
+        let mut x = rmpv::Value::from("leaf");
+        for _ in 1..levels {
+            x = if maps {
+                rmpv::Value::Map(vec![("k".into(), x)])
+            } else {
+                rmpv::Value::Array(vec![x])
+            };
+        }
+        let frame = rmpv::Value::Map(vec![
+            ("id".into(), 3.into()),
+            ("type".into(), "ping".into()),
+            ("x".into(), x),
+        ]);
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &frame).unwrap();
+        out
+    }
+
+    #[test]
+    fn nesting_counts_one_level_per_map_or_array() {
+        for maps in [true, false] {
+            let deepest = decode_request(&ping_nested(MAX_NESTING, maps)).unwrap();
+            assert_eq!((deepest.id, deepest.request), (3, Request::Ping));
+            assert!(matches!(
+                decode_request(&ping_nested(MAX_NESTING + 1, maps)),
+                Err(RequestError::Malformed(_))
+            ));
         }
     }
 

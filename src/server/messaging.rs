@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use quinn::{Connection, RecvStream, VarInt};
+use quinn::{Connection, ReadToEndError, RecvStream, VarInt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
@@ -15,8 +15,8 @@ use super::Shared;
 use super::accounts::ActiveSession;
 use super::router::{Mailbox, Taken};
 use crate::protocol::{
-    DeliverHeader, ErrorCode, MAX_STREAM_HEADER, MessageId, Reply, SendHeader, ServerFrame,
-    StreamHeader, Username, decode_body, read_frame,
+    DeliverHeader, ErrorCode, FrameError, MAX_STREAM_HEADER, MessageId, Reply, SendHeader,
+    ServerFrame, StreamHeader, Username, decode_body, read_frame,
 };
 use crate::store::{AppendHooks, Appended, NewMessage, SeqHook, StoredMessage};
 use crate::unix_now;
@@ -87,16 +87,22 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
         let _ = stream.stop(VarInt::from_u32(STREAM_REFUSED));
     };
     let mut buf = Vec::new();
-    match read_frame(&mut stream, MAX_STREAM_HEADER, &mut buf).await {
-        Ok(true) => {}
-        Ok(false) | Err(_) => {
-            refuse(&mut stream);
-            return Some(failed(
-                None,
-                ErrorCode::MalformedFrame,
-                "unreadable message stream header",
-            ));
-        }
+    let unread = match read_frame(&mut stream, MAX_STREAM_HEADER, &mut buf).await {
+        Ok(true) => None,
+        Err(FrameError::TooLarge { len, max }) => Some((
+            ErrorCode::FrameTooLarge,
+            format!("a header of {len} bytes exceeds the limit of {max}"),
+        )),
+        // Ended (FIN) or reset by the client before the header was complete.
+        Ok(false) | Err(FrameError::Truncated | FrameError::Io(_)) => Some((
+            ErrorCode::TruncatedFrame,
+            "the stream ended inside its header".to_owned(),
+        )),
+        Err(e) => Some((ErrorCode::MalformedFrame, e.to_string())),
+    };
+    if let Some((code, why)) = unread {
+        refuse(&mut stream);
+        return Some(failed(None, code, why));
     }
     let header = match decode_body::<StreamHeader>(&buf) {
         Ok(StreamHeader::Send(header)) => header,
@@ -129,17 +135,18 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
         refuse(&mut stream);
         return Some(failed(Some(id), ErrorCode::UnknownUser, "no such user"));
     };
-    let mut body = vec![0u8; usize::try_from(header.length).unwrap_or(0)];
-    if stream.read_exact(&mut body).await.is_err() {
-        return Some(failed(
-            Some(id),
-            ErrorCode::TruncatedFrame,
-            "stream ended inside the body",
-        ));
-    }
-    match stream.read(&mut [0u8; 1]).await {
-        Ok(None) => {}
-        _ => {
+    // Buffered as it arrives, never more than announced: a header alone allocates nothing.
+    let length = usize::try_from(header.length).unwrap_or(usize::MAX);
+    let body = match stream.read_to_end(length).await {
+        Ok(body) if body.len() == length => body,
+        Ok(_) => {
+            return Some(failed(
+                Some(id),
+                ErrorCode::TruncatedFrame,
+                "the stream ended inside the body",
+            ));
+        }
+        Err(ReadToEndError::TooLong) => {
             refuse(&mut stream);
             return Some(failed(
                 Some(id),
@@ -147,7 +154,15 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
                 "bytes after the declared body",
             ));
         }
-    }
+        Err(ReadToEndError::Read(e)) => {
+            debug!(error = %e, "message stream broken inside the body");
+            return Some(failed(
+                Some(id),
+                ErrorCode::TruncatedFrame,
+                "the stream was reset inside the body",
+            ));
+        }
+    };
     match shared.accounts.store().user_exists(&recipient).await {
         Ok(true) => {}
         Ok(false) => return Some(failed(Some(id), ErrorCode::UnknownUser, "no such user")),

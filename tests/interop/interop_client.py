@@ -352,6 +352,27 @@ async def main_flow(args, r: Results):
             r.check("connection still usable after malformed_frame", rep.get("type") == "pong", rep)
         await step(r, "malformed frame", malformed())
 
+        async def nesting():
+            # Section 2: the body's map is level 1; each map or array in it adds one, up to 16.
+            def nested(levels, maps):
+                x = "leaf"
+                for _ in range(levels - 1):
+                    x = {"k": x} if maps else [x]
+                return x
+            for maps in (True, False):
+                what = "maps" if maps else "arrays"
+                rid, fut = c.send_request("ping", x=nested(16, maps))
+                rep = await c.wait_reply(fut)
+                r.check(f"16 levels of {what} -> pong", rep.get("type") == "pong"
+                        and rep.get("id") == rid, rep)
+                body = msgpack.packb({"id": c.next_id, "type": "ping", "x": nested(17, maps)})
+                c.next_id += 1
+                c.send_raw(struct.pack(">I", len(body)) + body)
+                frame = await c.next_connection_frame()
+                r.check(f"17 levels of {what} -> error malformed_frame without id",
+                        is_error(frame, "malformed_frame") and "id" not in frame, frame)
+        await step(r, "nesting limit", nesting())
+
         async def unknown_request():
             rid, fut = c.send_request("frobnicate", foo=1)
             rep = await c.wait_reply(fut)
