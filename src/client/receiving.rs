@@ -152,6 +152,9 @@ impl Messenger {
                         ask_again: ask,
                     }
                 };
+                if let Some(why) = &delivered.refused {
+                    return Ok(quarantine(state, why.clone(), false));
+                }
                 let Ok(peer) = Username::parse(&delivered.from) else {
                     return Ok(quarantine(state, "invalid sender name".into(), false));
                 };

@@ -41,8 +41,12 @@ pub struct Delivered {
     pub sent_at: u64,
     /// The sender's `kind`.
     pub kind: String,
-    /// The body as the sender sealed it.
+    /// The body as the sender sealed it (empty when `refused`).
     pub body: Vec<u8>,
+    /// Set when this client refused the body for good (larger than the protocol allows, or
+    /// bytes after it): a message that can never be read, to be acknowledged and reported
+    /// rather than delivered again on every connection.
+    pub refused: Option<String>,
 }
 
 /// Why a message stream could not be written.
@@ -111,6 +115,9 @@ struct Unreadable {
     link: Option<(u64, u64)>,
     /// Why, for the log.
     why: String,
+    /// The message as its header announced it, when its body is refused for good (not when
+    /// the stream merely broke off, which a later connection repairs).
+    refused: Option<Delivered>,
 }
 
 impl Unreadable {
@@ -118,6 +125,7 @@ impl Unreadable {
         Self {
             link: None,
             why: why.into(),
+            refused: None,
         }
     }
 }
@@ -146,10 +154,24 @@ async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Unrea
     let failed = |why: String| Unreadable {
         link: Some((prev, seq)),
         why,
+        refused: None,
+    };
+    let refused = |why: String| Unreadable {
+        link: Some((prev, seq)),
+        why: why.clone(),
+        refused: Some(Delivered {
+            seq,
+            id,
+            from: from.clone(),
+            sent_at,
+            kind: kind.clone(),
+            body: Vec::new(),
+            refused: Some(why),
+        }),
     };
     if length > MAX_DELIVERED_BODY {
         let _ = stream.stop(VarInt::from_u32(DELIVERY_REFUSED));
-        return Err(failed(format!(
+        return Err(refused(format!(
             "a body of {length} bytes exceeds the limit of {MAX_DELIVERED_BODY}"
         )));
     }
@@ -166,7 +188,7 @@ async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Unrea
         }
         Err(ReadToEndError::TooLong) => {
             let _ = stream.stop(VarInt::from_u32(DELIVERY_REFUSED));
-            return Err(failed("bytes after the announced body".into()));
+            return Err(refused("bytes after the announced body".into()));
         }
         Err(ReadToEndError::Read(e)) => return Err(failed(e.to_string())),
     };
@@ -179,6 +201,7 @@ async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Unrea
             sent_at,
             kind,
             body,
+            refused: None,
         },
     ))
 }
@@ -295,10 +318,12 @@ pub(super) async fn receive_deliveries(conn: Connection, out: mpsc::Sender<Deliv
         };
         match read {
             Ok((prev, delivery)) => order.arrive(prev, Link::Message(delivery)),
-            Err(Unreadable { link, why }) => {
-                tracing::warn!(%why, "dropping an unreadable delivery stream");
-                if let Some((prev, seq)) = link {
-                    order.arrive(prev, Link::Skipped { seq });
+            Err(Unreadable { link, why, refused }) => {
+                tracing::warn!(%why, "an unreadable delivery stream");
+                match (link, refused) {
+                    (Some((prev, _)), Some(refused)) => order.arrive(prev, Link::Message(refused)),
+                    (Some((prev, seq)), None) => order.arrive(prev, Link::Skipped { seq }),
+                    (None, _) => {}
                 }
             }
         }
@@ -326,6 +351,7 @@ mod tests {
             sent_at: 1,
             kind: "text".into(),
             body: vec![0; body_len],
+            refused: None,
         }
     }
 
@@ -479,9 +505,13 @@ mod tests {
                 stream.finish().unwrap();
             }
         }
-        for seq in [1, 3] {
+        // The refused one comes out in its place, marked, for the application to acknowledge
+        // (it would otherwise come back on every connection).
+        for (seq, refused) in [(1, false), (2, true), (3, false)] {
             let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
-            assert_eq!(got.unwrap().unwrap().seq, seq);
+            let got = got.unwrap().unwrap();
+            assert_eq!((got.seq, got.refused.is_some()), (seq, refused), "{got:?}");
+            assert!(got.refused.is_none() || got.body.is_empty());
         }
         receiving.abort();
     }
