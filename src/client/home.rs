@@ -13,10 +13,12 @@ use crate::protocol::{SessionToken, TOKEN_LEN};
 const SESSION_FILE: &str = "session.toml";
 
 /// Why the home directory could not be used.
-#[derive(Debug, thiserror::Error)]
+///
+/// Its message carries the cause and it has no `source()`, like the crate's other errors (see
+/// `StoreError`); written by hand because `thiserror` makes a field named `source` the source.
+#[derive(Debug)]
 pub enum HomeError {
     /// A file or directory could not be read or written.
-    #[error("{path}: {source}")]
     Io {
         /// The path concerned.
         path: PathBuf,
@@ -24,7 +26,6 @@ pub enum HomeError {
         source: std::io::Error,
     },
     /// A file's content is unusable.
-    #[error("{path}: {reason}")]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -33,9 +34,20 @@ pub enum HomeError {
     },
     /// The blocking task that did the file work did not finish (it panicked or the runtime
     /// is shutting down).
-    #[error("the keystore's file task failed: {0}")]
     Task(String),
 }
+
+impl std::fmt::Display for HomeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            Self::Corrupt { path, reason } => write!(f, "{}: {reason}", path.display()),
+            Self::Task(reason) => write!(f, "the keystore's file task failed: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for HomeError {}
 
 /// The session `sfc login` saved.
 #[derive(Clone, PartialEq, Eq)]

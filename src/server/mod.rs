@@ -42,29 +42,42 @@ const RETRY_THRESHOLD: usize = 256;
 /// How often expired sessions are swept from the store.
 const SESSION_SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Why the server could not start or stop cleanly.
+/// Why the server could not start or stop cleanly. Each message carries its cause, and none
+/// is also a `source()` (see [`StoreError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// Certificates could not be loaded or made.
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// The UDP socket could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The store failed to open or flush.
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// The password hasher could not start.
     #[error("password hasher: {0}")]
-    Password(#[from] PasswordError),
+    Password(PasswordError),
     /// A startup task died.
     #[error("startup task failed: {0}")]
-    Join(#[from] tokio::task::JoinError),
+    Join(tokio::task::JoinError),
+}
+
+impl From<PasswordError> for ServerError {
+    fn from(error: PasswordError) -> Self {
+        Self::Password(error)
+    }
+}
+
+impl From<tokio::task::JoinError> for ServerError {
+    fn from(error: tokio::task::JoinError) -> Self {
+        Self::Join(error)
+    }
 }
 
 /// State shared by every connection.
@@ -119,10 +132,10 @@ impl Server {
             }
         };
         let crypto = tls::server_crypto(identity)?;
-        let endpoint = transport::server_endpoint(config.listen, crypto).map_err(|source| {
+        let endpoint = transport::server_endpoint(config.listen, crypto).map_err(|error| {
             ServerError::Bind {
                 addr: config.listen,
-                source,
+                error,
             }
         })?;
 
