@@ -1,8 +1,69 @@
-//! Crashes: the leftovers of a killed client.
+//! Crashes: a server killed with `kill -9` (gone, or restarted on the same data and port), and
+//! the leftovers of a killed client.
 
 mod common;
 
-use common::cli::{People, run};
+use std::time::{Duration, Instant};
+
+use common::PASSWORD;
+use common::cli::{People, ServerProcess, run};
+use securefastchat::client::{Client, ClientError, ClientOptions};
+use securefastchat::protocol::{Password, SessionToken};
+
+/// Options for the server binary started in `dir`, with the default (30 s) request timeout.
+fn options(server: &ServerProcess, dir: &std::path::Path) -> ClientOptions {
+    ClientOptions::new(server.addr.clone(), dir.join("certs").join("ca.crt"))
+}
+
+/// `name` signed up on one connection, and a second connection resumed with its token.
+async fn signed_up_and_resumed(options: &ClientOptions, name: &str) -> (Client, SessionToken) {
+    let first = Client::connect(options).await.unwrap();
+    let (_, token) = first.signup(name, Password::new(PASSWORD)).await.unwrap();
+    first.close().await;
+    let client = Client::connect(options).await.unwrap();
+    client.resume(token.clone()).await.unwrap();
+    client.ping().await.unwrap();
+    (client, token)
+}
+
+/// Runs `work` and returns its output with how long it took.
+async fn timed<T>(work: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let started = Instant::now();
+    let out = work.await;
+    (out, started.elapsed())
+}
+
+fn assert_lost(result: Result<impl std::fmt::Debug, ClientError>, needle: &str) {
+    match result {
+        Err(ClientError::ConnectionLost(reason)) => {
+            assert!(reason.contains(needle), "{reason:?} lacks {needle:?}");
+        }
+        other => panic!("expected a lost connection ({needle}), got {other:?}"),
+    }
+}
+
+/// A server restarted on the same data and port answers the old connection's packets with a
+/// stateless reset: the client's request fails at once, and a new connection works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_resets_old_connections_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path()).await;
+    let addr = server.addr.clone();
+    let options = options(&server, dir.path());
+    let (client, token) = signed_up_and_resumed(&options, "alice").await;
+    server.kill().await;
+    let server = ServerProcess::start_on(dir.path(), &addr).await;
+
+    let (ping, took) = timed(tokio::time::timeout(Duration::from_secs(40), client.ping())).await;
+    println!("the request on the old connection failed after {took:?}");
+    assert_lost(ping.unwrap(), "no longer knows this connection");
+    assert!(took <= Duration::from_secs(1), "took {took:?}");
+
+    let fresh = Client::connect(&options).await.unwrap();
+    fresh.resume(token).await.unwrap();
+    fresh.close().await;
+    server.terminate().await;
+}
 
 /// A client killed between writing a private file's temp copy and renaming it leaves
 /// `NAME.tmp.PID` behind, holding a secret: the next `sfc` removes it, but never the temp

@@ -33,7 +33,7 @@ use crate::protocol::CloseCode;
 use crate::protocol::Username;
 use crate::store::{FjallStore, Store, StoreError, StoreOptions};
 use crate::tls::{self, ServerIdentity, TlsError};
-use crate::transport;
+use crate::transport::{self, EndpointSecret};
 
 /// Unvalidated handshakes in flight above which new clients must first prove their address
 /// with a QUIC Retry (one extra round trip), so spoofed floods cannot pin handshake state.
@@ -54,6 +54,14 @@ pub enum ServerError {
     Bind {
         /// The address.
         addr: SocketAddr,
+        /// The error.
+        error: std::io::Error,
+    },
+    /// The endpoint secret in the data directory could not be read or made.
+    #[error("endpoint secret {path}: {error}")]
+    EndpointSecret {
+        /// The file.
+        path: std::path::PathBuf,
         /// The error.
         error: std::io::Error,
     },
@@ -132,13 +140,9 @@ impl Server {
             }
         };
         let crypto = tls::server_crypto(identity)?;
-        let endpoint = transport::server_endpoint(config.listen, crypto).map_err(|error| {
-            ServerError::Bind {
-                addr: config.listen,
-                error,
-            }
-        })?;
 
+        // The store first: it creates the data directory and locks it, so the endpoint secret
+        // is read (or made) by the one server that owns the directory.
         let data_dir = config.data_dir.clone();
         let options = StoreOptions {
             durability: config.durability,
@@ -149,6 +153,21 @@ impl Server {
             tokio::task::spawn_blocking(move || FjallStore::open_with(&data_dir, options))
                 .await??,
         );
+        let data_dir = config.data_dir.clone();
+        let secret = tokio::task::spawn_blocking(move || EndpointSecret::load_or_create(&data_dir))
+            .await?
+            .map_err(|error| ServerError::EndpointSecret {
+                path: config.data_dir.join(EndpointSecret::FILE),
+                error,
+            })?;
+        let endpoint =
+            transport::server_endpoint_with(config.listen, crypto, &secret).map_err(|error| {
+                ServerError::Bind {
+                    addr: config.listen,
+                    error,
+                }
+            })?;
+
         let workers = config.password_workers;
         let passwords = tokio::task::spawn_blocking(move || Passwords::new(workers)).await??;
         let accounts = Accounts::new(Arc::clone(&store), passwords, config.session_ttl);
