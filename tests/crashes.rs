@@ -7,8 +7,12 @@ use std::time::{Duration, Instant};
 
 use common::PASSWORD;
 use common::cli::{People, ServerProcess, run};
-use securefastchat::client::{Client, ClientError, ClientOptions};
-use securefastchat::protocol::{Password, SessionToken};
+use securefastchat::client::{Client, ClientError, ClientOptions, liveness};
+use securefastchat::protocol::{
+    MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Password, Reply, ServerFrame, SessionToken,
+    decode_request, read_frame, write_frame,
+};
+use securefastchat::{tls, transport};
 
 /// Options for the server binary started in `dir`, with the default (30 s) request timeout.
 fn options(server: &ServerProcess, dir: &std::path::Path) -> ClientOptions {
@@ -42,6 +46,37 @@ fn assert_lost(result: Result<impl std::fmt::Debug, ClientError>, needle: &str) 
     }
 }
 
+/// Nothing answers any more: the client notices within seconds (not the 30 s request
+/// timeout), every waiter fails, and the deliveries end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_fails_every_waiter_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path()).await;
+    let options = options(&server, dir.path());
+    let (client, _) = signed_up_and_resumed(&options, "alice").await;
+    server.kill().await;
+
+    let id = MessageId::random().unwrap();
+    let ((ping, ping_took), (sent, send_took), (delivery, delivery_took)) = tokio::join!(
+        timed(client.ping()),
+        timed(client.send_message("alice", "text", id, b"hello")),
+        timed(client.next_delivery(Duration::from_secs(60))),
+    );
+    println!(
+        "ping failed after {ping_took:?}, send after {send_took:?}, deliveries ended after {delivery_took:?}"
+    );
+    assert_lost(ping, "stopped answering");
+    assert_lost(sent, "stopped answering");
+    assert!(delivery.is_none());
+    for took in [ping_took, send_took, delivery_took] {
+        assert!(took < Duration::from_secs(6), "took {took:?}");
+    }
+    // Later requests fail at once, with the same reason.
+    let (again, took) = timed(client.ping()).await;
+    assert_lost(again, "stopped answering");
+    assert!(took < Duration::from_millis(100), "took {took:?}");
+}
+
 /// A server restarted on the same data and port answers the old connection's packets with a
 /// stateless reset: the client's request fails at once, and a new connection works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,6 +98,59 @@ async fn a_restarted_server_resets_old_connections_at_once() {
     fresh.resume(token).await.unwrap();
     fresh.close().await;
     server.terminate().await;
+}
+
+/// A server that is alive but does not answer is not declared dead: its QUIC stack
+/// acknowledges the request, and the request times out after `request_timeout`, as asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_server_that_does_not_answer_times_out_as_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (identity, _) = tls::ensure_dev_certificates(dir.path()).unwrap();
+    let endpoint = transport::server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        tls::server_crypto(identity).unwrap(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    // Says hello, then reads requests and answers none (keeping the connection open).
+    let silent = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut buf = Vec::new();
+        assert!(
+            read_frame(&mut recv, MAX_CONTROL_FRAME, &mut buf)
+                .await
+                .unwrap()
+        );
+        let hello = decode_request(&buf).unwrap();
+        let reply = ServerFrame {
+            id: Some(hello.id),
+            reply: Reply::Hello {
+                version: PROTOCOL_VERSION,
+                server: "silent".into(),
+                max_frame: MAX_CONTROL_FRAME,
+            },
+        };
+        write_frame(&mut send, &reply, MAX_CONTROL_FRAME)
+            .await
+            .unwrap();
+        while read_frame(&mut recv, MAX_CONTROL_FRAME, &mut buf)
+            .await
+            .unwrap_or(false)
+        {}
+        drop((send, conn, endpoint));
+    });
+
+    let mut options = ClientOptions::new(addr.to_string(), dir.path().join(tls::CA_CERT_FILE));
+    options.request_timeout = liveness::DEAD_SERVER_FLOOR * 2;
+    let client = Client::connect(&options).await.unwrap();
+    let (ping, took) = timed(client.ping()).await;
+    assert!(
+        matches!(ping, Err(ClientError::Timeout(t)) if t == options.request_timeout),
+        "{ping:?} after {took:?}"
+    );
+    client.close().await;
+    silent.abort();
 }
 
 /// A client killed between writing a private file's temp copy and renaming it leaves
