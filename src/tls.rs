@@ -32,12 +32,12 @@ pub const DEV_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file concerned.
         path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (in the message, not a `source()`: see `StoreError`).
+        error: std::io::Error,
     },
     /// A PEM file holds nothing usable.
     #[error("{path}: {reason}")]
@@ -49,19 +49,31 @@ pub enum TlsError {
     },
     /// rcgen could not make a certificate.
     #[error("cannot generate certificate: {0}")]
-    Generate(#[from] rcgen::Error),
+    Generate(rcgen::Error),
     /// rustls refused the configuration (for example a key that does not match).
     #[error("TLS configuration rejected: {0}")]
-    Rustls(#[from] rustls::Error),
+    Rustls(rustls::Error),
     /// quinn refused the rustls configuration.
     #[error("QUIC cannot use this TLS configuration: {0}")]
     Quic(String),
 }
 
+impl From<rcgen::Error> for TlsError {
+    fn from(error: rcgen::Error) -> Self {
+        Self::Generate(error)
+    }
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(error: rustls::Error) -> Self {
+        Self::Rustls(error)
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
-    move |source| TlsError::Io {
+    move |error| TlsError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 

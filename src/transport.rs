@@ -1,14 +1,18 @@
 //! QUIC endpoints: UDP sockets with explicit buffer sizes and transport parameters chosen for
 //! many phone-like clients. The numbers are documented here and in `docs/PROTOCOL.md`.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Endpoint, EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig, VarInt};
+use quinn_proto::HashedConnectionIdGenerator;
+use ring::hmac;
 use socket2::{Domain, Protocol, Socket, Type};
+use zeroize::Zeroizing;
 
 /// Requested UDP send and receive buffer size. The kernel default (≈208 KB) drops packets under
 /// load on the machines we measured; 4 MiB is `net.core.rmem_max` there (the kernel caps it).
@@ -102,8 +106,109 @@ pub fn client_transport() -> TransportConfig {
     transport
 }
 
-/// A server endpoint on `addr` (connection migration on, as phones change networks).
+/// Least time between two stateless resets the server sends (quinn's default is 20 ms, 50 a
+/// second): after a restart every client still holding a connection needs one, and a reset
+/// costs one HMAC and is smaller than the packet that caused it, so it amplifies nothing.
+pub const MIN_RESET_INTERVAL: Duration = Duration::from_millis(1);
+
+/// The server's endpoint secret: 32 random bytes made once and kept in the data directory
+/// ([`EndpointSecret::FILE`], mode 0600). Its stateless-reset key and the key of its
+/// connection ids derive from it, so a server restarted on the same data recognises the
+/// connection ids it handed out before and answers a packet of a connection it no longer
+/// has with a stateless reset: the client's connection fails at once instead of waiting
+/// for a timeout. (With quinn's defaults both keys are random per start, and the restarted
+/// server drops such packets silently.)
+pub struct EndpointSecret(Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for EndpointSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EndpointSecret(..)")
+    }
+}
+
+impl EndpointSecret {
+    /// The file in the data directory.
+    pub const FILE: &str = "endpoint.secret";
+
+    /// Reads the secret from `dir`, creating it first if there is none (atomically: a new file
+    /// of mode 0600 is written, synced and linked into place only if the name is still free).
+    /// Blocking file I/O.
+    pub fn load_or_create(dir: &Path) -> io::Result<Self> {
+        let path = dir.join(Self::FILE);
+        match Self::read(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            read => return read,
+        }
+        let mut secret = Zeroizing::new([0u8; 32]);
+        getrandom::fill(&mut secret[..])?;
+        // tempfile creates the file with mode 0600.
+        let mut file = tempfile::NamedTempFile::new_in(dir)?;
+        file.write_all(&secret[..])?;
+        file.as_file().sync_all()?;
+        match file.persist_noclobber(&path) {
+            Ok(_) => {
+                std::fs::File::open(dir)?.sync_all()?;
+                Ok(Self(secret))
+            }
+            // Another process made it in the meantime: use theirs.
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => Self::read(&path),
+            Err(e) => Err(e.error),
+        }
+    }
+
+    fn read(path: &Path) -> io::Result<Self> {
+        let mut bytes = Zeroizing::new(Vec::with_capacity(33));
+        std::fs::File::open(path)?
+            .take(33)
+            .read_to_end(&mut bytes)?;
+        let secret: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not 32 bytes (delete it: a new one is made, and connections from before the \
+                 restart then time out instead of being reset)",
+            )
+        })?;
+        Ok(Self(Zeroizing::new(secret)))
+    }
+
+    /// The endpoint configuration with the keys derived from this secret.
+    fn endpoint_config(&self) -> EndpointConfig {
+        let master = hmac::Key::new(hmac::HMAC_SHA256, &self.0[..]);
+        let reset = hmac::sign(&master, b"sfc stateless reset key");
+        let cid = hmac::sign(&master, b"sfc connection id key");
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&cid.as_ref()[..8]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        let mut config =
+            EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+        config
+            .cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)))
+            .min_reset_interval(MIN_RESET_INTERVAL);
+        config
+    }
+}
+
+/// A server endpoint on `addr` (connection migration on, as phones change networks), with
+/// keys that change at every start (tests, examples).
 pub fn server_endpoint(addr: SocketAddr, crypto: QuicServerConfig) -> io::Result<Endpoint> {
+    bind_server(addr, crypto, EndpointConfig::default())
+}
+
+/// [`server_endpoint`] with the stateless-reset and connection-id keys of `secret`: what
+/// `sfc-server` runs, so that clients of a previous run are reset at once.
+pub fn server_endpoint_with(
+    addr: SocketAddr,
+    crypto: QuicServerConfig,
+    secret: &EndpointSecret,
+) -> io::Result<Endpoint> {
+    bind_server(addr, crypto, secret.endpoint_config())
+}
+
+fn bind_server(
+    addr: SocketAddr,
+    crypto: QuicServerConfig,
+    endpoint_config: EndpointConfig,
+) -> io::Result<Endpoint> {
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config
         .transport_config(Arc::new(server_transport()))
@@ -117,7 +222,7 @@ pub fn server_endpoint(addr: SocketAddr, crypto: QuicServerConfig) -> io::Result
         "UDP socket buffers (the kernel caps them at net.core.rmem_max/wmem_max)"
     );
     Endpoint::new(
-        EndpointConfig::default(),
+        endpoint_config,
         Some(config),
         socket,
         Arc::new(TokioRuntime),
@@ -141,4 +246,34 @@ pub fn client_endpoint(server: SocketAddr, crypto: QuicClientConfig) -> io::Resu
     config.transport_config(Arc::new(client_transport()));
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_endpoint_secret_is_made_once_privately() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = EndpointSecret::load_or_create(dir.path()).unwrap();
+        let again = EndpointSecret::load_or_create(dir.path()).unwrap();
+        assert_eq!(*first.0, *again.0);
+        let path = dir.path().join(EndpointSecret::FILE);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // Only the secret is left in the directory (no temp file).
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_damaged_endpoint_secret_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(EndpointSecret::FILE), [7u8; 33]).unwrap();
+        let err = EndpointSecret::load_or_create(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
 }

@@ -116,7 +116,10 @@ impl ClientError {
                 server: server.to_owned(),
                 reason: "timed out".into(),
             },
-            ConnectionError::Reset => Self::Refused("connection reset by server".into()),
+            // A stateless reset: the server has no such connection (it restarted).
+            ConnectionError::Reset => Self::ConnectionLost(
+                "the server no longer knows this connection (it restarted?)".into(),
+            ),
             other => Self::ConnectionLost(other.to_string()),
         }
     }

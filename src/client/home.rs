@@ -13,10 +13,12 @@ use crate::protocol::{SessionToken, TOKEN_LEN};
 const SESSION_FILE: &str = "session.toml";
 
 /// Why the home directory could not be used.
-#[derive(Debug, thiserror::Error)]
+///
+/// Its message carries the cause and it has no `source()`, like the crate's other errors (see
+/// `StoreError`); written by hand because `thiserror` makes a field named `source` the source.
+#[derive(Debug)]
 pub enum HomeError {
     /// A file or directory could not be read or written.
-    #[error("{path}: {source}")]
     Io {
         /// The path concerned.
         path: PathBuf,
@@ -24,7 +26,6 @@ pub enum HomeError {
         source: std::io::Error,
     },
     /// A file's content is unusable.
-    #[error("{path}: {reason}")]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -33,9 +34,20 @@ pub enum HomeError {
     },
     /// The blocking task that did the file work did not finish (it panicked or the runtime
     /// is shutting down).
-    #[error("the keystore's file task failed: {0}")]
     Task(String),
 }
+
+impl std::fmt::Display for HomeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            Self::Corrupt { path, reason } => write!(f, "{}: {reason}", path.display()),
+            Self::Task(reason) => write!(f, "the keystore's file task failed: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for HomeError {}
 
 /// The session `sfc login` saved.
 #[derive(Clone, PartialEq, Eq)]
@@ -98,6 +110,7 @@ impl Home {
             builder.mode(0o700);
         }
         builder.create(&dir).map_err(io)?;
+        remove_stale_temp_files(&dir);
         Ok(Self { dir })
     }
 
@@ -158,9 +171,11 @@ impl Home {
     }
 }
 
-/// Writes `contents` to `path` via a 0600 temp file, fsync and rename.
+/// Writes `contents` to `path` via a 0600 temp file, fsync and rename. The temp file is named
+/// after the process (`NAME.tmp.PID`), so that one killed before the rename can be told from
+/// one still being written ([`remove_stale_temp_files`]).
 pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), HomeError> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let tmp = path.with_extension(format!("{TEMP_INFIX}{}", std::process::id()));
     let io = |p: &Path| {
         let p = p.to_owned();
         move |source| HomeError::Io { path: p, source }
@@ -176,6 +191,69 @@ pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), HomeErro
     file.write_all(contents).map_err(io(&tmp))?;
     file.sync_all().map_err(io(&tmp))?;
     fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// What [`write_private`] puts between a file's stem and the writing process's id.
+const TEMP_INFIX: &str = "tmp.";
+
+/// Removes from `dir` the temp files of [`write_private`] whose process no longer runs: a
+/// client killed between writing and renaming leaves one behind, holding a copy of a secret.
+/// The file of a live process (even one that merely reuses a dead one's id) is left alone.
+/// Best effort: a file that cannot be listed or removed stays, for the next open.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temp_file_pid) else {
+            continue;
+        };
+        if !entry.file_type().is_ok_and(|t| t.is_file()) || process_may_run(pid) {
+            continue;
+        }
+        let path = entry.path();
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::debug!(path = %path.display(), "removed a dead client's temp file"),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "cannot remove a temp file")
+            }
+        }
+    }
+}
+
+/// The process id in a temp file's name (`keystore.tmp.1234` → 1234).
+fn temp_file_pid(name: &str) -> Option<u32> {
+    let (_, pid) = name.rsplit_once(&format!(".{TEMP_INFIX}"))?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Whether process `pid` may be running: `false` only when the system says there is none.
+#[cfg(target_os = "linux")]
+fn process_may_run(pid: u32) -> bool {
+    // 0 and ids past i32::MAX would name process groups: never treat them as dead.
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    if pid <= 0 {
+        return true;
+    }
+    // SAFETY: signal 0 sends nothing; kill only checks that the process exists and that we
+    // may signal it. It reads no memory of ours.
+    if unsafe { libc::kill(pid, 0) } == 0 {
+        return true;
+    }
+    // EPERM: it exists but belongs to someone else.
+    std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Elsewhere there is no cheap check: keep every temp file.
+#[cfg(not(target_os = "linux"))]
+fn process_may_run(_pid: u32) -> bool {
+    true
 }
 
 #[cfg(test)]
@@ -204,6 +282,36 @@ mod tests {
         }
         home.clear_session().unwrap();
         assert!(home.load_session().unwrap().is_none());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn temp_files_of_dead_processes_are_removed_on_open() {
+        let root = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        child.wait().unwrap();
+        let dead = root.path().join(format!("keystore.tmp.{}", child.id()));
+        let live = root
+            .path()
+            .join(format!("session.tmp.{}", std::process::id()));
+        let other = root.path().join("notes.tmp.txt");
+        for path in [&dead, &live, &other] {
+            fs::write(path, "x").unwrap();
+        }
+        Home::open(root.path()).unwrap();
+        assert!(!dead.exists(), "a dead process's temp file stays");
+        assert!(live.exists(), "a live process's temp file was removed");
+        assert!(other.exists(), "a file not ours was removed");
+    }
+
+    #[test]
+    fn temp_file_names_give_their_process() {
+        assert_eq!(temp_file_pid("keystore.tmp.1234"), Some(1234));
+        assert_eq!(temp_file_pid("session.tmp.7"), Some(7));
+        assert_eq!(temp_file_pid("keystore.tmp."), None);
+        assert_eq!(temp_file_pid("keystore.tmp.12a"), None);
+        assert_eq!(temp_file_pid("keystore.msgpack"), None);
+        assert_eq!(temp_file_pid("tmp.12"), None);
     }
 
     #[test]

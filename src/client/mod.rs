@@ -8,6 +8,7 @@ pub mod chat;
 mod error;
 pub mod home;
 pub mod keystore;
+pub mod liveness;
 pub mod messenger;
 mod receiving;
 mod sessions;
@@ -18,11 +19,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use self::error::ClientError;
 pub use self::messenger::Messenger;
@@ -215,6 +216,11 @@ pub struct Client {
     notices: Arc<Mutex<Notices>>,
     deliveries: tokio::sync::Mutex<mpsc::Receiver<Delivered>>,
     receiver: tokio::task::JoinHandle<()>,
+    /// Wakes the [`liveness`] watcher when a request or a send starts waiting.
+    wake_watcher: Arc<Notify>,
+    watcher: tokio::task::JoinHandle<()>,
+    /// Why the watcher gave the connection up, if it did.
+    verdict: Arc<OnceLock<String>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -237,13 +243,23 @@ impl Client {
         let pending: Pending = Arc::default();
         let sends: PendingSends = Arc::default();
         let notices: Arc<Mutex<Notices>> = Arc::default();
+        let verdict: Arc<OnceLock<String>> = Arc::default();
         let reader = tokio::spawn(read_replies(
             recv,
             conn.clone(),
             Arc::clone(&pending),
             Arc::clone(&sends),
             Arc::clone(&notices),
+            Arc::clone(&verdict),
         ));
+        let wake_watcher = Arc::new(Notify::new());
+        let watcher = tokio::spawn(liveness::watch(liveness::Watched {
+            conn: conn.clone(),
+            pending: Arc::clone(&pending),
+            sends: Arc::clone(&sends),
+            wake: Arc::clone(&wake_watcher),
+            verdict: Arc::clone(&verdict),
+        }));
         let (deliveries_tx, deliveries) = mpsc::channel(1024);
         let receiver = tokio::spawn(streams::receive_deliveries(conn.clone(), deliveries_tx));
         let client = Self {
@@ -259,6 +275,9 @@ impl Client {
             notices,
             deliveries: tokio::sync::Mutex::new(deliveries),
             receiver,
+            wake_watcher,
+            watcher,
+            verdict,
         };
         let hello = Request::Hello {
             version: PROTOCOL_VERSION,
@@ -307,6 +326,7 @@ impl Client {
             .lock()
             .map_err(|_| ClientError::Poisoned)?
             .insert(id, tx);
+        self.wake_watcher.notify_one();
         if let Err(e) = self.write_request(id, request).await {
             self.forget(id);
             return Err(e);
@@ -342,6 +362,9 @@ impl Client {
     }
 
     fn lost(&self, fallback: String) -> ClientError {
+        if let Some(verdict) = self.verdict.get() {
+            return ClientError::ConnectionLost(verdict.clone());
+        }
         match self.conn.close_reason() {
             Some(reason) => {
                 ClientError::from_connection(reason, &self.conn.remote_address().to_string())
@@ -456,6 +479,7 @@ impl Client {
             .lock()
             .map_err(|_| ClientError::Poisoned)?
             .insert(id, tx);
+        self.wake_watcher.notify_one();
         let forget = || {
             if let Ok(mut sends) = self.sends.lock() {
                 sends.remove(&id);
@@ -628,6 +652,7 @@ impl Client {
             .close(VarInt::from_u32(CloseCode::Normal.code()), b"bye");
         self.reader.abort();
         self.receiver.abort();
+        self.watcher.abort();
         // An endpoint of its own would be dropped with the client: let it send the close
         // first. A shared one lives on and sends it.
         if !self.shared_endpoint {
@@ -672,6 +697,7 @@ async fn read_replies(
     pending: Pending,
     sends: PendingSends,
     notices: Arc<Mutex<Notices>>,
+    verdict: Arc<OnceLock<String>>,
 ) {
     let mut buf = Vec::new();
     let failure = loop {
@@ -737,8 +763,11 @@ async fn read_replies(
             },
         }
     };
-    let failure = match (&failure, conn.close_reason()) {
-        (ClientError::ConnectionLost(_), Some(reason)) => {
+    let failure = match (&failure, verdict.get(), conn.close_reason()) {
+        (ClientError::ConnectionLost(_), Some(verdict), _) => {
+            ClientError::ConnectionLost(verdict.clone())
+        }
+        (ClientError::ConnectionLost(_), None, Some(reason)) => {
             ClientError::from_connection(reason, &conn.remote_address().to_string())
         }
         _ => failure,

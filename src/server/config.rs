@@ -152,12 +152,12 @@ pub struct ConfigLayer {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// The error.
-        source: std::io::Error,
+        /// The error (in the message, not a `source()`).
+        error: std::io::Error,
     },
     /// The config file is not valid TOML or has unknown keys.
     #[error("invalid config file {path}: {message}")]
@@ -175,9 +175,9 @@ pub enum ConfigError {
 impl ConfigLayer {
     /// Reads a TOML config file; unknown keys are an error.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),

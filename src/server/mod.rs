@@ -33,7 +33,7 @@ use crate::protocol::CloseCode;
 use crate::protocol::Username;
 use crate::store::{FjallStore, Store, StoreError, StoreOptions};
 use crate::tls::{self, ServerIdentity, TlsError};
-use crate::transport;
+use crate::transport::{self, EndpointSecret};
 
 /// Unvalidated handshakes in flight above which new clients must first prove their address
 /// with a QUIC Retry (one extra round trip), so spoofed floods cannot pin handshake state.
@@ -42,29 +42,50 @@ const RETRY_THRESHOLD: usize = 256;
 /// How often expired sessions are swept from the store.
 const SESSION_SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Why the server could not start or stop cleanly.
+/// Why the server could not start or stop cleanly. Each message carries its cause, and none
+/// is also a `source()` (see [`StoreError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// Certificates could not be loaded or made.
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// The UDP socket could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    /// The endpoint secret in the data directory could not be read or made.
+    #[error("endpoint secret {path}: {error}")]
+    EndpointSecret {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        error: std::io::Error,
     },
     /// The store failed to open or flush.
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// The password hasher could not start.
     #[error("password hasher: {0}")]
-    Password(#[from] PasswordError),
+    Password(PasswordError),
     /// A startup task died.
     #[error("startup task failed: {0}")]
-    Join(#[from] tokio::task::JoinError),
+    Join(tokio::task::JoinError),
+}
+
+impl From<PasswordError> for ServerError {
+    fn from(error: PasswordError) -> Self {
+        Self::Password(error)
+    }
+}
+
+impl From<tokio::task::JoinError> for ServerError {
+    fn from(error: tokio::task::JoinError) -> Self {
+        Self::Join(error)
+    }
 }
 
 /// State shared by every connection.
@@ -119,13 +140,9 @@ impl Server {
             }
         };
         let crypto = tls::server_crypto(identity)?;
-        let endpoint = transport::server_endpoint(config.listen, crypto).map_err(|source| {
-            ServerError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
 
+        // The store first: it creates the data directory and locks it, so the endpoint secret
+        // is read (or made) by the one server that owns the directory.
         let data_dir = config.data_dir.clone();
         let options = StoreOptions {
             durability: config.durability,
@@ -136,6 +153,21 @@ impl Server {
             tokio::task::spawn_blocking(move || FjallStore::open_with(&data_dir, options))
                 .await??,
         );
+        let data_dir = config.data_dir.clone();
+        let secret = tokio::task::spawn_blocking(move || EndpointSecret::load_or_create(&data_dir))
+            .await?
+            .map_err(|error| ServerError::EndpointSecret {
+                path: config.data_dir.join(EndpointSecret::FILE),
+                error,
+            })?;
+        let endpoint =
+            transport::server_endpoint_with(config.listen, crypto, &secret).map_err(|error| {
+                ServerError::Bind {
+                    addr: config.listen,
+                    error,
+                }
+            })?;
+
         let workers = config.password_workers;
         let passwords = tokio::task::spawn_blocking(move || Passwords::new(workers)).await??;
         let accounts = Accounts::new(Arc::clone(&store), passwords, config.session_ttl);

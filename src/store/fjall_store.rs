@@ -90,7 +90,12 @@ impl FjallStore {
     /// Opens (or creates) the database in `dir` and starts the inbox writer. Blocking: call
     /// before serving or off the runtime.
     pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
-        let db = Database::builder(dir).open()?;
+        let db = Database::builder(dir).open().map_err(|e| match e {
+            fjall::Error::Locked => StoreError::Locked {
+                dir: dir.to_owned(),
+            },
+            e => StoreError::Engine(e),
+        })?;
         let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
         let users = keyspace(USERS)?;
         let sessions = keyspace(SESSIONS)?;

@@ -177,11 +177,21 @@ pub struct TakenBundle {
 }
 
 /// Why a store operation failed.
+///
+/// Like every error type of the crate, its message carries its cause (one line, fit for a log
+/// or a terminal) and it reports no separate `source()`: a chain printer (`anyhow`'s `{:#}`)
+/// would otherwise print the cause twice.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The storage engine failed.
     #[error("storage engine error: {0}")]
-    Engine(#[from] fjall::Error),
+    Engine(fjall::Error),
+    /// Another process holds the data directory's lock (a second server on the same data).
+    #[error("another server is using this data directory ({dir})")]
+    Locked {
+        /// The data directory.
+        dir: std::path::PathBuf,
+    },
     /// A stored record could not be decoded (corruption or an incompatible version).
     #[error("corrupt record in `{keyspace}`: {reason}")]
     Corrupt {
@@ -192,7 +202,7 @@ pub enum StoreError {
     },
     /// A record could not be encoded.
     #[error("cannot encode record: {0}")]
-    Encode(#[from] rmp_serde::encode::Error),
+    Encode(rmp_serde::encode::Error),
     /// The blocking pool refused or lost the job.
     #[error(transparent)]
     Blocking(#[from] BlockingError),
@@ -208,6 +218,18 @@ pub enum StoreError {
     /// A message names a sender or recipient without an account.
     #[error("no account named {0:?}")]
     UnknownUser(Username),
+}
+
+impl From<fjall::Error> for StoreError {
+    fn from(error: fjall::Error) -> Self {
+        Self::Engine(error)
+    }
+}
+
+impl From<rmp_serde::encode::Error> for StoreError {
+    fn from(error: rmp_serde::encode::Error) -> Self {
+        Self::Encode(error)
+    }
 }
 
 /// What the server needs to persist. Every write is durable when its future resolves.

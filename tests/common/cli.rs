@@ -53,21 +53,32 @@ pub struct ServerProcess {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
+/// `sfc-server` listening on `listen` with its data and certificates in `dir`, logging at
+/// `info` to a piped stderr.
+pub fn server_command(dir: &Path, listen: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sfc-server"));
+    command
+        .args(["--listen", listen, "--data"])
+        .arg(dir.join("data"))
+        .arg("--certs")
+        .arg(dir.join("certs"))
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
 impl ServerProcess {
     pub async fn start(dir: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sfc-server"))
-            .args(["--listen", "127.0.0.1:0", "--data"])
-            .arg(dir.join("data"))
-            .arg("--certs")
-            .arg(dir.join("certs"))
-            .env_clear()
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        Self::start_on(dir, "127.0.0.1:0").await
+    }
+
+    /// Starts the server on `listen` (a restart on the same address when reused).
+    pub async fn start_on(dir: &Path, listen: &str) -> Self {
+        let mut child = server_command(dir, listen).spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let log = Arc::new(Mutex::new(Vec::new()));
         let addr = tokio::time::timeout(Duration::from_secs(30), async {
@@ -88,6 +99,12 @@ impl ServerProcess {
             }
         });
         Self { child, addr, log }
+    }
+
+    /// `kill -9`: the server stops at once, without closing anything.
+    pub async fn kill(mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
     }
 
     pub async fn terminate(mut self) -> Vec<String> {
