@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::TestServer;
-use common::cli::{People, assert_fails_with, run, stderr, stdout};
+use common::cli::{People, ServerProcess, assert_fails_with, run, stderr, stdout};
 
 /// Lines of `sfc recv` output, counted.
 fn count_lines(out: &str, counts: &mut BTreeMap<String, usize>) {
@@ -355,4 +355,41 @@ async fn a_waiting_receiver_reconnects_after_a_server_restart() {
         "{err}"
     );
     server.stop().await;
+}
+
+/// The server is killed (`kill -9`: nothing is closed) and restarted on the same data and
+/// port while `sfc recv --wait` waits with nothing to send: its idle ping finds the connection
+/// dead, it reconnects, and shows what was sent after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_receiver_survives_a_killed_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path()).await;
+    let addr = server.addr.clone();
+    let ca = dir.path().join("certs").join("ca.crt");
+    let people = People::signed_up_at(&addr, &ca, &["alice", "bob"]).await;
+    let out = run(people.sfc("alice", &["send", "bob", "before"])).await;
+    assert!(out.status.success(), "{out:?}");
+    let mut recv = people.sfc("bob", &["recv", "--wait", "40", "--count", "2"]);
+    recv.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let recv = recv.spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.kill().await;
+    let server = ServerProcess::start_on(dir.path(), &addr).await;
+    let out = run(people.sfc("alice", &["send", "bob", "after"])).await;
+    assert!(out.status.success(), "{out:?}");
+    let started = std::time::Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(40), recv.wait_with_output())
+        .await
+        .expect("recv ends after two messages")
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "alice\tbefore\nalice\tafter\n");
+    assert!(stderr(&out).contains("reconnected"), "{out:?}");
+    // The idle ping comes within 10 s of the last traffic.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    server.terminate().await;
 }

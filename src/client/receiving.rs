@@ -18,6 +18,9 @@ use crate::protocol::{MessageId, Username};
 /// send it again". Its body is the 16-byte id, not sealed.
 pub const RETRY: &str = "retry";
 
+/// Silence after which a waiting receiver pings the server to find out whether it is there.
+pub const IDLE_PING: Duration = Duration::from_secs(10);
+
 /// What happened to the connection, for the user.
 #[derive(Debug)]
 pub enum Connection<'a> {
@@ -85,8 +88,24 @@ impl Messenger {
         give_up_after: Option<Duration>,
         note: &mut impl FnMut(Connection<'_>),
     ) -> Result<Option<Received>, MessengerError> {
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match self.receive(wait).await {
+            // A receiver that only waits sends nothing the server must answer, so it would
+            // learn of a dead server only at the idle timeout: ping it after IDLE_PING of
+            // silence (the liveness watch then notices within seconds).
+            let slice = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(IDLE_PING);
+            let received = match self.receive(slice).await {
+                Ok(None) if tokio::time::Instant::now() < deadline => {
+                    match self.client().ping().await {
+                        Ok(()) => continue,
+                        Err(e) => Err(MessengerError::from(e)),
+                    }
+                }
+                other => other,
+            };
+            match received {
                 Err(e) if e.is_disconnected() => {
                     self.reconnect_with_backoff(give_up_after, |why, wait| {
                         note(Connection::Lost { why, wait })

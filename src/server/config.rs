@@ -27,8 +27,9 @@ pub const DEFAULT_SIGNUPS_PER_MINUTE: u32 = 20;
 pub const DEFAULT_BUNDLE_FETCHES_PER_MINUTE: u32 = 60;
 /// Default lifetime of an undelivered message: 7 days, as in the seed.
 pub const DEFAULT_MESSAGE_TTL_SECS: u64 = 7 * 24 * 3600;
-/// Default largest message body: 64 KiB.
-pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 64 * 1024;
+/// Default largest message body: the largest envelope (60 KiB), which is what receiving clients
+/// accept; a larger body would be stored and then refused by its recipient.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = crate::e2e::MAX_ENVELOPE_LEN as u64;
 
 /// Where the server's TLS identity comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]

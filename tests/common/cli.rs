@@ -147,9 +147,14 @@ impl People {
 impl People {
     /// `names` signed up through `sfc`, each in a home directory of its own, on `server`.
     pub async fn signed_up(server: &TestServer, names: &[&str]) -> Self {
+        Self::signed_up_at(&server.addr.to_string(), &server.ca_file(), names).await
+    }
+
+    /// [`People::signed_up`] on the server at `addr` whose CA certificate is `ca`.
+    pub async fn signed_up_at(addr: &str, ca: &Path, names: &[&str]) -> Self {
         let people = Self {
-            addr: server.addr.to_string(),
-            ca: server.ca_file(),
+            addr: addr.to_owned(),
+            ca: ca.to_owned(),
             homes: tempfile::tempdir().unwrap(),
         };
         for name in names {
