@@ -31,7 +31,7 @@ pub enum FrameError {
     Truncated,
     /// The body is not a valid encoding of the expected message.
     #[error("undecodable frame body: {0}")]
-    Decode(#[from] rmp_serde::decode::Error),
+    Decode(rmp_serde::decode::Error),
     /// The body nests maps and arrays deeper than the protocol allows.
     #[error(transparent)]
     TooDeep(#[from] TooDeep),
@@ -40,10 +40,28 @@ pub enum FrameError {
     TrailingBytes(usize),
     /// The message could not be encoded (a bug, or a value too large for the cap).
     #[error("cannot encode frame: {0}")]
-    Encode(#[from] rmp_serde::encode::Error),
+    Encode(rmp_serde::encode::Error),
     /// The underlying stream failed.
     #[error("stream error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<rmp_serde::decode::Error> for FrameError {
+    fn from(error: rmp_serde::decode::Error) -> Self {
+        Self::Decode(error)
+    }
+}
+
+impl From<rmp_serde::encode::Error> for FrameError {
+    fn from(error: rmp_serde::encode::Error) -> Self {
+        Self::Encode(error)
+    }
+}
+
+impl From<std::io::Error> for FrameError {
+    fn from(error: std::io::Error) -> Self {
+        Self::Io(error)
+    }
 }
 
 /// Encodes `msg` as one frame (prefix and body), refusing bodies larger than `max`.

@@ -24,7 +24,7 @@ use crate::unix_now;
 pub enum AccountError {
     /// The username breaks the rules.
     #[error("invalid username: {0}")]
-    InvalidUsername(#[from] UsernameError),
+    InvalidUsername(UsernameError),
     /// The password is too short or too long.
     #[error("passwords have {MIN_PASSWORD_LEN} to {MAX_PASSWORD_LEN} bytes")]
     WeakPassword,
@@ -48,7 +48,19 @@ pub enum AccountError {
     Password(PasswordError),
     /// The operating system's random generator failed.
     #[error("random generator: {0}")]
-    Random(#[from] getrandom::Error),
+    Random(getrandom::Error),
+}
+
+impl From<UsernameError> for AccountError {
+    fn from(error: UsernameError) -> Self {
+        Self::InvalidUsername(error)
+    }
+}
+
+impl From<getrandom::Error> for AccountError {
+    fn from(error: getrandom::Error) -> Self {
+        Self::Random(error)
+    }
 }
 
 impl From<StoreError> for AccountError {

@@ -40,7 +40,13 @@ pub enum PasswordError {
     BadHash(String),
     /// The operating system's random generator failed.
     #[error("random generator failed: {0}")]
-    Random(#[from] getrandom::Error),
+    Random(getrandom::Error),
+}
+
+impl From<getrandom::Error> for PasswordError {
+    fn from(error: getrandom::Error) -> Self {
+        Self::Random(error)
+    }
 }
 
 /// The password hasher shared by all connections.
