@@ -9,6 +9,7 @@ mod error;
 pub mod home;
 pub mod keystore;
 pub mod messenger;
+pub mod render;
 mod streams;
 
 use std::collections::HashMap;
