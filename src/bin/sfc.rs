@@ -116,6 +116,8 @@ const RECEIVE_SLICE: Duration = Duration::from_millis(250);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts (see `Clock::local`).
+    let clock = chat::Clock::local();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -126,7 +128,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, clock)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sfc: error: {}", one_line(&e));
@@ -259,7 +261,7 @@ fn interrupted() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
     let home_dir = cli.home.clone().unwrap_or_else(Home::default_dir);
     let home = Home::open(&home_dir)?;
     let options = ClientOptions::new(cli.server.clone(), cli.ca.clone());
@@ -440,7 +442,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let messenger = Arc::new(messenger(&home, &options, true).await?);
             let me = home.load_session()?.map(|s| s.username).unwrap_or_default();
-            chat::run(Arc::clone(&messenger), &me, &user).await?;
+            chat::run(Arc::clone(&messenger), &me, &user, &[], clock).await?;
             if let Ok(messenger) = Arc::try_unwrap(messenger) {
                 messenger.close().await;
             }
