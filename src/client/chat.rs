@@ -13,6 +13,7 @@
 //! acknowledgement. Sending and the outbox run in the loop that ties them together.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustyline::error::ReadlineError;
@@ -27,6 +28,10 @@ use crate::e2e::MAX_PLAINTEXT_LEN;
 
 /// How often the chat tries again what waits in the outbox.
 const OUTBOX_RETRY: Duration = Duration::from_secs(5);
+/// How long the receiver waits for a message before it looks whether the chat is over.
+const RECEIVE_SLICE: Duration = Duration::from_millis(250);
+/// How long a chat that ends waits for the message being opened.
+const RECEIVER_STOP: Duration = Duration::from_secs(5);
 /// How many typed lines the editor's history keeps (Up and Down recall them).
 const HISTORY: usize = 500;
 /// What starts a message's later lines: as wide as `HH:MM `, and no line of a message can
@@ -145,8 +150,11 @@ struct Screen {
 }
 
 impl Screen {
-    fn show(&mut self, line: String) {
-        // The printer writes a line to a pipe the editor's thread reads: it does not block.
+    fn show(&mut self, mut line: String) {
+        // While the editor reads a line, the printer hands the text to the editor's thread
+        // through a pipe (it does not block), and that adds a line break; otherwise it writes
+        // the text as it is.
+        line.push('\n');
         if self.printer.print(line).is_err() {
             tracing::debug!("the line editor is gone");
         }
@@ -207,7 +215,8 @@ pub async fn run(
     let prompt = format!("{}> ", render::line(me));
     let (mut keys, printer) = spawn_keyboard(prompt).await?;
     let mut screen = Screen { printer };
-    let (receiver, mut incoming) = spawn_receiver(Arc::clone(&messenger));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (receiver, mut incoming) = spawn_receiver(Arc::clone(&messenger), Arc::clone(&stop));
     let result = chat_loop(
         &messenger,
         &mut screen,
@@ -218,7 +227,17 @@ pub async fn run(
         &mut incoming,
     )
     .await;
+    // A message being opened when the user left is finished and shown: stopped in the middle,
+    // it would be acknowledged unshown, or come again and be taken for a duplicate.
+    stop.store(true, Ordering::Relaxed);
+    let mut receiver = receiver;
+    let _ = tokio::time::timeout(RECEIVER_STOP, &mut receiver).await;
     receiver.abort();
+    if result.is_ok() {
+        while let Ok(received) = incoming.try_recv() {
+            let _ = show_received(&mut screen, clock, peer, received);
+        }
+    }
     result
 }
 
@@ -289,14 +308,15 @@ fn read_lines(mut editor: DefaultEditor, prompt: &str, tx: &mpsc::Sender<Input>)
 /// acknowledged once opened) and hands them over, until the connection fails.
 fn spawn_receiver(
     messenger: Arc<Messenger>,
+    stop: Arc<AtomicBool>,
 ) -> (
     JoinHandle<()>,
     mpsc::Receiver<Result<Received, MessengerError>>,
 ) {
     let (tx, incoming) = mpsc::channel(64);
     let task = tokio::spawn(async move {
-        loop {
-            let received = match messenger.receive(Duration::from_secs(1)).await {
+        while !stop.load(Ordering::Relaxed) {
+            let received = match messenger.receive(RECEIVE_SLICE).await {
                 Ok(None) => continue,
                 Ok(Some(received)) => Ok(received),
                 Err(e) => Err(e),
