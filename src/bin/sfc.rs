@@ -29,7 +29,7 @@ struct Cli {
         global = true
     )]
     server: String,
-    /// CA certificate to trust (PEM); `sfc-server` writes its dev CA to <certs dir>/ca.crt
+    /// CA certificate to trust (PEM); `sfc-server` writes its dev CA to `<certs dir>/ca.crt`
     #[arg(long, env = "SFC_CA", default_value = "certs/ca.crt", global = true)]
     ca: PathBuf,
     /// Directory for the session token and keys [default: ~/.config/securefastchat]

@@ -29,7 +29,7 @@ pub fn line(text: &str) -> String {
 
 /// A message body for a line-oriented output: its lines joined with `"\n" + indent`, so that
 /// every line after the first starts with `indent` (a CRLF counts as one line break). Tabs are
-/// kept; every other control character is escaped as in [`line`].
+/// kept; every other control character is escaped as in [`line()`].
 ///
 /// `sfc recv` passes a TAB as `indent`: its output is `FROM<TAB>TEXT`, a sender's name is
 /// never empty, so a continuation line (TAB first) can never pass for another sender's.
