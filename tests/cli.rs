@@ -389,3 +389,202 @@ async fn sfc_chat_sends_what_waited_in_the_outbox_once_the_recipient_has_room() 
     assert!(status.success(), "{status:?}: {seen:?}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfc_recv_shows_escapes_instead_of_running_them_and_cannot_be_made_to_forge_a_line() {
+    let (server, people) = tight_inboxes(&["alice", "bob"]).await;
+    // Clear the screen, set the window title, a one-byte CSI (C1), a right-to-left override,
+    // a carriage return, and a second line made to look like a message from dave.
+    let hostile =
+        "\x1b[2J\x1b]0;pwned\x07hi \u{9b}31m \u{202e}txt.exe\r\ndave\tok I will wire the money";
+    let out = run(people.sfc("alice", &["send", "bob", hostile])).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = run(people.sfc("bob", &["recv", "--count", "1", "--wait", "5"])).await;
+    assert!(out.status.success(), "{out:?}");
+    let shown = stdout(&out);
+    assert_eq!(
+        shown,
+        "alice\t\\x1b[2J\\x1b]0;pwned\\x07hi \\u{9b}31m \\u{202e}txt.exe\n\tdave\tok I will wire the money\n"
+    );
+    for c in shown.chars() {
+        assert!(
+            !c.is_control() || c == '\n' || c == '\t',
+            "{c:?} in {shown:?}"
+        );
+        assert!(!('\u{2066}'..='\u{2069}').contains(&c) && !('\u{202a}'..='\u{202e}').contains(&c));
+    }
+    assert!(
+        shown
+            .lines()
+            .all(|l| l.starts_with("alice\t") || l.starts_with('\t')),
+        "{shown:?}"
+    );
+
+    // --json keeps the exact text (JSON escapes it).
+    let out = run(people.sfc("alice", &["send", "bob", hostile])).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = run(people.sfc("bob", &["recv", "--json", "--count", "1", "--wait", "5"])).await;
+    let raw = stdout(&out);
+    assert!(
+        !raw.contains('\x1b') && !raw.contains('\u{202e}') && !raw.contains('\u{9b}'),
+        "{raw:?}"
+    );
+    let line: serde_json::Value = serde_json::from_str(raw.trim()).unwrap();
+    assert_eq!(line["text"], hostile);
+
+    // An error line carries what the user typed (or a server said) escaped, on one line.
+    let out = run(people.sfc("alice", &["send", "bo\x1b[2Jb\ncarol", "hi"])).await;
+    assert_fails_with(&out, "invalid username");
+    assert!(!stderr(&out).contains('\x1b'), "{out:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfc_send_reads_standard_input_or_a_file_and_refuses_an_oversize_message_first() {
+    use tokio::io::AsyncWriteExt;
+    let (server, people) = tight_inboxes(&["alice", "bob"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let recv = || people.sfc("bob", &["recv", "--json", "--count", "1", "--wait", "5"]);
+    let text_of = |out: &std::process::Output| -> String {
+        let line: serde_json::Value = serde_json::from_str(stdout(out).trim()).unwrap();
+        line["text"].as_str().unwrap().to_owned()
+    };
+
+    let mut send = people.sfc("alice", &["send", "bob", "-"]);
+    send.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = send.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input
+        .write_all(b"two lines\nfrom standard input\n")
+        .await
+        .unwrap();
+    drop(input);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        text_of(&run(recv()).await),
+        "two lines\nfrom standard input"
+    );
+
+    let file = dir.path().join("message.txt");
+    std::fs::write(&file, "from a file, ünïcode\r\n").unwrap();
+    let out = run(people.sfc("alice", &["send", "bob", "--file", file.to_str().unwrap()])).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text_of(&run(recv()).await), "from a file, ünïcode");
+
+    let binary = dir.path().join("binary");
+    std::fs::write(&binary, b"abc\xff\xfe").unwrap();
+    let out = run(people.sfc(
+        "alice",
+        &["send", "bob", "--file", binary.to_str().unwrap()],
+    ))
+    .await;
+    assert_fails_with(&out, "not UTF-8 text");
+
+    let limit = securefastchat::e2e::MAX_PLAINTEXT_LEN;
+    let at_limit = "x".repeat(limit);
+    std::fs::write(&file, &at_limit).unwrap();
+    let out = run(people.sfc("alice", &["send", "bob", "--file", file.to_str().unwrap()])).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text_of(&run(recv()).await).len(), limit);
+
+    // One byte more is refused, saying the limit once, before anything is sealed: the outbox
+    // stays empty and bob gets nothing.
+    let over = "x".repeat(limit + 1);
+    let out = run(people.sfc("alice", &["send", "bob", &over])).await;
+    assert_fails_with(&out, &limit.to_string());
+    assert_eq!(
+        stderr(&out).matches(&limit.to_string()).count(),
+        1,
+        "{out:?}"
+    );
+    std::fs::write(&file, &over).unwrap();
+    let out = run(people.sfc("alice", &["send", "bob", "--file", file.to_str().unwrap()])).await;
+    assert_fails_with(&out, &limit.to_string());
+    assert_eq!(
+        stderr(&out).matches(&limit.to_string()).count(),
+        1,
+        "{out:?}"
+    );
+    let out = run(people.sfc("alice", &["outbox"])).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "");
+    let out = run(people.sfc("bob", &["recv", "--wait", "1"])).await;
+    assert_eq!(stdout(&out), "");
+
+    let out = run(people.sfc("alice", &["send", "--help"])).await;
+    assert!(stdout(&out).contains(&limit.to_string()), "{out:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfc_recv_follow_waits_until_interrupted_and_exits_cleanly() {
+    use tokio::io::AsyncBufReadExt;
+    let (server, people) = tight_inboxes(&["alice", "bob"]).await;
+    for (how, signal) in [("--follow", "-TERM"), ("--wait", "-INT")] {
+        let mut recv = people.sfc("bob", &["recv", how]);
+        recv.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = recv.spawn().unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let next_line = async |lines: &mut tokio::io::Lines<_>| {
+            tokio::time::timeout(Duration::from_secs(15), lines.next_line())
+                .await
+                .unwrap()
+                .unwrap()
+        };
+
+        let out = run(people.sfc("alice", &["send", "bob", "one"])).await;
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(next_line(&mut lines).await.as_deref(), Some("alice\tone"));
+        // Longer than the default wait of 2 s without a message: still there.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{how} stopped by itself"
+        );
+        let out = run(people.sfc("alice", &["send", "bob", "two"])).await;
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(next_line(&mut lines).await.as_deref(), Some("alice\ttwo"));
+
+        let pid = child.id().unwrap().to_string();
+        let kill = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{how} {signal}: {status:?}");
+        assert_eq!(next_line(&mut lines).await, None);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sfc_says_how_to_point_at_the_ca_when_the_default_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    // From a directory without certs/: the default certs/ca.crt is not there.
+    let mut login = sfc("127.0.0.1:9", Path::new("unused"), &dir.path().join("home"));
+    login
+        .env_remove("SFC_CA")
+        .current_dir(dir.path())
+        .env("SFC_PASSWORD", PASSWORD)
+        .args(["login", "alice"]);
+    let out = run(login).await;
+    assert_fails_with(&out, "certs/ca.crt");
+    for hint in [
+        "--ca",
+        "SFC_CA",
+        "sfc-server writes it to <certs dir>/ca.crt",
+    ] {
+        assert!(stderr(&out).contains(hint), "{hint:?} in {out:?}");
+    }
+}

@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,7 +14,9 @@ use securefastchat::client::home::{Home, SavedSession};
 use securefastchat::client::messenger::{
     Flushed, Messenger, MessengerError, OfflineMessenger, Received,
 };
+use securefastchat::client::render;
 use securefastchat::client::{Client, ClientError, ClientOptions, ConnectionEvent};
+use securefastchat::e2e::MAX_PLAINTEXT_LEN;
 use securefastchat::protocol::{ErrorCode, MessageId, Password};
 
 /// SecureFastChat client.
@@ -28,7 +31,7 @@ struct Cli {
         global = true
     )]
     server: String,
-    /// CA certificate to trust (PEM)
+    /// CA certificate to trust (PEM); `sfc-server` writes its dev CA to `<certs dir>/ca.crt`
     #[arg(long, env = "SFC_CA", default_value = "certs/ca.crt", global = true)]
     ca: PathBuf,
     /// Directory for the session token and keys [default: ~/.config/securefastchat]
@@ -59,20 +62,29 @@ enum Command {
     Logout,
     /// Show who is logged in
     Whoami,
-    /// Send an end-to-end encrypted message; prints its id once the server has stored it.
-    /// What the server cannot take now (a full inbox) waits in the outbox and goes first next
-    /// time
+    /// Send an end-to-end encrypted message (at most 57344 bytes, 56 KiB, of UTF-8 text);
+    /// prints its id once the server has stored it. What the server cannot take now (a full
+    /// inbox) waits in the outbox and goes first next time
     Send {
         /// Recipient
         user: String,
-        /// The message
-        text: String,
+        /// The message; `-` reads it from standard input (one final line break is dropped)
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
+        /// Read the message from this file (UTF-8 text; one final line break is dropped)
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
     },
-    /// Receive messages: one `FROM<TAB>TEXT` line each (or JSON with --json)
+    /// Receive messages: one `FROM<TAB>TEXT` line each (or JSON with --json). A message's
+    /// later lines start with a TAB; control characters show as escapes (`\x1b`, `\u{202e}`)
     Recv {
-        /// Stop after this many seconds without a message
-        #[arg(long, default_value_t = 2)]
-        wait: u64,
+        /// Stop after this many seconds without a message [default: 2]; `--wait` alone waits
+        /// until interrupted (Ctrl-C, SIGTERM)
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1)]
+        wait: Option<Option<u64>>,
+        /// Wait for messages until interrupted (Ctrl-C, SIGTERM), like `--wait` alone
+        #[arg(long, conflicts_with = "wait")]
+        follow: bool,
         /// Stop after this many messages
         #[arg(long)]
         count: Option<usize>,
@@ -126,8 +138,17 @@ enum Command {
     },
 }
 
+/// How long `sfc recv` waits for a message by default.
+const DEFAULT_WAIT: Duration = Duration::from_secs(2);
+/// How long `sfc recv` waits at a time before it looks whether it was interrupted.
+const RECEIVE_SLICE: Duration = Duration::from_millis(250);
+/// Messages of the conversation `sfc chat` shows when it opens.
+const CHAT_HISTORY: usize = 20;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts (see `Clock::local`).
+    let clock = chat::Clock::local();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -138,7 +159,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, clock)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sfc: error: {}", one_line(&e));
@@ -147,22 +168,131 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error chain on one line, with a hint for the mistakes people make most.
+/// The error chain on one line, each cause once (a cause whose text the line already holds
+/// is left out), control characters escaped, with a hint for the mistakes people make most.
 fn one_line(error: &anyhow::Error) -> String {
-    let mut line = format!("{error:#}").replace('\n', " ");
-    if let Some(client) = error.downcast_ref::<ClientError>() {
-        match client {
-            ClientError::CertificateNotTrusted(_) => {
-                line.push_str(" (is --ca the CA that signed this server's certificate?)");
-            }
-            ClientError::Unreachable { .. } => line.push_str(" (is sfc-server running there?)"),
-            _ => {}
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
         }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    let mut line = render::line(&line.replace('\n', " "));
+    let client = error.chain().find_map(|cause| {
+        cause.downcast_ref::<ClientError>().or_else(|| {
+            match cause.downcast_ref::<MessengerError>() {
+                Some(MessengerError::Client(client)) => Some(client),
+                _ => None,
+            }
+        })
+    });
+    match client {
+        Some(ClientError::CertificateNotTrusted(_)) => {
+            line.push_str(" (is --ca the CA that signed this server's certificate?)");
+        }
+        Some(ClientError::Unreachable { .. }) => line.push_str(" (is sfc-server running there?)"),
+        Some(ClientError::CaFile(_)) => line.push_str(
+            " (point --ca or SFC_CA at the server's CA certificate: sfc-server writes it to \
+             <certs dir>/ca.crt, and the default certs/ca.crt is relative to the current \
+             directory)",
+        ),
+        _ => {}
     }
     line
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Prints a warning about something a peer or the server said, on one line.
+fn warn(warning: &str) {
+    eprintln!("sfc: warning: {}", render::line(warning));
+}
+
+/// The text of `sfc send`: the argument, standard input (`-`) or a file; at most
+/// MAX_PLAINTEXT_LEN bytes of UTF-8, read before anything is sealed (reading no further than
+/// the limit).
+async fn message_text(text: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let too_long = || {
+        anyhow::anyhow!(
+            "the message is longer than the limit of {MAX_PLAINTEXT_LEN} bytes (56 KiB); nothing \
+             was sent"
+        )
+    };
+    let (bytes, source) = match (text, file) {
+        (Some(text), None) if text != "-" => {
+            if text.len() > MAX_PLAINTEXT_LEN {
+                return Err(too_long());
+            }
+            return Ok(text);
+        }
+        (_, Some(path)) => {
+            let file = tokio::fs::File::open(&path)
+                .await
+                .with_context(|| format!("opening {}", path.display()))?;
+            (read_up_to_limit(file).await, path.display().to_string())
+        }
+        (_, None) => (
+            read_up_to_limit(tokio::io::stdin()).await,
+            "standard input".to_owned(),
+        ),
+    };
+    let mut bytes = bytes.with_context(|| format!("reading {source}"))?;
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
+    }
+    if bytes.len() > MAX_PLAINTEXT_LEN {
+        return Err(too_long());
+    }
+    return String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        anyhow::anyhow!("{source} is not UTF-8 text (an invalid byte at offset {at})")
+    });
+
+    async fn read_up_to_limit(
+        reader: impl tokio::io::AsyncRead + Unpin,
+    ) -> std::io::Result<Vec<u8>> {
+        // The limit, a final CRLF, and one byte more to tell that it is too long.
+        let most = MAX_PLAINTEXT_LEN as u64 + 3;
+        let mut bytes = Vec::new();
+        reader.take(most).read_to_end(&mut bytes).await?;
+        Ok(bytes)
+    }
+}
+
+/// A flag set on Ctrl-C or SIGTERM (caught from now on, instead of ending the process).
+fn interrupted() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt()).context("catching Ctrl-C")?;
+        let mut terminate = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            flag.store(true, Ordering::Relaxed);
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    });
+    Ok(stop)
+}
+
+async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
     let home_dir = cli.home.clone().unwrap_or_else(Home::default_dir);
     let home = Home::open(&home_dir)?;
     let options = ClientOptions::new(cli.server.clone(), cli.ca.clone());
@@ -186,7 +316,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let messenger = Messenger::new(client, home.dir(), &session.username)?;
             messenger.ensure_keys().await?;
             messenger.close().await;
-            println!("signed up and logged in as {}", session.username);
+            println!(
+                "signed up and logged in as {}",
+                render::line(&session.username)
+            );
         }
         Command::Login { user, new_identity } => {
             refuse_other_users_home(&home, &user).await?;
@@ -209,16 +342,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 session.expires_at,
             )?;
             messenger.close().await;
+            let name = render::line(&session.username);
             if new_identity {
-                println!("logged in as {} with a new identity key", session.username);
+                println!("logged in as {name} with a new identity key");
             } else {
-                println!("logged in as {}", session.username);
+                println!("logged in as {name}");
             }
         }
         Command::Whoami => {
             let (client, saved) = resume(&home, &options, false).await?;
             client.close().await;
-            println!("{}", saved.username);
+            println!("{}", render::line(&saved.username));
         }
         Command::Logout => {
             let Some(saved) = home.load_session()? else {
@@ -233,9 +367,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             client.close().await;
             home.clear_session()?;
-            println!("logged out {}", saved.username);
+            println!("logged out {}", render::line(&saved.username));
         }
-        Command::Send { user, text } => {
+        Command::Send { user, text, file } => {
+            let text = message_text(text, file).await?;
             let messenger = match messenger(&home, &options, false).await {
                 Ok(messenger) => messenger,
                 Err(e) => return queue_offline(&home, &user, &text, e).await,
@@ -243,22 +378,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             report_flushed(&messenger.flush_outbox().await?);
             let (id, warning) = messenger.send_text(&user, &text).await?;
             if let Some(warning) = warning {
-                eprintln!("sfc: warning: {warning}");
+                warn(&warning);
             }
             messenger.close().await;
             println!("{id}");
         }
-        Command::Recv { wait, count, json } => {
+        Command::Recv {
+            wait,
+            follow,
+            count,
+            json,
+        } => {
+            // None: until interrupted.
+            let patience = match wait {
+                _ if follow => None,
+                None => Some(DEFAULT_WAIT),
+                Some(seconds) => seconds.map(Duration::from_secs),
+            };
+            // An interruption is looked at between messages, never in the middle of one (a
+            // message opened but not acknowledged would come again as a duplicate, unshown).
+            let stop = interrupted()?;
             let messenger = receiving_messenger(&home, &options).await?;
             let mut shown = 0;
+            let mut idle_since = tokio::time::Instant::now();
             while count.is_none_or(|n| shown < n) {
-                let wait = Duration::from_secs(wait);
-                let Some(received) = messenger
-                    .receive_reconnecting(wait, Some(wait), &mut tell_connection)
-                    .await?
-                else {
-                    break;
+                let slice = patience.map_or(RECEIVE_SLICE, |p| {
+                    p.saturating_sub(idle_since.elapsed()).min(RECEIVE_SLICE)
+                });
+                let received = messenger
+                    .receive_reconnecting(slice, patience, &mut tell_connection)
+                    .await?;
+                let Some(received) = received else {
+                    if stop.load(Ordering::Relaxed)
+                        || patience.is_some_and(|p| idle_since.elapsed() >= p)
+                    {
+                        break;
+                    }
+                    continue;
                 };
+                idle_since = tokio::time::Instant::now();
                 match &received {
                     Received::Text {
                         id,
@@ -269,41 +427,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         ..
                     } => {
                         if let Some(warning) = warning {
-                            eprintln!("sfc: warning: {warning}");
+                            warn(warning);
                         }
                         if json {
                             let line = serde_json::json!({
                                 "id": id.to_hex(), "from": from, "sent_at": sent_at, "text": text,
                             });
-                            println!("{line}");
+                            println!("{}", render::json(&line.to_string()));
                         } else {
-                            println!("{from}\t{text}");
+                            println!("{}\t{}", render::line(from), render::body(text, "\t"));
                         }
                         shown += 1;
                     }
                     Received::Undecryptable { from, reason, .. } => {
-                        eprintln!(
-                            "sfc: warning: a message from {from} could not be opened ({reason}); \
-                             it is kept (`sfc quarantine`) and {from} was asked to send it again"
-                        );
+                        warn(&format!(
+                            "a message from {from} could not be opened ({reason}); it is kept \
+                             (`sfc quarantine`) and {from} was asked to send it again"
+                        ));
                     }
                     Received::RetryRequested {
                         from,
                         id,
                         resent_as,
                     } => match resent_as {
-                        Some(new) => {
-                            eprintln!("sfc: {from} could not open {id}: sent again as {new}")
-                        }
-                        None => eprintln!(
-                            "sfc: warning: {from} could not open {id}, and it cannot be sent again"
+                        Some(new) => eprintln!(
+                            "sfc: {} could not open {id}: sent again as {new}",
+                            render::line(from)
                         ),
+                        None => warn(&format!(
+                            "{from} could not open {id}, and it cannot be sent again"
+                        )),
                     },
                     Received::Duplicate => {}
                 }
                 // Printed (and flushed) before it counts as shown and is acknowledged.
                 std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;
                 messenger.shown(&received).await?;
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
             }
             messenger.close().await;
         }
@@ -378,7 +540,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quarantine { clear } => {
             let messenger = local_messenger(&home)?;
             for q in messenger.quarantined().await? {
-                println!("{}\t{}\t{}\t{}", q.from, q.id, q.sent_at, q.reason);
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    render::line(&q.from),
+                    q.id,
+                    q.sent_at,
+                    render::line(&q.reason)
+                );
             }
             if clear {
                 let n = messenger.clear_quarantine().await?;
@@ -390,7 +558,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let flushed = messenger.flush_outbox().await?;
             report_flushed(&flushed);
             for waiting in messenger.outbox().await? {
-                println!("{}\t{}", waiting.to, waiting.id);
+                println!("{}\t{}", render::line(&waiting.to), waiting.id);
             }
             messenger.close().await;
             if let Some(why) = flushed.stopped {
@@ -402,8 +570,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("sfc chat needs a terminal (use `sfc send` and `sfc recv` in scripts)");
             }
             let messenger = Arc::new(receiving_messenger(&home, &options).await?);
-            let me = home.load_session()?.map(|s| s.username).unwrap_or_default();
-            chat::run(Arc::clone(&messenger), &me, &user).await?;
+            let me = messenger.me().to_owned();
+            let history: Vec<chat::Entry> = messenger
+                .offline()
+                .history(&user, CHAT_HISTORY)
+                .await?
+                .into_iter()
+                .map(|e| chat::Entry {
+                    sent_at: e.at,
+                    from: if e.outgoing { me.clone() } else { e.peer },
+                    text: e.text,
+                    outgoing: e.outgoing,
+                })
+                .collect();
+            chat::run(Arc::clone(&messenger), &me, &user, &history, clock).await?;
             if let Ok(messenger) = Arc::try_unwrap(messenger) {
                 messenger.close().await;
             }
@@ -441,10 +621,12 @@ async fn resume(
 /// Tells on standard error what happened to messages that waited in the outbox.
 fn report_flushed(flushed: &Flushed) {
     for (to, id) in &flushed.sent {
+        let to = render::line(to);
         eprintln!("sfc: sent {id} to {to} (it waited in the outbox)");
     }
     for (to, id, why) in &flushed.dropped {
-        eprintln!("sfc: the server refused {id} to {to} for good: {why}");
+        let line = render::line(&format!("the server refused {id} to {to} for good: {why}"));
+        eprintln!("sfc: {line}");
     }
 }
 
@@ -570,4 +752,38 @@ fn read_password(new: bool) -> anyhow::Result<Password> {
         }
     }
     Ok(Password::new(password))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        use securefastchat::e2e::E2eError;
+        let too_large = E2eError::TooLarge {
+            what: "plaintext",
+            len: 60_000,
+            max: MAX_PLAINTEXT_LEN,
+        };
+        let error = anyhow::Error::from(MessengerError::E2e(too_large));
+        let line = one_line(&error);
+        assert_eq!(line.matches("57344").count(), 1, "{line}");
+        assert_eq!(
+            line,
+            "encryption: plaintext of 60000 bytes exceeds the limit of 57344"
+        );
+        // Causes that add something are kept.
+        let error = anyhow::anyhow!("inner \x1b[2J").context("outer");
+        assert_eq!(one_line(&error), "outer: inner \\x1b[2J");
+    }
+
+    #[test]
+    fn send_help_states_the_size_limit() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        let send = cli.find_subcommand_mut("send").map(|c| c.render_help());
+        let help = send.map(|h| h.to_string()).unwrap_or_default();
+        assert!(help.contains(&MAX_PLAINTEXT_LEN.to_string()), "{help}");
+    }
 }

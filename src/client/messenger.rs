@@ -257,6 +257,15 @@ impl OfflineMessenger {
         })
     }
 
+    /// Whether `peer` presents an identity key the user has not accepted yet (`sfc trust`).
+    pub async fn key_changed(&self, peer: &str) -> Result<bool, MessengerError> {
+        let name = username(peer)?.as_str().to_owned();
+        Ok(self
+            .keystore
+            .read_async(move |s| s.is_some_and(|s| s.trust_of(&name).changed_to.is_some()))
+            .await?)
+    }
+
     /// Seals `text` for `to` into the outbox without sending it (the server cannot be reached:
     /// `reason`), in the session there is. Returns the [`MessengerError::Queued`] to report.
     /// Without a session, [`MessengerError::NoSession`]: starting one needs the server.
@@ -297,6 +306,9 @@ pub struct Messenger {
     pub(super) backlog: std::sync::Mutex<Option<VecDeque<Incoming>>>,
     /// Held while this messenger receives: one receiver per home.
     _receiving: Option<ReceiveLock>,
+    /// When the server was last heard from (a delivery or a ping answered), for the idle
+    /// ping of [`Messenger::receive_reconnecting`].
+    pub(super) last_heard: std::sync::Mutex<tokio::time::Instant>,
 }
 
 pub(crate) fn wire_signed(spk: &SignedPrekeyPublic) -> SignedPrekey {
@@ -356,6 +368,7 @@ impl Messenger {
             me: username(me)?,
             backlog: std::sync::Mutex::new(None),
             _receiving: None,
+            last_heard: std::sync::Mutex::new(tokio::time::Instant::now()),
         })
     }
 

@@ -11,6 +11,7 @@ pub mod keystore;
 pub mod liveness;
 pub mod messenger;
 mod receiving;
+pub mod render;
 mod sessions;
 mod streams;
 mod trust;

@@ -81,28 +81,30 @@ impl Messenger {
     /// [`Messenger::receive`], reconnecting when the connection is lost
     /// ([`Messenger::reconnect_with_backoff`], giving up after `give_up_after`), then sending
     /// what waits in the outbox. `note` hears of each loss (`Lost`) and each return
-    /// (`Back`).
+    /// (`Back`). Called again and again with a short `wait`, it still pings the server after
+    /// [`IDLE_PING`] without news from it.
     pub async fn receive_reconnecting(
         &self,
         wait: Duration,
         give_up_after: Option<Duration>,
         note: &mut impl FnMut(Connection<'_>),
     ) -> Result<Option<Received>, MessengerError> {
-        let deadline = tokio::time::Instant::now() + wait;
         loop {
-            // A receiver that only waits sends nothing the server must answer, so it would
-            // learn of a dead server only at the idle timeout: ping it after IDLE_PING of
-            // silence (the liveness watch then notices within seconds).
-            let slice = deadline
-                .saturating_duration_since(tokio::time::Instant::now())
-                .min(IDLE_PING);
-            let received = match self.receive(slice).await {
-                Ok(None) if tokio::time::Instant::now() < deadline => {
-                    match self.client().ping().await {
-                        Ok(()) => continue,
-                        Err(e) => Err(MessengerError::from(e)),
-                    }
+            let received = match self.receive(wait).await {
+                Ok(Some(received)) => {
+                    self.heard();
+                    Ok(Some(received))
                 }
+                // A receiver that only waits sends nothing the server must answer, so it
+                // would learn of a dead server only at the idle timeout: after IDLE_PING of
+                // silence it pings (the connection's liveness watch then notices in seconds).
+                Ok(None) if self.silent_for() >= IDLE_PING => match self.client().ping().await {
+                    Ok(()) => {
+                        self.heard();
+                        Ok(None)
+                    }
+                    Err(e) => Err(MessengerError::from(e)),
+                },
                 other => other,
             };
             match received {
@@ -111,12 +113,25 @@ impl Messenger {
                         note(Connection::Lost { why, wait })
                     })
                     .await?;
+                    self.heard();
                     let flushed = self.flush_outbox().await?;
                     note(Connection::Back(&flushed));
                 }
                 other => return other,
             }
         }
+    }
+
+    fn heard(&self) {
+        if let Ok(mut last) = self.last_heard.lock() {
+            *last = tokio::time::Instant::now();
+        }
+    }
+
+    fn silent_for(&self) -> Duration {
+        self.last_heard
+            .lock()
+            .map_or(Duration::ZERO, |last| last.elapsed())
     }
 
     /// Messages kept by an earlier run and not shown: loaded once, then handed out in order.

@@ -171,7 +171,11 @@ impl People {
             .args([
                 "-q",
                 "-c",
-                &format!("{} {args}", env!("CARGO_BIN_EXE_sfc")),
+                // A known size, so that what the screen shows can be replayed (`Screen`).
+                &format!(
+                    "stty cols {COLUMNS} rows 24 2>/dev/null; exec {} {args}",
+                    env!("CARGO_BIN_EXE_sfc")
+                ),
                 "/dev/null",
             ])
             .env_clear()
@@ -185,6 +189,21 @@ impl People {
             .spawn()
             .expect("`script` (util-linux) runs sfc in a terminal")
     }
+}
+
+/// The width of the terminal `People::in_terminal` gives.
+pub const COLUMNS: u16 = 80;
+
+/// What a terminal of `COLUMNS` columns shows after `output` was written to it: every row,
+/// the scrollback included (it is tall enough never to scroll), wrapped rows joined.
+pub fn screen(output: &[u8]) -> String {
+    let mut terminal = vt100::Parser::new(
+        std::num::NonZeroU16::new(2000).unwrap(),
+        std::num::NonZeroU16::new(COLUMNS).unwrap(),
+        0,
+    );
+    terminal.process(output);
+    terminal.screen().contents()
 }
 
 /// A server that lets one message wait per inbox, with `names` signed up.
