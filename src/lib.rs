@@ -9,8 +9,10 @@
 //! - [`store`]: the narrow [`store::Store`] trait and its fjall implementation.
 //! - [`server`]: configuration, accept loop, connections, requests, accounts, key directory,
 //!   message streams, group-commit delivery, router, throttles.
-//! - [`client`]: the client library behind `sfc`: connect, accounts, messages, the end-to-end
-//!   messenger, the keystore in the home directory, the terminal chat.
+//! - [`client`]: the client library behind `sfc`: connect (and notice a server that is gone),
+//!   accounts, messages, the end-to-end messenger (keep before show before ack, kept sessions,
+//!   trust decisions, quarantine and retry requests, reconnecting), the keystore in the home
+//!   directory, inert rendering of others' text, the terminal chat.
 //! - [`bench`](mod@bench): the load generator behind `sfc-bench` (scenarios, HDR latency, server stats).
 //! - [`e2e`]: end-to-end encryption (identities, prekeys, X3DH, Double Ratchet, envelopes); no I/O.
 //!
