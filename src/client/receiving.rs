@@ -82,7 +82,7 @@ impl Messenger {
     /// ([`Messenger::reconnect_with_backoff`], giving up after `give_up_after`), then sending
     /// what waits in the outbox. `note` hears of each loss (`Lost`) and each return
     /// (`Back`). Called again and again with a short `wait`, it still pings the server after
-    /// [`IDLE_PING`] without news from it.
+    /// `IDLE_PING` (10 s) without news from it.
     pub async fn receive_reconnecting(
         &self,
         wait: Duration,
