@@ -37,6 +37,18 @@ fn text_of(received: Option<Received>) -> (String, String, Option<String>) {
     }
 }
 
+/// The texts of every message that arrives until a second passes without one, each shown.
+async fn drain(m: &Messenger) -> Vec<String> {
+    let mut texts = Vec::new();
+    while let Some(received) = m.receive(Duration::from_secs(1)).await.unwrap() {
+        if let Received::Text { text, .. } = &received {
+            texts.push(text.clone());
+        }
+        m.shown(&received).await.unwrap();
+    }
+    texts
+}
+
 /// The next message, shown (and so acknowledged).
 async fn show(m: &Messenger, wait: Duration) -> Received {
     let received = m.receive(wait).await.unwrap().expect("a message");
@@ -157,13 +169,7 @@ async fn nothing_is_acknowledged_before_it_is_shown() {
     bob.close().await; // killed before showing m1
 
     let bob = messenger(&server, &homes.path().join("b"), "bob", false).await;
-    let mut texts = Vec::new();
-    while let Some(received) = bob.receive(Duration::from_secs(1)).await.unwrap() {
-        if let Received::Text { text, .. } = &received {
-            texts.push(text.clone());
-        }
-        bob.shown(&received).await.unwrap();
-    }
+    let texts = drain(&bob).await;
     assert_eq!(texts, ["m1", "m2"]);
     server.stop().await;
 }
@@ -335,13 +341,7 @@ async fn a_failed_acknowledgement_neither_loses_nor_repeats_a_message() {
 
     let server = TestServer::start_at(addr, dir, |_| {}).await;
     let bob = messenger(&server, &homes.path().join("b"), "bob", false).await;
-    let mut texts = Vec::new();
-    while let Some(received) = bob.receive(Duration::from_secs(1)).await.unwrap() {
-        if let Received::Text { text, .. } = &received {
-            texts.push(text.clone());
-        }
-        bob.shown(&received).await.unwrap();
-    }
+    let texts = drain(&bob).await;
     assert_eq!(texts, ["second"]);
     server.stop().await;
 }

@@ -439,26 +439,11 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                         }
                         shown += 1;
                     }
-                    Received::Undecryptable { from, reason, .. } => {
-                        warn(&format!(
-                            "a message from {from} could not be opened ({reason}); it is kept \
-                             (`sfc quarantine`) and {from} was asked to send it again"
-                        ));
+                    other => {
+                        if let Some(what) = other.describe() {
+                            warn(&what);
+                        }
                     }
-                    Received::RetryRequested {
-                        from,
-                        id,
-                        resent_as,
-                    } => match resent_as {
-                        Some(new) => eprintln!(
-                            "sfc: {} could not open {id}: sent again as {new}",
-                            render::line(from)
-                        ),
-                        None => warn(&format!(
-                            "{from} could not open {id}, and it cannot be sent again"
-                        )),
-                    },
-                    Received::Duplicate => {}
                 }
                 // Printed (and flushed) before it counts as shown and is acknowledged.
                 std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;

@@ -441,26 +441,11 @@ async fn show_received(
             }
             screen.show(message_line(clock, *sent_at, from, text, from == peer));
         }
-        Received::Undecryptable { from, reason, .. } => {
-            screen.show(notice(&format!(
-                "a message from {from} could not be opened ({reason}); it is kept \
-                 (`sfc quarantine`) and {from} was asked to send it again"
-            )));
+        other => {
+            if let Some(what) = other.describe() {
+                screen.show(notice(&what));
+            }
         }
-        Received::RetryRequested {
-            from,
-            id,
-            resent_as,
-        } => screen.show(match resent_as {
-            Some(new) => format!(
-                "-- {} could not open {id}: sent again as {new}",
-                render::line(from)
-            ),
-            None => notice(&format!(
-                "{from} could not open {id}, and it cannot be sent again"
-            )),
-        }),
-        Received::Duplicate => {}
     }
     messenger.shown(&received).await
 }

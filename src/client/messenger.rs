@@ -221,6 +221,33 @@ pub enum Received {
     Duplicate,
 }
 
+impl Received {
+    /// What to tell the user about what is not a text to show (a message that could not be
+    /// opened, a peer's retry request), in words; it carries names and reasons from others, so
+    /// render it before it reaches a terminal.
+    pub fn describe(&self) -> Option<String> {
+        match self {
+            Self::Undecryptable { from, reason, .. } => Some(format!(
+                "a message from {from} could not be opened ({reason}); it is kept \
+                 (`sfc quarantine`) and {from} was asked to send it again"
+            )),
+            Self::RetryRequested {
+                from,
+                id,
+                resent_as: Some(new),
+            } => Some(format!("{from} could not open {id}: sent again as {new}")),
+            Self::RetryRequested {
+                from,
+                id,
+                resent_as: None,
+            } => Some(format!(
+                "{from} could not open {id}, and it cannot be sent again"
+            )),
+            Self::Text { .. } | Self::Duplicate => None,
+        }
+    }
+}
+
 /// A safety number, computed from the identity key accepted for the peer (never from what the
 /// server says now), with what else the user must know.
 #[derive(Debug, Clone, PartialEq, Eq)]
