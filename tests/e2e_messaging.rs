@@ -345,3 +345,50 @@ async fn a_failed_acknowledgement_neither_loses_nor_repeats_a_message() {
     assert_eq!(texts, ["second"]);
     server.stop().await;
 }
+
+/// A retry request that arrives when the peer's keys cannot be fetched (the server went
+/// down) is not lost: it stays unacknowledged, comes again after the restart, and the message
+/// is then sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_request_that_cannot_be_answered_now_is_answered_later() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = messenger(&server, &homes.path().join("a"), "alice", true).await;
+    let bob = messenger(&server, &homes.path().join("b"), "bob", true).await;
+    let (id, _) = alice.send_text("bob", "please resend").await.unwrap();
+    show(&bob, WAIT).await;
+    // Bob's client says it could not open it.
+    bob.client()
+        .send_message(
+            "alice",
+            securefastchat::client::RETRY,
+            MessageId([5; 16]),
+            &id.0,
+        )
+        .await
+        .unwrap();
+    let request = alice.client().next_delivery(WAIT).await.unwrap();
+    let addr = server.addr;
+    let dir = server.stop().await;
+    let failed = alice.open_delivered(request).await;
+    assert!(failed.is_err(), "{failed:?}");
+    alice.close().await;
+    bob.close().await;
+
+    let server = TestServer::start_at(addr, dir, |_| {}).await;
+    let alice = messenger(&server, &homes.path().join("a"), "alice", false).await;
+    let answered = alice.receive(WAIT).await.unwrap();
+    assert!(
+        matches!(
+            answered,
+            Some(Received::RetryRequested {
+                resent_as: Some(_),
+                ..
+            })
+        ),
+        "{answered:?}"
+    );
+    let bob = messenger(&server, &homes.path().join("b"), "bob", false).await;
+    assert_eq!(drain(&bob).await, ["please resend"]);
+    server.stop().await;
+}

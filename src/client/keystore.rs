@@ -196,6 +196,12 @@ impl KeyState {
         self.seen.push_back((from.to_owned(), id));
     }
 
+    /// Forgets that a message was seen (its handling was undone: it is to be handled again
+    /// when it is delivered again).
+    pub fn unsee(&mut self, from: &str, id: MessageId) {
+        self.seen.retain(|(f, i)| !(*i == id && f == from));
+    }
+
     /// Records that `peer` presents `key`: pins it if nothing is pinned yet (trust on first
     /// use); if another key is pinned, keeps the pinned one and records `key` as a change not
     /// accepted yet. Returns whether `key` differs from the pinned key.

@@ -273,6 +273,26 @@ impl Messenger {
             Kept::Resend { peer, text, asked } => {
                 let resent_as = match self.resend(&peer, &text).await {
                     Ok(id) => Some(id),
+                    // The server cannot be asked for the peer's keys now: undo, and leave the
+                    // request unacknowledged, so that it comes again on the next connection.
+                    Err(e) if e.is_disconnected() => {
+                        let (peer, from) = (peer.as_str().to_owned(), from.clone());
+                        self.keystore()
+                            .update_async(move |state| -> Result<(), MessengerError> {
+                                if let Some(state) = state.as_mut() {
+                                    state.unsee(&from, id);
+                                    for entry in state.history.iter_mut() {
+                                        if entry.outgoing && entry.id == asked && entry.peer == peer
+                                        {
+                                            entry.resent = false;
+                                        }
+                                    }
+                                }
+                                Ok(())
+                            })
+                            .await?;
+                        return Err(e);
+                    }
                     Err(e) => {
                         tracing::warn!(%e, "could not send a message again");
                         None
