@@ -754,10 +754,7 @@ mod tests {
         let error = anyhow::Error::from(MessengerError::E2e(too_large));
         let line = one_line(&error);
         assert_eq!(line.matches("57344").count(), 1, "{line}");
-        assert_eq!(
-            line,
-            "encryption: plaintext of 60000 bytes exceeds the limit of 57344"
-        );
+        assert_eq!(line, "plaintext of 60000 bytes exceeds the limit of 57344");
         // Causes that add something are kept.
         let error = anyhow::anyhow!("inner \x1b[2J").context("outer");
         assert_eq!(one_line(&error), "outer: inner \\x1b[2J");
