@@ -100,20 +100,27 @@ async fn a_restarted_server_resets_old_connections_at_once() {
     server.terminate().await;
 }
 
-/// A server that is alive but does not answer is not declared dead: its QUIC stack
-/// acknowledges the request, and the request times out after `request_timeout`, as asked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_live_server_that_does_not_answer_times_out_as_asked() {
-    let dir = tempfile::tempdir().unwrap();
-    let (identity, _) = tls::ensure_dev_certificates(dir.path()).unwrap();
+/// A stub server on its own endpoint: accepts one connection, answers its `hello`, and hands
+/// the control stream to the test. Returns its address.
+async fn stub_server(
+    dir: &std::path::Path,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<(
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::SendStream,
+        quinn::RecvStream,
+    )>,
+) {
+    let (identity, _) = tls::ensure_dev_certificates(dir).unwrap();
     let endpoint = transport::server_endpoint(
         "127.0.0.1:0".parse().unwrap(),
         tls::server_crypto(identity).unwrap(),
     )
     .unwrap();
     let addr = endpoint.local_addr().unwrap();
-    // Says hello, then reads requests and answers none (keeping the connection open).
-    let silent = tokio::spawn(async move {
+    let accepted = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
         let (mut send, mut recv) = conn.accept_bi().await.unwrap();
         let mut buf = Vec::new();
@@ -127,13 +134,28 @@ async fn a_live_server_that_does_not_answer_times_out_as_asked() {
             id: Some(hello.id),
             reply: Reply::Hello {
                 version: PROTOCOL_VERSION,
-                server: "silent".into(),
+                server: "stub".into(),
                 max_frame: MAX_CONTROL_FRAME,
             },
         };
         write_frame(&mut send, &reply, MAX_CONTROL_FRAME)
             .await
             .unwrap();
+        (endpoint, conn, send, recv)
+    });
+    (addr, accepted)
+}
+
+/// A server that is alive but does not answer is not declared dead: its QUIC stack
+/// acknowledges the request, and the request times out after `request_timeout`, as asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_server_that_does_not_answer_times_out_as_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, accepted) = stub_server(dir.path()).await;
+    // Reads requests and answers none (keeping the connection open).
+    let silent = tokio::spawn(async move {
+        let (endpoint, conn, send, mut recv) = accepted.await.unwrap();
+        let mut buf = Vec::new();
         while read_frame(&mut recv, MAX_CONTROL_FRAME, &mut buf)
             .await
             .unwrap_or(false)
@@ -151,6 +173,49 @@ async fn a_live_server_that_does_not_answer_times_out_as_asked() {
     );
     client.close().await;
     silent.abort();
+}
+
+/// An `error` event about the control stream (a `malformed_frame` without `id`, which leaves
+/// the connection open) does not end the client's reading: the next request is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_event_about_the_connection_does_not_end_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, accepted) = stub_server(dir.path()).await;
+    let stub = tokio::spawn(async move {
+        let (endpoint, conn, mut send, mut recv) = accepted.await.unwrap();
+        let event = ServerFrame {
+            id: None,
+            reply: Reply::Error {
+                code: securefastchat::protocol::ErrorCode::MalformedFrame,
+                message: "not a map".into(),
+            },
+        };
+        write_frame(&mut send, &event, MAX_CONTROL_FRAME)
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        while read_frame(&mut recv, MAX_CONTROL_FRAME, &mut buf)
+            .await
+            .unwrap_or(false)
+        {
+            let ping = decode_request(&buf).unwrap();
+            let pong = ServerFrame {
+                id: Some(ping.id),
+                reply: Reply::Pong,
+            };
+            write_frame(&mut send, &pong, MAX_CONTROL_FRAME)
+                .await
+                .unwrap();
+        }
+        drop((send, conn, endpoint));
+    });
+    let options = ClientOptions::new(addr.to_string(), dir.path().join(tls::CA_CERT_FILE));
+    let client = Client::connect(&options).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.ping().await.unwrap();
+    assert!(client.take_unclaimed_error().is_some(), "the event is kept");
+    client.close().await;
+    stub.abort();
 }
 
 /// A client killed between writing a private file's temp copy and renaming it leaves

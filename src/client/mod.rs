@@ -730,7 +730,15 @@ async fn read_replies(
                 }
             }
             None => match frame.reply {
-                Reply::Error { code, message } => break ClientError::Server { code, message },
+                // About the control stream as a whole (section 2.2): a `malformed_frame`
+                // leaves the connection open; after the others the server closes it, which
+                // ends this loop. Either way it answers no request: keep it for whoever asks.
+                Reply::Error { code, message } => {
+                    tracing::warn!(%code, %message, "the server reports an error about the connection");
+                    if let Ok(mut n) = notices.lock() {
+                        n.unclaimed_error = Some(ClientError::Server { code, message });
+                    }
+                }
                 Reply::Sent {
                     message_id,
                     duplicate,
