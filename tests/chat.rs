@@ -207,3 +207,31 @@ async fn the_chat_shows_the_history_and_reconnects_after_a_server_restart() {
     leave(chat, keys, output, seen).await;
     server.stop().await;
 }
+
+/// SIGTERM ends the chat as Ctrl-C does: cleanly (status 0, so the terminal settings are put
+/// back by the chat itself), not by the signal's default action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_chat_cleanly() {
+    let server = TestServer::start().await;
+    let people = People::signed_up(&server, &["alice", "bob"]).await;
+    let (mut chat, _keys, _output, _seen) = open_chat(&people, "alice", "bob").await;
+    // `script` runs the chat as its child.
+    let script = chat.id().unwrap().to_string();
+    let children = std::process::Command::new("pgrep")
+        .args(["-P", &script])
+        .output()
+        .unwrap();
+    let sfc = String::from_utf8_lossy(&children.stdout).trim().to_owned();
+    assert!(!sfc.is_empty(), "no chat process under script {script}");
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &sfc])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), chat.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    server.stop().await;
+}

@@ -496,8 +496,17 @@ async fn chat_loop(
     let mut retry =
         tokio::time::interval_at(tokio::time::Instant::now() + OUTBOX_RETRY, OUTBOX_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // SIGTERM leaves as Ctrl-C does: the message at hand is shown, the terminal restored.
+    #[cfg(unix)]
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| MessengerError::Client(ClientError::Io(e)))?;
     loop {
+        #[cfg(unix)]
+        let terminated = terminate.recv();
+        #[cfg(not(unix))]
+        let terminated = std::future::pending::<Option<()>>();
         tokio::select! {
+            _ = terminated => return Ok(()),
             _ = retry.tick(), if waiting => {
                 waiting = flush_outbox(messenger, screen, false).await;
             }

@@ -170,6 +170,8 @@ impl People {
         Command::new("script")
             .args([
                 "-q",
+                // The exit status of `sfc`, not of `script` (which is 0 however sfc ended).
+                "-e",
                 "-c",
                 // A known size, so that what the screen shows can be replayed (`Screen`).
                 &format!(
