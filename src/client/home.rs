@@ -190,7 +190,16 @@ pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), HomeErro
     let mut file = options.open(&tmp).map_err(io(&tmp))?;
     file.write_all(contents).map_err(io(&tmp))?;
     file.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
+    fs::rename(&tmp, path).map_err(io(path))?;
+    // The rename is durable only once the directory is: without this, a power cut could bring
+    // back the previous keystore (an older ratchet, messages kept for showing gone).
+    #[cfg(unix)]
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+    }
+    Ok(())
 }
 
 /// What [`write_private`] puts between a file's stem and the writing process's id.
