@@ -65,11 +65,15 @@ async fn a_receiver_killed_at_any_moment_loses_nothing() {
     let missing: Vec<usize> = (0..MESSAGES)
         .filter(|n| !counts.contains_key(&format!("alice\tm{n}")))
         .collect();
+    let twice: usize = counts.values().filter(|&&c| c > 1).count();
+    eprintln!(
+        "{killed} runs killed, {} messages shown, {twice} of them twice",
+        counts.len()
+    );
     assert!(
         missing.is_empty(),
         "lost: {missing:?} ({killed} runs killed)"
     );
-    let twice: usize = counts.values().filter(|&&c| c > 1).count();
     assert!(
         twice <= killed,
         "{twice} messages shown twice with {killed} kills: {counts:?}"
