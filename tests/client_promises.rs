@@ -397,3 +397,50 @@ async fn a_waiting_receiver_survives_a_killed_server() {
     );
     server.terminate().await;
 }
+
+/// A message that cannot be opened (alice's home restored from an older copy): `sfc recv`
+/// says so and keeps it, `sfc quarantine` lists it, bob's client sends it again when it
+/// hears of it, and alice reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_cannot_be_opened_is_quarantined_and_comes_again() {
+    let server = TestServer::start().await;
+    let people = People::signed_up(&server, &["alice", "bob"]).await;
+    let turn = |from: &'static str, to: &'static str, text: &'static str| {
+        let people = &people;
+        async move {
+            let out = run(people.sfc(from, &["send", to, text])).await;
+            assert!(out.status.success(), "{out:?}");
+            let out = run(people.sfc(to, &["recv", "--count", "1", "--wait", "5"])).await;
+            assert_eq!(stdout(&out), format!("{from}\t{text}\n"));
+        }
+    };
+    turn("bob", "alice", "one").await;
+    let keystore = people.home("alice").join("keystore.msgpack");
+    let backup = std::fs::read(&keystore).unwrap();
+    turn("alice", "bob", "two").await;
+    turn("bob", "alice", "three").await;
+    turn("alice", "bob", "four").await;
+    std::fs::write(&keystore, backup).unwrap();
+
+    let out = run(people.sfc("bob", &["send", "alice", "five"])).await;
+    let id = stdout(&out).trim().to_owned();
+    let out = run(people.sfc("alice", &["recv", "--wait", "2"])).await;
+    assert_eq!(stdout(&out), "", "{out:?}");
+    assert!(stderr(&out).contains("could not be opened"), "{out:?}");
+    let out = run(people.sfc("alice", &["quarantine"])).await;
+    assert!(stdout(&out).starts_with(&format!("bob\t{id}\t")), "{out:?}");
+
+    let out = run(people.sfc("bob", &["recv", "--wait", "2"])).await;
+    assert!(
+        stderr(&out).contains(&format!("alice could not open {id}: sent again as")),
+        "{out:?}"
+    );
+    let out = run(people.sfc("alice", &["recv", "--count", "1", "--wait", "5"])).await;
+    assert_eq!(stdout(&out), "bob\tfive\n", "{out:?}");
+    let out = run(people.sfc("alice", &["quarantine", "--clear"])).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = run(people.sfc("alice", &["quarantine"])).await;
+    assert_eq!(stdout(&out), "");
+    turn("alice", "bob", "six").await;
+    server.stop().await;
+}
