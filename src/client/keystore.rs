@@ -24,6 +24,9 @@ const SEEN_IDS: usize = 10_000;
 pub const MAX_KEPT_SESSIONS: usize = 8;
 /// Messages that could not be opened, kept for the user to look at.
 pub const MAX_QUARANTINE: usize = 100;
+/// Bytes of their envelopes kept: a sender of unreadable messages cannot make every keystore
+/// save write megabytes.
+pub const MAX_QUARANTINE_BYTES: usize = 1024 * 1024;
 /// Messages kept in the conversation history.
 pub const MAX_HISTORY: usize = 500;
 /// Bytes of text kept in the conversation history.
@@ -62,7 +65,7 @@ pub struct KeyState {
     #[serde(default)]
     pub unshown: VecDeque<Incoming>,
     /// Messages that could not be opened, kept for `sfc quarantine`, oldest first, at most
-    /// [`MAX_QUARANTINE`].
+    /// [`MAX_QUARANTINE`] and [`MAX_QUARANTINE_BYTES`] of envelopes.
     #[serde(default)]
     pub quarantine: VecDeque<Quarantined>,
     /// The recent conversation, both ways, oldest first, bounded by [`MAX_HISTORY`] entries
@@ -272,8 +275,12 @@ impl KeyState {
     /// Keeps a message that could not be opened, dropping the oldest beyond the bound.
     pub fn quarantine(&mut self, message: Quarantined) {
         self.quarantine.push_back(message);
-        while self.quarantine.len() > MAX_QUARANTINE {
-            self.quarantine.pop_front();
+        let mut bytes: usize = self.quarantine.iter().map(|q| q.body.len()).sum();
+        while self.quarantine.len() > MAX_QUARANTINE || bytes > MAX_QUARANTINE_BYTES {
+            match self.quarantine.pop_front() {
+                Some(old) => bytes -= old.body.len(),
+                None => break,
+            }
         }
     }
 }
@@ -473,6 +480,43 @@ mod tests {
         );
         ticker.abort();
         holder.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn the_quarantine_and_the_history_stay_within_their_bounds() {
+        let mut state = state();
+        for n in 0..30u8 {
+            state.quarantine(Quarantined {
+                id: MessageId([n; 16]),
+                from: "mallory".into(),
+                sent_at: 0,
+                kind: "text".into(),
+                reason: "decryption failed".into(),
+                body: vec![0; 60 * 1024],
+            });
+        }
+        let bytes: usize = state.quarantine.iter().map(|q| q.body.len()).sum();
+        assert!(bytes <= MAX_QUARANTINE_BYTES, "{bytes}");
+        assert_eq!(
+            state.quarantine.back().map(|q| q.id),
+            Some(MessageId([29; 16]))
+        );
+        for n in 0..(MAX_HISTORY as u32 + 50) {
+            state.remember(HistoryEntry {
+                peer: "bob".into(),
+                outgoing: n % 2 == 0,
+                id: MessageId([0; 16]),
+                at: u64::from(n),
+                text: "x".repeat(2000),
+                resent: false,
+            });
+        }
+        let text: usize = state.history.iter().map(|e| e.text.len()).sum();
+        assert!(state.history.len() <= MAX_HISTORY && text <= MAX_HISTORY_BYTES);
+        assert_eq!(
+            state.history.back().map(|e| e.at),
+            Some(u64::from(MAX_HISTORY as u32 + 49))
+        );
     }
 
     #[test]
