@@ -816,13 +816,11 @@ pub(crate) async fn seal_into_outbox(
                     .ok_or(MessengerError::NoSession(name.to_owned()))?;
                 let bundle = to_bundle(bundle)?;
                 state.saw_identity(name, &bundle.identity_key);
-                let trust = state.trust_of(name);
-                if trust.verified && trust.changed_to.is_some() {
-                    return Err(MessengerError::VerifiedKeyChanged(name.to_owned()));
-                }
                 let session = Session::initiate(&state.identity(), &me, &peer, &bundle)?;
                 state.activate(name, session);
             }
+            // Refused before anything is sealed; an error saves nothing (not even the new
+            // session above).
             let trust = state.trust_of(name);
             if trust.verified && trust.changed_to.is_some() {
                 return Err(MessengerError::VerifiedKeyChanged(name.to_owned()));
