@@ -9,11 +9,12 @@
 
 use serde::Serialize;
 
+use super::padding::MAX_PADDED_LEN;
 use super::ratchet::{Header, TAG_LEN};
 use super::{E2eError, IdentityKey, InitialHeader};
 
-/// Largest plaintext a session seals, in bytes: an envelope then fits in a 64 KiB control frame
-/// with room to spare for the request around it.
+/// Largest content a session seals, in bytes (before padding to `MAX_PADDED_LEN` at most): an
+/// envelope then fits in a 64 KiB control frame with room to spare for the request around it.
 pub const MAX_PLAINTEXT_LEN: usize = 56 * 1024;
 /// Largest encoded envelope accepted, in bytes.
 pub const MAX_ENVELOPE_LEN: usize = 60 * 1024;
@@ -80,7 +81,7 @@ impl Envelope {
         }
         let header = header.ok_or_else(|| malformed("`envelope` lacks `header`"))?;
         let ciphertext = ciphertext.ok_or_else(|| malformed("`envelope` lacks `ciphertext`"))?;
-        if ciphertext.len() < TAG_LEN || ciphertext.len() > MAX_PLAINTEXT_LEN + TAG_LEN {
+        if ciphertext.len() < TAG_LEN || ciphertext.len() > MAX_PADDED_LEN + TAG_LEN {
             return Err(malformed("`ciphertext` has an impossible length"));
         }
         Ok(Self {

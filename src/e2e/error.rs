@@ -49,6 +49,10 @@ pub enum E2eError {
         /// The id that collided.
         id: u32,
     },
+    /// A decrypted plaintext marked as padded whose padding is not `0x80` then zeros. The
+    /// AEAD authenticated it, so the sender made it so (a bug, or a hostile peer).
+    #[error("the message's padding is malformed")]
+    BadPadding,
     /// The bytes are not a well-formed envelope (the reason says which rule was broken).
     #[error("malformed envelope: {0}")]
     MalformedEnvelope(String),

@@ -14,6 +14,7 @@
 //! - `x3dh`: the key agreement and the [`InitialHeader`].
 //! - `ratchet`: the Double Ratchet ([`RatchetState`]) with bounded skipped-message keys.
 //! - `session`, `envelope`: [`Session`] and [`Envelope`], what the client calls.
+//! - `padding`: plaintexts padded to a few size buckets before sealing ([`PADDING_BUCKETS`]).
 //! - `keys`: zeroizing secrets, [`SecretSource`], X25519 and HKDF helpers.
 //!
 //! Server side, only [`verify_signed_prekey`] and [`verify_last_resort_prekey`] (on upload)
@@ -23,6 +24,7 @@ mod envelope;
 mod error;
 mod identity;
 mod keys;
+mod padding;
 mod prekey_store;
 mod prekeys;
 mod ratchet;
@@ -38,6 +40,7 @@ pub use envelope::{Envelope, MAX_ENVELOPE_LEN, MAX_PLAINTEXT_LEN};
 pub use error::E2eError;
 pub use identity::{IDENTITY_KEY_LEN, IdentityKey, IdentityKeyPair, check_identity, safety_number};
 pub use keys::{OsRandom, SecretSource};
+pub use padding::{MAX_PADDED_LEN, PADDED_FORMAT, PADDING_BUCKETS, padded_len};
 pub use prekey_store::{MAX_SIGNED_PREKEYS, PrekeyStore};
 pub use prekeys::{
     OneTimePrekeyPublic, PrekeyBundle, SignedPrekeyPublic, verify_last_resort_prekey,

@@ -114,13 +114,12 @@ fn message_cipher(mk: &Secret32) -> Result<(LessSafeKey, Nonce), E2eError> {
     Ok((LessSafeKey::new(key), Nonce::assume_unique_for_key(nonce)))
 }
 
-fn seal(mk: &Secret32, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, E2eError> {
+/// Seals `plaintext` in place (give it `TAG_LEN` bytes of spare capacity to spare a copy).
+fn seal(mk: &Secret32, mut plaintext: Vec<u8>, aad: &[u8]) -> Result<Vec<u8>, E2eError> {
     let (key, nonce) = message_cipher(mk)?;
-    let mut sealed = Vec::with_capacity(plaintext.len() + TAG_LEN);
-    sealed.extend_from_slice(plaintext);
-    key.seal_in_place_append_tag(nonce, Aad::from(aad), &mut sealed)
+    key.seal_in_place_append_tag(nonce, Aad::from(aad), &mut plaintext)
         .map_err(|_| E2eError::Primitive)?;
-    Ok(sealed)
+    Ok(plaintext)
 }
 
 fn open(mk: &Secret32, ciphertext: &[u8], aad: &[u8]) -> Result<Vec<u8>, E2eError> {
@@ -232,10 +231,10 @@ impl RatchetState {
         [&self.ad[..], &header.to_ad_bytes(), extra].concat()
     }
 
-    /// Encrypts the next message of the sending chain.
+    /// Encrypts the next message of the sending chain, in place.
     pub(crate) fn encrypt(
         &mut self,
-        plaintext: &[u8],
+        plaintext: Vec<u8>,
         extra_ad: &[u8],
     ) -> Result<(Header, Vec<u8>), E2eError> {
         let cks = self.chains.cks.as_ref().ok_or(E2eError::NotReadyToSend)?;
@@ -256,14 +255,16 @@ impl RatchetState {
         Ok((header, ciphertext))
     }
 
-    /// Decrypts a message; on any error the state is unchanged. A DH ratchet step draws the
-    /// new ratchet key from `source`.
+    /// Decrypts a message and hands the plaintext to `content` (which unpads it); on any
+    /// error, also one from `content`, the state is unchanged. A DH ratchet step draws the new
+    /// ratchet key from `source`.
     pub(crate) fn decrypt(
         &mut self,
         header: &Header,
         ciphertext: &[u8],
         extra_ad: &[u8],
         source: &mut impl SecretSource,
+        content: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, E2eError>,
     ) -> Result<Vec<u8>, E2eError> {
         let aad = self.aad(header, extra_ad);
         if let Some(found) = self
@@ -271,7 +272,7 @@ impl RatchetState {
             .iter()
             .find(|k| k.dh == header.dh && k.n == header.n)
         {
-            let plaintext = open(&found.mk, ciphertext, &aad)?;
+            let plaintext = content(open(&found.mk, ciphertext, &aad)?)?;
             retain_wiping(&mut self.skipped, |k| {
                 !(k.dh == header.dh && k.n == header.n)
             });
@@ -300,7 +301,7 @@ impl RatchetState {
         let (next_ck, mk) = kdf_ck(ckr)?;
         next.ckr = Some(next_ck);
         next.nr = header.n.checked_add(1).ok_or(E2eError::CounterExhausted)?;
-        let plaintext = open(&mk, ciphertext, &aad)?;
+        let plaintext = content(open(&mk, ciphertext, &aad)?)?;
 
         self.chains = next;
         for key in new_skipped {

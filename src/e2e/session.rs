@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::envelope::MAX_PLAINTEXT_LEN;
 use super::keys::fresh_secret;
-use super::ratchet::RatchetState;
+use super::padding::{pad, unpad};
+use super::ratchet::{RatchetState, TAG_LEN};
 use super::{
     E2eError, Envelope, IdentityKey, IdentityKeyPair, InitialHeader, OsRandom, PrekeyBundle,
     PrekeyStore, SecretSource, check_identity, x3dh,
@@ -133,7 +134,8 @@ impl Session {
         let (agreement, signed_prekey) = x3dh::respond(my_identity, my_prekeys, initial)?;
         let mut ratchet = RatchetState::new_responder(agreement, signed_prekey);
         let ad = message_ad(peer_name, my_name, &message_id);
-        let plaintext = ratchet.decrypt(&envelope.header, &envelope.ciphertext, &ad, source)?;
+        let plaintext =
+            ratchet.decrypt(&envelope.header, &envelope.ciphertext, &ad, source, unpad)?;
         if let Some(id) = initial.one_time_prekey_id {
             my_prekeys.consume(id);
         }
@@ -148,7 +150,8 @@ impl Session {
         Ok((session, plaintext))
     }
 
-    /// Encrypts a message to the peer under the caller's message id.
+    /// Encrypts a message to the peer under the caller's message id, its plaintext padded to
+    /// the smallest of the [`PADDING_BUCKETS`](super::PADDING_BUCKETS) that holds it.
     pub fn seal(
         &mut self,
         message_id: [u8; MESSAGE_ID_LEN],
@@ -161,6 +164,15 @@ impl Session {
                 max: MAX_PLAINTEXT_LEN,
             });
         }
+        self.seal_plaintext(message_id, pad(plaintext, TAG_LEN)?)
+    }
+
+    /// Seals `plaintext` exactly as given (padded by [`Self::seal`]).
+    fn seal_plaintext(
+        &mut self,
+        message_id: [u8; MESSAGE_ID_LEN],
+        plaintext: Vec<u8>,
+    ) -> Result<Envelope, E2eError> {
         let ad = message_ad(&self.my_name, &self.peer_name, &message_id);
         let (header, ciphertext) = self.ratchet.encrypt(plaintext, &ad)?;
         Ok(Envelope {
@@ -200,7 +212,7 @@ impl Session {
         let ad = message_ad(&self.peer_name, &self.my_name, &message_id);
         let plaintext =
             self.ratchet
-                .decrypt(&envelope.header, &envelope.ciphertext, &ad, source)?;
+                .decrypt(&envelope.header, &envelope.ciphertext, &ad, source, unpad)?;
         // The peer can only have sent a decryptable message from this session once it had it.
         self.pending_initial = None;
         Ok(plaintext)
@@ -235,6 +247,17 @@ impl Session {
     /// The Double Ratchet state (to inspect, e.g. how many skipped keys it holds).
     pub fn ratchet(&self) -> &RatchetState {
         &self.ratchet
+    }
+
+    /// Seals `plaintext` exactly as given, without padding it: as clients from before padding
+    /// did, or with a hand-made (wrong) padding.
+    #[cfg(test)]
+    pub(crate) fn seal_raw(
+        &mut self,
+        message_id: [u8; MESSAGE_ID_LEN],
+        plaintext: &[u8],
+    ) -> Result<Envelope, E2eError> {
+        self.seal_plaintext(message_id, plaintext.to_vec())
     }
 
     #[cfg(test)]

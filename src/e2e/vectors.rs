@@ -53,8 +53,16 @@ impl Vectors {
     }
 }
 
-/// Runs the documented scenario and records every intermediate value.
-fn scenario() -> Vectors {
+/// Runs the documented scenario and records every intermediate value: with `padded`, as
+/// clients seal now (E6.1); without, as clients from before padding sealed (plaintext as is).
+fn scenario(padded: bool) -> Vectors {
+    let seal = |session: &mut Session, id, text: &[u8]| {
+        if padded {
+            session.seal(id, text)
+        } else {
+            session.seal_raw(id, text)
+        }
+    };
     let mut v = Vectors { lines: Vec::new() };
     let alice = IdentityKeyPair::from_seed(&secret("alice identity"));
     let bob = IdentityKeyPair::from_seed(&secret("bob identity"));
@@ -111,7 +119,7 @@ fn scenario() -> Vectors {
         "first extra AD",
         hex(&message_ad(&alice_name, &bob_name, &ids(0))),
     );
-    let first = a.seal(ids(0), b"Hello, Bob!").unwrap();
+    let first = seal(&mut a, ids(0), b"Hello, Bob!").unwrap();
     v.put("first ciphertext", hex(&first.ciphertext));
     v.put("first envelope", hex(&first.to_bytes().unwrap()));
 
@@ -129,7 +137,7 @@ fn scenario() -> Vectors {
     assert_eq!(text, b"Hello, Bob!");
     let ratchet_b = x25519_public(&Secret32::new(secret("bob ratchet")));
     v.put("bob ratchet public", hex(&ratchet_b));
-    let reply = b.seal(ids(16), b"Hi Alice!").unwrap();
+    let reply = seal(&mut b, ids(16), b"Hi Alice!").unwrap();
     v.put("reply envelope", hex(&reply.to_bytes().unwrap()));
     let mut source = Fixed(vec![secret("alice ratchet 2")]);
     assert_eq!(
@@ -144,7 +152,8 @@ fn scenario() -> Vectors {
 }
 
 /// The values part II of `docs/PROTOCOL.md` lists, cross-checked against an independent Python implementation
-/// of the spec (`cryptography` + `msgpack`).
+/// of the spec (`cryptography` + `msgpack`). The messages here are unpadded, as clients sealed
+/// before padding (E6.1); [`PADDED`] has what differs when they are padded.
 const EXPECTED: &[(&str, &str)] = &[
     (
         "IK_A",
@@ -271,11 +280,132 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
 ];
 
+/// The values that differ when the messages are padded (E6.1): everything up to the message
+/// keys is the same. The first ciphertext was reproduced with Python's `cryptography`
+/// (ChaCha20Poly1305 of `0xFF ‖ "Hello, Bob!" ‖ 0x80 ‖ 0x00 × 243` under the listed key, nonce
+/// and associated data).
+const PADDED: &[(&str, &str)] = &[
+    (
+        "first ciphertext",
+        concat!(
+            "8f9532b09a39028531c3929f9cff6090df11a65975bd693070f79ac840de0131",
+            "0ee26f707cc9ae61d6779bcee64c6b7ba3c5da547f24c256d96e957175af727d",
+            "65ee66412002441b07213bd9c7964c9752ef368f7981430b9408ec2616ce5ed3",
+            "7d0043a42c22bf57a9a4bbfae1d558e0797b2585c5eb2ff909016496e39fdef7",
+            "7ba09aedef824d9fa1a200bb982f5d7f731daca477ee9c52b42b5ef2488d5083",
+            "2b27539651e95c4b233a2ced5e0c45470d4ea762e2d994fc788308227e225049",
+            "2080eb469f6d6fa9213ae663559abd9d5eaabf7eba9374a8ac4e2d1102c1e46e",
+            "80a9fedf076ee6f65dab7353f1112923f0c7dd826693f84ea1b90182aaf325f8",
+            "69464d97eccf3693446885385b5dbeee",
+        ),
+    ),
+    (
+        "first envelope",
+        concat!(
+            "83a7696e697469616c84ac6964656e746974795f6b6579c420e683ae242758a0",
+            "da9389619ef238916d91a6bae7b5423b1037e7ed14d76bae94ad657068656d65",
+            "72616c5f6b6579c4209b6d9e84cdd58b6de4adf54cc8c28e387917a5a6736c2f",
+            "f87b3d009f21b5f111b07369676e65645f7072656b65795f696401b26f6e655f",
+            "74696d655f7072656b65795f696402a668656164657283a26468c420a7244b29",
+            "b9c7ae5475592379168f21b852ef340d91727086e25ae8fbaa2cae39a2706e00",
+            "a16e00aa63697068657274657874c501108f9532b09a39028531c3929f9cff60",
+            "90df11a65975bd693070f79ac840de01310ee26f707cc9ae61d6779bcee64c6b",
+            "7ba3c5da547f24c256d96e957175af727d65ee66412002441b07213bd9c7964c",
+            "9752ef368f7981430b9408ec2616ce5ed37d0043a42c22bf57a9a4bbfae1d558",
+            "e0797b2585c5eb2ff909016496e39fdef77ba09aedef824d9fa1a200bb982f5d",
+            "7f731daca477ee9c52b42b5ef2488d50832b27539651e95c4b233a2ced5e0c45",
+            "470d4ea762e2d994fc788308227e2250492080eb469f6d6fa9213ae663559abd",
+            "9d5eaabf7eba9374a8ac4e2d1102c1e46e80a9fedf076ee6f65dab7353f11129",
+            "23f0c7dd826693f84ea1b90182aaf325f869464d97eccf3693446885385b5dbe",
+            "ee",
+        ),
+    ),
+    (
+        "reply envelope",
+        concat!(
+            "82a668656164657283a26468c420355cba1e5872679ef89092ba9626e6f02ac2",
+            "7a9864dd594cfbf49fc378d9e14da2706e00a16e00aa63697068657274657874",
+            "c501108c290dfa6a9add46851b1bef8947b983be94196f29845c277880ec8587",
+            "963ce03fc2a8fc57292370c46b022b93464d305e25fbcf8628ba1df19f97863c",
+            "5dee630599fab920d554f3bc796e676551fa67e2c90241cd875d0f227bcef0c7",
+            "620b884a10d244149446ace0a07fb74c9f8354bd25374f53489263c8e9a7df16",
+            "9e98536b014eb55d61b469eef2fde64ffa093d7ca0c3e4c091c0868da181fbc5",
+            "47372411833d08737160880c8e05b00445babc56f1396365b7f63718dbd79bf9",
+            "c343838478a8b3247bda05841d5d887c0f8ff22c5f741fec49fe9c6451b5191a",
+            "8663ad04da53f77f7e753898f5185ca226b00fb67ce2d0d7537246316585232d",
+            "0e4cecc6de2109a24b8edd97ae6166cf030654",
+        ),
+    ),
+];
+
 #[test]
 fn vectors_match_the_spec() {
-    let got = scenario();
+    let got = scenario(true);
     assert_eq!(got.lines.len(), EXPECTED.len());
+    for (key, expected) in EXPECTED {
+        let expected = PADDED
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(*expected, |(_, v)| *v);
+        assert_eq!(got.get(key), expected, "vector `{key}`");
+    }
+}
+
+/// The vectors of clients from before padding still come out of an unpadded seal, byte for
+/// byte: the scenario's receivers (which unpad) opened them.
+#[test]
+fn unpadded_vectors_match_the_spec() {
+    let got = scenario(false);
     for (key, expected) in EXPECTED {
         assert_eq!(got.get(key), *expected, "vector `{key}`");
     }
+}
+
+/// The spec's unpadded envelopes, taken from their hex as a message sealed before padding
+/// would sit in an inbox, open in today's sessions.
+#[test]
+fn unpadded_envelopes_from_before_padding_still_open() {
+    let expected = |key: &str| {
+        let hex = EXPECTED.iter().find(|(k, _)| *k == key).unwrap().1;
+        Envelope::from_bytes(&hex::decode(hex).unwrap()).unwrap()
+    };
+    let alice = IdentityKeyPair::from_seed(&secret("alice identity"));
+    let bob = IdentityKeyPair::from_seed(&secret("bob identity"));
+    let mut store = PrekeyStore::from_secrets(
+        &bob,
+        (1, secret("bob signed prekey")),
+        (1, secret("bob last-resort prekey")),
+        &[(2, secret("bob one-time prekey"))],
+    )
+    .unwrap();
+    let bundle = PrekeyBundle {
+        identity_key: bob.public(),
+        signed_prekey: store.signed_prekey(),
+        one_time_prekey: Some(store.one_time_prekeys()[0].clone()),
+        last_resort_prekey: None,
+    };
+    let (alice_name, bob_name) = (name("alice"), name("bob"));
+    let mut source = Fixed(vec![secret("alice ephemeral"), secret("alice ratchet")]);
+    let mut a =
+        Session::initiate_with(&mut source, &alice, &alice_name, &bob_name, &bundle).unwrap();
+    let mut source = Fixed(vec![secret("bob ratchet")]);
+    let (mut b, text) = Session::accept_with(
+        &mut source,
+        &bob,
+        &mut store,
+        &bob_name,
+        &alice_name,
+        ids(0),
+        &expected("first envelope"),
+    )
+    .unwrap();
+    assert_eq!(text, b"Hello, Bob!");
+    assert_eq!(
+        a.open(ids(16), &expected("reply envelope")).unwrap(),
+        b"Hi Alice!"
+    );
+    // And the conversation goes on padded.
+    let next = a.seal(ids(32), b"padded now").unwrap();
+    assert_eq!(next.ciphertext.len(), 256 + TAG_LEN);
+    assert_eq!(b.open(ids(32), &next).unwrap(), b"padded now");
 }

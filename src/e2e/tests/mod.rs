@@ -1,12 +1,13 @@
 //! Conversations between two sessions: the behaviour the client relies on. `conversation`
 //! covers ordering, persistence and the prekey life cycle; `attacks` covers replay,
-//! tampering, forgery, bounds and identity changes. Byte-exact vectors are in `vectors.rs`.
+//! tampering, forgery, bounds and identity changes; `padding` covers the size buckets. Byte-exact vectors are in `vectors.rs`.
 
 use super::*;
 use crate::protocol::Username;
 
 mod attacks;
 mod conversation;
+mod padding;
 
 pub(super) struct Party {
     pub(super) name: Username,
