@@ -409,3 +409,20 @@ fn unpadded_envelopes_from_before_padding_still_open() {
     assert_eq!(next.ciphertext.len(), 256 + TAG_LEN);
     assert_eq!(b.open(ids(32), &next).unwrap(), b"padded now");
 }
+
+/// `docs/PROTOCOL.md` shows the padded run's bytes as they come out (in lines of 64 digits).
+#[test]
+fn the_spec_lists_the_padded_vectors() {
+    let spec = include_str!("../../docs/PROTOCOL.md");
+    for (key, value) in PADDED {
+        let lines: Vec<&str> = value
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        assert!(
+            spec.contains(&lines.join("\n")),
+            "PROTOCOL.md lacks `{key}`"
+        );
+    }
+}
