@@ -53,6 +53,7 @@ impl BlockingPool {
                     self.waiting.fetch_sub(1, Ordering::AcqRel);
                     return Err(BlockingError::Saturated(self.name));
                 }
+                let _queued = crate::server::metrics::queued(self.name);
                 let permit = Arc::clone(&self.permits).acquire_owned().await;
                 self.waiting.fetch_sub(1, Ordering::AcqRel);
                 permit.map_err(|_| BlockingError::Aborted(self.name))?

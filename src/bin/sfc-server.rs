@@ -1,8 +1,10 @@
 //! `sfc-server`: parses flags, environment and the config file, then runs the server.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -10,6 +12,7 @@ use securefastchat::server::{ConfigLayer, Server};
 use securefastchat::store::Durability;
 use securefastchat::tls::DevCertificates;
 use tokio_util::sync::CancellationToken;
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 /// The server allocates with jemalloc: memory allocated on the runtime's threads is freed on
@@ -80,6 +83,10 @@ struct Cli {
     /// (survives a server crash, not a power loss) [default: sync]
     #[arg(long, env = "SFC_DURABILITY", value_enum)]
     durability: Option<Durability>,
+    /// Serve Prometheus metrics over HTTP on this TCP address (an admin address: keep it off
+    /// the internet) [default: off]
+    #[arg(long, env = "SFC_METRICS")]
+    metrics: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -96,21 +103,105 @@ enum Command {
     },
 }
 
+/// Log filter unless `RUST_LOG` says otherwise: the server's own events at info, the store
+/// engine's (fjall, lsm_tree: about 22 lines of recovery at every start) only from warn.
+const DEFAULT_LOG_FILTER: &str = "info,fjall=warn,lsm_tree=warn";
+/// Log lines that may wait for the log thread; past that, new lines are dropped (about 3 MB at
+/// ≈ 200 bytes a line).
+const LOG_QUEUE_LINES: usize = 16_384;
+/// How long the end of the process waits for queued log lines to be written.
+const LOG_FLUSH_WAIT: Duration = Duration::from_secs(2);
+/// How long a second signal waits for queued log lines before the process exits.
+const LOG_FLUSH_WAIT_FORCED: Duration = Duration::from_millis(200);
+/// A signal this soon after the first is the same request, not a second one: `timeout(1)`
+/// signals both the server and its own process group, so the server gets it twice at once.
+const SAME_REQUEST: Duration = Duration::from_millis(100);
+/// How long the runtime waits for blocking jobs (argon2, store calls) once the server is done.
+const RUNTIME_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// The log thread's guard, taken by whichever ends the process first (see [`flush_logs`]).
+static LOG_GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+
+/// Exit codes: 0 after a graceful shutdown, 1 on an error, and 128 + the signal's number
+/// (130 for SIGINT, 143 for SIGTERM) when a second signal cut the graceful shutdown short.
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    match run(cli) {
+    init_logging();
+    let result = run(cli);
+    // The log lines first, then the error after them.
+    flush_logs(LOG_FLUSH_WAIT);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sfc-server: error: {e:#}");
+            // A closed stderr is no reason to panic.
+            let _ = writeln!(std::io::stderr(), "sfc-server: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs go to stderr through a thread of their own, and logging can neither stop nor stall
+/// the server:
+/// - a line that cannot be written (the pipe closed: `sfc-server 2>&1 | tee log` after tee
+///   died) is dropped. Before, tracing-subscriber reported the failed write with `eprintln!`,
+///   which panics when stderr is broken: the task that logged died, and when that was the
+///   signal handler, the shutdown never started and only SIGKILL ended the process;
+/// - a pipe that stops being read (a stopped `tee`, a full pager) blocks only the log thread:
+///   the runtime's threads hand lines to a bounded queue (tracing-appender's non-blocking
+///   writer, lossy) and drop them when it is full, instead of blocking on stderr's lock;
+/// - SIGPIPE stays ignored (Rust's runtime ignores it before `main`), so a closed log pipe
+///   is an error on a write, not the end of the process.
+fn init_logging() {
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("sfc-log")
+        .finish(LossyStderr);
+    if let Ok(mut slot) = LOG_GUARD.lock() {
+        *slot = Some(guard);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)),
+        )
+        .with_writer(writer)
+        .with_ansi(std::io::stderr().is_terminal())
+        .log_internal_errors(false)
+        .init();
+}
+
+/// Writes what the log thread has queued, waiting at most `wait`. The guard is dropped on a
+/// thread of its own: dropping it waits for the log thread (bounded), and in one case prints
+/// to stdout (`println!`), which could block on a stalled pipe or panic on a closed one.
+fn flush_logs(wait: Duration) {
+    let Some(guard) = LOG_GUARD.lock().ok().and_then(|mut slot| slot.take()) else {
+        return;
+    };
+    let (done, flushed) = std::sync::mpsc::channel();
+    let flusher = std::thread::Builder::new()
+        .name("sfc-log-flush".into())
+        .spawn(move || {
+            drop(guard);
+            let _ = done.send(());
+        });
+    if flusher.is_ok() {
+        let _ = flushed.recv_timeout(wait);
+    }
+}
+
+/// Standard error that never fails: a line it cannot write is dropped.
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
     }
 }
 
@@ -120,7 +211,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         certs
             .write_to(dir)
             .with_context(|| format!("writing certificates to {}", dir.display()))?;
-        println!(
+        let _ = writeln!(
+            std::io::stdout(),
             "wrote {0}/ca.crt, {0}/server.crt and {0}/server.key; clients trust {0}/ca.crt",
             dir.display()
         );
@@ -146,38 +238,135 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         max_message_bytes: cli.max_message_bytes,
         max_pending: cli.max_pending,
         durability: cli.durability,
+        metrics: cli.metrics,
     };
     let config = flags.over(file).resolve()?;
 
+    // Signals are watched from before the store opens to the very end of the process, on a
+    // thread of their own: a second signal must work while the runtime winds down too.
+    let shutdown = CancellationToken::new();
+    watch_signals(shutdown.clone())?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let server = Server::bind(config).await.context("starting the server")?;
-        let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
         server.run(shutdown).await.context("running the server")
-    })
+    });
+    // The store is flushed and closed by now; a blocking job still running (a hash nobody
+    // waits for) must not hold the exit.
+    runtime.shutdown_timeout(RUNTIME_STOP_WAIT);
+    result
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+/// Listens for SIGINT and SIGTERM (registered before this returns) on a thread with a small
+/// runtime of its own; see [`stop_on_signals`].
+fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("starting the signal watcher")?;
+    let signals = {
+        let _entered = runtime.enter();
+        StopSignals::listen().context("listening for SIGINT and SIGTERM")?
+    };
+    std::thread::Builder::new()
+        .name("sfc-signals".into())
+        .spawn(move || runtime.block_on(stop_on_signals(signals, shutdown)))
+        .context("starting the signal watcher")?;
+    Ok(())
+}
+
+/// The first SIGINT or SIGTERM starts the graceful shutdown; a second one ends the process at
+/// once with 128 + its number. The token is cancelled before anything is logged: nothing
+/// that can fail stands between a signal and the shutdown.
+async fn stop_on_signals(mut signals: StopSignals, shutdown: CancellationToken) {
+    let Some(first) = signals.next().await else {
+        return;
+    };
+    shutdown.cancel();
+    tracing::info!(
+        signal = first.name(),
+        "shutting down gracefully; a second SIGINT or SIGTERM stops at once"
+    );
+    let first_at = std::time::Instant::now();
+    while let Some(second) = signals.next().await {
+        if first_at.elapsed() < SAME_REQUEST {
+            continue;
+        }
+        tracing::warn!(
+            signal = second.name(),
+            "second signal: exiting now, without waiting for connections"
+        );
+        flush_logs(LOG_FLUSH_WAIT_FORCED);
+        std::process::exit(128 + second.number());
+    }
+}
+
+/// A signal that stops the server.
+#[derive(Debug, Clone, Copy)]
+enum StopSignal {
+    Interrupt,
+    Terminate,
+}
+
+impl StopSignal {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Interrupt => "SIGINT",
+            Self::Terminate => "SIGTERM",
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// The signal's number (the same on every Unix for these two).
+    fn number(self) -> i32 {
+        match self {
+            Self::Interrupt => 2,
+            Self::Terminate => 15,
+        }
     }
-    tracing::info!("signal received");
-    shutdown.cancel();
+}
+
+/// Listeners for SIGINT and SIGTERM, registered once so that no signal falls between two
+/// waits.
+struct StopSignals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Registers the listeners; call it inside a runtime.
+    fn listen() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
+        }
+    }
+
+    /// The next signal; `None` if they can no longer be received.
+    async fn next(&mut self) -> Option<StopSignal> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                Some(()) = self.interrupt.recv() => Some(StopSignal::Interrupt),
+                Some(()) = self.terminate.recv() => Some(StopSignal::Terminate),
+                else => None,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c()
+                .await
+                .ok()
+                .map(|()| StopSignal::Interrupt)
+        }
+    }
 }

@@ -82,6 +82,8 @@ pub struct ServerConfig {
     pub max_pending: u64,
     /// Whether message writes are synced before they are acknowledged.
     pub durability: Durability,
+    /// TCP address of the Prometheus metrics endpoint, if any (see `server::metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -103,6 +105,7 @@ impl ServerConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_pending: DEFAULT_MAX_PENDING,
             durability: Durability::Sync,
+            metrics: None,
         }
     }
 }
@@ -147,6 +150,8 @@ pub struct ConfigLayer {
     pub max_pending: Option<u64>,
     /// `sync` or `buffered`.
     pub durability: Option<Durability>,
+    /// Prometheus metrics address (`IP:PORT`, TCP).
+    pub metrics: Option<String>,
 }
 
 /// Why the configuration is unusable.
@@ -208,6 +213,7 @@ impl ConfigLayer {
             max_message_bytes: self.max_message_bytes.or(lower.max_message_bytes),
             max_pending: self.max_pending.or(lower.max_pending),
             durability: self.durability.or(lower.durability),
+            metrics: self.metrics.or(lower.metrics),
         }
     }
 
@@ -288,6 +294,12 @@ impl ConfigLayer {
         }
         if let Some(durability) = self.durability {
             config.durability = durability;
+        }
+        if let Some(raw) = self.metrics {
+            let addr = raw.parse().map_err(|_| {
+                ConfigError::Invalid(format!("metrics address {raw:?} is not IP:PORT"))
+            })?;
+            config.metrics = Some(addr);
         }
         Ok(config)
     }

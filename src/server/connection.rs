@@ -46,6 +46,7 @@ pub(crate) async fn serve(
     async move {
         let accepted = accept(incoming, &shared, &shutdown).await;
         drop(handshake);
+        super::metrics::handshake(matches!(accepted, Ok(Some(_))));
         match accepted {
             Ok(Some((conn, send, recv))) => run(conn, send, recv, shared, &shutdown).await,
             Ok(None) => {}

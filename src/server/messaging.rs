@@ -216,6 +216,7 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
     match shared.accounts.store().append(message, hooks).await {
         Ok(Appended::Stored { seq }) => {
             tracing::trace!(%id, seq, to = %recipient, "stored");
+            super::metrics::message_sent();
             Some(Reply::Sent {
                 message_id: id,
                 duplicate: false,
@@ -354,6 +355,7 @@ pub(crate) async fn deliver(
             match pushed {
                 Ok(()) => {
                     tracing::trace!(seq = message.seq, prev, "pushed");
+                    super::metrics::message_pushed();
                     prev = message.seq;
                 }
                 Err(PushError::ConnectionLost(e)) => {

@@ -9,6 +9,7 @@ pub mod config;
 mod connection;
 mod directory;
 mod messaging;
+pub mod metrics;
 pub mod password;
 mod requests;
 pub mod router;
@@ -74,6 +75,9 @@ pub enum ServerError {
     /// A startup task died.
     #[error("startup task failed: {0}")]
     Join(tokio::task::JoinError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 impl From<PasswordError> for ServerError {
@@ -117,6 +121,10 @@ pub struct Server {
 impl Server {
     /// Loads or makes certificates, opens the store and binds the endpoint.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        if let Some(addr) = config.metrics {
+            metrics::install(addr)?;
+            info!(%addr, "metrics on http://{addr}/metrics");
+        }
         let identity = match &config.tls {
             TlsSource::Dev { dir } => {
                 let dir = dir.clone();
@@ -203,6 +211,9 @@ impl Server {
         let active = Arc::new(AtomicUsize::new(0));
         let handshaking = Arc::new(AtomicUsize::new(0));
         tracker.spawn(sweep(Arc::clone(&self.shared), shutdown.clone()));
+        if self.config.metrics.is_some() {
+            tracker.spawn(count_pending(Arc::clone(&self.store), shutdown.clone()));
+        }
 
         loop {
             let incoming = tokio::select! {
@@ -245,6 +256,7 @@ impl Server {
         let now_active = active.load(Ordering::Relaxed);
         if now_active >= self.config.max_connections {
             debug!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+            metrics::connection_refused("max_connections");
             incoming.refuse();
             return;
         }
@@ -254,6 +266,7 @@ impl Server {
             && handshaking.load(Ordering::Relaxed) >= RETRY_THRESHOLD
         {
             // Under load, make unvalidated clients prove their address first.
+            metrics::connection_refused("retry");
             if let Err(e) = incoming.retry() {
                 e.into_incoming().ignore();
             }
@@ -267,6 +280,7 @@ impl Server {
         let incoming = Box::new(incoming);
         tracker.spawn(async move {
             let _slot = slot;
+            let _open = metrics::connection_accepted();
             connection::serve(incoming, shared, shutdown, handshake).await;
         });
     }
@@ -285,6 +299,18 @@ impl ConnectionSlot {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Adds the messages already in the inboxes at start to the metrics (a scan, off the start's
+/// path: with a million pending messages it takes a while, and serving need not wait).
+async fn count_pending(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        counted = store.count_pending_messages() => match counted {
+            Ok(n) => metrics::inbox_counted_at_start(n),
+            Err(e) => warn!(error = %e, "cannot count the pending messages for the metrics"),
+        },
     }
 }
 
@@ -317,7 +343,10 @@ async fn sweep(shared: Arc<Shared>, shutdown: CancellationToken) {
             .await
         {
             Ok(0) => {}
-            Ok(n) => info!(messages = n, "deleted expired undelivered messages"),
+            Ok(n) => {
+                metrics::messages_expired(n);
+                info!(messages = n, "deleted expired undelivered messages");
+            }
             Err(e) => warn!(error = %e, "message expiry sweep failed"),
         }
     }

@@ -178,6 +178,7 @@ impl Control {
                     return rate_limited("signups from your address", wait);
                 }
                 let result = self.shared.accounts.signup(&username, password).await;
+                super::metrics::signup(&result);
                 if matches!(result, Ok(_) | Err(AccountError::UsernameTaken)) {
                     self.shared.signups.spend(addr, Instant::now());
                 }
@@ -192,6 +193,7 @@ impl Control {
                     return rate_limited("failed logins from your address", wait);
                 }
                 let result = self.shared.accounts.login(&username, password).await;
+                super::metrics::login(&result);
                 if matches!(result, Err(AccountError::InvalidCredentials)) {
                     self.shared.failed_logins.spend(addr, Instant::now());
                 }
@@ -303,6 +305,7 @@ impl Control {
                     .await
                 {
                     Ok(removed) => {
+                        super::metrics::messages_delivered(removed);
                         self.shared.router.release(me, &seqs);
                         Reply::Acked { removed }
                     }
@@ -433,7 +436,7 @@ impl Control {
             .await
         {
             Ok(removed) => Reply::Unsent {
-                deleted: removed == 1,
+                deleted: super::metrics::messages_unsent(removed) == 1,
             },
             Err(e) => store_error(&e),
         }
@@ -483,6 +486,7 @@ fn store_error(e: &StoreError) -> Reply {
 
 fn rate_limited(what: &str, wait: Duration) -> Reply {
     let secs = wait.as_secs().max(1);
+    super::metrics::throttled(what);
     warn!(what, retry_in_secs = secs, "rate limited");
     error(
         ErrorCode::RateLimited,

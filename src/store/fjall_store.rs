@@ -428,4 +428,16 @@ impl Store for FjallStore {
         }
         Ok(removed)
     }
+
+    async fn count_pending_messages(&self) -> Result<u64, StoreError> {
+        self.call(|db| {
+            let mut count = 0u64;
+            for entry in db.inbox.inbox.iter() {
+                entry.key()?;
+                count += 1;
+            }
+            Ok(count)
+        })
+        .await
+    }
 }

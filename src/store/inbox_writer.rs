@@ -382,6 +382,7 @@ impl WriterState {
     }
 
     fn commit(&mut self, ops: Vec<Op>) {
+        crate::server::metrics::inbox_batch(ops.len());
         // Only appends and unsends need the sync before their answer. A batch of acks alone
         // (or expiry, or forgetting expired send records) is handed to the OS and made durable
         // by the next synced batch (the journal is written in order): see
@@ -777,7 +778,9 @@ fn run_committer(
             rest.push((job.synced, job.replies));
         }
         if error.is_none() && must_sync && durability == Durability::Sync {
+            let sync_started = std::time::Instant::now();
             error = db.persist(PersistMode::SyncData).err();
+            crate::server::metrics::inbox_sync(sync_started.elapsed());
         }
         let error = error.map(|e| {
             tracing::error!(error = %e, "inbox batch failed; nothing after the last sync is stored");

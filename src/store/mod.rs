@@ -321,4 +321,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes expired inbox entries and send records; returns how many messages went.
     async fn purge_expired_messages(&self, now: u64) -> Result<u64, StoreError>;
+
+    /// Messages pending in all inboxes: a scan of every inbox key, for the metrics at start.
+    async fn count_pending_messages(&self) -> Result<u64, StoreError>;
 }
