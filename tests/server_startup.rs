@@ -64,6 +64,12 @@ fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
 }
 
+/// Lets a server that has just logged `serving` install its SIGTERM handler (a task spawned
+/// next to `run`), so `terminate` tests a clean stop rather than that race.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
 fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -76,6 +82,7 @@ async fn a_new_data_directory_is_private_to_the_server() {
     let data = dir.path().join("data");
     assert_eq!(mode(&data), 0o700);
     assert_eq!(mode(&data.join("endpoint.secret")), 0o600);
+    settle().await;
     server.terminate().await;
 }
 
@@ -109,6 +116,7 @@ async fn a_data_directory_others_can_read_is_made_private_with_a_warning() {
     set_mode(&data, 0o755);
     let server = ServerProcess::start(dir.path()).await;
     assert_eq!(mode(&data), 0o700);
+    settle().await;
     let log = server.terminate().await;
     assert_eq!(
         log.iter()
