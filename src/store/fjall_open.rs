@@ -172,6 +172,7 @@ impl Shared {
     fn reopen(&self) -> Result<bool, StoreError> {
         // Held throughout, so no ack or session is kept between the replay and the end.
         let mut deferred = self.outage.deferred()?;
+        let started = Instant::now();
         let old = self.open.write().map_err(|_| StoreError::Poisoned)?.take();
         if let Some(old) = old {
             // Calls in flight hold it for moments (reads; writes are refused at once). The
@@ -200,7 +201,8 @@ impl Shared {
         let writes = inner.writer.is_some() && inner.replay(&deferred).is_ok();
         *self.open.write().map_err(|_| StoreError::Poisoned)? = Some(Arc::new(inner));
         if writes {
-            self.outage.recovered(generation, &mut deferred);
+            self.outage
+                .recovered(generation, &mut deferred, started.elapsed());
         }
         Ok(writes)
     }

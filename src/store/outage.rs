@@ -120,8 +120,9 @@ impl Outage {
         self.wake.notify_all();
     }
 
-    /// Database `generation` was opened and can write: the outage (if any) is over.
-    pub fn recovered(&self, generation: u64, deferred: &mut Deferred) {
+    /// Database `generation` was opened (in `reopen`) and can write: the outage (if any) is
+    /// over.
+    pub fn recovered(&self, generation: u64, deferred: &mut Deferred, reopen: Duration) {
         let (acks, sessions) = (deferred.ack_count, deferred.sessions.len());
         *deferred = Deferred::default();
         self.generation.store(generation, Ordering::SeqCst);
@@ -137,6 +138,7 @@ impl Outage {
                 .map_or(0.0, |t| t.elapsed().as_secs_f64());
             tracing::info!(
                 down_for_secs = format_args!("{secs:.1}"),
+                reopen_ms = reopen.as_millis(),
                 deferred_acks = acks,
                 deferred_sessions = sessions,
                 "the store writes again: the database was reopened and messages are accepted"
