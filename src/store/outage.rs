@@ -256,3 +256,59 @@ pub(super) fn space_for_writes(dir: &Path) -> bool {
     let _ = std::fs::remove_file(&path);
     fits
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interval(outage: &Outage) -> Duration {
+        outage.timing.lock().unwrap().interval
+    }
+
+    #[test]
+    fn an_outage_starts_once_and_ignores_closed_databases() {
+        let outage = Outage::default();
+        assert!(!outage.defer_ack(1, &[5]).unwrap(), "not down: ack written");
+        outage.failed(1, &"from a database closed since");
+        assert!(!outage.is_down());
+        outage.failed(0, &"disk full");
+        outage.failed(0, &"disk full again");
+        assert!(outage.is_down());
+        assert!(outage.defer_ack(1, &[5, 6]).unwrap());
+        assert!(outage.defer_ack(1, &[6, 7]).unwrap());
+        assert_eq!(outage.deferred().unwrap().ack_count, 3, "each seq once");
+        let mut deferred = outage.deferred().unwrap();
+        outage.recovered(1, &mut deferred, Duration::ZERO);
+        assert!(deferred.is_empty());
+        drop(deferred);
+        assert!(!outage.is_down());
+        outage.failed(0, &"the old database again");
+        assert!(!outage.is_down(), "generation 1 is open now");
+    }
+
+    #[test]
+    fn an_outage_soon_after_the_last_probes_less_often() {
+        let outage = Outage::default();
+        outage.failed(0, &"disk full");
+        assert_eq!(interval(&outage), PROBE_INTERVAL);
+        for (generation, expected) in [(1, 2), (2, 4), (3, 8)] {
+            let mut deferred = outage.deferred().unwrap();
+            outage.recovered(generation, &mut deferred, Duration::ZERO);
+            drop(deferred);
+            outage.failed(generation, &"failing disk");
+            assert_eq!(interval(&outage), PROBE_INTERVAL * expected);
+        }
+    }
+
+    #[test]
+    fn deferred_writes_are_bounded() {
+        let outage = Outage::default();
+        outage.failed(0, &"disk full");
+        let seqs: Vec<u64> = (0..MAX_DEFERRED_ACKS as u64).collect();
+        assert!(outage.defer_ack(1, &seqs).unwrap());
+        assert!(matches!(
+            outage.defer_ack(2, &[1]),
+            Err(StoreError::Unavailable)
+        ));
+    }
+}
