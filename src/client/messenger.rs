@@ -161,7 +161,7 @@ enum Refusal {
 fn refusal(e: &ClientError) -> Refusal {
     match e {
         ClientError::Server { code, .. } => match code {
-            ErrorCode::NotAuthenticated => Refusal::StopAll,
+            ErrorCode::NotAuthenticated | ErrorCode::StorageUnavailable => Refusal::StopAll,
             ErrorCode::InboxFull
             | ErrorCode::Busy
             | ErrorCode::Internal

@@ -52,6 +52,9 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// The request is not allowed (e.g. presence of a user who has not written to you).
     NotAllowed,
+    /// The server cannot store anything now (its disk is full or failing): nothing of the
+    /// request was stored; retry later, it recovers by itself.
+    StorageUnavailable,
     /// A code this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -84,6 +87,7 @@ impl ErrorCode {
             Self::InboxFull => "inbox_full",
             Self::MessageTooLarge => "message_too_large",
             Self::NotAllowed => "not_allowed",
+            Self::StorageUnavailable => "storage_unavailable",
             Self::Unknown => "unknown",
         }
     }

@@ -91,6 +91,7 @@ impl AccountError {
             Self::InvalidCredentials => ErrorCode::InvalidCredentials,
             Self::InvalidToken => ErrorCode::InvalidToken,
             Self::Busy => ErrorCode::Busy,
+            Self::Store(StoreError::Unavailable) => ErrorCode::StorageUnavailable,
             Self::Store(_) | Self::Password(_) | Self::Random(_) => ErrorCode::Internal,
         }
     }

@@ -236,6 +236,14 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
 }
 
 fn store_failure(id: MessageId, e: &crate::store::StoreError) -> Reply {
+    if matches!(e, crate::store::StoreError::Unavailable) {
+        // The store logged the outage once; a line per refused message would flood the log.
+        return failed(
+            Some(id),
+            ErrorCode::StorageUnavailable,
+            "the server cannot store messages now; it was not stored: send it again later",
+        );
+    }
     warn!(error = %e, %id, "cannot store message");
     failed(
         Some(id),

@@ -480,6 +480,12 @@ fn unknown_user() -> Reply {
 }
 
 fn store_error(e: &StoreError) -> Reply {
+    if matches!(e, StoreError::Unavailable) {
+        return error(
+            ErrorCode::StorageUnavailable,
+            "the server cannot store anything now; nothing was changed: retry later".into(),
+        );
+    }
     error!(error = %e, "store operation failed");
     error(ErrorCode::Internal, "internal server error".into())
 }

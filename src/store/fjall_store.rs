@@ -3,22 +3,24 @@
 //! Keyspaces: `users` (username → [`UserRecord`]) and `sessions` (token digest →
 //! [`SessionRecord`]) here; users' numeric ids in `user_ids`; the key directory in
 //! `fjall_keys`; inboxes (written only by the group-commit thread of `inbox_writer`). Opening
-//! a store of an older format migrates it first (`migrate`). Values are named MessagePack.
+//! a store of an older format migrates it first (`migrate`); opening and reopening after a
+//! write outage live in `fjall_open`. Values are named MessagePack.
 //! Every call runs on the bounded blocking pool; account and key writes are synced
 //! (`SyncData`) before they return.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::PersistMode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::fjall_keys::KeyDirectory;
-use super::inbox_writer::{Addressed, InboxKeyspaces, InboxWriter, pair_key};
-use super::user_ids::{UserId, UserIds, decode_id, inbox_key, sent_key};
+use super::fjall_open::{Inner, Shared, watch};
+use super::inbox_writer::{Addressed, pair_key};
+use super::outage::Outage;
+use super::user_ids::{UserId, decode_id, inbox_key, inbox_seq, sent_key};
 use super::{
     AppendHooks, Appended, Created, Durability, KeysRecord, NewMessage, Removal, SentRecord,
     SessionRecord, Store, StoreError, StoredMessage, TakenBundle, TokenDigest, UserRecord,
@@ -28,8 +30,8 @@ use crate::protocol::MessageId;
 use crate::protocol::Username;
 use crate::protocol::keys::OneTimePrekey;
 
-const USERS: &str = "users";
-const SESSIONS: &str = "sessions";
+pub(super) const USERS: &str = "users";
+pub(super) const SESSIONS: &str = "sessions";
 
 /// How many store calls may run on blocking threads at once.
 const CONCURRENT_CALLS: usize = 16;
@@ -63,22 +65,8 @@ impl Default for StoreOptions {
 /// The fjall-backed store. Cheap to clone.
 #[derive(Clone)]
 pub struct FjallStore {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     pool: BlockingPool,
-    writer: Arc<InboxWriter>,
-}
-
-struct Inner {
-    db: Database,
-    users: Keyspace,
-    sessions: Keyspace,
-    /// Serialises check-then-insert in `create_user` so racing signups cannot both win.
-    create_user: Mutex<()>,
-    /// Users' ids; the ids of accounts known to exist stay in memory, since every message
-    /// send checks its recipient, and that must not cost a blocking-pool hop each time.
-    ids: UserIds,
-    directory: KeyDirectory,
-    inbox: InboxKeyspaces,
 }
 
 impl FjallStore {
@@ -90,55 +78,59 @@ impl FjallStore {
     /// Opens (or creates) the database in `dir` and starts the inbox writer. Blocking: call
     /// before serving or off the runtime.
     pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
-        let db = Database::builder(dir).open().map_err(|e| match e {
-            fjall::Error::Locked => StoreError::Locked {
-                dir: dir.to_owned(),
-            },
-            e => StoreError::Engine(e),
-        })?;
-        let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
-        let users = keyspace(USERS)?;
-        let sessions = keyspace(SESSIONS)?;
-        let directory = KeyDirectory {
-            db: db.clone(),
-            keys: keyspace("keys")?,
-            prekeys: keyspace("prekeys")?,
-            lock: Mutex::new(()),
-        };
-        let inbox = InboxKeyspaces {
-            db: db.clone(),
-            inbox: keyspace("inbox_v2")?,
-            sent: keyspace("sent_v2")?,
-            meta: keyspace("meta")?,
-            contacts: keyspace("contacts")?,
-        };
-        let ids = UserIds::open(keyspace("user_ids")?, keyspace("user_names")?)?;
-        super::migrate::run(&db, &users, &inbox.meta, &ids, &inbox.inbox, &inbox.sent)?;
-        let writer = InboxWriter::start(
-            inbox.clone(),
-            options.durability,
-            options.max_pending,
-            options.max_batch,
-        )?;
+        super::data_dir::prepare(dir)?;
+        let outage = Arc::new(Outage::default());
+        let inner = Inner::open(dir, options, &outage, outage.generation(), true)?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_owned(),
+            options,
+            open: RwLock::new(Some(Arc::new(inner))),
+            outage,
+        });
+        let watched = Arc::downgrade(&shared);
+        let outage = Arc::clone(&shared.outage);
+        std::thread::Builder::new()
+            .name("sfc-store-watch".into())
+            .spawn(move || watch(&watched, &outage))
+            .map_err(|e| StoreError::Limit(format!("cannot start the store watcher: {e}")))?;
         Ok(Self {
-            inner: Arc::new(Inner {
-                db,
-                users,
-                sessions,
-                create_user: Mutex::new(()),
-                ids,
-                directory,
-                inbox,
-            }),
+            shared,
             pool: BlockingPool::new("store", CONCURRENT_CALLS, MAX_WAITING_CALLS),
-            writer: Arc::new(writer),
         })
+    }
+
+    /// The open database, unless it is being reopened.
+    fn current(&self) -> Result<Arc<Inner>, StoreError> {
+        self.shared
+            .open
+            .read()
+            .map_err(|_| StoreError::Poisoned)?
+            .clone()
+            .ok_or(StoreError::Unavailable)
+    }
+
+    /// Refuses a write at once during an outage: the database is poisoned until reopened.
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.shared.outage.is_down() {
+            return Err(StoreError::Unavailable);
+        }
+        Ok(())
     }
 
     /// The id of `name`, from memory or else the store; `None` if it has none (no account,
     /// or at most records migrated from an older format without one: `migrate`).
     async fn user_id(&self, name: &Username) -> Result<Option<UserId>, StoreError> {
-        if let Some(id) = self.inner.ids.cached(name)? {
+        let inner = self.current()?;
+        self.user_id_in(&inner, name).await
+    }
+
+    /// [`Self::user_id`] in the database `inner` already taken (one lock less per message).
+    async fn user_id_in(
+        &self,
+        inner: &Inner,
+        name: &Username,
+    ) -> Result<Option<UserId>, StoreError> {
+        if let Some(id) = inner.ids.cached(name)? {
             return Ok(Some(id));
         }
         let name = name.clone();
@@ -159,12 +151,53 @@ impl FjallStore {
         F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        self.pool.run(move || job(&inner)).await?
+        let inner = self.current()?;
+        let outage = Arc::clone(&self.shared.outage);
+        self.pool
+            .run(move || {
+                let result = job(&inner);
+                inner.check(&outage, result)
+            })
+            .await?
+    }
+
+    /// An ack during an outage: kept in memory until the store reopens (see `outage`);
+    /// returns how many of `seqs` were pending.
+    async fn defer_ack(&self, id: UserId, seqs: Vec<u64>) -> Result<u64, StoreError> {
+        let known = self.shared.outage.deferred_acks(id)?.unwrap_or_default();
+        let fresh: Vec<u64> = seqs.into_iter().filter(|s| !known.contains(s)).collect();
+        let pending = {
+            let fresh = fresh.clone();
+            self.call(move |db| {
+                let mut pending = 0;
+                for seq in fresh {
+                    pending += u64::from(db.inbox.inbox.contains_key(inbox_key(id, seq))?);
+                }
+                Ok(pending)
+            })
+            .await?
+        };
+        if self.shared.outage.defer_ack(id, &fresh)? {
+            return Ok(pending);
+        }
+        // The outage ended meanwhile: write it.
+        let inner = self.writer()?;
+        let writer = inner.writer.as_ref().ok_or(StoreError::Unavailable)?;
+        writer.remove(id, fresh, Removal::Acknowledged).await
+    }
+
+    /// The inbox writer of the open database, if it can write.
+    fn writer(&self) -> Result<Arc<Inner>, StoreError> {
+        self.writable()?;
+        let inner = self.current()?;
+        if inner.writer.is_none() {
+            return Err(StoreError::Unavailable);
+        }
+        Ok(inner)
     }
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     Ok(rmp_serde::to_vec_named(value)?)
 }
 
@@ -179,7 +212,7 @@ fn decode<T: DeserializeOwned>(keyspace: &'static str, bytes: &[u8]) -> Result<T
 impl Store for FjallStore {
     async fn user_exists(&self, username: &Username) -> Result<bool, StoreError> {
         // Only accounts' ids are remembered.
-        if self.inner.ids.cached(username)?.is_some() {
+        if self.current()?.ids.cached(username)?.is_some() {
             return Ok(true);
         }
         let name = username.clone();
@@ -200,6 +233,7 @@ impl Store for FjallStore {
         username: &Username,
         user: UserRecord,
     ) -> Result<Created, StoreError> {
+        self.writable()?;
         let name = username.clone();
         let value = encode(&user)?;
         self.call(move |db| {
@@ -228,6 +262,9 @@ impl Store for FjallStore {
     }
 
     async fn put_session(&self, session: SessionRecord) -> Result<(), StoreError> {
+        if self.shared.outage.defer_session(&session)? {
+            return Ok(());
+        }
         let value = encode(&session)?;
         self.call(move |db| {
             db.sessions.insert(session.token_digest.to_vec(), value)?;
@@ -238,6 +275,12 @@ impl Store for FjallStore {
     }
 
     async fn session(&self, digest: &TokenDigest) -> Result<Option<SessionRecord>, StoreError> {
+        // Sessions are kept in memory only during an outage.
+        if self.shared.outage.is_down()
+            && let Some(session) = self.shared.outage.deferred_session(digest)?
+        {
+            return Ok(Some(session));
+        }
         let key = *digest;
         self.call(move |db| match db.sessions.get(key)? {
             Some(bytes) => decode(SESSIONS, &bytes).map(Some),
@@ -247,6 +290,10 @@ impl Store for FjallStore {
     }
 
     async fn delete_session(&self, digest: &TokenDigest) -> Result<(), StoreError> {
+        if self.shared.outage.is_down() && self.shared.outage.forget_session(digest)? {
+            return Ok(());
+        }
+        self.writable()?;
         let key = *digest;
         self.call(move |db| {
             db.sessions.remove(key.to_vec())?;
@@ -257,6 +304,7 @@ impl Store for FjallStore {
     }
 
     async fn purge_expired_sessions(&self, now: u64) -> Result<usize, StoreError> {
+        self.writable()?;
         self.call(move |db| {
             let mut expired = Vec::new();
             for entry in db.sessions.iter() {
@@ -280,8 +328,29 @@ impl Store for FjallStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.call(|db| Ok(db.db.persist(PersistMode::SyncAll)?))
-            .await
+        // During an outage there is nothing acknowledged to make durable (every acknowledged
+        // write was synced before its answer), and a stop must not fail for it.
+        let result = match self.writable() {
+            Ok(()) => {
+                self.call(|db| Ok(db.db.persist(PersistMode::SyncAll)?))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(StoreError::Unavailable) => {
+                let deferred = self.shared.outage.deferred()?;
+                tracing::warn!(
+                    lost_acks = deferred.ack_count,
+                    lost_sessions = deferred.sessions.len(),
+                    "stopping during a store outage: acks and logins made during it are lost \
+                     (those messages are delivered again, those users log in again); every \
+                     acknowledged message is stored"
+                );
+                Ok(())
+            }
+            result => result,
+        }
     }
 
     async fn put_keys(
@@ -290,6 +359,7 @@ impl Store for FjallStore {
         keys: Option<KeysRecord>,
         one_time_prekeys: Vec<OneTimePrekey>,
     ) -> Result<u32, StoreError> {
+        self.writable()?;
         let user = username.clone();
         self.call(move |db| db.directory.put(&user, keys, one_time_prekeys))
             .await
@@ -301,6 +371,7 @@ impl Store for FjallStore {
     }
 
     async fn take_bundle(&self, username: &Username) -> Result<Option<TakenBundle>, StoreError> {
+        self.writable()?;
         let user = username.clone();
         self.call(move |db| db.directory.take_bundle(&user)).await
     }
@@ -310,13 +381,15 @@ impl Store for FjallStore {
         message: NewMessage,
         hooks: AppendHooks,
     ) -> Result<Appended, StoreError> {
+        let inner = self.writer()?;
+        let writer = inner.writer.as_ref().ok_or(StoreError::Unavailable)?;
         let unknown = |name: &Username| StoreError::UnknownUser(name.clone());
         let sender = self
-            .user_id(&message.sender)
+            .user_id_in(&inner, &message.sender)
             .await?
             .ok_or_else(|| unknown(&message.sender))?;
         let recipient = self
-            .user_id(&message.recipient)
+            .user_id_in(&inner, &message.recipient)
             .await?
             .ok_or_else(|| unknown(&message.recipient))?;
         let message = Addressed {
@@ -324,7 +397,7 @@ impl Store for FjallStore {
             sender,
             recipient,
         };
-        self.writer.append(message, hooks).await
+        writer.append(message, hooks).await
     }
 
     async fn pending(
@@ -340,10 +413,21 @@ impl Store for FjallStore {
             inbox_key(id, after.saturating_add(1)),
             inbox_key(id, u64::MAX),
         );
+        // Acks kept in memory during an outage hide their messages until they are removed.
+        let acked = if self.shared.outage.is_down() {
+            self.shared.outage.deferred_acks(id)?.unwrap_or_default()
+        } else {
+            BTreeSet::new()
+        };
         self.call(move |db| {
             let mut messages = Vec::new();
-            for entry in db.inbox.inbox.range(start..=end).take(limit) {
-                let (_, value) = entry.into_inner()?;
+            let mut entries = db.inbox.inbox.range(start..=end);
+            while messages.len() < limit {
+                let Some(entry) = entries.next() else { break };
+                let (key, value) = entry.into_inner()?;
+                if !acked.is_empty() && acked.contains(&inbox_seq(&key)) {
+                    continue;
+                }
                 messages.push(decode::<StoredMessage>("inbox", &value)?);
             }
             Ok(messages)
@@ -360,7 +444,23 @@ impl Store for FjallStore {
         let Some(id) = self.user_id(username).await? else {
             return Ok(0);
         };
-        self.writer.remove(id, seqs, removal).await
+        if removal == Removal::Acknowledged && self.shared.outage.is_down() {
+            return self.defer_ack(id, seqs).await;
+        }
+        let result = match self.writer() {
+            Ok(inner) => match inner.writer.as_ref() {
+                Some(writer) => writer.remove(id, seqs.clone(), removal).await,
+                None => Err(StoreError::Unavailable),
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            // The outage began meanwhile.
+            Err(StoreError::Unavailable) if removal == Removal::Acknowledged => {
+                self.defer_ack(id, seqs).await
+            }
+            result => result,
+        }
     }
 
     async fn sent(
@@ -390,6 +490,7 @@ impl Store for FjallStore {
     }
 
     async fn purge_expired_messages(&self, now: u64) -> Result<u64, StoreError> {
+        self.writable()?;
         let (expired, forgotten) = self
             .call(move |db| {
                 let mut expired: Vec<(UserId, u64)> = Vec::new();
@@ -419,12 +520,14 @@ impl Store for FjallStore {
                 Ok((by_user, forgotten))
             })
             .await?;
+        let inner = self.writer()?;
+        let writer = inner.writer.as_ref().ok_or(StoreError::Unavailable)?;
         let mut removed = 0;
         for (id, seqs) in expired {
-            removed += self.writer.remove(id, seqs, Removal::Acknowledged).await?;
+            removed += writer.remove(id, seqs, Removal::Acknowledged).await?;
         }
         if !forgotten.is_empty() {
-            self.writer.forget_sent(forgotten).await?;
+            writer.forget_sent(forgotten).await?;
         }
         Ok(removed)
     }

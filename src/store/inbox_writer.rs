@@ -54,6 +54,10 @@ use crate::protocol::{MessageId, Username};
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type Set<T> = HashSet<T, foldhash::fast::RandomState>;
 
+/// Called by the committer when a batch cannot be committed or synced (fjall is then
+/// poisoned): the store logs the outage once and waits for space (see `outage`).
+pub(super) type FailureHook = Arc<dyn Fn(&fjall::Error) + Send + Sync>;
+
 /// Most operations folded into one batch (and one sync), by default.
 pub const DEFAULT_MAX_BATCH: usize = 1024;
 /// Operations that may queue for the writer before callers wait for room.
@@ -200,6 +204,7 @@ impl InboxWriter {
         durability: Durability,
         max_pending: u64,
         max_batch: usize,
+        on_failure: FailureHook,
     ) -> Result<Self, StoreError> {
         let (queue, rx) = mpsc::channel(QUEUE);
         let epoch = mark_running(&keyspaces)?;
@@ -210,7 +215,15 @@ impl InboxWriter {
             let (db, failed) = (keyspaces.db.clone(), Arc::clone(&commit_failed));
             std::thread::Builder::new()
                 .name("sfc-inbox-commit".into())
-                .spawn(move || run_committer(&db, durability, &jobs_rx, &committed_tx, &failed))
+                .spawn(move || {
+                    run_committer(
+                        &db,
+                        durability,
+                        &jobs_rx,
+                        &committed_tx,
+                        (&failed, &*on_failure),
+                    );
+                })
                 .map_err(|e| StoreError::Limit(format!("cannot start the inbox committer: {e}")))?
         };
         let mut state = WriterState {
@@ -749,7 +762,7 @@ fn run_committer(
     durability: Durability,
     jobs: &std_mpsc::Receiver<Job>,
     committed: &std_mpsc::Sender<Committed>,
-    failed: &AtomicBool,
+    (failed, on_failure): (&AtomicBool, &(dyn Fn(&fjall::Error) + Send + Sync)),
 ) {
     let _panic = FailOnPanic(failed);
     while let Ok(first) = jobs.recv() {
@@ -782,9 +795,11 @@ fn run_committer(
             error = db.persist(PersistMode::SyncData).err();
             crate::server::metrics::inbox_sync(sync_started.elapsed());
         }
+        // Logged once per outage by the hook, not once per batch: with the disk full every
+        // batch fails until the store is reopened.
         let error = error.map(|e| {
-            tracing::error!(error = %e, "inbox batch failed; nothing after the last sync is stored");
             failed.store(true, Ordering::SeqCst);
+            on_failure(&e);
             StoreError::Engine(e)
         });
         for (synced, replies) in rest {
@@ -867,6 +882,8 @@ fn deferred<T: Send + 'static>(
 ) -> Reply {
     Box::new(move |failure: Option<&StoreError>| {
         let outcome = match (failure, result) {
+            // fjall refuses every write after a failed one until the store is reopened.
+            (Some(StoreError::Engine(_)), _) => Err(StoreError::Unavailable),
             (Some(e), _) => Err(StoreError::Limit(format!("batch not stored: {e}"))),
             (None, result) => result,
         };

@@ -3,12 +3,16 @@
 //! The trait speaks in domain records (users, sessions), not keys and bytes, so a distributed
 //! backend can be added later without touching the server's logic.
 
+mod data_dir;
 mod fjall_keys;
+mod fjall_open;
 mod fjall_store;
 mod inbox_writer;
 mod migrate;
+mod outage;
 mod user_ids;
 
+pub use data_dir::DataDirError;
 pub use fjall_store::{DEFAULT_MAX_PENDING, FjallStore, StoreOptions};
 
 use async_trait::async_trait;
@@ -192,6 +196,9 @@ pub enum StoreError {
         /// The data directory.
         dir: std::path::PathBuf,
     },
+    /// The data directory is unusable (not private, not a directory, not creatable).
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
     /// A stored record could not be decoded (corruption or an incompatible version).
     #[error("corrupt record in `{keyspace}`: {reason}")]
     Corrupt {
@@ -215,6 +222,10 @@ pub enum StoreError {
     /// The request breaks a store limit (too many prekeys, ...).
     #[error("{0}")]
     Limit(String),
+    /// The store cannot write now (its disk is full or failing) and refused the write: nothing
+    /// of it was stored. It recovers by itself when it can write again (see `outage`).
+    #[error("the store cannot write now (disk full or failing); retry later")]
+    Unavailable,
     /// A message names a sender or recipient without an account.
     #[error("no account named {0:?}")]
     UnknownUser(Username),

@@ -117,6 +117,13 @@ pub(super) fn inbox_key(user: UserId, seq: u64) -> [u8; 12] {
 }
 
 /// `sent` key: sender id ‖ message id (16 bytes).
+/// The seq of an `inbox` key (id ‖ seq); 0 for a key too short to hold one.
+pub(super) fn inbox_seq(key: &[u8]) -> u64 {
+    key.get(4..12)
+        .and_then(|seq| seq.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
 pub(super) fn sent_key(sender: UserId, id: &[u8; 16]) -> [u8; 20] {
     let mut key = [0u8; 20];
     key[..4].copy_from_slice(&sender.to_be_bytes());

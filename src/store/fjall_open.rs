@@ -1,0 +1,225 @@
+//! Opening the fjall database, and opening it again to end a write outage (see `outage`).
+//!
+//! [`Shared`] holds the open database behind a lock so that every clone of the store sees
+//! the one reopened after an outage; [`Inner`] is one opening of it with its inbox writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use super::StoreError;
+use super::fjall_keys::KeyDirectory;
+use super::fjall_store::{SESSIONS, StoreOptions, USERS, encode};
+use super::inbox_writer::{FailureHook, InboxKeyspaces, InboxWriter};
+use super::outage::{Deferred, Outage, space_for_writes};
+use super::user_ids::{UserIds, inbox_key};
+
+/// How long a reopen waits for the calls still using the old database.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// What every clone shares: the open database, which is replaced when a write outage ends
+/// (see `outage`).
+pub(super) struct Shared {
+    pub(super) dir: PathBuf,
+    pub(super) options: StoreOptions,
+    /// The open database; `None` while it is being reopened, or if a reopen failed.
+    pub(super) open: RwLock<Option<Arc<Inner>>>,
+    pub(super) outage: Arc<Outage>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.outage.stop();
+    }
+}
+
+pub(super) struct Inner {
+    /// Which opening of the database this is (see [`Outage::failed`]).
+    pub(super) generation: u64,
+    pub(super) db: Database,
+    pub(super) users: Keyspace,
+    pub(super) sessions: Keyspace,
+    /// Serialises check-then-insert in `create_user` so racing signups cannot both win.
+    pub(super) create_user: Mutex<()>,
+    /// Users' ids; the ids of accounts known to exist stay in memory, since every message
+    /// send checks its recipient, and that must not cost a blocking-pool hop each time.
+    pub(super) ids: UserIds,
+    pub(super) directory: KeyDirectory,
+    pub(super) inbox: InboxKeyspaces,
+    /// `None` in a database reopened during an outage that still could not write.
+    pub(super) writer: Option<InboxWriter>,
+}
+
+impl Inner {
+    /// Opens the database in `dir` and starts its inbox writer. With `first`, any failure is
+    /// an error; on a reopen during an outage, a writer that cannot start (the disk is still
+    /// full) leaves a readable database without one.
+    pub(super) fn open(
+        dir: &Path,
+        options: StoreOptions,
+        outage: &Arc<Outage>,
+        generation: u64,
+        first: bool,
+    ) -> Result<Self, StoreError> {
+        let db = Database::builder(dir).open().map_err(|e| match e {
+            fjall::Error::Locked => StoreError::Locked {
+                dir: dir.to_owned(),
+            },
+            e => StoreError::Engine(e),
+        })?;
+        let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let users = keyspace(USERS)?;
+        let sessions = keyspace(SESSIONS)?;
+        let directory = KeyDirectory {
+            db: db.clone(),
+            keys: keyspace("keys")?,
+            prekeys: keyspace("prekeys")?,
+            lock: Mutex::new(()),
+        };
+        let inbox = InboxKeyspaces {
+            db: db.clone(),
+            inbox: keyspace("inbox_v2")?,
+            sent: keyspace("sent_v2")?,
+            meta: keyspace("meta")?,
+            contacts: keyspace("contacts")?,
+        };
+        let ids = UserIds::open(keyspace("user_ids")?, keyspace("user_names")?)?;
+        super::migrate::run(&db, &users, &inbox.meta, &ids, &inbox.inbox, &inbox.sent)?;
+        let on_failure: FailureHook = {
+            let outage = Arc::clone(outage);
+            Arc::new(move |error: &fjall::Error| outage.failed(generation, error))
+        };
+        let writer = match InboxWriter::start(
+            inbox.clone(),
+            options.durability,
+            options.max_pending,
+            options.max_batch,
+            on_failure,
+        ) {
+            Ok(writer) => Some(writer),
+            Err(e) if !first => {
+                tracing::debug!(error = %e, "the reopened store still cannot write");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            generation,
+            db,
+            users,
+            sessions,
+            create_user: Mutex::new(()),
+            ids,
+            directory,
+            inbox,
+            writer,
+        })
+    }
+
+    /// Passes `result` on; an engine error that poisoned the database starts an outage and
+    /// becomes [`StoreError::Unavailable`].
+    pub(super) fn check<T>(
+        &self,
+        outage: &Outage,
+        result: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match result {
+            Err(StoreError::Engine(e)) if self.poisoned() => {
+                outage.failed(self.generation, &e);
+                Err(StoreError::Unavailable)
+            }
+            result => result,
+        }
+    }
+
+    /// Whether fjall refuses writes (it tells only through a write: a buffered persist is
+    /// one that writes nothing, every write here being flushed to the OS as it is made).
+    fn poisoned(&self) -> bool {
+        matches!(
+            self.db.persist(PersistMode::Buffer),
+            Err(fjall::Error::Poisoned)
+        )
+    }
+
+    /// Writes what was kept in memory during an outage, synced.
+    fn replay(&self, deferred: &Deferred) -> Result<(), StoreError> {
+        if deferred.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        for (user, seqs) in &deferred.acks {
+            for seq in seqs {
+                batch.remove(&self.inbox.inbox, inbox_key(*user, *seq));
+            }
+        }
+        for session in deferred.sessions.values() {
+            batch.insert(
+                &self.sessions,
+                session.token_digest.to_vec(),
+                encode(session)?,
+            );
+        }
+        batch.commit()?;
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Closes the poisoned database and opens it again; `true` if the new one can write
+    /// (the outage is over). Calls during the reopen are refused with `Unavailable`.
+    fn reopen(&self) -> Result<bool, StoreError> {
+        // Held throughout, so no ack or session is kept between the replay and the end.
+        let mut deferred = self.outage.deferred()?;
+        let started = Instant::now();
+        let old = self.open.write().map_err(|_| StoreError::Poisoned)?.take();
+        if let Some(old) = old {
+            // Calls in flight hold it for moments (reads; writes are refused at once). The
+            // database must be closed before it can be opened again (its lock file).
+            let mut old = old;
+            let deadline = Instant::now() + CLOSE_WAIT;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(inner) => {
+                        drop(inner);
+                        break;
+                    }
+                    Err(still_used) if Instant::now() < deadline => {
+                        old = still_used;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(still_used) => {
+                        *self.open.write().map_err(|_| StoreError::Poisoned)? = Some(still_used);
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        let generation = self.outage.next_generation();
+        let inner = Inner::open(&self.dir, self.options, &self.outage, generation, false)?;
+        let writes = inner.writer.is_some() && inner.replay(&deferred).is_ok();
+        *self.open.write().map_err(|_| StoreError::Poisoned)? = Some(Arc::new(inner));
+        if writes {
+            self.outage
+                .recovered(generation, &mut deferred, started.elapsed());
+        }
+        Ok(writes)
+    }
+}
+
+/// The watcher thread: during an outage, probes for space and reopens the database once
+/// there is some. Ends when the store is dropped.
+pub(super) fn watch(shared: &Weak<Shared>, outage: &Outage) {
+    while outage.wait_for_probe() {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if !space_for_writes(&shared.dir) {
+            continue;
+        }
+        if let Err(e) = shared.reopen() {
+            tracing::debug!(error = %e, "cannot reopen the store yet");
+        }
+    }
+}
