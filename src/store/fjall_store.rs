@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -35,6 +36,14 @@ const SESSIONS: &str = "sessions";
 const CONCURRENT_CALLS: usize = 16;
 /// How many may wait for a thread before callers are told the store is saturated.
 const MAX_WAITING_CALLS: usize = 4096;
+
+/// Most bytes of sealed journals fjall keeps before it flushes the memtables the oldest one
+/// holds, so it can be deleted (fjall's least; its default is 512 MiB). Every journal is read at
+/// open, so this bounds the replay after a crash: ≈ 64 MiB sealed plus the active journal (up
+/// to 64 MB) instead of ≈ 576 MiB. The price is earlier flushes of small memtables.
+const MAX_JOURNALS: u64 = 64 * 1024 * 1024;
+/// How long a clean stop waits for the memtables to be written to tables (`Store::close`).
+const CLOSE_FLUSH_WAIT: Duration = Duration::from_secs(30);
 
 /// Default cap on pending messages per inbox.
 pub const DEFAULT_MAX_PENDING: u64 = 10_000;
@@ -90,7 +99,7 @@ impl FjallStore {
     /// Opens (or creates) the database in `dir` and starts the inbox writer. Blocking: call
     /// before serving or off the runtime.
     pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
-        let db = Database::builder(dir).open().map_err(|e| match e {
+        let db = database(dir).open().map_err(|e| match e {
             fjall::Error::Locked => StoreError::Locked {
                 dir: dir.to_owned(),
             },
@@ -162,6 +171,42 @@ impl FjallStore {
         let inner = Arc::clone(&self.inner);
         self.pool.run(move || job(&inner)).await?
     }
+}
+
+/// The database's options: those that bound what a restart replays ([`MAX_JOURNALS`]).
+fn database(dir: &Path) -> fjall::DatabaseBuilder<Database> {
+    Database::builder(dir).max_journaling_size(MAX_JOURNALS)
+}
+
+/// Writes every keyspace's memtable to a table and waits (at most [`CLOSE_FLUSH_WAIT`]) until
+/// they are written, so that fjall deletes the journals they came from.
+///
+/// Why: at open fjall replays every journal it finds, flushed or not, and a database dropped
+/// without this keeps them all (up to `max_journaling_size` of sealed journals, plus the
+/// active one of up to 64 MB). With 1,000,000 pending messages that was ≈ 445 MB and a
+/// restart of seconds after a clean stop as after `kill -9`. Afterwards only the active journal
+/// is left, read at open but not replayed (its entries are older than the tables).
+fn flush_memtables(db: &Database) -> Result<(), StoreError> {
+    let mut rotated = Vec::new();
+    for name in db.list_keyspace_names() {
+        let keyspace = db.keyspace(&name, KeyspaceCreateOptions::default)?;
+        if keyspace.rotate_memtable()? {
+            rotated.push(keyspace);
+        }
+    }
+    let deadline = Instant::now() + CLOSE_FLUSH_WAIT;
+    while rotated.iter().any(|k| k.sealed_memtable_count() > 0) {
+        if Instant::now() >= deadline {
+            // Nothing is lost: the journals still hold it, the next start replays them.
+            tracing::warn!(
+                waited = ?CLOSE_FLUSH_WAIT,
+                "the store's memtables are not all written to tables; the next start replays the journals"
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -282,6 +327,14 @@ impl Store for FjallStore {
     async fn flush(&self) -> Result<(), StoreError> {
         self.call(|db| Ok(db.db.persist(PersistMode::SyncAll)?))
             .await
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.call(|db| {
+            db.db.persist(PersistMode::SyncAll)?;
+            flush_memtables(&db.db)
+        })
+        .await
     }
 
     async fn put_keys(
@@ -427,5 +480,66 @@ impl Store for FjallStore {
             self.writer.forget_sent(forgotten).await?;
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(to: &str, n: u8) -> NewMessage {
+        NewMessage {
+            sender: Username::parse("alice").unwrap(),
+            recipient: Username::parse(to).unwrap(),
+            id: MessageId([n; 16]),
+            kind: "text".into(),
+            body: vec![n; 200],
+            sent_at: 1,
+            expires_at: u64::MAX,
+        }
+    }
+
+    /// A clean close writes what the memtables hold to tables, so the next open has nothing
+    /// to replay from the journals (a plain `flush` left it all there: a restart on a million
+    /// pending messages replayed ≈ 424 MiB of journals).
+    #[tokio::test]
+    async fn a_clean_close_leaves_nothing_to_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FjallStore::open(dir.path()).unwrap();
+        for name in ["alice", "bob"] {
+            let user = UserRecord {
+                password_hash: String::new(),
+                created_at: 1,
+            };
+            let name = Username::parse(name).unwrap();
+            let created = store.create_user(&name, user).await.unwrap();
+            assert_eq!(created, Created::Created);
+        }
+        for n in 0..100 {
+            let appended = store.append(message("bob", n), AppendHooks::default());
+            assert!(matches!(appended.await.unwrap(), Appended::Stored { .. }));
+        }
+        assert_eq!(store.inner.inbox.inbox.table_count(), 0);
+
+        store.close().await.unwrap();
+        let db = &store.inner.db;
+        for keyspace in [
+            &store.inner.inbox.inbox,
+            &store.inner.inbox.sent,
+            &store.inner.users,
+        ] {
+            assert!(
+                keyspace.table_count() > 0,
+                "{:?} is not in tables",
+                keyspace.name()
+            );
+        }
+        for name in db.list_keyspace_names() {
+            let keyspace = db.keyspace(&name, KeyspaceCreateOptions::default).unwrap();
+            assert_eq!(keyspace.sealed_memtable_count(), 0, "{name:?}");
+        }
+        // Still usable afterwards.
+        let appended = store.append(message("bob", 200), AppendHooks::default());
+        assert!(matches!(appended.await.unwrap(), Appended::Stored { .. }));
     }
 }
