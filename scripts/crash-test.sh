@@ -7,7 +7,7 @@
 #    data directory and address, and must open its store and serve. At the end every message
 #    the server acknowledged must have been shown to its receiver exactly once (none missing,
 #    none twice by id, no text twice), and the server must not log an error.
-# 2. A backlog of BACKLOG messages (default 5000) is drained by `sfc recv`, killed with SIGKILL
+# 2. A backlog of BACKLOG messages (default 3000) is drained by `sfc recv`, killed with SIGKILL
 #    up to RECEIVER_KILLS times (default 20) mid-drain and started again: every message must be
 #    shown, and a message shown twice only as the last line of a killed run (it was shown, and
 #    the run was killed before it could record that).
@@ -28,7 +28,7 @@ records=${RECORDS:-$(mktemp -d -t sfc-crash.XXXXXX)}
 export SFC_CRASH_ROUNDS=${1:-20}
 export SFC_CRASH_PAIRS=${PAIRS:-6}
 export SFC_CRASH_ROUND_MS=${ROUND_MS:-4000}
-export SFC_CRASH_BACKLOG=${BACKLOG:-5000}
+export SFC_CRASH_BACKLOG=${BACKLOG:-3000}
 export SFC_CRASH_RECEIVER_KILLS=${RECEIVER_KILLS:-20}
 export SFC_CRASH_RECORDS=$records
 if [ -n "${SEED:-}" ]; then export SFC_CRASH_SEED=$SEED; fi

@@ -61,7 +61,13 @@ stop() {
     local began
     began=$(now_ms)
     kill -TERM "$pid"
-    wait "$pid"
+    local status=0
+    wait "$pid" || status=$?
+    if [ "$status" -ne 0 ]; then
+        echo "the server did not exit cleanly after SIGTERM (status $status):" >&2
+        tail -5 "$work/log1" "$work/log2" >&2
+        exit 1
+    fi
     pid=
     ms=$(($(now_ms) - began))
 }

@@ -198,10 +198,10 @@ impl Load {
 /// recording what the server took.
 async fn reconnect_and_flush(messenger: &Messenger, records: &Mutex<Records>) {
     loop {
-        if messenger.disconnected().is_some() {
-            if let Err(e) = messenger.reconnect_with_backoff(None, |_, _| {}).await {
-                panic!("{} cannot reconnect: {e}", messenger.me());
-            }
+        if messenger.disconnected().is_some()
+            && let Err(e) = messenger.reconnect_with_backoff(None, |_, _| {}).await
+        {
+            panic!("{} cannot reconnect: {e}", messenger.me());
         }
         match messenger.flush_outbox().await {
             Ok(flushed) => {
