@@ -241,7 +241,7 @@ impl Server {
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         tracker.wait().await;
-        self.store.flush().await?;
+        self.store.close().await?;
         info!("store flushed; bye");
         Ok(())
     }

@@ -271,8 +271,16 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes every session that expired before `now`; returns how many went.
     async fn purge_expired_sessions(&self, now: u64) -> Result<usize, StoreError>;
 
-    /// Makes everything written so far durable (called at shutdown).
+    /// Makes everything written so far durable.
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Called once at a clean shutdown, after the last request: makes everything durable
+    /// ([`Store::flush`]) and leaves as little as it can for the next start to recover (the
+    /// fjall store writes its memtables to tables, so their journals go and a restart does not
+    /// replay them).
+    async fn close(&self) -> Result<(), StoreError> {
+        self.flush().await
+    }
 
     /// Stores a user's public keys (replacing earlier ones) and adds one-time prekeys.
     /// Returns how many one-time prekeys the user now has.

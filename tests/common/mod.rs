@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod crash_load;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
