@@ -92,6 +92,7 @@ async fn store_writes(args: &Args) -> anyhow::Result<()> {
             durability,
             max_pending: u64::MAX,
             max_batch,
+            ..StoreOptions::default()
         };
         let path = dir.path().to_owned();
         let store = Arc::new(

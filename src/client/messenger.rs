@@ -161,8 +161,10 @@ enum Refusal {
 fn refusal(e: &ClientError) -> Refusal {
     match e {
         ClientError::Server { code, .. } => match code {
-            ErrorCode::NotAuthenticated => Refusal::StopAll,
+            // No message to anyone would pass before the account's bucket refills.
+            ErrorCode::NotAuthenticated | ErrorCode::SendRateLimited => Refusal::StopAll,
             ErrorCode::InboxFull
+            | ErrorCode::SenderQuota
             | ErrorCode::Busy
             | ErrorCode::Internal
             | ErrorCode::RateLimited => Refusal::HoldPeer,

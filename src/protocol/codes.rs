@@ -52,6 +52,12 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// The request is not allowed (e.g. presence of a user who has not written to you).
     NotAllowed,
+    /// The sender already has its whole share of the recipient's inbox pending (messages or
+    /// bytes); the message was not stored. It passes once the recipient has read some.
+    SenderQuota,
+    /// The sending account sent more messages than the server allows per minute; the
+    /// message was not stored. Retry after the wait the message names.
+    SendRateLimited,
     /// A code this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -84,6 +90,8 @@ impl ErrorCode {
             Self::InboxFull => "inbox_full",
             Self::MessageTooLarge => "message_too_large",
             Self::NotAllowed => "not_allowed",
+            Self::SenderQuota => "sender_quota",
+            Self::SendRateLimited => "send_rate_limited",
             Self::Unknown => "unknown",
         }
     }

@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 
 use super::fjall_keys::KeyDirectory;
 use super::inbox_writer::{Addressed, InboxKeyspaces, InboxWriter, pair_key};
+use super::sender_shares::SenderShare;
 use super::user_ids::{UserId, UserIds, decode_id, inbox_key, sent_key};
 use super::{
     AppendHooks, Appended, Created, Durability, KeysRecord, NewMessage, Removal, SentRecord,
@@ -48,6 +49,8 @@ pub struct StoreOptions {
     pub max_pending: u64,
     /// Most inbox writes folded into one sync (1 = a sync per message, no group commit).
     pub max_batch: usize,
+    /// What one sender may hold of one inbox (by default no more than the inbox's cap).
+    pub sender_share: SenderShare,
 }
 
 impl Default for StoreOptions {
@@ -56,6 +59,7 @@ impl Default for StoreOptions {
             durability: Durability::Sync,
             max_pending: DEFAULT_MAX_PENDING,
             max_batch: super::inbox_writer::DEFAULT_MAX_BATCH,
+            sender_share: SenderShare::UNLIMITED,
         }
     }
 }
@@ -105,20 +109,23 @@ impl FjallStore {
             prekeys: keyspace("prekeys")?,
             lock: Mutex::new(()),
         };
+        let user_ids = keyspace("user_ids")?;
         let inbox = InboxKeyspaces {
             db: db.clone(),
             inbox: keyspace("inbox_v2")?,
             sent: keyspace("sent_v2")?,
             meta: keyspace("meta")?,
             contacts: keyspace("contacts")?,
+            user_ids: user_ids.clone(),
         };
-        let ids = UserIds::open(keyspace("user_ids")?, keyspace("user_names")?)?;
+        let ids = UserIds::open(user_ids, keyspace("user_names")?)?;
         super::migrate::run(&db, &users, &inbox.meta, &ids, &inbox.inbox, &inbox.sent)?;
         let writer = InboxWriter::start(
             inbox.clone(),
             options.durability,
             options.max_pending,
             options.max_batch,
+            options.sender_share,
         )?;
         Ok(Self {
             inner: Arc::new(Inner {

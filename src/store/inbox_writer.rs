@@ -42,6 +42,7 @@ use std::thread::JoinHandle;
 use fjall::{Database, Keyspace, OwnedWriteBatch, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
+use super::sender_shares::{SenderShare, SenderShares, count_from_store};
 use super::user_ids::{UserId, inbox_key, sent_key};
 use super::{
     AppendHooks, Appended, Durability, NewMessage, Removal, SentRecord, SeqHook, StoreError,
@@ -130,6 +131,8 @@ pub(super) struct InboxKeyspaces {
     pub sent: Keyspace,
     pub meta: Keyspace,
     pub contacts: Keyspace,
+    /// Read only, to name the senders of an inbox's messages when counting their shares.
+    pub user_ids: Keyspace,
 }
 
 pub(super) fn pair_key(first: &Username, second: &[u8]) -> Vec<u8> {
@@ -200,6 +203,7 @@ impl InboxWriter {
         durability: Durability,
         max_pending: u64,
         max_batch: usize,
+        share: SenderShare,
     ) -> Result<Self, StoreError> {
         let (queue, rx) = mpsc::channel(QUEUE);
         let epoch = mark_running(&keyspaces)?;
@@ -218,6 +222,7 @@ impl InboxWriter {
             failed: false,
             ks: keyspaces,
             max_pending,
+            shares: SenderShares::new(share),
             max_batch: max_batch.max(1),
             next_seq: Map::default(),
             stored_seq: Map::default(),
@@ -286,6 +291,8 @@ struct WriterState {
     /// A batch failed in this run: its seqs may have been given out but not stored.
     failed: bool,
     max_pending: u64,
+    /// Each sender's share of each inbox (see `sender_shares`).
+    shares: SenderShares,
     max_batch: usize,
     /// Inboxes are known by their owners' ids: no name is hashed or cloned per message.
     /// Next sequence number per inbox (loaded from `meta` on first use).
@@ -467,6 +474,8 @@ impl WriterState {
         for inbox in &inboxes {
             *self.inboxes_in_flight.entry(*inbox).or_default() += 1;
         }
+        let in_flight = &self.inboxes_in_flight;
+        self.shares.evict(|id| !in_flight.contains_key(&id));
         self.ops_in_flight += op_count;
         let job = Job {
             batch,
@@ -539,6 +548,7 @@ impl WriterState {
             // Reloaded lazily. The seq counters stay (they only grow): the failed batch's seqs
             // may have been delivered.
             self.pending.clear();
+            self.shares.clear();
             self.contacts.clear();
             self.known = self
                 .next_seq
@@ -546,6 +556,25 @@ impl WriterState {
                 .map(|(id, next)| (*id, KnownPending::new(*next)))
                 .collect();
         }
+    }
+
+    /// Counts the senders' shares of inbox `id` from the store, unless they are known (or not
+    /// limited). The store must show every batch built for the inbox, so this waits for those
+    /// still being committed. Called before anything else touches the inbox in a batch, so
+    /// the store is also current with respect to the batch being built.
+    fn load_shares(&mut self, id: UserId) -> Result<(), StoreError> {
+        if !self.shares.enabled() || self.shares.is_tracked(id) {
+            return Ok(());
+        }
+        while self.inboxes_in_flight.contains_key(&id) {
+            if !self.wait_for_commit() {
+                return Err(StoreError::WriterStopped);
+            }
+        }
+        let pending = count_from_store(&self.ks.inbox, &self.ks.user_ids, id)?;
+        self.pending.entry(id).or_insert(pending.len() as u64);
+        self.shares.load(id, pending);
+        Ok(())
     }
 
     /// Pending messages of user `id`, counted from the inbox (once per process and inbox).
@@ -596,12 +625,21 @@ impl WriterState {
         {
             return Ok(Appended::Duplicate);
         }
+        self.load_shares(recipient_id)?;
         let pending = match self.pending.get(&recipient_id) {
             Some(n) => *n,
             None => self.count_pending(recipient_id)?,
         };
         if pending >= self.max_pending {
             return Ok(Appended::InboxFull);
+        }
+        let body_len = message.body.len() as u64;
+        if self
+            .shares
+            .admits(recipient_id, sender_id, body_len)
+            .is_err()
+        {
+            return Ok(Appended::SenderQuota);
         }
         let seq = match self.next_seq.get(&recipient_id) {
             Some(n) => *n,
@@ -658,6 +696,7 @@ impl WriterState {
         }
         self.next_seq.insert(recipient_id, seq + 1);
         self.pending.insert(recipient_id, pending + 1);
+        self.shares.add(recipient_id, seq, sender_id, body_len);
         let first = touched.entry(recipient_id).or_insert(u64::MAX);
         *first = (*first).min(seq);
         self.in_flight.insert((sender_id, message.id));
@@ -672,6 +711,7 @@ impl WriterState {
         id: UserId,
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
+        self.load_shares(id)?;
         let mut removed = 0;
         let mut store_current = false;
         let mut seen = Set::with_capacity_and_hasher(seqs.len(), Default::default());
@@ -708,6 +748,7 @@ impl WriterState {
             };
             if present {
                 batch.remove(&self.ks.inbox, key);
+                self.shares.remove(id, seq);
                 removed += 1;
                 if let Some(k) = self.known.get_mut(&id) {
                     k.remove(seq);

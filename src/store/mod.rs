@@ -7,9 +7,11 @@ mod fjall_keys;
 mod fjall_store;
 mod inbox_writer;
 mod migrate;
+mod sender_shares;
 mod user_ids;
 
 pub use fjall_store::{DEFAULT_MAX_PENDING, FjallStore, StoreOptions};
+pub use sender_shares::SenderShare;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -121,6 +123,9 @@ pub enum Appended {
     Duplicate,
     /// The recipient's inbox is full; nothing was stored.
     InboxFull,
+    /// The sender already holds its whole share of the recipient's inbox (messages or bytes,
+    /// [`SenderShare`]); nothing was stored.
+    SenderQuota,
 }
 
 /// A message waiting in an inbox.
@@ -283,7 +288,7 @@ pub trait Store: Send + Sync + 'static {
     /// configured [`Durability`]) when this returns. Sender and recipient must have accounts
     /// ([`StoreError::UnknownUser`] otherwise: the store checks that they have user ids,
     /// which every account has). Deduplicates by (sender, id) and enforces
-    /// the per-inbox quota. If the message is stored, `hooks.ordered` is called with its seq
+    /// the per-inbox quota and each sender's share of it. If the message is stored, `hooks.ordered` is called with its seq
     /// as soon as its place in the inbox is decided, before it is durable, and `hooks.synced`
     /// once it is durable. A seq is never given to two messages.
     async fn append(&self, message: NewMessage, hooks: AppendHooks)
