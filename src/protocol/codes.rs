@@ -117,6 +117,8 @@ pub enum CloseCode {
     Overloaded = 3,
     /// The same user logged in on a newer connection, which takes over delivery.
     Replaced = 4,
+    /// The account was deleted (on this or another connection).
+    AccountDeleted = 5,
 }
 
 impl CloseCode {
@@ -133,6 +135,7 @@ impl CloseCode {
             2 => Some(Self::ProtocolViolation),
             3 => Some(Self::Overloaded),
             4 => Some(Self::Replaced),
+            5 => Some(Self::AccountDeleted),
             _ => None,
         }
     }

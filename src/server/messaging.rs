@@ -18,7 +18,9 @@ use crate::protocol::{
     DeliverHeader, ErrorCode, FrameError, MAX_STREAM_HEADER, MessageId, Reply, SendHeader,
     ServerFrame, StreamHeader, Username, decode_body, read_frame,
 };
-use crate::store::{AppendHooks, Appended, NewMessage, SenderShare, SeqHook, StoredMessage};
+use crate::store::{
+    AppendHooks, Appended, NewMessage, SenderShare, SeqHook, StoreError, StoredMessage,
+};
 use crate::unix_now;
 
 /// The session of a connection, shared by its control loop and its message streams.
@@ -247,6 +249,10 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
             ErrorCode::SenderQuota,
             sender_quota_message(&recipient, shared.limits.sender_share),
         )),
+        // Deleted meanwhile (or a deleted account's held name).
+        Err(StoreError::UnknownUser(_)) => {
+            Some(failed(Some(id), ErrorCode::UnknownUser, "no such user"))
+        }
         Err(e) => Some(store_failure(id, &e)),
     }
 }

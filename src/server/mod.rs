@@ -99,6 +99,8 @@ pub(crate) struct Shared {
     pub(crate) router: Arc<Router>,
     pub(crate) limits: MessageLimits,
     pub(crate) send_rate: send_rate::SendRate,
+    /// How long a deleted account's name stays unavailable.
+    pub(crate) name_hold: Duration,
 }
 
 /// Limits on messages, from the configuration.
@@ -194,6 +196,7 @@ impl Server {
                 },
             },
             send_rate: send_rate::SendRate::new(config.sends_per_minute),
+            name_hold: config.name_hold,
         });
         Ok(Self {
             endpoint,

@@ -31,6 +31,8 @@ use crate::protocol::keys::OneTimePrekey;
 
 const USERS: &str = "users";
 const SESSIONS: &str = "sessions";
+/// Names of deleted accounts → until when (u64 BE, Unix seconds) no one may sign them up.
+const HELD_NAMES: &str = "held_names";
 
 /// How many store calls may run on blocking threads at once.
 const CONCURRENT_CALLS: usize = 16;
@@ -76,6 +78,7 @@ struct Inner {
     db: Database,
     users: Keyspace,
     sessions: Keyspace,
+    held_names: Keyspace,
     /// Serialises check-then-insert in `create_user` so racing signups cannot both win.
     create_user: Mutex<()>,
     /// Users' ids; the ids of accounts known to exist stay in memory, since every message
@@ -110,6 +113,7 @@ impl FjallStore {
             lock: Mutex::new(()),
         };
         let user_ids = keyspace("user_ids")?;
+        let held_names = keyspace(HELD_NAMES)?;
         let inbox = InboxKeyspaces {
             db: db.clone(),
             inbox: keyspace("inbox_v2")?,
@@ -132,6 +136,7 @@ impl FjallStore {
                 db,
                 users,
                 sessions,
+                held_names,
                 create_user: Mutex::new(()),
                 ids,
                 directory,
@@ -171,6 +176,70 @@ impl FjallStore {
     }
 }
 
+impl Inner {
+    /// Whether `name` belonged to an account deleted less than its hold ago.
+    fn is_held(&self, name: &Username, now: u64) -> Result<bool, StoreError> {
+        let Some(bytes) = self.held_names.get(name.as_str())? else {
+            return Ok(false);
+        };
+        let until: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+            keyspace: HELD_NAMES,
+            reason: "a hold is not 8 bytes".into(),
+        })?;
+        Ok(u64::from_be_bytes(until) > now)
+    }
+
+    /// Deletes `name`'s account records in one synced write (see [`Store::delete_user`]);
+    /// returns the digests of its sessions, or `None` if it has no account.
+    fn delete_account(
+        &self,
+        name: &Username,
+        hold_until: u64,
+    ) -> Result<Option<Vec<TokenDigest>>, StoreError> {
+        let _creating = self.create_user.lock().map_err(|_| StoreError::Poisoned)?;
+        let _keys = self
+            .directory
+            .lock
+            .lock()
+            .map_err(|_| StoreError::Poisoned)?;
+        if !self.users.contains_key(name.as_str())? {
+            return Ok(None);
+        }
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        batch.remove(&self.users, name.as_str());
+        batch.insert(&self.held_names, name.as_str(), hold_until.to_be_bytes());
+        self.ids.forget(&mut batch, name);
+        self.directory.remove_into(&mut batch, name)?;
+        // Sessions are keyed by token digest: every one is read (a deletion is rare).
+        let mut digests = Vec::new();
+        for entry in self.sessions.iter() {
+            let (key, value) = entry.into_inner()?;
+            let session: SessionRecord = decode(SESSIONS, &value)?;
+            if session.username == *name {
+                batch.remove(&self.sessions, key.to_vec());
+                digests.push(session.token_digest);
+            }
+        }
+        // Presence pairs: those where the account is the viewer share its prefix; those where
+        // it is the subject are found by reading them all. A later owner of the name must not
+        // inherit who may see whose presence.
+        let viewer = pair_key(name, &[]);
+        for entry in self.inbox.contacts.iter() {
+            let key = entry.key()?;
+            let subject = key
+                .iter()
+                .position(|b| *b == 0)
+                .and_then(|at| key.get(at + 1..));
+            if key.starts_with(&viewer) || subject == Some(name.as_str().as_bytes()) {
+                batch.remove(&self.inbox.contacts, key.to_vec());
+            }
+        }
+        batch.commit()?;
+        self.ids.forget_cached(name)?;
+        Ok(Some(digests))
+    }
+}
+
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     Ok(rmp_serde::to_vec_named(value)?)
 }
@@ -192,7 +261,7 @@ impl Store for FjallStore {
         let name = username.clone();
         self.call(move |db| {
             if !db.users.contains_key(name.as_str())? {
-                return Ok(false);
+                return db.is_held(&name, crate::unix_now());
             }
             if let Some(id) = db.ids.stored(&name)? {
                 db.ids.remember(&name, id)?;
@@ -211,11 +280,12 @@ impl Store for FjallStore {
         let value = encode(&user)?;
         self.call(move |db| {
             let _guard = db.create_user.lock().map_err(|_| StoreError::Poisoned)?;
-            if db.users.contains_key(name.as_str())? {
+            if db.users.contains_key(name.as_str())? || db.is_held(&name, crate::unix_now())? {
                 return Ok(Created::AlreadyExists);
             }
-            // The account and its id in one synced write.
+            // The account and its id in one synced write (and the end of an expired hold).
             let mut batch = db.db.batch().durability(Some(PersistMode::SyncData));
+            batch.remove(&db.held_names, name.as_str());
             batch.insert(&db.users, name.as_str(), value);
             let id = db.ids.assign(&mut batch, &name)?;
             batch.commit()?;
@@ -393,6 +463,22 @@ impl Store for FjallStore {
     ) -> Result<bool, StoreError> {
         let key = pair_key(viewer, subject.as_str().as_bytes());
         self.call(move |db| Ok(db.inbox.contacts.contains_key(key)?))
+            .await
+    }
+
+    async fn delete_user(
+        &self,
+        username: &Username,
+        hold_until: u64,
+    ) -> Result<Option<Vec<TokenDigest>>, StoreError> {
+        let Some(id) = self.user_id(username).await? else {
+            return Ok(None);
+        };
+        // The inbox first: if what follows fails, the account is still there (with an empty
+        // inbox) and its owner can try again.
+        self.writer.drop_inbox(id).await?;
+        let name = username.clone();
+        self.call(move |db| db.delete_account(&name, hold_until))
             .await
     }
 

@@ -172,6 +172,9 @@ enum Op {
     ),
     /// Removes expired send records (keys in `sent`).
     ForgetSent(Vec<Vec<u8>>, oneshot::Sender<Result<u64, StoreError>>),
+    /// Empties the inbox of a user whose account is being deleted, and refuses messages to and
+    /// from them from now on. `None`: submit it again (see `drop_inbox`).
+    DropInbox(UserId, oneshot::Sender<Result<Option<u64>, StoreError>>),
 }
 
 /// Handle to the writer thread; dropping it stops the thread after the queue drains and waits
@@ -223,6 +226,7 @@ impl InboxWriter {
             ks: keyspaces,
             max_pending,
             shares: SenderShares::new(share),
+            dropped: Set::default(),
             max_batch: max_batch.max(1),
             next_seq: Map::default(),
             stored_seq: Map::default(),
@@ -282,6 +286,16 @@ impl InboxWriter {
     pub async fn forget_sent(&self, keys: Vec<Vec<u8>>) -> Result<u64, StoreError> {
         self.submit(|tx| Op::ForgetSent(keys, tx)).await
     }
+
+    /// Empties user `id`'s inbox (synced) and refuses messages to and from them from now on;
+    /// returns how many messages went.
+    pub async fn drop_inbox(&self, id: UserId) -> Result<u64, StoreError> {
+        loop {
+            if let Some(removed) = self.submit(|tx| Op::DropInbox(id, tx)).await? {
+                return Ok(removed);
+            }
+        }
+    }
 }
 
 struct WriterState {
@@ -293,6 +307,8 @@ struct WriterState {
     max_pending: u64,
     /// Each sender's share of each inbox (see `sender_shares`).
     shares: SenderShares,
+    /// Users whose accounts were deleted in this run: no message goes to or from them.
+    dropped: Set<UserId>,
     max_batch: usize,
     /// Inboxes are known by their owners' ids: no name is hashed or cloned per message.
     /// Next sequence number per inbox (loaded from `meta` on first use).
@@ -393,9 +409,12 @@ impl WriterState {
         // (or expiry, or forgetting expired send records) is handed to the OS and made durable
         // by the next synced batch (the journal is written in order): see
         // [`Removal::Acknowledged`].
-        let must_sync = ops
-            .iter()
-            .any(|op| matches!(op, Op::Append(..) | Op::Remove(_, _, Removal::Unsent, _)));
+        let must_sync = ops.iter().any(|op| {
+            matches!(
+                op,
+                Op::Append(..) | Op::Remove(_, _, Removal::Unsent, _) | Op::DropInbox(..)
+            )
+        });
         self.note_commits();
         if self.jobs.is_none() {
             // The committer is gone: nothing can be stored. Dropping the operations answers
@@ -433,6 +452,11 @@ impl WriterState {
                 }
                 Op::Remove(id, seqs, _, tx) => {
                     let result = self.remove(&mut batch, &mut touched, id, &seqs);
+                    inboxes.push(id);
+                    replies.push(deferred(tx, result));
+                }
+                Op::DropInbox(id, tx) => {
+                    let result = self.drop_inbox(&mut batch, &touched, id);
                     inboxes.push(id);
                     replies.push(deferred(tx, result));
                 }
@@ -577,6 +601,37 @@ impl WriterState {
         Ok(())
     }
 
+    /// Marks user `id` dropped and removes every message of their inbox. Messages appended to
+    /// it in the batch being built are not in the store yet (and a key inserted and removed in
+    /// one batch is ambiguous): then it answers `None`, and the caller asks again, in a later
+    /// batch, when no new message can have come (the user is dropped).
+    fn drop_inbox(
+        &mut self,
+        batch: &mut OwnedWriteBatch,
+        touched: &Map<UserId, u64>,
+        id: UserId,
+    ) -> Result<Option<u64>, StoreError> {
+        self.dropped.insert(id);
+        if touched.get(&id).is_some_and(|first| *first != u64::MAX) {
+            return Ok(None);
+        }
+        while self.inboxes_in_flight.contains_key(&id) {
+            if !self.wait_for_commit() {
+                return Err(StoreError::WriterStopped);
+            }
+        }
+        let mut removed = 0;
+        for entry in self.ks.inbox.prefix(id.to_be_bytes()) {
+            batch.remove(&self.ks.inbox, entry.key()?.to_vec());
+            removed += 1;
+        }
+        self.pending.insert(id, 0);
+        self.known.remove(&id);
+        self.shares.forget(id);
+        self.contacts.remove(&id);
+        Ok(Some(removed))
+    }
+
     /// Pending messages of user `id`, counted from the inbox (once per process and inbox).
     fn count_pending(&self, id: UserId) -> Result<u64, StoreError> {
         let mut count = 0u64;
@@ -619,6 +674,12 @@ impl WriterState {
             sender: sender_id,
             recipient: recipient_id,
         } = addressed;
+        if self.dropped.contains(&recipient_id) {
+            return Err(StoreError::UnknownUser(message.recipient));
+        }
+        if self.dropped.contains(&sender_id) {
+            return Err(StoreError::UnknownUser(message.sender));
+        }
         let sent_key = sent_key(sender_id, &message.id.0);
         if self.in_flight.contains(&(sender_id, message.id))
             || self.ks.sent.contains_key(sent_key)?

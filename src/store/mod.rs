@@ -240,10 +240,12 @@ impl From<rmp_serde::encode::Error> for StoreError {
 /// What the server needs to persist. Every write is durable when its future resolves.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Whether an account named `username` exists.
+    /// Whether the name `username` is taken: an account has it, or a deleted account's name
+    /// is still held ([`Store::delete_user`]).
     async fn user_exists(&self, username: &Username) -> Result<bool, StoreError>;
 
-    /// Creates an account unless the name is taken; exactly one of racing callers succeeds.
+    /// Creates an account unless the name is taken (also by the hold of a deleted account:
+    /// [`Created::AlreadyExists`]); exactly one of racing callers succeeds.
     async fn create_user(
         &self,
         username: &Username,
@@ -326,4 +328,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes expired inbox entries and send records; returns how many messages went.
     async fn purge_expired_messages(&self, now: u64) -> Result<u64, StoreError>;
+
+    /// Deletes the account `username`: its inbox (and no message goes to or from it from now
+    /// on), then in one synced write its record, id, keys and one-time prekeys, sessions and
+    /// presence pairs, and a hold on the name until `hold_until` (Unix seconds) during which
+    /// no one can sign it up. Messages it sent that wait in other inboxes stay. Returns the
+    /// digests of the deleted sessions, or `None` if there is no such account.
+    async fn delete_user(
+        &self,
+        username: &Username,
+        hold_until: u64,
+    ) -> Result<Option<Vec<TokenDigest>>, StoreError>;
 }
