@@ -110,14 +110,10 @@ async fn a_share_counts_bytes_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sends_cannot_exceed_the_share() {
     let server = TestServer::start_with(share(5, 0)).await;
-    let (alice_token, bob_token) = {
-        let (alice, alice_token) = server.signed_up("alice").await;
-        alice.close().await;
-        let (bob, bob_token) = server.signed_up("bob").await;
-        bob.close().await;
-        (alice_token, bob_token)
-    };
-    drop(bob_token);
+    let (alice, alice_token) = server.signed_up("alice").await;
+    alice.close().await;
+    let (bob, _) = server.signed_up("bob").await;
+    bob.close().await;
     // Two connections of alice's (neither taking delivery), 25 messages each, all at once.
     let alice = server.client().await;
     alice.resume_with(alice_token.clone(), false).await.unwrap();

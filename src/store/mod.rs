@@ -289,10 +289,10 @@ pub trait Store: Send + Sync + 'static {
     /// Appends a message to its recipient's inbox through group commit: durable (per the
     /// configured [`Durability`]) when this returns. Sender and recipient must have accounts
     /// ([`StoreError::UnknownUser`] otherwise: the store checks that they have user ids,
-    /// which every account has). Deduplicates by (sender, id) and enforces
-    /// the per-inbox quota and each sender's share of it. If the message is stored, `hooks.ordered` is called with its seq
-    /// as soon as its place in the inbox is decided, before it is durable, and `hooks.synced`
-    /// once it is durable. A seq is never given to two messages.
+    /// which every account has). Deduplicates by (sender, id) and enforces the per-inbox
+    /// quota and each sender's share of it. If the message is stored, `hooks.ordered` is called
+    /// with its seq as soon as its place in the inbox is decided, before it is durable, and
+    /// `hooks.synced` once it is durable. A seq is never given to two messages.
     async fn append(&self, message: NewMessage, hooks: AppendHooks)
     -> Result<Appended, StoreError>;
 
