@@ -92,6 +92,7 @@ async fn store_writes(args: &Args) -> anyhow::Result<()> {
             durability,
             max_pending: u64::MAX,
             max_batch,
+            ..StoreOptions::default()
         };
         let path = dir.path().to_owned();
         let store = Arc::new(
@@ -171,6 +172,10 @@ async fn start_server() -> anyhow::Result<Running> {
     config.signups_per_minute = 0;
     config.failed_logins_per_minute = 0;
     config.max_pending = 1_000_000;
+    // One sender fills the backlog and every sender sends at full speed.
+    config.max_pending_per_sender = 0;
+    config.max_pending_bytes_per_sender = 0;
+    config.sends_per_minute = 0;
     let server = Server::bind(config).await?;
     let options = ClientOptions::new(
         server.local_addr()?.to_string(),

@@ -63,6 +63,15 @@ impl Target {
                 "10000000",
             ])
             .args(["--max-connections", "1000000"])
+            // One sender fills whole inboxes (`offline`) and sends at full speed.
+            .args([
+                "--max-pending-per-sender",
+                "0",
+                "--max-pending-bytes-per-sender",
+                "0",
+                "--sends-per-minute",
+                "0",
+            ])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -87,6 +87,22 @@ struct Cli {
     /// the internet) [default: off]
     #[arg(long, env = "SFC_METRICS")]
     metrics: Option<String>,
+    /// Pending messages one sender may hold in one inbox, 0 = up to --max-pending
+    /// [default: 1000]
+    #[arg(long, env = "SFC_MAX_PENDING_PER_SENDER")]
+    max_pending_per_sender: Option<u64>,
+    /// Pending body bytes one sender may hold in one inbox, 0 = unlimited
+    /// [default: 33554432 = 32 MiB]
+    #[arg(long, env = "SFC_MAX_PENDING_BYTES_PER_SENDER")]
+    max_pending_bytes_per_sender: Option<u64>,
+    /// Messages one account may send per minute (and as a burst), 0 = unlimited
+    /// [default: 3000]
+    #[arg(long, env = "SFC_SENDS_PER_MINUTE")]
+    sends_per_minute: Option<u32>,
+    /// Seconds a deleted account's name cannot be signed up again
+    /// [default: 2592000 = 30 days]
+    #[arg(long, env = "SFC_NAME_HOLD_SECS")]
+    name_hold_secs: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -239,6 +255,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         max_pending: cli.max_pending,
         durability: cli.durability,
         metrics: cli.metrics,
+        max_pending_per_sender: cli.max_pending_per_sender,
+        max_pending_bytes_per_sender: cli.max_pending_bytes_per_sender,
+        sends_per_minute: cli.sends_per_minute,
+        name_hold_secs: cli.name_hold_secs,
     };
     let config = flags.over(file).resolve()?;
 

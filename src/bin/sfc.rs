@@ -60,6 +60,10 @@ enum Command {
     },
     /// Revoke the saved session on the server and forget it
     Logout,
+    /// Delete your account for good (password from SFC_PASSWORD or a prompt): its keys,
+    /// sessions and waiting messages on the server, and this home's keys. The server holds the
+    /// name for a while (30 days by default) so no one else can take it
+    DeleteAccount,
     /// Show who is logged in
     Whoami,
     /// Send an end-to-end encrypted message (at most 57344 bytes, 56 KiB, of UTF-8 text);
@@ -368,6 +372,18 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
             client.close().await;
             home.clear_session()?;
             println!("logged out {}", render::line(&saved.username));
+        }
+        Command::DeleteAccount => {
+            let (client, _) = resume(&home, &options, false).await?;
+            let password = read_password(false)?;
+            let deleted = client.delete_account(password).await?;
+            client.close().await;
+            home.clear_session()?;
+            securefastchat::client::keystore::Keystore::new(home.dir())
+                .remove()
+                .context("deleting this home's keys")?;
+            let name = render::line(&deleted);
+            println!("deleted account {name}");
         }
         Command::Send { user, text, file } => {
             let text = message_text(text, file).await?;

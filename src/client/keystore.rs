@@ -385,6 +385,18 @@ impl Keystore {
         Ok(result)
     }
 
+    /// Deletes the keystore (private keys, sessions, history) under the lock: for an account
+    /// that no longer exists. Nothing to delete is not an error.
+    pub fn remove(&self) -> Result<(), HomeError> {
+        let _lock = self.lock()?;
+        let path = self.dir.join(KEYSTORE_FILE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(HomeError::Io { path, source }),
+        }
+    }
+
     /// Reads the state under the lock without changing it.
     pub fn read<T>(&self, read: impl FnOnce(Option<&KeyState>) -> T) -> Result<T, HomeError> {
         let _lock = self.lock()?;

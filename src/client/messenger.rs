@@ -161,8 +161,13 @@ enum Refusal {
 fn refusal(e: &ClientError) -> Refusal {
     match e {
         ClientError::Server { code, .. } => match code {
-            ErrorCode::NotAuthenticated | ErrorCode::StorageUnavailable => Refusal::StopAll,
+            // No message to anyone would pass before the store recovers or the account's
+            // bucket refills.
+            ErrorCode::NotAuthenticated
+            | ErrorCode::StorageUnavailable
+            | ErrorCode::SendRateLimited => Refusal::StopAll,
             ErrorCode::InboxFull
+            | ErrorCode::SenderQuota
             | ErrorCode::Busy
             | ErrorCode::Internal
             | ErrorCode::RateLimited => Refusal::HoldPeer,

@@ -452,6 +452,17 @@ impl Client {
         }
     }
 
+    /// Deletes this connection's account for good (the password is checked again): its keys,
+    /// sessions and pending messages go, and the server holds the name for a while so no one
+    /// else can take it. Returns the deleted account's name; the connection is then
+    /// unauthenticated.
+    pub async fn delete_account(&self, password: Password) -> Result<String, ClientError> {
+        match self.request(Request::DeleteAccount { password }).await? {
+            Reply::AccountDeleted { username } => Ok(username),
+            other => Err(unexpected("delete_account", &other)),
+        }
+    }
+
     /// Who is logged in on this connection.
     pub async fn whoami(&self) -> Result<SessionInfo, ClientError> {
         match self.request(Request::Whoami).await? {

@@ -55,6 +55,12 @@ pub enum ErrorCode {
     /// The server cannot store anything now (its disk is full or failing): nothing of the
     /// request was stored; retry later, it recovers by itself.
     StorageUnavailable,
+    /// The sender already has its whole share of the recipient's inbox pending (messages or
+    /// bytes); the message was not stored. It passes once the recipient has read some.
+    SenderQuota,
+    /// The sending account sent more messages than the server allows per minute; the
+    /// message was not stored. Retry after the wait the message names.
+    SendRateLimited,
     /// A code this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -88,6 +94,8 @@ impl ErrorCode {
             Self::MessageTooLarge => "message_too_large",
             Self::NotAllowed => "not_allowed",
             Self::StorageUnavailable => "storage_unavailable",
+            Self::SenderQuota => "sender_quota",
+            Self::SendRateLimited => "send_rate_limited",
             Self::Unknown => "unknown",
         }
     }
@@ -113,6 +121,8 @@ pub enum CloseCode {
     Overloaded = 3,
     /// The same user logged in on a newer connection, which takes over delivery.
     Replaced = 4,
+    /// The account was deleted (on this or another connection).
+    AccountDeleted = 5,
 }
 
 impl CloseCode {
@@ -129,6 +139,7 @@ impl CloseCode {
             2 => Some(Self::ProtocolViolation),
             3 => Some(Self::Overloaded),
             4 => Some(Self::Replaced),
+            5 => Some(Self::AccountDeleted),
             _ => None,
         }
     }

@@ -108,6 +108,11 @@ pub enum Request {
         /// The contact.
         username: String,
     },
+    /// Delete this connection's account for good, after checking its password again.
+    DeleteAccount {
+        /// The account's password.
+        password: Password,
+    },
 }
 
 fn is_false(value: &bool) -> bool {
@@ -153,6 +158,8 @@ pub enum RequestKind {
     Unsend,
     /// `online`
     Online,
+    /// `delete_account`
+    DeleteAccount,
 }
 
 impl RequestKind {
@@ -173,6 +180,7 @@ impl RequestKind {
             "ack" => Self::Ack,
             "unsend" => Self::Unsend,
             "online" => Self::Online,
+            "delete_account" => Self::DeleteAccount,
             _ => return None,
         })
     }
@@ -194,6 +202,7 @@ impl RequestKind {
             Self::Ack => "ack",
             Self::Unsend => "unsend",
             Self::Online => "online",
+            Self::DeleteAccount => "delete_account",
         }
     }
 }
@@ -216,6 +225,7 @@ impl Request {
             Self::Ack { .. } => RequestKind::Ack,
             Self::Unsend { .. } => RequestKind::Unsend,
             Self::Online { .. } => RequestKind::Online,
+            Self::DeleteAccount { .. } => RequestKind::DeleteAccount,
         }
     }
 }
@@ -271,6 +281,11 @@ pub enum Reply {
     },
     /// Answer to `logout`.
     LoggedOut,
+    /// Answer to `delete_account`: the account is gone and the connection unauthenticated.
+    AccountDeleted {
+        /// The deleted account's name (held for a while: no one can sign it up).
+        username: String,
+    },
     /// Answer to `whoami`.
     Whoami {
         /// The account's canonical name.

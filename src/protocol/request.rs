@@ -93,7 +93,7 @@ fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
         (K::Hello, "version") => Some(Expected::Uint),
         (K::Hello, "client") => Some(Expected::Str),
         (K::CheckUsername | K::Signup | K::Login, "username") => Some(Expected::Str),
-        (K::Signup | K::Login, "password") => Some(Expected::Str),
+        (K::Signup | K::Login | K::DeleteAccount, "password") => Some(Expected::Str),
         (K::Resume, "token") => Some(Expected::Bin),
         (K::Resume, "deliver") => Some(Expected::Bool),
         (K::FetchBundle | K::FetchIdentity | K::Online, "username") => Some(Expected::Str),

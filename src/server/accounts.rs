@@ -329,3 +329,32 @@ impl Accounts {
         })
     }
 }
+
+impl Accounts {
+    /// Deletes `session`'s account after checking `password` again (one argon2 run on the
+    /// pool, like a login): its inbox, keys, sessions and presence pairs go, and the name is
+    /// held for `hold` so no one else can take it and receive what the old owner's contacts
+    /// still send to it. Every live connection of the account loses its session at once.
+    pub async fn delete_account(
+        &self,
+        session: &ActiveSession,
+        password: Password,
+        hold: Duration,
+    ) -> Result<(), AccountError> {
+        if password.len() > MAX_PASSWORD_LEN {
+            return Err(AccountError::InvalidCredentials);
+        }
+        let name = &session.username;
+        let stored = self.store.user(name).await?.map(|user| user.password_hash);
+        if !self.passwords.verify(password, stored).await? {
+            return Err(AccountError::InvalidCredentials);
+        }
+        let hold_until = unix_now().saturating_add(hold.as_secs());
+        let digests = self.store.delete_user(name, hold_until).await?;
+        self.revoke_live(&session.digest);
+        for digest in digests.unwrap_or_default() {
+            self.revoke_live(&digest);
+        }
+        Ok(())
+    }
+}

@@ -30,6 +30,15 @@ pub const DEFAULT_MESSAGE_TTL_SECS: u64 = 7 * 24 * 3600;
 /// Default largest message body: the largest envelope (60 KiB), which is what receiving clients
 /// accept; a larger body would be stored and then refused by its recipient.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = crate::e2e::MAX_ENVELOPE_LEN as u64;
+/// Default pending messages one sender may hold in one inbox: a tenth of the default inbox,
+/// so one account cannot fill someone's inbox and lock everyone else out.
+pub const DEFAULT_MAX_PENDING_PER_SENDER: u64 = DEFAULT_MAX_PENDING / 10;
+/// Default pending body bytes one sender may hold in one inbox: 32 MiB.
+pub const DEFAULT_MAX_PENDING_BYTES_PER_SENDER: u64 = 32 * 1024 * 1024;
+/// Default messages one account may send per minute (and as a burst).
+pub const DEFAULT_SENDS_PER_MINUTE: u32 = 3000;
+/// Default time a deleted account's name stays unavailable: 30 days.
+pub const DEFAULT_NAME_HOLD_SECS: u64 = 30 * 24 * 3600;
 
 /// Where the server's TLS identity comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +93,14 @@ pub struct ServerConfig {
     pub durability: Durability,
     /// TCP address of the Prometheus metrics endpoint, if any (see `server::metrics`).
     pub metrics: Option<SocketAddr>,
+    /// Pending messages one sender may hold in one inbox (0 = up to `max_pending`).
+    pub max_pending_per_sender: u64,
+    /// Pending body bytes one sender may hold in one inbox (0 = unlimited).
+    pub max_pending_bytes_per_sender: u64,
+    /// Messages one account may send per minute, also as a burst (0 = unlimited).
+    pub sends_per_minute: u32,
+    /// How long the name of a deleted account cannot be signed up again.
+    pub name_hold: Duration,
 }
 
 impl ServerConfig {
@@ -106,6 +123,10 @@ impl ServerConfig {
             max_pending: DEFAULT_MAX_PENDING,
             durability: Durability::Sync,
             metrics: None,
+            max_pending_per_sender: DEFAULT_MAX_PENDING_PER_SENDER,
+            max_pending_bytes_per_sender: DEFAULT_MAX_PENDING_BYTES_PER_SENDER,
+            sends_per_minute: DEFAULT_SENDS_PER_MINUTE,
+            name_hold: Duration::from_secs(DEFAULT_NAME_HOLD_SECS),
         }
     }
 }
@@ -152,6 +173,14 @@ pub struct ConfigLayer {
     pub durability: Option<Durability>,
     /// Prometheus metrics address (`IP:PORT`, TCP).
     pub metrics: Option<String>,
+    /// Pending messages one sender may hold in one inbox (0 = up to `max_pending`).
+    pub max_pending_per_sender: Option<u64>,
+    /// Pending body bytes one sender may hold in one inbox (0 = unlimited).
+    pub max_pending_bytes_per_sender: Option<u64>,
+    /// Messages one account may send per minute (0 = unlimited).
+    pub sends_per_minute: Option<u32>,
+    /// Seconds a deleted account's name stays unavailable.
+    pub name_hold_secs: Option<u64>,
 }
 
 /// Why the configuration is unusable.
@@ -214,6 +243,12 @@ impl ConfigLayer {
             max_pending: self.max_pending.or(lower.max_pending),
             durability: self.durability.or(lower.durability),
             metrics: self.metrics.or(lower.metrics),
+            max_pending_per_sender: self.max_pending_per_sender.or(lower.max_pending_per_sender),
+            max_pending_bytes_per_sender: self
+                .max_pending_bytes_per_sender
+                .or(lower.max_pending_bytes_per_sender),
+            sends_per_minute: self.sends_per_minute.or(lower.sends_per_minute),
+            name_hold_secs: self.name_hold_secs.or(lower.name_hold_secs),
         }
     }
 
@@ -300,6 +335,18 @@ impl ConfigLayer {
                 ConfigError::Invalid(format!("metrics address {raw:?} is not IP:PORT"))
             })?;
             config.metrics = Some(addr);
+        }
+        if let Some(n) = self.max_pending_per_sender {
+            config.max_pending_per_sender = n;
+        }
+        if let Some(n) = self.max_pending_bytes_per_sender {
+            config.max_pending_bytes_per_sender = n;
+        }
+        if let Some(n) = self.sends_per_minute {
+            config.sends_per_minute = n;
+        }
+        if let Some(secs) = self.name_hold_secs {
+            config.name_hold = Duration::from_secs(secs);
         }
         Ok(config)
     }

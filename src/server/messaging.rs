@@ -18,7 +18,9 @@ use crate::protocol::{
     DeliverHeader, ErrorCode, FrameError, MAX_STREAM_HEADER, MessageId, Reply, SendHeader,
     ServerFrame, StreamHeader, Username, decode_body, read_frame,
 };
-use crate::store::{AppendHooks, Appended, NewMessage, SeqHook, StoredMessage};
+use crate::store::{
+    AppendHooks, Appended, NewMessage, SenderShare, SeqHook, StoreError, StoredMessage,
+};
 use crate::unix_now;
 
 /// The session of a connection, shared by its control loop and its message streams.
@@ -135,6 +137,18 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
         refuse(&mut stream);
         return Some(failed(Some(id), ErrorCode::UnknownUser, "no such user"));
     };
+    // Taken before the body is read, whatever becomes of the message: the rate bounds the
+    // work one account makes the server do, not only what it stores.
+    if let Err(wait) = shared.send_rate.take(&sender) {
+        refuse(&mut stream);
+        let secs = wait.as_secs().max(1);
+        debug!(retry_in_secs = secs, "send rate limited");
+        return Some(failed(
+            Some(id),
+            ErrorCode::SendRateLimited,
+            format!("your account is sending too many messages; retry in {secs} s"),
+        ));
+    }
     // Buffered as it arrives, never more than announced: a header alone allocates nothing.
     let length = usize::try_from(header.length).unwrap_or(usize::MAX);
     let body = match stream.read_to_end(length).await {
@@ -231,8 +245,30 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
             ErrorCode::InboxFull,
             "the recipient's inbox is full",
         )),
+        Ok(Appended::SenderQuota) => Some(failed(
+            Some(id),
+            ErrorCode::SenderQuota,
+            sender_quota_message(&recipient, shared.limits.sender_share),
+        )),
+        // Deleted meanwhile (or a deleted account's held name).
+        Err(StoreError::UnknownUser(_)) => {
+            Some(failed(Some(id), ErrorCode::UnknownUser, "no such user"))
+        }
         Err(e) => Some(store_failure(id, &e)),
     }
+}
+
+/// Why a message over the sender's share was refused, with the limits.
+fn sender_quota_message(recipient: &Username, share: SenderShare) -> String {
+    let limits = match (share.messages, share.bytes) {
+        (0, bytes) => format!("{bytes} bytes"),
+        (messages, 0) => format!("{messages} messages"),
+        (messages, bytes) => format!("{messages} messages or {bytes} bytes"),
+    };
+    format!(
+        "you already have your share ({limits}) of {recipient}'s inbox waiting; \
+         send again once {recipient} has read some"
+    )
 }
 
 fn store_failure(id: MessageId, e: &crate::store::StoreError) -> Reply {

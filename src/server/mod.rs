@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod password;
 mod requests;
 pub mod router;
+mod send_rate;
 pub mod throttle;
 
 use std::net::SocketAddr;
@@ -32,7 +33,7 @@ use self::router::Router;
 use self::throttle::Throttle;
 use crate::protocol::CloseCode;
 use crate::protocol::Username;
-use crate::store::{FjallStore, Store, StoreError, StoreOptions};
+use crate::store::{FjallStore, SenderShare, Store, StoreError, StoreOptions};
 use crate::tls::{self, ServerIdentity, TlsError};
 use crate::transport::{self, EndpointSecret};
 
@@ -101,6 +102,9 @@ pub(crate) struct Shared {
     pub(crate) bundle_fetches: Throttle<Username>,
     pub(crate) router: Arc<Router>,
     pub(crate) limits: MessageLimits,
+    pub(crate) send_rate: send_rate::SendRate,
+    /// How long a deleted account's name stays unavailable.
+    pub(crate) name_hold: Duration,
 }
 
 /// Limits on messages, from the configuration.
@@ -108,6 +112,7 @@ pub(crate) struct Shared {
 pub(crate) struct MessageLimits {
     pub(crate) max_message_bytes: u64,
     pub(crate) message_ttl: Duration,
+    pub(crate) sender_share: SenderShare,
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -155,6 +160,10 @@ impl Server {
         let options = StoreOptions {
             durability: config.durability,
             max_pending: config.max_pending,
+            sender_share: SenderShare {
+                messages: config.max_pending_per_sender,
+                bytes: config.max_pending_bytes_per_sender,
+            },
             ..StoreOptions::default()
         };
         let store: Arc<dyn Store> = Arc::new(
@@ -189,7 +198,13 @@ impl Server {
             limits: MessageLimits {
                 max_message_bytes: config.max_message_bytes,
                 message_ttl: config.message_ttl,
+                sender_share: SenderShare {
+                    messages: config.max_pending_per_sender,
+                    bytes: config.max_pending_bytes_per_sender,
+                },
             },
+            send_rate: send_rate::SendRate::new(config.sends_per_minute),
+            name_hold: config.name_hold,
         });
         Ok(Self {
             endpoint,

@@ -313,6 +313,33 @@ impl Control {
                 }
             }
             Request::Unsend { message_id } => self.unsend(me, message_id).await,
+            Request::DeleteAccount { password } => {
+                // Password work, throttled like logins; spent before the work, so parallel
+                // requests cannot all pass the check.
+                let addr = self.conn.remote_address().ip();
+                if let Err(wait) = self.shared.failed_logins.check(addr, Instant::now()) {
+                    return rate_limited("password attempts from your address", wait);
+                }
+                self.shared.failed_logins.spend(addr, Instant::now());
+                let hold = self.shared.name_hold;
+                match self
+                    .shared
+                    .accounts
+                    .delete_account(&session, password, hold)
+                    .await
+                {
+                    Ok(()) => {
+                        info!("account deleted");
+                        self.end_session();
+                        let code = crate::protocol::CloseCode::AccountDeleted;
+                        self.shared.router.disconnect(me, code, "account deleted");
+                        Reply::AccountDeleted {
+                            username: me.to_string(),
+                        }
+                    }
+                    Err(e) => account_error(e),
+                }
+            }
             Request::Online { username } => {
                 let Ok(user) = Username::parse(&username) else {
                     return unknown_user();

@@ -326,6 +326,16 @@ impl Router {
         true
     }
 
+    /// Closes `user`'s delivering connection, if any, with `code` (their account is gone).
+    pub fn disconnect(&self, user: &Username, code: CloseCode, reason: &str) {
+        let online = self.online.lock().ok().and_then(|mut o| o.remove(user));
+        if let Some(online) = online {
+            online
+                .conn
+                .close(VarInt::from_u32(code.code()), reason.as_bytes());
+        }
+    }
+
     /// Forgets the claims of acknowledged messages.
     pub fn release(&self, user: &Username, seqs: &[u64]) {
         if let Ok(mut claims) = self.claims.lock()

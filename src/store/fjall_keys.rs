@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use fjall::{Database, Keyspace, PersistMode};
+use fjall::{Database, Keyspace, OwnedWriteBatch, PersistMode};
 
 use super::inbox_writer::pair_key;
 use super::{KeysRecord, StoreError, TakenBundle};
@@ -86,6 +86,20 @@ impl KeyDirectory {
         }
         batch.commit()?;
         Ok(u32::try_from(existing + added).unwrap_or(u32::MAX))
+    }
+
+    /// Adds the removal of `user`'s keys and one-time prekeys to `batch`; the caller holds
+    /// `lock` until the batch is committed.
+    pub fn remove_into(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        user: &Username,
+    ) -> Result<(), StoreError> {
+        batch.remove(&self.keys, user.as_str().as_bytes().to_vec());
+        for entry in self.prekeys.prefix(Self::prefix(user)) {
+            batch.remove(&self.prekeys, entry.key()?.to_vec());
+        }
+        Ok(())
     }
 
     pub fn get(&self, user: &Username) -> Result<Option<KeysRecord>, StoreError> {

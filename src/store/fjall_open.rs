@@ -11,7 +11,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::StoreError;
 use super::fjall_keys::KeyDirectory;
-use super::fjall_store::{SESSIONS, StoreOptions, USERS, encode};
+use super::fjall_store::{HELD_NAMES, SESSIONS, StoreOptions, USERS, encode};
 use super::inbox_writer::{FailureHook, InboxKeyspaces, InboxWriter};
 use super::outage::{Deferred, Outage, space_for_writes};
 use super::user_ids::{UserIds, inbox_key};
@@ -85,6 +85,8 @@ pub(super) struct Inner {
     pub(super) db: Database,
     pub(super) users: Keyspace,
     pub(super) sessions: Keyspace,
+    /// Names of deleted accounts on hold (see `fjall_store::HELD_NAMES`).
+    pub(super) held_names: Keyspace,
     /// Serialises check-then-insert in `create_user` so racing signups cannot both win.
     pub(super) create_user: Mutex<()>,
     /// Users' ids; the ids of accounts known to exist stay in memory, since every message
@@ -122,14 +124,17 @@ impl Inner {
             prekeys: keyspace("prekeys")?,
             lock: Mutex::new(()),
         };
+        let user_ids = keyspace("user_ids")?;
+        let held_names = keyspace(HELD_NAMES)?;
         let inbox = InboxKeyspaces {
             db: db.clone(),
             inbox: keyspace("inbox_v2")?,
             sent: keyspace("sent_v2")?,
             meta: keyspace("meta")?,
             contacts: keyspace("contacts")?,
+            user_ids: user_ids.clone(),
         };
-        let ids = UserIds::open(keyspace("user_ids")?, keyspace("user_names")?)?;
+        let ids = UserIds::open(user_ids, keyspace("user_names")?)?;
         super::migrate::run(&db, &users, &inbox.meta, &ids, &inbox.inbox, &inbox.sent)?;
         let on_failure: FailureHook = {
             let outage = Arc::clone(outage);
@@ -141,6 +146,7 @@ impl Inner {
             options.max_pending,
             options.max_batch,
             on_failure,
+            options.sender_share,
         ) {
             Ok(writer) => Some(writer),
             Err(e) if !first => {
@@ -154,6 +160,7 @@ impl Inner {
             db,
             users,
             sessions,
+            held_names,
             create_user: Mutex::new(()),
             ids,
             directory,

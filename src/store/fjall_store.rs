@@ -21,6 +21,7 @@ use super::fjall_open::{Inner, Shared, flush_memtables, watch};
 use super::inbox_writer::{Addressed, pair_key};
 use super::outage::Outage;
 use super::user_ids::{UserId, decode_id, inbox_key, inbox_seq, sent_key};
+use super::sender_shares::SenderShare;
 use super::{
     AppendHooks, Appended, Created, Durability, KeysRecord, NewMessage, Removal, SentRecord,
     SessionRecord, Store, StoreError, StoredMessage, TakenBundle, TokenDigest, UserRecord,
@@ -32,6 +33,8 @@ use crate::protocol::keys::OneTimePrekey;
 
 pub(super) const USERS: &str = "users";
 pub(super) const SESSIONS: &str = "sessions";
+/// Names of deleted accounts → until when (u64 BE, Unix seconds) no one may sign them up.
+pub(super) const HELD_NAMES: &str = "held_names";
 
 /// How many store calls may run on blocking threads at once.
 const CONCURRENT_CALLS: usize = 16;
@@ -50,6 +53,8 @@ pub struct StoreOptions {
     pub max_pending: u64,
     /// Most inbox writes folded into one sync (1 = a sync per message, no group commit).
     pub max_batch: usize,
+    /// What one sender may hold of one inbox (by default no more than the inbox's cap).
+    pub sender_share: SenderShare,
 }
 
 impl Default for StoreOptions {
@@ -58,6 +63,7 @@ impl Default for StoreOptions {
             durability: Durability::Sync,
             max_pending: DEFAULT_MAX_PENDING,
             max_batch: super::inbox_writer::DEFAULT_MAX_BATCH,
+            sender_share: SenderShare::UNLIMITED,
         }
     }
 }
@@ -232,6 +238,70 @@ impl FjallStore {
     }
 }
 
+impl Inner {
+    /// Whether `name` belonged to an account deleted less than its hold ago.
+    fn is_held(&self, name: &Username, now: u64) -> Result<bool, StoreError> {
+        let Some(bytes) = self.held_names.get(name.as_str())? else {
+            return Ok(false);
+        };
+        let until: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+            keyspace: HELD_NAMES,
+            reason: "a hold is not 8 bytes".into(),
+        })?;
+        Ok(u64::from_be_bytes(until) > now)
+    }
+
+    /// Deletes `name`'s account records in one synced write (see [`Store::delete_user`]);
+    /// returns the digests of its sessions, or `None` if it has no account.
+    fn delete_account(
+        &self,
+        name: &Username,
+        hold_until: u64,
+    ) -> Result<Option<Vec<TokenDigest>>, StoreError> {
+        let _creating = self.create_user.lock().map_err(|_| StoreError::Poisoned)?;
+        let _keys = self
+            .directory
+            .lock
+            .lock()
+            .map_err(|_| StoreError::Poisoned)?;
+        if !self.users.contains_key(name.as_str())? {
+            return Ok(None);
+        }
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        batch.remove(&self.users, name.as_str());
+        batch.insert(&self.held_names, name.as_str(), hold_until.to_be_bytes());
+        self.ids.forget(&mut batch, name);
+        self.directory.remove_into(&mut batch, name)?;
+        // Sessions are keyed by token digest: every one is read (a deletion is rare).
+        let mut digests = Vec::new();
+        for entry in self.sessions.iter() {
+            let (key, value) = entry.into_inner()?;
+            let session: SessionRecord = decode(SESSIONS, &value)?;
+            if session.username == *name {
+                batch.remove(&self.sessions, key.to_vec());
+                digests.push(session.token_digest);
+            }
+        }
+        // Presence pairs: those where the account is the viewer share its prefix; those where
+        // it is the subject are found by reading them all. A later owner of the name must not
+        // inherit who may see whose presence.
+        let viewer = pair_key(name, &[]);
+        for entry in self.inbox.contacts.iter() {
+            let key = entry.key()?;
+            let subject = key
+                .iter()
+                .position(|b| *b == 0)
+                .and_then(|at| key.get(at + 1..));
+            if key.starts_with(&viewer) || subject == Some(name.as_str().as_bytes()) {
+                batch.remove(&self.inbox.contacts, key.to_vec());
+            }
+        }
+        batch.commit()?;
+        self.ids.forget_cached(name)?;
+        Ok(Some(digests))
+    }
+}
+
 pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     Ok(rmp_serde::to_vec_named(value)?)
 }
@@ -253,7 +323,7 @@ impl Store for FjallStore {
         let name = username.clone();
         self.call(move |db| {
             if !db.users.contains_key(name.as_str())? {
-                return Ok(false);
+                return db.is_held(&name, crate::unix_now());
             }
             if let Some(id) = db.ids.stored(&name)? {
                 db.ids.remember(&name, id)?;
@@ -273,11 +343,12 @@ impl Store for FjallStore {
         let value = encode(&user)?;
         self.call(move |db| {
             let _guard = db.create_user.lock().map_err(|_| StoreError::Poisoned)?;
-            if db.users.contains_key(name.as_str())? {
+            if db.users.contains_key(name.as_str())? || db.is_held(&name, crate::unix_now())? {
                 return Ok(Created::AlreadyExists);
             }
-            // The account and its id in one synced write.
+            // The account and its id in one synced write (and the end of an expired hold).
             let mut batch = db.db.batch().durability(Some(PersistMode::SyncData));
+            batch.remove(&db.held_names, name.as_str());
             batch.insert(&db.users, name.as_str(), value);
             let id = db.ids.assign(&mut batch, &name)?;
             batch.commit()?;
@@ -503,6 +574,24 @@ impl Store for FjallStore {
     ) -> Result<bool, StoreError> {
         let key = pair_key(viewer, subject.as_str().as_bytes());
         self.call(move |db| Ok(db.inbox.contacts.contains_key(key)?))
+            .await
+    }
+
+    async fn delete_user(
+        &self,
+        username: &Username,
+        hold_until: u64,
+    ) -> Result<Option<Vec<TokenDigest>>, StoreError> {
+        let Some(id) = self.user_id(username).await? else {
+            return Ok(None);
+        };
+        // The inbox first: if what follows fails, the account is still there (with an empty
+        // inbox) and its owner can try again.
+        let inner = self.writer()?;
+        let writer = inner.writer.as_ref().ok_or(StoreError::Unavailable)?;
+        writer.drop_inbox(id).await?;
+        let name = username.clone();
+        self.call(move |db| db.delete_account(&name, hold_until))
             .await
     }
 

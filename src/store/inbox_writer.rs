@@ -42,6 +42,7 @@ use std::thread::JoinHandle;
 use fjall::{Database, Keyspace, OwnedWriteBatch, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
+use super::sender_shares::{SenderShare, SenderShares, count_from_store};
 use super::user_ids::{UserId, inbox_key, sent_key};
 use super::{
     AppendHooks, Appended, Durability, NewMessage, Removal, SentRecord, SeqHook, StoreError,
@@ -134,6 +135,8 @@ pub(super) struct InboxKeyspaces {
     pub sent: Keyspace,
     pub meta: Keyspace,
     pub contacts: Keyspace,
+    /// Read only, to name the senders of an inbox's messages when counting their shares.
+    pub user_ids: Keyspace,
 }
 
 pub(super) fn pair_key(first: &Username, second: &[u8]) -> Vec<u8> {
@@ -173,6 +176,9 @@ enum Op {
     ),
     /// Removes expired send records (keys in `sent`).
     ForgetSent(Vec<Vec<u8>>, oneshot::Sender<Result<u64, StoreError>>),
+    /// Empties the inbox of a user whose account is being deleted, and refuses messages to and
+    /// from them from now on. `None`: submit it again (see `drop_inbox`).
+    DropInbox(UserId, oneshot::Sender<Result<Option<u64>, StoreError>>),
 }
 
 /// Handle to the writer thread; dropping it stops the thread after the queue drains and waits
@@ -205,6 +211,7 @@ impl InboxWriter {
         max_pending: u64,
         max_batch: usize,
         on_failure: FailureHook,
+        share: SenderShare,
     ) -> Result<Self, StoreError> {
         let (queue, rx) = mpsc::channel(QUEUE);
         let epoch = mark_running(&keyspaces)?;
@@ -231,6 +238,8 @@ impl InboxWriter {
             failed: false,
             ks: keyspaces,
             max_pending,
+            shares: SenderShares::new(share),
+            dropped: Set::default(),
             max_batch: max_batch.max(1),
             next_seq: Map::default(),
             stored_seq: Map::default(),
@@ -290,6 +299,16 @@ impl InboxWriter {
     pub async fn forget_sent(&self, keys: Vec<Vec<u8>>) -> Result<u64, StoreError> {
         self.submit(|tx| Op::ForgetSent(keys, tx)).await
     }
+
+    /// Empties user `id`'s inbox (synced) and refuses messages to and from them from now on;
+    /// returns how many messages went.
+    pub async fn drop_inbox(&self, id: UserId) -> Result<u64, StoreError> {
+        loop {
+            if let Some(removed) = self.submit(|tx| Op::DropInbox(id, tx)).await? {
+                return Ok(removed);
+            }
+        }
+    }
 }
 
 struct WriterState {
@@ -299,6 +318,10 @@ struct WriterState {
     /// A batch failed in this run: its seqs may have been given out but not stored.
     failed: bool,
     max_pending: u64,
+    /// Each sender's share of each inbox (see `sender_shares`).
+    shares: SenderShares,
+    /// Users whose accounts were deleted in this run: no message goes to or from them.
+    dropped: Set<UserId>,
     max_batch: usize,
     /// Inboxes are known by their owners' ids: no name is hashed or cloned per message.
     /// Next sequence number per inbox (loaded from `meta` on first use).
@@ -400,9 +423,12 @@ impl WriterState {
         // (or expiry, or forgetting expired send records) is handed to the OS and made durable
         // by the next synced batch (the journal is written in order): see
         // [`Removal::Acknowledged`].
-        let must_sync = ops
-            .iter()
-            .any(|op| matches!(op, Op::Append(..) | Op::Remove(_, _, Removal::Unsent, _)));
+        let must_sync = ops.iter().any(|op| {
+            matches!(
+                op,
+                Op::Append(..) | Op::Remove(_, _, Removal::Unsent, _) | Op::DropInbox(..)
+            )
+        });
         self.note_commits();
         if self.jobs.is_none() {
             // The committer is gone: nothing can be stored. Dropping the operations answers
@@ -440,6 +466,11 @@ impl WriterState {
                 }
                 Op::Remove(id, seqs, _, tx) => {
                     let result = self.remove(&mut batch, &mut touched, id, &seqs);
+                    inboxes.push(id);
+                    replies.push(deferred(tx, result));
+                }
+                Op::DropInbox(id, tx) => {
+                    let result = self.drop_inbox(&mut batch, &touched, id);
                     inboxes.push(id);
                     replies.push(deferred(tx, result));
                 }
@@ -481,6 +512,8 @@ impl WriterState {
         for inbox in &inboxes {
             *self.inboxes_in_flight.entry(*inbox).or_default() += 1;
         }
+        let in_flight = &self.inboxes_in_flight;
+        self.shares.evict(|id| !in_flight.contains_key(&id));
         self.ops_in_flight += op_count;
         let job = Job {
             batch,
@@ -553,6 +586,7 @@ impl WriterState {
             // Reloaded lazily. The seq counters stay (they only grow): the failed batch's seqs
             // may have been delivered.
             self.pending.clear();
+            self.shares.clear();
             self.contacts.clear();
             self.known = self
                 .next_seq
@@ -560,6 +594,56 @@ impl WriterState {
                 .map(|(id, next)| (*id, KnownPending::new(*next)))
                 .collect();
         }
+    }
+
+    /// Counts the senders' shares of inbox `id` from the store, unless they are known (or not
+    /// limited). The store must show every batch built for the inbox, so this waits for those
+    /// still being committed. Called before anything else touches the inbox in a batch, so
+    /// the store is also current with respect to the batch being built.
+    fn load_shares(&mut self, id: UserId) -> Result<(), StoreError> {
+        if !self.shares.enabled() || self.shares.is_tracked(id) {
+            return Ok(());
+        }
+        while self.inboxes_in_flight.contains_key(&id) {
+            if !self.wait_for_commit() {
+                return Err(StoreError::WriterStopped);
+            }
+        }
+        let pending = count_from_store(&self.ks.inbox, &self.ks.user_ids, id)?;
+        self.pending.entry(id).or_insert(pending.len() as u64);
+        self.shares.load(id, pending);
+        Ok(())
+    }
+
+    /// Marks user `id` dropped and removes every message of their inbox. Messages appended to
+    /// it in the batch being built are not in the store yet (and a key inserted and removed in
+    /// one batch is ambiguous): then it answers `None`, and the caller asks again, in a later
+    /// batch, when no new message can have come (the user is dropped).
+    fn drop_inbox(
+        &mut self,
+        batch: &mut OwnedWriteBatch,
+        touched: &Map<UserId, u64>,
+        id: UserId,
+    ) -> Result<Option<u64>, StoreError> {
+        self.dropped.insert(id);
+        if touched.get(&id).is_some_and(|first| *first != u64::MAX) {
+            return Ok(None);
+        }
+        while self.inboxes_in_flight.contains_key(&id) {
+            if !self.wait_for_commit() {
+                return Err(StoreError::WriterStopped);
+            }
+        }
+        let mut removed = 0;
+        for entry in self.ks.inbox.prefix(id.to_be_bytes()) {
+            batch.remove(&self.ks.inbox, entry.key()?.to_vec());
+            removed += 1;
+        }
+        self.pending.insert(id, 0);
+        self.known.remove(&id);
+        self.shares.forget(id);
+        self.contacts.remove(&id);
+        Ok(Some(removed))
     }
 
     /// Pending messages of user `id`, counted from the inbox (once per process and inbox).
@@ -604,18 +688,33 @@ impl WriterState {
             sender: sender_id,
             recipient: recipient_id,
         } = addressed;
+        if self.dropped.contains(&recipient_id) {
+            return Err(StoreError::UnknownUser(message.recipient));
+        }
+        if self.dropped.contains(&sender_id) {
+            return Err(StoreError::UnknownUser(message.sender));
+        }
         let sent_key = sent_key(sender_id, &message.id.0);
         if self.in_flight.contains(&(sender_id, message.id))
             || self.ks.sent.contains_key(sent_key)?
         {
             return Ok(Appended::Duplicate);
         }
+        self.load_shares(recipient_id)?;
         let pending = match self.pending.get(&recipient_id) {
             Some(n) => *n,
             None => self.count_pending(recipient_id)?,
         };
         if pending >= self.max_pending {
             return Ok(Appended::InboxFull);
+        }
+        let body_len = message.body.len() as u64;
+        if self
+            .shares
+            .admits(recipient_id, sender_id, body_len)
+            .is_err()
+        {
+            return Ok(Appended::SenderQuota);
         }
         let seq = match self.next_seq.get(&recipient_id) {
             Some(n) => *n,
@@ -672,6 +771,7 @@ impl WriterState {
         }
         self.next_seq.insert(recipient_id, seq + 1);
         self.pending.insert(recipient_id, pending + 1);
+        self.shares.add(recipient_id, seq, sender_id, body_len);
         let first = touched.entry(recipient_id).or_insert(u64::MAX);
         *first = (*first).min(seq);
         self.in_flight.insert((sender_id, message.id));
@@ -686,6 +786,7 @@ impl WriterState {
         id: UserId,
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
+        self.load_shares(id)?;
         let mut removed = 0;
         let mut store_current = false;
         let mut seen = Set::with_capacity_and_hasher(seqs.len(), Default::default());
@@ -722,6 +823,7 @@ impl WriterState {
             };
             if present {
                 batch.remove(&self.ks.inbox, key);
+                self.shares.remove(id, seq);
                 removed += 1;
                 if let Some(k) = self.known.get_mut(&id) {
                     k.remove(seq);

@@ -10,10 +10,12 @@ mod fjall_store;
 mod inbox_writer;
 mod migrate;
 mod outage;
+mod sender_shares;
 mod user_ids;
 
 pub use data_dir::DataDirError;
 pub use fjall_store::{DEFAULT_MAX_PENDING, FjallStore, StoreOptions};
+pub use sender_shares::SenderShare;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -125,6 +127,9 @@ pub enum Appended {
     Duplicate,
     /// The recipient's inbox is full; nothing was stored.
     InboxFull,
+    /// The sender already holds its whole share of the recipient's inbox (messages or bytes,
+    /// [`SenderShare`]); nothing was stored.
+    SenderQuota,
 }
 
 /// A message waiting in an inbox.
@@ -246,10 +251,12 @@ impl From<rmp_serde::encode::Error> for StoreError {
 /// What the server needs to persist. Every write is durable when its future resolves.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Whether an account named `username` exists.
+    /// Whether the name `username` is taken: an account has it, or a deleted account's name
+    /// is still held ([`Store::delete_user`]).
     async fn user_exists(&self, username: &Username) -> Result<bool, StoreError>;
 
-    /// Creates an account unless the name is taken; exactly one of racing callers succeeds.
+    /// Creates an account unless the name is taken (also by the hold of a deleted account:
+    /// [`Created::AlreadyExists`]); exactly one of racing callers succeeds.
     async fn create_user(
         &self,
         username: &Username,
@@ -301,10 +308,10 @@ pub trait Store: Send + Sync + 'static {
     /// Appends a message to its recipient's inbox through group commit: durable (per the
     /// configured [`Durability`]) when this returns. Sender and recipient must have accounts
     /// ([`StoreError::UnknownUser`] otherwise: the store checks that they have user ids,
-    /// which every account has). Deduplicates by (sender, id) and enforces
-    /// the per-inbox quota. If the message is stored, `hooks.ordered` is called with its seq
-    /// as soon as its place in the inbox is decided, before it is durable, and `hooks.synced`
-    /// once it is durable. A seq is never given to two messages.
+    /// which every account has). Deduplicates by (sender, id) and enforces the per-inbox
+    /// quota and each sender's share of it. If the message is stored, `hooks.ordered` is called
+    /// with its seq as soon as its place in the inbox is decided, before it is durable, and
+    /// `hooks.synced` once it is durable. A seq is never given to two messages.
     async fn append(&self, message: NewMessage, hooks: AppendHooks)
     -> Result<Appended, StoreError>;
 
@@ -343,4 +350,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Messages pending in all inboxes: a scan of every inbox key, for the metrics at start.
     async fn count_pending_messages(&self) -> Result<u64, StoreError>;
+    /// Deletes the account `username`: its inbox (and no message goes to or from it from now
+    /// on), then in one synced write its record, id, keys and one-time prekeys, sessions and
+    /// presence pairs, and a hold on the name until `hold_until` (Unix seconds) during which
+    /// no one can sign it up. Messages it sent that wait in other inboxes stay. Returns the
+    /// digests of the deleted sessions, or `None` if there is no such account.
+    async fn delete_user(
+        &self,
+        username: &Username,
+        hold_until: u64,
+    ) -> Result<Option<Vec<TokenDigest>>, StoreError>;
 }

@@ -22,8 +22,8 @@ use crate::protocol::Username;
 /// A user's id in the store's keys.
 pub(super) type UserId = u32;
 
-/// Ids remembered in memory at most (accounts are never deleted, so an id once seen stays
-/// valid; past the cap lookups go to disk).
+/// Ids remembered in memory at most (past the cap lookups go to disk). A deleted account's id
+/// is forgotten ([`UserIds::forget`]) and never given to anyone else.
 const CACHE: usize = 1_000_000;
 
 type Cache = HashMap<Username, UserId, foldhash::fast::RandomState>;
@@ -92,6 +92,24 @@ impl UserIds {
         if cache.len() < CACHE {
             cache.insert(name.clone(), id);
         }
+        Ok(())
+    }
+}
+
+impl UserIds {
+    /// Takes `name`'s id away in `batch` (its account is being deleted): the name no longer
+    /// has an id, while `user_names` keeps the id, so it is never given out again. The caller
+    /// commits the batch and then calls [`Self::forget_cached`].
+    pub fn forget(&self, batch: &mut OwnedWriteBatch, name: &Username) {
+        batch.remove(&self.ids, name.as_str().as_bytes());
+    }
+
+    /// Drops `name` from memory.
+    pub fn forget_cached(&self, name: &Username) -> Result<(), StoreError> {
+        self.cache
+            .lock()
+            .map_err(|_| StoreError::Poisoned)?
+            .remove(name);
         Ok(())
     }
 }
