@@ -63,6 +63,12 @@ impl Target {
                 "10000000",
             ])
             .args(["--max-connections", "1000000"])
+            .args([
+                "--username-checks-per-minute",
+                "0",
+                "--password-work-per-address",
+                "0",
+            ])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

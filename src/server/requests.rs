@@ -13,11 +13,13 @@ use super::Shared;
 use super::accounts::{AccountError, ActiveSession, IssuedSession};
 use super::messaging::{SessionCell, deliver};
 use super::router::{Mailbox, Registration};
+use super::throttle::Standing;
+use crate::blocking::Priority;
 use crate::protocol::keys::IdentityKeyBytes;
 use crate::protocol::keys::{OneTimePrekey, SignedPrekey};
 use crate::protocol::{
-    ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Reply, Request, RequestError,
-    RequestKind, ServerFrame, Username, decode_request,
+    ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Password, Reply, Request,
+    RequestError, RequestKind, ServerFrame, Username, decode_request,
 };
 use crate::store::{Removal, StoreError};
 
@@ -27,6 +29,10 @@ pub const PREKEYS_LOW: u32 = 10;
 const MAX_ACK: usize = 4096;
 /// Most one-time prekeys in one `publish_keys`.
 const MAX_PREKEYS_PER_REQUEST: usize = 200;
+/// What a login or signup refused by the per-address in-flight cap is told.
+const IN_FLIGHT_WHAT: &str = "logins and signups in progress from your address";
+/// When it may retry: about one argon2 run.
+const IN_FLIGHT_RETRY: Duration = Duration::from_secs(1);
 
 /// Delivery of the user's inbox to this connection; stops when dropped.
 struct Delivery {
@@ -160,42 +166,18 @@ impl Control {
         match request {
             Request::Hello { version, client } => self.hello(version, client),
             Request::Ping => Reply::Pong,
-            Request::CheckUsername { username } => {
-                match self.shared.accounts.check_username(&username).await {
-                    Ok((username, available)) => Reply::UsernameStatus {
-                        username: username.to_string(),
-                        available,
-                    },
-                    Err(e) => account_error(e),
-                }
-            }
+            Request::CheckUsername { username } => self.check_username(&username).await,
             Request::Signup { username, password } => {
                 if self.current().is_some() {
                     return already_authenticated();
                 }
-                let addr = self.conn.remote_address().ip();
-                if let Err(wait) = self.shared.signups.check(addr, Instant::now()) {
-                    return rate_limited("signups from your address", wait);
-                }
-                let result = self.shared.accounts.signup(&username, password).await;
-                if matches!(result, Ok(_) | Err(AccountError::UsernameTaken)) {
-                    self.shared.signups.spend(addr, Instant::now());
-                }
-                self.start_session(result, "signed up")
+                self.signup(&username, password).await
             }
             Request::Login { username, password } => {
                 if self.current().is_some() {
                     return already_authenticated();
                 }
-                let addr = self.conn.remote_address().ip();
-                if let Err(wait) = self.shared.failed_logins.check(addr, Instant::now()) {
-                    return rate_limited("failed logins from your address", wait);
-                }
-                let result = self.shared.accounts.login(&username, password).await;
-                if matches!(result, Err(AccountError::InvalidCredentials)) {
-                    self.shared.failed_logins.spend(addr, Instant::now());
-                }
-                self.start_session(result, "logged in")
+                self.login(&username, password).await
             }
             Request::Resume { token, deliver } => {
                 if self.current().is_some() {
@@ -228,6 +210,79 @@ impl Control {
                 self.handle_authenticated(session, other).await
             }
         }
+    }
+
+    async fn check_username(&mut self, username: &str) -> Reply {
+        let addr = self.conn.remote_address().ip();
+        if let Err(wait) = self.shared.username_checks.take(addr, Instant::now()) {
+            return rate_limited("username checks from your address", wait);
+        }
+        match self.shared.accounts.check_username(username).await {
+            Ok((username, available)) => Reply::UsernameStatus {
+                username: username.to_string(),
+                available,
+            },
+            Err(e) => account_error(e),
+        }
+    }
+
+    /// A signup: a token of the address's signup bucket is taken before the hash is computed
+    /// and given back only when the attempt did no work that counts (invalid input, busy).
+    async fn signup(&mut self, username: &str, password: Password) -> Reply {
+        let shared = Arc::clone(&self.shared);
+        let addr = self.conn.remote_address().ip();
+        let Some(_in_flight) = shared.password_work.enter(addr) else {
+            return rate_limited(IN_FLIGHT_WHAT, IN_FLIGHT_RETRY);
+        };
+        let taken = match shared.signups.take(addr, Instant::now()) {
+            Ok(taken) => taken,
+            Err(wait) => return rate_limited("signups from your address", wait),
+        };
+        let result = shared
+            .accounts
+            .signup(username, password, queue_priority(taken.standing))
+            .await;
+        if !matches!(result, Ok(_) | Err(AccountError::UsernameTaken)) {
+            shared.signups.refund(addr, taken, Instant::now());
+        }
+        self.start_session(result, "signed up")
+    }
+
+    /// A password login: the in-flight cap, then a token of the address's failed-login bucket
+    /// (taken before argon2 runs, given back on success), then the account's backoff.
+    async fn login(&mut self, username: &str, password: Password) -> Reply {
+        let shared = Arc::clone(&self.shared);
+        let addr = self.conn.remote_address().ip();
+        let Some(_in_flight) = shared.password_work.enter(addr) else {
+            return rate_limited(IN_FLIGHT_WHAT, IN_FLIGHT_RETRY);
+        };
+        let now = Instant::now();
+        let taken = match shared.failed_logins.take(addr, now) {
+            Ok(taken) => taken,
+            Err(wait) => return rate_limited("failed logins from your address", wait),
+        };
+        let account = Username::parse(username).ok();
+        if let Some(account) = &account
+            && let Err(wait) = shared
+                .login_backoff
+                .admit(account, addr, taken.standing, now)
+        {
+            shared.failed_logins.refund(addr, taken, now);
+            return rate_limited("failed logins for this account", wait);
+        }
+        let result = shared
+            .accounts
+            .login(username, password, queue_priority(taken.standing))
+            .await;
+        let now = Instant::now();
+        match (&result, &account) {
+            (Err(AccountError::InvalidCredentials), Some(account)) => {
+                shared.login_backoff.failed(account, addr, now);
+            }
+            (Err(AccountError::InvalidCredentials), None) => {}
+            _ => shared.failed_logins.refund(addr, taken, now),
+        }
+        self.start_session(result, "logged in")
     }
 
     fn hello(&mut self, version: u64, client: Option<String>) -> Reply {
@@ -465,6 +520,14 @@ impl Control {
             }
             Err(e) => account_error(e),
         }
+    }
+}
+
+/// Where a requester's password work goes in the argon2 queue: clean records first.
+fn queue_priority(standing: Standing) -> Priority {
+    match standing {
+        Standing::Clean => Priority::High,
+        Standing::Suspect => Priority::Low,
     }
 }
 
