@@ -84,7 +84,7 @@ async fn parallel_wrong_password_logins_stop_at_the_limit() {
     let invalid = count(&replies, Some(ErrorCode::InvalidCredentials));
     let limited = count(&replies, Some(ErrorCode::RateLimited));
     assert_eq!(invalid + limited, 60, "{replies:?}");
-    assert!(invalid <= 30 && invalid >= 1, "{invalid} ran argon2");
+    assert!((1..=30).contains(&invalid), "{invalid} ran argon2");
     // The owner, from another address, is not affected.
     let mut owner = client_from(&server, ip(1)).await;
     let reply = owner.request(login("target", PASSWORD)).await.unwrap();
@@ -135,10 +135,16 @@ async fn password_work_in_flight_is_capped_per_address() {
     // At most two run at once, each ≥ 10 ms of argon2 on one worker: most of twenty
     // simultaneous requests find the cap full.
     assert!(limited.len() >= 10, "{replies:?}");
-    assert!(limited.iter().all(|m| m.contains("in progress")), "{limited:?}");
+    assert!(
+        limited.iter().all(|m| m.contains("in progress")),
+        "{limited:?}"
+    );
     // Another address is not held back by this one's cap.
     let mut other = client_from(&server, ip(5)).await;
-    let reply = other.request(login("nobody", "wrong password")).await.unwrap();
+    let reply = other
+        .request(login("nobody", "wrong password"))
+        .await
+        .unwrap();
     assert_eq!(code(&reply), Some(ErrorCode::InvalidCredentials));
     server.stop().await;
 }
@@ -198,7 +204,11 @@ async fn check_username_is_rate_limited_per_address() {
     assert_eq!(code(&reply), Some(ErrorCode::RateLimited), "{reply:?}");
     // Checks in parallel do not get around it either.
     let replies = at_once(&server, ip(8), 10, check).await;
-    assert_eq!(count(&replies, Some(ErrorCode::RateLimited)), 5, "{replies:?}");
+    assert_eq!(
+        count(&replies, Some(ErrorCode::RateLimited)),
+        5,
+        "{replies:?}"
+    );
     // Another address has its own bucket.
     let client = server.client().await;
     assert!(client.check_username("free_name").await.unwrap().1);
