@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use securefastchat::blocking::Priority;
 use securefastchat::client::{Client, ClientOptions};
 use securefastchat::protocol::Password;
 use securefastchat::server::password::Passwords;
@@ -68,9 +67,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let wall = Instant::now();
     for _ in 0..args.hashes {
         let start = Instant::now();
-        passwords
-            .hash(Password::new(PASSWORD), Priority::High)
-            .await?;
+        passwords.hash(Password::new(PASSWORD)).await?;
         hashes.push(start.elapsed());
     }
     summary("argon2id hash (1 worker)", hashes, wall.elapsed());

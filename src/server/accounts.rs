@@ -221,7 +221,7 @@ impl Accounts {
         if self.store.user_exists(&username).await? {
             return Err(AccountError::UsernameTaken);
         }
-        let password_hash = self.passwords.hash(password, priority).await?;
+        let password_hash = self.passwords.hash_ranked(password, priority).await?;
         let record = UserRecord {
             password_hash,
             created_at: unix_now(),
@@ -248,7 +248,10 @@ impl Accounts {
             Some(name) => self.store.user(name).await?.map(|user| user.password_hash),
             None => None,
         };
-        let matches = self.passwords.verify(password, stored, priority).await?;
+        let matches = self
+            .passwords
+            .verify_ranked(password, stored, priority)
+            .await?;
         match (matches, username) {
             (true, Some(username)) => self.issue_session(username).await,
             _ => Err(AccountError::InvalidCredentials),

@@ -100,8 +100,14 @@ impl Passwords {
         })
     }
 
-    /// Hashes `password` into a PHC string with a fresh random salt.
-    pub async fn hash(
+    /// Hashes `password` into a PHC string with a fresh random salt, queued behind the work
+    /// of clean requesters ([`Priority::Low`]).
+    pub async fn hash(&self, password: Password) -> Result<String, PasswordError> {
+        self.hash_ranked(password, Priority::Low).await
+    }
+
+    /// [`Passwords::hash`] at `priority` in the queue.
+    pub async fn hash_ranked(
         &self,
         password: Password,
         priority: Priority,
@@ -116,7 +122,17 @@ impl Passwords {
 
     /// Checks `password` against a stored PHC string; with `None` (no such user) it checks it
     /// against a decoy and returns `Ok(false)`, taking the same time.
+    /// Queued behind the work of clean requesters ([`Priority::Low`]).
     pub async fn verify(
+        &self,
+        password: Password,
+        stored: Option<String>,
+    ) -> Result<bool, PasswordError> {
+        self.verify_ranked(password, stored, Priority::Low).await
+    }
+
+    /// [`Passwords::verify`] at `priority` in the queue.
+    pub async fn verify_ranked(
         &self,
         password: Password,
         stored: Option<String>,
@@ -224,14 +240,14 @@ mod tests {
             .unwrap()
             .unwrap();
         let phc = passwords
-            .hash(Password::new("correct horse"), Priority::High)
+            .hash_ranked(Password::new("correct horse"), Priority::High)
             .await
             .unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
         assert!(!phc.contains("correct"));
         assert!(
             passwords
-                .verify(
+                .verify_ranked(
                     Password::new("correct horse"),
                     Some(phc.clone()),
                     Priority::High
@@ -241,24 +257,20 @@ mod tests {
         );
         assert!(
             !passwords
-                .verify(
-                    Password::new("wrong horse"),
-                    Some(phc.clone()),
-                    Priority::High
-                )
+                .verify(Password::new("wrong horse"), Some(phc.clone()))
                 .await
                 .unwrap()
         );
         // No such user: always false, even with the decoy's own (unknown) password.
         assert!(
             !passwords
-                .verify(Password::new("correct horse"), None, Priority::Low)
+                .verify(Password::new("correct horse"), None)
                 .await
                 .unwrap()
         );
         // Same password, different salt.
         let again = passwords
-            .hash(Password::new("correct horse"), Priority::High)
+            .hash_ranked(Password::new("correct horse"), Priority::High)
             .await
             .unwrap();
         assert_ne!(phc, again);
