@@ -231,7 +231,7 @@ async fn a_clean_address_is_served_ahead_of_a_flood() {
     server.signed_up("honest").await;
     let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let mut flood = JoinSet::new();
-    for connection in 0..40 {
+    for connection in 0..12 {
         let mut client = client_from(&server, ip(9)).await;
         let flooding = Arc::clone(&flooding);
         flood.spawn(async move {

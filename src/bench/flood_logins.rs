@@ -56,7 +56,10 @@ impl SourcedClient {
             Arc::new(TokioRuntime),
         )
         .map_err(setup)?;
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        // Keep-alives, as real clients send: a login may wait long in a flooded queue.
+        config.transport_config(Arc::new(transport::client_transport()));
+        endpoint.set_default_client_config(config);
         let conn = endpoint
             .connect(server, "localhost")
             .map_err(setup)?

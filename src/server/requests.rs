@@ -33,6 +33,8 @@ const MAX_PREKEYS_PER_REQUEST: usize = 200;
 const IN_FLIGHT_WHAT: &str = "logins and signups in progress from your address";
 /// When it may retry: about one argon2 run.
 const IN_FLIGHT_RETRY: Duration = Duration::from_secs(1);
+/// How long a refused login, signup or username check waits before its `rate_limited` reply.
+const REFUSAL_DELAY: Duration = Duration::from_millis(500);
 
 /// Delivery of the user's inbox to this connection; stops when dropped.
 struct Delivery {
@@ -166,18 +168,27 @@ impl Control {
         match request {
             Request::Hello { version, client } => self.hello(version, client),
             Request::Ping => Reply::Pong,
-            Request::CheckUsername { username } => self.check_username(&username).await,
+            Request::CheckUsername { username } => match self.check_username(&username).await {
+                Ok(reply) => reply,
+                Err(refusal) => refusal.answer().await,
+            },
             Request::Signup { username, password } => {
                 if self.current().is_some() {
                     return already_authenticated();
                 }
-                self.signup(&username, password).await
+                match self.signup(&username, password).await {
+                    Ok(reply) => reply,
+                    Err(refusal) => refusal.answer().await,
+                }
             }
             Request::Login { username, password } => {
                 if self.current().is_some() {
                     return already_authenticated();
                 }
-                self.login(&username, password).await
+                match self.login(&username, password).await {
+                    Ok(reply) => reply,
+                    Err(refusal) => refusal.answer().await,
+                }
             }
             Request::Resume { token, deliver } => {
                 if self.current().is_some() {
@@ -212,32 +223,32 @@ impl Control {
         }
     }
 
-    async fn check_username(&mut self, username: &str) -> Reply {
+    async fn check_username(&mut self, username: &str) -> Result<Reply, Refusal> {
         let addr = self.conn.remote_address().ip();
         if let Err(wait) = self.shared.username_checks.take(addr, Instant::now()) {
-            return rate_limited("username checks from your address", wait);
+            return Err(Refusal::new("username checks from your address", wait));
         }
-        match self.shared.accounts.check_username(username).await {
+        Ok(match self.shared.accounts.check_username(username).await {
             Ok((username, available)) => Reply::UsernameStatus {
                 username: username.to_string(),
                 available,
             },
             Err(e) => account_error(e),
-        }
+        })
     }
 
     /// A signup: a token of the address's signup bucket is taken before the hash is computed
     /// and given back only when the attempt did no work that counts (invalid input, busy).
-    async fn signup(&mut self, username: &str, password: Password) -> Reply {
+    async fn signup(&mut self, username: &str, password: Password) -> Result<Reply, Refusal> {
         let shared = Arc::clone(&self.shared);
         let addr = self.conn.remote_address().ip();
         let Some(_in_flight) = shared.password_work.enter(addr) else {
-            return rate_limited(IN_FLIGHT_WHAT, IN_FLIGHT_RETRY);
+            return Err(Refusal::new(IN_FLIGHT_WHAT, IN_FLIGHT_RETRY));
         };
-        let taken = match shared.signups.take(addr, Instant::now()) {
-            Ok(taken) => taken,
-            Err(wait) => return rate_limited("signups from your address", wait),
-        };
+        let taken = shared
+            .signups
+            .take(addr, Instant::now())
+            .map_err(|wait| Refusal::new("signups from your address", wait))?;
         let result = shared
             .accounts
             .signup(username, password, queue_priority(taken.standing))
@@ -245,22 +256,22 @@ impl Control {
         if !matches!(result, Ok(_) | Err(AccountError::UsernameTaken)) {
             shared.signups.refund(addr, taken, Instant::now());
         }
-        self.start_session(result, "signed up")
+        Ok(self.start_session(result, "signed up"))
     }
 
     /// A password login: the in-flight cap, then a token of the address's failed-login bucket
     /// (taken before argon2 runs, given back on success), then the account's backoff.
-    async fn login(&mut self, username: &str, password: Password) -> Reply {
+    async fn login(&mut self, username: &str, password: Password) -> Result<Reply, Refusal> {
         let shared = Arc::clone(&self.shared);
         let addr = self.conn.remote_address().ip();
         let Some(_in_flight) = shared.password_work.enter(addr) else {
-            return rate_limited(IN_FLIGHT_WHAT, IN_FLIGHT_RETRY);
+            return Err(Refusal::new(IN_FLIGHT_WHAT, IN_FLIGHT_RETRY));
         };
         let now = Instant::now();
-        let taken = match shared.failed_logins.take(addr, now) {
-            Ok(taken) => taken,
-            Err(wait) => return rate_limited("failed logins from your address", wait),
-        };
+        let taken = shared
+            .failed_logins
+            .take(addr, now)
+            .map_err(|wait| Refusal::new("failed logins from your address", wait))?;
         let account = Username::parse(username).ok();
         if let Some(account) = &account
             && let Err(wait) = shared
@@ -268,7 +279,7 @@ impl Control {
                 .admit(account, addr, taken.standing, now)
         {
             shared.failed_logins.refund(addr, taken, now);
-            return rate_limited("failed logins for this account", wait);
+            return Err(Refusal::new("failed logins for this account", wait));
         }
         let result = shared
             .accounts
@@ -282,7 +293,7 @@ impl Control {
             (Err(AccountError::InvalidCredentials), None) => {}
             _ => shared.failed_logins.refund(addr, taken, now),
         }
-        self.start_session(result, "logged in")
+        Ok(self.start_session(result, "logged in"))
     }
 
     fn hello(&mut self, version: u64, client: Option<String>) -> Reply {
@@ -520,6 +531,27 @@ impl Control {
             }
             Err(e) => account_error(e),
         }
+    }
+}
+
+/// A request refused by a throttle, answered after a short delay (see [`Refusal::answer`]).
+struct Refusal {
+    what: &'static str,
+    wait: Duration,
+}
+
+impl Refusal {
+    fn new(what: &'static str, wait: Duration) -> Self {
+        Self { what, wait }
+    }
+
+    /// `rate_limited`, sent after [`REFUSAL_DELAY`] (or the wait, if shorter): a client that
+    /// ignores "retry in" and asks again at once then makes two requests a second per
+    /// connection, not thousands, and a sleeping task costs the server next to nothing.
+    /// Nothing is held meanwhile (the in-flight slot was given back).
+    async fn answer(self) -> Reply {
+        tokio::time::sleep(REFUSAL_DELAY.min(self.wait)).await;
+        rate_limited(self.what, self.wait)
     }
 }
 
