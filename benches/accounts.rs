@@ -84,6 +84,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // One loopback address plays hundreds of users: lift the per-address limits.
     config.signups_per_minute = 0;
     config.failed_logins_per_minute = 0;
+    config.password_work_per_address = 0;
     let server = Server::bind(config).await?;
     let options = ClientOptions::new(
         server.local_addr()?.to_string(),

@@ -72,6 +72,12 @@ impl Target {
                 "--sends-per-minute",
                 "0",
             ])
+            .args([
+                "--username-checks-per-minute",
+                "0",
+                "--password-work-per-address",
+                "0",
+            ])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -20,6 +20,8 @@ use securefastchat::store::Durability;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Load generator for SecureFastChat: real clients (QUIC, TLS) against a server.
+///
+/// A wrong-password login flood has options of its own: `sfc-bench flood-logins --help`.
 #[derive(Parser, Debug)]
 #[command(name = "sfc-bench", version)]
 struct Cli {
@@ -71,14 +73,14 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // `sfc-bench flood-logins ...` has options of its own (src/bench/flood_logins.rs).
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() == Some("flood-logins") {
+        init_logging();
+        return bench::flood_logins::cli_main(args.collect());
+    }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -93,6 +95,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

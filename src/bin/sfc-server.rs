@@ -70,6 +70,14 @@ struct Cli {
     /// Key bundle fetches allowed per user per minute, 0 = unlimited [default: 60]
     #[arg(long, env = "SFC_BUNDLE_FETCHES_PER_MINUTE")]
     bundle_fetches_per_minute: Option<u32>,
+    /// `check_username` requests allowed per client address per minute, 0 = unlimited
+    /// [default: 60]
+    #[arg(long, env = "SFC_USERNAME_CHECKS_PER_MINUTE")]
+    username_checks_per_minute: Option<u32>,
+    /// Logins and signups one client address may have in flight at once, 0 = no cap
+    /// [default: 2]
+    #[arg(long, env = "SFC_PASSWORD_WORK_PER_ADDRESS")]
+    password_work_per_address: Option<usize>,
     /// Undelivered messages are deleted after this many seconds [default: 604800 = 7 days]
     #[arg(long, env = "SFC_MESSAGE_TTL_SECS")]
     message_ttl_secs: Option<u64>,
@@ -250,6 +258,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         failed_logins_per_minute: cli.failed_logins_per_minute,
         signups_per_minute: cli.signups_per_minute,
         bundle_fetches_per_minute: cli.bundle_fetches_per_minute,
+        username_checks_per_minute: cli.username_checks_per_minute,
+        password_work_per_address: cli.password_work_per_address,
         message_ttl_secs: cli.message_ttl_secs,
         max_message_bytes: cli.max_message_bytes,
         max_pending: cli.max_pending,

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::password::{PasswordError, Passwords};
-use crate::blocking::BlockingError;
+use crate::blocking::{BlockingError, Priority};
 use crate::protocol::{
     ErrorCode, MAX_PASSWORD_LEN, MIN_PASSWORD_LEN, Password, SessionToken, Username, UsernameError,
 };
@@ -209,18 +209,20 @@ impl Accounts {
     }
 
     /// Signup step two: creates the account and logs it in. Of racing signups for one name,
-    /// exactly one succeeds; the others get [`AccountError::UsernameTaken`].
+    /// exactly one succeeds; the others get [`AccountError::UsernameTaken`]. `priority` places
+    /// the hash in the argon2 queue.
     pub async fn signup(
         &self,
         raw: &str,
         password: Password,
+        priority: Priority,
     ) -> Result<IssuedSession, AccountError> {
         let username = Username::parse(raw)?;
         check_password_policy(&password)?;
         if self.store.user_exists(&username).await? {
             return Err(AccountError::UsernameTaken);
         }
-        let password_hash = self.passwords.hash(password).await?;
+        let password_hash = self.passwords.hash_ranked(password, priority).await?;
         let record = UserRecord {
             password_hash,
             created_at: unix_now(),
@@ -232,10 +234,12 @@ impl Accounts {
     }
 
     /// Password login. A wrong username and a wrong password fail alike, in similar time.
+    /// `priority` places the verification in the argon2 queue.
     pub async fn login(
         &self,
         raw: &str,
         password: Password,
+        priority: Priority,
     ) -> Result<IssuedSession, AccountError> {
         if password.len() > MAX_PASSWORD_LEN {
             return Err(AccountError::InvalidCredentials);
@@ -245,7 +249,10 @@ impl Accounts {
             Some(name) => self.store.user(name).await?.map(|user| user.password_hash),
             None => None,
         };
-        let matches = self.passwords.verify(password, stored).await?;
+        let matches = self
+            .passwords
+            .verify_ranked(password, stored, priority)
+            .await?;
         match (matches, username) {
             (true, Some(username)) => self.issue_session(username).await,
             _ => Err(AccountError::InvalidCredentials),

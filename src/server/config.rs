@@ -25,6 +25,10 @@ pub const DEFAULT_FAILED_LOGINS_PER_MINUTE: u32 = 30;
 pub const DEFAULT_SIGNUPS_PER_MINUTE: u32 = 20;
 /// Default key bundle fetches per user per minute (and as a burst).
 pub const DEFAULT_BUNDLE_FETCHES_PER_MINUTE: u32 = 60;
+/// Default `check_username` requests per address per minute (and as a burst).
+pub const DEFAULT_USERNAME_CHECKS_PER_MINUTE: u32 = 60;
+/// Default logins and signups one address may have running or queued at once.
+pub const DEFAULT_PASSWORD_WORK_PER_ADDRESS: usize = 2;
 /// Default lifetime of an undelivered message: 7 days, as in the seed.
 pub const DEFAULT_MESSAGE_TTL_SECS: u64 = 7 * 24 * 3600;
 /// Default largest message body: the largest envelope (60 KiB), which is what receiving clients
@@ -83,6 +87,10 @@ pub struct ServerConfig {
     pub signups_per_minute: u32,
     /// Key bundle fetches per user per minute (0 = unlimited).
     pub bundle_fetches_per_minute: u32,
+    /// `check_username` requests per address per minute (0 = unlimited).
+    pub username_checks_per_minute: u32,
+    /// Logins and signups one address (IPv6 /64) may have running or queued at once (0 = no cap).
+    pub password_work_per_address: usize,
     /// Undelivered messages are deleted after this long.
     pub message_ttl: Duration,
     /// Largest message body accepted.
@@ -118,6 +126,8 @@ impl ServerConfig {
             failed_logins_per_minute: DEFAULT_FAILED_LOGINS_PER_MINUTE,
             signups_per_minute: DEFAULT_SIGNUPS_PER_MINUTE,
             bundle_fetches_per_minute: DEFAULT_BUNDLE_FETCHES_PER_MINUTE,
+            username_checks_per_minute: DEFAULT_USERNAME_CHECKS_PER_MINUTE,
+            password_work_per_address: DEFAULT_PASSWORD_WORK_PER_ADDRESS,
             message_ttl: Duration::from_secs(DEFAULT_MESSAGE_TTL_SECS),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_pending: DEFAULT_MAX_PENDING,
@@ -163,6 +173,10 @@ pub struct ConfigLayer {
     pub signups_per_minute: Option<u32>,
     /// Key bundle fetches per user per minute (0 = unlimited).
     pub bundle_fetches_per_minute: Option<u32>,
+    /// `check_username` requests per address per minute (0 = unlimited).
+    pub username_checks_per_minute: Option<u32>,
+    /// Logins and signups in flight per address (0 = no cap).
+    pub password_work_per_address: Option<usize>,
     /// Lifetime of undelivered messages in seconds.
     pub message_ttl_secs: Option<u64>,
     /// Largest message body in bytes.
@@ -238,6 +252,12 @@ impl ConfigLayer {
             bundle_fetches_per_minute: self
                 .bundle_fetches_per_minute
                 .or(lower.bundle_fetches_per_minute),
+            username_checks_per_minute: self
+                .username_checks_per_minute
+                .or(lower.username_checks_per_minute),
+            password_work_per_address: self
+                .password_work_per_address
+                .or(lower.password_work_per_address),
             message_ttl_secs: self.message_ttl_secs.or(lower.message_ttl_secs),
             max_message_bytes: self.max_message_bytes.or(lower.max_message_bytes),
             max_pending: self.max_pending.or(lower.max_pending),
@@ -302,6 +322,12 @@ impl ConfigLayer {
         }
         if let Some(n) = self.bundle_fetches_per_minute {
             config.bundle_fetches_per_minute = n;
+        }
+        if let Some(n) = self.username_checks_per_minute {
+            config.username_checks_per_minute = n;
+        }
+        if let Some(n) = self.password_work_per_address {
+            config.password_work_per_address = n;
         }
         if let Some(secs) = self.message_ttl_secs {
             if secs == 0 {

@@ -5,6 +5,7 @@
 //! (close code `shutdown`), wait for them within a grace period, flush the store.
 
 pub mod accounts;
+pub mod backoff;
 pub mod config;
 mod connection;
 mod directory;
@@ -27,10 +28,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use self::accounts::Accounts;
+use self::backoff::AccountBackoff;
 pub use self::config::{ConfigError, ConfigLayer, ServerConfig, TlsSource};
 use self::password::{PasswordError, Passwords};
 use self::router::Router;
-use self::throttle::Throttle;
+use self::throttle::{InFlight, Throttle};
 use crate::protocol::CloseCode;
 use crate::protocol::Username;
 use crate::store::{FjallStore, SenderShare, Store, StoreError, StoreOptions};
@@ -100,6 +102,9 @@ pub(crate) struct Shared {
     pub(crate) failed_logins: Throttle,
     pub(crate) signups: Throttle,
     pub(crate) bundle_fetches: Throttle<Username>,
+    pub(crate) username_checks: Throttle,
+    pub(crate) password_work: InFlight,
+    pub(crate) login_backoff: AccountBackoff,
     pub(crate) router: Arc<Router>,
     pub(crate) limits: MessageLimits,
     pub(crate) send_rate: send_rate::SendRate,
@@ -194,6 +199,9 @@ impl Server {
             failed_logins: Throttle::new(config.failed_logins_per_minute),
             signups: Throttle::new(config.signups_per_minute),
             bundle_fetches: Throttle::new(config.bundle_fetches_per_minute),
+            username_checks: Throttle::new(config.username_checks_per_minute),
+            password_work: InFlight::new(config.password_work_per_address),
+            login_backoff: AccountBackoff::new(),
             router: Arc::new(Router::default()),
             limits: MessageLimits {
                 max_message_bytes: config.max_message_bytes,
@@ -342,6 +350,8 @@ async fn sweep(shared: Arc<Shared>, shutdown: CancellationToken) {
         shared.failed_logins.prune(now);
         shared.signups.prune(now);
         shared.bundle_fetches.prune(now);
+        shared.username_checks.prune(now);
+        shared.login_backoff.prune(now);
         if last_session_sweep.is_some_and(|t| t.elapsed() < SESSION_SWEEP_INTERVAL) {
             continue;
         }

@@ -1,4 +1,8 @@
-//! Password hashing: argon2id with OWASP parameters on a bounded blocking pool.
+//! Password hashing: argon2id with OWASP parameters on a bounded pool of low-priority threads.
+//!
+//! The pool ([`PriorityPool`]) runs clean requesters' hashes before suspect ones' (see
+//! [`Priority`]), runs at a lower scheduling priority than the runtime so that a password flood
+//! leaves CPU for relaying, and skips the work of a requester that gave up.
 //!
 //! Hashes are stored as PHC strings. Each worker reuses a 19 MiB memory buffer from a small
 //! free list instead of allocating (and page-faulting) a fresh one per hash, which measured
@@ -10,7 +14,7 @@ use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use subtle::ConstantTimeEq;
 
-use crate::blocking::{BlockingError, BlockingPool};
+use crate::blocking::{BlockingError, Priority, PriorityPool};
 use crate::protocol::Password;
 
 /// OWASP's argon2id recommendation: 19 MiB of memory, 2 passes, 1 lane.
@@ -41,6 +45,9 @@ pub enum PasswordError {
     /// The operating system's random generator failed.
     #[error("random generator failed: {0}")]
     Random(getrandom::Error),
+    /// The hashing threads could not be started.
+    #[error("cannot start hashing threads: {0}")]
+    Threads(std::io::Error),
 }
 
 impl From<getrandom::Error> for PasswordError {
@@ -53,7 +60,7 @@ impl From<getrandom::Error> for PasswordError {
 #[derive(Clone)]
 pub struct Passwords {
     params: Params,
-    pool: BlockingPool,
+    pool: PriorityPool,
     buffers: Arc<Mutex<Vec<Vec<Block>>>>,
     /// A hash of a random password, verified against when the user does not exist so that a
     /// wrong username costs as much time as a wrong password.
@@ -86,33 +93,59 @@ impl Passwords {
         let dummy_hash = hash_blocking(&params, &buffers, &decoy)?;
         Ok(Self {
             params,
-            pool: BlockingPool::new("argon2", workers, MAX_WAITING),
+            pool: PriorityPool::new("argon2", workers, MAX_WAITING)
+                .map_err(PasswordError::Threads)?,
             buffers,
             dummy_hash: dummy_hash.into(),
         })
     }
 
-    /// Hashes `password` into a PHC string with a fresh random salt.
+    /// Hashes `password` into a PHC string with a fresh random salt, queued behind the work
+    /// of clean requesters ([`Priority::Low`]).
     pub async fn hash(&self, password: Password) -> Result<String, PasswordError> {
+        self.hash_ranked(password, Priority::Low).await
+    }
+
+    /// [`Passwords::hash`] at `priority` in the queue.
+    pub async fn hash_ranked(
+        &self,
+        password: Password,
+        priority: Priority,
+    ) -> Result<String, PasswordError> {
         let (params, buffers) = (self.params.clone(), Arc::clone(&self.buffers));
         self.pool
-            .run(move || hash_blocking(&params, &buffers, password.expose()))
+            .run(priority, move || {
+                hash_blocking(&params, &buffers, password.expose())
+            })
             .await?
     }
 
     /// Checks `password` against a stored PHC string; with `None` (no such user) it checks it
     /// against a decoy and returns `Ok(false)`, taking the same time.
+    /// Queued behind the work of clean requesters ([`Priority::Low`]).
     pub async fn verify(
         &self,
         password: Password,
         stored: Option<String>,
+    ) -> Result<bool, PasswordError> {
+        self.verify_ranked(password, stored, Priority::Low).await
+    }
+
+    /// [`Passwords::verify`] at `priority` in the queue.
+    pub async fn verify_ranked(
+        &self,
+        password: Password,
+        stored: Option<String>,
+        priority: Priority,
     ) -> Result<bool, PasswordError> {
         let real = stored.is_some();
         let phc = stored.unwrap_or_else(|| self.dummy_hash.to_string());
         let buffers = Arc::clone(&self.buffers);
         let matches = self
             .pool
-            .run(move || verify_blocking(&buffers, password.expose(), &phc))
+            .run(priority, move || {
+                verify_blocking(&buffers, password.expose(), &phc)
+            })
             .await??;
         Ok(real && matches)
     }
@@ -207,14 +240,18 @@ mod tests {
             .unwrap()
             .unwrap();
         let phc = passwords
-            .hash(Password::new("correct horse"))
+            .hash_ranked(Password::new("correct horse"), Priority::High)
             .await
             .unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
         assert!(!phc.contains("correct"));
         assert!(
             passwords
-                .verify(Password::new("correct horse"), Some(phc.clone()))
+                .verify_ranked(
+                    Password::new("correct horse"),
+                    Some(phc.clone()),
+                    Priority::High
+                )
                 .await
                 .unwrap()
         );
@@ -233,7 +270,7 @@ mod tests {
         );
         // Same password, different salt.
         let again = passwords
-            .hash(Password::new("correct horse"))
+            .hash_ranked(Password::new("correct horse"), Priority::High)
             .await
             .unwrap();
         assert_ne!(phc, again);

@@ -13,11 +13,13 @@ use super::Shared;
 use super::accounts::{AccountError, ActiveSession, IssuedSession};
 use super::messaging::{SessionCell, deliver};
 use super::router::{Mailbox, Registration};
+use super::throttle::Standing;
+use crate::blocking::Priority;
 use crate::protocol::keys::IdentityKeyBytes;
 use crate::protocol::keys::{OneTimePrekey, SignedPrekey};
 use crate::protocol::{
-    ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Reply, Request, RequestError,
-    RequestKind, ServerFrame, Username, decode_request,
+    ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Password, Reply, Request,
+    RequestError, RequestKind, ServerFrame, Username, decode_request,
 };
 use crate::store::{Removal, StoreError};
 
@@ -27,6 +29,12 @@ pub const PREKEYS_LOW: u32 = 10;
 const MAX_ACK: usize = 4096;
 /// Most one-time prekeys in one `publish_keys`.
 const MAX_PREKEYS_PER_REQUEST: usize = 200;
+/// What a login or signup refused by the per-address in-flight cap is told.
+const IN_FLIGHT_WHAT: &str = "logins and signups in progress from your address";
+/// When it may retry: about one argon2 run.
+const IN_FLIGHT_RETRY: Duration = Duration::from_secs(1);
+/// How long a refused login, signup or username check waits before its `rate_limited` reply.
+const REFUSAL_DELAY: Duration = Duration::from_millis(500);
 
 /// Delivery of the user's inbox to this connection; stops when dropped.
 struct Delivery {
@@ -160,44 +168,27 @@ impl Control {
         match request {
             Request::Hello { version, client } => self.hello(version, client),
             Request::Ping => Reply::Pong,
-            Request::CheckUsername { username } => {
-                match self.shared.accounts.check_username(&username).await {
-                    Ok((username, available)) => Reply::UsernameStatus {
-                        username: username.to_string(),
-                        available,
-                    },
-                    Err(e) => account_error(e),
-                }
-            }
+            Request::CheckUsername { username } => match self.check_username(&username).await {
+                Ok(reply) => reply,
+                Err(refusal) => refusal.answer().await,
+            },
             Request::Signup { username, password } => {
                 if self.current().is_some() {
                     return already_authenticated();
                 }
-                let addr = self.conn.remote_address().ip();
-                if let Err(wait) = self.shared.signups.check(addr, Instant::now()) {
-                    return rate_limited("signups from your address", wait);
+                match self.signup(&username, password).await {
+                    Ok(reply) => reply,
+                    Err(refusal) => refusal.answer().await,
                 }
-                let result = self.shared.accounts.signup(&username, password).await;
-                super::metrics::signup(&result);
-                if matches!(result, Ok(_) | Err(AccountError::UsernameTaken)) {
-                    self.shared.signups.spend(addr, Instant::now());
-                }
-                self.start_session(result, "signed up")
             }
             Request::Login { username, password } => {
                 if self.current().is_some() {
                     return already_authenticated();
                 }
-                let addr = self.conn.remote_address().ip();
-                if let Err(wait) = self.shared.failed_logins.check(addr, Instant::now()) {
-                    return rate_limited("failed logins from your address", wait);
+                match self.login(&username, password).await {
+                    Ok(reply) => reply,
+                    Err(refusal) => refusal.answer().await,
                 }
-                let result = self.shared.accounts.login(&username, password).await;
-                super::metrics::login(&result);
-                if matches!(result, Err(AccountError::InvalidCredentials)) {
-                    self.shared.failed_logins.spend(addr, Instant::now());
-                }
-                self.start_session(result, "logged in")
             }
             Request::Resume { token, deliver } => {
                 if self.current().is_some() {
@@ -230,6 +221,81 @@ impl Control {
                 self.handle_authenticated(session, other).await
             }
         }
+    }
+
+    async fn check_username(&mut self, username: &str) -> Result<Reply, Refusal> {
+        let addr = self.conn.remote_address().ip();
+        if let Err(wait) = self.shared.username_checks.take(addr, Instant::now()) {
+            return Err(Refusal::new("username checks from your address", wait));
+        }
+        Ok(match self.shared.accounts.check_username(username).await {
+            Ok((username, available)) => Reply::UsernameStatus {
+                username: username.to_string(),
+                available,
+            },
+            Err(e) => account_error(e),
+        })
+    }
+
+    /// A signup: a token of the address's signup bucket is taken before the hash is computed
+    /// and given back only when the attempt did no work that counts (invalid input, busy).
+    async fn signup(&mut self, username: &str, password: Password) -> Result<Reply, Refusal> {
+        let shared = Arc::clone(&self.shared);
+        let addr = self.conn.remote_address().ip();
+        let Some(_in_flight) = shared.password_work.enter(addr) else {
+            return Err(Refusal::new(IN_FLIGHT_WHAT, IN_FLIGHT_RETRY));
+        };
+        let taken = shared
+            .signups
+            .take(addr, Instant::now())
+            .map_err(|wait| Refusal::new("signups from your address", wait))?;
+        let result = shared
+            .accounts
+            .signup(username, password, queue_priority(taken.standing))
+            .await;
+        super::metrics::signup(&result);
+        if !matches!(result, Ok(_) | Err(AccountError::UsernameTaken)) {
+            shared.signups.refund(addr, taken, Instant::now());
+        }
+        Ok(self.start_session(result, "signed up"))
+    }
+
+    /// A password login: the in-flight cap, then a token of the address's failed-login bucket
+    /// (taken before argon2 runs, given back on success), then the account's backoff.
+    async fn login(&mut self, username: &str, password: Password) -> Result<Reply, Refusal> {
+        let shared = Arc::clone(&self.shared);
+        let addr = self.conn.remote_address().ip();
+        let Some(_in_flight) = shared.password_work.enter(addr) else {
+            return Err(Refusal::new(IN_FLIGHT_WHAT, IN_FLIGHT_RETRY));
+        };
+        let now = Instant::now();
+        let taken = shared
+            .failed_logins
+            .take(addr, now)
+            .map_err(|wait| Refusal::new("failed logins from your address", wait))?;
+        let account = Username::parse(username).ok();
+        if let Some(account) = &account
+            && let Err(wait) = shared
+                .login_backoff
+                .admit(account, addr, taken.standing, now)
+        {
+            shared.failed_logins.refund(addr, taken, now);
+            return Err(Refusal::new("failed logins for this account", wait));
+        }
+        let result = shared
+            .accounts
+            .login(username, password, queue_priority(taken.standing))
+            .await;
+        super::metrics::login(&result);
+        let now = Instant::now();
+        match (&result, &account) {
+            (Err(AccountError::InvalidCredentials), Some(account)) => {
+                shared.login_backoff.failed(account, addr, now);
+            }
+            (Err(AccountError::InvalidCredentials), None) => {}
+            _ => shared.failed_logins.refund(addr, taken, now),
+        }
+        Ok(self.start_session(result, "logged in"))
     }
 
     fn hello(&mut self, version: u64, client: Option<String>) -> Reply {
@@ -317,10 +383,16 @@ impl Control {
                 // Password work, throttled like logins; spent before the work, so parallel
                 // requests cannot all pass the check.
                 let addr = self.conn.remote_address().ip();
-                if let Err(wait) = self.shared.failed_logins.check(addr, Instant::now()) {
-                    return rate_limited("password attempts from your address", wait);
+                let shared = Arc::clone(&self.shared);
+                let Some(_in_flight) = shared.password_work.enter(addr) else {
+                    return Refusal::new(IN_FLIGHT_WHAT, IN_FLIGHT_RETRY).answer().await;
+                };
+                // Kept even when the password is right: a deletion happens once.
+                if let Err(wait) = shared.failed_logins.take(addr, Instant::now()) {
+                    return Refusal::new("password attempts from your address", wait)
+                        .answer()
+                        .await;
                 }
-                self.shared.failed_logins.spend(addr, Instant::now());
                 let hold = self.shared.name_hold;
                 match self
                     .shared
@@ -498,6 +570,35 @@ impl Control {
     }
 }
 
+/// A request refused by a throttle, answered after a short delay (see [`Refusal::answer`]).
+struct Refusal {
+    what: &'static str,
+    wait: Duration,
+}
+
+impl Refusal {
+    fn new(what: &'static str, wait: Duration) -> Self {
+        Self { what, wait }
+    }
+
+    /// `rate_limited`, sent after [`REFUSAL_DELAY`] (or the wait, if shorter): a client that
+    /// ignores "retry in" and asks again at once then makes two requests a second per
+    /// connection, not thousands, and a sleeping task costs the server next to nothing.
+    /// Nothing is held meanwhile (the in-flight slot was given back).
+    async fn answer(self) -> Reply {
+        tokio::time::sleep(REFUSAL_DELAY.min(self.wait)).await;
+        rate_limited(self.what, self.wait)
+    }
+}
+
+/// Where a requester's password work goes in the argon2 queue: clean records first.
+fn queue_priority(standing: Standing) -> Priority {
+    match standing {
+        Standing::Clean => Priority::High,
+        Standing::Suspect => Priority::Low,
+    }
+}
+
 fn error(code: ErrorCode, message: String) -> Reply {
     Reply::Error { code, message }
 }
@@ -520,7 +621,8 @@ fn store_error(e: &StoreError) -> Reply {
 fn rate_limited(what: &str, wait: Duration) -> Reply {
     let secs = wait.as_secs().max(1);
     super::metrics::throttled(what);
-    warn!(what, retry_in_secs = secs, "rate limited");
+    // Counted in the metrics; a log line per refusal would let a flood flood the log too.
+    debug!(what, retry_in_secs = secs, "rate limited");
     error(
         ErrorCode::RateLimited,
         format!("too many {what}; retry in {secs} s"),
