@@ -63,6 +63,7 @@ impl Target {
                 "10000000",
             ])
             .args(["--max-connections", "1000000"])
+            .args(["--max-connections-per-address", "0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

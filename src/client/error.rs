@@ -105,6 +105,7 @@ impl ClientError {
                     Some(CloseCode::ProtocolViolation) => "protocol violation".to_owned(),
                     Some(CloseCode::Overloaded) => "overloaded".to_owned(),
                     Some(CloseCode::Replaced) => "replaced by a newer login".to_owned(),
+                    Some(CloseCode::LoginTimeout) => "not logged in in time".to_owned(),
                     None => format!("code {}", close.error_code),
                 };
                 Self::Closed {

@@ -109,6 +109,9 @@ pub enum CloseCode {
     Overloaded = 3,
     /// The same user logged in on a newer connection, which takes over delivery.
     Replaced = 4,
+    /// The connection did not authenticate (`signup`, `login`, `resume`) in time after
+    /// `hello`; connect again when ready to log in.
+    LoginTimeout = 5,
 }
 
 impl CloseCode {
@@ -125,6 +128,7 @@ impl CloseCode {
             2 => Some(Self::ProtocolViolation),
             3 => Some(Self::Overloaded),
             4 => Some(Self::Replaced),
+            5 => Some(Self::LoginTimeout),
             _ => None,
         }
     }
