@@ -81,15 +81,24 @@ async fn one_address_cannot_take_more_than_its_share_of_connections() {
         held.push(probe(&server, from).await.expect("under the cap"));
     }
     // The fourth from the same address is refused before any TLS work...
-    assert!(refused(probe(&server, from).await), "a fourth connection got in");
+    assert!(
+        refused(probe(&server, from).await),
+        "a fourth connection got in"
+    );
     // ...while other addresses still get in, and the held ones are untouched.
     let other = probe(&server, Ipv4Addr::new(127, 0, 0, 3))
         .await
         .expect("another address");
     let honest = server.client().await;
-    honest.ping().await.expect("an honest client from 127.0.0.1");
+    honest
+        .ping()
+        .await
+        .expect("an honest client from 127.0.0.1");
     for p in &held {
-        assert!(p.conn.close_reason().is_none(), "a held connection was evicted");
+        assert!(
+            p.conn.close_reason().is_none(),
+            "a held connection was evicted"
+        );
     }
     // A slot given back is free again.
     let first = held.remove(0);
@@ -164,7 +173,10 @@ async fn an_unauthenticated_connection_is_closed_at_the_login_deadline() {
         .expect("honest login");
     // and an authenticated connection is not held to the deadline.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    honest.whoami().await.expect("still connected after the deadline");
+    honest
+        .whoami()
+        .await
+        .expect("still connected after the deadline");
     drop(probes);
     honest.close().await;
     server.stop().await;
@@ -173,9 +185,7 @@ async fn an_unauthenticated_connection_is_closed_at_the_login_deadline() {
 #[tokio::test]
 async fn a_hostile_peer_is_held_by_stream_limits_and_flow_control() {
     let server = TestServer::start().await;
-    let mut hostile = probe(&server, Ipv4Addr::new(127, 0, 0, 2))
-        .await
-        .unwrap();
+    let mut hostile = probe(&server, Ipv4Addr::new(127, 0, 0, 2)).await.unwrap();
 
     // Message streams: the server lets a peer have MAX_CLIENT_UNI_STREAMS open at once and
     // grants no more while they stay open (one byte each: half a header, never finished).
@@ -200,7 +210,12 @@ async fn a_hostile_peer_is_held_by_stream_limits_and_flow_control() {
         request: Request::Ping,
     };
     let frame = securefastchat::protocol::encode_frame(&ping, MAX_CONTROL_FRAME).unwrap();
-    let batch: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * 64).collect();
+    let batch: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * 64)
+        .collect();
     let mut written = 0usize;
     loop {
         match tokio::time::timeout(Duration::from_secs(1), hostile.send.write_all(&batch)).await {

@@ -46,12 +46,15 @@ pub(crate) enum Admission {
     Refuse,
 }
 
-/// Live connections per address block.
+/// Live connections per address block (blocks without any have no entry).
+type Counts = Arc<Mutex<HashMap<AddressBlock, u32>>>;
+
+/// Live connections per address block, and the cap.
 #[derive(Debug)]
 pub(crate) struct PerAddress {
     /// 0: unlimited (nothing is counted).
     cap: usize,
-    counts: Arc<Mutex<HashMap<AddressBlock, u32>>>,
+    counts: Counts,
 }
 
 /// Past this many buckets, a map four times larger than it needs to be is shrunk when an
@@ -100,7 +103,7 @@ impl PerAddress {
 
 /// One connection counted against its address block for as long as it is held.
 #[derive(Debug)]
-pub(crate) struct AddressSlot(Option<(AddressBlock, Arc<Mutex<HashMap<AddressBlock, u32>>>)>);
+pub(crate) struct AddressSlot(Option<(AddressBlock, Counts)>);
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
@@ -157,7 +160,10 @@ mod tests {
         assert!(matches!(second, Admission::Admit(_)));
         assert!(matches!(per.admit(a, true), Admission::Refuse));
         assert!(matches!(per.admit(a, false), Admission::Validate));
-        assert!(matches!(per.admit(ip("192.0.2.2"), false), Admission::Admit(_)));
+        assert!(matches!(
+            per.admit(ip("192.0.2.2"), false),
+            Admission::Admit(_)
+        ));
         drop(first);
         assert_eq!(per.held(a), 1);
         assert!(matches!(per.admit(a, true), Admission::Admit(_)));
@@ -173,13 +179,19 @@ mod tests {
         drop(slots);
         let counts = per.counts.lock().unwrap();
         assert!(counts.is_empty());
-        assert!(counts.capacity() <= 2 * SHRINK_ABOVE, "{}", counts.capacity());
+        assert!(
+            counts.capacity() <= 2 * SHRINK_ABOVE,
+            "{}",
+            counts.capacity()
+        );
     }
 
     #[test]
     fn zero_is_unlimited() {
         let per = PerAddress::new(0);
-        let slots: Vec<_> = (0..100).map(|_| per.admit(ip("192.0.2.1"), false)).collect();
+        let slots: Vec<_> = (0..100)
+            .map(|_| per.admit(ip("192.0.2.1"), false))
+            .collect();
         assert!(slots.iter().all(|s| matches!(s, Admission::Admit(_))));
         assert_eq!(per.held(ip("192.0.2.1")), 0);
     }
