@@ -236,3 +236,40 @@ async fn a_hostile_peer_is_held_by_stream_limits_and_flow_control() {
     drop((streams, hostile));
     server.stop().await;
 }
+
+/// `sfc-bench flood` in a short run: its connections come from several addresses, all of them
+/// complete `hello`, and the report carries the server's RSS for the round.
+#[tokio::test]
+async fn the_flood_tool_holds_its_connections_from_many_addresses() {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_sfc-bench"))
+        .args([
+            "flood",
+            "--spawn",
+            "--server-bin",
+            env!("CARGO_BIN_EXE_sfc-server"),
+        ])
+        .args([
+            "--clients",
+            "40",
+            "--sources",
+            "4",
+            "--duration",
+            "0.5",
+            "--json",
+        ])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["scenario"], "flood");
+    let round = &report["flood"]["rounds"][0];
+    assert_eq!(round["opened"], 40, "{report}");
+    assert_eq!(round["refused"], 0, "{report}");
+    assert_eq!(report["flood"]["sources"], 4);
+    assert!(round["rss_held_bytes"].as_u64().unwrap() > 0, "{report}");
+}
