@@ -61,7 +61,10 @@ rss_mib() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$server_pid/stat
 relay() {
     "$bin/sfc-bench" relay --server "$addr" --ca "$ca" --clients "$pairs" --rate "$rate" \
         --duration "$relay_secs" --json 2>/dev/null |
-        python3 -c 'import json,sys; r=json.load(sys.stdin); l=r["latency_us"]; print(f"p50 {l[\"p50\"]} us, p99 {l[\"p99\"]} us, p99.9 {l[\"p999\"]} us, delivered {r[\"delivered\"]}, errors {r[\"errors\"]}")'
+        python3 -c 'import json, sys
+r = json.load(sys.stdin); l = r["latency_us"]
+print("p50 %d us, p99 %d us, p99.9 %d us, delivered %d, errors %d"
+      % (l["p50"], l["p99"], l["p999"], r["delivered"], r["errors"]))'
 }
 
 echo "server $addr (pid $server_pid); $mode flood of $connections from $sources addresses"
