@@ -78,7 +78,10 @@ fn common_transport() -> TransportConfig {
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
         .send_window(SEND_WINDOW)
-        .datagram_receive_buffer_size(None);
+        // No datagrams either way: none are received (the transport parameter is not sent,
+        // so a peer may send none) and none are queued to send.
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0);
     transport
 }
 
@@ -236,6 +239,13 @@ pub fn client_endpoint(server: SocketAddr, crypto: QuicClientConfig) -> io::Resu
     } else {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     };
+    client_endpoint_on(local, crypto)
+}
+
+/// A client endpoint bound to `local` (an address and port, 0 for any port): how a load
+/// generator or a test appears as many clients, e.g. from 127.0.1.x (all of 127/8 is
+/// loopback on Linux).
+pub fn client_endpoint_on(local: SocketAddr, crypto: QuicClientConfig) -> io::Result<Endpoint> {
     let mut endpoint = Endpoint::new(
         EndpointConfig::default(),
         None,

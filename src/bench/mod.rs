@@ -11,6 +11,7 @@
 //! stall delays the measurement instead of the schedule (no coordinated omission).
 
 pub mod flood_logins;
+pub mod flood;
 pub mod progress;
 mod scenarios;
 mod sealing;
@@ -40,6 +41,10 @@ pub enum Scenario {
     Handshake,
     /// Hold N authenticated idle connections.
     Connections,
+    /// A flood of N idle connections that say `hello` and never log in, from `--sources`
+    /// loopback addresses, held for the duration, closed, `--rounds` times (server RSS
+    /// before, held and after each round).
+    Flood,
 }
 
 impl Scenario {
@@ -52,6 +57,7 @@ impl Scenario {
             Self::Resume => "resume",
             Self::Handshake => "handshake",
             Self::Connections => "connections",
+            Self::Flood => "flood",
         }
     }
 }
@@ -77,6 +83,10 @@ pub struct BenchOptions {
     /// Client UDP sockets (quinn endpoints) the scenario's connections share, round-robin; 0
     /// gives each connection its own.
     pub client_sockets: usize,
+    /// Flood: loopback source addresses to spread connections over (0: the system's choice).
+    pub sources: usize,
+    /// Flood: how many times to open, hold and close the connections.
+    pub rounds: usize,
 }
 
 /// Latency percentiles in microseconds.
@@ -173,6 +183,9 @@ pub struct Report {
     /// microseconds. Latency counts from the intended time, so this is part of it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pacer_lateness_us: Option<Latency>,
+    /// Flood: each round's counts and the server's RSS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flood: Option<flood::FloodReport>,
 }
 
 impl Report {
@@ -227,6 +240,9 @@ impl Report {
                 text.push_str(&format!(", server RSS per connection {per} B"));
             }
             text.push('\n');
+        }
+        if let Some(flood) = &self.flood {
+            text.push_str(&flood.to_text());
         }
         text
     }

@@ -179,7 +179,7 @@ fn snapshot() -> Option<(Instant, Line)> {
     let words = match scenario {
         Scenario::Relay | Scenario::Offline => (Some("sent"), Some("delivered")),
         Scenario::Login | Scenario::Resume | Scenario::Handshake => (Some("done"), None),
-        Scenario::Connections => (None, Some("held")),
+        Scenario::Connections | Scenario::Flood => (None, Some("held")),
     };
     let sent = SENT
         .lock()

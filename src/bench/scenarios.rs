@@ -83,6 +83,7 @@ pub async fn run(target: &Target, options: &BenchOptions) -> Result<Report, Benc
             repeated(&target.options, options, &prefix).await?
         }
         Scenario::Connections => connections(target, options, &prefix).await?,
+        Scenario::Flood => super::flood::idle(target, options).await?,
     };
     if let (Some(before), Some(after)) = (before, target.stats()) {
         report.server_cpu_s = Some(after.cpu_s - before.cpu_s);
@@ -112,7 +113,7 @@ async fn signup(options: &ClientOptions, name: &str) -> Result<(Client, SessionT
     Ok((client, token))
 }
 
-fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Report {
+pub(super) fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Report {
     Report {
         scenario: scenario.name(),
         sent: 0,
@@ -132,6 +133,7 @@ fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Report {
         redelivered_after_reconnect: None,
         refused: None,
         pacer_lateness_us: None,
+        flood: None,
     }
 }
 

@@ -78,6 +78,7 @@ impl Target {
                 "--password-work-per-address",
                 "0",
             ])
+            .args(["--max-connections-per-address", "0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

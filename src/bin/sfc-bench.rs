@@ -67,6 +67,13 @@ struct Cli {
     /// QUIC connection, TLS handshake and end-to-end sessions either way
     #[arg(long, default_value_t = 4)]
     client_sockets: usize,
+    /// Flood: loopback source addresses (127.1.0.1 on) to spread the connections over; 0 lets
+    /// the system choose
+    #[arg(long, default_value_t = 0)]
+    sources: usize,
+    /// Flood: times to open, hold and close the connections
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
@@ -133,6 +140,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         window: cli.window,
         backlog: cli.backlog,
         client_sockets: cli.client_sockets,
+        sources: cli.sources,
+        rounds: cli.rounds,
     };
     // On stderr, so that stdout stays one JSON object with --json.
     let progress = Display::start(Style::for_stderr());

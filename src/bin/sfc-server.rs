@@ -24,6 +24,18 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read before `main` (the C symbol `malloc_conf`, prefixed as
+/// tikv-jemalloc-sys builds it; `_RJEM_MALLOC_CONF` in the environment still overrides it).
+/// Without them a server that goes quiet after a flood of connections keeps the freed memory:
+/// jemalloc returns dirty pages only when the arena that holds them allocates again, and an
+/// idle server allocates almost nothing. A background thread purges them instead, over about
+/// a second (`dirty_decay_ms`), straight back to the kernel (`muzzy_decay_ms:0`: pages merely
+/// marked free would still count in RSS until the kernel needs them). docs/ARCHITECTURE.md,
+/// "Limits per connection", has the figures.
+#[cfg(target_os = "linux")]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 /// SecureFastChat server: end-to-end encrypted messaging over QUIC.
 ///
 /// Settings come from flags, then SFC_* environment variables, then the TOML file given with
@@ -55,6 +67,13 @@ struct Cli {
     /// Refuse connections beyond this many [default: 100000]
     #[arg(long, env = "SFC_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Refuse connections beyond this many from one client address (IPv6: one /64), 0 = no
+    /// cap [default: 256]
+    #[arg(long, env = "SFC_MAX_CONNECTIONS_PER_ADDRESS")]
+    max_connections_per_address: Option<usize>,
+    /// Close a connection not authenticated this many seconds after `hello` [default: 60]
+    #[arg(long, env = "SFC_LOGIN_TIMEOUT_SECS")]
+    login_timeout_secs: Option<u64>,
     /// Session token lifetime in seconds [default: 2592000 = 30 days]
     #[arg(long, env = "SFC_SESSION_TTL_SECS")]
     session_ttl_secs: Option<u64>,
@@ -253,6 +272,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cert: cli.cert,
         key: cli.key,
         max_connections: cli.max_connections,
+        max_connections_per_address: cli.max_connections_per_address,
+        login_timeout_secs: cli.login_timeout_secs,
         session_ttl_secs: cli.session_ttl_secs,
         password_workers: cli.password_workers,
         failed_logins_per_minute: cli.failed_logins_per_minute,

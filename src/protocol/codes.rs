@@ -123,6 +123,9 @@ pub enum CloseCode {
     Replaced = 4,
     /// The account was deleted (on this or another connection).
     AccountDeleted = 5,
+    /// The connection did not authenticate (`signup`, `login`, `resume`) in time after
+    /// `hello`; connect again when ready to log in.
+    LoginTimeout = 6,
 }
 
 impl CloseCode {
@@ -140,6 +143,7 @@ impl CloseCode {
             3 => Some(Self::Overloaded),
             4 => Some(Self::Replaced),
             5 => Some(Self::AccountDeleted),
+            6 => Some(Self::LoginTimeout),
             _ => None,
         }
     }

@@ -17,6 +17,15 @@ pub const DEFAULT_DATA_DIR: &str = "data";
 pub const DEFAULT_CERTS_DIR: &str = "certs";
 /// Default cap on concurrent connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Default cap on concurrent connections from one client address (IPv4) or /64 (IPv6). Far
+/// above what one phone or one household needs, and enough for a few hundred users behind one
+/// carrier-grade NAT address; low enough that one host holds 0.26 % of the default
+/// `max_connections`, not all of it.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
+/// Default time a connection has after `hello` to authenticate (`signup`, `login`, `resume`)
+/// before it is closed with `login_timeout`: generous, because `sfc signup` asks for the new
+/// password (twice) after it has connected and checked the name.
+pub const DEFAULT_LOGIN_TIMEOUT_SECS: u64 = 60;
 /// Default session lifetime: 30 days.
 pub const DEFAULT_SESSION_TTL_SECS: u64 = 30 * 24 * 3600;
 /// Default failed logins allowed per address per minute (and as a burst).
@@ -73,6 +82,10 @@ pub struct ServerConfig {
     pub tls: TlsSource,
     /// Connections beyond this many are refused.
     pub max_connections: usize,
+    /// Connections from one address (IPv6: one /64) beyond this many are refused (0 = no cap).
+    pub max_connections_per_address: usize,
+    /// Time a connection has after `hello` to authenticate before it is closed.
+    pub login_timeout: Duration,
     /// How long a session token stays valid.
     pub session_ttl: Duration,
     /// argon2 hashes computed at once (each uses a core and 19 MiB).
@@ -119,6 +132,8 @@ impl ServerConfig {
             data_dir,
             tls,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            login_timeout: Duration::from_secs(DEFAULT_LOGIN_TIMEOUT_SECS),
             session_ttl: Duration::from_secs(DEFAULT_SESSION_TTL_SECS),
             password_workers: default_password_workers(),
             handshake_timeout: Duration::from_secs(10),
@@ -163,6 +178,10 @@ pub struct ConfigLayer {
     pub key: Option<PathBuf>,
     /// Connection cap.
     pub max_connections: Option<usize>,
+    /// Connection cap per client address or IPv6 /64 (0 = no cap).
+    pub max_connections_per_address: Option<usize>,
+    /// Seconds a connection has after `hello` to authenticate.
+    pub login_timeout_secs: Option<u64>,
     /// Session lifetime in seconds.
     pub session_ttl_secs: Option<u64>,
     /// Concurrent argon2 hashes.
@@ -243,6 +262,10 @@ impl ConfigLayer {
             cert: self.cert.or(lower.cert),
             key: self.key.or(lower.key),
             max_connections: self.max_connections.or(lower.max_connections),
+            max_connections_per_address: self
+                .max_connections_per_address
+                .or(lower.max_connections_per_address),
+            login_timeout_secs: self.login_timeout_secs.or(lower.login_timeout_secs),
             session_ttl_secs: self.session_ttl_secs.or(lower.session_ttl_secs),
             password_workers: self.password_workers.or(lower.password_workers),
             failed_logins_per_minute: self
@@ -297,6 +320,17 @@ impl ConfigLayer {
                 ));
             }
             config.max_connections = max;
+        }
+        if let Some(max) = self.max_connections_per_address {
+            config.max_connections_per_address = max;
+        }
+        if let Some(secs) = self.login_timeout_secs {
+            if !(1..=3600).contains(&secs) {
+                return Err(ConfigError::Invalid(
+                    "login_timeout_secs must be 1 to 3600".into(),
+                ));
+            }
+            config.login_timeout = Duration::from_secs(secs);
         }
         if let Some(secs) = self.session_ttl_secs {
             if secs == 0 {

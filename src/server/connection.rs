@@ -20,8 +20,12 @@ use crate::protocol::{
 
 /// How long we wait for a peer to read our last frames before closing on it.
 const LINGER: Duration = Duration::from_secs(1);
-/// Replies and events that may wait for the control stream's writer.
-const CONTROL_QUEUE: usize = 1024;
+/// Replies and events that may wait for the control stream's writer. Past this the reader
+/// (or the message streams) wait: a peer that stops reading its control stream holds at most
+/// this many frames of each kind in the server (≈ 0.3–0.5 KB each: replies are small), not
+/// as many as it can ask for. An honest client has at most a few dozen in flight (its
+/// requests, plus one `sent` per concurrent message stream, 32).
+const CONTROL_QUEUE: usize = 256;
 
 /// What the control stream's writer task is asked to do. Frames are boxed: a channel allocates
 /// its slots in blocks of 32 up front, and 32 unboxed frames (320 bytes each) in each of a
@@ -185,18 +189,29 @@ async fn run(
         )
         .instrument(Span::current()),
     );
+    let login_timeout = shared.login_timeout;
+    let signed_in = Arc::clone(&session);
     let mut control = Control::new(conn.clone(), shared, session, events, Span::current());
 
     let mut buf = Vec::new();
     // A peer that opens the stream but never completes `hello` would otherwise hold its slot
     // until the idle timeout (forever, with keep-alives).
     let hello_deadline = tokio::time::Instant::now() + control.handshake_timeout();
+    // Likewise a peer that says `hello` and never authenticates (or logs out and stays):
+    // it must log in within `login_timeout` or give its slot back. A login under way when
+    // the deadline passes is finished first (requests are handled inline), so a slow password
+    // check under load does not cost an honest client its connection.
+    let mut login_deadline: Option<tokio::time::Instant> = None;
     let ending = loop {
         let read = tokio::select! {
             () = shutdown.cancelled() => break Ending::Close(CloseCode::Shutdown, "server shutting down"),
             () = tokio::time::sleep_until(hello_deadline), if !control.said_hello() => {
                 debug!("no hello in time");
                 break Ending::Close(CloseCode::ProtocolViolation, "no hello in time");
+            }
+            () = tokio::time::sleep_until(login_deadline.unwrap_or(hello_deadline)), if login_deadline.is_some() => {
+                debug!("not authenticated in time");
+                break Ending::Close(CloseCode::LoginTimeout, "not authenticated in time");
             }
             read = read_frame(&mut recv, MAX_CONTROL_FRAME, &mut buf) => read,
         };
@@ -209,6 +224,17 @@ async fn run(
                     && queue.send(Outgoing::Frame(Box::new(reply))).await.is_err()
                 {
                     break Ending::Gone;
+                }
+                let authenticated = signed_in.lock().is_ok_and(|s| s.is_some());
+                if authenticated {
+                    login_deadline = None;
+                } else if control.said_hello() {
+                    let now = tokio::time::Instant::now();
+                    let deadline = *login_deadline.get_or_insert(now + login_timeout);
+                    if deadline <= now {
+                        debug!("not authenticated in time");
+                        break Ending::Close(CloseCode::LoginTimeout, "not authenticated in time");
+                    }
                 }
             }
             Ok(false) => {

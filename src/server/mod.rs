@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod backoff;
+pub mod admission;
 pub mod config;
 mod connection;
 mod directory;
@@ -29,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use self::accounts::Accounts;
 use self::backoff::AccountBackoff;
+use self::admission::{Admission, PerAddress};
 pub use self::config::{ConfigError, ConfigLayer, ServerConfig, TlsSource};
 use self::password::{PasswordError, Passwords};
 use self::router::Router;
@@ -99,6 +101,8 @@ impl From<tokio::task::JoinError> for ServerError {
 pub(crate) struct Shared {
     pub(crate) accounts: Accounts,
     pub(crate) handshake_timeout: Duration,
+    /// Time a connection has after `hello` to authenticate.
+    pub(crate) login_timeout: Duration,
     pub(crate) failed_logins: Throttle,
     pub(crate) signups: Throttle,
     pub(crate) bundle_fetches: Throttle<Username>,
@@ -124,6 +128,7 @@ pub(crate) struct MessageLimits {
 pub struct Server {
     endpoint: Endpoint,
     shared: Arc<Shared>,
+    per_address: PerAddress,
     store: Arc<dyn Store>,
     config: ServerConfig,
 }
@@ -196,6 +201,7 @@ impl Server {
         let shared = Arc::new(Shared {
             accounts,
             handshake_timeout: config.handshake_timeout,
+            login_timeout: config.login_timeout,
             failed_logins: Throttle::new(config.failed_logins_per_minute),
             signups: Throttle::new(config.signups_per_minute),
             bundle_fetches: Throttle::new(config.bundle_fetches_per_minute),
@@ -217,6 +223,7 @@ impl Server {
         Ok(Self {
             endpoint,
             shared,
+            per_address: PerAddress::new(config.max_connections_per_address),
             store,
             config,
         })
@@ -276,6 +283,8 @@ impl Server {
         (active, handshaking): (&Arc<AtomicUsize>, &Arc<AtomicUsize>),
         shutdown: &CancellationToken,
     ) {
+        // Every refusal here costs one small packet (or none) and no TLS work, and none
+        // touches a connection already admitted: a flood is turned away, it evicts nobody.
         let now_active = active.load(Ordering::Relaxed);
         if now_active >= self.config.max_connections {
             debug!(remote = %incoming.remote_address(), "connection limit reached; refusing");
@@ -283,18 +292,30 @@ impl Server {
             incoming.refuse();
             return;
         }
+        let validated = incoming.remote_address_validated();
         // Counted are handshakes in flight, not connections: a server holding many idle
         // clients must not make every new one pay a Retry round trip.
-        if !incoming.remote_address_validated()
-            && handshaking.load(Ordering::Relaxed) >= RETRY_THRESHOLD
-        {
+        if !validated && handshaking.load(Ordering::Relaxed) >= RETRY_THRESHOLD {
             // Under load, make unvalidated clients prove their address first.
             metrics::connection_refused("retry");
-            if let Err(e) = incoming.retry() {
-                e.into_incoming().ignore();
-            }
+            retry(incoming);
             return;
         }
+        let address_slot = match self
+            .per_address
+            .admit(incoming.remote_address().ip(), validated)
+        {
+            Admission::Admit(slot) => slot,
+            Admission::Validate => {
+                retry(incoming);
+                return;
+            }
+            Admission::Refuse => {
+                debug!(remote = %incoming.remote_address(), "per-address connection limit reached; refusing");
+                incoming.refuse();
+                return;
+            }
+        };
         let slot = ConnectionSlot::take(active);
         let handshake = ConnectionSlot::take(handshaking);
         let (shared, shutdown) = (Arc::clone(&self.shared), shutdown.clone());
@@ -302,10 +323,18 @@ impl Server {
         // for every value it was given for as long as it lives; idle connections live long.
         let incoming = Box::new(incoming);
         tracker.spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, address_slot);
             let _open = metrics::connection_accepted();
             connection::serve(incoming, shared, shutdown, handshake).await;
         });
+    }
+}
+
+/// Answers with a QUIC Retry (stateless: the server keeps nothing until the client comes back
+/// with the token, from the address it claimed).
+fn retry(incoming: Incoming) {
+    if let Err(e) = incoming.retry() {
+        e.into_incoming().ignore();
     }
 }
 
