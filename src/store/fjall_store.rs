@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::fjall_keys::KeyDirectory;
-use super::inbox_writer::{Addressed, InboxKeyspaces, InboxWriter, pair_key};
+use super::inbox_writer::{Addressed, InboxKeyspaces, InboxWriter};
 use super::user_ids::{UserId, UserIds, decode_id, inbox_key, sent_key};
 use super::{
     AppendHooks, Appended, Created, Durability, KeysRecord, NewMessage, Removal, SentRecord,
@@ -110,7 +110,7 @@ impl FjallStore {
             inbox: keyspace("inbox_v2")?,
             sent: keyspace("sent_v2")?,
             meta: keyspace("meta")?,
-            contacts: keyspace("contacts")?,
+            user_ids: keyspace("user_ids")?,
         };
         let ids = UserIds::open(keyspace("user_ids")?, keyspace("user_names")?)?;
         super::migrate::run(&db, &users, &inbox.meta, &ids, &inbox.inbox, &inbox.sent)?;
@@ -372,21 +372,13 @@ impl Store for FjallStore {
             return Ok(None);
         };
         let key = sent_key(sender, &id.0);
+        // A settled record (its message acknowledged, unsent or expired) no longer says where
+        // the message went.
         self.call(move |db| match db.inbox.sent.get(key)? {
-            Some(bytes) => decode("sent", &bytes).map(Some),
+            Some(bytes) => super::sent_records::pending_record(&bytes),
             None => Ok(None),
         })
         .await
-    }
-
-    async fn has_written_to(
-        &self,
-        subject: &Username,
-        viewer: &Username,
-    ) -> Result<bool, StoreError> {
-        let key = pair_key(viewer, subject.as_str().as_bytes());
-        self.call(move |db| Ok(db.inbox.contacts.contains_key(key)?))
-            .await
     }
 
     async fn purge_expired_messages(&self, now: u64) -> Result<u64, StoreError> {
@@ -411,8 +403,7 @@ impl Store for FjallStore {
                 let mut forgotten = Vec::new();
                 for entry in db.inbox.sent.iter() {
                     let (key, value) = entry.into_inner()?;
-                    let record: SentRecord = decode("sent", &value)?;
-                    if record.expires_at <= now {
+                    if super::sent_records::expires_at(&value)? <= now {
                         forgotten.push(key.to_vec());
                     }
                 }

@@ -7,6 +7,7 @@ mod fjall_keys;
 mod fjall_store;
 mod inbox_writer;
 mod migrate;
+mod sent_records;
 mod user_ids;
 
 pub use fjall_store::{DEFAULT_MAX_PENDING, FjallStore, StoreOptions};
@@ -143,7 +144,8 @@ pub struct StoredMessage {
     pub body: Vec<u8>,
 }
 
-/// Where a sent message went, kept for deduplication and `unsend` until it expires.
+/// Where a sent message went, kept for deduplication and `unsend` while it is pending (then
+/// replaced by a marker that names no recipient, until it expires).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SentRecord {
     /// The recipient.
@@ -305,19 +307,13 @@ pub trait Store: Send + Sync + 'static {
         removal: Removal,
     ) -> Result<u64, StoreError>;
 
-    /// Where a message `sender` sent with `id` went, if it is still remembered.
+    /// Where a message `sender` sent with `id` went, while it is pending; `None` once it was
+    /// acknowledged, unsent or expired (the store then keeps only that the id was used).
     async fn sent(
         &self,
         sender: &Username,
         id: MessageId,
     ) -> Result<Option<SentRecord>, StoreError>;
-
-    /// Whether `subject` has ever sent `viewer` a message (presence is shown only then).
-    async fn has_written_to(
-        &self,
-        subject: &Username,
-        viewer: &Username,
-    ) -> Result<bool, StoreError>;
 
     /// Deletes expired inbox entries and send records; returns how many messages went.
     async fn purge_expired_messages(&self, now: u64) -> Result<u64, StoreError>;
