@@ -671,11 +671,21 @@ impl WriterState {
         let Some(entry) = entry else {
             return Ok(());
         };
-        let origin = sent_records::origin(&entry)?;
+        // A record that cannot be read must not block the removal: its send record then simply
+        // stays until it expires.
+        let origin = match sent_records::origin(&entry) {
+            Ok(origin) => origin,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot settle a send record");
+                return Ok(());
+            }
+        };
         let Some(sender) = self.ks.user_ids.get(origin.from.as_str().as_bytes())? else {
             return Ok(());
         };
-        let sender = decode_id("user_ids", &sender)?;
+        let Ok(sender) = decode_id("user_ids", &sender) else {
+            return Ok(());
+        };
         batch.insert(
             &self.ks.sent,
             sent_key(sender, &origin.id.0),
