@@ -166,15 +166,19 @@ impl Mailbox {
 pub const WRITTEN_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Senders remembered per recipient; past it the one that wrote least recently is forgotten.
 const WRITERS_PER_USER: usize = 256;
-/// Senders remembered in all. Past it, expired entries are dropped, and if that is not enough
-/// new ones are not remembered: presence then stays hidden (it fails closed).
-const WRITERS_TOTAL: usize = 1 << 20;
+/// Senders remembered in all (≈ 20 MB at most). Past it, expired entries are dropped (at most
+/// once per [`PRUNE_EVERY`], so a full table costs no sweep per message), and if that is not
+/// enough new ones are not remembered: presence then stays hidden (it fails closed).
+const WRITERS_TOTAL: usize = 1 << 18;
+/// Least time between two sweeps of the whole table.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Who wrote to whom lately, for the presence rule: recipient → (sender, when last).
 #[derive(Default)]
 struct Writers {
     by_recipient: HashMap<Username, Vec<(Username, Instant)>, Hasher>,
     total: usize,
+    pruned_at: Option<Instant>,
 }
 
 impl Writers {
@@ -186,7 +190,13 @@ impl Writers {
             return;
         }
         if self.total >= WRITERS_TOTAL {
-            self.prune(now);
+            if self
+                .pruned_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= PRUNE_EVERY)
+            {
+                self.prune(now);
+                self.pruned_at = Some(now);
+            }
             if self.total >= WRITERS_TOTAL {
                 return;
             }
@@ -567,6 +577,30 @@ mod tests {
             &bob,
             later + Duration::from_secs(600)
         ));
+    }
+
+    #[test]
+    fn a_full_table_fails_closed_until_entries_expire() {
+        let name = |n: &str| Username::parse(n).expect("valid name");
+        let (alice, start) = (name("alice"), Instant::now());
+        let mut writers = Writers::default();
+        for n in 0..WRITERS_TOTAL {
+            writers.note(&name(&format!("rcpt{n}")), &alice, start);
+        }
+        let bob = name("bob");
+        writers.note(&bob, &alice, start);
+        assert!(!writers.wrote(&alice, &bob, start), "full: not remembered");
+        assert!(
+            writers.wrote(&alice, &name("rcpt0"), start),
+            "nothing evicted"
+        );
+        let later = start + WRITTEN_FOR;
+        writers.note(&bob, &alice, later);
+        assert!(
+            writers.wrote(&alice, &bob, later),
+            "the expired ones made room"
+        );
+        assert_eq!(writers.total, 1);
     }
 
     #[test]
