@@ -10,8 +10,8 @@
 //! Latency of the open-loop relay is measured from each message's *intended* send time, so a
 //! stall delays the measurement instead of the schedule (no coordinated omission).
 
-pub mod flood_logins;
 pub mod flood;
+pub mod flood_logins;
 pub mod progress;
 mod scenarios;
 mod sealing;

@@ -339,7 +339,7 @@ impl Accounts {
 
 impl Accounts {
     /// Deletes `session`'s account after checking `password` again (one argon2 run on the
-    /// pool, like a login): its inbox, keys, sessions and presence pairs go, and the name is
+    /// pool, like a login): its inbox, keys and sessions go, and the name is
     /// held for `hold` so no one else can take it and receive what the old owner's contacts
     /// still send to it. Every live connection of the account loses its session at once.
     pub async fn delete_account(

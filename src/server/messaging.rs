@@ -219,7 +219,7 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
         synced: Some(synced),
     };
     let message = NewMessage {
-        sender,
+        sender: sender.clone(),
         recipient: recipient.clone(),
         id,
         kind: header.kind,
@@ -231,6 +231,8 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
         Ok(Appended::Stored { seq }) => {
             tracing::trace!(%id, seq, to = %recipient, "stored");
             super::metrics::message_sent();
+            // The recipient may see the sender's presence (in memory only: `router`).
+            shared.router.note_written(&recipient, &sender);
             Some(Reply::Sent {
                 message_id: id,
                 duplicate: false,
@@ -383,6 +385,8 @@ pub(crate) async fn deliver(
             if message.expires_at <= now || !shared.router.claim(&user, message.seq) {
                 continue;
             }
+            // Pending from before a restart: presence is granted again once pushed.
+            shared.router.note_written(&user, &message.from);
             let header = DeliverHeader {
                 seq: message.seq,
                 prev,

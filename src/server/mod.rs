@@ -5,8 +5,8 @@
 //! (close code `shutdown`), wait for them within a grace period, flush the store.
 
 pub mod accounts;
-pub mod backoff;
 pub mod admission;
+pub mod backoff;
 pub mod config;
 mod connection;
 mod directory;
@@ -29,8 +29,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use self::accounts::Accounts;
-use self::backoff::AccountBackoff;
 use self::admission::{Admission, PerAddress};
+use self::backoff::AccountBackoff;
 pub use self::config::{ConfigError, ConfigLayer, ServerConfig, TlsSource};
 use self::password::{PasswordError, Passwords};
 use self::router::Router;

@@ -416,16 +416,17 @@ impl Control {
                 let Ok(user) = Username::parse(&username) else {
                     return unknown_user();
                 };
-                match self.shared.accounts.store().has_written_to(&user, me).await {
-                    Ok(true) => Reply::Presence {
+                // Decided from memory (see `router`): no stored contact graph is consulted.
+                if self.shared.router.may_see_presence(me, &user) {
+                    Reply::Presence {
                         username: user.to_string(),
                         online: self.shared.router.is_online(&user),
-                    },
-                    Ok(false) => error(
+                    }
+                } else {
+                    error(
                         ErrorCode::NotAllowed,
                         format!("{user} has not written to you, so their presence is private"),
-                    ),
-                    Err(e) => store_error(&e),
+                    )
                 }
             }
             Request::Hello { .. }

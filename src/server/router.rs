@@ -3,10 +3,17 @@
 //! `replaced`). The router also arbitrates between delivery and `unsend`: a message handed to a
 //! connection is *claimed* and can no longer be unsent; an unsent one is *cancelled* and will
 //! not be delivered.
+//!
+//! It also decides who may ask for whose presence (`online`), from memory only: B may see A's
+//! presence if, in the last [`WRITTEN_FOR`] and since this process started, the server stored a
+//! message from A to B or pushed one to B. Nothing of it is written to disk, so no
+//! who-wrote-to-whom graph outlives the process; messages still pending from before a restart
+//! count again once they are pushed to B, which happens as soon as B connects.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use quinn::{Connection, VarInt};
 use tokio::sync::{Notify, mpsc};
@@ -154,6 +161,79 @@ impl Mailbox {
     }
 }
 
+/// How long a message from A to B lets B see A's presence: the default message TTL, so a
+/// message still pending keeps granting it.
+pub const WRITTEN_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Senders remembered per recipient; past it the one that wrote least recently is forgotten.
+const WRITERS_PER_USER: usize = 256;
+/// Senders remembered in all: ≈ 32 MB when full with one sender per recipient (the costliest
+/// shape), ≈ 5 MB with 256 per recipient (RSS growth, measured with a throwaway test). Past it, expired entries are dropped (at most
+/// once per [`PRUNE_EVERY`], so a full table costs no sweep per message), and if that is not
+/// enough new ones are not remembered: presence then stays hidden (it fails closed).
+const WRITERS_TOTAL: usize = 1 << 17;
+/// Least time between two sweeps of the whole table.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Who wrote to whom lately, for the presence rule: recipient → (sender, when last).
+#[derive(Default)]
+struct Writers {
+    by_recipient: HashMap<Username, Vec<(Username, Instant)>, Hasher>,
+    total: usize,
+    pruned_at: Option<Instant>,
+}
+
+impl Writers {
+    fn note(&mut self, recipient: &Username, sender: &Username, now: Instant) {
+        if let Some(list) = self.by_recipient.get_mut(recipient)
+            && let Some(entry) = list.iter_mut().find(|(s, _)| s == sender)
+        {
+            entry.1 = now;
+            return;
+        }
+        if self.total >= WRITERS_TOTAL {
+            if self
+                .pruned_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= PRUNE_EVERY)
+            {
+                self.prune(now);
+                self.pruned_at = Some(now);
+            }
+            if self.total >= WRITERS_TOTAL {
+                return;
+            }
+        }
+        // Most users hear from few: a list starts with room for one.
+        let list = self
+            .by_recipient
+            .entry(recipient.clone())
+            .or_insert_with(|| Vec::with_capacity(1));
+        let before = list.len();
+        list.retain(|(_, at)| now.saturating_duration_since(*at) < WRITTEN_FOR);
+        if list.len() >= WRITERS_PER_USER
+            && let Some((oldest, _)) = list.iter().enumerate().min_by_key(|(_, (_, at))| *at)
+        {
+            list.swap_remove(oldest);
+        }
+        list.push((sender.clone(), now));
+        self.total = self.total + list.len() - before;
+    }
+
+    fn wrote(&self, sender: &Username, recipient: &Username, now: Instant) -> bool {
+        self.by_recipient.get(recipient).is_some_and(|list| {
+            list.iter()
+                .any(|(s, at)| s == sender && now.saturating_duration_since(*at) < WRITTEN_FOR)
+        })
+    }
+
+    fn prune(&mut self, now: Instant) {
+        self.by_recipient.retain(|_, list| {
+            list.retain(|(_, at)| now.saturating_duration_since(*at) < WRITTEN_FOR);
+            !list.is_empty()
+        });
+        self.total = self.by_recipient.values().map(Vec::len).sum();
+    }
+}
+
 /// The online state of one user.
 struct Online {
     conn_id: u64,
@@ -188,6 +268,7 @@ impl Claims {
 pub struct Router {
     online: Mutex<HashMap<Username, Online, Hasher>>,
     claims: Mutex<HashMap<Username, Claims, Hasher>>,
+    writers: Mutex<Writers>,
     next_id: AtomicU64,
 }
 
@@ -263,6 +344,23 @@ impl Router {
         self.online
             .lock()
             .map(|o| o.contains_key(user))
+            .unwrap_or(false)
+    }
+
+    /// Notes that a message from `sender` to `recipient` was stored or pushed to `recipient`:
+    /// for [`WRITTEN_FOR`], `recipient` may see `sender`'s presence.
+    pub fn note_written(&self, recipient: &Username, sender: &Username) {
+        if let Ok(mut writers) = self.writers.lock() {
+            writers.note(recipient, sender, Instant::now());
+        }
+    }
+
+    /// Whether `viewer` may see `subject`'s presence: a message from `subject` to `viewer` was
+    /// stored or pushed to `viewer` by this process within [`WRITTEN_FOR`].
+    pub fn may_see_presence(&self, viewer: &Username, subject: &Username) -> bool {
+        self.writers
+            .lock()
+            .map(|w| w.wrote(subject, viewer, Instant::now()))
             .unwrap_or(false)
     }
 
@@ -464,6 +562,60 @@ mod tests {
         assert!(router.cancel(&bob, 3));
         assert!(!router.claim(&bob, 3));
         assert!(router.claim(&bob, 4));
+    }
+
+    #[test]
+    fn presence_is_granted_by_a_recent_message_and_bounded() {
+        let name = |n: &str| Username::parse(n).expect("valid name");
+        let (alice, bob) = (name("alice"), name("bob"));
+        let mut writers = Writers::default();
+        let start = Instant::now();
+        assert!(!writers.wrote(&alice, &bob, start));
+        writers.note(&bob, &alice, start);
+        writers.note(&bob, &alice, start);
+        assert!(writers.wrote(&alice, &bob, start));
+        assert!(!writers.wrote(&bob, &alice, start), "one way only");
+        assert_eq!(writers.total, 1);
+        // Forgotten with time.
+        let later = start + WRITTEN_FOR;
+        assert!(!writers.wrote(&alice, &bob, later));
+        // Bounded per recipient: the least recent goes.
+        for n in 0..WRITERS_PER_USER + 5 {
+            let t = later + Duration::from_secs(n as u64);
+            writers.note(&bob, &name(&format!("user{n}")), t);
+        }
+        assert_eq!(writers.by_recipient[&bob].len(), WRITERS_PER_USER);
+        assert_eq!(writers.total, WRITERS_PER_USER);
+        assert!(!writers.wrote(&name("user0"), &bob, later + Duration::from_secs(600)));
+        assert!(writers.wrote(
+            &name(&format!("user{}", WRITERS_PER_USER + 4)),
+            &bob,
+            later + Duration::from_secs(600)
+        ));
+    }
+
+    #[test]
+    fn a_full_table_fails_closed_until_entries_expire() {
+        let name = |n: &str| Username::parse(n).expect("valid name");
+        let (alice, start) = (name("alice"), Instant::now());
+        let mut writers = Writers::default();
+        for n in 0..WRITERS_TOTAL {
+            writers.note(&name(&format!("rcpt{n}")), &alice, start);
+        }
+        let bob = name("bob");
+        writers.note(&bob, &alice, start);
+        assert!(!writers.wrote(&alice, &bob, start), "full: not remembered");
+        assert!(
+            writers.wrote(&alice, &name("rcpt0"), start),
+            "nothing evicted"
+        );
+        let later = start + WRITTEN_FOR;
+        writers.note(&bob, &alice, later);
+        assert!(
+            writers.wrote(&alice, &bob, later),
+            "the expired ones made room"
+        );
+        assert_eq!(writers.total, 1);
     }
 
     #[test]

@@ -131,7 +131,6 @@ impl Inner {
             inbox: keyspace("inbox_v2")?,
             sent: keyspace("sent_v2")?,
             meta: keyspace("meta")?,
-            contacts: keyspace("contacts")?,
             user_ids: user_ids.clone(),
         };
         let ids = UserIds::open(user_ids, keyspace("user_names")?)?;

@@ -18,10 +18,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::fjall_open::{Inner, Shared, flush_memtables, watch};
-use super::inbox_writer::{Addressed, pair_key};
+use super::inbox_writer::Addressed;
 use super::outage::Outage;
-use super::user_ids::{UserId, decode_id, inbox_key, inbox_seq, sent_key};
 use super::sender_shares::SenderShare;
+use super::user_ids::{UserId, decode_id, inbox_key, inbox_seq, sent_key};
 use super::{
     AppendHooks, Appended, Created, Durability, KeysRecord, NewMessage, Removal, SentRecord,
     SessionRecord, Store, StoreError, StoredMessage, TakenBundle, TokenDigest, UserRecord,
@@ -280,20 +280,6 @@ impl Inner {
             if session.username == *name {
                 batch.remove(&self.sessions, key.to_vec());
                 digests.push(session.token_digest);
-            }
-        }
-        // Presence pairs: those where the account is the viewer share its prefix; those where
-        // it is the subject are found by reading them all. A later owner of the name must not
-        // inherit who may see whose presence.
-        let viewer = pair_key(name, &[]);
-        for entry in self.inbox.contacts.iter() {
-            let key = entry.key()?;
-            let subject = key
-                .iter()
-                .position(|b| *b == 0)
-                .and_then(|at| key.get(at + 1..));
-            if key.starts_with(&viewer) || subject == Some(name.as_str().as_bytes()) {
-                batch.remove(&self.inbox.contacts, key.to_vec());
             }
         }
         batch.commit()?;
@@ -560,21 +546,13 @@ impl Store for FjallStore {
             return Ok(None);
         };
         let key = sent_key(sender, &id.0);
+        // A settled record (its message acknowledged, unsent or expired) no longer says where
+        // the message went.
         self.call(move |db| match db.inbox.sent.get(key)? {
-            Some(bytes) => decode("sent", &bytes).map(Some),
+            Some(bytes) => super::sent_records::pending_record(&bytes),
             None => Ok(None),
         })
         .await
-    }
-
-    async fn has_written_to(
-        &self,
-        subject: &Username,
-        viewer: &Username,
-    ) -> Result<bool, StoreError> {
-        let key = pair_key(viewer, subject.as_str().as_bytes());
-        self.call(move |db| Ok(db.inbox.contacts.contains_key(key)?))
-            .await
     }
 
     async fn delete_user(
@@ -618,8 +596,7 @@ impl Store for FjallStore {
                 let mut forgotten = Vec::new();
                 for entry in db.inbox.sent.iter() {
                     let (key, value) = entry.into_inner()?;
-                    let record: SentRecord = decode("sent", &value)?;
-                    if record.expires_at <= now {
+                    if super::sent_records::expires_at(&value)? <= now {
                         forgotten.push(key.to_vec());
                     }
                 }
@@ -693,11 +670,7 @@ mod tests {
 
         store.close().await.unwrap();
         let db = &inner.db;
-        for keyspace in [
-            &inner.inbox.inbox,
-            &inner.inbox.sent,
-            &inner.users,
-        ] {
+        for keyspace in [&inner.inbox.inbox, &inner.inbox.sent, &inner.users] {
             assert!(
                 keyspace.table_count() > 0,
                 "{:?} is not in tables",

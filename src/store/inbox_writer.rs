@@ -26,12 +26,13 @@
 //!
 //! Key layout (usernames never contain 0x00; ids are the users' numeric ids, see `user_ids`):
 //! - `inbox_v2`: recipient id(u32 BE) seq(u64 BE) → [`StoredMessage`]
-//! - `sent_v2`: sender id(u32 BE) message-id(16) → [`SentRecord`]
+//! - `sent_v2`: sender id(u32 BE) message-id(16) → [`SentRecord`] while the message is pending,
+//!   then a settled marker naming no recipient (see `sent_records`)
 //! - `meta`: `seq` 0x00 user → next seq (u64 BE, at least) and the epoch it was written in
 //!   (u64 BE; absent in stores from before epochs: 0); [`EPOCH`] → the current epoch (u64 BE);
 //!   [`RUNNING`] → empty, while a writer runs and after one that did not stop cleanly. Stores
 //!   from before this layout also hold `cnt` 0x00 user keys, no longer read.
-//! - `contacts`: viewer 0x00 subject → empty (the subject has written to the viewer)
+//! - (no `contacts` any more: presence needs no stored graph, and `migrate` deletes the old one)
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -43,7 +44,8 @@ use fjall::{Database, Keyspace, OwnedWriteBatch, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
 use super::sender_shares::{SenderShare, SenderShares, count_from_store};
-use super::user_ids::{UserId, inbox_key, sent_key};
+use super::sent_records;
+use super::user_ids::{UserId, decode_id, inbox_key, sent_key};
 use super::{
     AppendHooks, Appended, Durability, NewMessage, Removal, SentRecord, SeqHook, StoreError,
     StoredMessage,
@@ -134,8 +136,8 @@ pub(super) struct InboxKeyspaces {
     pub inbox: Keyspace,
     pub sent: Keyspace,
     pub meta: Keyspace,
-    pub contacts: Keyspace,
-    /// Read only, to name the senders of an inbox's messages when counting their shares.
+    /// Read only: the senders of an inbox's messages when counting their shares, and a
+    /// removed message's sender id, to settle its send record.
     pub user_ids: Keyspace,
 }
 
@@ -245,7 +247,6 @@ impl InboxWriter {
             stored_seq: Map::default(),
             names: Map::default(),
             pending: Map::default(),
-            contacts: Map::default(),
             known: Map::default(),
             in_flight: Set::default(),
             jobs: Some(jobs),
@@ -332,8 +333,6 @@ struct WriterState {
     names: Map<UserId, Username>,
     /// Pending messages per inbox (counted from the inbox on first use).
     pending: Map<UserId, u64>,
-    /// Known to be in `contacts`: viewer → the subjects who have written to them.
-    contacts: Map<UserId, Set<UserId>>,
     /// Which messages of each inbox are pending, as far as this writer knows.
     known: Map<UserId, KnownPending>,
     /// (sender's id, message id) of every message in a batch not yet committed, for
@@ -587,7 +586,6 @@ impl WriterState {
             // may have been delivered.
             self.pending.clear();
             self.shares.clear();
-            self.contacts.clear();
             self.known = self
                 .next_seq
                 .iter()
@@ -642,7 +640,6 @@ impl WriterState {
         self.pending.insert(id, 0);
         self.known.remove(&id);
         self.shares.forget(id);
-        self.contacts.remove(&id);
         Ok(Some(removed))
     }
 
@@ -754,21 +751,6 @@ impl WriterState {
         );
         let record_len = SENT_OVERHEAD + record.recipient.as_str().len();
         batch.insert(&self.ks.sent, sent_key, encode_record(&record, record_len)?);
-        let known_contact = self
-            .contacts
-            .get(&recipient_id)
-            .is_some_and(|subjects| subjects.contains(&sender_id));
-        if !known_contact {
-            batch.insert(
-                &self.ks.contacts,
-                pair_key(&message.recipient, message.sender.as_str().as_bytes()),
-                Vec::new(),
-            );
-            self.contacts
-                .entry(recipient_id)
-                .or_default()
-                .insert(sender_id);
-        }
         self.next_seq.insert(recipient_id, seq + 1);
         self.pending.insert(recipient_id, pending + 1);
         self.shares.add(recipient_id, seq, sender_id, body_len);
@@ -777,6 +759,51 @@ impl WriterState {
         self.in_flight.insert((sender_id, message.id));
         appended.push((sender_id, message.id));
         Ok(Appended::Stored { seq })
+    }
+
+    /// Replaces the send record of the message at `key` of inbox `id`, which is being removed
+    /// (acknowledged, unsent or expired), with a settled marker that names no recipient: its
+    /// id stays a duplicate until it expires, and no sender–recipient pair outlives the
+    /// message. Costs a read of the entry (and of its sender's id) per removed message.
+    fn settle_sent(
+        &mut self,
+        batch: &mut OwnedWriteBatch,
+        id: UserId,
+        key: [u8; 12],
+    ) -> Result<(), StoreError> {
+        let mut entry = self.ks.inbox.get(key)?;
+        // Known pending but not in the store yet: its batch is still on its way to the
+        // committer.
+        while entry.is_none() && self.inboxes_in_flight.contains_key(&id) {
+            if !self.wait_for_commit() {
+                return Err(StoreError::WriterStopped);
+            }
+            entry = self.ks.inbox.get(key)?;
+        }
+        let Some(entry) = entry else {
+            return Ok(());
+        };
+        // A record that cannot be read must not block the removal: its send record then simply
+        // stays until it expires.
+        let origin = match sent_records::origin(&entry) {
+            Ok(origin) => origin,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot settle a send record");
+                return Ok(());
+            }
+        };
+        let Some(sender) = self.ks.user_ids.get(origin.from.as_str().as_bytes())? else {
+            return Ok(());
+        };
+        let Ok(sender) = decode_id("user_ids", &sender) else {
+            return Ok(());
+        };
+        batch.insert(
+            &self.ks.sent,
+            sent_key(sender, &origin.id.0),
+            sent_records::settled(origin.expires_at)?,
+        );
+        Ok(())
     }
 
     fn remove(
@@ -822,6 +849,7 @@ impl WriterState {
                 }
             };
             if present {
+                self.settle_sent(batch, id, key)?;
                 batch.remove(&self.ks.inbox, key);
                 self.shares.remove(id, seq);
                 removed += 1;

@@ -13,6 +13,12 @@
 //!
 //! A name in an old record without an account (not something this server writes) gets an id
 //! too, so its records are kept. An older server cannot read a store in format 2.
+//!
+//! Independently of the format, every open deletes the `contacts` keyspace that earlier
+//! servers wrote (viewer 0x00 subject for every first message): a durable who-wrote-to-whom
+//! graph that presence no longer needs (it is decided from memory: `server::router`). An older
+//! server opening the store afterwards recreates it empty, which only hides presence it had
+//! granted.
 
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -29,6 +35,9 @@ const FORMAT_KEY: &[u8] = b"store-format";
 const FORMAT: u32 = 2;
 /// Records moved per synced batch.
 const CHUNK: usize = 4096;
+
+/// The keyspace of the contact graph earlier servers kept (deleted at every open).
+const OLD_CONTACTS: &str = "contacts";
 
 /// The format-1 keyspaces, with the length of what follows the name and 0x00 in their keys.
 const OLD_INBOX: (&str, usize) = ("inbox", 8);
@@ -51,6 +60,7 @@ pub(super) fn run(
     inbox: &Keyspace,
     sent: &Keyspace,
 ) -> Result<Migrated, StoreError> {
+    drop_contacts(db)?;
     if let Some(value) = meta.get(FORMAT_KEY)? {
         let format = <[u8; 4]>::try_from(value.as_ref())
             .map(u32::from_be_bytes)
@@ -82,6 +92,18 @@ pub(super) fn run(
         );
     }
     Ok(migrated)
+}
+
+/// Deletes the old contact graph, if there is one; returns whether there was.
+fn drop_contacts(db: &Database) -> Result<bool, StoreError> {
+    if !db.keyspace_exists(OLD_CONTACTS) {
+        return Ok(false);
+    }
+    let contacts = db.keyspace(OLD_CONTACTS, KeyspaceCreateOptions::default)?;
+    db.delete_keyspace(contacts)?;
+    db.persist(PersistMode::SyncData)?;
+    tracing::info!("deleted the stored contact graph (`contacts`): presence no longer needs it");
+    Ok(true)
 }
 
 /// The entries of `keyspace` after `after` (all if `None`), at most one chunk.

@@ -11,6 +11,7 @@ mod inbox_writer;
 mod migrate;
 mod outage;
 mod sender_shares;
+mod sent_records;
 mod user_ids;
 
 pub use data_dir::DataDirError;
@@ -152,7 +153,8 @@ pub struct StoredMessage {
     pub body: Vec<u8>,
 }
 
-/// Where a sent message went, kept for deduplication and `unsend` until it expires.
+/// Where a sent message went, kept for deduplication and `unsend` while it is pending (then
+/// replaced by a marker that names no recipient, until it expires).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SentRecord {
     /// The recipient.
@@ -331,19 +333,13 @@ pub trait Store: Send + Sync + 'static {
         removal: Removal,
     ) -> Result<u64, StoreError>;
 
-    /// Where a message `sender` sent with `id` went, if it is still remembered.
+    /// Where a message `sender` sent with `id` went, while it is pending; `None` once it was
+    /// acknowledged, unsent or expired (the store then keeps only that the id was used).
     async fn sent(
         &self,
         sender: &Username,
         id: MessageId,
     ) -> Result<Option<SentRecord>, StoreError>;
-
-    /// Whether `subject` has ever sent `viewer` a message (presence is shown only then).
-    async fn has_written_to(
-        &self,
-        subject: &Username,
-        viewer: &Username,
-    ) -> Result<bool, StoreError>;
 
     /// Deletes expired inbox entries and send records; returns how many messages went.
     async fn purge_expired_messages(&self, now: u64) -> Result<u64, StoreError>;
@@ -351,9 +347,9 @@ pub trait Store: Send + Sync + 'static {
     /// Messages pending in all inboxes: a scan of every inbox key, for the metrics at start.
     async fn count_pending_messages(&self) -> Result<u64, StoreError>;
     /// Deletes the account `username`: its inbox (and no message goes to or from it from now
-    /// on), then in one synced write its record, id, keys and one-time prekeys, sessions and
-    /// presence pairs, and a hold on the name until `hold_until` (Unix seconds) during which
-    /// no one can sign it up. Messages it sent that wait in other inboxes stay. Returns the
+    /// on), then in one synced write its record, id, keys and one-time prekeys and sessions,
+    /// and a hold on the name until `hold_until` (Unix seconds) during which no one can sign
+    /// it up. Messages it sent that wait in other inboxes stay. Returns the
     /// digests of the deleted sessions, or `None` if there is no such account.
     async fn delete_user(
         &self,

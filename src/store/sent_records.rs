@@ -1,0 +1,121 @@
+//! The two kinds of value under a `sent_v2` key (sender id ‖ message id).
+//!
+//! While its message is pending, a send record names the recipient and the inbox seq
+//! ([`SentRecord`]): `unsend` needs both. Once the message leaves the inbox (acknowledged,
+//! unsent or expired) the writer replaces it, in the batch that removes the message, with a
+//! *settled* marker that holds only its expiry: a resend of the id is still answered as a
+//! duplicate until then, but nothing left on disk says to whom the message went, so acknowledged
+//! messages leave no sender–recipient pair behind (docs/SECURITY.md, the contact graph).
+
+use serde::{Deserialize, Serialize};
+
+use super::{SentRecord, StoreError};
+use crate::protocol::{MessageId, Username};
+
+/// A settled send record: the id was sent and its message is gone from the inbox.
+#[derive(Debug, Serialize, Deserialize)]
+struct Settled {
+    /// When the marker expires (the message's own expiry).
+    expires_at: u64,
+}
+
+/// Either kind of value, as read back: the recipient's fields are absent in a settled one.
+#[derive(Deserialize)]
+struct AnySent {
+    #[serde(default)]
+    recipient: Option<Username>,
+    #[serde(default)]
+    seq: Option<u64>,
+    expires_at: u64,
+}
+
+/// What the writer reads of an inbox entry it removes: enough to find its send record.
+#[derive(Deserialize)]
+pub(super) struct Origin {
+    /// The sender's id for the message.
+    pub id: MessageId,
+    /// The sender.
+    pub from: Username,
+    /// The message's expiry, kept by the settled marker.
+    pub expires_at: u64,
+}
+
+fn decode(bytes: &[u8]) -> Result<AnySent, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        keyspace: "sent",
+        reason: e.to_string(),
+    })
+}
+
+/// The value of a settled marker expiring at `expires_at`.
+pub(super) fn settled(expires_at: u64) -> Result<Vec<u8>, StoreError> {
+    Ok(rmp_serde::to_vec_named(&Settled { expires_at })?)
+}
+
+/// The pending send record in `bytes`, or `None` for a settled marker.
+pub(super) fn pending_record(bytes: &[u8]) -> Result<Option<SentRecord>, StoreError> {
+    let any = decode(bytes)?;
+    Ok(match (any.recipient, any.seq) {
+        (Some(recipient), Some(seq)) => Some(SentRecord {
+            recipient,
+            seq,
+            expires_at: any.expires_at,
+        }),
+        _ => None,
+    })
+}
+
+/// When the record or marker in `bytes` expires.
+pub(super) fn expires_at(bytes: &[u8]) -> Result<u64, StoreError> {
+    Ok(decode(bytes)?.expires_at)
+}
+
+/// The origin of the inbox entry in `bytes`.
+pub(super) fn origin(bytes: &[u8]) -> Result<Origin, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        keyspace: "inbox",
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoredMessage;
+
+    #[test]
+    fn a_settled_marker_names_no_recipient_and_keeps_its_expiry() {
+        let bob = Username::parse("bob").unwrap();
+        let record = SentRecord {
+            recipient: bob,
+            seq: 7,
+            expires_at: 99,
+        };
+        let pending = rmp_serde::to_vec_named(&record).unwrap();
+        assert_eq!(pending_record(&pending).unwrap(), Some(record));
+        assert_eq!(expires_at(&pending).unwrap(), 99);
+
+        let marker = settled(99).unwrap();
+        assert!(!marker.windows(3).any(|w| w == b"bob"));
+        assert_eq!(pending_record(&marker).unwrap(), None);
+        assert_eq!(expires_at(&marker).unwrap(), 99);
+    }
+
+    #[test]
+    fn the_origin_is_read_from_a_stored_message() {
+        let message = StoredMessage {
+            seq: 3,
+            id: MessageId([5; 16]),
+            from: Username::parse("alice").unwrap(),
+            kind: "text".into(),
+            sent_at: 1,
+            expires_at: 2,
+            body: vec![9; 1000],
+        };
+        let origin = origin(&rmp_serde::to_vec_named(&message).unwrap()).unwrap();
+        assert_eq!(
+            (origin.id, origin.from.as_str(), origin.expires_at),
+            (MessageId([5; 16]), "alice", 2)
+        );
+    }
+}
