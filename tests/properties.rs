@@ -561,3 +561,53 @@ fn write_fuzz_seeds() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Regressions: inputs found while fuzzing and writing these properties.
+
+/// `publish_keys` with a prekey written as `[id, key]` or with `bin` keys was accepted: serde
+/// takes a positional array (and byte-string field names) for a struct, and the strict decoder
+/// only checked the top-level map. The spec says each prekey is a map with string keys.
+#[test]
+fn regression_prekeys_not_written_as_maps_are_bad_requests() {
+    let key = || rmpv::Value::Binary(vec![9; 32]);
+    let publish = |field: &str, value: rmpv::Value| {
+        let frame = rmpv::Value::Map(vec![
+            ("id".into(), 4.into()),
+            ("type".into(), "publish_keys".into()),
+            (field.into(), value),
+        ]);
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &frame).expect("encodes");
+        out
+    };
+    let positional = rmpv::Value::Array(vec![5.into(), key()]);
+    let bin_keys = rmpv::Value::Map(vec![
+        (rmpv::Value::Binary(b"id".to_vec()), 5.into()),
+        (rmpv::Value::Binary(b"key".to_vec()), key()),
+    ]);
+    let signed_bin_keys = rmpv::Value::Map(vec![
+        (rmpv::Value::Binary(b"id".to_vec()), 5.into()),
+        ("key".into(), key()),
+        ("signature".into(), rmpv::Value::Binary(vec![1; 64])),
+    ]);
+    for body in [
+        publish("one_time_prekeys", rmpv::Value::Array(vec![positional])),
+        publish("one_time_prekeys", rmpv::Value::Array(vec![bin_keys])),
+        publish("signed_prekey", signed_bin_keys.clone()),
+        publish("last_resort", signed_bin_keys),
+    ] {
+        assert!(
+            matches!(
+                decode_request(&body),
+                Err(securefastchat::protocol::RequestError::Bad { id: 4, .. })
+            ),
+            "{:?}",
+            decode_request(&body)
+        );
+    }
+    // The documented shape still decodes.
+    let good = rmpv::Value::Map(vec![("id".into(), 5.into()), ("key".into(), key())]);
+    let body = publish("one_time_prekeys", rmpv::Value::Array(vec![good]));
+    assert!(decode_request(&body).is_ok());
+}
