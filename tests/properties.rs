@@ -611,3 +611,22 @@ fn regression_prekeys_not_written_as_maps_are_bad_requests() {
     let body = publish("one_time_prekeys", rmpv::Value::Array(vec![good]));
     assert!(decode_request(&body).is_ok());
 }
+
+/// The reserved marker 0xc1 ended the nesting scan ("the decoder refuses it"), but rmpv, which
+/// `decode_request` uses, reads it as nil and goes on: a frame with 0xc1 before deep nesting
+/// passed the check (found by the `nesting` fuzz target, a disagreement with a full decode).
+#[test]
+fn regression_reserved_marker_does_not_hide_deep_nesting() {
+    let mut bytes = vec![0x92, 0xc1];
+    bytes.extend(std::iter::repeat_n(0x91, MAX_NESTING));
+    bytes.push(0x01);
+    assert!(check_nesting(&bytes, MAX_NESTING).is_err());
+    // A request with the same nesting in an unknown field is malformed, not decoded.
+    let mut frame = vec![0x83, 0xa2, b'i', b'd', 0x01, 0xa4, b't', b'y', b'p', b'e'];
+    frame.extend([0xa4, b'p', b'i', b'n', b'g', 0xa1, b'x']);
+    frame.extend(&bytes);
+    assert!(matches!(
+        decode_request(&frame),
+        Err(securefastchat::protocol::RequestError::Malformed(_))
+    ));
+}
