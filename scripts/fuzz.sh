@@ -50,12 +50,15 @@ trap 'rm -rf "$logs"' EXIT
 for target in "${targets[@]}"; do
     echo "== $target: ${seconds}s"
     mkdir -p "fuzz/corpus/$target"
+    set +e
     cargo +nightly fuzz run --fuzz-dir fuzz --sanitizer "$sanitizer" "$target" \
         "fuzz/corpus/$target" -- \
         -max_total_time="$seconds" "${parallel[@]}" \
         -rss_limit_mb="$rss_limit" -malloc_limit_mb="$rss_limit" -timeout="$timeout" \
-        -print_final_stats=1 2>&1 | tee "$logs/$target.log" | grep -E '^(#[0-9]+.*(DONE|INITED)|==|SUMMARY|Done|stat::)' || true
-    status=${PIPESTATUS[0]}
+        -print_final_stats=1 >"$logs/$target.log" 2>&1
+    status=$?
+    set -e
+    grep -E '^(Done|SUMMARY|stat::number_of_executed_units)' "$logs/$target.log" || true
     if [ "$status" -ne 0 ]; then
         echo "fuzz: $target failed (exit $status); input saved under fuzz/artifacts/$target/" >&2
         tail -n 40 "$logs/$target.log" >&2
