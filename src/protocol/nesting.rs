@@ -32,7 +32,7 @@ enum Item {
     /// A container whose element count is the big-endian integer of this many bytes; `per`
     /// values per element (2 for a map).
     SizedContainer { len_bytes: usize, per: u64 },
-    /// A byte that is not a MessagePack marker.
+    /// A byte that is not a MessagePack marker (0xc1, "never used").
     Invalid,
 }
 
@@ -108,7 +108,8 @@ fn be_uint(bytes: &[u8], pos: usize, n: usize) -> Option<u64> {
 /// levels deep (a `max` above [`MAX_NESTING`] counts as [`MAX_NESTING`]).
 ///
 /// Only depth is judged: input that is truncated or not MessagePack passes as far as it goes,
-/// and the decoder that runs next refuses it. Runs in one pass without recursion or allocation.
+/// and the decoder that runs next refuses it. The reserved byte 0xc1 counts as a scalar, as
+/// rmpv (which reads it as nil) counts it. Runs in one pass without recursion or allocation.
 pub fn check_nesting(bytes: &[u8], max: usize) -> Result<(), TooDeep> {
     // Values still to read in each open container, innermost last (at most `max` of them);
     // `pending` is for the innermost, or for the top level (one value) when none is open.
@@ -141,7 +142,10 @@ pub fn check_nesting(bytes: &[u8], max: usize) -> Result<(), TooDeep> {
                 Some(len) => (len_bytes as u64, Some(len * per)),
                 None => return Ok(()),
             },
-            Item::Invalid => return Ok(()),
+            // rmpv reads this byte as nil and goes on: count it as a one-byte scalar so that
+            // what follows is still measured (stopping here let deeper nesting through to
+            // `decode_request`; found by the `nesting` fuzz target).
+            Item::Invalid => (0, None),
         };
         let Some(next) = usize::try_from(skip).ok().and_then(|s| pos.checked_add(s)) else {
             return Ok(());

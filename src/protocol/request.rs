@@ -85,6 +85,12 @@ fn as_str<'a>(value: &'a Value<'_>) -> Option<&'a str> {
     }
 }
 
+/// A prekey as the spec writes it: a map with string keys. serde alone would also take the
+/// positional array `[id, key]` and `bin` keys for a struct.
+fn is_prekey_map(value: &Value) -> bool {
+    matches!(value, Value::Map(entries) if entries.iter().all(|(k, _)| as_str(k).is_some()))
+}
+
 /// The type a known field must have in a request of `kind`; `None` for unknown fields, which
 /// are ignored.
 fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
@@ -151,6 +157,19 @@ pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
         {
             let reason = format!("`{name}` must be {}", expected.name());
             return Err(RequestError::Bad { id, kind, reason });
+        }
+    }
+    if kind == RequestKind::PublishKeys {
+        for (name, value) in &fields {
+            let shaped = match (*name, value) {
+                ("signed_prekey" | "last_resort", prekey) => is_prekey_map(prekey),
+                ("one_time_prekeys", Value::Array(items)) => items.iter().all(is_prekey_map),
+                _ => true,
+            };
+            if !shaped {
+                let reason = format!("`{name}` must hold prekeys as maps with string keys");
+                return Err(RequestError::Bad { id, kind, reason });
+            }
         }
     }
     if kind == RequestKind::Ack {
