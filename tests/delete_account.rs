@@ -88,6 +88,22 @@ async fn sfc_delete_account_removes_the_login_the_keys_the_inbox_and_the_connect
         .keyspace("keys", fjall::KeyspaceCreateOptions::default)
         .unwrap();
     assert!(keys.get("alice").unwrap().is_none());
+    // bob's send record of that message is settled: it no longer names alice.
+    let sent = db
+        .keyspace("sent_v2", fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    assert_eq!(
+        sent.iter().count(),
+        1,
+        "bob's send record is kept until it expires"
+    );
+    for entry in sent.iter() {
+        let value = entry.value().unwrap();
+        assert!(
+            !value.windows(5).any(|w| w == b"alice"),
+            "a send record still names the deleted account"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -633,8 +633,18 @@ impl WriterState {
             }
         }
         let mut removed = 0;
-        for entry in self.ks.inbox.prefix(id.to_be_bytes()) {
-            batch.remove(&self.ks.inbox, entry.key()?.to_vec());
+        let keys: Vec<_> = self
+            .ks
+            .inbox
+            .prefix(id.to_be_bytes())
+            .map(|entry| entry.key().map(|key| key.to_vec()))
+            .collect::<Result<_, _>>()?;
+        for key in keys {
+            // Their senders' records must not go on naming the deleted account either.
+            if let Ok(fixed) = <[u8; 12]>::try_from(key.as_slice()) {
+                self.settle_sent(batch, id, fixed)?;
+            }
+            batch.remove(&self.ks.inbox, key);
             removed += 1;
         }
         self.pending.insert(id, 0);
