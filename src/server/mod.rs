@@ -368,7 +368,12 @@ async fn count_pending(store: Arc<dyn Store>, shutdown: CancellationToken) {
 
 /// Housekeeping: forget refilled throttle buckets every minute, purge expired sessions hourly.
 async fn sweep(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let mut minutes = tokio::time::interval(Duration::from_secs(60));
+    // The first sweep comes a minute after the start, not at it: the expiry sweep reads every
+    // pending message, which with a large backlog cost seconds of CPU at every start (when
+    // nothing can have expired since the last run's sweep but the downtime) and held up a
+    // stop that came meanwhile.
+    let minute = Duration::from_secs(60);
+    let mut minutes = tokio::time::interval_at(tokio::time::Instant::now() + minute, minute);
     let mut last_session_sweep: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
@@ -385,17 +390,22 @@ async fn sweep(shared: Arc<Shared>, shutdown: CancellationToken) {
             continue;
         }
         last_session_sweep = Some(tokio::time::Instant::now());
-        match shared.accounts.purge_expired().await {
+        // A stop does not wait for a sweep: what it leaves is swept next time.
+        let purged = tokio::select! {
+            () = shutdown.cancelled() => return,
+            purged = shared.accounts.purge_expired() => purged,
+        };
+        match purged {
             Ok(0) => {}
             Ok(n) => info!(sessions = n, "purged expired sessions"),
             Err(e) => warn!(error = %e, "session sweep failed"),
         }
-        match shared
-            .accounts
-            .store()
-            .purge_expired_messages(crate::unix_now())
-            .await
-        {
+        let store = shared.accounts.store();
+        let expired = tokio::select! {
+            () = shutdown.cancelled() => return,
+            expired = store.purge_expired_messages(crate::unix_now()) => expired,
+        };
+        match expired {
             Ok(0) => {}
             Ok(n) => {
                 metrics::messages_expired(n);
