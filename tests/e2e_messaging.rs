@@ -14,15 +14,7 @@ use securefastchat::protocol::{MessageId, Password};
 const WAIT: Duration = Duration::from_secs(5);
 
 async fn messenger(server: &TestServer, home: &Path, name: &str, signup: bool) -> Messenger {
-    let client = server.client().await;
-    if signup {
-        client.signup(name, Password::new(PASSWORD)).await.unwrap();
-    } else {
-        client.login(name, Password::new(PASSWORD)).await.unwrap();
-    }
-    let messenger = Messenger::new(client, home, name).unwrap();
-    messenger.ensure_keys().await.unwrap();
-    messenger
+    server.messenger(home, name, signup).await
 }
 
 fn text_of(received: Option<Received>) -> (String, String, Option<String>) {

@@ -18,15 +18,7 @@ use securefastchat::protocol::Password;
 const WAIT: Duration = Duration::from_secs(5);
 
 async fn messenger(server: &TestServer, home: &Path, name: &str, signup: bool) -> Messenger {
-    let client = server.client().await;
-    if signup {
-        client.signup(name, Password::new(PASSWORD)).await.unwrap();
-    } else {
-        client.login(name, Password::new(PASSWORD)).await.unwrap();
-    }
-    let messenger = Messenger::new(client, home, name).unwrap();
-    messenger.ensure_keys().await.unwrap();
-    messenger
+    server.messenger(home, name, signup).await
 }
 
 /// Texts of many lengths, among them each bucket's edges and the largest a message may be.

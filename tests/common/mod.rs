@@ -81,6 +81,26 @@ impl TestServer {
         Client::connect(&self.options()).await.unwrap()
     }
 
+    /// An end-to-end messenger for `name` with its keystore in `home`: signed up (or logged
+    /// in) with [`PASSWORD`], its keys published.
+    pub async fn messenger(
+        &self,
+        home: &std::path::Path,
+        name: &str,
+        signup: bool,
+    ) -> securefastchat::client::messenger::Messenger {
+        let client = self.client().await;
+        if signup {
+            client.signup(name, Password::new(PASSWORD)).await.unwrap();
+        } else {
+            client.login(name, Password::new(PASSWORD)).await.unwrap();
+        }
+        let messenger =
+            securefastchat::client::messenger::Messenger::new(client, home, name).unwrap();
+        messenger.ensure_keys().await.unwrap();
+        messenger
+    }
+
     /// A client signed up as `name` (and so logged in), with its token.
     pub async fn signed_up(&self, name: &str) -> (Client, SessionToken) {
         let client = self.client().await;
