@@ -6,11 +6,15 @@
 //! asynchronously; a waiter queue longer than `max_waiting` is refused at once instead of
 //! growing without bound.
 //!
-//! A [`PriorityPool`] runs jobs on its own threads, which lower their scheduling priority (nice
-//! [`WORKER_NICE`]) so that password hashing uses the CPU that message relaying leaves idle
-//! instead of competing with it. Its queue has two classes: [`Priority::High`] jobs all run
-//! before any [`Priority::Low`] one, and when the queue is full a high job displaces the newest
-//! low one (which fails as saturated) instead of being refused.
+//! A [`PriorityPool`] runs jobs on its own threads, at a lower scheduling priority than the
+//! runtime, so that password hashing uses the CPU that message relaying leaves idle instead of
+//! competing with it. Its jobs come in two classes, each with its own queue and its own threads:
+//! [`Priority::High`] jobs (and [`Priority::Urgent`] ones, which go before them) run at nice
+//! [`WORKER_NICE`], [`Priority::Low`] ones under Linux's
+//! `SCHED_IDLE` policy, which any runnable normal thread preempts at once. A flood of low work
+//! therefore neither delays high work nor takes CPU from relaying. When the queues together are
+//! full a high job displaces the newest low one (which fails as saturated) instead of being
+//! refused.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -77,16 +81,22 @@ impl BlockingPool {
     }
 }
 
-/// The nice value of [`PriorityPool`] threads: CFS gives a nice-10 thread about a tenth of the
-/// weight of a nice-0 one, so the runtime's workers win a contended core.
+/// The nice value of [`PriorityPool`] threads for high jobs (and for low ones where
+/// `SCHED_IDLE` is refused): CFS gives a nice-10 thread about a tenth of the weight of a nice-0
+/// one, so the runtime's workers win a contended core.
 pub const WORKER_NICE: i32 = 10;
+
+/// The nice value of low-job threads where `SCHED_IDLE` cannot be set.
+const LOW_FALLBACK_NICE: i32 = 19;
 
 /// The class of a [`PriorityPool`] job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
-    /// Runs before every low job.
+    /// Runs on the high threads, before every queued high job.
+    Urgent,
+    /// Runs on the high threads, never behind a low job.
     High,
-    /// Runs when no high job waits.
+    /// Runs on the low threads, with only the CPU nothing else wants.
     Low,
 }
 
@@ -102,6 +112,7 @@ struct Queued {
 
 #[derive(Default)]
 struct Queues {
+    urgent: VecDeque<Queued>,
     high: VecDeque<Queued>,
     low: VecDeque<Queued>,
     closed: bool,
@@ -109,15 +120,21 @@ struct Queues {
 
 impl Queues {
     fn len(&self) -> usize {
-        self.high.len() + self.low.len()
+        self.urgent.len() + self.high.len() + self.low.len()
     }
 
-    fn next(&mut self) -> Option<Queued> {
-        self.high.pop_front().or_else(|| self.low.pop_front())
+    fn next(&mut self, class: Priority) -> Option<Queued> {
+        match class {
+            Priority::Urgent | Priority::High => {
+                self.urgent.pop_front().or_else(|| self.high.pop_front())
+            }
+            Priority::Low => self.low.pop_front(),
+        }
     }
 
     /// Drops jobs whose waiter is gone (cancelled requests), to make room.
     fn forget_abandoned(&mut self) {
+        self.urgent.retain(|q| (q.live)());
         self.high.retain(|q| (q.live)());
         self.low.retain(|q| (q.live)());
     }
@@ -125,7 +142,19 @@ impl Queues {
 
 struct PoolState {
     queues: Mutex<Queues>,
-    ready: Condvar,
+    /// Wakes a high thread.
+    high_ready: Condvar,
+    /// Wakes a low thread.
+    low_ready: Condvar,
+}
+
+impl PoolState {
+    fn ready(&self, class: Priority) -> &Condvar {
+        match class {
+            Priority::Urgent | Priority::High => &self.high_ready,
+            Priority::Low => &self.low_ready,
+        }
+    }
 }
 
 /// Closes the pool when the last handle is dropped, so its threads end.
@@ -138,11 +167,13 @@ impl Drop for PoolHandle {
         if let Ok(mut queues) = self.state.queues.lock() {
             queues.closed = true;
         }
-        self.state.ready.notify_all();
+        self.state.high_ready.notify_all();
+        self.state.low_ready.notify_all();
     }
 }
 
-/// A named pool of dedicated, low-priority threads with a two-class bounded queue.
+/// A named pool of dedicated, low-priority threads: a bounded queue and a set of threads for
+/// each of the two classes.
 #[derive(Clone)]
 pub struct PriorityPool {
     name: &'static str,
@@ -160,7 +191,8 @@ impl std::fmt::Debug for PriorityPool {
 }
 
 impl PriorityPool {
-    /// Starts `workers` threads (at least one) with at most `max_waiting` jobs queued.
+    /// Starts `workers` threads (at least one) for each class, with at most `max_waiting` jobs
+    /// queued in all. At most `workers` jobs of each class run at once.
     pub fn new(
         name: &'static str,
         workers: usize,
@@ -168,13 +200,20 @@ impl PriorityPool {
     ) -> Result<Self, std::io::Error> {
         let state = Arc::new(PoolState {
             queues: Mutex::new(Queues::default()),
-            ready: Condvar::new(),
+            high_ready: Condvar::new(),
+            low_ready: Condvar::new(),
         });
-        for index in 0..workers.max(1) {
-            let state = Arc::clone(&state);
-            std::thread::Builder::new()
-                .name(format!("{name}-{index}"))
-                .spawn(move || work(&state))?;
+        for class in [Priority::High, Priority::Low] {
+            let tag = match class {
+                Priority::Urgent | Priority::High => "",
+                Priority::Low => "-idle",
+            };
+            for index in 0..workers.max(1) {
+                let state = Arc::clone(&state);
+                std::thread::Builder::new()
+                    .name(format!("{name}{tag}-{index}"))
+                    .spawn(move || work(&state, class))?;
+            }
         }
         Ok(Self {
             name,
@@ -183,7 +222,7 @@ impl PriorityPool {
         })
     }
 
-    /// Runs `job` on a pool thread, after every queued job of higher or equal class.
+    /// Runs `job` on a thread of its class, after the jobs of that class queued before it.
     pub async fn run<T, F>(&self, priority: Priority, job: F) -> Result<T, BlockingError>
     where
         F: FnOnce() -> T + Send + 'static,
@@ -227,7 +266,7 @@ impl PriorityPool {
         }
         if queues.len() >= self.max_waiting {
             let displaced = match priority {
-                Priority::High => queues.low.pop_back(),
+                Priority::Urgent | Priority::High => queues.low.pop_back(),
                 Priority::Low => None,
             };
             match displaced {
@@ -236,11 +275,12 @@ impl PriorityPool {
             }
         }
         match priority {
+            Priority::Urgent => queues.urgent.push_back(queued),
             Priority::High => queues.high.push_back(queued),
             Priority::Low => queues.low.push_back(queued),
         }
         drop(queues);
-        state.ready.notify_one();
+        state.ready(priority).notify_one();
         Ok(())
     }
 
@@ -255,9 +295,10 @@ impl PriorityPool {
     }
 }
 
-/// A pool thread: lowers its own priority, then runs jobs until the pool closes.
-fn work(state: &PoolState) {
-    lower_priority();
+/// A pool thread of `class`: lowers its own priority, then runs that class's jobs until the
+/// pool closes.
+fn work(state: &PoolState, class: Priority) {
+    lower_priority(class);
     loop {
         let next = {
             let Ok(mut queues) = state.queues.lock() else {
@@ -267,10 +308,10 @@ fn work(state: &PoolState) {
                 if queues.closed {
                     return;
                 }
-                if let Some(next) = queues.next() {
+                if let Some(next) = queues.next(class) {
                     break next;
                 }
-                queues = match state.ready.wait(queues) {
+                queues = match state.ready(class).wait(queues) {
                     Ok(queues) => queues,
                     Err(_) => return,
                 };
@@ -283,17 +324,34 @@ fn work(state: &PoolState) {
     }
 }
 
-/// Best effort: a thread that cannot lower its priority still works, at the normal one.
-fn lower_priority() {
+/// Best effort: a thread that cannot lower its priority still works, at the normal one. Low
+/// threads ask for `SCHED_IDLE` (allowed without privileges: it only lowers) and fall back to
+/// nice [`LOW_FALLBACK_NICE`].
+fn lower_priority(class: Priority) {
     #[cfg(target_os = "linux")]
     {
+        if class == Priority::Low {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: `param` is a valid sched_param that outlives the call; on Linux pid 0
+            // names the calling thread, which is the one being lowered.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0 {
+                return;
+            }
+            tracing::debug!("could not put a low pool thread under SCHED_IDLE");
+        }
+        let nice = match class {
+            Priority::Urgent | Priority::High => WORKER_NICE,
+            Priority::Low => LOW_FALLBACK_NICE,
+        };
         // SAFETY: setpriority takes plain integers; on Linux `who = 0` with PRIO_PROCESS names
         // the calling thread, which is the one being lowered.
-        let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, WORKER_NICE) };
+        let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
         if result != 0 {
             tracing::debug!("could not lower the priority of a pool thread");
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = class;
 }
 
 #[cfg(test)]
@@ -331,20 +389,27 @@ mod tests {
         assert_eq!(peak.load(Ordering::SeqCst), 2);
     }
 
+    /// Occupies the thread of `class` of a one-thread-per-class pool for `ms`.
+    fn occupy(
+        pool: &PriorityPool,
+        class: Priority,
+        ms: u64,
+    ) -> tokio::task::JoinHandle<Result<(), BlockingError>> {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            pool.run(class, move || std::thread::sleep(Duration::from_millis(ms)))
+                .await
+        })
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn high_jobs_run_first_and_displace_low_ones_when_full() {
+    async fn high_jobs_displace_low_ones_when_the_queue_is_full() {
         let pool = PriorityPool::new("test", 1, 3).unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
-        // Occupy the single thread.
-        let blocker = {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                pool.run(Priority::Low, || {
-                    std::thread::sleep(Duration::from_millis(200))
-                })
-                .await
-            })
-        };
+        let blockers = [
+            occupy(&pool, Priority::High, 200),
+            occupy(&pool, Priority::Low, 200),
+        ];
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut jobs = Vec::new();
         for (label, priority) in [
@@ -359,7 +424,7 @@ mod tests {
             }));
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // The queue is full (3): a low job is refused, a high one displaces the newest low one.
+        // The queues are full (3): a low job is refused, a high one displaces the newest low one.
         assert!(matches!(
             pool.run(Priority::Low, || ()).await,
             Err(BlockingError::Saturated("test"))
@@ -370,13 +435,85 @@ mod tests {
                 .run(Priority::High, move || order2.lock().unwrap().push("high2"))
                 .await
         });
-        blocker.await.unwrap().unwrap();
+        for blocker in blockers {
+            blocker.await.unwrap().unwrap();
+        }
         high2.await.unwrap().unwrap();
         let results: Vec<_> = futures_results(jobs).await;
         assert!(results[0].is_ok());
         assert!(matches!(results[1], Err(BlockingError::Saturated("test"))));
         assert!(results[2].is_ok());
-        assert_eq!(*order.lock().unwrap(), vec!["high1", "high2", "low1"]);
+        let order = order.lock().unwrap().clone();
+        let highs: Vec<&str> = order
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with("high"))
+            .collect();
+        assert_eq!(highs, ["high1", "high2"]);
+        assert!(
+            order.contains(&"low1") && !order.contains(&"low2"),
+            "{order:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn urgent_jobs_go_before_queued_high_ones() {
+        let pool = PriorityPool::new("test", 1, 8).unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let blocker = occupy(&pool, Priority::High, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut jobs = Vec::new();
+        for (label, priority) in [
+            ("high1", Priority::High),
+            ("high2", Priority::High),
+            ("urgent", Priority::Urgent),
+        ] {
+            let (pool, order) = (pool.clone(), Arc::clone(&order));
+            jobs.push(tokio::spawn(async move {
+                pool.run(priority, move || order.lock().unwrap().push(label))
+                    .await
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        blocker.await.unwrap().unwrap();
+        assert!(futures_results(jobs).await.iter().all(Result::is_ok));
+        assert_eq!(*order.lock().unwrap(), ["urgent", "high1", "high2"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_running_low_job_does_not_delay_a_high_one() {
+        let pool = PriorityPool::new("test", 1, 8).unwrap();
+        let low = occupy(&pool, Priority::Low, 1_000);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let asked = std::time::Instant::now();
+        pool.run(Priority::High, || ()).await.unwrap();
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            asked.elapsed()
+        );
+        low.await.unwrap().unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn low_jobs_run_under_sched_idle_and_high_ones_niced() {
+        let pool = PriorityPool::new("test", 1, 8).unwrap();
+        // SAFETY: both calls take plain integers and name the calling thread.
+        let scheduling = || unsafe {
+            (
+                libc::sched_getscheduler(0),
+                libc::getpriority(libc::PRIO_PROCESS, 0),
+            )
+        };
+        let (low_policy, low_nice) = pool.run(Priority::Low, scheduling).await.unwrap();
+        assert!(
+            low_policy == libc::SCHED_IDLE || low_nice == LOW_FALLBACK_NICE,
+            "policy {low_policy}, nice {low_nice}"
+        );
+        let (high_policy, high_nice) = pool.run(Priority::High, scheduling).await.unwrap();
+        assert_eq!(high_policy, libc::SCHED_OTHER);
+        assert_eq!(high_nice, WORKER_NICE);
     }
 
     async fn futures_results(
