@@ -12,7 +12,10 @@
 #
 # usage: scripts/flood.sh [idle|logins] [CONNECTIONS] [HOLD]
 # environment: SOURCES (64), PAIRS (10), RATE (500 msg/s in all), RELAY_SECS (10),
-#              NO_BUILD=1 to use target/release as it is.
+#              NO_BUILD=1 to use target/release as it is, FLOOD_PREFIX to run the flood
+#              generator under a command, e.g. FLOOD_PREFIX="nice -n 19": on one machine the
+#              generator's own CPU competes with the server and the honest relay, which a
+#              flood from elsewhere would not.
 # The honest relay runs from 127.0.0.1, the flood from 127.1.0.x (all of 127/8 is loopback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +30,7 @@ hold="${3:-$((relay_secs + 10))}"
 sources="${SOURCES:-64}"
 pairs="${PAIRS:-10}"
 rate="${RATE:-500}"
+flood_prefix="${FLOOD_PREFIX:-}"
 if [[ -z "${NO_BUILD:-}" ]]; then
     cargo build --release --quiet --bin sfc-server --bin sfc-bench
 fi
@@ -76,11 +80,11 @@ echo "honest relay: $pairs pairs, $rate msg/s open loop, $relay_secs s, from 127
 echo "unloaded:  RSS $(rss_mib) MiB; relay $(relay); RSS after it $(rss_mib) MiB"
 
 if [[ $mode == idle ]]; then
-    "$bin/sfc-bench" flood --server "$addr" --ca "$ca" --clients "$connections" \
+    $flood_prefix "$bin/sfc-bench" flood --server "$addr" --ca "$ca" --clients "$connections" \
         --sources "$sources" --duration "$hold" >"$dir/flood.out" 2>"$dir/flood.log" &
     ready='holding'
 else
-    "$bin/sfc-bench" flood-logins --server "$addr" --ca "$ca" --connections "$connections" \
+    $flood_prefix "$bin/sfc-bench" flood-logins --server "$addr" --ca "$ca" --connections "$connections" \
         --sources "$sources" --duration "$hold" >"$dir/flood.out" 2>"$dir/flood.log" &
     ready=''
 fi

@@ -272,3 +272,97 @@ async fn a_clean_address_is_served_ahead_of_a_flood() {
     );
     server.stop().await;
 }
+
+/// A connection that keeps asking after being refused gets each refusal later than the one
+/// before (0.5 s, 1 s, 2 s, ...), so a flood's request rate falls instead of staying at two
+/// requests a second per connection; a new connection starts again at the first delay. Before,
+/// every refusal came after 0.5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_in_a_row_come_ever_later() {
+    let server = TestServer::start_with(|c| {
+        c.failed_logins_per_minute = 1;
+        c.password_work_per_address = 0;
+    })
+    .await;
+    let mut guesser = client_from(&server, ip(10)).await;
+    let reply = guesser.request(login("nobody", "guess")).await.unwrap();
+    assert_eq!(
+        code(&reply),
+        Some(ErrorCode::InvalidCredentials),
+        "{reply:?}"
+    );
+    let mut took = Vec::new();
+    for _ in 0..3 {
+        let asked = Instant::now();
+        let reply = guesser.request(login("nobody", "guess")).await.unwrap();
+        assert_eq!(code(&reply), Some(ErrorCode::RateLimited), "{reply:?}");
+        took.push(asked.elapsed());
+    }
+    let ms: Vec<u128> = took.iter().map(Duration::as_millis).collect();
+    assert!((450..1_000).contains(&ms[0]), "{ms:?}");
+    assert!((950..1_800).contains(&ms[1]), "{ms:?}");
+    assert!((1_950..3_000).contains(&ms[2]), "{ms:?}");
+    let mut fresh = client_from(&server, ip(10)).await;
+    let asked = Instant::now();
+    let reply = fresh.request(login("nobody", "guess")).await.unwrap();
+    assert_eq!(code(&reply), Some(ErrorCode::RateLimited), "{reply:?}");
+    assert!(
+        asked.elapsed() < Duration::from_millis(1_000),
+        "{:?}",
+        asked.elapsed()
+    );
+    server.stop().await;
+}
+
+/// Many fresh addresses, one wrong guess each: every one of them has a clean record, as a
+/// flood from many addresses looks at first. An address that logged in successfully before
+/// goes ahead of all of them; before, it queued behind them as one more clean address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_logged_in_before_goes_ahead_of_fresh_ones() {
+    let server = TestServer::start_with(|c| {
+        c.failed_logins_per_minute = 1_000_000;
+        c.password_work_per_address = 0;
+        c.password_workers = 1;
+    })
+    .await;
+    server.signed_up("honest").await;
+    let mut client = client_from(&server, ip(1)).await;
+    let reply = client.request(login("honest", PASSWORD)).await.unwrap();
+    assert!(matches!(reply, Reply::Session { .. }), "{reply:?}");
+    client.close();
+
+    let mut flooders = Vec::new();
+    for last in 100..140 {
+        flooders.push(client_from(&server, ip(last)).await);
+    }
+    let mut flood = JoinSet::new();
+    for (i, mut flooder) in flooders.into_iter().enumerate() {
+        flood.spawn(async move {
+            let asked = Instant::now();
+            let reply = flooder
+                .request(login(&format!("guess{i}"), "guess"))
+                .await
+                .unwrap();
+            assert_eq!(code(&reply), Some(ErrorCode::InvalidCredentials));
+            asked.elapsed()
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut client = client_from(&server, ip(1)).await;
+    let asked = Instant::now();
+    let reply = client.request(login("honest", PASSWORD)).await.unwrap();
+    let honest = asked.elapsed();
+    assert!(matches!(reply, Reply::Session { .. }), "{reply:?}");
+    let mut waits = Vec::new();
+    while let Some(w) = flood.join_next().await {
+        waits.push(w.unwrap());
+    }
+    waits.sort();
+    let slowest = waits[waits.len() - 1];
+    assert!(
+        honest * 3 < slowest,
+        "honest {honest:?}, fresh addresses {:?} .. {slowest:?}",
+        waits[0]
+    );
+    server.stop().await;
+}

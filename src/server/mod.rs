@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod config;
 mod connection;
 mod directory;
+pub mod known_good;
 mod messaging;
 pub mod metrics;
 pub mod password;
@@ -109,6 +110,8 @@ pub(crate) struct Shared {
     pub(crate) username_checks: Throttle,
     pub(crate) password_work: InFlight,
     pub(crate) login_backoff: AccountBackoff,
+    /// Addresses with a recent successful login: their password work goes first.
+    pub(crate) known_good: known_good::KnownGood,
     pub(crate) router: Arc<Router>,
     pub(crate) limits: MessageLimits,
     pub(crate) send_rate: send_rate::SendRate,
@@ -208,6 +211,7 @@ impl Server {
             username_checks: Throttle::new(config.username_checks_per_minute),
             password_work: InFlight::new(config.password_work_per_address),
             login_backoff: AccountBackoff::new(),
+            known_good: known_good::KnownGood::default(),
             router: Arc::new(Router::default()),
             limits: MessageLimits {
                 max_message_bytes: config.max_message_bytes,
@@ -386,6 +390,7 @@ async fn sweep(shared: Arc<Shared>, shutdown: CancellationToken) {
         shared.bundle_fetches.prune(now);
         shared.username_checks.prune(now);
         shared.login_backoff.prune(now);
+        shared.known_good.prune(now);
         if last_session_sweep.is_some_and(|t| t.elapsed() < SESSION_SWEEP_INTERVAL) {
             continue;
         }

@@ -33,8 +33,11 @@ const MAX_PREKEYS_PER_REQUEST: usize = 200;
 const IN_FLIGHT_WHAT: &str = "logins and signups in progress from your address";
 /// When it may retry: about one argon2 run.
 const IN_FLIGHT_RETRY: Duration = Duration::from_secs(1);
-/// How long a refused login, signup or username check waits before its `rate_limited` reply.
+/// How long a refused login, signup or username check waits before its `rate_limited` reply
+/// (at most: a shorter wait is answered after the wait).
 const REFUSAL_DELAY: Duration = Duration::from_millis(500);
+/// Each further refusal in a row on one connection doubles the delay, up to this.
+const MAX_REFUSAL_DELAY: Duration = Duration::from_secs(8);
 
 /// Delivery of the user's inbox to this connection; stops when dropped.
 struct Delivery {
@@ -56,6 +59,8 @@ pub(crate) struct Control {
     session: SessionCell,
     events: mpsc::Sender<Box<ServerFrame>>,
     delivery: Option<Delivery>,
+    /// Throttle refusals in a row on this connection (see [`Refusal::delay`]).
+    refusals: u32,
     span: Span,
 }
 
@@ -74,6 +79,7 @@ impl Control {
             session,
             events,
             delivery: None,
+            refusals: 0,
             span,
         }
     }
@@ -114,6 +120,18 @@ impl Control {
                 reply: error(ErrorCode::BadRequest, e.to_string()),
             },
         })
+    }
+
+    /// Answers a throttle refusal, later the more refusals in a row this connection had.
+    async fn refuse(&mut self, refusal: Refusal) -> Reply {
+        self.refusals = self.refusals.saturating_add(1);
+        refusal.answer(self.refusals).await
+    }
+
+    /// A throttled request that was not refused ends the run of refusals.
+    fn not_refused(&mut self, reply: Reply) -> Reply {
+        self.refusals = 0;
+        reply
     }
 
     fn current(&self) -> Option<ActiveSession> {
@@ -169,16 +187,16 @@ impl Control {
             Request::Hello { version, client } => self.hello(version, client),
             Request::Ping => Reply::Pong,
             Request::CheckUsername { username } => match self.check_username(&username).await {
-                Ok(reply) => reply,
-                Err(refusal) => refusal.answer().await,
+                Ok(reply) => self.not_refused(reply),
+                Err(refusal) => self.refuse(refusal).await,
             },
             Request::Signup { username, password } => {
                 if self.current().is_some() {
                     return already_authenticated();
                 }
                 match self.signup(&username, password).await {
-                    Ok(reply) => reply,
-                    Err(refusal) => refusal.answer().await,
+                    Ok(reply) => self.not_refused(reply),
+                    Err(refusal) => self.refuse(refusal).await,
                 }
             }
             Request::Login { username, password } => {
@@ -186,8 +204,8 @@ impl Control {
                     return already_authenticated();
                 }
                 match self.login(&username, password).await {
-                    Ok(reply) => reply,
-                    Err(refusal) => refusal.answer().await,
+                    Ok(reply) => self.not_refused(reply),
+                    Err(refusal) => self.refuse(refusal).await,
                 }
             }
             Request::Resume { token, deliver } => {
@@ -208,6 +226,9 @@ impl Control {
                                 *cell = Some(session);
                             }
                         }
+                        // A token is as good a sign as a password that the address is honest.
+                        let addr = self.conn.remote_address().ip();
+                        self.shared.known_good.note(addr, Instant::now());
                         info!(deliver, "resumed session");
                         reply
                     }
@@ -282,10 +303,13 @@ impl Control {
             shared.failed_logins.refund(addr, taken, now);
             return Err(Refusal::new("failed logins for this account", wait));
         }
-        let result = shared
-            .accounts
-            .login(username, password, queue_priority(taken.standing))
-            .await;
+        // A clean address that logged in lately goes ahead of clean ones never seen before,
+        // which is what each address of a flood from many addresses looks like at first.
+        let priority = match queue_priority(taken.standing) {
+            Priority::High if shared.known_good.knows(addr, now) => Priority::Urgent,
+            other => other,
+        };
+        let result = shared.accounts.login(username, password, priority).await;
         super::metrics::login(&result);
         let now = Instant::now();
         match (&result, &account) {
@@ -294,6 +318,9 @@ impl Control {
             }
             (Err(AccountError::InvalidCredentials), None) => {}
             _ => shared.failed_logins.refund(addr, taken, now),
+        }
+        if result.is_ok() {
+            shared.known_good.note(addr, now);
         }
         Ok(self.start_session(result, "logged in"))
     }
@@ -385,12 +412,14 @@ impl Control {
                 let addr = self.conn.remote_address().ip();
                 let shared = Arc::clone(&self.shared);
                 let Some(_in_flight) = shared.password_work.enter(addr) else {
-                    return Refusal::new(IN_FLIGHT_WHAT, IN_FLIGHT_RETRY).answer().await;
+                    return self
+                        .refuse(Refusal::new(IN_FLIGHT_WHAT, IN_FLIGHT_RETRY))
+                        .await;
                 };
                 // Kept even when the password is right: a deletion happens once.
                 if let Err(wait) = shared.failed_logins.take(addr, Instant::now()) {
-                    return Refusal::new("password attempts from your address", wait)
-                        .answer()
+                    return self
+                        .refuse(Refusal::new("password attempts from your address", wait))
                         .await;
                 }
                 let hold = self.shared.name_hold;
@@ -582,13 +611,28 @@ impl Refusal {
         Self { what, wait }
     }
 
-    /// `rate_limited`, sent after [`REFUSAL_DELAY`] (or the wait, if shorter): a client that
-    /// ignores "retry in" and asks again at once then makes two requests a second per
-    /// connection, not thousands, and a sleeping task costs the server next to nothing.
-    /// Nothing is held meanwhile (the in-flight slot was given back).
-    async fn answer(self) -> Reply {
-        tokio::time::sleep(REFUSAL_DELAY.min(self.wait)).await;
+    /// `rate_limited`, sent after [`Refusal::delay`]. Requests on a control stream are
+    /// handled one at a time, so a client that ignores "retry in" and asks again at once makes
+    /// two requests a second on a connection at first and one every
+    /// [`MAX_REFUSAL_DELAY`] soon after, not thousands, and a sleeping task costs the server
+    /// next to nothing. Nothing is held meanwhile (the in-flight slot was given back).
+    async fn answer(self, in_a_row: u32) -> Reply {
+        tokio::time::sleep(self.delay(in_a_row)).await;
         rate_limited(self.what, self.wait)
+    }
+
+    /// The delay of the `in_a_row`th refusal in a row on a connection: the first waits
+    /// [`REFUSAL_DELAY`] (or the wait, if shorter), each further one twice the one before, up
+    /// to [`MAX_REFUSAL_DELAY`]. An honest client, which waits as told, is seldom refused twice
+    /// in a row; a flooding connection soon costs one reply every few seconds.
+    fn delay(&self, in_a_row: u32) -> Duration {
+        if in_a_row <= 1 {
+            return REFUSAL_DELAY.min(self.wait);
+        }
+        let doublings = (in_a_row - 1).min(16);
+        REFUSAL_DELAY
+            .saturating_mul(1 << doublings)
+            .min(MAX_REFUSAL_DELAY)
     }
 }
 
