@@ -519,10 +519,11 @@ impl Control {
         let Ok(user) = Username::parse(username) else {
             return unknown_user();
         };
-        if let Err(wait) = self.shared.bundle_fetches.check(me.clone(), Instant::now()) {
+        // Taken in one step: a check followed by a spend let concurrent fetches (from the
+        // user's other connections) all pass one check.
+        if let Err(wait) = self.shared.bundle_fetches.take(me.clone(), Instant::now()) {
             return rate_limited("key bundle fetches", wait);
         }
-        self.shared.bundle_fetches.spend(me.clone(), Instant::now());
         match self.shared.accounts.store().take_bundle(&user).await {
             Ok(Some(taken)) => {
                 if taken.remaining < PREKEYS_LOW {
