@@ -66,6 +66,18 @@ done
 ca="$dir/certs/ca.crt"
 
 rss_mib() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$server_pid/status"; }
+# CPU (user + system) the server has used so far, in milliseconds: robust to a busy machine.
+cpu_ms() {
+    awk -v hz="$(getconf CLK_TCK)" '{ print int(($14 + $15) * 1000 / hz) }' "/proc/$server_pid/stat"
+}
+# The relay, with the server CPU per second it took (the flood's share included when flooded).
+measured_relay() {
+    local before after out
+    before=$(cpu_ms)
+    out=$(relay)
+    after=$(cpu_ms)
+    echo "$out; server CPU $(((after - before) / relay_secs)) ms/s"
+}
 relay() {
     "$bin/sfc-bench" relay --server "$addr" --ca "$ca" --clients "$pairs" --rate "$rate" \
         --duration "$relay_secs" --json 2>/dev/null |
@@ -77,7 +89,7 @@ print("p50 %d us, p99 %d us, p99.9 %d us, delivered %d, errors %d"
 
 echo "server $addr (pid $server_pid); $mode flood of $connections from $sources addresses"
 echo "honest relay: $pairs pairs, $rate msg/s open loop, $relay_secs s, from 127.0.0.1"
-echo "unloaded:  RSS $(rss_mib) MiB; relay $(relay); RSS after it $(rss_mib) MiB"
+echo "unloaded:  RSS $(rss_mib) MiB; relay $(measured_relay); RSS after it $(rss_mib) MiB"
 
 if [[ $mode == idle ]]; then
     $flood_prefix "$bin/sfc-bench" flood --server "$addr" --ca "$ca" --clients "$connections" \
@@ -99,7 +111,7 @@ if [[ -n "$ready" ]]; then
 else
     sleep 2
 fi
-echo "flooded:   RSS $(rss_mib) MiB; relay $(relay); RSS after it $(rss_mib) MiB"
+echo "flooded:   RSS $(rss_mib) MiB; relay $(measured_relay); RSS after it $(rss_mib) MiB"
 wait "$flood_pid" || true
 sleep 5
 echo "after:     RSS $(rss_mib) MiB (flood over, 5 s later)"

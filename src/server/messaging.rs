@@ -13,6 +13,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 
 use super::Shared;
 use super::accounts::ActiveSession;
+use super::body_budget::ConnectionBudget;
 use super::router::{Mailbox, Taken};
 use crate::protocol::{
     DeliverHeader, ErrorCode, FrameError, MAX_STREAM_HEADER, MessageId, Reply, SendHeader,
@@ -48,10 +49,12 @@ pub(crate) async fn accept_message_streams(
     session: SessionCell,
     events: mpsc::Sender<Box<ServerFrame>>,
 ) {
+    let budget = shared.body_budget.connection();
     let handle = |stream: RecvStream| {
         let (shared, session, events) = (Arc::clone(&shared), session.clone(), events.clone());
+        let budget = budget.clone();
         async move {
-            if let Some(reply) = receive(stream, &shared, &session).await {
+            if let Some(reply) = receive(stream, &shared, &session, &budget).await {
                 let _ = events.send(Box::new(ServerFrame { id: None, reply })).await;
             }
         }
@@ -84,7 +87,12 @@ fn failed(message_id: Option<MessageId>, code: ErrorCode, message: impl Into<Str
 }
 
 /// Reads one message stream and stores the message; returns the event for the sender.
-async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell) -> Option<Reply> {
+async fn receive(
+    mut stream: RecvStream,
+    shared: &Shared,
+    session: &SessionCell,
+    budget: &ConnectionBudget,
+) -> Option<Reply> {
     let refuse = |stream: &mut RecvStream| {
         let _ = stream.stop(VarInt::from_u32(STREAM_REFUSED));
     };
@@ -151,6 +159,15 @@ async fn receive(mut stream: RecvStream, shared: &Shared, session: &SessionCell)
     }
     // Buffered as it arrives, never more than announced: a header alone allocates nothing.
     let length = usize::try_from(header.length).unwrap_or(usize::MAX);
+    // Held until the store has answered: a stalled disk stops the peer here, unread.
+    let Some(_reserved) = budget.reserve(length).await else {
+        refuse(&mut stream);
+        return Some(failed(
+            Some(id),
+            ErrorCode::MessageTooLarge,
+            "message too large",
+        ));
+    };
     let body = match stream.read_to_end(length).await {
         Ok(body) if body.len() == length => body,
         Ok(_) => {

@@ -7,6 +7,7 @@
 pub mod accounts;
 pub mod admission;
 pub mod backoff;
+mod body_budget;
 pub mod config;
 mod connection;
 mod directory;
@@ -115,6 +116,8 @@ pub(crate) struct Shared {
     pub(crate) router: Arc<Router>,
     pub(crate) limits: MessageLimits,
     pub(crate) send_rate: send_rate::SendRate,
+    /// Bytes of message bodies waiting for the store.
+    pub(crate) body_budget: body_budget::BodyBudget,
     /// How long a deleted account's name stays unavailable.
     pub(crate) name_hold: Duration,
 }
@@ -222,6 +225,7 @@ impl Server {
                 },
             },
             send_rate: send_rate::SendRate::new(config.sends_per_minute),
+            body_budget: body_budget::BodyBudget::new(config.max_message_bytes),
             name_hold: config.name_hold,
         });
         Ok(Self {
