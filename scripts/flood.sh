@@ -98,7 +98,7 @@ if [[ $mode == idle ]]; then
 else
     $flood_prefix "$bin/sfc-bench" flood-logins --server "$addr" --ca "$ca" --connections "$connections" \
         --sources "$sources" --duration "$hold" >"$dir/flood.out" 2>"$dir/flood.log" &
-    ready=''
+    ready='flooding with'
 fi
 flood_pid=$!
 if [[ -n "$ready" ]]; then
@@ -107,9 +107,7 @@ if [[ -n "$ready" ]]; then
         kill -0 "$flood_pid" 2>/dev/null || break
         sleep 0.1
     done
-    grep -o 'round 1 holding [0-9]* connections' "$dir/flood.log" || true
-else
-    sleep 2
+    grep -o 'round 1 holding [0-9]* connections\|flooding with .*' "$dir/flood.log" || true
 fi
 echo "flooded:   RSS $(rss_mib) MiB; relay $(measured_relay); RSS after it $(rss_mib) MiB"
 wait "$flood_pid" || true

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use quinn::{Endpoint, EndpointConfig, RecvStream, SendStream, TokioRuntime};
@@ -24,6 +24,9 @@ use crate::protocol::{
     decode_body, encode_frame, read_frame,
 };
 use crate::{tls, transport};
+
+/// Longest wait for the flood's connections before it is measured anyway.
+const CONNECT_WAIT: Duration = Duration::from_secs(60);
 
 /// The honest user's password.
 const HONEST_PASSWORD: &str = "honest user's password";
@@ -221,17 +224,23 @@ pub async fn run(options: &FloodOptions) -> Result<FloodReport, BenchError> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let replies: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    // Connections made (or failed): the flood is measured once all are, in its steady state
+    // (the storm of handshakes before is what `sfc-bench flood` measures).
+    let up = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..options.connections {
-        let (options, stop, replies, victim) = (
+        let (options, stop, replies, victim, up) = (
             options.clone(),
             Arc::clone(&stop),
             Arc::clone(&replies),
             victim.clone(),
+            Arc::clone(&up),
         );
         tasks.spawn(async move {
             let local = source(&options, index);
-            let mut client = SourcedClient::connect(options.server, &options.ca, local).await?;
+            let connected = SourcedClient::connect(options.server, &options.ca, local).await;
+            up.fetch_add(1, Ordering::Relaxed);
+            let mut client = connected?;
             let mut counts: BTreeMap<String, u64> = BTreeMap::new();
             while !stop.load(Ordering::Relaxed) {
                 let reply = client.login(&victim, "not the password").await?;
@@ -246,6 +255,15 @@ pub async fn run(options: &FloodOptions) -> Result<FloodReport, BenchError> {
         });
     }
 
+    let connecting = Instant::now();
+    while up.load(Ordering::Relaxed) < options.connections && connecting.elapsed() < CONNECT_WAIT {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "flooding with {} connections (made in {:.1} s)",
+        up.load(Ordering::Relaxed),
+        connecting.elapsed().as_secs_f64()
+    );
     let started = Instant::now();
     let mut latencies = histogram()?;
     let (mut honest_logins, mut honest_ok) = (0u64, 0u64);
