@@ -5,7 +5,7 @@
 //!
 //! Only a hint for the argon2 queue, never a permission: a known address that fails a login
 //! is suspect like any other (the caller asks only for clean addresses). Kept in memory only,
-//! for [`REMEMBER`], by throttle key (IPv6 by /64), at most [`MAX_KNOWN`] of them.
+//! for [`REMEMBER`], by throttle key (IPv6 by /64), at most 100,000 of them.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
