@@ -630,3 +630,34 @@ fn regression_reserved_marker_does_not_hide_deep_nesting() {
         Err(securefastchat::protocol::RequestError::Malformed(_))
     ));
 }
+
+/// 0xc1 is never used in MessagePack, but rmpv reads it as nil: a request with it where a
+/// value starts (in a field the server ignores) was decoded instead of refused as strict
+/// decoders in other languages refuse it.
+#[test]
+fn a_request_with_the_reserved_marker_is_malformed() {
+    // {"id": 1, "type": "hello", "version": 1, "extra": 0xc1}
+    let mut frame = vec![0x84, 0xa2, b'i', b'd', 0x01, 0xa4, b't', b'y', b'p', b'e'];
+    frame.extend([0xa5, b'h', b'e', b'l', b'l', b'o']);
+    frame.extend([0xa7, b'v', b'e', b'r', b's', b'i', b'o', b'n', 0x01]);
+    frame.extend([0xa5, b'e', b'x', b't', b'r', b'a', 0xc1]);
+    assert!(matches!(
+        decode_request(&frame),
+        Err(securefastchat::protocol::RequestError::Malformed(_))
+    ));
+    // The same with nil is a request.
+    let last = frame.len() - 1;
+    frame[last] = 0xc0;
+    assert!(
+        decode_request(&frame).is_ok(),
+        "{:?}",
+        decode_request(&frame)
+    );
+    // Inside a string the byte is only data.
+    frame[last] = 0xa1;
+    frame.push(0xc1);
+    assert!(!matches!(
+        decode_request(&frame),
+        Err(securefastchat::protocol::RequestError::Malformed(_))
+    ));
+}

@@ -21,7 +21,7 @@ pub use frame::{
 };
 pub use ids::{MESSAGE_ID_LEN, MessageId};
 pub use messages::{ClientFrame, Reply, Request, RequestKind, ServerFrame};
-pub use nesting::{MAX_NESTING, TooDeep, check_nesting};
+pub use nesting::{MAX_NESTING, MarkerError, TooDeep, check_markers, check_nesting};
 pub use request::{RequestError, decode_request};
 pub use secrets::{Password, SessionToken, TOKEN_LEN};
 pub use stream::{DeliverHeader, MAX_STREAM_HEADER, SendHeader, StreamHeader};

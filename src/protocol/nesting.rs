@@ -111,6 +111,31 @@ fn be_uint(bytes: &[u8], pos: usize, n: usize) -> Option<u64> {
 /// and the decoder that runs next refuses it. The reserved byte 0xc1 counts as a scalar, as
 /// rmpv (which reads it as nil) counts it. Runs in one pass without recursion or allocation.
 pub fn check_nesting(bytes: &[u8], max: usize) -> Result<(), TooDeep> {
+    match scan(bytes, max, false) {
+        Err(MarkerError::TooDeep(e)) => Err(e),
+        Ok(()) | Err(MarkerError::Reserved) => Ok(()),
+    }
+}
+
+/// Why [`check_markers`] refused a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MarkerError {
+    /// It nests too deeply.
+    #[error(transparent)]
+    TooDeep(#[from] TooDeep),
+    /// It holds the byte 0xc1 where a value starts.
+    #[error("the byte 0xc1, which MessagePack never uses, stands where a value starts")]
+    Reserved,
+}
+
+/// [`check_nesting`], and also refuses the reserved byte 0xc1 where a value starts, which
+/// rmpv would read as nil: for the decoders that read through rmpv (`decode_request`), so that
+/// they refuse what the MessagePack specification and strict decoders in other languages do.
+pub fn check_markers(bytes: &[u8], max: usize) -> Result<(), MarkerError> {
+    scan(bytes, max, true)
+}
+
+fn scan(bytes: &[u8], max: usize, strict: bool) -> Result<(), MarkerError> {
     // Values still to read in each open container, innermost last (at most `max` of them);
     // `pending` is for the innermost, or for the top level (one value) when none is open.
     let max = max.min(MAX_NESTING);
@@ -145,6 +170,7 @@ pub fn check_nesting(bytes: &[u8], max: usize) -> Result<(), TooDeep> {
             // rmpv reads this byte as nil and goes on: count it as a one-byte scalar so that
             // what follows is still measured (stopping here let deeper nesting through to
             // `decode_request`; found by the `nesting` fuzz target).
+            Item::Invalid if strict => return Err(MarkerError::Reserved),
             Item::Invalid => (0, None),
         };
         let Some(next) = usize::try_from(skip).ok().and_then(|s| pos.checked_add(s)) else {
@@ -153,7 +179,7 @@ pub fn check_nesting(bytes: &[u8], max: usize) -> Result<(), TooDeep> {
         pos = next;
         if let Some(values) = values {
             if depth >= max {
-                return Err(TooDeep { max });
+                return Err(MarkerError::TooDeep(TooDeep { max }));
             }
             open[depth] = pending;
             depth += 1;

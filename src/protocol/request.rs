@@ -9,10 +9,10 @@
 use rmpv::ValueRef as Value;
 
 use super::frame::decode_checked_body;
-use super::nesting::{MAX_NESTING, check_nesting};
+use super::nesting::{MAX_NESTING, check_markers};
 use super::{ClientFrame, Request, RequestKind};
 
-/// The depth budget rmpv needs for a value that [`check_nesting`] let through: rmpv spends one
+/// The depth budget rmpv needs for a value that [`check_markers`] let through: rmpv spends one
 /// unit on every value and one more on every map or array it opens, and a string or extension
 /// at the bottom costs three. Only a safety net: the nesting is already checked.
 const RMPV_DEPTH: usize = 2 * MAX_NESTING + 3;
@@ -116,7 +116,7 @@ fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
 /// Decodes a control-stream frame body into a request, strictly.
 pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
     let malformed = |why: &str| RequestError::Malformed(why.to_owned());
-    if let Err(e) = check_nesting(body, MAX_NESTING) {
+    if let Err(e) = check_markers(body, MAX_NESTING) {
         return Err(RequestError::Malformed(e.to_string()));
     }
     let mut rest = body;
