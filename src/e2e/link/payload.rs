@@ -44,6 +44,18 @@ pub struct LinkContact {
     pub verified: bool,
 }
 
+impl LinkPayload {
+    /// The payload's MessagePack (E13.4), in a buffer wiped when dropped.
+    pub fn to_bytes(&self) -> Result<Zeroizing<Vec<u8>>, LinkError> {
+        encode_payload(self)
+    }
+
+    /// Decodes an opened payload strictly (E13.4).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, LinkError> {
+        decode_payload(bytes)
+    }
+}
+
 fn malformed(why: impl Into<String>) -> LinkError {
     LinkError::MalformedPayload(why.into())
 }

@@ -433,7 +433,7 @@ fn payloads_break_no_rule_of_their_format() {
     // Too many contacts, a repeated contact, the account as its own contact, a seed of 31
     // bytes, a non-canonical username: refused on both ends.
     let contact = |n: usize| LinkContact {
-        username: name(&format!("user{n}")),
+        username: name(&format!("u{n:031}")),
         identity_key: vector_payload().contacts[0].identity_key,
         verified: false,
     };
