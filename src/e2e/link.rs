@@ -4,7 +4,7 @@
 //!
 //! Pure cryptography: no sockets, no storage, no clocks. The client drives these states over
 //! the server's `link_*` requests; the server only relays the bytes made here and cannot test
-//! a guess at the code offline. The payload's format lives in `payload`.
+//! a guess at the code offline. The code lives in `code`, the payload's format in `payload`.
 //!
 //! The two sides, in order:
 //!
@@ -26,6 +26,7 @@ use spake2::{Ed25519Group, Identity, Password, Spake2};
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
+mod code;
 mod payload;
 
 use super::keys::{OsRandom, SecretSource, hkdf_sha256};
@@ -33,6 +34,7 @@ use super::{E2eError, TAG_LEN};
 use crate::protocol::Username;
 use payload::{decode_payload, encode_payload};
 
+pub use code::{LinkCode, LinkSecret};
 pub use payload::{LinkContact, LinkPayload, MAX_LINK_CONTACTS};
 
 /// Length of a SPAKE2 message (`pake`): a side byte (`A` or `B`) and a 32-byte Ed25519 point.
@@ -43,10 +45,6 @@ pub const LINK_CONFIRM_LEN: usize = 32;
 pub const MAX_LINK_PAYLOAD_LEN: usize = 60_000;
 /// Largest slot the server hands out (4 decimal digits).
 pub const MAX_LINK_SLOT: u16 = 9_999;
-/// Number of secrets (6 decimal digits).
-const SECRET_RANGE: u32 = 1_000_000;
-/// Uniform draws: a u32 below this (a multiple of 10^6) is taken modulo 10^6.
-const SECRET_DRAW_BOUND: u32 = 4_294_000_000;
 
 /// SPAKE2 identity of side A, followed by the canonical username.
 const ID_EXISTING: &[u8] = b"SFC link existing device ";
@@ -110,152 +108,6 @@ pub enum LinkError {
     /// A KDF, MAC or cipher refused its fixed-size input: a bug, reported rather than panicking.
     #[error("cryptographic primitive refused its input")]
     Primitive,
-}
-
-/// The 6-digit secret half of a link code, drawn by the existing device and never sent.
-///
-/// Zeroized on drop; `Debug` prints a mask.
-#[derive(Clone)]
-pub struct LinkSecret(u32);
-
-impl Drop for LinkSecret {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
-}
-
-impl fmt::Debug for LinkSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("LinkSecret(******)")
-    }
-}
-
-impl LinkSecret {
-    /// A uniformly drawn secret from the operating system's CSPRNG.
-    pub fn draw() -> Result<Self, LinkError> {
-        Self::draw_with(&mut OsRandom)
-    }
-
-    /// A uniformly drawn secret: rejection sampling of u32s (big-endian, 4 bytes at a time)
-    /// below 4,294,000,000, then modulo 10^6.
-    pub fn draw_with(source: &mut impl SecretSource) -> Result<Self, LinkError> {
-        loop {
-            let bytes = Zeroizing::new(source.secret_bytes().map_err(LinkError::Random)?);
-            for chunk in bytes.chunks_exact(4) {
-                let mut word = [0u8; 4];
-                word.copy_from_slice(chunk);
-                let mut draw = u32::from_be_bytes(word);
-                word.zeroize();
-                if draw < SECRET_DRAW_BOUND {
-                    let secret = Self(draw % SECRET_RANGE);
-                    draw.zeroize();
-                    return Ok(secret);
-                }
-            }
-        }
-    }
-
-    /// The secret given as a number below 10^6.
-    pub fn new(secret: u32) -> Result<Self, LinkError> {
-        if secret >= SECRET_RANGE {
-            return Err(LinkError::CodeRange);
-        }
-        Ok(Self(secret))
-    }
-
-    /// The SPAKE2 password: the 6 digits in ASCII, leading zeros kept.
-    fn password(&self) -> Zeroizing<[u8; 6]> {
-        let mut out = Zeroizing::new([0u8; 6]);
-        let mut rest = self.0;
-        for digit in out.iter_mut().rev() {
-            *digit = b'0' + (rest % 10) as u8;
-            rest /= 10;
-        }
-        out
-    }
-}
-
-/// What the user carries from one device to the other: `SSSS-PPPPPP`, a 4-digit slot the
-/// server chose (it routes `link_join` to the right link) and the 6-digit [`LinkSecret`].
-///
-/// `Display` prints the whole code (to show the user); `Debug` masks the secret.
-#[derive(Clone)]
-pub struct LinkCode {
-    slot: u16,
-    secret: LinkSecret,
-}
-
-impl fmt::Debug for LinkCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LinkCode({:04}-******)", self.slot)
-    }
-}
-
-impl fmt::Display for LinkCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04}-{:06}", self.slot, self.secret.0)
-    }
-}
-
-impl LinkCode {
-    /// The code of `slot` (from the server's `link_opened`) and the secret drawn before.
-    pub fn new(slot: u16, secret: &LinkSecret) -> Result<Self, LinkError> {
-        if slot > MAX_LINK_SLOT {
-            return Err(LinkError::CodeRange);
-        }
-        Ok(Self {
-            slot,
-            secret: secret.clone(),
-        })
-    }
-
-    /// Reads a typed code: 10 digits, spaces anywhere, and at most one dash, after the 4th
-    /// digit (`4821-730195`, `4821730195`, `4821 730 195`).
-    pub fn parse(text: &str) -> Result<Self, LinkError> {
-        let mut digits = Zeroizing::new([0u8; 10]);
-        let mut count = 0;
-        let mut dashed = false;
-        for c in text.chars() {
-            if c.is_whitespace() {
-                continue;
-            }
-            if c == '-' {
-                if dashed || count != 4 {
-                    return Err(LinkError::CodeSyntax);
-                }
-                dashed = true;
-                continue;
-            }
-            // `to_digit` takes only ASCII 0-9: no other script's digits slip in.
-            let digit = c.to_digit(10).ok_or(LinkError::CodeSyntax)?;
-            let slot = digits.get_mut(count).ok_or(LinkError::CodeLength)?;
-            *slot = digit as u8;
-            count += 1;
-        }
-        if count != digits.len() {
-            return Err(LinkError::CodeLength);
-        }
-        let slot = digits[..4]
-            .iter()
-            .fold(0u16, |acc, d| acc * 10 + u16::from(*d));
-        let secret = digits[4..]
-            .iter()
-            .fold(0u32, |acc, d| acc * 10 + u32::from(*d));
-        Ok(Self {
-            slot,
-            secret: LinkSecret(secret),
-        })
-    }
-
-    /// The server's routing slot (public).
-    pub fn slot(&self) -> u16 {
-        self.slot
-    }
-
-    /// The secret half.
-    pub fn secret(&self) -> &LinkSecret {
-        &self.secret
-    }
 }
 
 /// The existing device (SPAKE2 side A) after sending `pake_E`.
@@ -412,7 +264,7 @@ impl JoiningDevice {
         let rng = ScalarSeed::draw(source)?;
         let (id_a, id_b) = identities(account);
         let (pake, message) = Spake2::<Ed25519Group>::start_b_with_rng(
-            &Password::new(*code.secret.password()),
+            &Password::new(*code.secret().password()),
             &id_a,
             &id_b,
             rng,
@@ -422,7 +274,7 @@ impl JoiningDevice {
             Self {
                 pake,
                 account: account.clone(),
-                slot: code.slot,
+                slot: code.slot(),
                 own,
             },
             own,

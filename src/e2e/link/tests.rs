@@ -3,6 +3,7 @@
 
 use sha2::{Digest, Sha256};
 
+use super::code::{SECRET_DRAW_BOUND, SECRET_RANGE};
 use super::payload::{decode_payload, encode_payload};
 use super::*;
 use crate::e2e::IdentityKeyPair;
