@@ -145,7 +145,7 @@ impl ExistingDevice {
         let rng = ScalarSeed::draw(source)?;
         let (id_a, id_b) = identities(account);
         let (pake, message) = Spake2::<Ed25519Group>::start_a_with_rng(
-            &Password::new(*secret.password()),
+            &Password::new(&secret.password()[..]),
             &id_a,
             &id_b,
             rng,
@@ -264,7 +264,7 @@ impl JoiningDevice {
         let rng = ScalarSeed::draw(source)?;
         let (id_a, id_b) = identities(account);
         let (pake, message) = Spake2::<Ed25519Group>::start_b_with_rng(
-            &Password::new(*code.secret().password()),
+            &Password::new(&code.secret().password()[..]),
             &id_a,
             &id_b,
             rng,
