@@ -16,6 +16,8 @@
 //! - `session`, `envelope`: [`Session`] and [`Envelope`], what the client calls.
 //! - `padding`: plaintexts padded to a few size buckets before sealing ([`PADDING_BUCKETS`]).
 //! - `keys`: zeroizing secrets, [`SecretSource`], X25519 and HKDF helpers.
+//! - [`link`] (public): linking a new device to an account: the link code, SPAKE2 and the
+//!   sealed payload with the identity seed and pinned contacts (E13).
 //!
 //! Server side, only [`verify_signed_prekey`] and [`verify_last_resort_prekey`] (on upload)
 //! and the public wire types are needed.
@@ -24,6 +26,7 @@ mod envelope;
 mod error;
 mod identity;
 mod keys;
+pub mod link;
 mod padding;
 mod prekey_store;
 mod prekeys;
@@ -40,6 +43,7 @@ pub use envelope::{Envelope, MAX_ENVELOPE_LEN, MAX_PLAINTEXT_LEN};
 pub use error::E2eError;
 pub use identity::{IDENTITY_KEY_LEN, IdentityKey, IdentityKeyPair, check_identity, safety_number};
 pub use keys::{OsRandom, SecretSource};
+pub use link::{LinkCode, LinkError, LinkPayload};
 pub use padding::{MAX_PADDED_LEN, PADDED_FORMAT, PADDING_BUCKETS, padded_len};
 pub use prekey_store::{MAX_SIGNED_PREKEYS, PrekeyStore};
 pub use prekeys::{
