@@ -6,7 +6,13 @@
 //! fsync, and the writer goes on ordering new messages while a sync runs: with both cores busy
 //! a sync takes milliseconds, and nothing but the answers waits for it. Messages of batches not
 //! yet committed are deduplicated from memory (the store does not show them yet); their acks
-//! become tombstones in a later batch, which the committer writes after them.
+//! become tombstones in a later batch, which the committer writes after them. An ack also
+//! settles the message's send record (see `sent_records`) from what the writer remembers of
+//! the append (`caches`), so it neither reads the store nor waits for that commit.
+//!
+//! The parts: `apply` (each operation into the batch being built), `caches` (what the writer
+//! knows without asking the store), `committer` (the second thread), `counters` (seq
+//! counters in `meta`).
 //!
 //! An append may carry [`AppendHooks`]: `ordered` is called with the message's sequence number
 //! once the whole batch is built and before it is committed, `synced` after the sync: the

@@ -182,9 +182,9 @@ impl WriterState {
     /// id stays a duplicate until it expires, and no sender–recipient pair outlives the
     /// message. The marker goes in the batch that removes the message.
     ///
-    /// A message this writer appended lately settles from memory ([`Origins`]): no read, and
-    /// no wait for its batch's commit. Others (older, or from before a restart) are read from
-    /// the store.
+    /// A message this writer appended lately settles from memory
+    /// ([`Origins`](super::caches::Origins)): no read, and no wait for its batch's commit.
+    /// Others (older, or from before a restart) are read from the store.
     pub(super) fn settle_sent(
         &mut self,
         batch: &mut OwnedWriteBatch,
