@@ -143,6 +143,10 @@ async fn settling_from_memory_writes_the_marker_settling_from_the_store_writes()
 /// is committed. Settling it from the store meant waiting for that commit, and the writer
 /// ordered nothing meanwhile; from memory it goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::await_holding_lock,
+    reason = "the committer thread blocks on the hold while the test awaits the writer"
+)]
 async fn an_ack_that_overtakes_its_commit_does_not_hold_up_the_writer() {
     let dir = tempfile::tempdir().unwrap();
     let ks = keyspaces(dir.path());
