@@ -31,9 +31,9 @@
 //! the writer's largest cost).
 //!
 //! Key layout (usernames never contain 0x00; ids are the users' numeric ids, see `user_ids`):
-//! - `inbox_v2`: recipient id(u32 BE) seq(u64 BE) → [`StoredMessage`]
-//! - `sent_v2`: sender id(u32 BE) message-id(16) → [`SentRecord`] while the message is pending,
-//!   then a settled marker naming no recipient (see `sent_records`)
+//! - `inbox_v2`: recipient id(u32 BE) seq(u64 BE) → [`StoredMessage`](super::StoredMessage)
+//! - `sent_v2`: sender id(u32 BE) message-id(16) → [`SentRecord`](super::SentRecord) while
+//!   the message is pending, then a settled marker naming no recipient (see `sent_records`)
 //! - `meta`: `seq` 0x00 user → next seq (u64 BE, at least) and the epoch it was written in
 //!   (u64 BE; absent in stores from before epochs: 0); [`EPOCH`] → the current epoch (u64 BE);
 //!   [`RUNNING`] → empty, while a writer runs and after one that did not stop cleanly. Stores

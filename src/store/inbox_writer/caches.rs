@@ -9,8 +9,9 @@ use crate::store::user_ids::UserId;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// Messages whose [`Origin`] is remembered at most: the most recently appended ones. About
-/// 70 bytes each when all are pending (a map entry and a queue slot), so ≈ 9 MiB at most; at
+/// Messages whose [`Origin`] is remembered at most: the most recently appended ones. A map
+/// entry is 48 bytes and a queue slot 16; the map's table rounds up to a power of two, so
+/// ≈ 15 MiB at most, reached only when that many recent messages are all still pending. At
 /// the relay's ≈ 25,000 msg/s this covers the last 5 s of appends, far more than an online
 /// recipient takes to acknowledge. An older message is settled from the store.
 pub(super) const MAX_ORIGINS: usize = 1 << 17;
