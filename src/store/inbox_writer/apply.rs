@@ -184,7 +184,10 @@ impl WriterState {
     ///
     /// A message this writer appended lately settles from memory
     /// ([`Origins`](super::caches::Origins)): no read, and no wait for its batch's commit.
-    /// Others (older, or from before a restart) are read from the store.
+    /// Others (older, or from before a restart) are read from the store. One difference: from
+    /// memory, the record of a sender whose account was deleted since is settled too, where
+    /// the store path no longer finds their id and leaves it, naming its recipient, until it
+    /// expires.
     pub(super) fn settle_sent(
         &mut self,
         batch: &mut OwnedWriteBatch,
