@@ -7,13 +7,17 @@
 //! duplicate until then, but nothing left on disk says to whom the message went, so acknowledged
 //! messages leave no sender–recipient pair behind (docs/SECURITY.md, the contact graph).
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+#[cfg(test)]
+use serde::Serialize;
 
 use super::{SentRecord, StoreError};
 use crate::protocol::{MessageId, Username};
 
-/// A settled send record: the id was sent and its message is gone from the inbox.
-#[derive(Debug, Serialize, Deserialize)]
+/// A settled send record: the id was sent and its message is gone from the inbox. (The
+/// format; [`settled`] writes it without serde, and a test checks the two agree.)
+#[cfg(test)]
+#[derive(Debug, Serialize)]
 struct Settled {
     /// When the marker expires (the message's own expiry).
     expires_at: u64,
@@ -47,10 +51,24 @@ fn decode(bytes: &[u8]) -> Result<AnySent, StoreError> {
     })
 }
 
-/// The value of a settled marker expiring at `expires_at`.
+/// The value of a settled marker expiring at `expires_at`: a `Settled` as a MessagePack
+/// map, written field by field into a buffer of its final size (one is written per
+/// acknowledged message; through `rmp_serde`, growing its buffer, it cost ≈ 2,700 instructions,
+/// 1.6 % of a relayed message). A test checks it is what `rmp_serde` writes.
 pub(super) fn settled(expires_at: u64) -> Result<Vec<u8>, StoreError> {
-    Ok(rmp_serde::to_vec_named(&Settled { expires_at })?)
+    // fixmap(1), fixstr(10) "expires_at", and a u64 in 9 bytes at most.
+    let mut out = Vec::with_capacity(1 + 1 + SETTLED_FIELD.len() + 9);
+    let encoding = |e: rmp::encode::ValueWriteError| {
+        StoreError::Encode(rmp_serde::encode::Error::InvalidValueWrite(e))
+    };
+    rmp::encode::write_map_len(&mut out, 1).map_err(encoding)?;
+    rmp::encode::write_str(&mut out, SETTLED_FIELD).map_err(encoding)?;
+    rmp::encode::write_uint(&mut out, expires_at).map_err(encoding)?;
+    Ok(out)
 }
+
+/// The one field of `Settled`, by name.
+const SETTLED_FIELD: &str = "expires_at";
 
 /// The pending send record in `bytes`, or `None` for a settled marker.
 pub(super) fn pending_record(bytes: &[u8]) -> Result<Option<SentRecord>, StoreError> {
@@ -99,6 +117,30 @@ mod tests {
         assert!(!marker.windows(3).any(|w| w == b"bob"));
         assert_eq!(pending_record(&marker).unwrap(), None);
         assert_eq!(expires_at(&marker).unwrap(), 99);
+    }
+
+    #[test]
+    fn a_settled_marker_is_what_serde_writes() {
+        for expires_at in [
+            0,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX),
+            u64::from(u32::MAX) + 1,
+            4_000_000_000,
+            u64::MAX,
+        ] {
+            let marker = settled(expires_at).unwrap();
+            assert_eq!(
+                marker,
+                rmp_serde::to_vec_named(&Settled { expires_at }).unwrap()
+            );
+            assert_eq!(marker.capacity(), 21, "sized up front");
+        }
     }
 
     #[test]

@@ -1,0 +1,197 @@
+//! The inbox writer on a real fjall database in a temporary directory: settling a send record
+//! from memory writes what settling it from the store writes, and an ack that overtakes its
+//! message's commit does not hold up the writer.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fjall::KeyspaceCreateOptions;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use super::{Addressed, InboxKeyspaces, InboxWriter};
+use crate::protocol::{MessageId, Username};
+use crate::store::sender_shares::SenderShare;
+use crate::store::sent_records;
+use crate::store::user_ids::{UserId, sent_key};
+use crate::store::{AppendHooks, Appended, Durability, NewMessage, Removal};
+
+const ALICE: UserId = 1;
+const BOB: UserId = 2;
+const EXPIRES: u64 = 4_000_000_000;
+
+fn keyspaces(dir: &std::path::Path) -> InboxKeyspaces {
+    let db = fjall::Database::builder(dir).open().unwrap();
+    let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).unwrap();
+    let user_ids = open("user_ids");
+    user_ids.insert("alice", ALICE.to_be_bytes()).unwrap();
+    user_ids.insert("bob", BOB.to_be_bytes()).unwrap();
+    InboxKeyspaces {
+        inbox: open("inbox_v2"),
+        sent: open("sent_v2"),
+        meta: open("meta"),
+        user_ids,
+        db,
+    }
+}
+
+fn start(ks: &InboxKeyspaces, hold: Option<Arc<Mutex<()>>>) -> Arc<InboxWriter> {
+    let writer = InboxWriter::start_held(
+        ks.clone(),
+        Durability::Buffered,
+        (1000, 1024),
+        Arc::new(|_| {}),
+        SenderShare::UNLIMITED,
+        hold,
+    )
+    .unwrap();
+    Arc::new(writer)
+}
+
+/// A message from alice to bob with id `[n; 16]`.
+fn message(n: u8) -> Addressed {
+    Addressed {
+        message: NewMessage {
+            sender: Username::parse("alice").unwrap(),
+            recipient: Username::parse("bob").unwrap(),
+            id: MessageId([n; 16]),
+            kind: "text".into(),
+            body: vec![n; 100],
+            sent_at: 1,
+            expires_at: EXPIRES,
+        },
+        sender: ALICE,
+        recipient: BOB,
+    }
+}
+
+/// Appends message `n` in a task of its own; the receiver gets its seq once it is ordered
+/// (before its batch is committed).
+fn append(
+    writer: &Arc<InboxWriter>,
+    n: u8,
+) -> (
+    UnboundedReceiver<u64>,
+    tokio::task::JoinHandle<Result<Appended, crate::store::StoreError>>,
+) {
+    let (tx, rx) = unbounded_channel();
+    let hooks = AppendHooks {
+        ordered: Some(Box::new(move |seq| {
+            let _ = tx.send(seq);
+        })),
+        synced: None,
+    };
+    let writer = Arc::clone(writer);
+    let task = tokio::spawn(async move { writer.append(message(n), hooks).await });
+    (rx, task)
+}
+
+async fn stored(writer: &Arc<InboxWriter>, n: u8) -> u64 {
+    let (_, task) = append(writer, n);
+    match task.await.unwrap().unwrap() {
+        Appended::Stored { seq } => seq,
+        other => panic!("not stored: {other:?}"),
+    }
+}
+
+fn record(ks: &InboxKeyspaces, n: u8) -> Option<Vec<u8>> {
+    let value = ks.sent.get(sent_key(ALICE, &[n; 16])).unwrap();
+    value.map(|bytes| bytes.to_vec())
+}
+
+/// Both ways of settling (the origin remembered from the append, or read back from the inbox
+/// entry and `user_ids`) write the same marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_from_memory_writes_the_marker_settling_from_the_store_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = keyspaces(dir.path());
+    // Message 1 is appended by a writer that then stops: the next one knows nothing of it.
+    let writer = start(&ks, None);
+    let old = stored(&writer, 1).await;
+    drop(writer);
+    let writer = start(&ks, None);
+    let recent = stored(&writer, 2).await;
+    assert!(
+        sent_records::pending_record(&record(&ks, 2).unwrap())
+            .unwrap()
+            .is_some()
+    );
+
+    let removed = writer.remove(BOB, vec![old], Removal::Acknowledged).await;
+    assert_eq!(removed.unwrap(), 1);
+    let from_store = record(&ks, 1).unwrap();
+
+    // Without alice's id in `user_ids` the store path could not settle message 2 at all:
+    // from memory it needs no read.
+    ks.user_ids.remove("alice").unwrap();
+    let removed = writer
+        .remove(BOB, vec![recent], Removal::Acknowledged)
+        .await;
+    assert_eq!(removed.unwrap(), 1);
+    let from_memory = record(&ks, 2).unwrap();
+
+    assert_eq!(from_memory, from_store);
+    assert_eq!(from_memory, sent_records::settled(EXPIRES).unwrap());
+    assert_eq!(sent_records::pending_record(&from_memory).unwrap(), None);
+    assert_eq!(sent_records::expires_at(&from_memory).unwrap(), EXPIRES);
+    assert_eq!(ks.inbox.iter().count(), 0);
+    // Still a duplicate until it expires.
+    let (_, task) = append(&writer, 2);
+    assert_eq!(task.await.unwrap().unwrap(), Appended::Duplicate);
+}
+
+/// Delivery does not wait for the commit, so an ack often comes before its message's batch
+/// is committed. Settling it from the store meant waiting for that commit, and the writer
+/// ordered nothing meanwhile; from memory it goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::await_holding_lock,
+    reason = "the committer thread blocks on the hold while the test awaits the writer"
+)]
+async fn an_ack_that_overtakes_its_commit_does_not_hold_up_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = keyspaces(dir.path());
+    let hold = Arc::new(Mutex::new(()));
+    let writer = start(&ks, Some(Arc::clone(&hold)));
+    let wait = Duration::from_secs(3);
+
+    let held = hold.lock().unwrap();
+    let (mut ordered, first) = append(&writer, 1);
+    let seq = tokio::time::timeout(wait, ordered.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let ack = {
+        let writer = Arc::clone(&writer);
+        tokio::spawn(async move { writer.remove(BOB, vec![seq], Removal::Acknowledged).await })
+    };
+    // The ack is queued before the next message; the writer must order that message while
+    // the first one's batch is still not committed.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (mut ordered, second) = append(&writer, 2);
+    let next = tokio::time::timeout(wait, ordered.recv()).await;
+    assert!(
+        matches!(next, Ok(Some(_))),
+        "the writer stalled behind an ack waiting for its message's commit"
+    );
+    assert!(!first.is_finished(), "nothing was committed meanwhile");
+
+    drop(held);
+    assert!(matches!(
+        first.await.unwrap().unwrap(),
+        Appended::Stored { .. }
+    ));
+    assert_eq!(ack.await.unwrap().unwrap(), 1);
+    assert!(matches!(
+        second.await.unwrap().unwrap(),
+        Appended::Stored { .. }
+    ));
+    assert_eq!(
+        record(&ks, 1).unwrap(),
+        sent_records::settled(EXPIRES).unwrap()
+    );
+    assert!(
+        sent_records::pending_record(&record(&ks, 2).unwrap())
+            .unwrap()
+            .is_some()
+    );
+}
