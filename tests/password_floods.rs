@@ -366,3 +366,36 @@ async fn an_address_that_logged_in_before_goes_ahead_of_fresh_ones() {
     );
     server.stop().await;
 }
+
+/// Concurrent guesses on one account from a suspect address stop at the account's free
+/// failures: each is counted when it is let through, not once its password check is over.
+/// Before, all of them passed the backoff's check while the first were still being hashed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_guesses_on_one_account_stop_at_its_backoff() {
+    let server = TestServer::start_with(|c| {
+        // Tracked but never refusing: the address's record, not its bucket, is what counts.
+        c.failed_logins_per_minute = 1_000_000;
+        c.password_work_per_address = 0;
+    })
+    .await;
+    server.signed_up("owner").await;
+    // One failure elsewhere makes the address suspect.
+    let mut attacker = client_from(&server, ip(11)).await;
+    let reply = attacker.request(login("someone", "guess")).await.unwrap();
+    assert_eq!(
+        code(&reply),
+        Some(ErrorCode::InvalidCredentials),
+        "{reply:?}"
+    );
+    let replies = at_once(&server, ip(11), 30, |_| login("owner", "guess")).await;
+    // Five free failures and the one that reaches the sixth; a seventh when the count has
+    // decayed (one a minute) below six between two admissions.
+    let hashed = count(&replies, Some(ErrorCode::InvalidCredentials));
+    assert!((6..=7).contains(&hashed), "{hashed} hashed: {replies:?}");
+    assert_eq!(count(&replies, Some(ErrorCode::RateLimited)), 30 - hashed);
+    // The owner still gets in from a clean address.
+    let mut owner = client_from(&server, ip(1)).await;
+    let reply = owner.request(login("owner", PASSWORD)).await.unwrap();
+    assert!(matches!(reply, Reply::Session { .. }), "{reply:?}");
+    server.stop().await;
+}

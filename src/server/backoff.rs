@@ -61,6 +61,48 @@ impl Record {
     }
 }
 
+/// What [`AccountBackoff::admit`] counted for an attempt.
+#[derive(Debug, Clone, Copy)]
+#[must_use = "hand it to `failed` or `refund` when the attempt is over"]
+pub struct Admitted {
+    /// Counted as a failure already (a suspect attempt).
+    charged: bool,
+}
+
+/// Counts a failure on `account` from `addr` (a throttle key); `false` if the table is full
+/// and the name is not tracked.
+fn charge(
+    accounts: &mut HashMap<Username, Record>,
+    account: &Username,
+    addr: IpAddr,
+    now: Instant,
+) -> bool {
+    if accounts.len() >= MAX_ACCOUNTS && !accounts.contains_key(account) {
+        accounts.retain(|_, r| {
+            r.decay(now);
+            r.failures > 0.0
+        });
+        if accounts.len() >= MAX_ACCOUNTS {
+            return false;
+        }
+    }
+    let record = accounts.entry(account.clone()).or_insert(Record {
+        failures: 0.0,
+        updated: now,
+        last_failure: now,
+        addresses: Vec::new(),
+    });
+    record.decay(now);
+    record.failures += 1.0;
+    record.last_failure = now;
+    record.addresses.retain(|a| *a != addr);
+    if record.addresses.len() >= ADDRESSES_PER_ACCOUNT {
+        record.addresses.remove(0);
+    }
+    record.addresses.push(addr);
+    true
+}
+
 /// The per-account backoff of failed logins.
 #[derive(Debug, Default)]
 pub struct AccountBackoff {
@@ -75,61 +117,69 @@ impl AccountBackoff {
 
     /// Whether a login on `account` from `addr` (whose own record is `standing`) may run now;
     /// `Err(wait)` says how long the account is backing off.
+    ///
+    /// An attempt that the backoff applies to (from a suspect address) is counted as a failure
+    /// now, before its password work, so that concurrent attempts cannot all pass one check;
+    /// hand the [`Admitted`] to [`AccountBackoff::failed`] or [`AccountBackoff::refund`] when
+    /// the attempt is over.
     pub fn admit(
         &self,
         account: &Username,
         addr: IpAddr,
         standing: Standing,
         now: Instant,
-    ) -> Result<(), Duration> {
+    ) -> Result<Admitted, Duration> {
         let Ok(mut accounts) = self.accounts.lock() else {
-            return Ok(());
+            return Ok(Admitted { charged: false });
         };
-        let Some(record) = accounts.get_mut(account) else {
-            return Ok(());
-        };
-        record.decay(now);
         let addr = key(addr);
-        let known_bad = record.addresses.contains(&addr);
+        let known_bad = accounts
+            .get(account)
+            .is_some_and(|r| r.addresses.contains(&addr));
         if standing == Standing::Clean && !known_bad {
-            return Ok(());
+            return Ok(Admitted { charged: false });
         }
-        let ready_at = record.last_failure + record.wait();
-        match ready_at.checked_duration_since(now) {
-            Some(wait) if !wait.is_zero() => Err(wait),
-            _ => Ok(()),
+        if let Some(record) = accounts.get_mut(account) {
+            record.decay(now);
+            let ready_at = record.last_failure + record.wait();
+            if let Some(wait) = ready_at.checked_duration_since(now)
+                && !wait.is_zero()
+            {
+                return Err(wait);
+            }
         }
+        let charged = charge(&mut accounts, account, addr, now);
+        Ok(Admitted { charged })
     }
 
-    /// Records a failed login on `account` from `addr`.
-    pub fn failed(&self, account: &Username, addr: IpAddr, now: Instant) {
+    /// Records a failed login on `account` from `addr` (counted already if `admitted` says so).
+    pub fn failed(&self, account: &Username, addr: IpAddr, admitted: Admitted, now: Instant) {
         let Ok(mut accounts) = self.accounts.lock() else {
             return;
         };
-        if accounts.len() >= MAX_ACCOUNTS && !accounts.contains_key(account) {
-            accounts.retain(|_, r| {
-                r.decay(now);
-                r.failures > 0.0
-            });
-            if accounts.len() >= MAX_ACCOUNTS {
-                return;
+        if admitted.charged {
+            // Counted at admission; the wait runs from the failure.
+            if let Some(record) = accounts.get_mut(account) {
+                record.last_failure = record.last_failure.max(now);
             }
+            return;
         }
-        let record = accounts.entry(account.clone()).or_insert(Record {
-            failures: 0.0,
-            updated: now,
-            last_failure: now,
-            addresses: Vec::new(),
-        });
-        record.decay(now);
-        record.failures += 1.0;
-        record.last_failure = now;
-        let addr = key(addr);
-        record.addresses.retain(|a| *a != addr);
-        if record.addresses.len() >= ADDRESSES_PER_ACCOUNT {
-            record.addresses.remove(0);
+        charge(&mut accounts, account, key(addr), now);
+    }
+
+    /// Takes back what [`AccountBackoff::admit`] counted for an attempt that did not fail (a
+    /// successful login, or one that did no password work).
+    pub fn refund(&self, account: &Username, admitted: Admitted, now: Instant) {
+        if !admitted.charged {
+            return;
         }
-        record.addresses.push(addr);
+        let Ok(mut accounts) = self.accounts.lock() else {
+            return;
+        };
+        if let Some(record) = accounts.get_mut(account) {
+            record.decay(now);
+            record.failures = (record.failures - 1.0).max(0.0);
+        }
     }
 
     /// Forgets accounts whose failures have all decayed.
@@ -152,6 +202,9 @@ impl AccountBackoff {
 mod tests {
     use super::*;
 
+    /// A failure of an attempt that was not counted at admission (from a clean address).
+    const UNCOUNTED: Admitted = Admitted { charged: false };
+
     #[test]
     fn backoff_grows_for_known_addresses_but_never_for_a_clean_one() {
         let backoff = AccountBackoff::new();
@@ -160,15 +213,13 @@ mod tests {
         let owner: IpAddr = "192.0.2.1".parse().unwrap();
         let now = Instant::now();
         for _ in 0..FREE_FAILURES as usize {
-            assert!(
-                backoff
-                    .admit(&alice, attacker, Standing::Suspect, now)
-                    .is_ok()
-            );
-            backoff.failed(&alice, attacker, now);
+            let admitted = backoff
+                .admit(&alice, attacker, Standing::Suspect, now)
+                .unwrap();
+            backoff.failed(&alice, attacker, admitted, now);
         }
         // The free failures are used: the next guess from the attacker waits 2 s, then 4 s...
-        backoff.failed(&alice, attacker, now);
+        backoff.failed(&alice, attacker, UNCOUNTED, now);
         let wait = backoff
             .admit(&alice, attacker, Standing::Suspect, now)
             .unwrap_err();
@@ -179,7 +230,7 @@ mod tests {
                 .admit(&alice, attacker, Standing::Clean, now)
                 .is_err()
         );
-        backoff.failed(&alice, attacker, now);
+        backoff.failed(&alice, attacker, UNCOUNTED, now);
         assert_eq!(
             backoff
                 .admit(&alice, attacker, Standing::Suspect, now)
@@ -197,7 +248,7 @@ mod tests {
         );
         // The wait is capped, and failures decay.
         for _ in 0..50 {
-            backoff.failed(&alice, attacker, now);
+            backoff.failed(&alice, attacker, UNCOUNTED, now);
         }
         assert_eq!(
             backoff
@@ -207,5 +258,28 @@ mod tests {
         );
         backoff.prune(now + Duration::from_secs(3600));
         assert_eq!(backoff.tracked(), 0);
+    }
+
+    /// Suspect attempts are counted when they are admitted, so concurrent ones (each still
+    /// running its password check) stop at the free failures instead of all passing; a refund
+    /// makes room again. Before, a failure was counted only once its argon2 run was over.
+    #[test]
+    fn concurrent_suspect_attempts_stop_at_the_free_failures() {
+        let backoff = AccountBackoff::new();
+        let alice = Username::parse("alice").unwrap();
+        let attacker: IpAddr = "198.51.100.9".parse().unwrap();
+        let now = Instant::now();
+        let admitted: Vec<_> = (0..20)
+            .filter_map(|_| backoff.admit(&alice, attacker, Standing::Suspect, now).ok())
+            .collect();
+        assert_eq!(admitted.len(), FREE_FAILURES as usize + 1);
+        for a in admitted {
+            backoff.refund(&alice, a, now);
+        }
+        assert!(
+            backoff
+                .admit(&alice, attacker, Standing::Suspect, now)
+                .is_ok()
+        );
     }
 }

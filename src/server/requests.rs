@@ -295,14 +295,19 @@ impl Control {
             .take(addr, now)
             .map_err(|wait| Refusal::new("failed logins from your address", wait))?;
         let account = Username::parse(username).ok();
-        if let Some(account) = &account
-            && let Err(wait) = shared
+        let admitted = match &account {
+            Some(account) => match shared
                 .login_backoff
                 .admit(account, addr, taken.standing, now)
-        {
-            shared.failed_logins.refund(addr, taken, now);
-            return Err(Refusal::new("failed logins for this account", wait));
-        }
+            {
+                Ok(admitted) => Some((account, admitted)),
+                Err(wait) => {
+                    shared.failed_logins.refund(addr, taken, now);
+                    return Err(Refusal::new("failed logins for this account", wait));
+                }
+            },
+            None => None,
+        };
         // A clean address that logged in lately goes ahead of clean ones never seen before,
         // which is what each address of a flood from many addresses looks like at first.
         let priority = match queue_priority(taken.standing) {
@@ -312,12 +317,17 @@ impl Control {
         let result = shared.accounts.login(username, password, priority).await;
         super::metrics::login(&result);
         let now = Instant::now();
-        match (&result, &account) {
-            (Err(AccountError::InvalidCredentials), Some(account)) => {
-                shared.login_backoff.failed(account, addr, now);
+        match (&result, admitted) {
+            (Err(AccountError::InvalidCredentials), Some((account, admitted))) => {
+                shared.login_backoff.failed(account, addr, admitted, now);
             }
             (Err(AccountError::InvalidCredentials), None) => {}
-            _ => shared.failed_logins.refund(addr, taken, now),
+            (_, admitted) => {
+                shared.failed_logins.refund(addr, taken, now);
+                if let Some((account, admitted)) = admitted {
+                    shared.login_backoff.refund(account, admitted, now);
+                }
+            }
         }
         if result.is_ok() {
             shared.known_good.note(addr, now);
