@@ -80,11 +80,12 @@ measured_relay() {
 }
 relay() {
     "$bin/sfc-bench" relay --server "$addr" --ca "$ca" --clients "$pairs" --rate "$rate" \
-        --duration "$relay_secs" --json 2>/dev/null |
+        --duration "$relay_secs" --json 2>"$dir/relay.err" |
         python3 -c 'import json, sys
 r = json.load(sys.stdin); l = r["latency_us"]
 print("p50 %d us, p99 %d us, p99.9 %d us, delivered %d, errors %d"
-      % (l["p50"], l["p99"], l["p999"], r["delivered"], r["errors"]))'
+      % (l["p50"], l["p99"], l["p999"], r["delivered"], r["errors"]))' 2>/dev/null ||
+        echo "FAILED: $(grep -v '^sfc-bench: relay' "$dir/relay.err" | tail -1)"
 }
 
 echo "server $addr (pid $server_pid); $mode flood of $connections from $sources addresses"
