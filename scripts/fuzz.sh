@@ -6,7 +6,7 @@
 # Installs what it needs from a fresh clone: a nightly toolchain (rustup) and cargo-fuzz.
 # Each target starts from its committed corpus in fuzz/corpus/<target>/ and adds what it finds
 # there; a crash, a timeout or an out-of-memory input stops the run and is saved under
-# fuzz/artifacts/<target>/ (turn it into a regression test in tests/properties.rs, then fix).
+# fuzz/artifacts/<target>/ (turn it into a regression test in tests/properties/regressions.rs, then fix).
 # The last libFuzzer stats line of each target (executions, corpus) is printed at the end.
 #
 # Environment: FUZZ_JOBS (parallel jobs per target, default 1), FUZZ_SANITIZER (address, the
