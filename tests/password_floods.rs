@@ -69,6 +69,18 @@ fn login(username: &str, password: &str) -> Request {
     }
 }
 
+/// Logs `name` in with the right password from `from`, expects a session, and says how long
+/// the login took (request to reply).
+async fn logs_in(server: &TestServer, from: IpAddr, name: &str) -> Duration {
+    let mut client = client_from(server, from).await;
+    let asked = Instant::now();
+    let reply = client.request(login(name, PASSWORD)).await.unwrap();
+    let took = asked.elapsed();
+    assert!(matches!(reply, Reply::Session { .. }), "{reply:?}");
+    client.close();
+    took
+}
+
 /// Before the fix the bucket was checked, argon2 ran, and only then a token was taken: 60
 /// parallel wrong-password logins all ran with a limit of 30.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,9 +98,7 @@ async fn parallel_wrong_password_logins_stop_at_the_limit() {
     assert_eq!(invalid + limited, 60, "{replies:?}");
     assert!((1..=30).contains(&invalid), "{invalid} ran argon2");
     // The owner, from another address, is not affected.
-    let mut owner = client_from(&server, ip(1)).await;
-    let reply = owner.request(login("target", PASSWORD)).await.unwrap();
-    assert!(matches!(reply, Reply::Session { .. }), "{reply:?}");
+    logs_in(&server, ip(1), "target").await;
     server.stop().await;
 }
 
@@ -174,11 +184,7 @@ async fn account_backoff_slows_guessing_but_does_not_lock_out_the_owner() {
     };
     assert!(message.contains("this account"), "{message}");
     // The owner logs in at once from a clean address, with the account under attack.
-    let mut owner = client_from(&server, ip(1)).await;
-    let started = Instant::now();
-    let reply = owner.request(login("owner", PASSWORD)).await.unwrap();
-    assert!(matches!(reply, Reply::Session { .. }), "{reply:?}");
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(logs_in(&server, ip(1), "owner").await < Duration::from_secs(2));
     // A name that does not exist backs off the same way (the backoff says nothing of which
     // names exist).
     for _ in 0..12 {
@@ -250,11 +256,7 @@ async fn a_clean_address_is_served_ahead_of_a_flood() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut honest = Vec::new();
     for _ in 0..3 {
-        let mut client = client_from(&server, ip(1)).await;
-        let asked = Instant::now();
-        let reply = client.request(login("honest", PASSWORD)).await.unwrap();
-        honest.push(asked.elapsed());
-        assert!(matches!(reply, Reply::Session { .. }), "{reply:?}");
+        honest.push(logs_in(&server, ip(1), "honest").await);
     }
     flooding.store(false, std::sync::atomic::Ordering::Relaxed);
     let mut waits = Vec::new();
@@ -326,10 +328,7 @@ async fn an_address_that_logged_in_before_goes_ahead_of_fresh_ones() {
     })
     .await;
     server.signed_up("honest").await;
-    let mut client = client_from(&server, ip(1)).await;
-    let reply = client.request(login("honest", PASSWORD)).await.unwrap();
-    assert!(matches!(reply, Reply::Session { .. }), "{reply:?}");
-    client.close();
+    logs_in(&server, ip(1), "honest").await;
 
     let mut flooders = Vec::new();
     for last in 100..140 {
@@ -348,11 +347,7 @@ async fn an_address_that_logged_in_before_goes_ahead_of_fresh_ones() {
         });
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut client = client_from(&server, ip(1)).await;
-    let asked = Instant::now();
-    let reply = client.request(login("honest", PASSWORD)).await.unwrap();
-    let honest = asked.elapsed();
-    assert!(matches!(reply, Reply::Session { .. }), "{reply:?}");
+    let honest = logs_in(&server, ip(1), "honest").await;
     let mut waits = Vec::new();
     while let Some(w) = flood.join_next().await {
         waits.push(w.unwrap());
@@ -394,8 +389,6 @@ async fn concurrent_guesses_on_one_account_stop_at_its_backoff() {
     assert!((6..=7).contains(&hashed), "{hashed} hashed: {replies:?}");
     assert_eq!(count(&replies, Some(ErrorCode::RateLimited)), 30 - hashed);
     // The owner still gets in from a clean address.
-    let mut owner = client_from(&server, ip(1)).await;
-    let reply = owner.request(login("owner", PASSWORD)).await.unwrap();
-    assert!(matches!(reply, Reply::Session { .. }), "{reply:?}");
+    logs_in(&server, ip(1), "owner").await;
     server.stop().await;
 }

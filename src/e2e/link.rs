@@ -117,6 +117,31 @@ pub struct ExistingDevice {
     own: [u8; LINK_PAKE_LEN],
 }
 
+/// The SPAKE2 role a device plays: A for the existing device, B for the new one.
+#[derive(Clone, Copy)]
+enum Side {
+    Existing,
+    Joining,
+}
+
+/// Starts SPAKE2 on `side` for `account` with `secret`, the scalar drawn from `source`;
+/// returns the state and this side's message.
+fn start_pake(
+    side: Side,
+    secret: &LinkSecret,
+    account: &Username,
+    source: &mut impl SecretSource,
+) -> Result<(Spake2<Ed25519Group>, [u8; LINK_PAKE_LEN]), LinkError> {
+    let rng = ScalarSeed::draw(source)?;
+    let (id_a, id_b) = identities(account);
+    let password = Password::new(&secret.password()[..]);
+    let (pake, message) = match side {
+        Side::Existing => Spake2::<Ed25519Group>::start_a_with_rng(&password, &id_a, &id_b, rng),
+        Side::Joining => Spake2::<Ed25519Group>::start_b_with_rng(&password, &id_a, &id_b, rng),
+    };
+    Ok((pake, pake_bytes(&message)?))
+}
+
 impl fmt::Debug for ExistingDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ExistingDevice")
@@ -142,15 +167,7 @@ impl ExistingDevice {
         account: &Username,
         source: &mut impl SecretSource,
     ) -> Result<(Self, [u8; LINK_PAKE_LEN]), LinkError> {
-        let rng = ScalarSeed::draw(source)?;
-        let (id_a, id_b) = identities(account);
-        let (pake, message) = Spake2::<Ed25519Group>::start_a_with_rng(
-            &Password::new(&secret.password()[..]),
-            &id_a,
-            &id_b,
-            rng,
-        );
-        let own = pake_bytes(&message)?;
+        let (pake, own) = start_pake(Side::Existing, secret, account, source)?;
         Ok((
             Self {
                 pake,
@@ -261,15 +278,7 @@ impl JoiningDevice {
         account: &Username,
         source: &mut impl SecretSource,
     ) -> Result<(Self, [u8; LINK_PAKE_LEN]), LinkError> {
-        let rng = ScalarSeed::draw(source)?;
-        let (id_a, id_b) = identities(account);
-        let (pake, message) = Spake2::<Ed25519Group>::start_b_with_rng(
-            &Password::new(&code.secret().password()[..]),
-            &id_a,
-            &id_b,
-            rng,
-        );
-        let own = pake_bytes(&message)?;
+        let (pake, own) = start_pake(Side::Joining, code.secret(), account, source)?;
         Ok((
             Self {
                 pake,
