@@ -415,6 +415,7 @@ impl Client {
             .request(Request::Login {
                 username: username.into(),
                 password,
+                device: None,
             })
             .await?;
         session_reply("login", reply)
@@ -436,6 +437,7 @@ impl Client {
             Reply::Resumed {
                 username,
                 expires_at,
+                ..
             } => Ok(SessionInfo {
                 username,
                 expires_at,
@@ -469,6 +471,7 @@ impl Client {
             Reply::Whoami {
                 username,
                 expires_at,
+                ..
             } => Ok(SessionInfo {
                 username,
                 expires_at,
@@ -605,6 +608,7 @@ impl Client {
         match self
             .request(Request::FetchBundle {
                 username: username.into(),
+                devices: None,
             })
             .await?
         {
@@ -614,6 +618,7 @@ impl Client {
                 signed_prekey,
                 one_time_prekey,
                 last_resort,
+                ..
             } => Ok(Bundle {
                 username,
                 identity_key,
@@ -691,6 +696,7 @@ fn session_reply(request: &str, reply: Reply) -> Result<(SessionInfo, SessionTok
             username,
             token,
             expires_at,
+            ..
         } => Ok((
             SessionInfo {
                 username,
@@ -768,6 +774,7 @@ async fn read_replies(
                     message_id: Some(message_id),
                     code,
                     message,
+                    ..
                 } => {
                     let waiter = sends.lock().ok().and_then(|mut s| s.remove(&message_id));
                     if let Some(waiter) = waiter {
