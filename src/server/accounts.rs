@@ -1,5 +1,6 @@
 //! Accounts and sessions: the seed's two-step signup, password login, token resume and logout.
 //!
+//! A session belongs to one device of the account (see `devices` for the device operations).
 //! Only digests of session tokens are stored. Every failure a peer can cause maps to one
 //! [`AccountError`] that the connection turns into a typed error code.
 
@@ -11,10 +12,12 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::device_lists::{DeviceList, DeviceLists};
 use super::password::{PasswordError, Passwords};
 use crate::blocking::{BlockingError, Priority};
 use crate::protocol::{
-    ErrorCode, MAX_PASSWORD_LEN, MIN_PASSWORD_LEN, Password, SessionToken, Username, UsernameError,
+    DeviceId, ErrorCode, MAX_PASSWORD_LEN, MIN_PASSWORD_LEN, Password, SessionToken, Username,
+    UsernameError,
 };
 use crate::store::{Created, SessionRecord, Store, StoreError, TokenDigest, UserRecord};
 use crate::unix_now;
@@ -37,6 +40,12 @@ pub enum AccountError {
     /// Unknown, expired or revoked session token.
     #[error("invalid or expired session token")]
     InvalidToken,
+    /// The account has no current device with this id.
+    #[error("no such device")]
+    UnknownDevice,
+    /// The account already has as many devices as allowed.
+    #[error("the account already has {} devices", crate::store::MAX_DEVICES)]
+    TooManyDevices,
     /// A bounded pool is full.
     #[error("server busy")]
     Busy,
@@ -90,6 +99,8 @@ impl AccountError {
             Self::UsernameTaken => ErrorCode::UsernameTaken,
             Self::InvalidCredentials => ErrorCode::InvalidCredentials,
             Self::InvalidToken => ErrorCode::InvalidToken,
+            Self::UnknownDevice => ErrorCode::UnknownDevice,
+            Self::TooManyDevices => ErrorCode::TooManyDevices,
             Self::Busy => ErrorCode::Busy,
             Self::Store(StoreError::Unavailable) => ErrorCode::StorageUnavailable,
             Self::Store(_) | Self::Password(_) | Self::Random(_) => ErrorCode::Internal,
@@ -116,6 +127,8 @@ pub struct IssuedSession {
 pub struct ActiveSession {
     /// Whose session it is.
     pub username: Username,
+    /// Which device of the account it belongs to.
+    pub device: DeviceId,
     /// Digest of the token, to revoke it at logout.
     pub digest: TokenDigest,
     /// When the token expires, in seconds since the Unix epoch.
@@ -167,9 +180,12 @@ impl LiveSessions {
 #[derive(Clone)]
 pub struct Accounts {
     store: Arc<dyn Store>,
-    passwords: Passwords,
+    pub(super) passwords: Passwords,
     session_ttl: Duration,
     live: Arc<Mutex<LiveSessions>>,
+    /// Every account's current devices, kept exact by forgetting a list whenever this
+    /// server changes it.
+    pub(super) device_lists: Arc<DeviceLists>,
 }
 
 /// SHA-256 of a session token: what the store keys sessions by.
@@ -193,7 +209,13 @@ impl Accounts {
             passwords,
             session_ttl,
             live: Arc::default(),
+            device_lists: Arc::default(),
         }
+    }
+
+    /// `user`'s current device ids, ascending (empty: no such account).
+    pub async fn device_list(&self, user: &Username) -> Result<DeviceList, AccountError> {
+        Ok(self.device_lists.get(self.store.as_ref(), user).await?)
     }
 
     /// The store behind the accounts.
@@ -227,18 +249,22 @@ impl Accounts {
             password_hash,
             created_at: unix_now(),
         };
-        match self.store.create_user(&username, record).await? {
-            Created::Created => self.issue_session(username).await,
+        let created = self.store.create_user(&username, record).await?;
+        self.device_lists.forget(&username);
+        match created {
+            Created::Created => self.issue_session(username, 1).await,
             Created::AlreadyExists => Err(AccountError::UsernameTaken),
         }
     }
 
-    /// Password login. A wrong username and a wrong password fail alike, in similar time.
-    /// `priority` places the verification in the argon2 queue.
+    /// Password login of `device` of the account. A wrong username and a wrong password fail
+    /// alike, in similar time; a device the account does not have is told only after the
+    /// password matched. `priority` places the verification in the argon2 queue.
     pub async fn login(
         &self,
         raw: &str,
         password: Password,
+        device: DeviceId,
         priority: Priority,
     ) -> Result<IssuedSession, AccountError> {
         if password.len() > MAX_PASSWORD_LEN {
@@ -253,10 +279,14 @@ impl Accounts {
             .passwords
             .verify_ranked(password, stored, priority)
             .await?;
-        match (matches, username) {
-            (true, Some(username)) => self.issue_session(username).await,
-            _ => Err(AccountError::InvalidCredentials),
+        let Some(username) = username.filter(|_| matches) else {
+            return Err(AccountError::InvalidCredentials);
+        };
+        let devices = self.store.devices(&username).await?;
+        if !devices.iter().any(|d| d.id == device) {
+            return Err(AccountError::UnknownDevice);
         }
+        self.issue_session(username, device).await
     }
 
     /// Restores a session from its token.
@@ -280,6 +310,7 @@ impl Accounts {
         }
         Ok(ActiveSession {
             username: record.username,
+            device: record.device,
             digest,
             expires_at: record.expires_at,
             revoked,
@@ -296,7 +327,7 @@ impl Accounts {
         Ok(deleted?)
     }
 
-    fn revoke_live(&self, digest: &TokenDigest) {
+    pub(super) fn revoke_live(&self, digest: &TokenDigest) {
         if let Ok(mut live) = self.live.lock() {
             live.revoke(digest);
         }
@@ -312,7 +343,12 @@ impl Accounts {
         Ok(self.store.purge_expired_sessions(unix_now()).await?)
     }
 
-    async fn issue_session(&self, username: Username) -> Result<IssuedSession, AccountError> {
+    /// A new session for `device` of `username`, durably stored.
+    pub(super) async fn issue_session(
+        &self,
+        username: Username,
+        device: DeviceId,
+    ) -> Result<IssuedSession, AccountError> {
         let token = SessionToken::generate()?;
         let digest = token_digest(&token);
         let created_at = unix_now();
@@ -320,6 +356,7 @@ impl Accounts {
         self.store
             .put_session(SessionRecord {
                 username: username.clone(),
+                device,
                 created_at,
                 expires_at,
                 token_digest: digest,
@@ -329,6 +366,7 @@ impl Accounts {
             token,
             session: ActiveSession {
                 username,
+                device,
                 digest,
                 expires_at,
                 revoked: self.live_flag(digest)?,
@@ -352,12 +390,11 @@ impl Accounts {
             return Err(AccountError::InvalidCredentials);
         }
         let name = &session.username;
-        let stored = self.store.user(name).await?.map(|user| user.password_hash);
-        if !self.passwords.verify(password, stored).await? {
-            return Err(AccountError::InvalidCredentials);
-        }
+        self.check_password(name, password).await?;
         let hold_until = unix_now().saturating_add(hold.as_secs());
-        let digests = self.store.delete_user(name, hold_until).await?;
+        let deleted = self.store.delete_user(name, hold_until).await;
+        self.device_lists.forget(name);
+        let digests = deleted?;
         self.revoke_live(&session.digest);
         for digest in digests.unwrap_or_default() {
             self.revoke_live(&digest);

@@ -1,5 +1,6 @@
-//! Message streams: receiving a client's messages (one unidirectional stream each) into the
-//! recipient's inbox, and delivering an online user's inbox on server-opened streams.
+//! Message streams: receiving a client's messages (one unidirectional stream each), checking
+//! the devices they were sealed for, and storing every copy in its device's inbox at once.
+//! Delivering an inbox is in `delivery`.
 
 use std::sync::{Arc, Mutex};
 
@@ -14,13 +15,14 @@ use tracing::{Instrument, debug, debug_span, warn};
 use super::Shared;
 use super::accounts::ActiveSession;
 use super::body_budget::ConnectionBudget;
-use super::router::{Mailbox, Taken};
+use super::router::{Inbox, Mailbox};
 use crate::protocol::{
-    DeliverHeader, ErrorCode, FrameError, MAX_STREAM_HEADER, MessageId, Reply, SendHeader,
+    Copies, DeviceId, ErrorCode, FrameError, MAX_STREAM_HEADER, MessageId, Reply, SendHeader,
     ServerFrame, StreamHeader, Username, decode_body, read_frame,
 };
 use crate::store::{
-    AppendHooks, Appended, NewMessage, SenderShare, SeqHook, StoreError, StoredMessage,
+    AppendHooks, Appended, Copy, MAX_DEVICES, NewMessage, Placed, PlacedHook, SenderShare,
+    StoreError, StoredMessage,
 };
 use crate::unix_now;
 
@@ -29,12 +31,9 @@ pub(crate) type SessionCell = Arc<Mutex<Option<ActiveSession>>>;
 
 /// Longest `kind` accepted, in bytes.
 const MAX_KIND_LEN: usize = 32;
-/// Inbox entries read per store call while delivering.
-const DELIVERY_BATCH: usize = 128;
-/// First and longest wait before a deliverer that holds a copy it cannot place reads the store
-/// again (see `deliver`).
-const GAP_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(1);
-const GAP_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_millis(50);
+/// Copies of one message at most: every device of the recipient and every other device of the
+/// sender.
+const MAX_COPIES: usize = 2 * MAX_DEVICES;
 /// Message streams of one connection handled at once.
 const MAX_RECEIVING: usize = 1024;
 /// Stream error code sent with STOP_SENDING when a message stream is refused.
@@ -129,7 +128,7 @@ async fn receive(
     };
     let id = header.id;
     let sender = match session.lock().ok().and_then(|s| s.clone()) {
-        Some(s) if s.is_active() => s.username,
+        Some(s) if s.is_active() => s,
         _ => {
             refuse(&mut stream);
             return Some(failed(
@@ -139,17 +138,20 @@ async fn receive(
             ));
         }
     };
-    if let Err((code, why)) = check_header(&header, shared.limits.max_message_bytes) {
-        refuse(&mut stream);
-        return Some(failed(Some(id), code, why));
-    }
+    let copies = match check_header(&header, sender.device, shared.limits.max_message_bytes) {
+        Ok(copies) => copies,
+        Err((code, why)) => {
+            refuse(&mut stream);
+            return Some(failed(Some(id), code, why));
+        }
+    };
     let Ok(recipient) = Username::parse(&header.to) else {
         refuse(&mut stream);
         return Some(failed(Some(id), ErrorCode::UnknownUser, "no such user"));
     };
     // Taken before the body is read, whatever becomes of the message: the rate bounds the
     // work one account makes the server do, not only what it stores.
-    if let Err(wait) = shared.send_rate.take(&sender) {
+    if let Err(wait) = shared.send_rate.take(&sender.username) {
         refuse(&mut stream);
         let secs = wait.as_secs().max(1);
         debug!(retry_in_secs = secs, "send rate limited");
@@ -158,6 +160,38 @@ async fn receive(
             ErrorCode::SendRateLimited,
             format!("your account is sending too many messages; retry in {secs} s"),
         ));
+    }
+    // The device lists, before the body is read: a stale message is not worth reading.
+    let accounts = &shared.accounts;
+    let lists = tokio::try_join!(
+        accounts.device_list(&recipient),
+        accounts.device_list(&sender.username)
+    );
+    let (theirs, ours) = match lists {
+        Ok(lists) => lists,
+        Err(e) => {
+            refuse(&mut stream);
+            warn!(error = %e, "cannot read device lists");
+            return Some(failed(Some(id), ErrorCode::Internal, "send it again"));
+        }
+    };
+    if theirs.is_empty() {
+        refuse(&mut stream);
+        return Some(failed(Some(id), ErrorCode::UnknownUser, "no such user"));
+    }
+    let (devices, own_devices) = expected_devices(&sender, &recipient, &theirs, &ours);
+    if devices.is_empty() && own_devices.is_empty() {
+        refuse(&mut stream);
+        return Some(failed(
+            Some(id),
+            ErrorCode::BadRequest,
+            "a message to yourself needs another device of yours to go to",
+        ));
+    }
+    if !same_devices(&copies.devices, &devices) || !same_devices(&copies.own_devices, &own_devices)
+    {
+        refuse(&mut stream);
+        return Some(stale_reply(id, &sender, &recipient, &theirs, &ours));
     }
     // Buffered as it arrives, never more than announced: a header alone allocates nothing.
     let length = usize::try_from(header.length).unwrap_or(usize::MAX);
@@ -196,62 +230,48 @@ async fn receive(
             ));
         }
     };
-    match shared.accounts.store().user_exists(&recipient).await {
-        Ok(true) => {}
-        Ok(false) => return Some(failed(Some(id), ErrorCode::UnknownUser, "no such user")),
-        Err(e) => return Some(store_failure(id, &e)),
-    }
     let now = unix_now();
     let expires_at = now.saturating_add(shared.limits.message_ttl.as_secs());
-    // A copy for an online recipient's deliverer, handed over as soon as the message has its
-    // seq (while the batch syncs), so delivery does not wait for the disk and the deliverer
-    // need not read the message back.
-    // The mailbox is looked up here, not on the writer's thread (which every message shares);
-    // if a newer connection takes over meanwhile, the synced hook below sends its deliverer to
-    // the store.
-    let copy: Option<SeqHook> = shared.router.mailbox(&recipient).map(|mailbox| {
-        let (from, kind, body) = (sender.clone(), header.kind.clone(), body.clone());
-        Box::new(move |seq| {
-            mailbox.copy(StoredMessage {
-                seq,
-                id,
-                from,
-                kind,
-                sent_at: now,
-                expires_at,
-                body,
-            })
-        }) as SeqHook
-    });
-    // Once synced, the recipient's deliverer is told (it may need the store: see `Mailbox`).
-    // The writer calls this even if this task is gone by then (its connection closed).
-    let synced: SeqHook = {
-        let (router, to, copied) = (
-            Arc::clone(&shared.router),
-            recipient.clone(),
-            copy.is_some(),
-        );
-        Box::new(move |seq| router.stored(&to, seq, copied))
-    };
-    let hooks = AppendHooks {
-        ordered: copy,
-        synced: Some(synced),
-    };
+    let mut bodies = Vec::with_capacity(copies.lengths.len());
+    let mut rest = body.as_slice();
+    for length in &copies.lengths {
+        // The lengths add up to the body's (checked when the header was decoded).
+        let (copy, after) = rest.split_at(usize::try_from(*length).unwrap_or(0).min(rest.len()));
+        bodies.push(copy.to_vec());
+        rest = after;
+    }
+    let targets = copies
+        .devices
+        .iter()
+        .map(|d| Inbox::new(&recipient, *d))
+        .chain(copies.own_devices.iter().map(|d| Inbox::new(&sender.username, *d)));
+    let copies: Vec<Copy> = targets
+        .zip(bodies)
+        .map(|(inbox, body)| Copy {
+            recipient: inbox.user,
+            device: inbox.device,
+            body,
+        })
+        .collect();
+    let hooks = hooks(shared, &sender, &recipient, id, &header.kind, &copies, now, expires_at);
     let message = NewMessage {
-        sender: sender.clone(),
-        recipient: recipient.clone(),
+        sender: sender.username.clone(),
+        sender_device: sender.device,
+        to: recipient.clone(),
         id,
         kind: header.kind,
-        body,
+        copies,
         sent_at: now,
         expires_at,
     };
     match shared.accounts.store().append(message, hooks).await {
-        Ok(Appended::Stored { seq }) => {
-            tracing::trace!(%id, seq, to = %recipient, "stored");
+        Ok(Appended::Stored { .. }) => {
+            tracing::trace!(%id, to = %recipient, "stored");
             super::metrics::message_sent();
             // The recipient may see the sender's presence (in memory only: `router`).
-            shared.router.note_written(&recipient, &sender);
+            if recipient != sender.username {
+                shared.router.note_written(&recipient, &sender.username);
+            }
             Some(Reply::Sent {
                 message_id: id,
                 duplicate: false,
@@ -261,22 +281,149 @@ async fn receive(
             message_id: id,
             duplicate: true,
         }),
-        Ok(Appended::InboxFull) => Some(failed(
+        Ok(Appended::InboxFull { recipient, device }) => Some(failed(
             Some(id),
             ErrorCode::InboxFull,
-            "the recipient's inbox is full",
+            format!("the inbox of {recipient}'s device {device} is full"),
         )),
-        Ok(Appended::SenderQuota) => Some(failed(
+        Ok(Appended::SenderQuota { recipient, .. }) => Some(failed(
             Some(id),
             ErrorCode::SenderQuota,
             sender_quota_message(&recipient, shared.limits.sender_share),
         )),
-        // Deleted meanwhile (or a deleted account's held name).
+        // Deleted meanwhile (or a deleted account's held name), or a device removed meanwhile.
         Err(StoreError::UnknownUser(_)) => {
             Some(failed(Some(id), ErrorCode::UnknownUser, "no such user"))
         }
+        Err(StoreError::UnknownDevice) => Some(stale(shared, id, &sender, &recipient).await),
         Err(e) => Some(store_failure(id, &e)),
     }
+}
+
+/// The hooks of one message's append: a copy to the mailbox of each of its devices that is
+/// online, handed over as soon as the message has its seqs (while the batch syncs), so delivery
+/// does not wait for the disk and the deliverer need not read the message back; and, once
+/// synced, a word to each device's deliverer (it may need the store: see `Mailbox`), which
+/// the writer calls even if this task is gone by then (its connection closed).
+///
+/// The mailboxes are looked up here, not on the writer's thread (which every message shares);
+/// if a newer connection takes over meanwhile, the synced hook sends its deliverer to the
+/// store.
+#[allow(clippy::too_many_arguments)]
+fn hooks(
+    shared: &Shared,
+    sender: &ActiveSession,
+    to: &Username,
+    id: MessageId,
+    kind: &str,
+    copies: &[Copy],
+    sent_at: u64,
+    expires_at: u64,
+) -> AppendHooks {
+    let mailboxes: Vec<(Inbox, Arc<Mailbox>, Vec<u8>)> = copies
+        .iter()
+        .filter_map(|c| {
+            let inbox = Inbox::new(&c.recipient, c.device);
+            let mailbox = shared.router.mailbox(&inbox)?;
+            Some((inbox, mailbox, c.body.clone()))
+        })
+        .collect();
+    let copied: Vec<Inbox> = mailboxes.iter().map(|(i, _, _)| i.clone()).collect();
+    let ordered: Option<PlacedHook> = (!mailboxes.is_empty()).then(|| {
+        let (from, from_device, kind, to) =
+            (sender.username.clone(), sender.device, kind.to_owned(), to.clone());
+        Box::new(move |placed: &[Placed]| {
+            for (inbox, mailbox, body) in mailboxes {
+                let Some(p) = placed
+                    .iter()
+                    .find(|p| p.recipient == inbox.user && p.device == inbox.device)
+                else {
+                    continue;
+                };
+                mailbox.copy(StoredMessage {
+                    seq: p.seq,
+                    id,
+                    from: from.clone(),
+                    from_device,
+                    // A copy for one of the sender's own devices names its recipient.
+                    to: (inbox.user == from).then(|| to.clone()),
+                    kind: kind.clone(),
+                    sent_at,
+                    expires_at,
+                    body,
+                });
+            }
+        }) as PlacedHook
+    });
+    let router = Arc::clone(&shared.router);
+    let synced: PlacedHook = Box::new(move |placed: &[Placed]| {
+        for p in placed {
+            let inbox = Inbox::new(&p.recipient, p.device);
+            let was_copied = copied.contains(&inbox);
+            router.stored(&inbox, p.seq, was_copied);
+        }
+    });
+    AppendHooks {
+        ordered,
+        synced: Some(synced),
+    }
+}
+
+/// `stale_devices`, with the current lists (read afresh).
+async fn stale(shared: &Shared, id: MessageId, sender: &ActiveSession, to: &Username) -> Reply {
+    let accounts = &shared.accounts;
+    match tokio::try_join!(
+        accounts.device_list(to),
+        accounts.device_list(&sender.username)
+    ) {
+        Ok((theirs, ours)) => stale_reply(id, sender, to, &theirs, &ours),
+        Err(e) => {
+            warn!(error = %e, "cannot read device lists");
+            failed(Some(id), ErrorCode::Internal, "send it again")
+        }
+    }
+}
+
+/// `stale_devices` for a message to `to` from `sender`, given both accounts' lists.
+fn stale_reply(
+    id: MessageId,
+    sender: &ActiveSession,
+    to: &Username,
+    theirs: &[DeviceId],
+    ours: &[DeviceId],
+) -> Reply {
+    let (devices, own_devices) = expected_devices(sender, to, theirs, ours);
+    Reply::SendFailed {
+        message_id: Some(id),
+        code: ErrorCode::StaleDevices,
+        message: format!("{to}'s devices or yours changed; seal for the current ones"),
+        devices: Some(devices),
+        own_devices: Some(own_devices),
+    }
+}
+
+/// The copies a message from `sender` to `to` must carry: every device of `to` (none when it is
+/// a note to oneself) and every other device of the sender.
+fn expected_devices(
+    sender: &ActiveSession,
+    to: &Username,
+    theirs: &[DeviceId],
+    ours: &[DeviceId],
+) -> (Vec<DeviceId>, Vec<DeviceId>) {
+    let devices = if *to == sender.username {
+        Vec::new()
+    } else {
+        theirs.to_vec()
+    };
+    let own = ours.iter().copied().filter(|d| *d != sender.device).collect();
+    (devices, own)
+}
+
+/// Whether `listed` holds exactly `expected` (both without repeats; `expected` ascending).
+fn same_devices(listed: &[DeviceId], expected: &[DeviceId]) -> bool {
+    let mut sorted = listed.to_vec();
+    sorted.sort_unstable();
+    sorted == expected
 }
 
 /// Why a message over the sender's share was refused, with the limits.
@@ -309,11 +456,18 @@ fn store_failure(id: MessageId, e: &crate::store::StoreError) -> Reply {
     )
 }
 
-fn check_header(header: &SendHeader, max_body: u64) -> Result<(), (ErrorCode, String)> {
-    if header.length > max_body {
+/// Checks a send header from `device`'s connection and gives its copies: each at most
+/// `max_body` bytes, at most [`MAX_COPIES`], no device twice, not the sending device.
+fn check_header(
+    header: &SendHeader,
+    device: DeviceId,
+    max_body: u64,
+) -> Result<Copies, (ErrorCode, String)> {
+    let copies = header.copies();
+    if let Some(largest) = copies.lengths.iter().copied().filter(|l| *l > max_body).max() {
         return Err((
             ErrorCode::MessageTooLarge,
-            format!("{} bytes exceeds the limit of {max_body}", header.length),
+            format!("a copy of {largest} bytes exceeds the limit of {max_body}"),
         ));
     }
     if header.kind.is_empty() || header.kind.len() > MAX_KIND_LEN {
@@ -322,155 +476,23 @@ fn check_header(header: &SendHeader, max_body: u64) -> Result<(), (ErrorCode, St
             format!("`kind` has 1 to {MAX_KIND_LEN} bytes"),
         ));
     }
-    Ok(())
-}
-
-/// Pushes `user`'s inbox to `conn`, in order, until `stop` or the connection ends. It reads
-/// the inbox from the store at first and whenever the mailbox says so; otherwise it pushes the
-/// copies the mailbox holds.
-pub(crate) async fn deliver(
-    conn: Connection,
-    shared: Arc<Shared>,
-    user: Username,
-    mailbox: Arc<Mailbox>,
-    stop: CancellationToken,
-) {
-    let store = shared.accounts.store();
-    let (mut after, mut prev) = (0u64, 0u64);
-    let mut read_store = true;
-    // The last store read found nothing new. A gap in the mailbox then usually means a message
-    // not synced yet: reading again at once would spin for the length of an fsync, so the
-    // loop waits for the mailbox to change (a sync marks it stale when it must) or for a
-    // backoff, whichever comes first, and then reads the store again. Seqs are not contiguous
-    // (acked, unsent, skipped after a crash), so the held copy may well be the next message:
-    // only the store can tell, and the backoff guarantees that it is asked.
-    let mut dry = false;
-    let mut backoff = GAP_BACKOFF_MIN;
-    loop {
-        let batch = if read_store {
-            let batch = tokio::select! {
-                () = stop.cancelled() => return,
-                batch = store.pending(&user, after, DELIVERY_BATCH) => batch,
-            };
-            match batch {
-                Ok(batch) => {
-                    read_store = batch.len() >= DELIVERY_BATCH;
-                    dry = batch.is_empty();
-                    batch
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot read the inbox; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                    continue;
-                }
-            }
-        } else {
-            match mailbox.take_after(after) {
-                Taken::Messages(batch) => batch,
-                Taken::ReadStore => {
-                    read_store = true;
-                    continue;
-                }
-                Taken::Gap if !dry => {
-                    read_store = true;
-                    continue;
-                }
-                Taken::Gap => {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = mailbox.changed() => {}
-                        () = tokio::time::sleep(backoff) => {
-                            backoff = (backoff * 2).min(GAP_BACKOFF_MAX);
-                        }
-                    }
-                    read_store = true;
-                    continue;
-                }
-                Taken::Nothing => {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = mailbox.changed() => continue,
-                    }
-                }
-            }
-        };
-        if !batch.is_empty() {
-            dry = false;
-            backoff = GAP_BACKOFF_MIN;
-        }
-        let now = unix_now();
-        for message in batch {
-            after = message.seq;
-            if message.expires_at <= now || !shared.router.claim(&user, message.seq) {
-                continue;
-            }
-            // Pending from before a restart: presence is granted again once pushed.
-            shared.router.note_written(&user, &message.from);
-            let header = DeliverHeader {
-                seq: message.seq,
-                prev,
-                id: message.id,
-                from: message.from.to_string(),
-                from_device: 1,
-                to: None,
-                sent_at: message.sent_at,
-                kind: message.kind,
-                length: message.body.len() as u64,
-            };
-            let pushed = tokio::select! {
-                () = stop.cancelled() => return,
-                pushed = push(&conn, &header, &message.body) => pushed,
-            };
-            match pushed {
-                Ok(()) => {
-                    tracing::trace!(seq = message.seq, prev, "pushed");
-                    super::metrics::message_pushed();
-                    prev = message.seq;
-                }
-                Err(PushError::ConnectionLost(e)) => {
-                    debug!(error = %e, "delivery stopped: connection gone");
-                    return;
-                }
-                // The client refused this one stream; it stays unacknowledged and comes again
-                // on the next connection. The chain goes on from the last message pushed whole.
-                Err(PushError::Stream(e)) => {
-                    warn!(error = %e, seq = message.seq, "delivery stream refused")
-                }
-            }
-        }
+    if copies.lengths.len() > MAX_COPIES {
+        return Err((
+            ErrorCode::BadRequest,
+            format!("a message has at most {MAX_COPIES} copies"),
+        ));
     }
-}
-
-/// Why a delivery stream failed.
-enum PushError {
-    /// The connection is gone: stop delivering to it.
-    ConnectionLost(String),
-    /// Only this stream failed (the client stopped it).
-    Stream(String),
-}
-
-impl From<quinn::WriteError> for PushError {
-    fn from(e: quinn::WriteError) -> Self {
-        match e {
-            quinn::WriteError::ConnectionLost(e) => Self::ConnectionLost(e.to_string()),
-            other => Self::Stream(other.to_string()),
-        }
+    let twice = |list: &[DeviceId]| {
+        let mut sorted = list.to_vec();
+        sorted.sort_unstable();
+        sorted.windows(2).any(|w| w[0] == w[1])
+    };
+    if twice(&copies.devices) || twice(&copies.own_devices) || copies.own_devices.contains(&device)
+    {
+        return Err((
+            ErrorCode::BadRequest,
+            "a device is listed twice, or the sending device among its own copies".into(),
+        ));
     }
-}
-
-async fn push(conn: &Connection, header: &DeliverHeader, body: &[u8]) -> Result<(), PushError> {
-    let mut stream = conn
-        .open_uni()
-        .await
-        .map_err(|e| PushError::ConnectionLost(e.to_string()))?;
-    let header = StreamHeader::Deliver(header.clone());
-    // Header and body in one buffer: one write, one wake of the connection's driver.
-    let mut frame = Vec::with_capacity(128 + body.len());
-    crate::protocol::encode_frame_into(&mut frame, &header, MAX_STREAM_HEADER)
-        .map_err(|e| PushError::Stream(e.to_string()))?;
-    frame.extend_from_slice(body);
-    stream.write_all(&frame).await?;
-    // The data is queued; a stop from the client after this point changes nothing.
-    let _ = stream.finish();
-    Ok(())
+    Ok(copies)
 }

@@ -10,8 +10,12 @@ pub mod backoff;
 mod body_budget;
 pub mod config;
 mod connection;
+mod device_lists;
+mod devices;
+mod delivery;
 mod directory;
 pub mod known_good;
+mod links;
 mod messaging;
 pub mod metrics;
 pub mod password;
@@ -120,6 +124,8 @@ pub(crate) struct Shared {
     pub(crate) body_budget: body_budget::BodyBudget,
     /// How long a deleted account's name stays unavailable.
     pub(crate) name_hold: Duration,
+    /// Device links in progress.
+    pub(crate) links: links::Links,
 }
 
 /// Limits on messages, from the configuration.
@@ -227,6 +233,7 @@ impl Server {
             send_rate: send_rate::SendRate::new(config.sends_per_minute),
             body_budget: body_budget::BodyBudget::new(config.max_message_bytes),
             name_hold: config.name_hold,
+            links: links::Links::default(),
         });
         Ok(Self {
             endpoint,

@@ -1,5 +1,11 @@
 //! The requests of the control stream: one method per request type, with the connection's
-//! state (hello seen, the session, delivery to this connection).
+//! state (hello seen, the session, delivery to this connection). The account requests are
+//! here; the key directory's are in `keys`, the inbox's in `inbox`, the devices' and links' in
+//! `devices`.
+
+mod devices;
+mod inbox;
+mod keys;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,24 +17,21 @@ use tracing::{Instrument, Span, debug, error, info, warn};
 
 use super::Shared;
 use super::accounts::{AccountError, ActiveSession, IssuedSession};
-use super::messaging::{SessionCell, deliver};
-use super::router::{Mailbox, Registration};
+use super::delivery::deliver;
+use super::messaging::SessionCell;
+use super::router::{Inbox, Mailbox, Registration};
 use super::throttle::Standing;
 use crate::blocking::Priority;
-use crate::protocol::keys::IdentityKeyBytes;
-use crate::protocol::keys::{OneTimePrekey, SignedPrekey};
 use crate::protocol::{
-    DeviceBundle, ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Password, Reply,
-    Request, RequestError, RequestKind, ServerFrame, Username, decode_request,
+    ErrorCode, MAX_CONTROL_FRAME, PROTOCOL_VERSION, Password, Reply, Request, RequestError,
+    RequestKind, ServerFrame, Username, decode_request,
 };
-use crate::store::{Removal, StoreError};
+use crate::store::StoreError;
 
 /// Fewer one-time prekeys than this left after a fetch: the owner is told to upload more.
 pub const PREKEYS_LOW: u32 = 10;
 /// Most sequence numbers in one `ack`.
 const MAX_ACK: usize = 4096;
-/// Most one-time prekeys in one `publish_keys`.
-const MAX_PREKEYS_PER_REQUEST: usize = 200;
 /// What a login or signup refused by the per-address in-flight cap is told.
 const IN_FLIGHT_WHAT: &str = "logins and signups in progress from your address";
 /// When it may retry: about one argon2 run.
@@ -62,6 +65,13 @@ pub(crate) struct Control {
     /// Throttle refusals in a row on this connection (see [`Refusal::delay`]).
     refusals: u32,
     span: Span,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        // Links this connection opened or joined end with it.
+        self.shared.links.forget_connection(self.conn.stable_id());
+    }
 }
 
 impl Control {
@@ -140,9 +150,11 @@ impl Control {
 
     fn begin_session(&mut self, session: ActiveSession) {
         self.span.record("user", session.username.as_str());
+        self.seen(&session);
+        let inbox = Inbox::new(&session.username, session.device);
         let mailbox = Arc::new(Mailbox::default());
         let registration = self.shared.router.register(
-            &session.username,
+            &inbox,
             &self.conn,
             Arc::clone(&mailbox),
             self.events.clone(),
@@ -152,7 +164,7 @@ impl Control {
             deliver(
                 self.conn.clone(),
                 Arc::clone(&self.shared),
-                session.username.clone(),
+                inbox,
                 mailbox,
                 stop.clone(),
             )
@@ -165,6 +177,17 @@ impl Control {
         if let Ok(mut cell) = self.session.lock() {
             *cell = Some(session);
         }
+    }
+
+    /// Notes that `session`'s device is in use now (its `last_seen`), without waiting.
+    fn seen(&self, session: &ActiveSession) {
+        let store = Arc::clone(self.shared.accounts.store());
+        let (user, device) = (session.username.clone(), session.device);
+        tokio::spawn(async move {
+            if let Err(e) = store.touch_device(&user, device, crate::unix_now()).await {
+                debug!(error = %e, "could not note when the device was last seen");
+            }
+        });
     }
 
     /// Drops the session and stops delivery to this connection.
@@ -207,11 +230,7 @@ impl Control {
                 if self.current().is_some() {
                     return already_authenticated();
                 }
-                // DEVICES-WIP: every account has exactly device 1 until linking is served.
-                if device.is_some_and(|d| d != 1) {
-                    return error(ErrorCode::UnknownDevice, "no such device".into());
-                }
-                match self.login(&username, password).await {
+                match self.login(&username, password, device.unwrap_or(1)).await {
                     Ok(reply) => self.not_refused(reply),
                     Err(refusal) => self.refuse(refusal).await,
                 }
@@ -225,12 +244,13 @@ impl Control {
                         let reply = Reply::Resumed {
                             username: session.username.to_string(),
                             expires_at: session.expires_at,
-                            device: 1,
+                            device: session.device,
                         };
                         if deliver {
                             self.begin_session(session);
                         } else {
                             self.span.record("user", session.username.as_str());
+                            self.seen(&session);
                             if let Ok(mut cell) = self.session.lock() {
                                 *cell = Some(session);
                             }
@@ -243,6 +263,23 @@ impl Control {
                     }
                     Err(e) => account_error(e),
                 }
+            }
+            Request::LinkJoin {
+                username,
+                slot,
+                pake,
+                name,
+            } => {
+                if self.current().is_some() {
+                    return already_authenticated();
+                }
+                self.link_join(&username, slot, pake, name).await
+            }
+            Request::LinkConfirm { confirm } => {
+                if self.current().is_some() {
+                    return already_authenticated();
+                }
+                self.link_confirm(confirm).await
             }
             other => {
                 let Some(session) = self.authenticated() else {
@@ -292,7 +329,12 @@ impl Control {
 
     /// A password login: the in-flight cap, then a token of the address's failed-login bucket
     /// (taken before argon2 runs, given back on success), then the account's backoff.
-    async fn login(&mut self, username: &str, password: Password) -> Result<Reply, Refusal> {
+    async fn login(
+        &mut self,
+        username: &str,
+        password: Password,
+        device: crate::protocol::DeviceId,
+    ) -> Result<Reply, Refusal> {
         let shared = Arc::clone(&self.shared);
         let addr = self.conn.remote_address().ip();
         let Some(_in_flight) = shared.password_work.enter(addr) else {
@@ -323,7 +365,10 @@ impl Control {
             Priority::High if shared.known_good.knows(addr, now) => Priority::Urgent,
             other => other,
         };
-        let result = shared.accounts.login(username, password, priority).await;
+        let result = shared
+            .accounts
+            .login(username, password, device, priority)
+            .await;
         super::metrics::login(&result);
         let now = Instant::now();
         match (&result, admitted) {
@@ -362,6 +407,7 @@ impl Control {
 
     async fn handle_authenticated(&mut self, session: ActiveSession, request: Request) -> Reply {
         let me = &session.username;
+        let inbox = Inbox::new(me, session.device);
         match request {
             Request::Logout => match self.shared.accounts.logout(&session).await {
                 Ok(()) => {
@@ -374,7 +420,7 @@ impl Control {
             Request::Whoami => Reply::Whoami {
                 username: session.username.to_string(),
                 expires_at: session.expires_at,
-                device: 1,
+                device: session.device,
             },
             Request::PublishKeys {
                 identity_key,
@@ -383,7 +429,7 @@ impl Control {
                 one_time_prekeys,
             } => {
                 self.publish_keys(
-                    me,
+                    &inbox,
                     identity_key,
                     signed_prekey,
                     last_resort,
@@ -391,75 +437,17 @@ impl Control {
                 )
                 .await
             }
-            Request::FetchBundle { username, devices }
-                if devices.as_ref().is_some_and(|d| !d.contains(&1)) =>
-            {
-                let _ = username;
-                error(ErrorCode::UnknownDevice, "no such device".into())
+            Request::FetchBundle { username, devices } => {
+                self.fetch_bundle(me, &username, devices).await
             }
-            Request::FetchBundle { username, .. } => self.fetch_bundle(me, &username).await,
-            Request::FetchIdentity { username } => {
-                let Ok(user) = Username::parse(&username) else {
-                    return unknown_user();
-                };
-                match self.shared.accounts.store().keys(&user).await {
-                    Ok(Some(keys)) => Reply::Identity {
-                        username: user.to_string(),
-                        identity_key: keys.identity_key,
-                    },
-                    Ok(None) => self.no_keys(&user).await,
-                    Err(e) => store_error(&e),
-                }
-            }
-            Request::Ack { seqs, .. } => {
-                if seqs.len() > MAX_ACK {
-                    return error(
-                        ErrorCode::BadRequest,
-                        format!("at most {MAX_ACK} seqs per ack"),
-                    );
-                }
-                let store = self.shared.accounts.store();
-                match store
-                    .remove_pending(me, seqs.clone(), Removal::Acknowledged)
-                    .await
-                {
-                    Ok(removed) => {
-                        super::metrics::messages_delivered(removed);
-                        self.shared.router.release(me, &seqs);
-                        Reply::Acked { removed }
-                    }
-                    Err(e) => store_error(&e),
-                }
-            }
+            Request::FetchIdentity { username } => self.fetch_identity(&username).await,
+            Request::Ack { seqs, .. } => self.ack(&inbox, seqs).await,
             Request::Unsend { message_id } => self.unsend(me, message_id).await,
-            // DEVICES-WIP: replaced by the device requests before this branch reaches main.
-            Request::ListDevices
-            | Request::RemoveDevice { .. }
-            | Request::ReplaceIdentity { .. }
-            | Request::LinkOpen { .. }
-            | Request::LinkJoin { .. }
-            | Request::LinkConfirm { .. }
-            | Request::LinkAccept { .. }
-            | Request::LinkRefuse { .. } => error(
-                ErrorCode::UnknownRequest,
-                "device requests are not served yet".into(),
-            ),
             Request::DeleteAccount { password } => {
-                // Password work, throttled like logins; spent before the work, so parallel
-                // requests cannot all pass the check.
-                let addr = self.conn.remote_address().ip();
-                let shared = Arc::clone(&self.shared);
-                let Some(_in_flight) = shared.password_work.enter(addr) else {
-                    return self
-                        .refuse(Refusal::new(IN_FLIGHT_WHAT, IN_FLIGHT_RETRY))
-                        .await;
+                let _in_flight = match self.password_gate().await {
+                    Ok(slot) => slot,
+                    Err(refused) => return refused,
                 };
-                // Kept even when the password is right: a deletion happens once.
-                if let Err(wait) = shared.failed_logins.take(addr, Instant::now()) {
-                    return self
-                        .refuse(Refusal::new("password attempts from your address", wait))
-                        .await;
-                }
                 let hold = self.shared.name_hold;
                 match self
                     .shared
@@ -471,7 +459,7 @@ impl Control {
                         info!("account deleted");
                         self.end_session();
                         let code = crate::protocol::CloseCode::AccountDeleted;
-                        self.shared.router.disconnect(me, code, "account deleted");
+                        self.shared.router.disconnect_user(me, code, "account deleted");
                         Reply::AccountDeleted {
                             username: me.to_string(),
                         }
@@ -496,124 +484,36 @@ impl Control {
                     )
                 }
             }
+            Request::ListDevices => self.list_devices(&inbox).await,
+            Request::RemoveDevice { device, password } => {
+                self.remove_device(&session, device, password).await
+            }
+            Request::ReplaceIdentity {
+                password,
+                identity_key,
+                signed_prekey,
+                last_resort,
+                one_time_prekeys,
+            } => {
+                let keys = devices::device_keys(signed_prekey, last_resort);
+                self.replace_identity(&session, password, identity_key, keys, one_time_prekeys)
+                    .await
+            }
+            Request::LinkOpen { pake } => self.link_open(&inbox, pake).await,
+            Request::LinkAccept {
+                slot,
+                confirm,
+                payload,
+            } => self.link_accept(&session, slot, confirm, payload).await,
+            Request::LinkRefuse { slot } => self.link_refuse(&session, slot),
             Request::Hello { .. }
             | Request::Ping
             | Request::CheckUsername { .. }
             | Request::Signup { .. }
             | Request::Login { .. }
-            | Request::Resume { .. } => already_authenticated(),
-        }
-    }
-
-    async fn no_keys(&self, user: &Username) -> Reply {
-        match self.shared.accounts.store().user_exists(user).await {
-            Ok(true) => error(
-                ErrorCode::NoKeys,
-                format!("{user} has not published keys yet"),
-            ),
-            Ok(false) => unknown_user(),
-            Err(e) => store_error(&e),
-        }
-    }
-
-    async fn publish_keys(
-        &mut self,
-        me: &Username,
-        identity_key: Option<IdentityKeyBytes>,
-        signed_prekey: Option<SignedPrekey>,
-        last_resort: Option<SignedPrekey>,
-        one_time_prekeys: Vec<OneTimePrekey>,
-    ) -> Reply {
-        if one_time_prekeys.len() > MAX_PREKEYS_PER_REQUEST {
-            return error(
-                ErrorCode::BadRequest,
-                format!("at most {MAX_PREKEYS_PER_REQUEST} one-time prekeys per request"),
-            );
-        }
-        let store = self.shared.accounts.store();
-        let existing = match store.keys(me).await {
-            Ok(existing) => existing,
-            Err(e) => return store_error(&e),
-        };
-        let merged = match super::directory::merge_keys(
-            existing,
-            identity_key,
-            signed_prekey,
-            last_resort,
-        ) {
-            Ok(merged) => merged,
-            Err(why) => return error(ErrorCode::InvalidKeys, why),
-        };
-        match store.put_keys(me, merged, one_time_prekeys).await {
-            Ok(count) => Reply::KeysPublished {
-                one_time_prekeys: count,
-            },
-            Err(StoreError::Limit(why)) => error(ErrorCode::BadRequest, why),
-            Err(e) => store_error(&e),
-        }
-    }
-
-    async fn fetch_bundle(&mut self, me: &Username, username: &str) -> Reply {
-        let Ok(user) = Username::parse(username) else {
-            return unknown_user();
-        };
-        // Taken in one step: a check followed by a spend let concurrent fetches (from the
-        // user's other connections) all pass one check.
-        if let Err(wait) = self.shared.bundle_fetches.take(me.clone(), Instant::now()) {
-            return rate_limited("key bundle fetches", wait);
-        }
-        match self.shared.accounts.store().take_bundle(&user).await {
-            Ok(Some(taken)) => {
-                if taken.remaining < PREKEYS_LOW {
-                    self.shared.router.push_event(
-                        &user,
-                        Reply::PrekeysLow {
-                            remaining: taken.remaining,
-                        },
-                    );
-                }
-                let last_resort = match taken.one_time_prekey {
-                    Some(_) => None,
-                    None => Some(taken.keys.last_resort.clone()),
-                };
-                let device = DeviceBundle {
-                    device: 1,
-                    signed_prekey: taken.keys.signed_prekey.clone(),
-                    one_time_prekey: taken.one_time_prekey.clone(),
-                    last_resort: last_resort.clone(),
-                };
-                Reply::Bundle {
-                    username: user.to_string(),
-                    identity_key: taken.keys.identity_key,
-                    signed_prekey: taken.keys.signed_prekey,
-                    one_time_prekey: taken.one_time_prekey,
-                    last_resort,
-                    devices: vec![device],
-                }
-            }
-            Ok(None) => self.no_keys(&user).await,
-            Err(e) => store_error(&e),
-        }
-    }
-
-    async fn unsend(&mut self, me: &Username, message_id: MessageId) -> Reply {
-        let store = self.shared.accounts.store();
-        let record = match store.sent(me, message_id).await {
-            Ok(Some(record)) => record,
-            Ok(None) => return Reply::Unsent { deleted: false },
-            Err(e) => return store_error(&e),
-        };
-        if !self.shared.router.cancel(&record.recipient, record.seq) {
-            return Reply::Unsent { deleted: false };
-        }
-        match store
-            .remove_pending(&record.recipient, vec![record.seq], Removal::Unsent)
-            .await
-        {
-            Ok(removed) => Reply::Unsent {
-                deleted: super::metrics::messages_unsent(removed) == 1,
-            },
-            Err(e) => store_error(&e),
+            | Request::Resume { .. }
+            | Request::LinkJoin { .. }
+            | Request::LinkConfirm { .. } => already_authenticated(),
         }
     }
 
@@ -636,7 +536,7 @@ impl Control {
                     username: session.username.to_string(),
                     token,
                     expires_at: session.expires_at,
-                    device: 1,
+                    device: session.device,
                 };
                 self.begin_session(session);
                 info!("{what}");

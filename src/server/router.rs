@@ -1,6 +1,7 @@
-//! Who is online where: one entry per authenticated user, pointing at the connection that
-//! receives their messages. A newer login takes over (the older connection is closed with code
-//! `replaced`). The router also arbitrates between delivery and `unsend`: a message handed to a
+//! Who is online where: one entry per device of an authenticated user, pointing at the
+//! connection that receives that device's messages. A newer login of the same device takes over
+//! (the older connection is closed with code `replaced`); each device of an account has its own
+//! entry, so an account's devices receive side by side. The router also arbitrates between delivery and `unsend`: a message handed to a
 //! connection is *claimed* and can no longer be unsent; an unsent one is *cancelled* and will
 //! not be delivered.
 //!
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use quinn::{Connection, VarInt};
 use tokio::sync::{Notify, mpsc};
 
-use crate::protocol::{CloseCode, Reply, ServerFrame, Username};
+use crate::protocol::{CloseCode, DeviceId, Reply, ServerFrame, Username};
 use crate::store::StoredMessage;
 
 /// Most messages a mailbox holds before its deliverer is sent back to the store.
@@ -234,7 +235,32 @@ impl Writers {
     }
 }
 
-/// The online state of one user.
+/// One device's inbox: the unit of delivery, of claims and of the `replaced` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Inbox {
+    /// The account.
+    pub user: Username,
+    /// Its device.
+    pub device: DeviceId,
+}
+
+impl Inbox {
+    /// The inbox of `user`'s `device`.
+    pub fn new(user: &Username, device: DeviceId) -> Self {
+        Self {
+            user: user.clone(),
+            device,
+        }
+    }
+}
+
+impl std::fmt::Display for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.user, self.device)
+    }
+}
+
+/// The online state of one device.
 struct Online {
     conn_id: u64,
     conn: Connection,
@@ -263,46 +289,63 @@ impl Claims {
     }
 }
 
-/// The registry of online users.
+/// The online devices of one user (at most a few: a list beats a map).
+type Devices = Vec<(DeviceId, Online)>;
+
+/// The registry of online devices.
 #[derive(Default)]
 pub struct Router {
-    online: Mutex<HashMap<Username, Online, Hasher>>,
-    claims: Mutex<HashMap<Username, Claims, Hasher>>,
+    online: Mutex<HashMap<Username, Devices, Hasher>>,
+    claims: Mutex<HashMap<Inbox, Claims, Hasher>>,
     writers: Mutex<Writers>,
     next_id: AtomicU64,
 }
 
-/// Removes its user from the router when dropped, unless a newer connection took over.
+/// Removes its device from the router when dropped, unless a newer connection took over.
 pub struct Registration {
     router: Arc<Router>,
-    user: Username,
+    inbox: Inbox,
     conn_id: u64,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Ok(mut online) = self.router.online.lock()
-            && online
-                .get(&self.user)
-                .is_some_and(|o| o.conn_id == self.conn_id)
+            && let Some(devices) = online.get_mut(&self.inbox.user)
         {
-            online.remove(&self.user);
+            devices.retain(|(d, o)| !(*d == self.inbox.device && o.conn_id == self.conn_id));
+            if devices.is_empty() {
+                online.remove(&self.inbox.user);
+            }
         }
-        // An online user's claims stay while empty (a message a moment makes and releases
+        // An online device's claims stay while empty (a message a moment makes and releases
         // one); they go with the connection. Claims still held stay until the next login.
         if let Ok(mut claims) = self.router.claims.lock()
-            && claims.get(&self.user).is_some_and(Claims::is_empty)
+            && claims.get(&self.inbox).is_some_and(Claims::is_empty)
         {
-            claims.remove(&self.user);
+            claims.remove(&self.inbox);
         }
     }
 }
 
+/// The entry of `inbox` in `online`, if its device is online.
+fn entry<'a>(
+    online: &'a HashMap<Username, Devices, Hasher>,
+    inbox: &Inbox,
+) -> Option<&'a Online> {
+    online
+        .get(&inbox.user)?
+        .iter()
+        .find(|(d, _)| *d == inbox.device)
+        .map(|(_, o)| o)
+}
+
 impl Router {
-    /// Makes `conn` the connection that receives `user`'s messages, closing any older one.
+    /// Makes `conn` the connection that receives `inbox`'s messages, closing any older one of
+    /// the same device.
     pub fn register(
         self: &Arc<Self>,
-        user: &Username,
+        inbox: &Inbox,
         conn: &Connection,
         mailbox: Arc<Mailbox>,
         events: mpsc::Sender<Box<ServerFrame>>,
@@ -315,13 +358,22 @@ impl Router {
             events,
         };
         let previous = match self.online.lock() {
-            Ok(mut online) => online.insert(user.clone(), entry),
+            Ok(mut online) => {
+                let devices = online.entry(inbox.user.clone()).or_default();
+                match devices.iter_mut().find(|(d, _)| *d == inbox.device) {
+                    Some((_, slot)) => Some(std::mem::replace(slot, entry)),
+                    None => {
+                        devices.push((inbox.device, entry));
+                        None
+                    }
+                }
+            }
             Err(_) => None,
         };
         if let Some(previous) = previous
             && previous.conn.stable_id() != conn.stable_id()
         {
-            tracing::info!(user = %user, "newer login takes over; closing the older connection");
+            tracing::info!(%inbox, "newer login takes over; closing the older connection");
             previous.conn.close(
                 VarInt::from_u32(CloseCode::Replaced.code()),
                 b"logged in on another connection",
@@ -330,16 +382,16 @@ impl Router {
         // Whatever the old connection was handed and never acknowledged is handed out again by
         // the new one, which reads the inbox afresh (where unsent messages are already gone).
         if let Ok(mut claims) = self.claims.lock() {
-            claims.remove(user);
+            claims.remove(inbox);
         }
         Registration {
             router: Arc::clone(self),
-            user: user.clone(),
+            inbox: inbox.clone(),
             conn_id,
         }
     }
 
-    /// Whether `user` has a connection now.
+    /// Whether any device of `user` has a connection now.
     pub fn is_online(&self, user: &Username) -> bool {
         self.online
             .lock()
@@ -364,10 +416,10 @@ impl Router {
             .unwrap_or(false)
     }
 
-    /// Tells `user`'s deliverer, if online, that message `seq` is now in the store; `copied`
+    /// Tells `inbox`'s deliverer, if online, that message `seq` is now in the store; `copied`
     /// says whether a copy went to a mailbox ([`Mailbox::copy`]; otherwise the deliverer reads the inbox).
-    pub fn stored(&self, user: &Username, seq: u64, copied: bool) {
-        if let Some(mailbox) = self.mailbox(user) {
+    pub fn stored(&self, inbox: &Inbox, seq: u64, copied: bool) {
+        if let Some(mailbox) = self.mailbox(inbox) {
             if copied {
                 mailbox.committed(seq);
             } else {
@@ -376,29 +428,30 @@ impl Router {
         }
     }
 
-    /// The mailbox of `user`'s delivering connection, if online.
-    pub fn mailbox(&self, user: &Username) -> Option<Arc<Mailbox>> {
+    /// The mailbox of `inbox`'s delivering connection, if online.
+    pub fn mailbox(&self, inbox: &Inbox) -> Option<Arc<Mailbox>> {
         match self.online.lock() {
-            Ok(online) => online.get(user).map(|o| Arc::clone(&o.mailbox)),
+            Ok(online) => entry(&online, inbox).map(|o| Arc::clone(&o.mailbox)),
             Err(_) => None,
         }
     }
 
-    /// Pushes an event to `user`'s connection, if online; drops it if their queue is full.
-    pub fn push_event(&self, user: &Username, reply: Reply) {
+    /// Pushes an event to `inbox`'s delivering connection, if online; drops it if its queue is
+    /// full.
+    pub fn push_event(&self, inbox: &Inbox, reply: Reply) {
         if let Ok(online) = self.online.lock()
-            && let Some(o) = online.get(user)
+            && let Some(o) = entry(&online, inbox)
         {
             let _ = o.events.try_send(Box::new(ServerFrame { id: None, reply }));
         }
     }
 
-    /// Marks `seq` of `user` as handed out; false if it was unsent in the meantime.
-    pub fn claim(&self, user: &Username, seq: u64) -> bool {
+    /// Marks `seq` of `inbox` as handed out; false if it was unsent in the meantime.
+    pub fn claim(&self, inbox: &Inbox, seq: u64) -> bool {
         let Ok(mut claims) = self.claims.lock() else {
             return false;
         };
-        if let Some(c) = claims.get_mut(user) {
+        if let Some(c) = claims.get_mut(inbox) {
             if c.cancelled.remove(&seq) {
                 return false;
             }
@@ -407,16 +460,16 @@ impl Router {
         }
         let mut c = Claims::default();
         c.claimed.insert(seq);
-        claims.insert(user.clone(), c);
+        claims.insert(inbox.clone(), c);
         true
     }
 
-    /// Marks `seq` of `user` as unsent; false if it was already handed out.
-    pub fn cancel(&self, user: &Username, seq: u64) -> bool {
+    /// Marks `seq` of `inbox` as unsent; false if it was already handed out.
+    pub fn cancel(&self, inbox: &Inbox, seq: u64) -> bool {
         let Ok(mut claims) = self.claims.lock() else {
             return false;
         };
-        let c = claims.entry(user.clone()).or_default();
+        let c = claims.entry(inbox.clone()).or_default();
         if c.claimed.contains(&seq) {
             return false;
         }
@@ -424,10 +477,49 @@ impl Router {
         true
     }
 
-    /// Closes `user`'s delivering connection, if any, with `code` (their account is gone).
-    pub fn disconnect(&self, user: &Username, code: CloseCode, reason: &str) {
-        let online = self.online.lock().ok().and_then(|mut o| o.remove(user));
-        if let Some(online) = online {
+    /// Marks every `(inbox, seq)` as unsent, or none of them if one was already handed out:
+    /// the copies of one message are unsent together.
+    pub fn cancel_all(&self, copies: &[(Inbox, u64)]) -> bool {
+        let Ok(mut claims) = self.claims.lock() else {
+            return false;
+        };
+        let handed_out = copies.iter().any(|(inbox, seq)| {
+            claims
+                .get(inbox)
+                .is_some_and(|c| c.claimed.contains(seq))
+        });
+        if handed_out {
+            return false;
+        }
+        for (inbox, seq) in copies {
+            claims.entry(inbox.clone()).or_default().cancelled.insert(*seq);
+        }
+        true
+    }
+
+    /// Closes the delivering connection of every device of `user` with `code` (their account
+    /// is gone).
+    pub fn disconnect_user(&self, user: &Username, code: CloseCode, reason: &str) {
+        let devices = self.online.lock().ok().and_then(|mut o| o.remove(user));
+        for (_, online) in devices.unwrap_or_default() {
+            online
+                .conn
+                .close(VarInt::from_u32(code.code()), reason.as_bytes());
+        }
+    }
+
+    /// Closes `inbox`'s delivering connection, if any, with `code` (its device is gone).
+    pub fn disconnect(&self, inbox: &Inbox, code: CloseCode, reason: &str) {
+        let removed = self.online.lock().ok().and_then(|mut online| {
+            let devices = online.get_mut(&inbox.user)?;
+            let at = devices.iter().position(|(d, _)| *d == inbox.device)?;
+            let (_, o) = devices.swap_remove(at);
+            if devices.is_empty() {
+                online.remove(&inbox.user);
+            }
+            Some(o)
+        });
+        if let Some(online) = removed {
             online
                 .conn
                 .close(VarInt::from_u32(code.code()), reason.as_bytes());
@@ -435,9 +527,9 @@ impl Router {
     }
 
     /// Forgets the claims of acknowledged messages.
-    pub fn release(&self, user: &Username, seqs: &[u64]) {
+    pub fn release(&self, inbox: &Inbox, seqs: &[u64]) {
         if let Ok(mut claims) = self.claims.lock()
-            && let Some(c) = claims.get_mut(user)
+            && let Some(c) = claims.get_mut(inbox)
         {
             for seq in seqs {
                 c.claimed.remove(seq);
@@ -550,7 +642,7 @@ mod tests {
     #[test]
     fn a_claimed_message_cannot_be_unsent_and_an_unsent_one_is_not_claimed() {
         let router = Router::default();
-        let bob = Username::parse("bob").expect("valid name");
+        let bob = Inbox::new(&Username::parse("bob").expect("valid name"), 1);
         assert!(router.claim(&bob, 1));
         assert!(router.claim(&bob, 2));
         assert!(!router.cancel(&bob, 1));
