@@ -4,6 +4,10 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// A device of an account: 1 is the device that signed up; ids are never reused within an
+/// account (a removed device's id stays used).
+pub type DeviceId = u32;
+
 /// Length of a message id in bytes (128 bits).
 pub const MESSAGE_ID_LEN: usize = 16;
 

@@ -19,7 +19,7 @@ pub use frame::{
     FrameError, LENGTH_PREFIX, decode_body, encode_frame, encode_frame_into, frame_length,
     read_frame, write_frame,
 };
-pub use ids::{MESSAGE_ID_LEN, MessageId};
+pub use ids::{DeviceId, MESSAGE_ID_LEN, MessageId};
 pub use messages::{ClientFrame, Reply, Request, RequestKind, ServerFrame};
 pub use nesting::{MAX_NESTING, MarkerError, TooDeep, check_markers, check_nesting};
 pub use request::{RequestError, decode_request};

@@ -320,6 +320,7 @@ impl Accounts {
         self.store
             .put_session(SessionRecord {
                 username: username.clone(),
+                device: 1,
                 created_at,
                 expires_at,
                 token_digest: digest,

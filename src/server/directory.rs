@@ -3,7 +3,17 @@
 
 use crate::e2e::{IdentityKey, verify_last_resort_prekey, verify_signed_prekey};
 use crate::protocol::keys::{IdentityKeyBytes, SignedPrekey};
-use crate::store::KeysRecord;
+
+/// A device's published keys with its account's identity key, as one upload sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeysRecord {
+    /// Ed25519 identity key.
+    pub identity_key: IdentityKeyBytes,
+    /// Current signed prekey.
+    pub signed_prekey: SignedPrekey,
+    /// Last-resort prekey, handed out when no one-time prekey is left.
+    pub last_resort: SignedPrekey,
+}
 
 /// Combines an upload with what is stored. The first upload must carry all three keys; later
 /// ones may replace any of them. Every prekey that is stored after the call is checked against

@@ -20,7 +20,8 @@ use crate::protocol::{
     ServerFrame, StreamHeader, Username, decode_body, read_frame,
 };
 use crate::store::{
-    AppendHooks, Appended, NewMessage, SenderShare, SeqHook, StoreError, StoredMessage,
+    AppendHooks, Appended, Copy, NewMessage, Placed, PlacedHook, SenderShare, StoreError,
+    StoredMessage,
 };
 use crate::unix_now;
 
@@ -207,29 +208,38 @@ async fn receive(
     // The mailbox is looked up here, not on the writer's thread (which every message shares);
     // if a newer connection takes over meanwhile, the synced hook below sends its deliverer to
     // the store.
-    let copy: Option<SeqHook> = shared.router.mailbox(&recipient).map(|mailbox| {
+    // (Every connection is device 1's for now: one copy, to the recipient's device 1.)
+    let copy: Option<PlacedHook> = shared.router.mailbox(&recipient).map(|mailbox| {
         let (from, kind, body) = (sender.clone(), header.kind.clone(), body.clone());
-        Box::new(move |seq| {
-            mailbox.copy(StoredMessage {
-                seq,
-                id,
-                from,
-                kind,
-                sent_at: now,
-                expires_at,
-                body,
-            })
-        }) as SeqHook
+        Box::new(move |placed: &[Placed]| {
+            if let Some(placed) = placed.first() {
+                mailbox.copy(StoredMessage {
+                    seq: placed.seq,
+                    id,
+                    from,
+                    from_device: 1,
+                    to: None,
+                    kind,
+                    sent_at: now,
+                    expires_at,
+                    body,
+                });
+            }
+        }) as PlacedHook
     });
     // Once synced, the recipient's deliverer is told (it may need the store: see `Mailbox`).
     // The writer calls this even if this task is gone by then (its connection closed).
-    let synced: SeqHook = {
+    let synced: PlacedHook = {
         let (router, to, copied) = (
             Arc::clone(&shared.router),
             recipient.clone(),
             copy.is_some(),
         );
-        Box::new(move |seq| router.stored(&to, seq, copied))
+        Box::new(move |placed: &[Placed]| {
+            if let Some(placed) = placed.first() {
+                router.stored(&to, placed.seq, copied);
+            }
+        })
     };
     let hooks = AppendHooks {
         ordered: copy,
@@ -237,15 +247,21 @@ async fn receive(
     };
     let message = NewMessage {
         sender: sender.clone(),
-        recipient: recipient.clone(),
+        sender_device: 1,
+        to: recipient.clone(),
         id,
         kind: header.kind,
-        body,
+        copies: vec![Copy {
+            recipient: recipient.clone(),
+            device: 1,
+            body,
+        }],
         sent_at: now,
         expires_at,
     };
     match shared.accounts.store().append(message, hooks).await {
-        Ok(Appended::Stored { seq }) => {
+        Ok(Appended::Stored { seqs }) => {
+            let seq = seqs.first().copied().unwrap_or_default();
             tracing::trace!(%id, seq, to = %recipient, "stored");
             super::metrics::message_sent();
             // The recipient may see the sender's presence (in memory only: `router`).
@@ -259,18 +275,18 @@ async fn receive(
             message_id: id,
             duplicate: true,
         }),
-        Ok(Appended::InboxFull) => Some(failed(
+        Ok(Appended::InboxFull { .. }) => Some(failed(
             Some(id),
             ErrorCode::InboxFull,
             "the recipient's inbox is full",
         )),
-        Ok(Appended::SenderQuota) => Some(failed(
+        Ok(Appended::SenderQuota { .. }) => Some(failed(
             Some(id),
             ErrorCode::SenderQuota,
             sender_quota_message(&recipient, shared.limits.sender_share),
         )),
         // Deleted meanwhile (or a deleted account's held name).
-        Err(StoreError::UnknownUser(_)) => {
+        Err(StoreError::UnknownUser(_) | StoreError::UnknownDevice(..)) => {
             Some(failed(Some(id), ErrorCode::UnknownUser, "no such user"))
         }
         Err(e) => Some(store_failure(id, &e)),
@@ -348,7 +364,7 @@ pub(crate) async fn deliver(
         let batch = if read_store {
             let batch = tokio::select! {
                 () = stop.cancelled() => return,
-                batch = store.pending(&user, after, DELIVERY_BATCH) => batch,
+                batch = store.pending(&user, 1, after, DELIVERY_BATCH) => batch,
             };
             match batch {
                 Ok(batch) => {

@@ -386,10 +386,10 @@ impl Control {
                 let Ok(user) = Username::parse(&username) else {
                     return unknown_user();
                 };
-                match self.shared.accounts.store().keys(&user).await {
-                    Ok(Some(keys)) => Reply::Identity {
+                match self.shared.accounts.store().identity(&user).await {
+                    Ok(Some(identity_key)) => Reply::Identity {
                         username: user.to_string(),
-                        identity_key: keys.identity_key,
+                        identity_key,
                     },
                     Ok(None) => self.no_keys(&user).await,
                     Err(e) => store_error(&e),
@@ -404,7 +404,7 @@ impl Control {
                 }
                 let store = self.shared.accounts.store();
                 match store
-                    .remove_pending(me, seqs.clone(), Removal::Acknowledged)
+                    .remove_pending(me, 1, seqs.clone(), Removal::Acknowledged)
                     .await
                 {
                     Ok(removed) => {
@@ -503,9 +503,15 @@ impl Control {
             );
         }
         let store = self.shared.accounts.store();
-        let existing = match store.keys(me).await {
-            Ok(existing) => existing,
-            Err(e) => return store_error(&e),
+        // (Every connection is device 1's for now.)
+        let existing = match (store.identity(me).await, store.device_keys(me, 1).await) {
+            (Ok(Some(identity_key)), Ok(Some(keys))) => Some(super::directory::KeysRecord {
+                identity_key,
+                signed_prekey: keys.signed_prekey,
+                last_resort: keys.last_resort,
+            }),
+            (Ok(_), Ok(_)) => None,
+            (Err(e), _) | (_, Err(e)) => return store_error(&e),
         };
         let merged = match super::directory::merge_keys(
             existing,
@@ -516,7 +522,20 @@ impl Control {
             Ok(merged) => merged,
             Err(why) => return error(ErrorCode::InvalidKeys, why),
         };
-        match store.put_keys(me, merged, one_time_prekeys).await {
+        let (identity, keys) = match merged {
+            Some(merged) => (
+                Some(merged.identity_key),
+                Some(crate::store::DeviceKeys {
+                    signed_prekey: merged.signed_prekey,
+                    last_resort: merged.last_resort,
+                }),
+            ),
+            None => (None, None),
+        };
+        match store
+            .put_keys(me, 1, identity, keys, one_time_prekeys)
+            .await
+        {
             Ok(count) => Reply::KeysPublished {
                 one_time_prekeys: count,
             },
@@ -534,8 +553,16 @@ impl Control {
         if let Err(wait) = self.shared.bundle_fetches.take(me.clone(), Instant::now()) {
             return rate_limited("key bundle fetches", wait);
         }
-        match self.shared.accounts.store().take_bundle(&user).await {
-            Ok(Some(taken)) => {
+        let taken = self
+            .shared
+            .accounts
+            .store()
+            .take_bundles(&user, Some(vec![1]))
+            .await;
+        match taken {
+            Ok(Some(mut taken)) if !taken.devices.is_empty() => {
+                let identity_key = taken.identity;
+                let taken = taken.devices.swap_remove(0);
                 if taken.remaining < PREKEYS_LOW {
                     self.shared.router.push_event(
                         &user,
@@ -550,13 +577,13 @@ impl Control {
                 };
                 Reply::Bundle {
                     username: user.to_string(),
-                    identity_key: taken.keys.identity_key,
+                    identity_key,
                     signed_prekey: taken.keys.signed_prekey,
                     one_time_prekey: taken.one_time_prekey,
                     last_resort,
                 }
             }
-            Ok(None) => self.no_keys(&user).await,
+            Ok(_) => self.no_keys(&user).await,
             Err(e) => store_error(&e),
         }
     }
@@ -568,11 +595,20 @@ impl Control {
             Ok(None) => return Reply::Unsent { deleted: false },
             Err(e) => return store_error(&e),
         };
-        if !self.shared.router.cancel(&record.recipient, record.seq) {
+        // (Every message has one copy, to device 1, for now.)
+        let Some(copy) = record.copies.first() else {
+            return Reply::Unsent { deleted: false };
+        };
+        if !self.shared.router.cancel(&copy.recipient, copy.seq) {
             return Reply::Unsent { deleted: false };
         }
         match store
-            .remove_pending(&record.recipient, vec![record.seq], Removal::Unsent)
+            .remove_pending(
+                &copy.recipient,
+                copy.device,
+                vec![copy.seq],
+                Removal::Unsent,
+            )
             .await
         {
             Ok(removed) => Reply::Unsent {
