@@ -20,7 +20,7 @@ use securefastchat::protocol::{
     decode_request, encode_frame, frame_length,
 };
 use securefastchat::store::{
-    AppendHooks, Appended, Durability, FjallStore, NewMessage, Removal, Store, StoreOptions,
+    AppendHooks, Appended, Copy, Durability, FjallStore, NewMessage, Removal, Store, StoreOptions,
     UserRecord,
 };
 use serde::Serialize;
@@ -414,10 +414,15 @@ async fn round(
                     .append(
                         NewMessage {
                             sender: sender.clone(),
-                            recipient: recipient.clone(),
+                            sender_device: 1,
+                            to: recipient.clone(),
                             id: MessageId(id),
                             kind: "text".into(),
-                            body: vec![0x5a; BODY],
+                            copies: vec![Copy {
+                                recipient: recipient.clone(),
+                                device: 1,
+                                body: vec![0x5a; BODY],
+                            }],
                             sent_at: 0,
                             expires_at: u64::MAX,
                         },
@@ -425,10 +430,10 @@ async fn round(
                     )
                     .await
                     .expect("append");
-                let Appended::Stored { seq } = appended else {
+                let Appended::Stored { seqs: stored } = appended else {
                     panic!("append not stored: {appended:?}");
                 };
-                seqs.push(seq);
+                seqs.extend(stored);
             }
             (w, seqs)
         });
@@ -446,7 +451,7 @@ async fn round(
         let (store, pairs) = (Arc::clone(store), Arc::clone(pairs));
         tasks.spawn(async move {
             let removed = store
-                .remove_pending(&pairs.0[w].1, seqs, Removal::Acknowledged)
+                .remove_pending(&pairs.0[w].1, 1, seqs, Removal::Acknowledged)
                 .await
                 .expect("ack");
             assert_eq!(removed, per_appender as u64);

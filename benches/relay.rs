@@ -15,7 +15,7 @@ use securefastchat::client::{Client, ClientOptions};
 use securefastchat::protocol::{MessageId, Password, Username};
 use securefastchat::server::{Server, ServerConfig, TlsSource};
 use securefastchat::store::{
-    AppendHooks, Durability, FjallStore, NewMessage, Store, StoreOptions, UserRecord,
+    AppendHooks, Copy, Durability, FjallStore, NewMessage, Store, StoreOptions, UserRecord,
 };
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -125,10 +125,15 @@ async fn store_writes(args: &Args) -> anyhow::Result<()> {
                         .append(
                             NewMessage {
                                 sender: sender.clone(),
-                                recipient: recipient.clone(),
+                                sender_device: 1,
+                                to: recipient.clone(),
                                 id: MessageId(id),
                                 kind: "text".into(),
-                                body: body.clone(),
+                                copies: vec![Copy {
+                                    recipient: recipient.clone(),
+                                    device: 1,
+                                    body: body.clone(),
+                                }],
                                 sent_at: 0,
                                 expires_at: u64::MAX,
                             },

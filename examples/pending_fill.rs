@@ -17,7 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use securefastchat::protocol::{MessageId, Username};
 use securefastchat::store::{
-    AppendHooks, Appended, FjallStore, NewMessage, Store, StoreOptions, UserRecord,
+    AppendHooks, Appended, Copy, FjallStore, NewMessage, Store, StoreOptions, UserRecord,
 };
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -79,10 +79,15 @@ async fn main() -> Result<(), Error> {
             let permit = Arc::clone(&slots).acquire_owned().await?;
             let message = NewMessage {
                 sender: sender.clone(),
-                recipient: recipient.clone(),
+                sender_device: 1,
+                to: recipient.clone(),
                 id: MessageId::random()?,
                 kind: String::from("text"),
-                body: body.clone(),
+                copies: vec![Copy {
+                    recipient: recipient.clone(),
+                    device: 1,
+                    body: body.clone(),
+                }],
                 sent_at: now,
                 expires_at: now + 30 * 24 * 3600,
             };

@@ -4,8 +4,8 @@
 
 use securefastchat::protocol::{MessageId, Username};
 use securefastchat::store::{
-    AppendHooks, Appended, Created, FjallStore, NewMessage, Removal, Store, StoreError,
-    StoreOptions, UserRecord,
+    AppendHooks, Appended, Copy, Created, FjallStore, NewMessage, Placed, Removal, Store,
+    StoreError, StoreOptions, UserRecord,
 };
 
 fn user(name: &str) -> Username {
@@ -13,20 +13,24 @@ fn user(name: &str) -> Username {
 }
 
 fn message(n: u8) -> NewMessage {
-    NewMessage {
-        body: vec![n; 32],
-        ..between("alice", "bob", [n; 16])
-    }
+    let mut message = between("alice", "bob", [n; 16]);
+    message.copies[0].body = vec![n; 32];
+    message
 }
 
-/// A message from `sender` to `recipient` with this id.
+/// A message from `sender` to `recipient`'s device 1 with this id.
 fn between(sender: &str, recipient: &str, id: [u8; 16]) -> NewMessage {
     NewMessage {
         sender: user(sender),
-        recipient: user(recipient),
+        sender_device: 1,
+        to: user(recipient),
         id: MessageId(id),
         kind: "text".into(),
-        body: vec![1; 16],
+        copies: vec![Copy {
+            recipient: user(recipient),
+            device: 1,
+            body: vec![1; 16],
+        }],
         sent_at: 1,
         expires_at: u64::MAX,
     }
@@ -65,13 +69,16 @@ async fn append(store: &FjallStore, n: u8) -> u64 {
         .await
         .expect("append")
     {
-        Appended::Stored { seq } => seq,
+        Appended::Stored { seqs } => seqs[0],
         other => panic!("not stored: {other:?}"),
     }
 }
 
 async fn pending(store: &FjallStore) -> Vec<u64> {
-    let messages = store.pending(&user("bob"), 0, 1000).await.expect("pending");
+    let messages = store
+        .pending(&user("bob"), 1, 0, 1000)
+        .await
+        .expect("pending");
     messages.iter().map(|m| m.seq).collect()
 }
 
@@ -89,20 +96,20 @@ async fn acks_remove_exactly_the_pending_messages_across_a_restart() {
         assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
         // Out of order, a duplicate, and a seq never given out.
         let removed = store
-            .remove_pending(&bob, vec![4, 2, 2, 99], Removal::Acknowledged)
+            .remove_pending(&bob, 1, vec![4, 2, 2, 99], Removal::Acknowledged)
             .await;
         assert_eq!(removed.expect("remove"), 2);
         assert_eq!(pending(&store).await, vec![1, 3, 5, 6]);
         assert_eq!(
             store
-                .remove_pending(&bob, vec![1, 2, 3], Removal::Acknowledged)
+                .remove_pending(&bob, 1, vec![1, 2, 3], Removal::Acknowledged)
                 .await
                 .expect("remove"),
             2
         );
         assert_eq!(
             store
-                .remove_pending(&bob, vec![1, 4], Removal::Acknowledged)
+                .remove_pending(&bob, 1, vec![1, 4], Removal::Acknowledged)
                 .await
                 .expect("remove"),
             0
@@ -119,7 +126,7 @@ async fn acks_remove_exactly_the_pending_messages_across_a_restart() {
     assert_eq!(pending(&store).await, vec![5, 6]);
     assert_eq!(
         store
-            .remove_pending(&bob, vec![4, 5], Removal::Acknowledged)
+            .remove_pending(&bob, 1, vec![4, 5], Removal::Acknowledged)
             .await
             .expect("remove"),
         1
@@ -128,7 +135,7 @@ async fn acks_remove_exactly_the_pending_messages_across_a_restart() {
     assert_eq!(seq, 7);
     assert_eq!(
         store
-            .remove_pending(&bob, vec![5, 6, 7, 8], Removal::Acknowledged)
+            .remove_pending(&bob, 1, vec![5, 6, 7, 8], Removal::Acknowledged)
             .await
             .expect("remove"),
         2
@@ -142,7 +149,10 @@ async fn acks_remove_exactly_the_pending_messages_across_a_restart() {
         .append(message(13), AppendHooks::default())
         .await
         .expect("append");
-    assert!(matches!(full, Appended::InboxFull), "{full:?}");
+    assert!(
+        matches!(&full, Appended::InboxFull { recipient, device: 1 } if recipient.as_str() == "bob"),
+        "{full:?}"
+    );
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -215,7 +225,8 @@ async fn an_inbox_untouched_since_a_crash_still_skips_ahead() {
     // A clean run after the crash that writes only to carol's inbox.
     let clean = FjallStore::open(crashed.path()).expect("open the crash image");
     let mut to_carol = message(9);
-    to_carol.recipient = user("carol");
+    to_carol.to = user("carol");
+    to_carol.copies[0].recipient = user("carol");
     clean
         .append(to_carol, AppendHooks::default())
         .await
@@ -257,7 +268,7 @@ async fn acks_after_wide_concurrent_batches_remove_everything() {
                         .await
                         .expect("append");
                     match appended {
-                        Appended::Stored { seq } => seqs.push(seq),
+                        Appended::Stored { seqs: stored } => seqs.extend(stored),
                         other => panic!("not stored: {other:?}"),
                     }
                 }
@@ -274,7 +285,7 @@ async fn acks_after_wide_concurrent_batches_remove_everything() {
             let store = std::sync::Arc::clone(&store);
             acks.spawn(async move {
                 let removed = store
-                    .remove_pending(&recipient, seqs.clone(), Removal::Acknowledged)
+                    .remove_pending(&recipient, 1, seqs.clone(), Removal::Acknowledged)
                     .await
                     .expect("remove");
                 assert_eq!(
@@ -344,14 +355,14 @@ async fn acks_of_uncommitted_messages_count_after_the_writer_forgets_an_inbox() 
     let mut seqs = Vec::new();
     while let Some(done) = tasks.join_next().await {
         match done.expect("task").expect("append") {
-            Appended::Stored { seq } => seqs.push(seq),
+            Appended::Stored { seqs: stored } => seqs.extend(stored),
             other => panic!("{other:?}"),
         }
     }
     seqs.sort_unstable();
     // All but the first, so every removal is out of order: the writer forgets bob's inbox.
     let removed = store
-        .remove_pending(&user("bob"), seqs[1..].to_vec(), Removal::Acknowledged)
+        .remove_pending(&user("bob"), 1, seqs[1..].to_vec(), Removal::Acknowledged)
         .await
         .expect("remove");
     assert_eq!(removed, 4_097);
@@ -371,8 +382,8 @@ async fn acks_of_uncommitted_messages_count_after_the_writer_forgets_an_inbox() 
     for n in 10_000..10_100u64 {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let hooks = AppendHooks {
-            ordered: Some(Box::new(move |seq| {
-                let _ = tx.send(seq);
+            ordered: Some(Box::new(move |placed: &[Placed]| {
+                let _ = tx.send(placed[0].seq);
             })),
             synced: None,
         };
@@ -382,7 +393,7 @@ async fn acks_of_uncommitted_messages_count_after_the_writer_forgets_an_inbox() 
         };
         let seq = rx.await.expect("ordered");
         let removed = store
-            .remove_pending(&user("bob"), vec![seq], Removal::Acknowledged)
+            .remove_pending(&user("bob"), 1, vec![seq], Removal::Acknowledged)
             .await
             .expect("remove");
         assert_eq!(removed, 1, "message {n}, seq {seq}");
@@ -408,7 +419,7 @@ async fn a_message_without_an_account_at_either_end_is_refused() {
         );
     }
     for name in ["alice", "nobody"] {
-        let pending = store.pending(&user(name), 0, 10).await.expect("pending");
+        let pending = store.pending(&user(name), 1, 0, 10).await.expect("pending");
         assert!(pending.is_empty(), "{name}: {pending:?}");
     }
     assert_eq!(store.user_exists(&user("nobody")).await.ok(), Some(false));
@@ -448,7 +459,7 @@ async fn purging_removes_exactly_what_expired() {
         let store = &store;
         let name = user(name);
         async move {
-            let pending = store.pending(&name, 0, 10).await.expect("pending");
+            let pending = store.pending(&name, 1, 0, 10).await.expect("pending");
             pending.iter().map(|m| m.id.0[0]).collect::<Vec<_>>()
         }
     };

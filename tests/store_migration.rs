@@ -52,7 +52,7 @@ use securefastchat::client::messenger::{Messenger, Received};
 use securefastchat::protocol::{MessageId, Password, Username};
 use securefastchat::server::ServerConfig;
 use securefastchat::store::{
-    AppendHooks, Appended, FjallStore, NewMessage, Removal, SentRecord, Store, StoredMessage,
+    AppendHooks, Appended, Copy, FjallStore, NewMessage, Placed, Removal, Store, StoredMessage,
     UserRecord,
 };
 
@@ -74,11 +74,21 @@ fn stored(n: u64, from: &str) -> StoredMessage {
         seq: n,
         id: id(n),
         from: user(from),
+        from_device: 1,
+        to: None,
         kind: "text".into(),
         sent_at: 1_000 + n,
         expires_at: u64::MAX,
         body: n.to_be_bytes().repeat(4),
     }
+}
+
+/// A send record as formats 1 and 2 wrote it.
+#[derive(serde::Serialize)]
+struct OldSentRecord {
+    recipient: Username,
+    seq: u64,
+    expires_at: u64,
 }
 
 fn name_key(name: &str, suffix: &[u8]) -> Vec<u8> {
@@ -112,7 +122,7 @@ fn old_store(dir: &std::path::Path, moved_from: u64) {
         users.insert(name, value).expect("insert");
     }
     let encode_sent = |n: u64| {
-        let record = SentRecord {
+        let record = OldSentRecord {
             recipient: user("bob"),
             seq: n,
             expires_at: u64::MAX,
@@ -158,7 +168,7 @@ async fn check_everything_moved(dir: &std::path::Path) {
     let (alice, bob) = (user("alice"), user("bob"));
     {
         let store = FjallStore::open(dir).expect("open the old store");
-        let pending = store.pending(&bob, 0, 10_000).await.expect("pending");
+        let pending = store.pending(&bob, 1, 0, 10_000).await.expect("pending");
         let expected: Vec<StoredMessage> = (1..=MESSAGES).map(|n| stored(n, "alice")).collect();
         assert!(
             pending == expected,
@@ -166,17 +176,26 @@ async fn check_everything_moved(dir: &std::path::Path) {
         );
         let record = store.sent(&alice, id(4_321)).await.expect("sent");
         assert_eq!(
-            record.map(|r| (r.recipient, r.seq)),
-            Some((bob.clone(), 4_321))
+            record.map(|r| r.copies),
+            Some(vec![Placed {
+                recipient: bob.clone(),
+                device: 1,
+                seq: 4_321
+            }])
         );
 
         // A resend of a migrated message is a duplicate; a new one follows bob's counter.
         let message = |n: u64| NewMessage {
             sender: alice.clone(),
-            recipient: bob.clone(),
+            sender_device: 1,
+            to: bob.clone(),
             id: id(n),
             kind: "text".into(),
-            body: vec![1; 8],
+            copies: vec![Copy {
+                recipient: bob.clone(),
+                device: 1,
+                body: vec![1; 8],
+            }],
             sent_at: 1,
             expires_at: u64::MAX,
         };
@@ -186,11 +205,11 @@ async fn check_everything_moved(dir: &std::path::Path) {
             .append(message(MESSAGES + 1), AppendHooks::default())
             .await;
         assert!(
-            matches!(new, Ok(Appended::Stored { seq }) if seq == MESSAGES + 1),
+            matches!(&new, Ok(Appended::Stored { seqs }) if *seqs == [MESSAGES + 1]),
             "{new:?}"
         );
         let removed = store
-            .remove_pending(&bob, vec![1, 2, MESSAGES], Removal::Acknowledged)
+            .remove_pending(&bob, 1, vec![1, 2, MESSAGES], Removal::Acknowledged)
             .await
             .expect("remove");
         assert_eq!(removed, 3);
@@ -198,7 +217,11 @@ async fn check_everything_moved(dir: &std::path::Path) {
         // The ghost's message is kept, but the ghost is no account.
         let ghost = user("ghost");
         assert_eq!(
-            store.pending(&ghost, 0, 10).await.expect("pending").len(),
+            store
+                .pending(&ghost, 1, 0, 10)
+                .await
+                .expect("pending")
+                .len(),
             1
         );
         assert_eq!(store.user_exists(&ghost).await.ok(), Some(false));
@@ -207,7 +230,7 @@ async fn check_everything_moved(dir: &std::path::Path) {
     // Reopened: nothing to migrate again, and the changes above stayed.
     {
         let store = FjallStore::open(dir).expect("reopen");
-        let pending = store.pending(&bob, 0, 10_000).await.expect("pending");
+        let pending = store.pending(&bob, 1, 0, 10_000).await.expect("pending");
         assert_eq!(pending.len() as u64, MESSAGES - 3 + 1);
         assert_eq!(pending.first().map(|m| m.seq), Some(3));
         assert_eq!(pending.last().map(|m| m.seq), Some(MESSAGES + 1));
@@ -238,7 +261,7 @@ async fn a_store_of_an_unknown_format_is_not_opened() {
     {
         let db = Database::builder(dir.path()).open().expect("open fjall");
         keyspace(&db, "meta")
-            .insert("store-format", 3u32.to_be_bytes())
+            .insert("store-format", 4u32.to_be_bytes())
             .expect("insert");
         db.persist(PersistMode::SyncAll).expect("persist");
     }
@@ -246,7 +269,7 @@ async fn a_store_of_an_unknown_format_is_not_opened() {
     assert!(
         refused
             .as_deref()
-            .is_some_and(|e| e.contains("store format 3")),
+            .is_some_and(|e| e.contains("store format 4")),
         "{refused:?}"
     );
 }

@@ -267,12 +267,14 @@ impl Links {
         }
     }
 
-    /// Open links now (for tests and metrics).
+    /// Open links now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.state.lock().map(|s| s.slots.len()).unwrap_or(0)
     }
 
     /// Whether no link is open.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -9,7 +9,6 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use quinn::{Connection, ReadToEndError, RecvStream, VarInt};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::Shared;
@@ -295,7 +294,7 @@ async fn receive(
         Err(StoreError::UnknownUser(_)) => {
             Some(failed(Some(id), ErrorCode::UnknownUser, "no such user"))
         }
-        Err(StoreError::UnknownDevice) => Some(stale(shared, id, &sender, &recipient).await),
+        Err(StoreError::UnknownDevice { .. }) => Some(stale(shared, id, &sender, &recipient).await),
         Err(e) => Some(store_failure(id, &e)),
     }
 }

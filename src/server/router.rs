@@ -548,6 +548,8 @@ mod tests {
             seq,
             id: MessageId([seq as u8; 16]),
             from: Username::parse("alice").expect("valid name"),
+            from_device: 1,
+            to: None,
             kind: "text".into(),
             sent_at: 1,
             expires_at: 2,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::StoreError;
+use super::devices::Devices;
 use super::fjall_keys::KeyDirectory;
 use super::fjall_store::{HELD_NAMES, SESSIONS, StoreOptions, USERS, encode};
 use super::inbox_writer::{FailureHook, InboxKeyspaces, InboxWriter};
@@ -93,6 +94,8 @@ pub(super) struct Inner {
     /// send checks its recipient, and that must not cost a blocking-pool hop each time.
     pub(super) ids: UserIds,
     pub(super) directory: KeyDirectory,
+    /// Accounts' devices (and their inboxes' ids, in memory for the accounts used lately).
+    pub(super) devices: Devices,
     pub(super) inbox: InboxKeyspaces,
     /// `None` in a database reopened during an outage that still could not write.
     pub(super) writer: Option<InboxWriter>,
@@ -119,7 +122,7 @@ impl Inner {
         let users = keyspace(USERS)?;
         let sessions = keyspace(SESSIONS)?;
         let directory = KeyDirectory {
-            db: db.clone(),
+            identities: keyspace("identities")?,
             keys: keyspace("keys")?,
             prekeys: keyspace("prekeys")?,
             lock: Mutex::new(()),
@@ -133,8 +136,20 @@ impl Inner {
             meta: keyspace("meta")?,
             user_ids: user_ids.clone(),
         };
-        let ids = UserIds::open(user_ids, keyspace("user_names")?)?;
-        super::migrate::run(&db, &users, &inbox.meta, &ids, &inbox.inbox, &inbox.sent)?;
+        let ids = UserIds::open(user_ids, keyspace("user_names")?, inbox.meta.clone())?;
+        let devices = Devices::new(keyspace("devices")?);
+        super::migrate::run(&super::migrate::Keyspaces {
+            db: &db,
+            users: &users,
+            meta: &inbox.meta,
+            ids: &ids,
+            inbox: &inbox.inbox,
+            sent: &inbox.sent,
+            devices: &devices.keyspace,
+            identities: &directory.identities,
+            keys: &directory.keys,
+            prekeys: &directory.prekeys,
+        })?;
         let on_failure: FailureHook = {
             let outage = Arc::clone(outage);
             Arc::new(move |error: &fjall::Error| outage.failed(generation, error))
@@ -163,6 +178,7 @@ impl Inner {
             create_user: Mutex::new(()),
             ids,
             directory,
+            devices,
             inbox,
             writer,
         })

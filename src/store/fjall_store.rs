@@ -1,8 +1,9 @@
 //! The embedded [`Store`]: fjall keyspaces in one database directory.
 //!
 //! Keyspaces: `users` (username → [`UserRecord`]) and `sessions` (token digest →
-//! [`SessionRecord`]) here; users' numeric ids in `user_ids`; the key directory in
-//! `fjall_keys`; inboxes (written only by the group-commit thread of `inbox_writer`). Opening
+//! [`SessionRecord`]) here; users' numeric ids in `user_ids`; devices in `devices` (their
+//! operations in `fjall_devices`); the key directory in `fjall_keys`; inboxes (written only by
+//! the group-commit thread of `inbox_writer`), one per device. Opening
 //! a store of an older format migrates it first (`migrate`); opening and reopening after a
 //! write outage live in `fjall_open`. Values are named MessagePack.
 //! Every call runs on the bounded blocking pool; account and key writes are synced
@@ -17,19 +18,21 @@ use fjall::PersistMode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::devices::InboxId;
 use super::fjall_open::{Inner, Shared, flush_memtables, watch};
-use super::inbox_writer::Addressed;
+use super::inbox_writer::{Addressed, Target};
 use super::outage::Outage;
 use super::sender_shares::SenderShare;
 use super::user_ids::{UserId, decode_id, inbox_key, inbox_seq, sent_key};
 use super::{
-    AppendHooks, Appended, Created, Durability, KeysRecord, NewMessage, Removal, SentRecord,
-    SessionRecord, Store, StoreError, StoredMessage, TakenBundle, TokenDigest, UserRecord,
+    AppendHooks, Appended, Created, DeviceId, DeviceKeys, DeviceRecord, Durability, NewMessage,
+    Removal, SentRecord, SessionRecord, Store, StoreError, StoredMessage, TakenBundles,
+    TokenDigest, UserRecord,
 };
 use crate::blocking::BlockingPool;
 use crate::protocol::MessageId;
 use crate::protocol::Username;
-use crate::protocol::keys::OneTimePrekey;
+use crate::protocol::keys::{IdentityKeyBytes, OneTimePrekey};
 
 pub(super) const USERS: &str = "users";
 pub(super) const SESSIONS: &str = "sessions";
@@ -151,7 +154,7 @@ impl FjallStore {
     }
 
     /// Refuses a write at once during an outage: the database is poisoned until reopened.
-    fn writable(&self) -> Result<(), StoreError> {
+    pub(super) fn writable(&self) -> Result<(), StoreError> {
         if self.shared.outage.is_down() {
             return Err(StoreError::Unavailable);
         }
@@ -187,7 +190,7 @@ impl FjallStore {
         .await
     }
 
-    async fn call<T, F>(&self, job: F) -> Result<T, StoreError>
+    pub(super) async fn call<T, F>(&self, job: F) -> Result<T, StoreError>
     where
         F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
@@ -202,9 +205,47 @@ impl FjallStore {
             .await?
     }
 
+    /// The account id of `user` and the inbox id of its `device`, from memory or else the
+    /// store: [`StoreError::UnknownUser`] without an account, [`StoreError::UnknownDevice`]
+    /// if the device is not current.
+    async fn target_in(
+        &self,
+        inner: &Inner,
+        user: &Username,
+        device: DeviceId,
+    ) -> Result<Target, StoreError> {
+        let id = self
+            .user_id_in(inner, user)
+            .await?
+            .ok_or_else(|| StoreError::UnknownUser(user.clone()))?;
+        let inbox = match inner.devices.cached_inbox(id, device)? {
+            Some(inbox) => inbox,
+            None => {
+                self.call(move |db| db.devices.load_inbox(id, device))
+                    .await?
+            }
+        };
+        let inbox = inbox.ok_or_else(|| StoreError::UnknownDevice(user.clone(), device))?;
+        Ok(Target { user: id, inbox })
+    }
+
+    /// The inbox of `user`'s `device`; `None` if either is unknown.
+    async fn inbox_of(
+        &self,
+        user: &Username,
+        device: DeviceId,
+    ) -> Result<Option<InboxId>, StoreError> {
+        let inner = self.current()?;
+        match self.target_in(&inner, user, device).await {
+            Ok(target) => Ok(Some(target.inbox)),
+            Err(StoreError::UnknownUser(_) | StoreError::UnknownDevice(..)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// An ack during an outage: kept in memory until the store reopens (see `outage`);
     /// returns how many of `seqs` were pending.
-    async fn defer_ack(&self, id: UserId, seqs: Vec<u64>) -> Result<u64, StoreError> {
+    async fn defer_ack(&self, id: InboxId, seqs: Vec<u64>) -> Result<u64, StoreError> {
         let known = self.shared.outage.deferred_acks(id)?.unwrap_or_default();
         let fresh: Vec<u64> = seqs.into_iter().filter(|s| !known.contains(s)).collect();
         let pending = {
@@ -228,7 +269,7 @@ impl FjallStore {
     }
 
     /// The inbox writer of the open database, if it can write.
-    fn writer(&self) -> Result<Arc<Inner>, StoreError> {
+    pub(super) fn writer(&self) -> Result<Arc<Inner>, StoreError> {
         self.writable()?;
         let inner = self.current()?;
         if inner.writer.is_none() {
@@ -264,14 +305,19 @@ impl Inner {
             .lock
             .lock()
             .map_err(|_| StoreError::Poisoned)?;
+        let _devices = self.devices.lock.lock().map_err(|_| StoreError::Poisoned)?;
         if !self.users.contains_key(name.as_str())? {
             return Ok(None);
         }
+        let id = self.ids.stored(name)?;
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
         batch.remove(&self.users, name.as_str());
         batch.insert(&self.held_names, name.as_str(), hold_until.to_be_bytes());
         self.ids.forget(&mut batch, name);
         self.directory.remove_into(&mut batch, name)?;
+        if let Some(id) = id {
+            self.devices.remove_account_into(&mut batch, id)?;
+        }
         // Sessions are keyed by token digest: every one is read (a deletion is rare).
         let mut digests = Vec::new();
         for entry in self.sessions.iter() {
@@ -284,6 +330,9 @@ impl Inner {
         }
         batch.commit()?;
         self.ids.forget_cached(name)?;
+        if let Some(id) = id {
+            self.devices.forget(id)?;
+        }
         Ok(Some(digests))
     }
 }
@@ -292,7 +341,10 @@ pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     Ok(rmp_serde::to_vec_named(value)?)
 }
 
-fn decode<T: DeserializeOwned>(keyspace: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+pub(super) fn decode<T: DeserializeOwned>(
+    keyspace: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         keyspace,
         reason: e.to_string(),
@@ -327,18 +379,23 @@ impl Store for FjallStore {
         self.writable()?;
         let name = username.clone();
         let value = encode(&user)?;
+        let created_at = user.created_at;
         self.call(move |db| {
             let _guard = db.create_user.lock().map_err(|_| StoreError::Poisoned)?;
             if db.users.contains_key(name.as_str())? || db.is_held(&name, crate::unix_now())? {
                 return Ok(Created::AlreadyExists);
             }
-            // The account and its id in one synced write (and the end of an expired hold).
+            // The account, its id and its device 1 in one synced write (and the end of an
+            // expired hold).
+            let _devices = db.devices.lock.lock().map_err(|_| StoreError::Poisoned)?;
             let mut batch = db.db.batch().durability(Some(PersistMode::SyncData));
             batch.remove(&db.held_names, name.as_str());
             batch.insert(&db.users, name.as_str(), value);
             let id = db.ids.assign(&mut batch, &name)?;
+            let devices = db.first_device_into(&mut batch, id, created_at)?;
             batch.commit()?;
             db.ids.remember(&name, id)?;
+            db.devices.remember(id, &devices)?;
             Ok(Created::Created)
         })
         .await
@@ -427,27 +484,77 @@ impl Store for FjallStore {
         self.persist_all(true).await
     }
 
-    async fn put_keys(
+    async fn devices(&self, user: &Username) -> Result<Vec<DeviceRecord>, StoreError> {
+        let user = user.clone();
+        self.call(move |db| db.list_devices(&user)).await
+    }
+
+    async fn add_device(
         &self,
-        username: &Username,
-        keys: Option<KeysRecord>,
-        one_time_prekeys: Vec<OneTimePrekey>,
-    ) -> Result<u32, StoreError> {
+        user: &Username,
+        name: String,
+        now: u64,
+    ) -> Result<DeviceId, StoreError> {
         self.writable()?;
-        let user = username.clone();
-        self.call(move |db| db.directory.put(&user, keys, one_time_prekeys))
+        let user = user.clone();
+        self.call(move |db| db.add_device(&user, name, now)).await
+    }
+
+    async fn remove_device(
+        &self,
+        user: &Username,
+        device: DeviceId,
+    ) -> Result<Option<Vec<TokenDigest>>, StoreError> {
+        self.remove_device_now(user, device).await
+    }
+
+    async fn touch_device(
+        &self,
+        user: &Username,
+        device: DeviceId,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.writable()?;
+        let user = user.clone();
+        self.call(move |db| db.touch_device(&user, device, now))
             .await
     }
 
-    async fn keys(&self, username: &Username) -> Result<Option<KeysRecord>, StoreError> {
-        let user = username.clone();
-        self.call(move |db| db.directory.get(&user)).await
+    async fn identity(&self, user: &Username) -> Result<Option<IdentityKeyBytes>, StoreError> {
+        let user = user.clone();
+        self.call(move |db| db.directory.identity(&user)).await
     }
 
-    async fn take_bundle(&self, username: &Username) -> Result<Option<TakenBundle>, StoreError> {
+    async fn put_keys(
+        &self,
+        user: &Username,
+        device: DeviceId,
+        identity: Option<IdentityKeyBytes>,
+        keys: Option<DeviceKeys>,
+        one_time_prekeys: Vec<OneTimePrekey>,
+    ) -> Result<u32, StoreError> {
+        self.put_keys_now(user, device, identity, keys, one_time_prekeys)
+            .await
+    }
+
+    async fn device_keys(
+        &self,
+        user: &Username,
+        device: DeviceId,
+    ) -> Result<Option<DeviceKeys>, StoreError> {
+        let user = user.clone();
+        self.call(move |db| db.directory.device_keys(&user, device))
+            .await
+    }
+
+    async fn take_bundles(
+        &self,
+        user: &Username,
+        devices: Option<Vec<DeviceId>>,
+    ) -> Result<Option<TakenBundles>, StoreError> {
         self.writable()?;
-        let user = username.clone();
-        self.call(move |db| db.directory.take_bundle(&user)).await
+        let user = user.clone();
+        self.call(move |db| db.take_bundles(&user, devices)).await
     }
 
     async fn append(
@@ -457,30 +564,30 @@ impl Store for FjallStore {
     ) -> Result<Appended, StoreError> {
         let inner = self.writer()?;
         let writer = inner.writer.as_ref().ok_or(StoreError::Unavailable)?;
-        let unknown = |name: &Username| StoreError::UnknownUser(name.clone());
         let sender = self
             .user_id_in(&inner, &message.sender)
             .await?
-            .ok_or_else(|| unknown(&message.sender))?;
-        let recipient = self
-            .user_id_in(&inner, &message.recipient)
-            .await?
-            .ok_or_else(|| unknown(&message.recipient))?;
+            .ok_or_else(|| StoreError::UnknownUser(message.sender.clone()))?;
+        let mut targets = Vec::with_capacity(message.copies.len());
+        for copy in &message.copies {
+            targets.push(self.target_in(&inner, &copy.recipient, copy.device).await?);
+        }
         let message = Addressed {
             message,
             sender,
-            recipient,
+            targets,
         };
         writer.append(message, hooks).await
     }
 
     async fn pending(
         &self,
-        username: &Username,
+        user: &Username,
+        device: DeviceId,
         after: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let Some(id) = self.user_id(username).await? else {
+        let Some(id) = self.inbox_of(user, device).await? else {
             return Ok(Vec::new());
         };
         let (start, end) = (
@@ -511,11 +618,12 @@ impl Store for FjallStore {
 
     async fn remove_pending(
         &self,
-        username: &Username,
+        user: &Username,
+        device: DeviceId,
         seqs: Vec<u64>,
         removal: Removal,
     ) -> Result<u64, StoreError> {
-        let Some(id) = self.user_id(username).await? else {
+        let Some(id) = self.inbox_of(user, device).await? else {
             return Ok(0);
         };
         if removal == Removal::Acknowledged && self.shared.outage.is_down() {
@@ -546,8 +654,8 @@ impl Store for FjallStore {
             return Ok(None);
         };
         let key = sent_key(sender, &id.0);
-        // A settled record (its message acknowledged, unsent or expired) no longer says where
-        // the message went.
+        // A settled record (a copy of its message acknowledged, unsent or expired) no longer
+        // says where the message went.
         self.call(move |db| match db.inbox.sent.get(key)? {
             Some(bytes) => super::sent_records::pending_record(&bytes),
             None => Ok(None),
@@ -563,12 +671,21 @@ impl Store for FjallStore {
         let Some(id) = self.user_id(username).await? else {
             return Ok(None);
         };
-        // The inbox first: if what follows fails, the account is still there (with an empty
-        // inbox) and its owner can try again.
-        let inner = self.writer()?;
-        let writer = inner.writer.as_ref().ok_or(StoreError::Unavailable)?;
-        writer.drop_inbox(id).await?;
+        // The inboxes first: if what follows fails, the account is still there (with empty
+        // inboxes) and its owner can try again.
         let name = username.clone();
+        let devices = self
+            .call(move |db| Ok(db.devices.read(id)?.devices))
+            .await?;
+        if devices.is_empty() {
+            // Not one device (a record from a migration that never wrote one): its inbox is
+            // still device 1's.
+            self.drop_device_inbox(username, 1, id, Some(id)).await?;
+        }
+        for (device, record) in devices {
+            self.drop_device_inbox(username, device, record.inbox_id, Some(id))
+                .await?;
+        }
         self.call(move |db| db.delete_account(&name, hold_until))
             .await
     }
@@ -636,10 +753,15 @@ mod tests {
     fn message(to: &str, n: u8) -> NewMessage {
         NewMessage {
             sender: Username::parse("alice").unwrap(),
-            recipient: Username::parse(to).unwrap(),
+            sender_device: 1,
+            to: Username::parse(to).unwrap(),
             id: MessageId([n; 16]),
             kind: "text".into(),
-            body: vec![n; 200],
+            copies: vec![crate::store::Copy {
+                recipient: Username::parse(to).unwrap(),
+                device: 1,
+                body: vec![n; 200],
+            }],
             sent_at: 1,
             expires_at: u64::MAX,
         }

@@ -14,7 +14,13 @@
 //! knows without asking the store), `committer` (the second thread), `counters` (seq
 //! counters in `meta`).
 //!
-//! An append may carry [`AppendHooks`]: `ordered` is called with the message's sequence number
+//! An append carries every copy of a message (one per recipient device): the writer checks
+//! every copy's inbox (dropped, full, the sender's share) before it places any, then places
+//! them all in the batch being built, with one send record listing them; so a message is
+//! stored whole or not at all, with one sync. Inboxes are known by their ids (see
+//! `devices`: device 1's is its account's id).
+//!
+//! An append may carry [`AppendHooks`]: `ordered` is called with the copies' places
 //! once the whole batch is built and before it is committed, `synced` after the sync: the
 //! server hands the message to an online recipient at once, so delivery does not wait for the
 //! disk (the sender's `sent` still does). Sequence numbers are never reused, even when a batch
@@ -31,10 +37,12 @@
 //! the writer's largest cost).
 //!
 //! Key layout (usernames never contain 0x00; ids are the users' numeric ids, see `user_ids`):
-//! - `inbox_v2`: recipient id(u32 BE) seq(u64 BE) → [`StoredMessage`](super::StoredMessage)
+//! - `inbox_v2`: inbox id(u32 BE) seq(u64 BE) → [`StoredMessage`](super::StoredMessage)
 //! - `sent_v2`: sender id(u32 BE) message-id(16) → [`SentRecord`](super::SentRecord) while
-//!   the message is pending, then a settled marker naming no recipient (see `sent_records`)
-//! - `meta`: `seq` 0x00 user → next seq (u64 BE, at least) and the epoch it was written in
+//!   no copy of the message has left its inbox, then a settled marker naming no recipient
+//!   (see `sent_records`)
+//! - `meta`: `seq` 0x00 user (device 1's inbox) or `sqd` 0x00 inbox id(u32 BE) (another
+//!   device's) → next seq (u64 BE, at least) and the epoch it was written in
 //!   (u64 BE; absent in stores from before epochs: 0); [`EPOCH`] → the current epoch (u64 BE);
 //!   [`RUNNING`] → empty, while a writer runs and after one that did not stop cleanly. Stores
 //!   from before this layout also hold `cnt` 0x00 user keys, no longer read.
@@ -49,9 +57,12 @@ use std::thread::JoinHandle;
 use fjall::{Database, Keyspace, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
+use super::devices::InboxId;
 use super::sender_shares::{SenderShare, SenderShares};
 use super::user_ids::UserId;
-use super::{AppendHooks, Appended, Durability, NewMessage, Removal, SeqHook, StoreError};
+use super::{
+    AppendHooks, Appended, Durability, NewMessage, Placed, PlacedHook, Removal, StoreError,
+};
 use crate::protocol::{MessageId, Username};
 
 mod apply;
@@ -63,7 +74,8 @@ mod tests;
 
 use caches::{KnownPending, MAX_ORIGINS, Origins};
 use committer::{Committed, Job, Reply, deferred, run_committer};
-use counters::{mark_running, meta_key, seq_value};
+pub(super) use counters::counter_key;
+use counters::{mark_running, seq_value};
 
 /// The writer's maps, hashed with foldhash: SipHash was ≈ 15 % of the writer's instructions
 /// (callgrind, store micro benchmark). Randomly seeded per process; keys are user names.
@@ -123,12 +135,39 @@ pub(super) fn pair_key(first: &Username, second: &[u8]) -> Vec<u8> {
     key
 }
 
-/// A message to append, with its sender's and recipient's ids.
+/// Where one copy of a message goes: its recipient's account id and its device's inbox id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Target {
+    pub user: UserId,
+    pub inbox: InboxId,
+}
+
+/// A message to append, with its sender's id and each copy's [`Target`] (in copy order).
 pub(super) struct Addressed {
     pub message: NewMessage,
     pub sender: UserId,
-    pub recipient: UserId,
+    pub targets: Vec<Target>,
 }
+
+/// An inbox to empty and close (its device is removed, or its account deleted).
+pub(super) struct DropInbox {
+    pub inbox: InboxId,
+    /// The account, if it is being deleted: no message goes from it either from now on.
+    pub account: Option<UserId>,
+    /// The inbox's seq counter key in `meta`, deleted with the last of its messages.
+    pub counter: Vec<u8>,
+}
+
+/// What one [`Op::DropInbox`] did.
+pub(super) struct Dropped {
+    /// Messages removed in this batch.
+    pub removed: u64,
+    /// The inbox is empty and its counter gone; otherwise submit it again.
+    pub done: bool,
+}
+
+/// Messages of a dropped inbox removed per batch at most.
+const DROP_CHUNK: usize = 4096;
 
 enum Op {
     Append(
@@ -136,18 +175,18 @@ enum Op {
         AppendHooks,
         oneshot::Sender<Result<Appended, StoreError>>,
     ),
-    /// Removes these seqs from the inbox of the user with this id.
+    /// Removes these seqs from the inbox with this id.
     Remove(
-        UserId,
+        InboxId,
         Vec<u64>,
         Removal,
         oneshot::Sender<Result<u64, StoreError>>,
     ),
     /// Removes expired send records (keys in `sent`).
     ForgetSent(Vec<Vec<u8>>, oneshot::Sender<Result<u64, StoreError>>),
-    /// Empties the inbox of a user whose account is being deleted, and refuses messages to and
-    /// from them from now on. `None`: submit it again (see `drop_inbox`).
-    DropInbox(UserId, oneshot::Sender<Result<Option<u64>, StoreError>>),
+    /// Empties an inbox (of a removed device or a deleted account) and refuses messages to it
+    /// (and, for an account, from it) from now on; chunk by chunk (see `drop_inbox`).
+    DropInbox(DropInbox, oneshot::Sender<Result<Dropped, StoreError>>),
 }
 
 /// Handle to the writer thread; dropping it stops the thread after the queue drains and waits
@@ -229,7 +268,8 @@ impl InboxWriter {
             ks: keyspaces,
             max_pending,
             shares: SenderShares::new(share),
-            dropped: Set::default(),
+            dropped_users: Set::default(),
+            dropped_inboxes: Set::default(),
             max_batch: max_batch.max(1),
             next_seq: Map::default(),
             stored_seq: Map::default(),
@@ -279,7 +319,7 @@ impl InboxWriter {
 
     pub async fn remove(
         &self,
-        id: UserId,
+        id: InboxId,
         seqs: Vec<u64>,
         removal: Removal,
     ) -> Result<u64, StoreError> {
@@ -290,11 +330,24 @@ impl InboxWriter {
         self.submit(|tx| Op::ForgetSent(keys, tx)).await
     }
 
-    /// Empties user `id`'s inbox (synced) and refuses messages to and from them from now on;
-    /// returns how many messages went.
-    pub async fn drop_inbox(&self, id: UserId) -> Result<u64, StoreError> {
+    /// Empties an inbox (synced, in chunks) and refuses messages to it (and from a deleted
+    /// account) from now on; returns how many messages went.
+    pub async fn drop_inbox(
+        &self,
+        inbox: InboxId,
+        account: Option<UserId>,
+        counter: Vec<u8>,
+    ) -> Result<u64, StoreError> {
+        let mut removed = 0;
         loop {
-            if let Some(removed) = self.submit(|tx| Op::DropInbox(id, tx)).await? {
+            let drop = DropInbox {
+                inbox,
+                account,
+                counter: counter.clone(),
+            };
+            let step = self.submit(|tx| Op::DropInbox(drop, tx)).await?;
+            removed += step.removed;
+            if step.done {
                 return Ok(removed);
             }
         }
@@ -311,19 +364,22 @@ struct WriterState {
     /// Each sender's share of each inbox (see `sender_shares`).
     shares: SenderShares,
     /// Users whose accounts were deleted in this run: no message goes to or from them.
-    dropped: Set<UserId>,
+    dropped_users: Set<UserId>,
+    /// Inboxes dropped in this run (removed devices, deleted accounts): no message goes to
+    /// them.
+    dropped_inboxes: Set<InboxId>,
     max_batch: usize,
-    /// Inboxes are known by their owners' ids: no name is hashed or cloned per message.
+    /// Inboxes are known by their ids: no name is hashed or cloned per message.
     /// Next sequence number per inbox (loaded from `meta` on first use).
-    next_seq: Map<UserId, u64>,
+    next_seq: Map<InboxId, u64>,
     /// The next seq as stored in `meta`, per inbox in `next_seq`.
-    stored_seq: Map<UserId, u64>,
-    /// The owner's name, per inbox in `next_seq` (for its counter's key in `meta`).
-    names: Map<UserId, Username>,
+    stored_seq: Map<InboxId, u64>,
+    /// The key of its counter in `meta`, per inbox in `next_seq`.
+    names: Map<InboxId, Vec<u8>>,
     /// Pending messages per inbox (counted from the inbox on first use).
-    pending: Map<UserId, u64>,
+    pending: Map<InboxId, u64>,
     /// Which messages of each inbox are pending, as far as this writer knows.
-    known: Map<UserId, KnownPending>,
+    known: Map<InboxId, KnownPending>,
     /// What settling the send records of the messages appended lately needs.
     origins: Origins,
     /// (sender's id, message id) of every message in a batch not yet committed, for
@@ -338,7 +394,7 @@ struct WriterState {
     /// Operations in built batches not yet committed.
     ops_in_flight: usize,
     /// Inboxes with appends or removals in built batches not yet committed (how many).
-    inboxes_in_flight: Map<UserId, usize>,
+    inboxes_in_flight: Map<InboxId, usize>,
 }
 
 impl WriterState {
@@ -366,14 +422,10 @@ impl WriterState {
         if !self.failed {
             let mut batch = self.ks.db.batch().durability(Some(PersistMode::SyncData));
             for (id, next) in &self.next_seq {
-                if let Some(user) = self.names.get(id)
+                if let Some(counter) = self.names.get(id)
                     && self.stored_seq.get(id) != Some(next)
                 {
-                    batch.insert(
-                        &self.ks.meta,
-                        meta_key(b"seq", user),
-                        seq_value(*next, self.epoch),
-                    );
+                    batch.insert(&self.ks.meta, counter.clone(), seq_value(*next, self.epoch));
                 }
             }
             batch.remove(&self.ks.meta, RUNNING);
@@ -409,25 +461,34 @@ impl WriterState {
         // The committer chooses the durability (one sync for all the batches waiting).
         let mut batch = self.ks.db.batch().durability(Some(PersistMode::Buffer));
         let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
-        let mut ordered: Vec<(SeqHook, u64)> = Vec::new();
-        let mut synced: Vec<(SeqHook, u64)> = Vec::new();
+        // Each stored message's hooks and its copies' places.
+        let mut hooked: Vec<(AppendHooks, Vec<Placed>)> = Vec::new();
         let mut appended: Vec<(UserId, MessageId)> = Vec::new();
-        let mut inboxes: Vec<UserId> = Vec::with_capacity(ops.len());
+        let mut inboxes: Vec<InboxId> = Vec::with_capacity(ops.len());
         let op_count = ops.len();
         // Inboxes whose counters changed: written once per batch, not once per message. The
         // value is the first seq appended to the inbox in this batch (`u64::MAX` if none): a
         // seq from there on is only in the batch, not in the store, and cannot be removed yet.
-        let mut touched: Map<UserId, u64> =
+        let mut touched: Map<InboxId, u64> =
             Map::with_capacity_and_hasher(ops.len(), Default::default());
         for op in ops {
             match op {
                 Op::Append(message, hooks, tx) => {
-                    inboxes.push(message.recipient);
-                    let result = self.append(&mut batch, &mut appended, &mut touched, *message);
-                    if let Ok(Appended::Stored { seq }) = &result {
-                        ordered.extend(hooks.ordered.map(|hook| (hook, *seq)));
-                        synced.extend(hooks.synced.map(|hook| (hook, *seq)));
-                    }
+                    inboxes.extend(message.targets.iter().map(|t| t.inbox));
+                    let wants_places = hooks.ordered.is_some() || hooks.synced.is_some();
+                    let result = self.append(
+                        &mut batch,
+                        &mut appended,
+                        &mut touched,
+                        *message,
+                        wants_places,
+                    );
+                    let result = result.map(|(appended, places)| {
+                        if let Some(places) = places {
+                            hooked.push((hooks, places));
+                        }
+                        appended
+                    });
                     replies.push(deferred(tx, result));
                 }
                 Op::Remove(id, seqs, _, tx) => {
@@ -435,9 +496,9 @@ impl WriterState {
                     inboxes.push(id);
                     replies.push(deferred(tx, result));
                 }
-                Op::DropInbox(id, tx) => {
-                    let result = self.drop_inbox(&mut batch, &touched, id);
-                    inboxes.push(id);
+                Op::DropInbox(drop, tx) => {
+                    inboxes.push(drop.inbox);
+                    let result = self.drop_inbox(&mut batch, &touched, drop);
                     replies.push(deferred(tx, result));
                 }
                 Op::ForgetSent(keys, tx) => {
@@ -451,7 +512,7 @@ impl WriterState {
         }
         let mut checkpoints = Vec::new();
         for id in touched.into_keys() {
-            let (Some(&next), Some(&stored), Some(user)) = (
+            let (Some(&next), Some(&stored), Some(counter)) = (
                 self.next_seq.get(&id),
                 self.stored_seq.get(&id),
                 self.names.get(&id),
@@ -459,18 +520,18 @@ impl WriterState {
                 continue;
             };
             if next.saturating_sub(stored) >= SEQ_CHECKPOINT {
-                batch.insert(
-                    &self.ks.meta,
-                    meta_key(b"seq", user),
-                    seq_value(next, self.epoch),
-                );
+                batch.insert(&self.ks.meta, counter.clone(), seq_value(next, self.epoch));
                 checkpoints.push((id, next));
             }
         }
         // The batch's order is final: let the messages go to online recipients while it is
         // committed and synced, which the committer thread does while this one goes on.
-        for (hook, seq) in ordered {
-            hook(seq);
+        let mut synced: Vec<(PlacedHook, Vec<Placed>)> = Vec::with_capacity(hooked.len());
+        for (hooks, places) in hooked {
+            if let Some(hook) = hooks.ordered {
+                hook(&places);
+            }
+            synced.extend(hooks.synced.map(|hook| (hook, places)));
         }
         // Counters are recorded as stored now; if the commit fails, fjall refuses every later
         // write and the next start begins a new epoch anyway.

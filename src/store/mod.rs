@@ -4,6 +4,8 @@
 //! backend can be added later without touching the server's logic.
 
 mod data_dir;
+mod devices;
+mod fjall_devices;
 mod fjall_keys;
 mod fjall_open;
 mod fjall_store;
@@ -15,6 +17,7 @@ mod sent_records;
 mod user_ids;
 
 pub use data_dir::DataDirError;
+pub use fjall_devices::MAX_DEVICE_NAME;
 pub use fjall_store::{DEFAULT_MAX_PENDING, FjallStore, StoreOptions};
 pub use sender_shares::SenderShare;
 
@@ -22,6 +25,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::blocking::BlockingError;
+pub use crate::protocol::DeviceId;
 use crate::protocol::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
 use crate::protocol::{MessageId, Username};
 
@@ -42,6 +46,9 @@ pub struct UserRecord {
 pub struct SessionRecord {
     /// The account the session belongs to.
     pub username: Username,
+    /// The device it is a session of (1 in records from before devices).
+    #[serde(default = "first_device")]
+    pub device: DeviceId,
     /// When it was created, in seconds since the Unix epoch.
     pub created_at: u64,
     /// When it stops being accepted, in seconds since the Unix epoch.
@@ -72,36 +79,90 @@ pub enum Durability {
     Buffered,
 }
 
-/// A message to append to its recipient's inbox.
+/// Current devices an account may have at once.
+pub const MAX_DEVICES: usize = 8;
+
+/// The name of device 1 (the device that signed up, or that an account from before devices
+/// had).
+pub const FIRST_DEVICE_NAME: &str = "first device";
+
+/// One of an account's current devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// Its id in the account (never reused).
+    pub id: DeviceId,
+    /// The name given when it was linked (device 1: [`FIRST_DEVICE_NAME`]).
+    pub name: String,
+    /// When it was added, seconds since the Unix epoch.
+    pub added_at: u64,
+    /// When it was last seen connected (coarse; 0 if never), seconds since the Unix epoch.
+    pub last_seen: u64,
+}
+
+/// One device's published prekeys (its account's identity key is kept apart, and its
+/// one-time prekeys too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceKeys {
+    /// Current signed prekey.
+    pub signed_prekey: SignedPrekey,
+    /// Last-resort prekey, handed out when no one-time prekey is left.
+    pub last_resort: SignedPrekey,
+}
+
+/// One copy of a message: the body sealed for one device.
+#[derive(Debug, Clone)]
+pub struct Copy {
+    /// Whose device it goes to.
+    pub recipient: Username,
+    /// Which of their devices.
+    pub device: DeviceId,
+    /// The sealed body (opaque to the server).
+    pub body: Vec<u8>,
+}
+
+/// A message to append: every copy of it, stored together or not at all.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     /// Who sent it.
     pub sender: Username,
-    /// Whose inbox it goes to.
-    pub recipient: Username,
+    /// The device it was sent from.
+    pub sender_device: DeviceId,
+    /// The addressee (copies to the sender's own devices name it in [`StoredMessage::to`]).
+    pub to: Username,
     /// The sender's id for it.
     pub id: MessageId,
     /// The sender's `kind` (opaque to the server).
     pub kind: String,
-    /// The sealed body (opaque to the server).
-    pub body: Vec<u8>,
+    /// Its copies, each to a distinct (recipient, device); at least one.
+    pub copies: Vec<Copy>,
     /// When the server received it, seconds since the Unix epoch.
     pub sent_at: u64,
     /// When it is deleted if still undelivered, seconds since the Unix epoch.
     pub expires_at: u64,
 }
 
-/// A callback of [`AppendHooks`], given the message's inbox seq.
-pub type SeqHook = Box<dyn FnOnce(u64) + Send>;
+/// Where one copy of a message was placed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placed {
+    /// Whose device.
+    pub recipient: Username,
+    /// Which device.
+    pub device: DeviceId,
+    /// Its seq in that device's inbox.
+    pub seq: u64,
+}
+
+/// A callback of [`AppendHooks`], given where every copy was placed (in copy order).
+pub type PlacedHook = Box<dyn FnOnce(&[Placed]) + Send>;
 
 /// Callbacks of one [`Store::append`], called only if the message is stored, on the inbox
 /// writer's thread (they must be quick and must not block).
 #[derive(Default)]
 pub struct AppendHooks {
-    /// Once the message's place in the inbox is decided, before it is durable.
-    pub ordered: Option<SeqHook>,
-    /// Once it is durable, whether or not the caller is still waiting for the append.
-    pub synced: Option<SeqHook>,
+    /// Once the copies' places in their inboxes are decided, before they are durable.
+    pub ordered: Option<PlacedHook>,
+    /// Once they are durable, whether or not the caller is still waiting for the append.
+    pub synced: Option<PlacedHook>,
 }
 
 /// How durable a [`Store::remove_pending`] must be when it returns.
@@ -117,23 +178,44 @@ pub enum Removal {
 }
 
 /// The outcome of [`Store::append`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
-    /// Stored durably under this sequence number in the recipient's inbox.
+    /// Every copy is stored durably.
     Stored {
-        /// The inbox sequence number.
-        seq: u64,
+        /// Each copy's seq in its inbox, in copy order.
+        seqs: Vec<u64>,
     },
     /// The sender had already sent this id; nothing new was stored.
     Duplicate,
-    /// The recipient's inbox is full; nothing was stored.
-    InboxFull,
-    /// The sender already holds its whole share of the recipient's inbox (messages or bytes,
-    /// [`SenderShare`]); nothing was stored.
-    SenderQuota,
+    /// This device's inbox is full; nothing of the message was stored.
+    InboxFull {
+        /// Whose inbox.
+        recipient: Username,
+        /// Which device's.
+        device: DeviceId,
+    },
+    /// The sender already holds its whole share of this device's inbox (messages or bytes,
+    /// [`SenderShare`]); nothing of the message was stored.
+    SenderQuota {
+        /// Whose inbox.
+        recipient: Username,
+        /// Which device's.
+        device: DeviceId,
+    },
 }
 
-/// A message waiting in an inbox.
+fn first_device() -> DeviceId {
+    1
+}
+
+// serde's `skip_serializing_if` hands a reference.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_first_device(device: &DeviceId) -> bool {
+    *device == 1
+}
+
+/// A copy of a message waiting in a device's inbox. Device 1 and "no addressee" are left out
+/// of the stored form (records from before devices have neither, and read back as these).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredMessage {
     /// Its sequence number in the inbox.
@@ -142,6 +224,12 @@ pub struct StoredMessage {
     pub id: MessageId,
     /// Who sent it.
     pub from: Username,
+    /// The device it was sent from.
+    #[serde(default = "first_device", skip_serializing_if = "is_first_device")]
+    pub from_device: DeviceId,
+    /// The addressee, on a copy for one of the sender's own devices; `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Username>,
     /// The sender's `kind`.
     pub kind: String,
     /// When the server received it.
@@ -153,38 +241,36 @@ pub struct StoredMessage {
     pub body: Vec<u8>,
 }
 
-/// Where a sent message went, kept for deduplication and `unsend` while it is pending (then
-/// replaced by a marker that names no recipient, until it expires).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a sent message went, kept for deduplication and `unsend` while no copy of it was
+/// acknowledged (then replaced by a marker that names no recipient, until it expires).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SentRecord {
-    /// The recipient.
-    pub recipient: Username,
-    /// Its sequence number in the recipient's inbox.
-    pub seq: u64,
+    /// Every copy, in copy order.
+    pub copies: Vec<Placed>,
     /// When the record (and the message, if undelivered) expires.
     pub expires_at: u64,
 }
 
-/// A user's published public keys (one-time prekeys are kept apart).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeysRecord {
-    /// Ed25519 identity key.
-    pub identity_key: IdentityKeyBytes,
-    /// Current signed prekey.
-    pub signed_prekey: SignedPrekey,
-    /// Last-resort prekey, handed out when no one-time prekey is left.
-    pub last_resort: SignedPrekey,
+/// What a bundle fetch hands out for one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenDeviceBundle {
+    /// The device.
+    pub device: DeviceId,
+    /// Its published prekeys.
+    pub keys: DeviceKeys,
+    /// One of its one-time prekeys, now deleted from the store; `None` when none was left.
+    pub one_time_prekey: Option<OneTimePrekey>,
+    /// Its one-time prekeys still stored after this fetch.
+    pub remaining: u32,
 }
 
-/// What a bundle fetch hands out.
+/// What a bundle fetch hands out: the account's identity and one entry per device.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TakenBundle {
-    /// The published keys.
-    pub keys: KeysRecord,
-    /// A one-time prekey, now deleted from the store; `None` when none was left.
-    pub one_time_prekey: Option<OneTimePrekey>,
-    /// One-time prekeys still stored after this fetch.
-    pub remaining: u32,
+pub struct TakenBundles {
+    /// The account's identity key.
+    pub identity: IdentityKeyBytes,
+    /// One entry per requested current device that has keys, ascending.
+    pub devices: Vec<TakenDeviceBundle>,
 }
 
 /// Why a store operation failed.
@@ -236,6 +322,9 @@ pub enum StoreError {
     /// A message names a sender or recipient without an account.
     #[error("no account named {0:?}")]
     UnknownUser(Username),
+    /// A message (or a key upload) names a device the account does not have (now).
+    #[error("{0:?} has no device {1}")]
+    UnknownDevice(Username, DeviceId),
 }
 
 impl From<fjall::Error> for StoreError {
@@ -291,63 +380,122 @@ pub trait Store: Send + Sync + 'static {
         self.flush().await
     }
 
-    /// Stores a user's public keys (replacing earlier ones) and adds one-time prekeys.
-    /// Returns how many one-time prekeys the user now has.
+    /// The account's current devices, ascending by id; empty if there is no such account.
+    async fn devices(&self, user: &Username) -> Result<Vec<DeviceRecord>, StoreError>;
+
+    /// Adds a device (synced) with a fresh inbox and returns its id, never used before in the
+    /// account. [`StoreError::Limit`] if the account has [`MAX_DEVICES`];
+    /// [`StoreError::UnknownUser`] if there is no such account.
+    async fn add_device(
+        &self,
+        user: &Username,
+        name: String,
+        now: u64,
+    ) -> Result<DeviceId, StoreError>;
+
+    /// Removes a device: its inbox, keys, one-time prekeys, sessions and record. Returns the
+    /// digests of its deleted sessions, or `None` if it is not a current device. Its id and
+    /// its inbox's id are never given again.
+    async fn remove_device(
+        &self,
+        user: &Username,
+        device: DeviceId,
+    ) -> Result<Option<Vec<TokenDigest>>, StoreError>;
+
+    /// Notes that the device was seen at `now` (not synced: it may be lost in a crash). A
+    /// device that is not current is ignored.
+    async fn touch_device(
+        &self,
+        user: &Username,
+        device: DeviceId,
+        now: u64,
+    ) -> Result<(), StoreError>;
+
+    /// The account's identity key, if one was published.
+    async fn identity(&self, user: &Username) -> Result<Option<IdentityKeyBytes>, StoreError>;
+
+    /// Stores what is given for `device` (synced): the account's identity, the device's
+    /// prekeys (replacing earlier ones) and one-time prekeys (added). A *new* identity (one
+    /// that differs from the stored one) also removes every other device (inbox, keys,
+    /// one-time prekeys, sessions, record) and this device's earlier one-time prekeys: they
+    /// belong to the old identity. Returns how many one-time prekeys the device now has.
+    /// [`StoreError::UnknownDevice`] if it is not a current device of the account.
     async fn put_keys(
         &self,
-        username: &Username,
-        keys: Option<KeysRecord>,
+        user: &Username,
+        device: DeviceId,
+        identity: Option<IdentityKeyBytes>,
+        keys: Option<DeviceKeys>,
         one_time_prekeys: Vec<OneTimePrekey>,
     ) -> Result<u32, StoreError>;
 
-    /// The user's published keys, if any.
-    async fn keys(&self, username: &Username) -> Result<Option<KeysRecord>, StoreError>;
+    /// The device's published prekeys, if any.
+    async fn device_keys(
+        &self,
+        user: &Username,
+        device: DeviceId,
+    ) -> Result<Option<DeviceKeys>, StoreError>;
 
-    /// Hands out the user's bundle, removing (durably) the one-time prekey it contains, so no
-    /// one-time prekey is ever handed out twice, also under concurrent fetches.
-    async fn take_bundle(&self, username: &Username) -> Result<Option<TakenBundle>, StoreError>;
+    /// Hands out a bundle for each requested current device with keys (every current device
+    /// if `devices` is `None`), removing (durably) the one-time prekey each contains, so no
+    /// one-time prekey is ever handed out twice, also under concurrent fetches. `None` if the
+    /// account has no identity key.
+    async fn take_bundles(
+        &self,
+        user: &Username,
+        devices: Option<Vec<DeviceId>>,
+    ) -> Result<Option<TakenBundles>, StoreError>;
 
-    /// Appends a message to its recipient's inbox through group commit: durable (per the
-    /// configured [`Durability`]) when this returns. Sender and recipient must have accounts
-    /// ([`StoreError::UnknownUser`] otherwise: the store checks that they have user ids,
-    /// which every account has). Deduplicates by (sender, id) and enforces the per-inbox
-    /// quota and each sender's share of it. If the message is stored, `hooks.ordered` is called
-    /// with its seq as soon as its place in the inbox is decided, before it is durable, and
-    /// `hooks.synced` once it is durable. A seq is never given to two messages.
+    /// Appends every copy of a message, each to its device's inbox, in one batch of the group
+    /// commit: all or none, durable (per the configured [`Durability`]) when this returns.
+    /// The sender and every recipient must have accounts ([`StoreError::UnknownUser`]) and
+    /// every copy's device must be current ([`StoreError::UnknownDevice`]). Deduplicates by
+    /// (sender, id) for the whole message, and checks every copy against its inbox's quota
+    /// and the sender's share of it before any is placed. If stored, `hooks.ordered` is called
+    /// with every copy's place as soon as they are decided, before they are durable, and
+    /// `hooks.synced` once they are durable. A seq is never given to two messages.
     async fn append(&self, message: NewMessage, hooks: AppendHooks)
     -> Result<Appended, StoreError>;
 
-    /// Up to `limit` pending messages of `username` with `seq > after`, in order.
+    /// Up to `limit` pending messages in the inbox of `user`'s `device` with `seq > after`,
+    /// in order.
     async fn pending(
         &self,
-        username: &Username,
+        user: &Username,
+        device: DeviceId,
         after: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError>;
 
-    /// Deletes these pending messages of `username`; returns how many existed.
+    /// Deletes these pending messages of `user`'s `device`; returns how many existed. The
+    /// first copy of a message to go settles its send record.
     async fn remove_pending(
         &self,
-        username: &Username,
+        user: &Username,
+        device: DeviceId,
         seqs: Vec<u64>,
         removal: Removal,
     ) -> Result<u64, StoreError>;
 
-    /// Where a message `sender` sent with `id` went, while it is pending; `None` once it was
-    /// acknowledged, unsent or expired (the store then keeps only that the id was used).
+    /// Where the message `sender` sent with `id` went, while no copy of it has left its
+    /// inbox; `None` once one was acknowledged, unsent or expired (the store then keeps only
+    /// that the id was used).
     async fn sent(
         &self,
         sender: &Username,
         id: MessageId,
     ) -> Result<Option<SentRecord>, StoreError>;
 
-    /// Deletes expired inbox entries and send records; returns how many messages went.
+    /// Deletes expired inbox entries (of every device) and send records; returns how many
+    /// messages went.
     async fn purge_expired_messages(&self, now: u64) -> Result<u64, StoreError>;
 
-    /// Messages pending in all inboxes: a scan of every inbox key, for the metrics at start.
+    /// Messages pending in all inboxes (every device's): a scan of every inbox key, for the
+    /// metrics at start.
     async fn count_pending_messages(&self) -> Result<u64, StoreError>;
-    /// Deletes the account `username`: its inbox (and no message goes to or from it from now
-    /// on), then in one synced write its record, id, keys and one-time prekeys and sessions,
+    /// Deletes the account `username`: every device's inbox (and no message goes to or from it
+    /// from now on), then in one synced write its record, id, devices, keys and one-time
+    /// prekeys and sessions,
     /// and a hold on the name until `hold_until` (Unix seconds) during which no one can sign
     /// it up. Messages it sent that wait in other inboxes stay. Returns the
     /// digests of the deleted sessions, or `None` if there is no such account.

@@ -1,17 +1,18 @@
 //! The two kinds of value under a `sent_v2` key (sender id ‖ message id).
 //!
-//! While its message is pending, a send record names the recipient and the inbox seq
-//! ([`SentRecord`]): `unsend` needs both. Once the message leaves the inbox (acknowledged,
-//! unsent or expired) the writer replaces it, in the batch that removes the message, with a
+//! While its message is pending, a send record names every copy's recipient, device and inbox
+//! seq ([`SentRecord`]): `unsend` needs them. A message of one copy to device 1 (every message
+//! from before devices, and still the usual one) is written in the form of store format 2,
+//! `{recipient, seq, expires_at}`, which reads back as that one copy; others as `{copies:
+//! [{recipient, device, seq}], expires_at}`. Once a copy leaves its inbox (acknowledged,
+//! unsent or expired) the writer replaces the record, in the batch that removes the copy, with a
 //! *settled* marker that holds only its expiry: a resend of the id is still answered as a
 //! duplicate until then, but nothing left on disk says to whom the message went, so acknowledged
 //! messages leave no sender–recipient pair behind (docs/SECURITY.md, the contact graph).
 
-use serde::Deserialize;
-#[cfg(test)]
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::{SentRecord, StoreError};
+use super::{Placed, SentRecord, StoreError};
 use crate::protocol::{MessageId, Username};
 
 /// A settled send record: the id was sent and its message is gone from the inbox. (The
@@ -23,14 +24,57 @@ struct Settled {
     expires_at: u64,
 }
 
-/// Either kind of value, as read back: the recipient's fields are absent in a settled one.
+/// Any kind of value, as read back: the copies' fields are absent in a settled one.
 #[derive(Deserialize)]
 struct AnySent {
+    #[serde(default)]
+    copies: Option<Vec<Placed>>,
     #[serde(default)]
     recipient: Option<Username>,
     #[serde(default)]
     seq: Option<u64>,
     expires_at: u64,
+}
+
+/// A pending record of one copy to device 1, in the form of store format 2.
+#[derive(Serialize)]
+struct OneCopy<'a> {
+    recipient: &'a Username,
+    seq: u64,
+    expires_at: u64,
+}
+
+/// A pending record of any other message.
+#[derive(Serialize)]
+struct Copies<'a> {
+    copies: &'a [Placed],
+    expires_at: u64,
+}
+
+/// An upper bound on a one-copy record's encoding beyond the recipient's name (47 bytes at
+/// most; a test checks it).
+const ONE_COPY_OVERHEAD: usize = 64;
+
+/// The stored form of a pending send record (see the module doc).
+pub(super) fn encode(record: &SentRecord) -> Result<Vec<u8>, StoreError> {
+    if let [only] = record.copies.as_slice()
+        && only.device == 1
+    {
+        // Sized up front: growing the buffer field by field cost more than the encoding.
+        let mut out = Vec::with_capacity(ONE_COPY_OVERHEAD + only.recipient.as_str().len());
+        let one = OneCopy {
+            recipient: &only.recipient,
+            seq: only.seq,
+            expires_at: record.expires_at,
+        };
+        rmp_serde::encode::write_named(&mut out, &one)?;
+        return Ok(out);
+    }
+    let copies = Copies {
+        copies: &record.copies,
+        expires_at: record.expires_at,
+    };
+    Ok(rmp_serde::to_vec_named(&copies)?)
 }
 
 /// What the writer reads of an inbox entry it removes: enough to find its send record.
@@ -73,10 +117,17 @@ const SETTLED_FIELD: &str = "expires_at";
 /// The pending send record in `bytes`, or `None` for a settled marker.
 pub(super) fn pending_record(bytes: &[u8]) -> Result<Option<SentRecord>, StoreError> {
     let any = decode(bytes)?;
-    Ok(match (any.recipient, any.seq) {
-        (Some(recipient), Some(seq)) => Some(SentRecord {
-            recipient,
-            seq,
+    Ok(match (any.copies, any.recipient, any.seq) {
+        (Some(copies), _, _) => Some(SentRecord {
+            copies,
+            expires_at: any.expires_at,
+        }),
+        (None, Some(recipient), Some(seq)) => Some(SentRecord {
+            copies: vec![Placed {
+                recipient,
+                device: 1,
+                seq,
+            }],
             expires_at: any.expires_at,
         }),
         _ => None,
@@ -104,14 +155,46 @@ mod tests {
     #[test]
     fn a_settled_marker_names_no_recipient_and_keeps_its_expiry() {
         let bob = Username::parse("bob").unwrap();
+        let placed = |device, seq| Placed {
+            recipient: bob.clone(),
+            device,
+            seq,
+        };
         let record = SentRecord {
-            recipient: bob,
+            copies: vec![placed(1, 7)],
+            expires_at: 99,
+        };
+        let pending = encode(&record).unwrap();
+        assert_eq!(pending_record(&pending).unwrap(), Some(record.clone()));
+        assert_eq!(expires_at(&pending).unwrap(), 99);
+        // The one-copy form is that of store format 2, whose records read back as it.
+        #[derive(Serialize)]
+        struct Format2 {
+            recipient: Username,
+            seq: u64,
+            expires_at: u64,
+        }
+        let old = Format2 {
+            recipient: bob.clone(),
             seq: 7,
             expires_at: 99,
         };
-        let pending = rmp_serde::to_vec_named(&record).unwrap();
-        assert_eq!(pending_record(&pending).unwrap(), Some(record));
-        assert_eq!(expires_at(&pending).unwrap(), 99);
+        assert_eq!(pending, rmp_serde::to_vec_named(&old).unwrap());
+        assert!(pending.capacity() <= ONE_COPY_OVERHEAD + 32);
+
+        let several = SentRecord {
+            copies: vec![placed(1, 7), placed(2, 3), placed(5, 1)],
+            expires_at: 99,
+        };
+        let bytes = encode(&several).unwrap();
+        assert_eq!(pending_record(&bytes).unwrap(), Some(several));
+        assert_eq!(expires_at(&bytes).unwrap(), 99);
+        let elsewhere = SentRecord {
+            copies: vec![placed(2, 3)],
+            expires_at: 99,
+        };
+        let bytes = encode(&elsewhere).unwrap();
+        assert_eq!(pending_record(&bytes).unwrap(), Some(elsewhere));
 
         let marker = settled(99).unwrap();
         assert!(!marker.windows(3).any(|w| w == b"bob"));
@@ -149,6 +232,8 @@ mod tests {
             seq: 3,
             id: MessageId([5; 16]),
             from: Username::parse("alice").unwrap(),
+            from_device: 2,
+            to: None,
             kind: "text".into(),
             sent_at: 1,
             expires_at: 2,

@@ -9,7 +9,15 @@
 //!
 //! An id is given to an account when it is created, in the same synced write as the account,
 //! and never changes or goes to anyone else. Keyspaces: `user_ids` (name → id, u32 BE) and
-//! `user_names` (id → name: the highest id in use is its last key).
+//! `user_names` (id → name: the highest account id in use is its last key).
+//!
+//! The inboxes of devices other than device 1 take their ids from the same counter (device
+//! 1's inbox id is its account's id), so an inbox id is never an account's id nor another
+//! inbox's. They have no `user_names` entry: the counter is also written to `meta`
+//! ([`NEXT_ID_KEY`]) in the batch that uses an inbox id, and an open continues from the
+//! greater of the two, so an id is not given again after a restart, also once its device is
+//! removed. An id given in a batch that is never committed may be given again after a
+//! restart: nothing durable uses it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -28,25 +36,35 @@ const CACHE: usize = 1_000_000;
 
 type Cache = HashMap<Username, UserId, foldhash::fast::RandomState>;
 
+/// Key in `meta` of the counter as of the last inbox id given (u32 BE).
+pub(super) const NEXT_ID_KEY: &[u8] = b"next-inbox-id";
+
 pub(super) struct UserIds {
     ids: Keyspace,
     names: Keyspace,
+    meta: Keyspace,
     cache: Mutex<Cache>,
     /// The next id to give out.
     next: Mutex<UserId>,
 }
 
 impl UserIds {
-    pub fn open(ids: Keyspace, names: Keyspace) -> Result<Self, StoreError> {
-        let next = match names.last_key_value() {
+    pub fn open(ids: Keyspace, names: Keyspace, meta: Keyspace) -> Result<Self, StoreError> {
+        let after_accounts = match names.last_key_value() {
             None => 1,
             Some(entry) => decode_id("user_names", &entry.key()?)?
                 .checked_add(1)
                 .ok_or_else(exhausted)?,
         };
+        let after_inboxes = match meta.get(NEXT_ID_KEY)? {
+            None => 1,
+            Some(bytes) => decode_id("meta", &bytes)?,
+        };
+        let next = after_accounts.max(after_inboxes);
         Ok(Self {
             ids,
             names,
+            meta,
             cache: Mutex::new(Cache::default()),
             next: Mutex::new(next),
         })
@@ -82,6 +100,16 @@ impl UserIds {
         *next = id.checked_add(1).ok_or_else(exhausted)?;
         batch.insert(&self.ids, name.as_str().as_bytes(), id.to_be_bytes());
         batch.insert(&self.names, id.to_be_bytes(), name.as_str().as_bytes());
+        Ok(id)
+    }
+
+    /// Gives the next id to a new device's inbox, written (as the counter) in `batch`, which
+    /// the caller commits. The id is used up even if the commit fails.
+    pub fn assign_inbox(&self, batch: &mut OwnedWriteBatch) -> Result<u32, StoreError> {
+        let mut next = self.next.lock().map_err(|_| StoreError::Poisoned)?;
+        let id = *next;
+        *next = id.checked_add(1).ok_or_else(exhausted)?;
+        batch.insert(&self.meta, NEXT_ID_KEY, next.to_be_bytes());
         Ok(id)
     }
 

@@ -288,8 +288,11 @@ pub async fn observe(dir: &Path, template: &Manifest, texts: &HashMap<String, St
 
     let store = FjallStore::open(&data).expect("open the store");
     for u in &mut manifest.users {
-        let keys = store.keys(&name(&u.name)).await.unwrap().expect("keys");
-        u.identity_key = hex::encode(keys.identity_key.0);
+        // The store migrated them to the account (identity) and its device 1 (prekeys).
+        let identity = store.identity(&name(&u.name)).await.unwrap();
+        let keys = store.device_keys(&name(&u.name), 1).await.unwrap();
+        let (identity, keys) = (identity.expect("identity"), keys.expect("keys"));
+        u.identity_key = hex::encode(identity.0);
         u.signed_prekey_id = keys.signed_prekey.id;
         u.last_resort_id = keys.last_resort.id;
         let saved = Home::open(dir.join(&u.home))
@@ -301,16 +304,19 @@ pub async fn observe(dir: &Path, template: &Manifest, texts: &HashMap<String, St
         u.session_expires_at = saved.expires_at;
     }
 
-    let stored = store.pending(&bob, 0, 10_000).await.unwrap();
-    assert!(store.pending(&alice, 0, 10).await.unwrap().is_empty());
+    let stored = store.pending(&bob, 1, 0, 10_000).await.unwrap();
+    assert!(store.pending(&alice, 1, 0, 10).await.unwrap().is_empty());
     manifest.pending.clear();
     for m in &stored {
         let id = m.id.to_hex();
         let text = texts.get(&id).expect("a message alice sent");
         let record = store.sent(&alice, m.id).await.unwrap();
         assert_eq!(
-            record.map(|r| (r.recipient, r.seq)),
-            Some((bob.clone(), m.seq)),
+            record.map(|r| {
+                let copies = r.copies.into_iter();
+                copies.map(|c| (c.recipient, c.device, c.seq)).collect()
+            }),
+            Some(vec![(bob.clone(), 1, m.seq)]),
             "the send record of {text}"
         );
         manifest.pending.push(PendingMessage {

@@ -142,7 +142,7 @@ impl Control {
                 "the account's identity was replaced",
             );
         }
-        match accounts
+        let replaced = accounts
             .store()
             .put_keys(
                 &session.username,
@@ -151,8 +151,10 @@ impl Control {
                 Some(keys),
                 one_time_prekeys,
             )
-            .await
-        {
+            .await;
+        // The store removes any device the steps above missed (one linked meanwhile).
+        accounts.device_lists.forget(&session.username);
+        match replaced {
             Ok(_) => {
                 info!(removed = removed.len(), "identity replaced");
                 Reply::IdentityReplaced { removed }

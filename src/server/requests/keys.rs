@@ -72,6 +72,9 @@ impl Control {
                 one_time_prekeys: count,
             },
             Err(StoreError::Limit(why)) => error(ErrorCode::BadRequest, why),
+            Err(StoreError::UnknownDevice(..)) => {
+                error(ErrorCode::UnknownDevice, "this device was removed".into())
+            }
             Err(e) => store_error(&e),
         }
     }

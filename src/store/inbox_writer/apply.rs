@@ -5,19 +5,24 @@
 use fjall::OwnedWriteBatch;
 
 use super::caches::{KnownPending, Origin};
-use super::{Addressed, InboxKeyspaces, MAX_REMOVED_AHEAD, Map, SEQ_RESTART_GAP, Set, WriterState};
+use super::counters::counter_key;
+use super::{
+    Addressed, DROP_CHUNK, DropInbox, Dropped, InboxKeyspaces, MAX_REMOVED_AHEAD, Map,
+    SEQ_RESTART_GAP, Set, WriterState,
+};
 use crate::protocol::MessageId;
+use crate::store::devices::InboxId;
 use crate::store::sender_shares::count_from_store;
 use crate::store::sent_records;
 use crate::store::user_ids::{UserId, decode_id, inbox_key, inbox_seq, sent_key};
-use crate::store::{Appended, SentRecord, StoreError, StoredMessage};
+use crate::store::{Appended, NewMessage, Placed, SentRecord, StoreError, StoredMessage};
 
 impl WriterState {
     /// Counts the senders' shares of inbox `id` from the store, unless they are known (or not
     /// limited). The store must show every batch built for the inbox, so this waits for those
     /// still being committed. Called before anything else touches the inbox in a batch, so
     /// the store is also current with respect to the batch being built.
-    pub(super) fn load_shares(&mut self, id: UserId) -> Result<(), StoreError> {
+    pub(super) fn load_shares(&mut self, id: InboxId) -> Result<(), StoreError> {
         if !self.shares.enabled() || self.shares.is_tracked(id) {
             return Ok(());
         }
@@ -32,34 +37,45 @@ impl WriterState {
         Ok(())
     }
 
-    /// Marks user `id` dropped and removes every message of their inbox. Messages appended to
-    /// it in the batch being built are not in the store yet (and a key inserted and removed in
-    /// one batch is ambiguous): then it answers `None`, and the caller asks again, in a later
-    /// batch, when no new message can have come (the user is dropped).
+    /// Marks an inbox dropped (and its account, if it is being deleted) and removes its
+    /// messages, at most [`DROP_CHUNK`] per batch; with the last, its counter goes too.
+    /// Messages appended to it in the batch being built are not in the store yet (and a key
+    /// inserted and removed in one batch is ambiguous): then it removes nothing and answers
+    /// not done, and the caller asks again, in a later batch, when no new message can have
+    /// come (the inbox is dropped).
     pub(super) fn drop_inbox(
         &mut self,
         batch: &mut OwnedWriteBatch,
-        touched: &Map<UserId, u64>,
-        id: UserId,
-    ) -> Result<Option<u64>, StoreError> {
-        self.dropped.insert(id);
+        touched: &Map<InboxId, u64>,
+        drop: DropInbox,
+    ) -> Result<Dropped, StoreError> {
+        let id = drop.inbox;
+        self.dropped_inboxes.insert(id);
+        if let Some(account) = drop.account {
+            self.dropped_users.insert(account);
+        }
         if touched.get(&id).is_some_and(|first| *first != u64::MAX) {
-            return Ok(None);
+            return Ok(Dropped {
+                removed: 0,
+                done: false,
+            });
         }
         while self.inboxes_in_flight.contains_key(&id) {
             if !self.wait_for_commit() {
                 return Err(StoreError::WriterStopped);
             }
         }
-        let mut removed = 0;
         let keys: Vec<_> = self
             .ks
             .inbox
             .prefix(id.to_be_bytes())
+            .take(DROP_CHUNK + 1)
             .map(|entry| entry.key().map(|key| key.to_vec()))
             .collect::<Result<_, _>>()?;
-        for key in keys {
-            // Their senders' records must not go on naming the deleted account either.
+        let done = keys.len() <= DROP_CHUNK;
+        let mut removed = 0;
+        for key in keys.into_iter().take(DROP_CHUNK) {
+            // Their senders' records must not go on naming the dropped inbox either.
             self.settle_sent(batch, id, inbox_seq(&key))?;
             batch.remove(&self.ks.inbox, key);
             removed += 1;
@@ -67,11 +83,18 @@ impl WriterState {
         self.pending.insert(id, 0);
         self.known.remove(&id);
         self.shares.forget(id);
-        Ok(Some(removed))
+        if done {
+            // No message goes to it again: its counter is of no more use.
+            batch.remove(&self.ks.meta, drop.counter);
+            self.next_seq.remove(&id);
+            self.stored_seq.remove(&id);
+            self.names.remove(&id);
+        }
+        Ok(Dropped { removed, done })
     }
 
-    /// Pending messages of user `id`, counted from the inbox (once per process and inbox).
-    pub(super) fn count_pending(&self, id: UserId) -> Result<u64, StoreError> {
+    /// Pending messages of inbox `id`, counted from the store (once per process and inbox).
+    pub(super) fn count_pending(&self, id: InboxId) -> Result<u64, StoreError> {
         let mut count = 0u64;
         for entry in self.ks.inbox.prefix(id.to_be_bytes()) {
             entry.key()?;
@@ -80,101 +103,174 @@ impl WriterState {
         Ok(count)
     }
 
+    /// Appends every copy of a message, or none (see the module doc of the writer); with
+    /// `wants_places`, also returns where each copy went.
     pub(super) fn append(
         &mut self,
         batch: &mut OwnedWriteBatch,
         appended: &mut Vec<(UserId, MessageId)>,
-        touched: &mut Map<UserId, u64>,
+        touched: &mut Map<InboxId, u64>,
         addressed: Addressed,
-    ) -> Result<Appended, StoreError> {
+        wants_places: bool,
+    ) -> Result<(Appended, Option<Vec<Placed>>), StoreError> {
         let Addressed {
             message,
             sender: sender_id,
-            recipient: recipient_id,
+            targets,
         } = addressed;
-        if self.dropped.contains(&recipient_id) {
-            return Err(StoreError::UnknownUser(message.recipient));
+        if targets.len() != message.copies.len() || targets.is_empty() {
+            return Err(StoreError::Limit(
+                "a message needs one inbox per copy and at least one copy".into(),
+            ));
         }
-        if self.dropped.contains(&sender_id) {
+        if self.dropped_users.contains(&sender_id) {
             return Err(StoreError::UnknownUser(message.sender));
+        }
+        for (at, (copy, target)) in message.copies.iter().zip(&targets).enumerate() {
+            if self.dropped_users.contains(&target.user) {
+                return Err(StoreError::UnknownUser(copy.recipient.clone()));
+            }
+            if self.dropped_inboxes.contains(&target.inbox) {
+                return Err(StoreError::UnknownDevice(
+                    copy.recipient.clone(),
+                    copy.device,
+                ));
+            }
+            if targets[..at].iter().any(|t| t.inbox == target.inbox) {
+                return Err(StoreError::Limit(format!(
+                    "two copies of one message for device {} of {}",
+                    copy.device, copy.recipient
+                )));
+            }
         }
         let sent_key = sent_key(sender_id, &message.id.0);
         if self.in_flight.contains(&(sender_id, message.id))
             || self.ks.sent.contains_key(sent_key)?
         {
-            return Ok(Appended::Duplicate);
+            return Ok((Appended::Duplicate, None));
         }
-        self.load_shares(recipient_id)?;
-        let pending = match self.pending.get(&recipient_id) {
-            Some(n) => *n,
-            None => self.count_pending(recipient_id)?,
-        };
-        if pending >= self.max_pending {
-            return Ok(Appended::InboxFull);
-        }
-        let body_len = message.body.len() as u64;
-        if self
-            .shares
-            .admits(recipient_id, sender_id, body_len)
-            .is_err()
-        {
-            return Ok(Appended::SenderQuota);
-        }
-        let seq = match self.next_seq.get(&recipient_id) {
-            Some(n) => *n,
-            None => {
-                let (stored, written_in) = self.load_seq(&message.recipient)?;
-                let epochs = self.epoch.saturating_sub(written_in);
-                let next = stored
-                    .max(1)
-                    .saturating_add(epochs.saturating_mul(SEQ_RESTART_GAP));
-                self.stored_seq.insert(recipient_id, stored);
-                self.names.insert(recipient_id, message.recipient.clone());
-                self.known.insert(recipient_id, KnownPending::new(next));
-                next
+        // Every copy is checked before any is placed.
+        let mut pendings = Vec::with_capacity(targets.len());
+        for (copy, target) in message.copies.iter().zip(&targets) {
+            let inbox = target.inbox;
+            self.load_shares(inbox)?;
+            let pending = match self.pending.get(&inbox) {
+                Some(n) => *n,
+                None => self.count_pending(inbox)?,
+            };
+            if pending >= self.max_pending {
+                let refused = Appended::InboxFull {
+                    recipient: copy.recipient.clone(),
+                    device: copy.device,
+                };
+                return Ok((refused, None));
             }
-        };
-        let stored = StoredMessage {
-            seq,
-            id: message.id,
-            from: message.sender.clone(),
-            kind: message.kind,
-            sent_at: message.sent_at,
-            expires_at: message.expires_at,
-            body: message.body,
-        };
+            let body_len = copy.body.len() as u64;
+            if self.shares.admits(inbox, sender_id, body_len).is_err() {
+                let refused = Appended::SenderQuota {
+                    recipient: copy.recipient.clone(),
+                    device: copy.device,
+                };
+                return Ok((refused, None));
+            }
+            pendings.push(pending);
+        }
+        let mut seqs = Vec::with_capacity(targets.len());
+        let mut places = wants_places.then(|| Vec::with_capacity(targets.len()));
+        // The copies' shared fields, moved into the last one.
+        let NewMessage {
+            sender,
+            sender_device,
+            to,
+            id,
+            mut kind,
+            copies,
+            sent_at,
+            expires_at,
+        } = message;
+        let copy_count = copies.len();
+        let mut record_copies = Vec::with_capacity(copy_count);
+        let copies = copies.into_iter().zip(&targets).zip(pendings);
+        for (at, ((copy, target), pending)) in copies.enumerate() {
+            let inbox = target.inbox;
+            let seq = match self.next_seq.get(&inbox) {
+                Some(n) => *n,
+                None => {
+                    let counter = counter_key(&copy.recipient, copy.device, inbox);
+                    let (stored, written_in) = self.load_seq(&counter)?;
+                    let epochs = self.epoch.saturating_sub(written_in);
+                    let next = stored
+                        .max(1)
+                        .saturating_add(epochs.saturating_mul(SEQ_RESTART_GAP));
+                    self.stored_seq.insert(inbox, stored);
+                    self.names.insert(inbox, counter);
+                    self.known.insert(inbox, KnownPending::new(next));
+                    next
+                }
+            };
+            let last = at + 1 == copy_count;
+            let body_len = copy.body.len() as u64;
+            // The addressee is named only on copies for the sender's own devices.
+            let addressee = (copy.recipient == sender && to != sender).then(|| to.clone());
+            let stored = StoredMessage {
+                seq,
+                id,
+                from: sender.clone(),
+                from_device: sender_device,
+                to: addressee,
+                kind: if last {
+                    std::mem::take(&mut kind)
+                } else {
+                    kind.clone()
+                },
+                sent_at,
+                expires_at,
+                body: copy.body,
+            };
+            // Sized up front: growing the buffer field by field cost more than the encoding.
+            let stored_len = STORED_OVERHEAD
+                + stored.body.len()
+                + stored.from.as_str().len()
+                + stored.kind.len()
+                + stored.to.as_ref().map_or(0, |to| to.as_str().len());
+            batch.insert(
+                &self.ks.inbox,
+                inbox_key(inbox, seq),
+                encode_record(&stored, stored_len)?,
+            );
+            self.next_seq.insert(inbox, seq + 1);
+            self.pending.insert(inbox, pending + 1);
+            self.shares.add(inbox, seq, sender_id, body_len);
+            self.origins.insert(
+                inbox,
+                seq,
+                Origin {
+                    sender: sender_id,
+                    id,
+                    expires_at,
+                },
+            );
+            let first = touched.entry(inbox).or_insert(u64::MAX);
+            *first = (*first).min(seq);
+            seqs.push(seq);
+            let placed = Placed {
+                recipient: copy.recipient,
+                device: copy.device,
+                seq,
+            };
+            if let Some(places) = places.as_mut() {
+                places.push(placed.clone());
+            }
+            record_copies.push(placed);
+        }
         let record = SentRecord {
-            recipient: message.recipient.clone(),
-            seq,
-            expires_at: message.expires_at,
+            copies: record_copies,
+            expires_at,
         };
-        // Sized up front: growing the buffer field by field cost more than the encoding.
-        let stored_len =
-            STORED_OVERHEAD + stored.body.len() + stored.from.as_str().len() + stored.kind.len();
-        batch.insert(
-            &self.ks.inbox,
-            inbox_key(recipient_id, seq),
-            encode_record(&stored, stored_len)?,
-        );
-        let record_len = SENT_OVERHEAD + record.recipient.as_str().len();
-        batch.insert(&self.ks.sent, sent_key, encode_record(&record, record_len)?);
-        self.next_seq.insert(recipient_id, seq + 1);
-        self.pending.insert(recipient_id, pending + 1);
-        self.shares.add(recipient_id, seq, sender_id, body_len);
-        self.origins.insert(
-            recipient_id,
-            seq,
-            Origin {
-                sender: sender_id,
-                id: message.id,
-                expires_at: message.expires_at,
-            },
-        );
-        let first = touched.entry(recipient_id).or_insert(u64::MAX);
-        *first = (*first).min(seq);
-        self.in_flight.insert((sender_id, message.id));
-        appended.push((sender_id, message.id));
-        Ok(Appended::Stored { seq })
+        batch.insert(&self.ks.sent, sent_key, sent_records::encode(&record)?);
+        self.in_flight.insert((sender_id, id));
+        appended.push((sender_id, id));
+        Ok((Appended::Stored { seqs }, places))
     }
 
     /// Replaces the send record of message `seq` of inbox `id`, which is being removed
@@ -191,7 +287,7 @@ impl WriterState {
     pub(super) fn settle_sent(
         &mut self,
         batch: &mut OwnedWriteBatch,
-        id: UserId,
+        id: InboxId,
         seq: u64,
     ) -> Result<(), StoreError> {
         match self.origins.take(id, seq) {
@@ -205,7 +301,7 @@ impl WriterState {
     fn settle_sent_from_store(
         &mut self,
         batch: &mut OwnedWriteBatch,
-        id: UserId,
+        id: InboxId,
         seq: u64,
     ) -> Result<(), StoreError> {
         let key = inbox_key(id, seq);
@@ -247,8 +343,8 @@ impl WriterState {
     pub(super) fn remove(
         &mut self,
         batch: &mut OwnedWriteBatch,
-        touched: &mut Map<UserId, u64>,
-        id: UserId,
+        touched: &mut Map<InboxId, u64>,
+        id: InboxId,
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
         self.load_shares(id)?;
@@ -336,11 +432,9 @@ fn settle(
     Ok(())
 }
 
-/// An upper bound on a stored message's encoding beyond its body, sender and kind (field
-/// names, headers, integers: 98 bytes at most; a test checks it).
-pub(super) const STORED_OVERHEAD: usize = 112;
-/// The same for a send record beyond the recipient's name (47 bytes at most).
-pub(super) const SENT_OVERHEAD: usize = 64;
+/// An upper bound on a stored message's encoding beyond its body, sender, kind and addressee
+/// (field names, headers, integers: 119 bytes at most; a test checks it).
+pub(super) const STORED_OVERHEAD: usize = 128;
 
 /// `value` as a MessagePack map, into a buffer of `capacity` bytes.
 pub(super) fn encode_record<T: serde::Serialize>(
@@ -355,7 +449,7 @@ pub(super) fn encode_record<T: serde::Serialize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Username;
+    use crate::protocol::{MessageId, Username};
 
     #[test]
     fn record_buffers_are_sized_for_the_largest_fields() {
@@ -364,13 +458,18 @@ mod tests {
             seq: u64::MAX,
             id: MessageId([0xff; 16]),
             from: from.clone(),
+            from_device: u32::MAX,
+            to: Some(from.clone()),
             kind: "k".repeat(300),
             sent_at: u64::MAX,
             expires_at: u64::MAX,
             body: vec![7; 70_000],
         };
-        let capacity =
-            STORED_OVERHEAD + stored.body.len() + stored.from.as_str().len() + stored.kind.len();
+        let capacity = STORED_OVERHEAD
+            + stored.body.len()
+            + stored.from.as_str().len()
+            + stored.kind.len()
+            + from.as_str().len();
         let bytes = encode_record(&stored, capacity).unwrap();
         assert!(bytes.len() <= capacity, "{} > {capacity}", bytes.len());
         assert_eq!(bytes.capacity(), capacity, "no growth");
@@ -379,14 +478,19 @@ mod tests {
             stored
         );
 
-        let record = SentRecord {
-            recipient: from,
-            seq: u64::MAX,
-            expires_at: u64::MAX,
+        // Device 1 and no addressee are left out: the record of format 2.
+        let plain = StoredMessage {
+            from_device: 1,
+            to: None,
+            ..stored
         };
-        let capacity = SENT_OVERHEAD + record.recipient.as_str().len();
-        let bytes = encode_record(&record, capacity).unwrap();
-        assert_eq!(bytes.capacity(), capacity, "no growth");
-        assert_eq!(rmp_serde::from_slice::<SentRecord>(&bytes).unwrap(), record);
+        let bytes = encode_record(&plain, 0).unwrap();
+        let fields: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
+            rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(fields.len(), 7, "{:?}", fields.keys());
+        assert_eq!(
+            rmp_serde::from_slice::<StoredMessage>(&bytes).unwrap(),
+            plain
+        );
     }
 }

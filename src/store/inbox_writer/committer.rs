@@ -11,15 +11,16 @@ use fjall::{Database, OwnedWriteBatch, PersistMode};
 use tokio::sync::oneshot;
 
 use crate::protocol::MessageId;
+use crate::store::devices::InboxId;
 use crate::store::user_ids::UserId;
-use crate::store::{Durability, SeqHook, StoreError};
+use crate::store::{Durability, Placed, PlacedHook, StoreError};
 
 /// What the committer reports of a batch once it is committed (or has failed).
 pub(super) struct Committed {
     /// (sender's id, message id) of the messages it stored.
     pub(super) appended: Vec<(UserId, MessageId)>,
-    /// The inbox of each of its appends and removals.
-    pub(super) inboxes: Vec<UserId>,
+    /// The inbox of each of its appends' copies and its removals.
+    pub(super) inboxes: Vec<InboxId>,
     pub(super) ops: usize,
 }
 
@@ -28,11 +29,11 @@ pub(super) struct Job {
     pub(super) batch: OwnedWriteBatch,
     /// It holds an append or an unsend: its answers wait for a sync.
     pub(super) must_sync: bool,
-    pub(super) synced: Vec<(SeqHook, u64)>,
+    pub(super) synced: Vec<(PlacedHook, Vec<Placed>)>,
     pub(super) replies: Vec<Reply>,
     /// (sender's id, message id) of the messages it stores.
     pub(super) appended: Vec<(UserId, MessageId)>,
-    pub(super) inboxes: Vec<UserId>,
+    pub(super) inboxes: Vec<InboxId>,
     pub(super) ops: usize,
 }
 
@@ -94,8 +95,8 @@ pub(super) fn run_committer(
         });
         for (synced, replies) in rest {
             if error.is_none() {
-                for (hook, seq) in synced {
-                    hook(seq);
+                for (hook, places) in synced {
+                    hook(&places);
                 }
             }
             replies.into_iter().for_each(|reply| reply(error.as_ref()));

@@ -6,19 +6,29 @@ use fjall::PersistMode;
 
 use super::{EPOCH, InboxKeyspaces, RUNNING, WriterState};
 use crate::protocol::Username;
-use crate::store::StoreError;
+use crate::store::devices::InboxId;
+use crate::store::{DeviceId, StoreError};
 
-pub(super) fn meta_key(kind: &[u8], user: &Username) -> Vec<u8> {
-    let mut key = kind.to_vec();
-    key.push(0);
-    key.extend_from_slice(user.as_str().as_bytes());
+/// The key in `meta` of the seq counter of `user`'s `device`'s inbox (id `inbox`): for
+/// device 1 `seq` 0x00 user, as before devices; for another `sqd` 0x00 inbox id (u32 BE),
+/// which no name-keyed counter can equal (a name is not empty and `sqd` is not `seq`).
+pub(in crate::store) fn counter_key(user: &Username, device: DeviceId, inbox: InboxId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(4 + user.as_str().len());
+    if device == 1 {
+        key.extend_from_slice(b"seq\0");
+        key.extend_from_slice(user.as_str().as_bytes());
+    } else {
+        key.extend_from_slice(b"sqd\0");
+        key.extend_from_slice(&inbox.to_be_bytes());
+    }
     key
 }
 
 impl WriterState {
-    /// The stored next seq of `user`'s inbox and the epoch it was stored in.
-    pub(super) fn load_seq(&self, user: &Username) -> Result<(u64, u64), StoreError> {
-        let Some(bytes) = self.ks.meta.get(meta_key(b"seq", user))? else {
+    /// The stored next seq of an inbox (its counter's key in `meta`) and the epoch it was
+    /// stored in.
+    pub(super) fn load_seq(&self, counter: &[u8]) -> Result<(u64, u64), StoreError> {
+        let Some(bytes) = self.ks.meta.get(counter)? else {
             return Ok((0, 0));
         };
         let corrupt = || StoreError::Corrupt {

@@ -52,15 +52,23 @@ fn message(n: u8) -> Addressed {
     Addressed {
         message: NewMessage {
             sender: Username::parse("alice").unwrap(),
-            recipient: Username::parse("bob").unwrap(),
+            sender_device: 1,
+            to: Username::parse("bob").unwrap(),
             id: MessageId([n; 16]),
             kind: "text".into(),
-            body: vec![n; 100],
+            copies: vec![crate::store::Copy {
+                recipient: Username::parse("bob").unwrap(),
+                device: 1,
+                body: vec![n; 100],
+            }],
             sent_at: 1,
             expires_at: EXPIRES,
         },
         sender: ALICE,
-        recipient: BOB,
+        targets: vec![super::Target {
+            user: BOB,
+            inbox: BOB,
+        }],
     }
 }
 
@@ -75,8 +83,10 @@ fn append(
 ) {
     let (tx, rx) = unbounded_channel();
     let hooks = AppendHooks {
-        ordered: Some(Box::new(move |seq| {
-            let _ = tx.send(seq);
+        ordered: Some(Box::new(move |placed: &[crate::store::Placed]| {
+            for copy in placed {
+                let _ = tx.send(copy.seq);
+            }
         })),
         synced: None,
     };
@@ -88,7 +98,7 @@ fn append(
 async fn stored(writer: &Arc<InboxWriter>, n: u8) -> u64 {
     let (_, task) = append(writer, n);
     match task.await.unwrap().unwrap() {
-        Appended::Stored { seq } => seq,
+        Appended::Stored { seqs } => seqs[0],
         other => panic!("not stored: {other:?}"),
     }
 }

@@ -1,49 +1,31 @@
-//! Store format 2 and the migration to it from format 1.
+//! The migration from store format 1 to format 2.
 //!
 //! Format 1 keyed `inbox` by recipient name 0x00 seq and `sent` by sender name 0x00 message
 //! id. Format 2 keeps the same values in `inbox_v2` (recipient id ‖ seq) and `sent_v2` (sender
-//! id ‖ message id), and every account has an id (see `user_ids`). [`FORMAT_KEY`] in `meta`
-//! says a store is in format 2; without it, opening the store migrates it before anything is
-//! served:
+//! id ‖ message id), and every account has an id (see `user_ids`). The migration:
 //! 1. every account without an id gets one;
 //! 2. the records of `inbox`, then of `sent`, move to the new keyspaces in chunks, each chunk
 //!    one synced batch that writes the new records and deletes the old ones, so a crash at
 //!    any point loses nothing and the next start goes on where this one stopped;
-//! 3. the emptied old keyspaces are deleted and the format is written (synced).
+//! 3. the emptied old keyspaces are deleted (the caller then writes the format, synced).
 //!
 //! A name in an old record without an account (not something this server writes) gets an id
-//! too, so its records are kept. An older server cannot read a store in format 2.
-//!
-//! Independently of the format, every open deletes the `contacts` keyspace that earlier
-//! servers wrote (viewer 0x00 subject for every first message): a durable who-wrote-to-whom
-//! graph that presence no longer needs (it is decided from memory: `server::router`). An older
-//! server opening the store afterwards recreates it empty, which only hides presence it had
-//! granted.
+//! too, so its records are kept.
 
 use std::collections::HashMap;
-use std::ops::Bound;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
-use super::StoreError;
-use super::user_ids::{UserId, UserIds};
+use super::{CHUNK, chunk_after, name_in};
 use crate::protocol::Username;
-
-/// Key in `meta` of the store's format (u32 BE).
-const FORMAT_KEY: &[u8] = b"store-format";
-/// The format this code writes.
-const FORMAT: u32 = 2;
-/// Records moved per synced batch.
-const CHUNK: usize = 4096;
-
-/// The keyspace of the contact graph earlier servers kept (deleted at every open).
-const OLD_CONTACTS: &str = "contacts";
+use crate::store::StoreError;
+use crate::store::user_ids::{UserId, UserIds};
 
 /// The format-1 keyspaces, with the length of what follows the name and 0x00 in their keys.
 const OLD_INBOX: (&str, usize) = ("inbox", 8);
 const OLD_SENT: (&str, usize) = ("sent", 16);
 
-/// What a migration did.
+/// What the migration to format 2 did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Migrated {
     pub ids_given: u64,
@@ -51,78 +33,28 @@ pub(super) struct Migrated {
     pub sent_moved: u64,
 }
 
-/// Brings the store to format 2 (a no-op on a store already there); blocking, before serving.
+/// Brings a store of format 1 to format 2 (the caller writes the format).
 pub(super) fn run(
     db: &Database,
     users: &Keyspace,
-    meta: &Keyspace,
     ids: &UserIds,
     inbox: &Keyspace,
     sent: &Keyspace,
 ) -> Result<Migrated, StoreError> {
-    drop_contacts(db)?;
-    if let Some(value) = meta.get(FORMAT_KEY)? {
-        let format = <[u8; 4]>::try_from(value.as_ref())
-            .map(u32::from_be_bytes)
-            .map_err(|_| StoreError::Corrupt {
-                keyspace: "meta",
-                reason: format!("the store format has {} bytes, not 4", value.len()),
-            })?;
-        if format == FORMAT {
-            return Ok(Migrated::default());
-        }
-        return Err(StoreError::Corrupt {
-            keyspace: "meta",
-            reason: format!("store format {format} is unknown to this server (it knows {FORMAT})"),
-        });
-    }
     let migrated = Migrated {
         ids_given: give_ids(db, users, ids)?,
         inbox_moved: move_records(db, ids, OLD_INBOX, inbox)?,
         sent_moved: move_records(db, ids, OLD_SENT, sent)?,
     };
-    meta.insert(FORMAT_KEY, FORMAT.to_be_bytes())?;
-    db.persist(PersistMode::SyncData)?;
     if migrated != Migrated::default() {
         tracing::info!(
             ids_given = migrated.ids_given,
             inbox_moved = migrated.inbox_moved,
             sent_moved = migrated.sent_moved,
-            "store migrated to format {FORMAT} (per-user ids in inbox and sent keys)"
+            "store migrated to format 2 (per-user ids in inbox and sent keys)"
         );
     }
     Ok(migrated)
-}
-
-/// Deletes the old contact graph, if there is one; returns whether there was.
-fn drop_contacts(db: &Database) -> Result<bool, StoreError> {
-    if !db.keyspace_exists(OLD_CONTACTS) {
-        return Ok(false);
-    }
-    let contacts = db.keyspace(OLD_CONTACTS, KeyspaceCreateOptions::default)?;
-    db.delete_keyspace(contacts)?;
-    db.persist(PersistMode::SyncData)?;
-    tracing::info!("deleted the stored contact graph (`contacts`): presence no longer needs it");
-    Ok(true)
-}
-
-/// The entries of `keyspace` after `after` (all if `None`), at most one chunk.
-fn chunk_after(keyspace: &Keyspace, after: Option<&[u8]>) -> fjall::Iter {
-    match after {
-        None => keyspace.iter(),
-        Some(key) => keyspace.range::<&[u8], _>((Bound::Excluded(key), Bound::Unbounded)),
-    }
-}
-
-fn name_in(keyspace: &'static str, bytes: &[u8]) -> Result<Username, StoreError> {
-    std::str::from_utf8(bytes)
-        .ok()
-        .and_then(|s| Username::parse(s).ok())
-        .filter(|name| name.as_str().as_bytes() == bytes)
-        .ok_or_else(|| StoreError::Corrupt {
-            keyspace,
-            reason: "a key holds an invalid user name".into(),
-        })
 }
 
 /// Gives an id to every account without one; returns how many.
