@@ -6,105 +6,15 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use quinn::{ConnectionError, RecvStream, SendStream};
+use common::raw::Raw;
+use quinn::ConnectionError;
 use securefastchat::client::{Client, ClientError, ClientOptions, connect_raw};
 use securefastchat::protocol::{
-    ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, MAX_NESTING, MAX_STREAM_HEADER,
-    MessageId, Reply, Request, ServerFrame, decode_body, encode_frame, read_frame,
+    CloseCode, ErrorCode, MAX_CONTROL_FRAME, MAX_NESTING, MAX_STREAM_HEADER, MessageId, Reply,
+    Request, ServerFrame, encode_frame,
 };
 use securefastchat::tls::DevCertificates;
 use serde::Serialize;
-
-struct Raw {
-    conn: quinn::Connection,
-    send: SendStream,
-    recv: RecvStream,
-    _endpoint: quinn::Endpoint,
-}
-
-impl Raw {
-    async fn open(server: &TestServer) -> Self {
-        let (endpoint, conn) = connect_raw(&server.options()).await.unwrap();
-        let (send, recv) = conn.open_bi().await.unwrap();
-        Self {
-            conn,
-            send,
-            recv,
-            _endpoint: endpoint,
-        }
-    }
-
-    async fn with_hello(server: &TestServer) -> Self {
-        let mut raw = Self::open(server).await;
-        raw.request(
-            1,
-            Request::Hello {
-                version: 1,
-                client: None,
-            },
-        )
-        .await;
-        assert!(matches!(
-            raw.reply().await.reply,
-            Reply::Hello { version: 1, .. }
-        ));
-        raw
-    }
-
-    async fn bytes(&mut self, bytes: &[u8]) {
-        self.send.write_all(bytes).await.unwrap();
-    }
-
-    async fn body(&mut self, body: &[u8]) {
-        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(body);
-        self.bytes(&frame).await;
-    }
-
-    async fn map<T: Serialize>(&mut self, value: &T) {
-        self.body(&rmp_serde::to_vec_named(value).unwrap()).await;
-    }
-
-    async fn request(&mut self, id: u64, request: Request) {
-        let frame = encode_frame(&ClientFrame { id, request }, MAX_CONTROL_FRAME).unwrap();
-        self.bytes(&frame).await;
-    }
-
-    async fn reply(&mut self) -> ServerFrame {
-        let mut buf = Vec::new();
-        let read = tokio::time::timeout(
-            Duration::from_secs(5),
-            read_frame(&mut self.recv, MAX_CONTROL_FRAME, &mut buf),
-        );
-        assert!(read.await.unwrap().unwrap(), "stream ended without a reply");
-        decode_body(&buf).unwrap()
-    }
-
-    async fn expect_error(&mut self, id: Option<u64>, code: ErrorCode) {
-        let frame = self.reply().await;
-        assert_eq!(frame.id, id, "{frame:?}");
-        assert!(
-            matches!(frame.reply, Reply::Error { code: c, .. } if c == code),
-            "{frame:?}"
-        );
-    }
-
-    async fn expect_pong(&mut self, id: u64) {
-        self.request(id, Request::Ping).await;
-        let frame = self.reply().await;
-        assert_eq!((frame.id, frame.reply), (Some(id), Reply::Pong));
-    }
-
-    async fn expect_closed_with(&self, code: CloseCode) {
-        let closed = tokio::time::timeout(Duration::from_secs(5), self.conn.closed()).await;
-        match closed.unwrap() {
-            ConnectionError::ApplicationClosed(close) => {
-                assert_eq!(close.error_code.into_inner(), u64::from(code.code()))
-            }
-            other => panic!("expected an application close, got {other:?}"),
-        }
-    }
-}
 
 #[derive(Serialize)]
 struct Typed<'a> {

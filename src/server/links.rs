@@ -258,7 +258,9 @@ impl Links {
             let gone: Vec<u16> = state
                 .slots
                 .iter()
-                .filter(|(_, l)| l.opener == conn || l.joined.as_ref().is_some_and(|j| j.conn == conn))
+                .filter(|(_, l)| {
+                    l.opener == conn || l.joined.as_ref().is_some_and(|j| j.conn == conn)
+                })
                 .map(|(s, _)| *s)
                 .collect();
             for slot in gone {
@@ -334,7 +336,10 @@ mod tests {
             links.decide(&name("bob"), 1, slot, now).err(),
             Some(LinkFailed::NoLink)
         );
-        assert_eq!(links.decide(&alice, 3, slot, now).err(), Some(LinkFailed::NoLink));
+        assert_eq!(
+            links.decide(&alice, 3, slot, now).err(),
+            Some(LinkFailed::NoLink)
+        );
         let (sender, device_name) = links.decide(&alice, 1, slot, now).unwrap();
         assert_eq!(device_name, "laptop");
         assert!(sender.send(Decision::Refuse).is_ok());
@@ -350,9 +355,19 @@ mod tests {
         let alice = name("alice");
         let (slot, _) = links.open(&alice, 1, tx, Bin([1; 33]), now).unwrap();
         // Another account's name fails and leaves the link alone.
-        assert!(links.join(&name("bob"), slot, 2, "x".into(), Bin([2; 33]), now).is_err());
-        links.join(&alice, slot, 2, "x".into(), Bin([2; 33]), now).unwrap();
-        assert!(links.join(&alice, slot, 3, "y".into(), Bin([3; 33]), now).is_err());
+        assert!(
+            links
+                .join(&name("bob"), slot, 2, "x".into(), Bin([2; 33]), now)
+                .is_err()
+        );
+        links
+            .join(&alice, slot, 2, "x".into(), Bin([2; 33]), now)
+            .unwrap();
+        assert!(
+            links
+                .join(&alice, slot, 3, "y".into(), Bin([3; 33]), now)
+                .is_err()
+        );
         // The second join ended the link: the first joiner cannot confirm any more.
         assert!(links.confirm(2, Bin([0; 32]), now).is_err());
         assert!(links.is_empty());
@@ -364,14 +379,26 @@ mod tests {
         let (tx, _rx) = events();
         let now = Instant::now();
         let alice = name("alice");
-        let (first, _) = links.open(&alice, 1, tx.clone(), Bin([1; 33]), now).unwrap();
-        let (second, _) = links.open(&alice, 1, tx.clone(), Bin([1; 33]), now).unwrap();
+        let (first, _) = links
+            .open(&alice, 1, tx.clone(), Bin([1; 33]), now)
+            .unwrap();
+        let (second, _) = links
+            .open(&alice, 1, tx.clone(), Bin([1; 33]), now)
+            .unwrap();
         assert_eq!(links.len(), 1);
         if first != second {
-            assert!(links.join(&alice, first, 2, "x".into(), Bin([2; 33]), now).is_err());
+            assert!(
+                links
+                    .join(&alice, first, 2, "x".into(), Bin([2; 33]), now)
+                    .is_err()
+            );
         }
         let later = now + LINK_TTL;
-        assert!(links.join(&alice, second, 2, "x".into(), Bin([2; 33]), later).is_err());
+        assert!(
+            links
+                .join(&alice, second, 2, "x".into(), Bin([2; 33]), later)
+                .is_err()
+        );
         assert!(links.is_empty());
     }
 
@@ -382,7 +409,9 @@ mod tests {
         let now = Instant::now();
         let alice = name("alice");
         let (slot, _) = links.open(&alice, 1, tx, Bin([1; 33]), now).unwrap();
-        links.join(&alice, slot, 2, "x".into(), Bin([2; 33]), now).unwrap();
+        links
+            .join(&alice, slot, 2, "x".into(), Bin([2; 33]), now)
+            .unwrap();
         let (mut decision, _) = links.confirm(2, Bin([0; 32]), now).unwrap();
         links.forget_connection(1);
         assert!(matches!(

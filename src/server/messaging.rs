@@ -243,7 +243,12 @@ async fn receive(
         .devices
         .iter()
         .map(|d| Inbox::new(&recipient, *d))
-        .chain(copies.own_devices.iter().map(|d| Inbox::new(&sender.username, *d)));
+        .chain(
+            copies
+                .own_devices
+                .iter()
+                .map(|d| Inbox::new(&sender.username, *d)),
+        );
     let copies: Vec<Copy> = targets
         .zip(bodies)
         .map(|(inbox, body)| Copy {
@@ -252,7 +257,16 @@ async fn receive(
             body,
         })
         .collect();
-    let hooks = hooks(shared, &sender, &recipient, id, &header.kind, &copies, now, expires_at);
+    let hooks = hooks(
+        shared,
+        &sender,
+        &recipient,
+        id,
+        &header.kind,
+        &copies,
+        now,
+        expires_at,
+    );
     let message = NewMessage {
         sender: sender.username.clone(),
         sender_device: sender.device,
@@ -329,8 +343,12 @@ fn hooks(
         .collect();
     let copied: Vec<Inbox> = mailboxes.iter().map(|(i, _, _)| i.clone()).collect();
     let ordered: Option<PlacedHook> = (!mailboxes.is_empty()).then(|| {
-        let (from, from_device, kind, to) =
-            (sender.username.clone(), sender.device, kind.to_owned(), to.clone());
+        let (from, from_device, kind, to) = (
+            sender.username.clone(),
+            sender.device,
+            kind.to_owned(),
+            to.clone(),
+        );
         Box::new(move |placed: &[Placed]| {
             for (inbox, mailbox, body) in mailboxes {
                 let Some(p) = placed
@@ -414,7 +432,11 @@ fn expected_devices(
     } else {
         theirs.to_vec()
     };
-    let own = ours.iter().copied().filter(|d| *d != sender.device).collect();
+    let own = ours
+        .iter()
+        .copied()
+        .filter(|d| *d != sender.device)
+        .collect();
     (devices, own)
 }
 
@@ -463,7 +485,13 @@ fn check_header(
     max_body: u64,
 ) -> Result<Copies, (ErrorCode, String)> {
     let copies = header.copies();
-    if let Some(largest) = copies.lengths.iter().copied().filter(|l| *l > max_body).max() {
+    if let Some(largest) = copies
+        .lengths
+        .iter()
+        .copied()
+        .filter(|l| *l > max_body)
+        .max()
+    {
         return Err((
             ErrorCode::MessageTooLarge,
             format!("a copy of {largest} bytes exceeds the limit of {max_body}"),

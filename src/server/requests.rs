@@ -459,7 +459,9 @@ impl Control {
                         info!("account deleted");
                         self.end_session();
                         let code = crate::protocol::CloseCode::AccountDeleted;
-                        self.shared.router.disconnect_user(me, code, "account deleted");
+                        self.shared
+                            .router
+                            .disconnect_user(me, code, "account deleted");
                         Reply::AccountDeleted {
                             username: me.to_string(),
                         }

@@ -329,10 +329,7 @@ impl Drop for Registration {
 }
 
 /// The entry of `inbox` in `online`, if its device is online.
-fn entry<'a>(
-    online: &'a HashMap<Username, Devices, Hasher>,
-    inbox: &Inbox,
-) -> Option<&'a Online> {
+fn entry<'a>(online: &'a HashMap<Username, Devices, Hasher>, inbox: &Inbox) -> Option<&'a Online> {
     online
         .get(&inbox.user)?
         .iter()
@@ -483,16 +480,18 @@ impl Router {
         let Ok(mut claims) = self.claims.lock() else {
             return false;
         };
-        let handed_out = copies.iter().any(|(inbox, seq)| {
-            claims
-                .get(inbox)
-                .is_some_and(|c| c.claimed.contains(seq))
-        });
+        let handed_out = copies
+            .iter()
+            .any(|(inbox, seq)| claims.get(inbox).is_some_and(|c| c.claimed.contains(seq)));
         if handed_out {
             return false;
         }
         for (inbox, seq) in copies {
-            claims.entry(inbox.clone()).or_default().cancelled.insert(*seq);
+            claims
+                .entry(inbox.clone())
+                .or_default()
+                .cancelled
+                .insert(*seq);
         }
         true
     }

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod crash_load;
+pub mod raw;
 pub mod release_fixture;
 
 use std::net::SocketAddr;

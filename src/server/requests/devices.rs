@@ -6,9 +6,7 @@ use std::time::Instant;
 
 use tracing::info;
 
-use super::{
-    Control, IN_FLIGHT_RETRY, IN_FLIGHT_WHAT, Refusal, account_error, error, store_error,
-};
+use super::{Control, IN_FLIGHT_RETRY, IN_FLIGHT_WHAT, Refusal, account_error, error, store_error};
 use crate::protocol::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
 use crate::protocol::{
     CloseCode, DeviceId, DeviceInfo, ErrorCode, LinkConfirm, LinkPake, Password, Reply, Username,

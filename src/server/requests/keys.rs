@@ -108,7 +108,8 @@ impl Control {
         if let Some(asked) = &devices {
             match store.devices(&user).await {
                 Ok(current) => {
-                    if let Some(missing) = asked.iter().find(|d| !current.iter().any(|c| c.id == **d))
+                    if let Some(missing) =
+                        asked.iter().find(|d| !current.iter().any(|c| c.id == **d))
                     {
                         if current.is_empty() {
                             return self.no_keys(&user).await;
