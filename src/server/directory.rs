@@ -101,3 +101,120 @@ pub(crate) fn check_signatures(
         .map_err(|e| format!("last-resort prekey {}: {e}", last.id))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::e2e::{IdentityKeyPair, PrekeyStore, SignedPrekeyPublic};
+    use crate::protocol::keys::Bin;
+
+    fn wire(s: SignedPrekeyPublic) -> SignedPrekey {
+        SignedPrekey {
+            id: s.id,
+            key: Bin(s.key),
+            signature: Bin(s.signature),
+        }
+    }
+
+    fn device(identity: &IdentityKeyPair) -> DeviceKeys {
+        let prekeys = PrekeyStore::generate(identity, 0).unwrap();
+        DeviceKeys {
+            signed_prekey: wire(prekeys.signed_prekey()),
+            last_resort: wire(prekeys.last_resort_prekey()),
+        }
+    }
+
+    fn public(identity: &IdentityKeyPair) -> IdentityKeyBytes {
+        Bin(*identity.public().as_bytes())
+    }
+
+    #[test]
+    fn an_accounts_first_upload_carries_its_identity_and_a_devices_first_its_prekeys() {
+        let alice = IdentityKeyPair::generate().unwrap();
+        let keys = device(&alice);
+        let (spk, lr) = (keys.signed_prekey.clone(), keys.last_resort.clone());
+        // The account's first device: identity and both prekeys.
+        let merged = merge_keys(
+            None,
+            None,
+            Some(public(&alice)),
+            Some(spk.clone()),
+            Some(lr.clone()),
+        )
+        .unwrap();
+        assert_eq!(merged.identity, Some(public(&alice)));
+        assert_eq!(merged.keys.as_ref(), Some(&keys));
+        // Without the identity the account has none to check against.
+        assert!(matches!(
+            merge_keys(None, None, None, Some(spk.clone()), Some(lr.clone())),
+            Err(KeysRefused::Invalid(_))
+        ));
+        // A linked device: the stored identity, its own prekeys; the identity may be repeated.
+        let laptop = device(&alice);
+        for given in [None, Some(public(&alice))] {
+            let merged = merge_keys(
+                Some(public(&alice)),
+                None,
+                given,
+                Some(laptop.signed_prekey.clone()),
+                Some(laptop.last_resort.clone()),
+            )
+            .unwrap();
+            assert_eq!((merged.identity, merged.keys), (None, Some(laptop.clone())));
+        }
+        // A device's first upload needs both prekeys.
+        assert!(matches!(
+            merge_keys(Some(public(&alice)), None, None, Some(spk), None),
+            Err(KeysRefused::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn another_identity_is_refused_and_prekeys_must_be_signed_by_the_accounts() {
+        let alice = IdentityKeyPair::generate().unwrap();
+        let mallory = IdentityKeyPair::generate().unwrap();
+        let theirs = device(&mallory);
+        assert_eq!(
+            merge_keys(
+                Some(public(&alice)),
+                None,
+                Some(public(&mallory)),
+                Some(theirs.signed_prekey.clone()),
+                Some(theirs.last_resort.clone()),
+            ),
+            Err(KeysRefused::IdentityMismatch)
+        );
+        // Prekeys signed by another identity, offered under alice's.
+        assert!(matches!(
+            merge_keys(
+                Some(public(&alice)),
+                None,
+                None,
+                Some(theirs.signed_prekey.clone()),
+                Some(theirs.last_resort.clone()),
+            ),
+            Err(KeysRefused::Invalid(_))
+        ));
+        // A later upload replaces one prekey and keeps the other.
+        let mine = device(&alice);
+        let newer = device(&alice);
+        let merged = merge_keys(
+            Some(public(&alice)),
+            Some(mine.clone()),
+            None,
+            Some(newer.signed_prekey.clone()),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            merged.keys,
+            Some(DeviceKeys {
+                signed_prekey: newer.signed_prekey,
+                last_resort: mine.last_resort.clone(),
+            })
+        );
+        // Nothing new: nothing stored.
+        let same = merge_keys(Some(public(&alice)), Some(mine), None, None, None).unwrap();
+        assert_eq!((same.identity, same.keys), (None, None));
+    }
+}
