@@ -9,8 +9,8 @@ use std::sync::Arc;
 use common::TestServer;
 use ed25519_dalek::{Signer, SigningKey};
 use securefastchat::client::{Client, ClientError};
-use securefastchat::protocol::ErrorCode;
 use securefastchat::protocol::keys::{Bin, OneTimePrekey, SignedPrekey};
+use securefastchat::protocol::{ErrorCode, Password, Reply, Request};
 use tokio::task::JoinSet;
 
 fn signed(identity: &SigningKey, label: &[u8], id: u32, key: [u8; 32]) -> SignedPrekey {
@@ -145,9 +145,10 @@ async fn one_time_prekeys_are_never_handed_out_twice_under_concurrent_fetches() 
     server.stop().await;
 }
 
-/// A new identity key (the account re-keyed from another home) retires every one-time prekey
-/// stored with the old one: their private halves belong to the old identity's client, so a
-/// bundle must never pair the new identity with one of them.
+/// A new identity key (the account re-keyed from another home, on purpose: `replace_identity`)
+/// retires every one-time prekey stored with the old one: their private halves belong to the
+/// old identity's client, so a bundle must never pair the new identity with one of them. A
+/// plain `publish_keys` cannot change the identity at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_identity_key_retires_the_old_one_time_prekeys() {
     let server = TestServer::start().await;
@@ -163,19 +164,34 @@ async fn a_new_identity_key_retires_the_old_one_time_prekeys() {
         id: 1,
         key: Bin(x25519_public(99)),
     }];
-    let count = bob
+    let refused = bob
         .publish_keys(
             Some(Bin(new.verifying_key().to_bytes())),
-            Some(spk),
-            Some(last),
-            fresh,
+            Some(spk.clone()),
+            Some(last.clone()),
+            fresh.clone(),
         )
         .await
+        .unwrap_err();
+    assert!(refused.is_server(ErrorCode::IdentityMismatch), "{refused}");
+    let replaced = bob
+        .request(Request::ReplaceIdentity {
+            password: Password::new(common::PASSWORD),
+            identity_key: Bin(new.verifying_key().to_bytes()),
+            signed_prekey: spk,
+            last_resort: last,
+            one_time_prekeys: fresh,
+        })
+        .await
         .unwrap();
-    assert_eq!(count, 1, "only the new identity's prekey is left");
+    assert_eq!(replaced, Reply::IdentityReplaced { removed: vec![] });
     let bundle = alice.fetch_bundle("bob").await.unwrap();
+    assert_eq!(
+        bundle.one_time_prekey.map(|p| p.id),
+        Some(1),
+        "only the new identity's prekey is left"
+    );
     assert_eq!(bundle.identity_key.0, new.verifying_key().to_bytes());
-    assert_eq!(bundle.one_time_prekey.map(|p| p.id), Some(1));
     let bundle = alice.fetch_bundle("bob").await.unwrap();
     assert!(bundle.one_time_prekey.is_none() && bundle.last_resort.is_some());
     server.stop().await;
