@@ -231,14 +231,7 @@ async fn receive(
     };
     let now = unix_now();
     let expires_at = now.saturating_add(shared.limits.message_ttl.as_secs());
-    let mut bodies = Vec::with_capacity(copies.lengths.len());
-    let mut rest = body.as_slice();
-    for length in &copies.lengths {
-        // The lengths add up to the body's (checked when the header was decoded).
-        let (copy, after) = rest.split_at(usize::try_from(*length).unwrap_or(0).min(rest.len()));
-        bodies.push(copy.to_vec());
-        rest = after;
-    }
+    let bodies = split_copies(body, &copies.lengths);
     let targets = copies
         .devices
         .iter()
@@ -311,6 +304,23 @@ async fn receive(
         Err(StoreError::UnknownDevice { .. }) => Some(stale(shared, id, &sender, &recipient).await),
         Err(e) => Some(store_failure(id, &e)),
     }
+}
+
+/// The body cut into its copies (the lengths add up to the body's: checked when the header
+/// was decoded). A single copy is the body itself, not a copy of it.
+fn split_copies(body: Vec<u8>, lengths: &[u64]) -> Vec<Vec<u8>> {
+    if lengths.len() == 1 {
+        return vec![body];
+    }
+    let mut bodies = Vec::with_capacity(lengths.len());
+    let mut rest = body.as_slice();
+    for length in lengths {
+        let at = usize::try_from(*length).unwrap_or(usize::MAX).min(rest.len());
+        let (copy, after) = rest.split_at(at);
+        bodies.push(copy.to_vec());
+        rest = after;
+    }
+    bodies
 }
 
 /// The hooks of one message's append: a copy to the mailbox of each of its devices that is
