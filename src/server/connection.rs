@@ -230,7 +230,14 @@ async fn run(
                     login_deadline = None;
                 } else if control.said_hello() {
                     let now = tokio::time::Instant::now();
-                    let deadline = *login_deadline.get_or_insert(now + login_timeout);
+                    let mut deadline = *login_deadline.get_or_insert(now + login_timeout);
+                    // A new device in the middle of a link has until the link lapses.
+                    if let Some(linking) = control.linking_until()
+                        && linking > deadline
+                    {
+                        deadline = linking;
+                        login_deadline = Some(linking);
+                    }
                     if deadline <= now {
                         debug!("not authenticated in time");
                         break Ending::Close(CloseCode::LoginTimeout, "not authenticated in time");

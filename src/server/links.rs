@@ -155,7 +155,7 @@ impl Links {
         name: String,
         pake_n: LinkPake,
         now: Instant,
-    ) -> Result<LinkPake, LinkFailed> {
+    ) -> Result<(LinkPake, Instant), LinkFailed> {
         let mut state = self.state()?;
         state.sweep(now);
         let Some(link) = state.slots.get_mut(&slot) else {
@@ -176,7 +176,7 @@ impl Links {
             pake_n,
             decision: None,
         });
-        Ok(link.pake_e)
+        Ok((link.pake_e, link.expires))
     }
 
     /// The new device on `conn` confirms: the existing device is told (`link_request`), and
@@ -322,7 +322,7 @@ mod tests {
         let pake_e = links
             .join(&alice, slot, 2, "laptop".into(), Bin([0x42; 33]), now)
             .unwrap();
-        assert_eq!(pake_e, Bin([0x41; 33]));
+        assert_eq!(pake_e, (Bin([0x41; 33]), expires));
         let (mut decision, left) = links.confirm(2, Bin([7; 32]), now).unwrap();
         assert_eq!(left, LINK_TTL);
         let event = rx.try_recv().unwrap();

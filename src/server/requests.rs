@@ -64,6 +64,8 @@ pub(crate) struct Control {
     delivery: Option<Delivery>,
     /// Throttle refusals in a row on this connection (see [`Refusal::delay`]).
     refusals: u32,
+    /// When the link this connection joined lapses: until then it may stay unauthenticated.
+    linking_until: Option<tokio::time::Instant>,
     span: Span,
 }
 
@@ -90,6 +92,7 @@ impl Control {
             events,
             delivery: None,
             refusals: 0,
+            linking_until: None,
             span,
         }
     }
@@ -100,6 +103,12 @@ impl Control {
 
     pub(crate) fn said_hello(&self) -> bool {
         self.hello
+    }
+
+    /// When the link this connection joined lapses, if it joined one: the login deadline
+    /// waits for it (a link may take its whole lifetime).
+    pub(crate) fn linking_until(&self) -> Option<tokio::time::Instant> {
+        self.linking_until
     }
 
     /// Handles one control-stream frame and gives the frame to answer with: `None` only

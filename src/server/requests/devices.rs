@@ -18,8 +18,8 @@ use crate::server::router::Inbox;
 use crate::server::throttle::InFlightSlot;
 use crate::store::{DeviceKeys, MAX_DEVICES, StoreError};
 
-/// Largest sealed link payload: 60,000 bytes of payload (E13.4) and its tag.
-const MAX_LINK_PAYLOAD: usize = 60_016;
+/// Largest sealed link payload, its tag included (E13.4).
+const MAX_LINK_PAYLOAD: usize = 60_000;
 /// Most one-time prekeys in one `replace_identity` (as in `publish_keys`).
 const MAX_PREKEYS_PER_REQUEST: usize = 200;
 
@@ -222,7 +222,10 @@ impl Control {
             Instant::now(),
         );
         match joined {
-            Ok(pake) => Reply::LinkPake { pake },
+            Ok((pake, expires)) => {
+                self.linking_until = Some(tokio::time::Instant::from_std(expires));
+                Reply::LinkPake { pake }
+            }
             Err(why) => link_failed(why),
         }
     }
@@ -268,12 +271,6 @@ impl Control {
         confirm: LinkConfirm,
         payload: Vec<u8>,
     ) -> Reply {
-        if payload.len() > MAX_LINK_PAYLOAD {
-            return error(
-                ErrorCode::BadRequest,
-                format!("a sealed link payload has at most {MAX_LINK_PAYLOAD} bytes"),
-            );
-        }
         let decided = self.shared.links.decide(
             &session.username,
             self.conn.stable_id(),
@@ -284,6 +281,14 @@ impl Control {
             Ok(decided) => decided,
             Err(why) => return link_failed(why),
         };
+        // An oversize payload ends the link like a refusal: no new device could open it.
+        if payload.len() > MAX_LINK_PAYLOAD {
+            let _ = decision.send(Decision::Refuse);
+            return error(
+                ErrorCode::BadRequest,
+                format!("a sealed link payload has at most {MAX_LINK_PAYLOAD} bytes"),
+            );
+        }
         let accounts = &self.shared.accounts;
         let issued = match accounts.add_device(&session.username, name).await {
             Ok(issued) => issued,

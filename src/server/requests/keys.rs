@@ -92,10 +92,10 @@ impl Control {
             let mut sorted = devices.clone();
             sorted.sort_unstable();
             sorted.dedup();
-            if devices.len() > MAX_DEVICES || sorted.len() != devices.len() {
+            if devices.is_empty() || devices.len() > MAX_DEVICES || sorted.len() != devices.len() {
                 return error(
                     ErrorCode::BadRequest,
-                    format!("`devices` holds at most {MAX_DEVICES} ids, each once"),
+                    format!("`devices` holds 1 to {MAX_DEVICES} ids, each once"),
                 );
             }
         }
