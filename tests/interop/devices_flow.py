@@ -30,7 +30,7 @@ from devices_crypto import (
 )
 from sfc_wire import CLOSE_DEVICE_REMOVED, connection, is_error
 
-ONE_TIME_PREKEYS = 12          # above the 10 of `prekeys_low` after the fetches below (5.1)
+ONE_TIME_PREKEYS = 12          # device 1 drops below 10 (`prekeys_low`, 5.1) at D3.1's fetch
 LINK_LIFETIME = 300            # seconds (5.5)
 DEVICE_2_NAME = "interop laptop"
 QUIET_GRACE = 0.3              # seconds to wait for a delivery that must not come
@@ -196,9 +196,17 @@ async def d1_link(f: Flow):
            and opened_payload["contacts"] == [{"username": f.bob, "identity_key": bob_key,
                                                "verified": False}], opened_payload)
 
+    # 5.5 step 5: until N has published, fetches of all devices leave it out, and a fetch of
+    # it by id gets no_keys (this fetch takes one of device 1's one-time prekeys)
+    everyone = await f.b.request("fetch_bundle", username=f.alice)
+    only_2 = await f.b.request("fetch_bundle", username=f.alice, devices=[2])
+    f.check("D1.10 before device 2 publishes: a fetch of all devices gives [1], of [2] no_keys",
+            [e.get("device") for e in everyone.get("devices") or []] == [1]
+            and is_error(only_2, "no_keys"), (everyone, only_2))
+
     # N publishes its own prekeys, signed with the identity from the payload
     rep = await f.a2.request("publish_keys", **device_keys(n_identity, ONE_TIME_PREKEYS, True))
-    f.need("D1.10 device 2 publish_keys signed with the payload's identity -> keys_published",
+    f.need("D1.11 device 2 publish_keys signed with the payload's identity -> keys_published",
            rep.get("type") == "keys_published" and rep.get("one_time_prekeys") == ONE_TIME_PREKEYS,
            rep)
 
@@ -206,7 +214,7 @@ async def d1_link(f: Flow):
     listed = await f.a1.request("list_devices")
     devices = listed.get("devices") or []
     summary = [(d.get("device"), d.get("name"), d.get("current")) for d in devices]
-    f.need("D1.11 whoami on N -> device 2; list_devices -> 1 'first device' (current), 2 named",
+    f.need("D1.12 whoami on N -> device 2; list_devices -> 1 'first device' (current), 2 named",
            who.get("type") == "whoami" and who.get("device") == 2
            and listed.get("type") == "devices"
            and summary == [(1, "first device", True), (2, DEVICE_2_NAME, False)]
@@ -264,22 +272,26 @@ async def d3_own_copies(f: Flow):
             and verify_signed_prekey(mine.get("identity_key", b""),
                                      mine["devices"][0].get("signed_prekey", {}),
                                      SIGNED_PREKEY_LABEL), (theirs, mine))
+    # device 1 had 12 one-time prekeys; D1.10, D2.1 and this fetch took one each
+    low = await f.a1.wait_event(lambda fr: fr.get("type") == "prekeys_low")
+    f.check("D3.2 alice device 1 gets prekeys_low {remaining: 9} (fewer than 10 left, 5.1)",
+            low.get("remaining") == ONE_TIME_PREKEYS - 3, low)
 
     mid = message_id()
     to_bob = copy_body("alice device 2 to bob", 1)
     to_self = copy_body("alice device 2, own copy", 1) + b"own"
     header, body = send_header(mid, f.bob, [(1, to_bob)], [(1, to_self)])
     ev = await send_and_wait(f.a2, header, body)
-    f.need("D3.2 device 2 sends to bob with devices [1], own_devices [1] -> sent",
+    f.need("D3.3 device 2 sends to bob with devices [1], own_devices [1] -> sent",
            ev.get("type") == "sent" and ev.get("duplicate") is False, ev)
 
     h, got = await f.b.wait_delivery(of_message(mid))
-    f.check("D3.3 bob gets his copy: from alice, from_device 2, no `to`, his body bytes",
+    f.check("D3.4 bob gets his copy: from alice, from_device 2, no `to`, his body bytes",
             h["from"] == f.alice and h["from_device"] == 2 and "to" not in h and got == to_bob,
             (h, got[:40]))
     await ack(f.b, h)
     h, got = await f.a1.wait_delivery(of_message(mid))
-    f.check("D3.4 alice device 1 gets the own copy: from alice, from_device 2, to bob, its body"
+    f.check("D3.5 alice device 1 gets the own copy: from alice, from_device 2, to bob, its body"
             " bytes; device 2 gets none",
             h["from"] == f.alice and h["from_device"] == 2 and h.get("to") == f.bob
             and got == to_self and await none_more((f.a2,), mid), (h, got[:40]))
@@ -404,6 +416,8 @@ async def devices_flow(args, cfg, r):
             for later, _ in CHECKS[n + 1:]:
                 r.check(later, False, f"not run: {stopped} failed")
             return
-        for label, c in (("alice device 1", f.a1), ("bob", f.b), ("wrong-code link", f.spare)):
-            r.check(f"D6.6 {label}: no unexpected frames or streams", c.protocol_error is None,
-                    c.protocol_error)
+        errors = {label: c.protocol_error for label, c in
+                  (("alice device 1", f.a1), ("alice device 2", f.a2), ("bob", f.b),
+                   ("wrong-code link", f.spare)) if c.protocol_error is not None}
+        r.check("D6.6 no unexpected frames or streams on any of the connections", not errors,
+                errors)
