@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Cross-language check: a Python client (aioquic + msgpack) written from docs/PROTOCOL.md alone
-# runs its protocol checks against the real sfc-server binary on 127.0.0.1.
+# Cross-language check: a Python client (aioquic + msgpack, cryptography + spake2 for devices)
+# written from docs/PROTOCOL.md alone runs its protocol checks against the real sfc-server
+# binary on 127.0.0.1, after reproducing the spec's E13 link vectors.
 #
 # usage: scripts/interop.sh [--release]     (needs python3 with venv; installs into target/)
 set -euo pipefail
@@ -17,6 +18,13 @@ if [[ ! -x "$venv/bin/python" ]]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
+
+# The E13 (linking) vectors of PROTOCOL.md, with the code the devices checks link with.
+if ! vectors="$("$venv/bin/python" tests/interop/link_vectors.py 2>&1)"; then
+    echo "$vectors" >&2
+    echo "interop: the E13 link vectors differ from docs/PROTOCOL.md" >&2
+    exit 1
+fi
 
 cargo build --locked --quiet "${cargo_flags[@]}" --bin sfc-server
 work="$(mktemp -d)"

@@ -4,226 +4,35 @@
 Usage: python3 interop_client.py --server 127.0.0.1:24433 --ca certs/ca.crt
 
 Runs a fixed sequence of protocol checks, prints one PASS/FAIL line per check and
-exits non-zero if any check failed.
+exits non-zero if any check failed: the account, session and framing checks below, then
+the devices checks D1-D6 of devices_flow.py (linking, copies per device, stale lists,
+removal). The wire lives in sfc_wire.py, the client-side crypto in devices_crypto.py.
 """
 
 import argparse
 import asyncio
 import ipaddress
 import secrets
-import ssl
 import struct
 import sys
 import time
 
 import msgpack
-from aioquic.asyncio import connect
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, StreamDataReceived, StreamReset
 
-ALPN = "sfc/1"
-MAX_FRAME = 65_536          # PROTOCOL.md §2 / §7
-REPLY_TIMEOUT = 10.0        # seconds; argon2id hashing can take a moment
-CLOSE_NORMAL, CLOSE_SHUTDOWN, CLOSE_PROTOCOL_VIOLATION = 0, 1, 2
-
-
-class ProtocolError(Exception):
-    pass
-
-
-class ConnectionClosed(Exception):
-    def __init__(self, event):
-        super().__init__(
-            f"connection closed: code={event.error_code} frame_type={event.frame_type} "
-            f"reason={event.reason_phrase!r}"
-        )
-        self.event = event
-
-
-# --------------------------------------------------------------------------- framing
-
-def encode_frame(obj) -> bytes:
-    """length: u32 big-endian, then exactly one MessagePack map (§2)."""
-    body = msgpack.packb(obj, use_bin_type=True)  # str -> str, bytes -> bin
-    if len(body) > MAX_FRAME:
-        raise ValueError("frame body too large")
-    return struct.pack(">I", len(body)) + body
-
-
-def decode_body(body: bytes) -> dict:
-    """Decode exactly one MessagePack value; trailing bytes are an error (§2)."""
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
-    unpacker.feed(body)
-    try:
-        value = unpacker.unpack()
-    except msgpack.OutOfData:
-        raise ProtocolError("truncated MessagePack body")
-    if unpacker.tell() != len(body):
-        raise ProtocolError("bytes after the MessagePack value")
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ProtocolError(f"frame body is not a map with string keys: {value!r}")
-    if "type" not in value or not isinstance(value["type"], str):
-        raise ProtocolError(f"server frame without string 'type': {value!r}")
-    if "id" in value and not (isinstance(value["id"], int) and value["id"] >= 0):
-        raise ProtocolError(f"server frame with non-uint 'id': {value!r}")
-    return value
-
-
-class FrameReader:
-    """Reassembles frames from control-stream bytes (frames may span packets)."""
-
-    def __init__(self):
-        self.buf = bytearray()
-
-    def feed(self, data: bytes):
-        self.buf += data
-        frames = []
-        while len(self.buf) >= 4:
-            (length,) = struct.unpack(">I", self.buf[:4])
-            if length > MAX_FRAME:  # checked before reading the body (§2)
-                raise ProtocolError(f"server sent frame length {length} > {MAX_FRAME}")
-            if len(self.buf) < 4 + length:
-                break
-            body = bytes(self.buf[4:4 + length])
-            del self.buf[:4 + length]
-            frames.append(decode_body(body))
-        return frames
-
-
-# --------------------------------------------------------------------------- client
-
-class SfcProtocol(QuicConnectionProtocol):
-    """One QUIC connection with one control stream (client-initiated bidi)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.stream_id = None
-        self.reader = FrameReader()
-        self.next_id = 1
-        self.pending = {}                     # id -> Future(reply dict)
-        self.conn_frames = asyncio.Queue()    # frames without id (connection-level)
-        self.closed = asyncio.get_event_loop().create_future()  # ConnectionTerminated
-        self.stream_fin = False
-        self.protocol_error = None
-
-    # -- sending
-    def open_control_stream(self):
-        self.stream_id = self._quic.get_next_available_stream_id(is_unidirectional=False)
-
-    def send_raw(self, data: bytes, end_stream: bool = False):
-        if self.stream_id is None:
-            self.open_control_stream()
-        self._quic.send_stream_data(self.stream_id, data, end_stream=end_stream)
-        self.transmit()
-
-    def send_request(self, rtype: str, **fields) -> "tuple[int, asyncio.Future]":
-        rid = self.next_id
-        self.next_id += 1
-        fut = asyncio.get_event_loop().create_future()
-        self.pending[rid] = fut
-        self.send_raw(encode_frame({"id": rid, "type": rtype, **fields}))
-        return rid, fut
-
-    async def request(self, rtype: str, **fields) -> dict:
-        _, fut = self.send_request(rtype, **fields)
-        return await self.wait_reply(fut)
-
-    async def wait_reply(self, fut) -> dict:
-        done, _ = await asyncio.wait({fut, self.closed}, timeout=REPLY_TIMEOUT,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if fut in done:
-            return fut.result()
-        if self.closed in done:
-            raise ConnectionClosed(self.closed.result())
-        raise asyncio.TimeoutError("no reply within %.0fs" % REPLY_TIMEOUT)
-
-    async def next_connection_frame(self, timeout=REPLY_TIMEOUT) -> dict:
-        return await asyncio.wait_for(self.conn_frames.get(), timeout)
-
-    async def wait_terminated(self, timeout=REPLY_TIMEOUT):
-        return await asyncio.wait_for(asyncio.shield(self.closed), timeout)
-
-    # -- receiving
-    def quic_event_received(self, event):
-        if isinstance(event, StreamDataReceived):
-            if event.stream_id != self.stream_id:
-                self.protocol_error = f"data on unexpected stream {event.stream_id}"
-                return
-            try:
-                frames = self.reader.feed(event.data)
-            except ProtocolError as e:
-                self.protocol_error = str(e)
-                return
-            for frame in frames:
-                rid = frame.get("id")
-                if rid is None:
-                    self.conn_frames.put_nowait(frame)
-                elif rid in self.pending and not self.pending[rid].done():
-                    self.pending.pop(rid).set_result(frame)
-                else:
-                    self.protocol_error = f"reply with unexpected id: {frame!r}"
-            if event.end_stream:
-                self.stream_fin = True
-                if self.reader.buf:
-                    self.protocol_error = "server FIN inside a frame"
-        elif isinstance(event, StreamReset):
-            self.protocol_error = f"stream {event.stream_id} reset code {event.error_code}"
-        elif isinstance(event, ConnectionTerminated):
-            if not self.closed.done():
-                self.closed.set_result(event)
-
-
-def make_config(ca_path: str, host: str) -> QuicConfiguration:
-    cfg = QuicConfiguration(is_client=True, alpn_protocols=[ALPN])
-    cfg.verify_mode = ssl.CERT_REQUIRED       # never "accept any certificate"
-    cfg.load_verify_locations(cafile=ca_path)
-    cfg.server_name = host                     # verified against DNS or IP SAN
-    cfg.idle_timeout = 60.0
-    return cfg
-
-
-# --------------------------------------------------------------------------- checks
-
-class Results:
-    def __init__(self):
-        self.failed = 0
-        self.passed = 0
-
-    def check(self, name: str, cond: bool, detail=""):
-        if cond:
-            self.passed += 1
-            print(f"PASS {name}")
-        else:
-            self.failed += 1
-            print(f"FAIL {name}" + (f": {detail}" if detail else ""))
-        return cond
-
-
-def is_error(reply, code):
-    return reply.get("type") == "error" and reply.get("code") == code
-
-
-async def step(results, name, coro):
-    """Run one check coroutine; exceptions count as FAIL instead of aborting."""
-    try:
-        return await coro
-    except Exception as e:  # noqa: BLE001 - report everything as a failure
-        results.check(name, False, f"{type(e).__name__}: {e}")
-        return None
-
-
-def connection(args, cfg):
-    return connect(args.host, args.port, configuration=cfg,
-                   create_protocol=SfcProtocol, wait_connected=True)
-
-
-async def do_hello(r, c, label):
-    rep = await c.request("hello", version=1, client="sfc-interop-py/1")
-    ok = (rep.get("type") == "hello" and rep.get("version") == 1
-          and isinstance(rep.get("server"), str) and rep.get("max_frame") == MAX_FRAME)
-    r.check(f"{label}: hello -> hello v1, max_frame {MAX_FRAME}", ok, rep)
-    return rep
+from devices_flow import devices_flow
+from sfc_wire import (
+    ALPN,
+    CLOSE_NORMAL,
+    CLOSE_PROTOCOL_VIOLATION,
+    MAX_FRAME,
+    Results,
+    connection,
+    do_hello,
+    encode_frame,
+    is_error,
+    make_config,
+    step,
+)
 
 
 async def main_flow(args, r: Results):
@@ -421,6 +230,11 @@ def main():
         asyncio.run(main_flow(args, r))
     except Exception as e:  # connection-level failure (handshake, verification, ...)
         r.check("connection", False, f"{type(e).__name__}: {e}")
+    print("# devices (5.5, E13): alice links a second device, copies per device")
+    try:
+        asyncio.run(devices_flow(args, make_config(args.ca, args.host), r))
+    except Exception as e:  # connection-level failure (handshake, verification, ...)
+        r.check("devices connection", False, f"{type(e).__name__}: {e}")
     print(f"interop: {r.passed} passed, {r.failed} failed")
     sys.exit(1 if r.failed or not r.passed else 0)
 

@@ -1,24 +1,28 @@
 #!/usr/bin/env python3
 """Reproduces the E13 (linking a device) test vectors of docs/PROTOCOL.md from the spec alone.
 
-Needs PyPI `spake2==0.9` and `cryptography` (not in requirements.txt yet: the devices interop
-section adds them). Prints every value and exits 1 if one differs from the table in PROTOCOL.md:
+Uses the E13 code the interop client links devices with (devices_crypto.py), so the vectors
+check what runs against the server. Needs tests/interop/requirements.txt (scripts/interop.sh
+runs it first). Prints every value and exits 1 if one differs from the table in PROTOCOL.md:
 
-    python3 -m venv /tmp/v && /tmp/v/bin/pip install spake2==0.9 cryptography
+    python3 -m venv /tmp/v && /tmp/v/bin/pip install -r tests/interop/requirements.txt
     /tmp/v/bin/python tests/interop/link_vectors.py
 """
 
 import hashlib
-import hmac
 import sys
 
 import spake2.ed25519_basic as ed25519_basic
-from spake2 import SPAKE2_A, SPAKE2_B
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from devices_crypto import (
+    Identity,
+    LinkKeys,
+    decode_payload,
+    encode_payload,
+    link_ids,
+    spake_existing,
+    spake_new,
+)
 
 EXPECTED = {
     "pake_E": "418c6a685182c16ac54a722028c47bb257fab457ef982639c3f14228a0d3d11392",
@@ -28,6 +32,14 @@ EXPECTED = {
     "c_N": "4ee473617673b84ceff364cad0799c8c1776b064df412f81c265903d53e86fe3",
     "c_E": "b99ac9484b1dd126c79f744d43d40e278e25e6a515a9640c19fad8b58a9db008",
     "sealed_sha256": "9bb2701084c110757062ea5d177eb43020345bd9b3832ec56488adae4c048a38",
+    "payload": "84a776657273696f6e01a8757365726e616d65a5616c696365ad6964656e7469"
+               "74795f73656564c4206d2e9e95c07209ee5377ac43611c9a0109e4ff0fcce397"
+               "99ce3891d84281b973a8636f6e74616374739183a8757365726e616d65a3626f"
+               "62ac6964656e746974795f6b6579c42050df62cf8fba70c781c3932cc1cf74cc"
+               "ef2020aa331b50bbd2a5230372ad3a7fa87665726966696564c3",
+    "idA": "534643206c696e6b206578697374696e672064657669636520616c696365",
+    "idB": "534643206c696e6b206e65772064657669636520616c696365",
+    "alice_identity_key": "def59ecff205f40e54b0df7d39e9cd92d5ee6e3365fa2e42215a25489f63fb83",
 }
 
 
@@ -36,46 +48,30 @@ def scalar(first):
     return int.from_bytes(bytes(first + i for i in range(31)) + b"\0", "little")
 
 
-def fixstr(text):
-    return bytes([0xA0 | len(text)]) + text
-
-
 def main():
-    user, slot, password = b"alice", 4821, b"730195"
-    id_a = b"SFC link existing device " + user
-    id_b = b"SFC link new device " + user
+    user, slot, secret = "alice", 4821, 730195
     ed25519_basic.random_scalar = lambda _entropy: scalar(0x01)
-    side_a = SPAKE2_A(password, idA=id_a, idB=id_b)
+    side_a = spake_existing(user, secret)
     pake_e = side_a.start()
     ed25519_basic.random_scalar = lambda _entropy: scalar(0x21)
-    side_b = SPAKE2_B(password, idA=id_a, idB=id_b)
+    side_b = spake_new(user, secret)
     pake_n = side_b.start()
     key = side_a.finish(pake_n)
     assert key == side_b.finish(pake_e)
 
-    transcript = (b"SFC link v1" + len(user).to_bytes(2, "big") + user
-                  + slot.to_bytes(2, "big") + pake_e + pake_n)
-    okm = HKDF(algorithm=hashes.SHA256(), length=96, salt=b"\0" * 32,
-               info=transcript).derive(key)
-    c_n = hmac.new(okm[:32], b"SFC link confirm new device" + transcript, hashlib.sha256).digest()
-    c_e = hmac.new(okm[32:64], b"SFC link confirm existing device" + transcript,
-                   hashlib.sha256).digest()
+    keys = LinkKeys(key, user, slot, pake_e, pake_n)
+    alice = Identity(hashlib.sha256(b"E13 alice identity").digest())
+    bob = Identity(hashlib.sha256(b"E13 bob identity").digest())
+    payload = encode_payload(user, alice.seed,
+                             [{"username": "bob", "identity_key": bob.public, "verified": True}])
+    sealed = keys.seal(payload)
+    assert decode_payload(keys.open(sealed), user)["identity_seed"] == alice.seed
+    id_a, id_b = link_ids(user)
 
-    seed = hashlib.sha256(b"E13 alice identity").digest()
-    bob = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"E13 bob identity").digest())
-    bob_key = bob.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    payload = (b"\x84" + fixstr(b"version") + b"\x01" + fixstr(b"username") + fixstr(user)
-               + fixstr(b"identity_seed") + b"\xc4\x20" + seed
-               + fixstr(b"contacts") + b"\x91"
-               + b"\x83" + fixstr(b"username") + fixstr(b"bob")
-               + fixstr(b"identity_key") + b"\xc4\x20" + bob_key
-               + fixstr(b"verified") + b"\xc3")
-    sealed = ChaCha20Poly1305(okm[64:]).encrypt(b"\0" * 12, payload,
-                                                b"SFC link payload v1" + c_n + c_e)
-
-    got = {"pake_E": pake_e, "pake_N": pake_n, "K": key, "k_payload": okm[64:],
-           "c_N": c_n, "c_E": c_e, "sealed_sha256": hashlib.sha256(sealed).digest()}
-    print(f"transcript = {transcript.hex()}\npayload = {payload.hex()}\nsealed = {sealed.hex()}")
+    got = {"pake_E": pake_e, "pake_N": pake_n, "K": key, "k_payload": keys.k_payload,
+           "c_N": keys.c_n, "c_E": keys.c_e, "sealed_sha256": hashlib.sha256(sealed).digest(),
+           "payload": payload, "idA": id_a, "idB": id_b, "alice_identity_key": alice.public}
+    print(f"transcript = {keys.transcript.hex()}\nsealed = {sealed.hex()}")
     ok = True
     for name, value in got.items():
         same = value.hex() == EXPECTED[name]
