@@ -629,3 +629,56 @@ async fn another_identity_is_refused_and_replacing_it_removes_the_other_devices(
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_device_in_the_middle_of_a_link_outlives_the_login_deadline() {
+    let server = TestServer::start_with(|c| c.login_timeout = Duration::from_secs(1)).await;
+    let (mut phone, _) = signed_up(&server, "alice").await;
+    let account = name("alice");
+    let secret = LinkSecret::new(7).unwrap();
+    let (_e, pake_e) = ExistingDevice::start(&secret, &account).unwrap();
+    phone
+        .request(40, Request::LinkOpen { pake: Bin(pake_e) })
+        .await;
+    let slot = match next(&mut phone).await.reply {
+        Reply::LinkOpened { slot, .. } => slot,
+        other => panic!("{other:?}"),
+    };
+    // A connection that only said hello is closed at the deadline...
+    let idle = Raw::with_hello(&server).await;
+    let mut joining = Raw::with_hello(&server).await;
+    joining
+        .request(
+            2,
+            Request::LinkJoin {
+                username: "alice".into(),
+                slot,
+                pake: Bin([0x42; 33]),
+                name: "tablet".into(),
+            },
+        )
+        .await;
+    assert!(matches!(
+        joining.reply().await.reply,
+        Reply::LinkPake { .. }
+    ));
+    idle.expect_closed_with(CloseCode::LoginTimeout).await;
+    // ...one that joined a link is not: it is still there to confirm.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    joining
+        .request(
+            3,
+            Request::LinkConfirm {
+                confirm: Bin([0; 32]),
+            },
+        )
+        .await;
+    assert!(matches!(
+        next(&mut phone).await.reply,
+        Reply::LinkRequest { .. }
+    ));
+    phone.request(41, Request::LinkRefuse { slot }).await;
+    assert!(matches!(next(&mut phone).await.reply, Reply::LinkRefused));
+    joining.expect_error(Some(3), ErrorCode::LinkFailed).await;
+    server.stop().await;
+}

@@ -315,7 +315,9 @@ fn split_copies(body: Vec<u8>, lengths: &[u64]) -> Vec<Vec<u8>> {
     let mut bodies = Vec::with_capacity(lengths.len());
     let mut rest = body.as_slice();
     for length in lengths {
-        let at = usize::try_from(*length).unwrap_or(usize::MAX).min(rest.len());
+        let at = usize::try_from(*length)
+            .unwrap_or(usize::MAX)
+            .min(rest.len());
         let (copy, after) = rest.split_at(at);
         bodies.push(copy.to_vec());
         rest = after;
