@@ -22,7 +22,9 @@
 //!
 //! The tests below check that the fixture holds what its manifest says and that bob's home,
 //! connecting to a server on it, gets exactly the 300 pending texts, in order, once each.
-//! A store migration (format 2 → 3, devices) must keep them passing and add its own checks.
+//! The migration to format 3 (devices) keeps them passing and has its own check here
+//! (`the_release_fixture_becomes_device_1_of_each_account`); a migration killed half-way is
+//! in `tests/store_migration_crash.rs`.
 //!
 //! Regenerate it only with the code of release 0.1 (store format 2), e.g. to change what it
 //! holds before the format changes:
@@ -235,10 +237,21 @@ async fn check_everything_moved(dir: &std::path::Path) {
         assert_eq!(pending.first().map(|m| m.seq), Some(3));
         assert_eq!(pending.last().map(|m| m.seq), Some(MESSAGES + 1));
     }
-    // The old keyspaces are gone.
+    // The old keyspaces are gone, and the store went on to format 3: each account has its
+    // device 1, whose inbox is the account's.
+    {
+        let store = FjallStore::open(dir).expect("reopen");
+        for name in [&alice, &bob] {
+            let devices = store.devices(name).await.expect("devices");
+            let ids: Vec<(u32, u64)> = devices.iter().map(|d| (d.id, d.added_at)).collect();
+            assert_eq!(ids, [(1, 7)], "{name}");
+        }
+    }
     let db = Database::builder(dir).open().expect("open fjall");
     assert!(!db.keyspace_exists("inbox"));
     assert!(!db.keyspace_exists("sent"));
+    let format = keyspace(&db, "meta").get("store-format").expect("read");
+    assert_eq!(format.as_deref(), Some(&3u32.to_be_bytes()[..]));
 }
 
 #[tokio::test]
@@ -558,4 +571,142 @@ async fn a_server_on_the_release_fixture_delivers_every_pending_message_once() {
     bob.send_text("alice", "yes").await.unwrap();
     assert_eq!(next_text(&alice, WAIT).await.2, "yes");
     server.stop().await;
+}
+
+/// Every key and value of the closed store in `data`, by keyspace.
+fn dump(data: &Path) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    let db = Database::builder(data).open().expect("open fjall");
+    let mut all = Vec::new();
+    for name in db.list_keyspace_names() {
+        for entry in keyspace(&db, &name).iter() {
+            let (key, value) = entry.into_inner().expect("read");
+            all.push((name.to_string(), key.to_vec(), value.to_vec()));
+        }
+    }
+    all
+}
+
+/// Opening the release fixture (format 2) migrates it to format 3: each account has device 1
+/// only; bob's pending messages (seqs 3..=303 but the unsent 153) are device 1's, with their
+/// send records naming that copy; identities, prekeys and every one-time prekey (alice 100,
+/// bob 99) are kept, as the account's and device 1's; the saved sessions are device 1's. A
+/// second open changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_fixture_becomes_device_1_of_each_account() {
+    let fixture = Extracted::release();
+    let manifest = &fixture.manifest;
+    let data = fixture.data();
+    let (alice, bob) = (user("alice"), user("bob"));
+    {
+        let store = FjallStore::open(&data).expect("open the release store");
+        let pending = store.pending(&bob, 1, 0, 10_000).await.expect("pending");
+        let seqs: Vec<u64> = pending.iter().map(|m| m.seq).collect();
+        let expected: Vec<u64> = (3..=303).filter(|seq| *seq != 153).collect();
+        assert_eq!(seqs, expected);
+        for (stored, listed) in pending.iter().zip(&manifest.pending) {
+            assert_eq!(stored.id.to_hex(), listed.id);
+            assert_eq!((stored.from_device, stored.to.clone()), (1, None));
+            let digest = ring::digest::digest(&ring::digest::SHA256, &stored.body);
+            assert_eq!(hex::encode(digest), listed.body_sha256, "{}", listed.text);
+            let record = store.sent(&alice, stored.id).await.expect("sent");
+            let expected = Placed {
+                recipient: bob.clone(),
+                device: 1,
+                seq: stored.seq,
+            };
+            assert_eq!(record.map(|r| r.copies), Some(vec![expected]));
+        }
+        assert_eq!(manifest.unsent.seq, 153);
+        for name in ["alice", "bob"] {
+            let listed = manifest.user(name);
+            let account = store
+                .user(&user(name))
+                .await
+                .expect("user")
+                .expect("account");
+            let devices = store.devices(&user(name)).await.expect("devices");
+            assert_eq!(devices.len(), 1, "{name}");
+            let first = &devices[0];
+            assert_eq!(
+                (
+                    first.id,
+                    first.name.as_str(),
+                    first.added_at,
+                    first.last_seen
+                ),
+                (1, "first device", account.created_at, 0)
+            );
+            let identity = store.identity(&user(name)).await.expect("identity");
+            assert_eq!(
+                identity.map(|k| hex::encode(k.0)),
+                Some(listed.identity_key.clone())
+            );
+            let keys = store
+                .device_keys(&user(name), 1)
+                .await
+                .expect("keys")
+                .expect("keys");
+            assert_eq!(
+                (keys.signed_prekey.id, keys.last_resort.id),
+                (listed.signed_prekey_id, listed.last_resort_id)
+            );
+            let saved = fixture.session(name);
+            let digest = securefastchat::server::accounts::token_digest(&saved.token);
+            let session = store
+                .session(&digest)
+                .await
+                .expect("session")
+                .expect("kept");
+            assert_eq!((session.username.as_str(), session.device), (name, 1));
+        }
+        store.close().await.expect("close");
+    }
+    let migrated = dump(&data);
+    for name in ["alice", "bob"] {
+        let device_1 = [name.as_bytes(), &[0], &1u32.to_be_bytes()].concat();
+        let prekeys = migrated
+            .iter()
+            .filter(|(k, key, _)| k == "prekeys" && key.starts_with(&device_1))
+            .count();
+        assert_eq!(
+            prekeys as u32,
+            manifest.user(name).one_time_prekeys,
+            "{name}"
+        );
+        assert_eq!(
+            migrated
+                .iter()
+                .filter(|(k, key, _)| k == "prekeys" && key.starts_with(name.as_bytes()))
+                .count(),
+            prekeys,
+            "no one-time prekey of {name} is left outside device 1"
+        );
+        assert!(
+            migrated
+                .iter()
+                .all(|(k, key, _)| !(k == "keys" && key.as_slice() == name.as_bytes())),
+            "the format-2 keys record of {name} is gone"
+        );
+    }
+    let format = migrated
+        .iter()
+        .find(|(k, key, _)| k == "meta" && key.as_slice() == b"store-format");
+    assert_eq!(
+        format.map(|f| f.2.clone()),
+        Some(3u32.to_be_bytes().to_vec())
+    );
+
+    // A second open (and clean close) writes nothing.
+    let store = FjallStore::open(&data).expect("reopen");
+    assert_eq!(
+        store
+            .pending(&bob, 1, 0, 10_000)
+            .await
+            .expect("pending")
+            .len(),
+        300
+    );
+    store.close().await.expect("close");
+    drop(store);
+    assert!(dump(&data) == migrated, "the second open changed the store");
 }

@@ -55,20 +55,30 @@ struct Copies<'a> {
 /// most; a test checks it).
 const ONE_COPY_OVERHEAD: usize = 64;
 
+/// The stored form of the pending send record of a message of one copy, to `recipient`'s
+/// device 1 (see the module doc).
+pub(super) fn encode_one(
+    recipient: &Username,
+    seq: u64,
+    expires_at: u64,
+) -> Result<Vec<u8>, StoreError> {
+    // Sized up front: growing the buffer field by field cost more than the encoding.
+    let mut out = Vec::with_capacity(ONE_COPY_OVERHEAD + recipient.as_str().len());
+    let one = OneCopy {
+        recipient,
+        seq,
+        expires_at,
+    };
+    rmp_serde::encode::write_named(&mut out, &one)?;
+    Ok(out)
+}
+
 /// The stored form of a pending send record (see the module doc).
 pub(super) fn encode(record: &SentRecord) -> Result<Vec<u8>, StoreError> {
     if let [only] = record.copies.as_slice()
         && only.device == 1
     {
-        // Sized up front: growing the buffer field by field cost more than the encoding.
-        let mut out = Vec::with_capacity(ONE_COPY_OVERHEAD + only.recipient.as_str().len());
-        let one = OneCopy {
-            recipient: &only.recipient,
-            seq: only.seq,
-            expires_at: record.expires_at,
-        };
-        rmp_serde::encode::write_named(&mut out, &one)?;
-        return Ok(out);
+        return encode_one(&only.recipient, only.seq, record.expires_at);
     }
     let copies = Copies {
         copies: &record.copies,

@@ -150,13 +150,16 @@ impl WriterState {
             return Ok((Appended::Duplicate, None));
         }
         // Every copy is checked before any is placed.
-        let mut pendings = Vec::with_capacity(targets.len());
         for (copy, target) in message.copies.iter().zip(&targets) {
             let inbox = target.inbox;
             self.load_shares(inbox)?;
             let pending = match self.pending.get(&inbox) {
                 Some(n) => *n,
-                None => self.count_pending(inbox)?,
+                None => {
+                    let counted = self.count_pending(inbox)?;
+                    self.pending.insert(inbox, counted);
+                    counted
+                }
             };
             if pending >= self.max_pending {
                 let refused = Appended::InboxFull {
@@ -173,10 +176,8 @@ impl WriterState {
                 };
                 return Ok((refused, None));
             }
-            pendings.push(pending);
         }
         let mut seqs = Vec::with_capacity(targets.len());
-        let mut places = wants_places.then(|| Vec::with_capacity(targets.len()));
         // The copies' shared fields, moved into the last one.
         let NewMessage {
             sender,
@@ -184,14 +185,12 @@ impl WriterState {
             to,
             id,
             mut kind,
-            copies,
+            mut copies,
             sent_at,
             expires_at,
         } = message;
         let copy_count = copies.len();
-        let mut record_copies = Vec::with_capacity(copy_count);
-        let copies = copies.into_iter().zip(&targets).zip(pendings);
-        for (at, ((copy, target), pending)) in copies.enumerate() {
+        for (at, (copy, target)) in copies.iter_mut().zip(&targets).enumerate() {
             let inbox = target.inbox;
             let seq = match self.next_seq.get(&inbox) {
                 Some(n) => *n,
@@ -211,7 +210,7 @@ impl WriterState {
             let last = at + 1 == copy_count;
             let body_len = copy.body.len() as u64;
             // The addressee is named only on copies for the sender's own devices.
-            let addressee = (copy.recipient == sender && to != sender).then(|| to.clone());
+            let addressee = (copy.recipient == sender).then(|| to.clone());
             let stored = StoredMessage {
                 seq,
                 id,
@@ -225,7 +224,7 @@ impl WriterState {
                 },
                 sent_at,
                 expires_at,
-                body: copy.body,
+                body: std::mem::take(&mut copy.body),
             };
             // Sized up front: growing the buffer field by field cost more than the encoding.
             let stored_len = STORED_OVERHEAD
@@ -239,6 +238,7 @@ impl WriterState {
                 encode_record(&stored, stored_len)?,
             );
             self.next_seq.insert(inbox, seq + 1);
+            let pending = self.pending.get(&inbox).copied().unwrap_or_default();
             self.pending.insert(inbox, pending + 1);
             self.shares.add(inbox, seq, sender_id, body_len);
             self.origins.insert(
@@ -253,21 +253,30 @@ impl WriterState {
             let first = touched.entry(inbox).or_insert(u64::MAX);
             *first = (*first).min(seq);
             seqs.push(seq);
-            let placed = Placed {
-                recipient: copy.recipient,
-                device: copy.device,
-                seq,
-            };
-            if let Some(places) = places.as_mut() {
-                places.push(placed.clone());
-            }
-            record_copies.push(placed);
         }
-        let record = SentRecord {
-            copies: record_copies,
-            expires_at,
+        let placed = || -> Vec<Placed> {
+            copies
+                .iter()
+                .zip(&seqs)
+                .map(|(copy, seq)| Placed {
+                    recipient: copy.recipient.clone(),
+                    device: copy.device,
+                    seq: *seq,
+                })
+                .collect()
         };
-        batch.insert(&self.ks.sent, sent_key, sent_records::encode(&record)?);
+        let record = match (copies.as_slice(), seqs.as_slice()) {
+            // The usual message: no list to build.
+            ([only], [seq]) if only.device == 1 => {
+                sent_records::encode_one(&only.recipient, *seq, expires_at)?
+            }
+            _ => sent_records::encode(&SentRecord {
+                copies: placed(),
+                expires_at,
+            })?,
+        };
+        batch.insert(&self.ks.sent, sent_key, record);
+        let places = wants_places.then(placed);
         self.in_flight.insert((sender_id, id));
         appended.push((sender_id, id));
         Ok((Appended::Stored { seqs }, places))
@@ -277,6 +286,10 @@ impl WriterState {
     /// (acknowledged, unsent or expired), with a settled marker that names no recipient: its
     /// id stays a duplicate until it expires, and no sender–recipient pair outlives the
     /// message. The marker goes in the batch that removes the message.
+    ///
+    /// A message of several copies has an origin per copy, all naming the one record: the
+    /// first copy to go settles it, and each later one writes the same marker again (the
+    /// record's copies are then delivered as usual, and no longer named anywhere).
     ///
     /// A message this writer appended lately settles from memory
     /// ([`Origins`](super::caches::Origins)): no read, and no wait for its batch's commit.
