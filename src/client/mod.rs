@@ -5,6 +5,7 @@
 //! reader task routes every reply to the request that is waiting for it.
 
 pub mod chat;
+mod copies;
 mod error;
 pub mod home;
 pub mod keystore;

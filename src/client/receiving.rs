@@ -6,10 +6,8 @@
 
 use std::time::Duration;
 
-use super::keystore::{HistoryEntry, Incoming, Quarantined};
-use super::messenger::{
-    MessengerError, Received, TEXT, changed_warning, seal_into_outbox, username,
-};
+use super::keystore::{FIRST_DEVICE, HistoryEntry, Incoming, Quarantined};
+use super::messenger::{MessengerError, Received, TEXT, changed_warning, username};
 use super::{Delivered, Messenger, sessions};
 use crate::e2e::E2eError;
 use crate::protocol::{MessageId, Username};
@@ -217,7 +215,12 @@ impl Messenger {
                         return Ok(quarantine(state, reason, false));
                     }
                 }
-                match sessions::open(state, &me, &peer, delivered.id, &delivered.body) {
+                let from = sessions::Origin {
+                    peer: &peer,
+                    device: FIRST_DEVICE,
+                    to: None,
+                };
+                match sessions::open(state, &me, from, delivered.id, &delivered.body) {
                     Ok(opened) => {
                         let text = String::from_utf8_lossy(&opened.plaintext).into_owned();
                         let changed = opened.identity_changed
@@ -364,10 +367,7 @@ impl Messenger {
     /// Seals `text` again for `peer` in a new session (the old one was just reset) and sends
     /// it with the outbox; returns the new id.
     async fn resend(&self, peer: &Username, text: &str) -> Result<MessageId, MessengerError> {
-        let bundle = self.client().fetch_bundle(peer.as_str()).await?;
-        let me = username(self.me())?;
-        let (id, _, outbox) =
-            seal_into_outbox(self.keystore(), &me, peer, text, Some(bundle)).await?;
+        let (id, _, outbox) = self.seal_text(peer, text).await?;
         self.send_outbox(outbox).await?;
         Ok(id)
     }
