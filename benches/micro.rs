@@ -15,8 +15,8 @@ use securefastchat::e2e::{
     Envelope, IdentityKeyPair, PrekeyBundle, PrekeyStore, Session, verify_signed_prekey,
 };
 use securefastchat::protocol::{
-    ClientFrame, DeliverHeader, MAX_CONTROL_FRAME, MAX_STREAM_HEADER, MessageId, Password, Reply,
-    Request, SendHeader, ServerFrame, SessionToken, StreamHeader, Username, decode_body,
+    ClientFrame, Copies, DeliverHeader, MAX_CONTROL_FRAME, MAX_STREAM_HEADER, MessageId, Password,
+    Reply, Request, SendHeader, ServerFrame, SessionToken, StreamHeader, Username, decode_body,
     decode_request, encode_frame, frame_length,
 };
 use securefastchat::store::{
@@ -56,6 +56,7 @@ fn frame_codec(c: &mut Criterion) {
         request: Request::Login {
             username: "alice".into(),
             password: Password::new("correct horse battery staple"),
+            device: Some(1),
         },
     };
     let ack = ClientFrame {
@@ -85,6 +86,7 @@ fn frame_codec(c: &mut Criterion) {
             username: "alice".into(),
             token: SessionToken::from_bytes([0x7e; 32]),
             expires_at: 1_900_000_000,
+            device: 1,
         },
     };
     let sent = ServerFrame {
@@ -110,12 +112,19 @@ fn frame_codec(c: &mut Criterion) {
         to: "bob".into(),
         kind: "text".into(),
         length: 4_096,
+        copies: Some(Copies {
+            devices: vec![1],
+            own_devices: Vec::new(),
+            lengths: vec![4_096],
+        }),
     });
     let deliver = StreamHeader::Deliver(DeliverHeader {
         seq: 123_456,
         prev: 123_455,
         id: MessageId([0x22; 16]),
         from: "alice".into(),
+        from_device: 1,
+        to: None,
         sent_at: 1_900_000_000,
         kind: "text".into(),
         length: 4_096,

@@ -182,6 +182,8 @@ impl ServerFrames {
                 prev: 1_234_566,
                 id: MessageId([0x22; 16]),
                 from: name('s', 99).as_str().into(),
+                from_device: 1,
+                to: None,
                 sent_at: 1_900_000_000,
                 kind: "bench".into(),
                 length: ENVELOPE_BYTES as u64,
@@ -339,6 +341,7 @@ async fn load(
                 to: name('r', pair).as_str().into(),
                 kind: "bench".into(),
                 length: ENVELOPE_BYTES as u64,
+                copies: None,
             }),
             MAX_STREAM_HEADER,
         )

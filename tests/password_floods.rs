@@ -66,6 +66,7 @@ fn login(username: &str, password: &str) -> Request {
     Request::Login {
         username: username.into(),
         password: securefastchat::protocol::Password::new(password),
+        device: None,
     }
 }
 

@@ -17,9 +17,10 @@ use securefastchat::e2e::{
 };
 use securefastchat::protocol::keys::{Bin, OneTimePrekey, SignedPrekey};
 use securefastchat::protocol::{
-    ClientFrame, DeliverHeader, ErrorCode, MAX_CONTROL_FRAME, MAX_NESTING, MAX_STREAM_HEADER,
-    MessageId, Password, Reply, Request, SendHeader, ServerFrame, SessionToken, StreamHeader,
-    check_nesting, decode_body, decode_request, encode_frame, read_frame,
+    ClientFrame, Copies, DeliverHeader, DeviceBundle, DeviceInfo, ErrorCode, MAX_CONTROL_FRAME,
+    MAX_NESTING, MAX_STREAM_HEADER, MessageId, Password, Reply, Request, SendHeader, ServerFrame,
+    SessionToken, StreamHeader, check_nesting, decode_body, decode_request, encode_frame,
+    read_frame,
 };
 use securefastchat::server::ConfigLayer;
 
@@ -60,9 +61,12 @@ fn request() -> impl Strategy<Value = Request> {
             username,
             password: Password::new(p),
         }),
-        (text(), text()).prop_map(|(username, p)| Request::Login {
-            username,
-            password: Password::new(p),
+        (text(), text(), option::of(any::<u32>())).prop_map(|(username, p, device)| {
+            Request::Login {
+                username,
+                password: Password::new(p),
+                device,
+            }
         }),
         (any::<[u8; 32]>(), any::<bool>()).prop_map(|(t, deliver)| Request::Resume {
             token: SessionToken::from_bytes(t),
@@ -85,12 +89,54 @@ fn request() -> impl Strategy<Value = Request> {
                     one_time_prekeys,
                 }
             }),
-        text().prop_map(|username| Request::FetchBundle { username }),
+        (text(), option::of(vec(any::<u32>(), 0..4)))
+            .prop_map(|(username, devices)| Request::FetchBundle { username, devices }),
         text().prop_map(|username| Request::FetchIdentity { username }),
         (vec(any::<u64>(), 0..8), any::<bool>())
             .prop_map(|(seqs, quiet)| Request::Ack { seqs, quiet }),
         message_id().prop_map(|message_id| Request::Unsend { message_id }),
         text().prop_map(|username| Request::Online { username }),
+        Just(Request::ListDevices),
+        (any::<u32>(), text()).prop_map(|(device, p)| Request::RemoveDevice {
+            device,
+            password: Password::new(p),
+        }),
+        (
+            text(),
+            any::<[u8; 32]>(),
+            signed_prekey(),
+            signed_prekey(),
+            vec(one_time_prekey(), 0..3),
+        )
+            .prop_map(
+                |(p, identity, signed_prekey, last_resort, one_time_prekeys)| {
+                    Request::ReplaceIdentity {
+                        password: Password::new(p),
+                        identity_key: Bin(identity),
+                        signed_prekey,
+                        last_resort,
+                        one_time_prekeys,
+                    }
+                }
+            ),
+        any::<[u8; 33]>().prop_map(|pake| Request::LinkOpen { pake: Bin(pake) }),
+        (text(), any::<u16>(), any::<[u8; 33]>(), text()).prop_map(
+            |(username, slot, pake, name)| Request::LinkJoin {
+                username,
+                slot,
+                pake: Bin(pake),
+                name,
+            }
+        ),
+        any::<[u8; 32]>().prop_map(|c| Request::LinkConfirm { confirm: Bin(c) }),
+        (any::<u16>(), any::<[u8; 32]>(), vec(any::<u8>(), 0..64)).prop_map(
+            |(slot, c, payload)| Request::LinkAccept {
+                slot,
+                confirm: Bin(c),
+                payload,
+            }
+        ),
+        any::<u16>().prop_map(|slot| Request::LinkRefuse { slot }),
     ]
 }
 
@@ -124,6 +170,14 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         E::InboxFull,
         E::MessageTooLarge,
         E::NotAllowed,
+        E::StorageUnavailable,
+        E::SenderQuota,
+        E::SendRateLimited,
+        E::StaleDevices,
+        E::UnknownDevice,
+        E::IdentityMismatch,
+        E::TooManyDevices,
+        E::LinkFailed,
         E::Unknown,
     ])
 }
@@ -141,21 +195,28 @@ fn reply() -> impl Strategy<Value = Reply> {
             username,
             available
         }),
-        (text(), any::<[u8; 32]>(), any::<u64>()).prop_map(|(username, t, expires_at)| {
-            Reply::Session {
+        (text(), any::<[u8; 32]>(), any::<u64>(), any::<u32>()).prop_map(
+            |(username, t, expires_at, device)| Reply::Session {
                 username,
                 token: SessionToken::from_bytes(t),
                 expires_at,
+                device,
+            }
+        ),
+        (text(), any::<u64>(), any::<u32>()).prop_map(|(username, expires_at, device)| {
+            Reply::Resumed {
+                username,
+                expires_at,
+                device,
             }
         }),
-        (text(), any::<u64>()).prop_map(|(username, expires_at)| Reply::Resumed {
-            username,
-            expires_at
-        }),
         Just(Reply::LoggedOut),
-        (text(), any::<u64>()).prop_map(|(username, expires_at)| Reply::Whoami {
-            username,
-            expires_at
+        (text(), any::<u64>(), any::<u32>()).prop_map(|(username, expires_at, device)| {
+            Reply::Whoami {
+                username,
+                expires_at,
+                device,
+            }
         }),
         Just(Reply::Pong),
         any::<u32>().prop_map(|one_time_prekeys| Reply::KeysPublished { one_time_prekeys }),
@@ -165,15 +226,17 @@ fn reply() -> impl Strategy<Value = Reply> {
             signed_prekey(),
             option::of(one_time_prekey()),
             option::of(signed_prekey()),
+            vec(device_bundle(), 0..3),
         )
             .prop_map(
-                |(username, identity, signed_prekey, one_time_prekey, last_resort)| {
+                |(username, identity, signed_prekey, one_time_prekey, last_resort, devices)| {
                     Reply::Bundle {
                         username,
                         identity_key: Bin(identity),
                         signed_prekey,
                         one_time_prekey,
                         last_resort,
+                        devices,
                     }
                 }
             ),
@@ -188,16 +251,102 @@ fn reply() -> impl Strategy<Value = Reply> {
             message_id,
             duplicate
         }),
-        (option::of(message_id()), error_code(), text()).prop_map(|(message_id, code, message)| {
-            Reply::SendFailed {
-                message_id,
-                code,
-                message,
+        (
+            option::of(message_id()),
+            error_code(),
+            text(),
+            option::of(vec(any::<u32>(), 0..4)),
+            option::of(vec(any::<u32>(), 0..4)),
+        )
+            .prop_map(|(message_id, code, message, devices, own_devices)| {
+                Reply::SendFailed {
+                    message_id,
+                    code,
+                    message,
+                    devices,
+                    own_devices,
+                }
+            }),
+        vec(device_info(), 0..4).prop_map(|devices| Reply::Devices { devices }),
+        any::<u32>().prop_map(|device| Reply::DeviceRemoved { device }),
+        vec(any::<u32>(), 0..4).prop_map(|removed| Reply::IdentityReplaced { removed }),
+        (any::<u16>(), any::<u64>())
+            .prop_map(|(slot, expires_at)| Reply::LinkOpened { slot, expires_at }),
+        any::<[u8; 33]>().prop_map(|pake| Reply::LinkPake { pake: Bin(pake) }),
+        (any::<u16>(), text(), any::<[u8; 33]>(), any::<[u8; 32]>()).prop_map(
+            |(slot, name, pake, c)| Reply::LinkRequest {
+                slot,
+                name,
+                pake: Bin(pake),
+                confirm: Bin(c),
             }
-        }),
+        ),
+        any::<u32>().prop_map(|device| Reply::LinkAccepted { device }),
+        Just(Reply::LinkRefused),
+        (
+            (text(), any::<u32>(), any::<[u8; 32]>(), any::<u64>()),
+            (any::<[u8; 32]>(), vec(any::<u8>(), 0..64)),
+        )
+            .prop_map(
+                |((username, device, t, expires_at), (c, payload))| Reply::Linked {
+                    username,
+                    device,
+                    token: SessionToken::from_bytes(t),
+                    expires_at,
+                    confirm: Bin(c),
+                    payload,
+                }
+            ),
         any::<u32>().prop_map(|remaining| Reply::PrekeysLow { remaining }),
         (error_code(), text()).prop_map(|(code, message)| Reply::Error { code, message }),
     ]
+}
+
+fn device_bundle() -> impl Strategy<Value = DeviceBundle> {
+    (
+        any::<u32>(),
+        signed_prekey(),
+        option::of(one_time_prekey()),
+        option::of(signed_prekey()),
+    )
+        .prop_map(
+            |(device, signed_prekey, one_time_prekey, last_resort)| DeviceBundle {
+                device,
+                signed_prekey,
+                one_time_prekey,
+                last_resort,
+            },
+        )
+}
+
+fn device_info() -> impl Strategy<Value = DeviceInfo> {
+    (
+        any::<u32>(),
+        text(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<bool>(),
+    )
+        .prop_map(|(device, name, added_at, last_seen, current)| DeviceInfo {
+            device,
+            name,
+            added_at,
+            last_seen,
+            current,
+        })
+}
+
+fn copies() -> impl Strategy<Value = Option<Copies>> {
+    option::of(
+        (vec(any::<u32>(), 0..4), vec(any::<u32>(), 0..4)).prop_flat_map(|(devices, own)| {
+            let n = devices.len() + own.len();
+            vec(0..u32::MAX as u64, n).prop_map(move |lengths| Copies {
+                devices: devices.clone(),
+                own_devices: own.clone(),
+                lengths,
+            })
+        }),
+    )
 }
 
 fn server_frame() -> impl Strategy<Value = ServerFrame> {
@@ -206,29 +355,41 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
 
 fn stream_header() -> impl Strategy<Value = StreamHeader> {
     prop_oneof![
-        (message_id(), text(), text(), any::<u64>()).prop_map(|(id, to, kind, length)| {
-            StreamHeader::Send(SendHeader {
-                id,
-                to,
-                kind,
-                length,
-            })
-        }),
+        (message_id(), text(), text(), any::<u64>(), copies()).prop_map(
+            |(id, to, kind, length, copies)| {
+                // A header's `length` is the sum of its copies' lengths.
+                let length = copies
+                    .as_ref()
+                    .map_or(length, |c| c.lengths.iter().sum::<u64>());
+                StreamHeader::Send(SendHeader {
+                    id,
+                    to,
+                    kind,
+                    length,
+                    copies,
+                })
+            }
+        ),
         (
             (any::<u64>(), any::<u64>(), message_id()),
             (text(), any::<u64>(), text(), any::<u64>()),
+            (any::<u32>(), option::of(text())),
         )
-            .prop_map(|((seq, prev, id), (from, sent_at, kind, length))| {
-                StreamHeader::Deliver(DeliverHeader {
-                    seq,
-                    prev,
-                    id,
-                    from,
-                    sent_at,
-                    kind,
-                    length,
-                })
-            }),
+            .prop_map(
+                |((seq, prev, id), (from, sent_at, kind, length), (from_device, to))| {
+                    StreamHeader::Deliver(DeliverHeader {
+                        seq,
+                        prev,
+                        id,
+                        from,
+                        from_device,
+                        to,
+                        sent_at,
+                        kind,
+                        length,
+                    })
+                }
+            ),
     ]
 }
 

@@ -3,7 +3,7 @@
 //! `--nocapture` to print them.
 
 use securefastchat::protocol::{
-    ClientFrame, DeliverHeader, ErrorCode, MAX_CONTROL_FRAME, MAX_STREAM_HEADER, MessageId,
+    ClientFrame, Copies, DeliverHeader, ErrorCode, MAX_CONTROL_FRAME, MAX_STREAM_HEADER, MessageId,
     Password, Reply, Request, SendHeader, ServerFrame, SessionToken, StreamHeader, encode_frame,
 };
 
@@ -46,7 +46,12 @@ fn messaging_examples() -> Vec<(&'static str, Vec<u8>)> {
                 id: mid,
                 to: "bob".into(),
                 kind: "text".into(),
-                length: 120,
+                length: 360,
+                copies: Some(Copies {
+                    devices: vec![1, 2],
+                    own_devices: vec![1],
+                    lengths: vec![120, 120, 120],
+                }),
             })),
         ),
         (
@@ -66,6 +71,8 @@ fn messaging_examples() -> Vec<(&'static str, Vec<u8>)> {
                 prev: 41,
                 id: mid,
                 from: "alice".into(),
+                from_device: 3,
+                to: None,
                 sent_at: 1_767_225_600,
                 kind: "text".into(),
                 length: 120,
@@ -160,6 +167,7 @@ fn control_examples() -> Vec<(&'static str, Vec<u8>)> {
                     username: "alice".into(),
                     token: token(),
                     expires_at: 1_767_225_600,
+                    device: 1,
                 },
             ),
         ),
@@ -180,6 +188,7 @@ fn control_examples() -> Vec<(&'static str, Vec<u8>)> {
                 Reply::Resumed {
                     username: "alice".into(),
                     expires_at: 1_767_225_600,
+                    device: 1,
                 },
             ),
         ),

@@ -495,6 +495,7 @@ fn send_header(id: MessageId, length: u64) -> Vec<u8> {
             to: "bob".into(),
             kind: "text".into(),
             length,
+            copies: None,
         });
     encode_frame(&header, MAX_STREAM_HEADER).unwrap()
 }
@@ -656,6 +657,7 @@ async fn an_incomplete_first_key_upload_is_invalid_keys_and_stores_nothing() {
         7,
         Request::FetchBundle {
             username: "alice".into(),
+            devices: None,
         },
     )
     .await;

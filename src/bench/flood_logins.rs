@@ -106,6 +106,7 @@ impl SourcedClient {
     /// `login`, answered with its reply (a session or an error).
     pub async fn login(&mut self, username: &str, password: &str) -> Result<Reply, BenchError> {
         self.request(Request::Login {
+            device: None,
             username: username.into(),
             password: Password::new(password),
         })

@@ -107,6 +107,7 @@ impl ClientError {
                     Some(CloseCode::Replaced) => "replaced by a newer login".to_owned(),
                     Some(CloseCode::AccountDeleted) => "account deleted".to_owned(),
                     Some(CloseCode::LoginTimeout) => "not logged in in time".to_owned(),
+                    Some(CloseCode::DeviceRemoved) => "this device was removed".to_owned(),
                     None => format!("code {}", close.error_code),
                 };
                 Self::Closed {

@@ -416,6 +416,7 @@ impl Client {
             .request(Request::Login {
                 username: username.into(),
                 password,
+                device: None,
             })
             .await?;
         session_reply("login", reply)
@@ -437,6 +438,7 @@ impl Client {
             Reply::Resumed {
                 username,
                 expires_at,
+                ..
             } => Ok(SessionInfo {
                 username,
                 expires_at,
@@ -470,6 +472,7 @@ impl Client {
             Reply::Whoami {
                 username,
                 expires_at,
+                ..
             } => Ok(SessionInfo {
                 username,
                 expires_at,
@@ -606,6 +609,7 @@ impl Client {
         match self
             .request(Request::FetchBundle {
                 username: username.into(),
+                devices: None,
             })
             .await?
         {
@@ -615,6 +619,7 @@ impl Client {
                 signed_prekey,
                 one_time_prekey,
                 last_resort,
+                ..
             } => Ok(Bundle {
                 username,
                 identity_key,
@@ -692,6 +697,7 @@ fn session_reply(request: &str, reply: Reply) -> Result<(SessionInfo, SessionTok
             username,
             token,
             expires_at,
+            ..
         } => Ok((
             SessionInfo {
                 username,
@@ -769,6 +775,7 @@ async fn read_replies(
                     message_id: Some(message_id),
                     code,
                     message,
+                    ..
                 } => {
                     let waiter = sends.lock().ok().and_then(|mut s| s.remove(&message_id));
                     if let Some(waiter) = waiter {

@@ -100,6 +100,7 @@ async fn write_stream(
         to: to.to_owned(),
         kind: kind.to_owned(),
         length: body.len() as u64,
+        copies: None,
     });
     let frame = crate::protocol::encode_frame(&header, MAX_STREAM_HEADER).map_err(|e| lost(&e))?;
     stream.write_all(&frame).await?;
@@ -147,6 +148,7 @@ async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Unrea
         sent_at,
         kind,
         length,
+        ..
     }) = header
     else {
         return Err(Unreadable::new("not a deliver header"));
@@ -429,6 +431,8 @@ mod tests {
             prev,
             id: MessageId([seq as u8; 16]),
             from: "alice".into(),
+            from_device: 1,
+            to: None,
             sent_at: 1,
             kind: "text".into(),
             length,

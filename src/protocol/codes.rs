@@ -61,6 +61,18 @@ pub enum ErrorCode {
     /// The sending account sent more messages than the server allows per minute; the
     /// message was not stored. Retry after the wait the message names.
     SendRateLimited,
+    /// The device lists a message was sealed for are not the current ones (a device was
+    /// added or removed): nothing was stored; `send_failed` carries the current lists.
+    StaleDevices,
+    /// No current device of the account has this id (never had one, or it was removed).
+    UnknownDevice,
+    /// The identity key differs from the account's; only `replace_identity` changes it.
+    IdentityMismatch,
+    /// The account already has as many devices as the server allows.
+    TooManyDevices,
+    /// A device link failed: an unknown, expired or used code, a wrong code, or the other
+    /// device left. The code is used up; start a new link.
+    LinkFailed,
     /// A code this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -96,6 +108,11 @@ impl ErrorCode {
             Self::StorageUnavailable => "storage_unavailable",
             Self::SenderQuota => "sender_quota",
             Self::SendRateLimited => "send_rate_limited",
+            Self::StaleDevices => "stale_devices",
+            Self::UnknownDevice => "unknown_device",
+            Self::IdentityMismatch => "identity_mismatch",
+            Self::TooManyDevices => "too_many_devices",
+            Self::LinkFailed => "link_failed",
             Self::Unknown => "unknown",
         }
     }
@@ -126,6 +143,9 @@ pub enum CloseCode {
     /// The connection did not authenticate (`signup`, `login`, `resume`) in time after
     /// `hello`; connect again when ready to log in.
     LoginTimeout = 6,
+    /// The connection's device was removed from its account (from another device, or by an
+    /// identity replacement): its sessions are revoked and its inbox is gone.
+    DeviceRemoved = 7,
 }
 
 impl CloseCode {
@@ -144,6 +164,7 @@ impl CloseCode {
             4 => Some(Self::Replaced),
             5 => Some(Self::AccountDeleted),
             6 => Some(Self::LoginTimeout),
+            7 => Some(Self::DeviceRemoved),
             _ => None,
         }
     }

@@ -4,6 +4,10 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// A device of an account: 1 for the device that signed up, then 2, 3, … in the order devices
+/// are linked; never reused within the account.
+pub type DeviceId = u32;
+
 /// Length of a message id in bytes (128 bits).
 pub const MESSAGE_ID_LEN: usize = 16;
 

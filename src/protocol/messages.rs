@@ -1,10 +1,15 @@
-//! Control-stream messages: what a client asks (`ClientFrame`) and what the server answers or
-//! pushes (`ServerFrame`). Both are MessagePack maps whose `type` field names the variant.
+//! Control-stream requests: what a client asks (`ClientFrame`), a MessagePack map whose `type`
+//! field names the variant. What the server answers or pushes is in `replies`.
 
 use serde::{Deserialize, Serialize};
 
-use super::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
-use super::{ErrorCode, MessageId, Password, SessionToken};
+use super::keys::{Bin, IdentityKeyBytes, OneTimePrekey, SignedPrekey};
+use super::{DeviceId, MessageId, Password, SessionToken};
+
+/// A SPAKE2 message of the device link (docs/PROTOCOL.md E13.2): 33 bytes.
+pub type LinkPake = Bin<33>;
+/// A key confirmation of the device link (E13.3): 32 bytes.
+pub type LinkConfirm = Bin<32>;
 
 /// A request from the client: `{"id": u64, "type": "...", ...fields}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +52,9 @@ pub enum Request {
         username: String,
         /// The account's password.
         password: Password,
+        /// Which device of the account logs in (default 1, the device that signed up).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<DeviceId>,
     },
     /// Restore a session on this connection with a token from an earlier login.
     Resume {
@@ -83,6 +91,9 @@ pub enum Request {
     FetchBundle {
         /// Whose bundle.
         username: String,
+        /// Which of their devices (all current ones with keys when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        devices: Option<Vec<DeviceId>>,
     },
     /// Get a user's identity key only (for safety numbers); consumes nothing.
     FetchIdentity {
@@ -112,6 +123,66 @@ pub enum Request {
     DeleteAccount {
         /// The account's password.
         password: Password,
+    },
+    /// The account's devices.
+    ListDevices,
+    /// Remove another device of the account, after checking the password again.
+    RemoveDevice {
+        /// The device to remove (not the connection's own).
+        device: DeviceId,
+        /// The account's password.
+        password: Password,
+    },
+    /// Give the account a new identity key (every contact sees a key change); every other
+    /// device is removed, since they hold the old identity.
+    ReplaceIdentity {
+        /// The account's password.
+        password: Password,
+        /// The new Ed25519 identity key.
+        identity_key: IdentityKeyBytes,
+        /// This device's signed prekey under the new identity.
+        signed_prekey: SignedPrekey,
+        /// This device's last-resort prekey under the new identity.
+        last_resort: SignedPrekey,
+        /// One-time prekeys to start with (the old ones are deleted).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        one_time_prekeys: Vec<OneTimePrekey>,
+    },
+    /// Existing device: open a link for a new device, with the first SPAKE2 message.
+    LinkOpen {
+        /// `pake_E`.
+        pake: LinkPake,
+    },
+    /// New device (unauthenticated): join the link whose slot the code names.
+    LinkJoin {
+        /// The account to join.
+        username: String,
+        /// The code's slot (0–9999).
+        slot: u16,
+        /// `pake_N`.
+        pake: LinkPake,
+        /// A name for the new device, shown in the device list (1–64 bytes).
+        name: String,
+    },
+    /// New device: prove knowledge of the code; answered once the existing device decides.
+    LinkConfirm {
+        /// `c_N`.
+        confirm: LinkConfirm,
+    },
+    /// Existing device: the new device's confirmation verified; hand over the payload.
+    LinkAccept {
+        /// The link's slot.
+        slot: u16,
+        /// `c_E`.
+        confirm: LinkConfirm,
+        /// The sealed payload (E13.4), at most 60,016 bytes.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    /// Existing device: the new device's confirmation did not verify (a wrong code).
+    LinkRefuse {
+        /// The link's slot.
+        slot: u16,
     },
 }
 
@@ -160,6 +231,22 @@ pub enum RequestKind {
     Online,
     /// `delete_account`
     DeleteAccount,
+    /// `list_devices`
+    ListDevices,
+    /// `remove_device`
+    RemoveDevice,
+    /// `replace_identity`
+    ReplaceIdentity,
+    /// `link_open`
+    LinkOpen,
+    /// `link_join`
+    LinkJoin,
+    /// `link_confirm`
+    LinkConfirm,
+    /// `link_accept`
+    LinkAccept,
+    /// `link_refuse`
+    LinkRefuse,
 }
 
 impl RequestKind {
@@ -181,6 +268,14 @@ impl RequestKind {
             "unsend" => Self::Unsend,
             "online" => Self::Online,
             "delete_account" => Self::DeleteAccount,
+            "list_devices" => Self::ListDevices,
+            "remove_device" => Self::RemoveDevice,
+            "replace_identity" => Self::ReplaceIdentity,
+            "link_open" => Self::LinkOpen,
+            "link_join" => Self::LinkJoin,
+            "link_confirm" => Self::LinkConfirm,
+            "link_accept" => Self::LinkAccept,
+            "link_refuse" => Self::LinkRefuse,
             _ => return None,
         })
     }
@@ -203,6 +298,14 @@ impl RequestKind {
             Self::Unsend => "unsend",
             Self::Online => "online",
             Self::DeleteAccount => "delete_account",
+            Self::ListDevices => "list_devices",
+            Self::RemoveDevice => "remove_device",
+            Self::ReplaceIdentity => "replace_identity",
+            Self::LinkOpen => "link_open",
+            Self::LinkJoin => "link_join",
+            Self::LinkConfirm => "link_confirm",
+            Self::LinkAccept => "link_accept",
+            Self::LinkRefuse => "link_refuse",
         }
     }
 }
@@ -226,154 +329,22 @@ impl Request {
             Self::Unsend { .. } => RequestKind::Unsend,
             Self::Online { .. } => RequestKind::Online,
             Self::DeleteAccount { .. } => RequestKind::DeleteAccount,
+            Self::ListDevices => RequestKind::ListDevices,
+            Self::RemoveDevice { .. } => RequestKind::RemoveDevice,
+            Self::ReplaceIdentity { .. } => RequestKind::ReplaceIdentity,
+            Self::LinkOpen { .. } => RequestKind::LinkOpen,
+            Self::LinkJoin { .. } => RequestKind::LinkJoin,
+            Self::LinkConfirm { .. } => RequestKind::LinkConfirm,
+            Self::LinkAccept { .. } => RequestKind::LinkAccept,
+            Self::LinkRefuse { .. } => RequestKind::LinkRefuse,
         }
     }
-}
-
-/// A frame from the server: a reply (with the request's `id`) or, later, a pushed event
-/// (without `id`). An `error` without `id` concerns the connection, not one request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ServerFrame {
-    /// The id of the request this answers; absent for events and connection-level errors.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<u64>,
-    /// The reply; its fields sit beside `id` in the same map.
-    #[serde(flatten)]
-    pub reply: Reply,
-}
-
-/// Every reply the server may send on the control stream.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-#[allow(clippy::large_enum_variant)] // a frame is built once and encoded in place
-pub enum Reply {
-    /// Answer to `hello`.
-    Hello {
-        /// The protocol version the server speaks.
-        version: u64,
-        /// Server software name and version.
-        server: String,
-        /// Largest control frame body the server accepts, in bytes.
-        max_frame: u32,
-    },
-    /// Answer to `check_username`.
-    UsernameStatus {
-        /// The name as the server folded it.
-        username: String,
-        /// Whether an account could be created with this name now.
-        available: bool,
-    },
-    /// Answer to `signup` and `login`: the connection is now authenticated.
-    Session {
-        /// The account's canonical name.
-        username: String,
-        /// The secret that `resume` accepts; store it as you would a password.
-        token: SessionToken,
-        /// When the token stops working, in seconds since the Unix epoch.
-        expires_at: u64,
-    },
-    /// Answer to `resume`: the connection is authenticated again.
-    Resumed {
-        /// The account's canonical name.
-        username: String,
-        /// When the token stops working, in seconds since the Unix epoch.
-        expires_at: u64,
-    },
-    /// Answer to `logout`.
-    LoggedOut,
-    /// Answer to `delete_account`: the account is gone and the connection unauthenticated.
-    AccountDeleted {
-        /// The deleted account's name (held for a while: no one can sign it up).
-        username: String,
-    },
-    /// Answer to `whoami`.
-    Whoami {
-        /// The account's canonical name.
-        username: String,
-        /// When this session's token stops working, in seconds since the Unix epoch.
-        expires_at: u64,
-    },
-    /// Answer to `ping`.
-    Pong,
-    /// Answer to `publish_keys`.
-    KeysPublished {
-        /// One-time prekeys the server now holds for you.
-        one_time_prekeys: u32,
-    },
-    /// Answer to `fetch_bundle`: exactly one of `one_time_prekey` and `last_resort` is present.
-    Bundle {
-        /// Whose bundle.
-        username: String,
-        /// Their Ed25519 identity key.
-        identity_key: IdentityKeyBytes,
-        /// Their current signed prekey.
-        signed_prekey: SignedPrekey,
-        /// A one-time prekey, handed out to you only.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        one_time_prekey: Option<OneTimePrekey>,
-        /// Their last-resort prekey, when no one-time prekey is left.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        last_resort: Option<SignedPrekey>,
-    },
-    /// Answer to `fetch_identity`.
-    Identity {
-        /// Whose key.
-        username: String,
-        /// Their Ed25519 identity key.
-        identity_key: IdentityKeyBytes,
-    },
-    /// Answer to `ack`.
-    Acked {
-        /// How many of the acknowledged messages were still pending (and are now deleted).
-        removed: u64,
-    },
-    /// Answer to `unsend`.
-    Unsent {
-        /// Whether the message was deleted before delivery.
-        deleted: bool,
-    },
-    /// Answer to `online`.
-    Presence {
-        /// The contact.
-        username: String,
-        /// Whether they have a connection now.
-        online: bool,
-    },
-    /// Event: a message you sent is durably stored for its recipient (or was already).
-    Sent {
-        /// The message's id.
-        message_id: MessageId,
-        /// Whether the server had already stored this id from you (nothing new was stored).
-        duplicate: bool,
-    },
-    /// Event: a message you sent was refused; nothing was stored.
-    SendFailed {
-        /// The message's id (absent when the stream's header could not be read).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        message_id: Option<MessageId>,
-        /// Why.
-        code: ErrorCode,
-        /// Why, for people.
-        message: String,
-    },
-    /// Event: you have few one-time prekeys left on the server; upload more.
-    PrekeysLow {
-        /// How many remain.
-        remaining: u32,
-    },
-    /// The request failed (or, without `id`, the connection has a problem).
-    Error {
-        /// What went wrong, for programs.
-        code: ErrorCode,
-        /// What went wrong, for people; never contains secrets.
-        message: String,
-    },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{decode_body, encode_frame};
+    use crate::protocol::{ErrorCode, Reply, ServerFrame, SessionToken, decode_body, encode_frame};
 
     fn body_of<T: Serialize>(msg: &T) -> Vec<u8> {
         encode_frame(msg, 1 << 16).unwrap()[4..].to_vec()
@@ -427,7 +398,8 @@ mod tests {
             frame.request,
             Request::Login {
                 username: "Bob".into(),
-                password: Password::new("hunter22")
+                password: Password::new("hunter22"),
+                device: None,
             }
         );
     }
@@ -494,6 +466,7 @@ mod tests {
                     username: "alice".into(),
                     token: SessionToken::from_bytes([7; 32]),
                     expires_at: 1_900_000_000,
+                    device: 1,
                 },
             },
         ];
@@ -533,6 +506,7 @@ mod tests {
         let req = Request::Login {
             username: "a".into(),
             password: Password::new("s3cret-pw"),
+            device: None,
         };
         assert!(!format!("{req:?}").contains("s3cret"));
         let token = SessionToken::from_bytes([0x41; 32]);

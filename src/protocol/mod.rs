@@ -9,6 +9,7 @@ mod ids;
 pub mod keys;
 mod messages;
 mod nesting;
+mod replies;
 mod request;
 mod secrets;
 mod stream;
@@ -19,12 +20,13 @@ pub use frame::{
     FrameError, LENGTH_PREFIX, decode_body, encode_frame, encode_frame_into, frame_length,
     read_frame, write_frame,
 };
-pub use ids::{MESSAGE_ID_LEN, MessageId};
-pub use messages::{ClientFrame, Reply, Request, RequestKind, ServerFrame};
+pub use ids::{DeviceId, MESSAGE_ID_LEN, MessageId};
+pub use messages::{ClientFrame, LinkConfirm, LinkPake, Request, RequestKind};
 pub use nesting::{MAX_NESTING, MarkerError, TooDeep, check_markers, check_nesting};
+pub use replies::{DeviceBundle, DeviceInfo, Reply, ServerFrame};
 pub use request::{RequestError, decode_request};
 pub use secrets::{Password, SessionToken, TOKEN_LEN};
-pub use stream::{DeliverHeader, MAX_STREAM_HEADER, SendHeader, StreamHeader};
+pub use stream::{Copies, DeliverHeader, MAX_STREAM_HEADER, SendHeader, StreamHeader};
 pub use username::{Username, UsernameError};
 
 /// The ALPN protocol id both ends must offer in the TLS handshake.

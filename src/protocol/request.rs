@@ -99,16 +99,28 @@ fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
         (K::Hello, "version") => Some(Expected::Uint),
         (K::Hello, "client") => Some(Expected::Str),
         (K::CheckUsername | K::Signup | K::Login, "username") => Some(Expected::Str),
-        (K::Signup | K::Login | K::DeleteAccount, "password") => Some(Expected::Str),
+        (
+            K::Signup | K::Login | K::DeleteAccount | K::RemoveDevice | K::ReplaceIdentity,
+            "password",
+        ) => Some(Expected::Str),
+        (K::Login | K::RemoveDevice, "device") => Some(Expected::Uint),
+        (K::FetchBundle, "devices") => Some(Expected::Array),
+        (K::LinkOpen | K::LinkJoin, "pake") => Some(Expected::Bin),
+        (K::LinkJoin, "username" | "name") => Some(Expected::Str),
+        (K::LinkJoin | K::LinkAccept | K::LinkRefuse, "slot") => Some(Expected::Uint),
+        (K::LinkConfirm | K::LinkAccept, "confirm") => Some(Expected::Bin),
+        (K::LinkAccept, "payload") => Some(Expected::Bin),
         (K::Resume, "token") => Some(Expected::Bin),
         (K::Resume, "deliver") => Some(Expected::Bool),
         (K::FetchBundle | K::FetchIdentity | K::Online, "username") => Some(Expected::Str),
         (K::Unsend, "message_id") => Some(Expected::Bin),
         (K::Ack, "seqs") => Some(Expected::Array),
         (K::Ack, "quiet") => Some(Expected::Bool),
-        (K::PublishKeys, "identity_key") => Some(Expected::Bin),
-        (K::PublishKeys, "signed_prekey" | "last_resort") => Some(Expected::Map),
-        (K::PublishKeys, "one_time_prekeys") => Some(Expected::Array),
+        (K::PublishKeys | K::ReplaceIdentity, "identity_key") => Some(Expected::Bin),
+        (K::PublishKeys | K::ReplaceIdentity, "signed_prekey" | "last_resort") => {
+            Some(Expected::Map)
+        }
+        (K::PublishKeys | K::ReplaceIdentity, "one_time_prekeys") => Some(Expected::Array),
         _ => None,
     }
 }
@@ -159,7 +171,10 @@ pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
             return Err(RequestError::Bad { id, kind, reason });
         }
     }
-    if kind == RequestKind::PublishKeys {
+    if matches!(
+        kind,
+        RequestKind::PublishKeys | RequestKind::ReplaceIdentity
+    ) {
         for (name, value) in &fields {
             let shaped = match (*name, value) {
                 ("signed_prekey" | "last_resort", prekey) => is_prekey_map(prekey),

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::MessageId;
+use super::{DeviceId, MessageId};
 
 /// Largest header frame body, in bytes.
 pub const MAX_STREAM_HEADER: u32 = 1024;
@@ -35,8 +35,36 @@ pub struct SendHeader {
     /// What the body is, for the recipient's client (`text` for chat messages); not
     /// interpreted by the server. At most 32 bytes.
     pub kind: String,
-    /// Body length in bytes.
+    /// Body length in bytes: the sum of `lengths`.
     pub length: u64,
+    /// The copies in the body, one per device, absent for a single copy to the recipient's
+    /// device 1 (clients from before devices).
+    #[serde(flatten)]
+    pub copies: Option<Copies>,
+}
+
+/// Which devices a message was sealed for: the body is one sealed copy per device, in the
+/// order of `devices` then `own_devices`, back to back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Copies {
+    /// The recipient's devices, each once.
+    pub devices: Vec<DeviceId>,
+    /// The sender's other devices, each once (not the sending one; for a message to oneself,
+    /// the only copies).
+    pub own_devices: Vec<DeviceId>,
+    /// Each copy's length in bytes, in the order above.
+    pub lengths: Vec<u64>,
+}
+
+impl SendHeader {
+    /// The copies, with the single copy of a header without them as `devices: [1]`.
+    pub fn copies(&self) -> Copies {
+        self.copies.clone().unwrap_or_else(|| Copies {
+            devices: vec![1],
+            own_devices: Vec::new(),
+            lengths: vec![self.length],
+        })
+    }
 }
 
 /// Server → client: the header of a delivered message.
@@ -51,6 +79,11 @@ pub struct DeliverHeader {
     pub id: MessageId,
     /// The sender's username.
     pub from: String,
+    /// The sender's device: which session opens the body.
+    pub from_device: DeviceId,
+    /// On a copy of a message you sent from another device: its recipient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
     /// When the server stored it, in seconds since the Unix epoch.
     pub sent_at: u64,
     /// The sender's `kind`.
@@ -84,12 +117,18 @@ struct WireHeader {
     prev: Option<Loose>,
     from: Option<Loose>,
     sent_at: Option<Loose>,
+    from_device: Option<Loose>,
+    devices: Option<Loose>,
+    own_devices: Option<Loose>,
+    lengths: Option<Loose>,
 }
 
-/// Any MessagePack value, kept only if it is an unsigned integer or a string.
+/// Any MessagePack value, kept only if it is an unsigned integer, a string or an array of
+/// unsigned integers (a header is at most 1,024 bytes, so such an array is short).
 enum Loose {
     Uint(u64),
     Str(String),
+    Uints(Vec<u64>),
     Other,
 }
 
@@ -149,8 +188,14 @@ impl<'de> Visitor<'de> for LooseVisitor {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Loose::Other)
+        let mut uints = Some(Vec::new());
+        while let Some(item) = seq.next_element::<Loose>()? {
+            match (item, uints.as_mut()) {
+                (Loose::Uint(v), Some(list)) => list.push(v),
+                _ => uints = None,
+            }
+        }
+        Ok(uints.map_or(Loose::Other, Loose::Uints))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Loose, A::Error> {
@@ -180,22 +225,77 @@ fn text(value: Option<Loose>, field: &str) -> Result<String, String> {
     }
 }
 
+/// A field of this `type` only, which must be an array of unsigned integers.
+fn uints(value: Option<Loose>, field: &str) -> Result<Vec<u64>, String> {
+    match required(value, field)? {
+        Loose::Uints(v) => Ok(v),
+        _ => Err(format!(
+            "field `{field}` must be an array of unsigned integers"
+        )),
+    }
+}
+
+/// A device id from an array of them.
+fn device_ids(values: Vec<u64>, field: &str) -> Result<Vec<DeviceId>, String> {
+    values
+        .into_iter()
+        .map(|v| {
+            DeviceId::try_from(v).map_err(|_| format!("`{field}` holds a device id over 2^32"))
+        })
+        .collect()
+}
+
+/// The copies of a send header: all three fields or none (`own_devices` may be left out when
+/// empty), one length per device, summing to the header's `length`.
+fn copies(wire: &mut WireHeader, length: u64) -> Result<Option<Copies>, String> {
+    if wire.devices.is_none() && wire.own_devices.is_none() && wire.lengths.is_none() {
+        return Ok(None);
+    }
+    let devices = device_ids(uints(wire.devices.take(), "devices")?, "devices")?;
+    let own_devices = match wire.own_devices.take() {
+        None => Vec::new(),
+        some => device_ids(uints(some, "own_devices")?, "own_devices")?,
+    };
+    let lengths = uints(wire.lengths.take(), "lengths")?;
+    if lengths.len() != devices.len() + own_devices.len() {
+        return Err("`lengths` must hold one length per device".into());
+    }
+    if lengths.iter().try_fold(0u64, |sum, l| sum.checked_add(*l)) != Some(length) {
+        return Err("`lengths` must add up to `length`".into());
+    }
+    Ok(Some(Copies {
+        devices,
+        own_devices,
+        lengths,
+    }))
+}
+
 impl TryFrom<WireHeader> for StreamHeader {
     type Error = String;
 
-    fn try_from(wire: WireHeader) -> Result<Self, String> {
+    fn try_from(mut wire: WireHeader) -> Result<Self, String> {
         Ok(match wire.header_type {
-            HeaderType::Send => Self::Send(SendHeader {
-                id: required(wire.id, "id")?,
-                to: text(wire.to, "to")?,
-                kind: required(wire.kind, "kind")?,
-                length: required(wire.length, "length")?,
-            }),
+            HeaderType::Send => {
+                let length = required(wire.length, "length")?;
+                Self::Send(SendHeader {
+                    copies: copies(&mut wire, length)?,
+                    id: required(wire.id, "id")?,
+                    to: text(wire.to, "to")?,
+                    kind: required(wire.kind, "kind")?,
+                    length,
+                })
+            }
             HeaderType::Deliver => Self::Deliver(DeliverHeader {
                 seq: uint(wire.seq, "seq")?,
                 prev: uint(wire.prev, "prev")?,
                 id: required(wire.id, "id")?,
                 from: text(wire.from, "from")?,
+                from_device: DeviceId::try_from(uint(wire.from_device, "from_device")?)
+                    .map_err(|_| "`from_device` is over 2^32".to_owned())?,
+                to: match wire.to {
+                    None => None,
+                    some => Some(text(some, "to")?),
+                },
                 sent_at: uint(wire.sent_at, "sent_at")?,
                 kind: required(wire.kind, "kind")?,
                 length: required(wire.length, "length")?,
@@ -240,6 +340,8 @@ mod tests {
             prev: 3,
             id: MessageId([2; 16]),
             from: "alice".into(),
+            from_device: 1,
+            to: None,
             sent_at: 1_700_000_000,
             kind: "text".into(),
             length: 200,
@@ -253,6 +355,7 @@ mod tests {
             to: "bob".into(),
             kind: "text".into(),
             length: 9,
+            copies: None,
         });
         for header in [send, StreamHeader::Deliver(sample_deliver())] {
             let bytes = rmp_serde::to_vec_named(&header).unwrap();
@@ -281,7 +384,7 @@ mod tests {
         fields.push(("sent_at", (-5).into()));
         let header = decode_body::<StreamHeader>(&encode(&map(&fields))).unwrap();
         assert!(matches!(header, StreamHeader::Send(_)), "{header:?}");
-        // To a `deliver` header, `to` is.
+        // To a `deliver` header, the copies' keys are (`to` is a key of both since devices).
         let deliver = StreamHeader::Deliver(sample_deliver());
         let rmpv::Value::Map(mut entries) =
             rmpv::decode::read_value(&mut rmp_serde::to_vec_named(&deliver).unwrap().as_slice())
@@ -289,9 +392,83 @@ mod tests {
         else {
             panic!("not a map");
         };
-        entries.push(("to".into(), rmpv::Value::Array(vec![1.into(), 2.into()])));
+        entries.push(("lengths".into(), "not a list".into()));
+        entries.push(("devices".into(), rmpv::Value::Map(vec![])));
+        entries.push(("own_devices".into(), rmpv::Value::Array(vec!["x".into()])));
         let decoded = decode_body::<StreamHeader>(&encode(&rmpv::Value::Map(entries))).unwrap();
         assert_eq!(decoded, deliver);
+    }
+
+    #[test]
+    fn copies_decode_and_must_be_consistent() {
+        let with = |extra: Vec<(&'static str, rmpv::Value)>| {
+            let mut fields = send_fields();
+            fields.extend(extra);
+            decode_body::<StreamHeader>(&encode(&map(&fields)))
+        };
+        let list = |items: &[u64]| rmpv::Value::Array(items.iter().map(|&i| i.into()).collect());
+        let header = with(vec![
+            ("devices", list(&[1, 4])),
+            ("own_devices", list(&[2])),
+            ("lengths", list(&[40, 40, 40])),
+        ])
+        .unwrap();
+        let StreamHeader::Send(send) = header else {
+            panic!("not a send header: {header:?}");
+        };
+        assert_eq!(
+            send.copies(),
+            Copies {
+                devices: vec![1, 4],
+                own_devices: vec![2],
+                lengths: vec![40, 40, 40],
+            }
+        );
+        // `own_devices` may be left out when empty.
+        let header = with(vec![("devices", list(&[1])), ("lengths", list(&[120]))]).unwrap();
+        let StreamHeader::Send(send) = header else {
+            panic!("not a send header");
+        };
+        assert!(send.copies().own_devices.is_empty());
+        // Without the copies' keys: one copy to device 1.
+        let Ok(StreamHeader::Send(plain)) = with(vec![]) else {
+            panic!("a plain send header must decode");
+        };
+        assert_eq!(plain.copies().devices, vec![1]);
+        assert_eq!(plain.copies().lengths, vec![120]);
+        for bad in [
+            vec![("devices", list(&[1]))],   // no lengths
+            vec![("lengths", list(&[120]))], // no devices
+            vec![("devices", list(&[1, 2])), ("lengths", list(&[120]))], // one length short
+            vec![("devices", list(&[1])), ("lengths", list(&[100]))], // sum is not `length`
+            vec![("devices", list(&[1 << 32])), ("lengths", list(&[120]))], // over u32
+            vec![("devices", "1".into()), ("lengths", list(&[120]))], // not a list
+            vec![
+                ("devices", list(&[1])),
+                ("lengths", list(&[u64::MAX, 121])),
+                ("own_devices", list(&[2])),
+            ], // sum overflows
+        ] {
+            assert!(with(bad.clone()).is_err(), "{bad:?}");
+        }
+        // A deliver header's `to` is a string when present.
+        let deliver = StreamHeader::Deliver(DeliverHeader {
+            to: Some("bob".into()),
+            ..sample_deliver()
+        });
+        let bytes = rmp_serde::to_vec_named(&deliver).unwrap();
+        assert_eq!(decode_body::<StreamHeader>(&bytes).unwrap(), deliver);
+        let rmpv::Value::Map(mut entries) =
+            rmpv::decode::read_value(&mut bytes.as_slice()).unwrap()
+        else {
+            panic!("not a map");
+        };
+        for (key, value) in entries.iter_mut() {
+            if key.as_str() == Some("to") {
+                *value = 7.into();
+            }
+        }
+        assert!(decode_body::<StreamHeader>(&encode(&rmpv::Value::Map(entries))).is_err());
     }
 
     #[test]

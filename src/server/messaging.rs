@@ -83,6 +83,8 @@ fn failed(message_id: Option<MessageId>, code: ErrorCode, message: impl Into<Str
         message_id,
         code,
         message: message.into(),
+        devices: None,
+        own_devices: None,
     }
 }
 
@@ -409,6 +411,8 @@ pub(crate) async fn deliver(
                 prev,
                 id: message.id,
                 from: message.from.to_string(),
+                from_device: 1,
+                to: None,
                 sent_at: message.sent_at,
                 kind: message.kind,
                 length: message.body.len() as u64,

@@ -18,8 +18,8 @@ use crate::blocking::Priority;
 use crate::protocol::keys::IdentityKeyBytes;
 use crate::protocol::keys::{OneTimePrekey, SignedPrekey};
 use crate::protocol::{
-    ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Password, Reply, Request,
-    RequestError, RequestKind, ServerFrame, Username, decode_request,
+    DeviceBundle, ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Password, Reply,
+    Request, RequestError, RequestKind, ServerFrame, Username, decode_request,
 };
 use crate::store::{Removal, StoreError};
 
@@ -199,9 +199,17 @@ impl Control {
                     Err(refusal) => self.refuse(refusal).await,
                 }
             }
-            Request::Login { username, password } => {
+            Request::Login {
+                username,
+                password,
+                device,
+            } => {
                 if self.current().is_some() {
                     return already_authenticated();
+                }
+                // DEVICES-WIP: every account has exactly device 1 until linking is served.
+                if device.is_some_and(|d| d != 1) {
+                    return error(ErrorCode::UnknownDevice, "no such device".into());
                 }
                 match self.login(&username, password).await {
                     Ok(reply) => self.not_refused(reply),
@@ -217,6 +225,7 @@ impl Control {
                         let reply = Reply::Resumed {
                             username: session.username.to_string(),
                             expires_at: session.expires_at,
+                            device: 1,
                         };
                         if deliver {
                             self.begin_session(session);
@@ -365,6 +374,7 @@ impl Control {
             Request::Whoami => Reply::Whoami {
                 username: session.username.to_string(),
                 expires_at: session.expires_at,
+                device: 1,
             },
             Request::PublishKeys {
                 identity_key,
@@ -381,7 +391,13 @@ impl Control {
                 )
                 .await
             }
-            Request::FetchBundle { username } => self.fetch_bundle(me, &username).await,
+            Request::FetchBundle { username, devices }
+                if devices.as_ref().is_some_and(|d| !d.contains(&1)) =>
+            {
+                let _ = username;
+                error(ErrorCode::UnknownDevice, "no such device".into())
+            }
+            Request::FetchBundle { username, .. } => self.fetch_bundle(me, &username).await,
             Request::FetchIdentity { username } => {
                 let Ok(user) = Username::parse(&username) else {
                     return unknown_user();
@@ -416,6 +432,18 @@ impl Control {
                 }
             }
             Request::Unsend { message_id } => self.unsend(me, message_id).await,
+            // DEVICES-WIP: replaced by the device requests before this branch reaches main.
+            Request::ListDevices
+            | Request::RemoveDevice { .. }
+            | Request::ReplaceIdentity { .. }
+            | Request::LinkOpen { .. }
+            | Request::LinkJoin { .. }
+            | Request::LinkConfirm { .. }
+            | Request::LinkAccept { .. }
+            | Request::LinkRefuse { .. } => error(
+                ErrorCode::UnknownRequest,
+                "device requests are not served yet".into(),
+            ),
             Request::DeleteAccount { password } => {
                 // Password work, throttled like logins; spent before the work, so parallel
                 // requests cannot all pass the check.
@@ -548,12 +576,19 @@ impl Control {
                     Some(_) => None,
                     None => Some(taken.keys.last_resort.clone()),
                 };
+                let device = DeviceBundle {
+                    device: 1,
+                    signed_prekey: taken.keys.signed_prekey.clone(),
+                    one_time_prekey: taken.one_time_prekey.clone(),
+                    last_resort: last_resort.clone(),
+                };
                 Reply::Bundle {
                     username: user.to_string(),
                     identity_key: taken.keys.identity_key,
                     signed_prekey: taken.keys.signed_prekey,
                     one_time_prekey: taken.one_time_prekey,
                     last_resort,
+                    devices: vec![device],
                 }
             }
             Ok(None) => self.no_keys(&user).await,
@@ -601,6 +636,7 @@ impl Control {
                     username: session.username.to_string(),
                     token,
                     expires_at: session.expires_at,
+                    device: 1,
                 };
                 self.begin_session(session);
                 info!("{what}");
