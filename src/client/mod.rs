@@ -20,7 +20,7 @@ mod trust;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -33,6 +33,7 @@ pub use self::receiving::{Connection as ConnectionEvent, RETRY};
 pub use self::streams::{Delivered, MAX_DELIVERED_BODY};
 pub use self::trust::is_offline;
 use crate::protocol::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
+pub use crate::protocol::{Copies, DeviceBundle, DeviceId};
 use crate::protocol::{
     ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Password,
     Reply, Request, ServerFrame, SessionToken, decode_body, read_frame, write_frame,
@@ -105,6 +106,8 @@ impl ClientOptions {
 pub struct SessionInfo {
     /// The account's canonical name.
     pub username: String,
+    /// The connection's device of the account (1 for a server from before devices).
+    pub device: DeviceId,
     /// When the token expires, in seconds since the Unix epoch.
     pub expires_at: u64,
 }
@@ -195,6 +198,17 @@ pub struct Bundle {
     pub last_resort: Option<SignedPrekey>,
 }
 
+/// Prekey bundles of some devices of a user, as the server handed them out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceBundles {
+    /// Whose bundles.
+    pub username: String,
+    /// The account's Ed25519 identity key (one for all its devices).
+    pub identity_key: IdentityKeyBytes,
+    /// One bundle per device, by id.
+    pub devices: Vec<DeviceBundle>,
+}
+
 /// Events the server pushed that are not replies.
 #[derive(Debug, Default)]
 struct Notices {
@@ -212,6 +226,8 @@ pub struct Client {
     send: tokio::sync::Mutex<SendStream>,
     pending: Pending,
     next_id: AtomicU64,
+    /// The device this connection is logged in as (1 until a session reply says otherwise).
+    device: AtomicU32,
     request_timeout: Duration,
     reader: tokio::task::JoinHandle<()>,
     sends: PendingSends,
@@ -271,6 +287,7 @@ impl Client {
             send: tokio::sync::Mutex::new(send),
             pending,
             next_id: AtomicU64::new(1),
+            device: AtomicU32::new(1),
             request_timeout: options.request_timeout,
             reader,
             sends,
@@ -403,23 +420,35 @@ impl Client {
                 password,
             })
             .await?;
-        session_reply("signup", reply)
+        self.logged_in(session_reply("signup", reply))
     }
 
-    /// Logs in with a password; returns the session and its token (keep it secret).
+    /// Logs in with a password as device 1; returns the session and its token (keep it
+    /// secret).
     pub async fn login(
         &self,
         username: &str,
         password: Password,
     ) -> Result<(SessionInfo, SessionToken), ClientError> {
+        self.login_device(username, password, None).await
+    }
+
+    /// Logs in with a password as `device` of the account (device 1 when `None`); a removed
+    /// or unknown device is refused (`unknown_device`).
+    pub async fn login_device(
+        &self,
+        username: &str,
+        password: Password,
+        device: Option<DeviceId>,
+    ) -> Result<(SessionInfo, SessionToken), ClientError> {
         let reply = self
             .request(Request::Login {
                 username: username.into(),
                 password,
-                device: None,
+                device,
             })
             .await?;
-        session_reply("login", reply)
+        self.logged_in(session_reply("login", reply))
     }
 
     /// Restores a session with a token from an earlier login.
@@ -437,14 +466,34 @@ impl Client {
         match self.request(Request::Resume { token, deliver }).await? {
             Reply::Resumed {
                 username,
+                device,
                 expires_at,
-                ..
-            } => Ok(SessionInfo {
-                username,
-                expires_at,
-            }),
+            } => {
+                self.device.store(device, Ordering::Relaxed);
+                Ok(SessionInfo {
+                    username,
+                    device,
+                    expires_at,
+                })
+            }
             other => Err(unexpected("resume", &other)),
         }
+    }
+
+    /// Records the device of a successful signup or login.
+    fn logged_in(
+        &self,
+        reply: Result<(SessionInfo, SessionToken), ClientError>,
+    ) -> Result<(SessionInfo, SessionToken), ClientError> {
+        if let Ok((info, _)) = &reply {
+            self.device.store(info.device, Ordering::Relaxed);
+        }
+        reply
+    }
+
+    /// The device of the account this connection is logged in as (1 before it is).
+    pub fn device(&self) -> DeviceId {
+        self.device.load(Ordering::Relaxed)
     }
 
     /// Revokes this connection's session token everywhere.
@@ -471,10 +520,11 @@ impl Client {
         match self.request(Request::Whoami).await? {
             Reply::Whoami {
                 username,
+                device,
                 expires_at,
-                ..
             } => Ok(SessionInfo {
                 username,
+                device,
                 expires_at,
             }),
             other => Err(unexpected("whoami", &other)),
@@ -490,6 +540,20 @@ impl Client {
         id: MessageId,
         body: &[u8],
     ) -> Result<SendOutcome, ClientError> {
+        self.send_copies(to, kind, id, None, body).await
+    }
+
+    /// [`Client::send_message`] of a body made of one sealed copy per device, as `copies`
+    /// lists them (`None`: one copy, for the recipient's device 1). Lists that are not the
+    /// current ones give [`ClientError::StaleDevices`] with the current ones.
+    pub async fn send_copies(
+        &self,
+        to: &str,
+        kind: &str,
+        id: MessageId,
+        copies: Option<Copies>,
+        body: &[u8],
+    ) -> Result<SendOutcome, ClientError> {
         let (tx, rx) = oneshot::channel();
         self.sends
             .lock()
@@ -501,7 +565,7 @@ impl Client {
                 sends.remove(&id);
             }
         };
-        match streams::send_stream(&self.conn, to, kind, id, body).await {
+        match streams::send_stream(&self.conn, to, kind, id, copies, body).await {
             // A refused stream is explained by a `send_failed` event: wait for it below.
             Ok(()) | Err(streams::StreamFailure::Refused) => {}
             Err(streams::StreamFailure::Lost(e)) => {
@@ -631,6 +695,34 @@ impl Client {
         }
     }
 
+    /// Fetches the prekey bundles of `devices` of a user (every current device with keys when
+    /// `None`), consuming one one-time prekey of each.
+    pub async fn fetch_bundles(
+        &self,
+        username: &str,
+        devices: Option<Vec<DeviceId>>,
+    ) -> Result<DeviceBundles, ClientError> {
+        match self
+            .request(Request::FetchBundle {
+                username: username.into(),
+                devices,
+            })
+            .await?
+        {
+            Reply::Bundle {
+                username,
+                identity_key,
+                devices,
+                ..
+            } => Ok(DeviceBundles {
+                username,
+                identity_key,
+                devices,
+            }),
+            other => Err(unexpected("fetch_bundle", &other)),
+        }
+    }
+
     /// Fetches a user's identity key without consuming anything.
     pub async fn fetch_identity(&self, username: &str) -> Result<IdentityKeyBytes, ClientError> {
         match self
@@ -695,12 +787,13 @@ fn session_reply(request: &str, reply: Reply) -> Result<(SessionInfo, SessionTok
     match reply {
         Reply::Session {
             username,
+            device,
             token,
             expires_at,
-            ..
         } => Ok((
             SessionInfo {
                 username,
+                device,
                 expires_at,
             },
             token,
@@ -775,11 +868,19 @@ async fn read_replies(
                     message_id: Some(message_id),
                     code,
                     message,
-                    ..
+                    devices,
+                    own_devices,
                 } => {
                     let waiter = sends.lock().ok().and_then(|mut s| s.remove(&message_id));
+                    let failure = match (code, devices) {
+                        (ErrorCode::StaleDevices, Some(devices)) => ClientError::StaleDevices {
+                            devices,
+                            own_devices: own_devices.unwrap_or_default(),
+                        },
+                        _ => ClientError::Server { code, message },
+                    };
                     if let Some(waiter) = waiter {
-                        let _ = waiter.send(Err(ClientError::Server { code, message }));
+                        let _ = waiter.send(Err(failure));
                     }
                 }
                 Reply::PrekeysLow { remaining } => {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use super::keystore::{FIRST_DEVICE, HistoryEntry, Incoming, Quarantined};
+use super::keystore::{HistoryEntry, Incoming, Quarantined};
 use super::messenger::{MessengerError, Received, TEXT, changed_warning, username};
 use super::{Delivered, Messenger, sessions};
 use crate::e2e::E2eError;
@@ -146,6 +146,7 @@ impl Messenger {
         Ok(next.map(|m| Received::Text {
             id: m.id,
             from: m.from,
+            to: m.to,
             sent_at: m.sent_at,
             text: m.text,
             warning: m.warning,
@@ -190,8 +191,18 @@ impl Messenger {
                 let Ok(peer) = Username::parse(&delivered.from) else {
                     return Ok(quarantine(state, "invalid sender name".into(), false));
                 };
+                let addressee = match delivered.to.as_deref().map(Username::parse) {
+                    None => None,
+                    Some(Ok(to)) => Some(to),
+                    Some(Err(_)) => {
+                        return Ok(quarantine(state, "invalid addressee name".into(), false));
+                    }
+                };
+                // A copy of this account's own message (E14.3) is never answered with a retry.
+                let own = peer == me;
                 match delivered.kind.as_str() {
                     TEXT => {}
+                    RETRY if own => return Ok(Kept::NoResend { asked: None }),
                     RETRY => {
                         let Ok(asked) = <[u8; 16]>::try_from(delivered.body.as_slice()) else {
                             let reason = "malformed retry request".to_owned();
@@ -206,8 +217,16 @@ impl Messenger {
                         };
                         entry.resent = true;
                         let text = entry.text.clone();
-                        // The peer cannot open our session: start a fresh one.
-                        state.reset(peer.as_str());
+                        // The peer's device cannot open our session with it: start a fresh one.
+                        // (The message goes again to each of the peer's devices, under a new id.)
+                        if let Some(sessions) = state
+                            .device_sessions
+                            .get_mut(peer.as_str())
+                            .and_then(|d| d.get_mut(&delivered.from_device))
+                            && let Some(old) = sessions.active.take()
+                        {
+                            sessions.keep(old);
+                        }
                         return Ok(Kept::Resend { peer, text, asked });
                     }
                     other => {
@@ -217,25 +236,28 @@ impl Messenger {
                 }
                 let from = sessions::Origin {
                     peer: &peer,
-                    device: FIRST_DEVICE,
-                    to: None,
+                    device: delivered.from_device,
+                    to: addressee.as_ref(),
                 };
                 match sessions::open(state, &me, from, delivered.id, &delivered.body) {
                     Ok(opened) => {
                         let text = String::from_utf8_lossy(&opened.plaintext).into_owned();
+                        // The conversation is with the addressee of one's own copy.
+                        let other = addressee.as_ref().unwrap_or(&peer).as_str().to_owned();
                         let changed = opened.identity_changed
-                            || state.trust_of(peer.as_str()).changed_to.is_some();
+                            || (!own && state.trust_of(peer.as_str()).changed_to.is_some());
                         let incoming = Incoming {
                             id: delivered.id,
                             from: delivered.from.clone(),
+                            to: addressee.as_ref().map(|to| to.as_str().to_owned()),
                             sent_at: delivered.sent_at,
                             text: text.clone(),
                             warning: changed.then(|| changed_warning(peer.as_str())),
                         };
                         state.unshown.push_back(incoming.clone());
                         state.remember(HistoryEntry {
-                            peer: delivered.from.clone(),
-                            outgoing: false,
+                            peer: other,
+                            outgoing: own,
                             id: delivered.id,
                             at: delivered.sent_at,
                             text,
@@ -245,7 +267,7 @@ impl Messenger {
                     }
                     // A replay of a message already opened: nothing to ask for.
                     Err(e @ E2eError::Duplicate) => Ok(quarantine(state, e.to_string(), false)),
-                    Err(e) => Ok(quarantine(state, e.to_string(), true)),
+                    Err(e) => Ok(quarantine(state, e.to_string(), !own)),
                 }
             })
             .await?;
@@ -253,6 +275,7 @@ impl Messenger {
             Kept::Text(m) => Ok(Received::Text {
                 id: m.id,
                 from: m.from,
+                to: m.to,
                 sent_at: m.sent_at,
                 text: m.text,
                 warning: m.warning,

@@ -11,9 +11,7 @@ use super::format::{StoredKeyState, StoredOutgoing};
 use crate::e2e::{IdentityKey, IdentityKeyPair, PrekeyStore, Session};
 use crate::protocol::MessageId;
 
-/// A device's id within its account: 1 for the device that signed up (and for every home
-/// from before devices), then 2, 3, … as devices are linked; never reused.
-pub type DeviceId = u32;
+pub use crate::protocol::DeviceId;
 
 /// The device of every account and home from before devices.
 pub const FIRST_DEVICE: DeviceId = 1;
@@ -153,6 +151,9 @@ pub struct Incoming {
     pub id: MessageId,
     /// The sender.
     pub from: String,
+    /// On a copy of a message this account sent from another device: its recipient.
+    #[serde(default)]
+    pub to: Option<String>,
     /// When the server stored it (Unix seconds).
     pub sent_at: u64,
     /// The text.

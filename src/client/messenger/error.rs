@@ -19,6 +19,18 @@ pub enum MessengerError {
     /// The home directory holds another user's keys.
     #[error("this home directory holds the keys of {0}; use another --home")]
     OtherUser(String),
+    /// The home directory holds the keys of another device of this account than the one the
+    /// connection is logged in as.
+    #[error(
+        "this home directory holds the keys of device {home} of the account, but you are logged \
+         in as device {connection}; use the home of that device"
+    )]
+    OtherDevice {
+        /// The home's device.
+        home: u32,
+        /// The connection's device.
+        connection: u32,
+    },
     /// No keys yet (log in or sign up with this home directory first).
     #[error("no keys in this home directory: sign up or log in first")]
     NoKeys,

@@ -2,13 +2,13 @@
 //! rotated when due, one-time prekeys topped up when the server says they run low; and the
 //! conversions between the wire's key types and `e2e`'s.
 
-use super::super::Bundle;
+use super::super::{Bundle, DeviceBundle};
 use super::{KeyState, Messenger, MessengerError, PREKEY_BATCH, SIGNED_PREKEY_ROTATION};
 use crate::e2e::{
     E2eError, IdentityKey, OneTimePrekeyPublic, PrekeyBundle, PrekeyStore, SignedPrekeyPublic,
 };
 use crate::protocol::ErrorCode;
-use crate::protocol::keys::{Bin, OneTimePrekey, SignedPrekey};
+use crate::protocol::keys::{Bin, IdentityKeyBytes, OneTimePrekey, SignedPrekey};
 use crate::unix_now;
 
 impl Messenger {
@@ -21,6 +21,7 @@ impl Messenger {
     /// here would replace the account's identity. `replace_identity` does it anyway.
     pub async fn ensure_keys_with(&self, replace_identity: bool) -> Result<(), MessengerError> {
         let me = self.me.as_str().to_owned();
+        let device = self.client().device();
         let has_keys = {
             let me = me.clone();
             self.keystore
@@ -28,6 +29,10 @@ impl Messenger {
                     Some(existing) if existing.username != me => {
                         Err(MessengerError::OtherUser(existing.username.clone()))
                     }
+                    Some(existing) if existing.device != device => Err(MessengerError::OtherDevice {
+                        home: existing.device,
+                        connection: device,
+                    }),
                     other => Ok(other.is_some()),
                 })
                 .await??
@@ -51,7 +56,7 @@ impl Messenger {
                     None => {
                         let identity = crate::e2e::IdentityKeyPair::generate()?;
                         let prekeys = PrekeyStore::generate(&identity, PREKEY_BATCH)?;
-                        *state = Some(KeyState::new(&me, &identity, prekeys, now));
+                        *state = Some(KeyState::for_device(&me, device, &identity, prekeys, now));
                         Ok(true)
                     }
                 }
@@ -153,6 +158,21 @@ pub(crate) fn wire_one_time(otp: &OneTimePrekeyPublic) -> OneTimePrekey {
     }
 }
 
+/// One device's bundle of a `bundle` reply, with the account's identity key, as `e2e` takes it.
+pub(crate) fn device_bundle(
+    identity_key: &IdentityKeyBytes,
+    bundle: &DeviceBundle,
+) -> Result<PrekeyBundle, E2eError> {
+    to_bundle(&Bundle {
+        username: String::new(),
+        identity_key: identity_key.clone(),
+        signed_prekey: bundle.signed_prekey.clone(),
+        one_time_prekey: bundle.one_time_prekey.clone(),
+        last_resort: bundle.last_resort.clone(),
+    })
+}
+
+/// A bundle as the server handed it out, as `e2e` takes it.
 pub(crate) fn to_bundle(bundle: &Bundle) -> Result<PrekeyBundle, E2eError> {
     let signed = |s: &SignedPrekey| SignedPrekeyPublic {
         id: s.id,

@@ -15,6 +15,7 @@ use super::keystore::{HistoryEntry, Incoming, KeyState, Keystore, Outgoing, Rece
 use super::{Client, ClientError, ClientOptions};
 use crate::protocol::{MessageId, SessionToken, Username};
 
+mod devices;
 mod error;
 mod keys;
 mod outbox;
@@ -42,8 +43,10 @@ pub enum Received {
     Text {
         /// The sender's id for it.
         id: MessageId,
-        /// The sender.
+        /// The sender (this user, for a copy of a message sent from another of its devices).
         from: String,
+        /// On a copy of a message this user sent from another device: whom it went to.
+        to: Option<String>,
         /// When the server stored it (Unix seconds).
         sent_at: u64,
         /// The text.

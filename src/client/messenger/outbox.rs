@@ -4,12 +4,9 @@
 use std::collections::BTreeSet;
 
 use super::super::ClientError;
-use super::super::copies::{self, Bundles, CopiesError, Destinations, Draft};
-use super::super::keystore::FIRST_DEVICE;
-use super::keys::to_bundle;
-use super::{
-    HistoryEntry, Keystore, Messenger, MessengerError, Outgoing, TEXT, changed_warning, username,
-};
+use super::super::copies::{self, Bundles, Destinations, Draft};
+use super::devices::{copies_error, trust_check};
+use super::{HistoryEntry, Keystore, Messenger, MessengerError, Outgoing, TEXT, username};
 use crate::protocol::{ErrorCode, MessageId, Username};
 use crate::unix_now;
 
@@ -34,7 +31,7 @@ pub struct Flushed {
 }
 
 /// What a failed send of a queued message means for the rest of the outbox.
-enum Refusal {
+pub(super) enum Refusal {
     /// The connection or the session failed: no other message would pass now.
     StopAll,
     /// The server may take it later (a full inbox, a busy or failing server): keep it, and
@@ -44,7 +41,7 @@ enum Refusal {
     Drop,
 }
 
-fn refusal(e: &ClientError) -> Refusal {
+pub(super) fn refusal(e: &ClientError) -> Refusal {
     match e {
         ClientError::Server { code, .. } => match code {
             // No message to anyone would pass before the store recovers or the account's
@@ -106,34 +103,8 @@ impl Messenger {
         peer: &Username,
         text: &str,
     ) -> Result<(MessageId, Option<String>, Vec<Outgoing>), MessengerError> {
-        let (dest, missing) = {
-            let (me, peer) = (self.me.clone(), peer.clone());
-            self.keystore
-                .read_async(move |s| {
-                    let s = s.ok_or(MessengerError::NoKeys)?;
-                    let dest = copies::known_destinations(s, &me, &peer);
-                    let missing = copies::missing(s, &me, &peer, &dest, &Bundles::default());
-                    Ok::<_, MessengerError>((dest, missing))
-                })
-                .await??
-        };
-        let bundles = self.fetch_bundles(peer, &missing).await?;
+        let (dest, bundles) = self.destinations(peer).await?;
         seal_into_outbox(&self.keystore, &self.me, peer, text, dest, bundles).await
-    }
-
-    /// The prekey bundles of the devices in `missing`.
-    pub(crate) async fn fetch_bundles(
-        &self,
-        peer: &Username,
-        missing: &Destinations,
-    ) -> Result<Bundles, MessengerError> {
-        let mut bundles = Bundles::default();
-        // Until the server lists devices, every account has exactly device 1.
-        if missing.devices.contains(&FIRST_DEVICE) {
-            let bundle = self.client().fetch_bundle(peer.as_str()).await?;
-            bundles.peer.insert(FIRST_DEVICE, to_bundle(&bundle)?);
-        }
-        Ok(bundles)
     }
 
     fn recipient(&self, to: &str) -> Result<Username, MessengerError> {
@@ -176,27 +147,24 @@ impl Messenger {
             if held_back.contains(&out.to) {
                 continue;
             }
-            match self
-                .client()
-                .send_message(&out.to, &out.kind, out.id, &body(&out))
-                .await
-            {
-                Ok(_) => {
-                    done.push(out.id);
-                    flushed.sent.push((out.to, out.id));
+            let (to, id) = (out.to.clone(), out.id);
+            match self.send_one(out).await {
+                Ok(()) => {
+                    done.push(id);
+                    flushed.sent.push((to, id));
                 }
-                Err(e) => match refusal(&e) {
+                Err((refused, why)) => match refused {
                     Refusal::StopAll => {
-                        flushed.stopped = Some(e.to_string());
+                        flushed.stopped = Some(why);
                         break;
                     }
                     Refusal::HoldPeer => {
-                        flushed.stopped = Some(e.to_string());
-                        held_back.insert(out.to);
+                        flushed.stopped = Some(why);
+                        held_back.insert(to);
                     }
                     Refusal::Drop => {
-                        done.push(out.id);
-                        flushed.dropped.push((out.to, out.id, e.to_string()));
+                        done.push(id);
+                        flushed.dropped.push((to, id, why));
                     }
                 },
             }
@@ -220,7 +188,7 @@ impl Messenger {
 }
 
 /// The body of a message stream: its copies' envelopes, one after the other.
-fn body(out: &Outgoing) -> Vec<u8> {
+pub(super) fn body(out: &Outgoing) -> Vec<u8> {
     out.copies
         .iter()
         .flat_map(|c| c.envelope.iter().copied())
@@ -265,22 +233,11 @@ pub(crate) async fn seal_into_outbox(
                 id,
                 plaintext: text.as_bytes(),
             };
-            let copies = copies::seal_copies(state, &me, draft, &dest, &bundles, &[]).map_err(
-                |e| match e {
-                    CopiesError::Missing(_) => MessengerError::NoSession(name.to_owned()),
-                    CopiesError::ForeignOwnDevice { device } => {
-                        MessengerError::ForeignOwnDevice(device)
-                    }
-                    CopiesError::E2e(e) => MessengerError::E2e(e),
-                },
-            )?;
+            let copies = copies::seal_copies(state, &me, draft, &dest, &bundles, &[])
+                .map_err(|e| copies_error(name, e))?;
             // An error saves nothing (not even the sessions just started), so this refusal
             // after sealing is as good as one before.
-            let trust = state.trust_of(name);
-            if trust.verified && trust.changed_to.is_some() {
-                return Err(MessengerError::VerifiedKeyChanged(name.to_owned()));
-            }
-            let warning = trust.changed_to.map(|_| changed_warning(name));
+            let warning = trust_check(state, name)?;
             state.outbox.push_back(Outgoing {
                 to: name.to_owned(),
                 id,
