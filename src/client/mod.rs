@@ -33,11 +33,11 @@ pub use self::receiving::{Connection as ConnectionEvent, RETRY};
 pub use self::streams::{Delivered, MAX_DELIVERED_BODY};
 pub use self::trust::is_offline;
 use crate::protocol::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
-pub use crate::protocol::{Copies, DeviceBundle, DeviceId};
 use crate::protocol::{
     ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Password,
     Reply, Request, ServerFrame, SessionToken, decode_body, read_frame, write_frame,
 };
+pub use crate::protocol::{Copies, DeviceBundle, DeviceId};
 use crate::{tls, transport};
 
 /// How to reach a server.

@@ -21,7 +21,8 @@ const MAX_RESEALS: usize = 3;
 /// The copies' lists for the send header: `None` for the one copy of a client from before
 /// devices (the recipient's device 1, nothing for one's own), which every server takes.
 pub(super) fn wire_copies(out: &Outgoing) -> Option<Copies> {
-    let legacy = matches!(out.copies.as_slice(), [only] if only.device == FIRST_DEVICE && !only.own);
+    let legacy =
+        matches!(out.copies.as_slice(), [only] if only.device == FIRST_DEVICE && !only.own);
     (!legacy).then(|| Copies {
         devices: out.devices(),
         own_devices: out.own_devices(),
@@ -169,7 +170,9 @@ impl Messenger {
     ) -> Result<Option<Outgoing>, MessengerError> {
         let peer = username(&out.to)?;
         let sealed = |device: DeviceId, own: bool| {
-            out.copies.iter().any(|c| c.device == device && c.own == own)
+            out.copies
+                .iter()
+                .any(|c| c.device == device && c.own == own)
         };
         let mut missing = {
             let (me, peer, dest) = (self.me.clone(), peer.clone(), dest.clone());

@@ -29,10 +29,12 @@ impl Messenger {
                     Some(existing) if existing.username != me => {
                         Err(MessengerError::OtherUser(existing.username.clone()))
                     }
-                    Some(existing) if existing.device != device => Err(MessengerError::OtherDevice {
-                        home: existing.device,
-                        connection: device,
-                    }),
+                    Some(existing) if existing.device != device => {
+                        Err(MessengerError::OtherDevice {
+                            home: existing.device,
+                            connection: device,
+                        })
+                    }
                     other => Ok(other.is_some()),
                 })
                 .await??
@@ -165,7 +167,7 @@ pub(crate) fn device_bundle(
 ) -> Result<PrekeyBundle, E2eError> {
     to_bundle(&Bundle {
         username: String::new(),
-        identity_key: identity_key.clone(),
+        identity_key: *identity_key,
         signed_prekey: bundle.signed_prekey.clone(),
         one_time_prekey: bundle.one_time_prekey.clone(),
         last_resort: bundle.last_resort.clone(),
