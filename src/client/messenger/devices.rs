@@ -237,3 +237,50 @@ impl Messenger {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::keystore::SealedCopy;
+    use crate::protocol::MessageId;
+
+    fn out(copies: &[(DeviceId, bool, usize)]) -> Outgoing {
+        Outgoing {
+            to: "bob".into(),
+            id: MessageId([1; 16]),
+            kind: "text".into(),
+            copies: copies
+                .iter()
+                .map(|&(device, own, len)| SealedCopy {
+                    device,
+                    own,
+                    envelope: vec![0; len],
+                })
+                .collect(),
+            text: None,
+        }
+    }
+
+    /// The one copy for device 1 goes with a header of before devices; anything else lists
+    /// every copy, the recipient's then one's own, with their lengths.
+    #[test]
+    fn the_send_header_lists_the_copies_unless_there_is_only_device_1() {
+        assert_eq!(wire_copies(&out(&[(1, false, 83)])), None);
+        let listed = wire_copies(&out(&[(1, false, 83), (2, false, 339), (3, true, 90)]));
+        assert_eq!(
+            listed,
+            Some(Copies {
+                devices: vec![1, 2],
+                own_devices: vec![3],
+                lengths: vec![83, 339, 90],
+            })
+        );
+        assert_eq!(
+            wire_copies(&out(&[(2, false, 5)])).map(|c| c.devices),
+            Some(vec![2])
+        );
+        let with_own = out(&[(1, false, 4), (2, true, 6)]);
+        assert_eq!(body(&with_own).len(), 10);
+        assert!(wire_copies(&with_own).is_some());
+    }
+}
