@@ -1,10 +1,10 @@
 //! The requests about the account and its session: signup, login (as a device), resume,
-//! whoami, logout, account deletion.
+//! whoami, logout, account deletion, and the account's devices (list, remove).
 
 use std::sync::atomic::Ordering;
 
 use super::{Client, ClientError, DeviceId, unexpected};
-use crate::protocol::{Password, Reply, Request, SessionToken};
+use crate::protocol::{DeviceInfo, Password, Reply, Request, SessionToken};
 
 /// A session as the server granted it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +154,30 @@ impl Client {
                 expires_at,
             }),
             other => Err(unexpected("whoami", &other)),
+        }
+    }
+
+    /// The account's current devices, by id (`current` marks this connection's).
+    pub async fn list_devices(&self) -> Result<Vec<DeviceInfo>, ClientError> {
+        match self.request(Request::ListDevices).await? {
+            Reply::Devices { devices } => Ok(devices),
+            other => Err(unexpected("list_devices", &other)),
+        }
+    }
+
+    /// Removes another device of the account (the password is checked again); its
+    /// connections are closed and its inbox is gone. Returns the removed device.
+    pub async fn remove_device(
+        &self,
+        device: DeviceId,
+        password: Password,
+    ) -> Result<DeviceId, ClientError> {
+        match self
+            .request(Request::RemoveDevice { device, password })
+            .await?
+        {
+            Reply::DeviceRemoved { device } => Ok(device),
+            other => Err(unexpected("remove_device", &other)),
         }
     }
 }

@@ -43,7 +43,7 @@ use crate::protocol::{
     ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Reply,
     Request, write_frame,
 };
-pub use crate::protocol::{Copies, DeviceBundle, DeviceId};
+pub use crate::protocol::{Copies, DeviceBundle, DeviceId, DeviceInfo};
 use crate::{tls, transport};
 
 /// How to reach a server.

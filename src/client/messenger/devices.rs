@@ -117,6 +117,10 @@ impl Messenger {
         let mut all = BTreeMap::new();
         if unknown {
             all = self.device_bundles(peer, None).await?;
+            if all.is_empty() {
+                // No device of theirs has keys: nothing could be sealed for them.
+                return Err(MessengerError::NoSession(peer.as_str().to_owned()));
+            }
             dest.devices = all.keys().copied().collect();
             missing.devices.clear();
         }
