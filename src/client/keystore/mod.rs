@@ -261,6 +261,7 @@ mod tests {
                 at: u64::from(n),
                 text: "x".repeat(2000),
                 resent: false,
+                copy: false,
             });
         }
         let text: usize = state.history.iter().map(|e| e.text.len()).sum();

@@ -197,6 +197,10 @@ pub struct HistoryEntry {
     /// it (a message is resent at most once).
     #[serde(default)]
     pub resent: bool,
+    /// For an outgoing message: a copy of what another device of this account sent (E14):
+    /// only that device answers the peer's retry requests for it.
+    #[serde(default)]
+    pub copy: bool,
 }
 
 /// What the user decided about a peer's identity key.

@@ -252,6 +252,7 @@ pub(crate) async fn seal_into_outbox(
                 at: unix_now(),
                 text,
                 resent: false,
+                copy: false,
             });
             Ok((id, warning, state.outbox.iter().cloned().collect()))
         })
