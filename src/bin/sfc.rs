@@ -11,13 +11,15 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use securefastchat::client::chat;
 use securefastchat::client::home::{Home, SavedSession};
+use securefastchat::client::keystore::{FIRST_DEVICE, Keystore};
+use securefastchat::client::link;
 use securefastchat::client::messenger::{
     Flushed, Messenger, MessengerError, OfflineMessenger, Received,
 };
 use securefastchat::client::render;
 use securefastchat::client::{Client, ClientError, ClientOptions, ConnectionEvent};
-use securefastchat::e2e::MAX_PLAINTEXT_LEN;
-use securefastchat::protocol::{ErrorCode, MessageId, Password};
+use securefastchat::e2e::{LinkCode, MAX_PLAINTEXT_LEN};
+use securefastchat::protocol::{DeviceId, ErrorCode, MessageId, Password, Username};
 
 /// SecureFastChat client.
 #[derive(Parser, Debug)]
@@ -48,15 +50,26 @@ enum Command {
         /// 3-32 characters of a-z 0-9 _ . -
         user: String,
     },
-    /// Log in (password from SFC_PASSWORD or a prompt). In a home without the account's keys,
-    /// refuses if the account already has keys elsewhere
+    /// Log in (password from SFC_PASSWORD or a prompt) as this home's device. In a home
+    /// without the account's keys, refuses if the account already has keys on another device:
+    /// link this home as a new device instead (`sfc device link`, `sfc device add`)
     Login {
         /// Account name
         user: String,
         /// Make a new identity key here, replacing the account's (every contact sees a key
-        /// change; sessions with the old key end)
+        /// change; sessions with the old key end; every other device of the account is
+        /// removed)
         #[arg(long)]
         new_identity: bool,
+    },
+    /// List your account's devices: `ID<TAB>NAME<TAB>added DATE<TAB>seen DATE`, times in UTC,
+    /// and `this device` after the one you use here
+    Devices,
+    /// Link, add, list or remove devices of your account (a phone, a laptop, …: each with its
+    /// own home directory, all with the account's identity)
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
     },
     /// Revoke the saved session on the server and forget it
     Logout,
@@ -139,6 +152,33 @@ enum Command {
     Chat {
         /// The contact
         user: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCommand {
+    /// On a device of your account: show a code for a new device, then wait (up to 5
+    /// minutes) for it to be used with `sfc device add` there
+    Link,
+    /// On the new device, in a new, empty home: link this home to USER's account with the code
+    /// that `sfc device link` shows on a device of the account
+    Add {
+        /// The account
+        user: String,
+        /// The code shown by `sfc device link` (SSSS-PPPPPP)
+        code: String,
+        /// A name for this device in the device list, 1-64 bytes [default: this computer's
+        /// host name, or "new device"]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List your account's devices (as `sfc devices`)
+    List,
+    /// Remove another device of your account (password from SFC_PASSWORD or a prompt): its
+    /// sessions end at once and the messages waiting for it are deleted
+    Remove {
+        /// The device's id (see `sfc devices`)
+        id: DeviceId,
     },
 }
 
@@ -327,13 +367,65 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
         }
         Command::Login { user, new_identity } => {
             refuse_other_users_home(&home, &user).await?;
+            let keystore = Keystore::new(home.dir());
+            // This home's device, or device 1 for a home without keys.
+            let held = link::home_keys(&keystore).await?.map(|(_, device)| device);
+            let device = held.unwrap_or(FIRST_DEVICE);
             let password = read_password(false)?;
             let client = Client::connect(&options).await?;
-            let (session, token) = client.login(&user, password).await?;
-            let messenger = Messenger::new(client, home.dir(), &session.username)?;
+            let session = match link::login_as(&client, &user, password.clone(), Some(device)).await
+            {
+                Err(e) if e.is_server(ErrorCode::UnknownDevice) => {
+                    client.close().await;
+                    return Err(match held {
+                        Some(device) => anyhow::anyhow!(removed_message(&user, Some(device))),
+                        None => anyhow::anyhow!(
+                            "{user} has no device 1 any more (it was removed); link this home as \
+                             a new device: {}",
+                            how_to_link(&user)
+                        ),
+                    });
+                }
+                other => other?,
+            };
+            let me = Username::parse(&session.username)
+                .with_context(|| format!("the server named the account {:?}", session.username))?;
             // The keys come first: a login that cannot use this home saves nothing here and
             // leaves no session behind on the server.
-            if let Err(e) = messenger.ensure_keys_with(new_identity).await {
+            let keys = async {
+                if new_identity {
+                    let removed =
+                        link::replace_identity(&client, &keystore, &me, session.device, password)
+                            .await?;
+                    return anyhow::Ok(removed);
+                }
+                if held.is_none() {
+                    match client.fetch_identity(me.as_str()).await {
+                        Ok(_) => bail!(
+                            "{me} already has keys on another device, and this home holds none: \
+                             making new ones here would replace the account's identity (every \
+                             contact would see a key change). Link this home as a new device \
+                             instead: {}. (To replace the identity on purpose, which removes \
+                             every other device: `sfc login --new-identity {me}`)",
+                            how_to_link(me.as_str())
+                        ),
+                        Err(e) if e.is_server(ErrorCode::NoKeys) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(Vec::new())
+            }
+            .await;
+            let removed = match keys {
+                Ok(removed) => removed,
+                Err(e) => {
+                    let _ = client.logout().await;
+                    client.close().await;
+                    return Err(e);
+                }
+            };
+            let messenger = Messenger::new(client, home.dir(), &session.username)?;
+            if let Err(e) = messenger.ensure_keys().await {
                 let _ = messenger.client().logout().await;
                 messenger.close().await;
                 return Err(e.into());
@@ -342,16 +434,132 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                 &home,
                 &cli.server,
                 &session.username,
-                token,
+                session.token,
                 session.expires_at,
             )?;
             messenger.close().await;
             let name = render::line(&session.username);
             if new_identity {
                 println!("logged in as {name} with a new identity key");
+                if !removed.is_empty() {
+                    let ids: Vec<String> = removed.iter().map(u32::to_string).collect();
+                    println!(
+                        "removed the account's other devices (they held the old identity): {}",
+                        ids.join(", ")
+                    );
+                }
             } else {
                 println!("logged in as {name}");
             }
+        }
+        Command::Devices
+        | Command::Device {
+            command: DeviceCommand::List,
+        } => {
+            let (client, _) = resume(&home, &options, false).await?;
+            let devices = link::list_devices(&client).await?;
+            client.close().await;
+            for device in devices {
+                let seen = match device.last_seen {
+                    0 => "never seen".to_owned(),
+                    at => format!("seen {}", utc(at)),
+                };
+                let current = if device.current { "\tthis device" } else { "" };
+                println!(
+                    "{}\t{}\tadded {}\t{seen}{current}",
+                    device.device,
+                    render::line(&device.name),
+                    utc(device.added_at)
+                );
+            }
+        }
+        Command::Device {
+            command: DeviceCommand::Link,
+        } => {
+            let (client, saved) = resume(&home, &options, false).await?;
+            let me = Username::parse(&saved.username)
+                .with_context(|| format!("the saved session names {:?}", saved.username))?;
+            let keystore = Keystore::new(home.dir());
+            let open = link::open_link(&client, &keystore, &me).await?;
+            let code = open.code().to_string();
+            println!("link code: {code}");
+            println!("on the new device, in a new home: sfc device add {me} {code}");
+            println!(
+                "waiting for it (the code works once, for {} minutes) …",
+                link::LINK_WAIT.as_secs() / 60
+            );
+            std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;
+            let linked = open.answer(&client, &keystore).await;
+            client.close().await;
+            let linked = linked?;
+            println!(
+                "linked device {}: {}",
+                linked.device,
+                render::line(&linked.name)
+            );
+            if linked.contacts_left_out > 0 {
+                warn(&format!(
+                    "{} pinned contacts were not passed on (at most {} are); the new device \
+                     pins their keys when it first hears from them",
+                    linked.contacts_left_out,
+                    link::MAX_LINK_CONTACTS
+                ));
+            }
+        }
+        Command::Device {
+            command: DeviceCommand::Add { user, code, name },
+        } => {
+            let code = LinkCode::parse(&code).context("reading the code")?;
+            let account =
+                Username::parse(&user).map_err(|_| anyhow::anyhow!("invalid username {user:?}"))?;
+            let name = name.unwrap_or_else(default_device_name);
+            // The new device's confirmation is answered once the existing device has decided,
+            // which may take a while on a slow link.
+            let mut options = options.clone();
+            options.request_timeout = options.request_timeout.max(link::LINK_WAIT);
+            let keystore = Keystore::new(home.dir());
+            let client = Client::connect(&options).await?;
+            let joined = match link::join_link(&client, &keystore, &account, &code, &name).await {
+                Ok(joined) => joined,
+                Err(e) => {
+                    client.close().await;
+                    return Err(e.into());
+                }
+            };
+            save(
+                &home,
+                &cli.server,
+                &joined.username,
+                joined.token,
+                joined.expires_at,
+            )?;
+            let published = link::publish_keys(&client, &keystore).await;
+            client.close().await;
+            published.with_context(|| {
+                format!(
+                    "linked as device {} of {}, but its keys did not reach the server (others \
+                     cannot write to it yet)",
+                    joined.device, joined.username
+                )
+            })?;
+            let plural = if joined.contacts == 1 { "" } else { "s" };
+            println!(
+                "linked this home to {} as device {}: {} (with the keys of {} pinned contact{plural})",
+                render::line(&joined.username),
+                joined.device,
+                render::line(&name),
+                joined.contacts
+            );
+        }
+        Command::Device {
+            command: DeviceCommand::Remove { id },
+        } => {
+            let (client, _) = resume(&home, &options, false).await?;
+            let password = read_password(false)?;
+            let removed = link::remove_device(&client, id, password).await;
+            client.close().await;
+            removed?;
+            println!("removed device {id}");
         }
         Command::Whoami => {
             let (client, saved) = resume(&home, &options, false).await?;
@@ -417,6 +625,7 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
             let messenger = receiving_messenger(&home, &options).await?;
             let mut shown = 0;
             let mut idle_since = tokio::time::Instant::now();
+            let received_all = async {
             while count.is_none_or(|n| shown < n) {
                 let slice = patience.map_or(RECEIVE_SLICE, |p| {
                     p.saturating_sub(idle_since.elapsed()).min(RECEIVE_SLICE)
@@ -468,7 +677,12 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                     break;
                 }
             }
+            anyhow::Ok(())
+            }
+            .await
+            .map_err(|e| removed_or(&messenger.client(), messenger.me(), e));
             messenger.close().await;
+            received_all?;
         }
         Command::Unsend { id } => {
             let id = MessageId::from_hex(&id).context("a message id is 32 hex digits")?;
@@ -584,7 +798,9 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                     outgoing: e.outgoing,
                 })
                 .collect();
-            chat::run(Arc::clone(&messenger), &me, &user, &history, clock).await?;
+            chat::run(Arc::clone(&messenger), &me, &user, &history, clock)
+                .await
+                .map_err(|e| removed_or(&messenger.client(), &me, e.into()))?;
             if let Ok(messenger) = Arc::try_unwrap(messenger) {
                 messenger.close().await;
             }
@@ -606,8 +822,10 @@ async fn resume(
     match client.resume_with(saved.token.clone(), deliver).await {
         Err(e) if e.is_server(ErrorCode::InvalidToken) => {
             home.clear_session()?;
+            // A removed device's tokens are refused the same way; `sfc login` tells which.
             bail!(
-                "session expired or revoked (run `sfc login {}`)",
+                "session expired or revoked, or this device was removed from its account (run \
+                 `sfc login {}`)",
                 saved.username
             );
         }
@@ -618,7 +836,6 @@ async fn resume(
     Ok((client, saved))
 }
 
-/// Resumes the saved session and makes sure its keys are in place.
 /// Tells on standard error what happened to messages that waited in the outbox.
 fn report_flushed(flushed: &Flushed) {
     for (to, id) in &flushed.sent {
@@ -716,6 +933,79 @@ async fn refuse_other_users_home(home: &Home, user: &str) -> anyhow::Result<()> 
     match holder {
         Some(holder) if holder != folded => Err(MessengerError::OtherUser(holder).into()),
         _ => Ok(()),
+    }
+}
+
+/// What to tell the user of a device that was removed from `user`'s account.
+fn removed_message(user: &str, device: Option<DeviceId>) -> String {
+    let which = device.map_or_else(String::new, |d| format!(" (device {d} of {user})"));
+    format!(
+        "this device was removed from its account{which}: its keys in this home are no longer \
+         used. To use this computer again, link it anew: {}",
+        how_to_link(user)
+    )
+}
+
+/// How to link a new device of `user`, in words.
+fn how_to_link(user: &str) -> String {
+    format!(
+        "run `sfc device link` on a device of {user}, then `sfc device add {user} CODE` in a \
+         new, empty home here with the code it shows"
+    )
+}
+
+/// `error`, or the device's removal if that is what ended `client`'s connection (close
+/// code 7): the error then is only its consequence.
+fn removed_or(client: &Client, user: &str, error: anyhow::Error) -> anyhow::Error {
+    if link::was_removed(client) {
+        anyhow::anyhow!(removed_message(user, None))
+    } else {
+        error
+    }
+}
+
+/// `YYYY-MM-DD HH:MM UTC` of `seconds` since the Unix epoch.
+fn utc(seconds: u64) -> String {
+    let at = i64::try_from(seconds)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok());
+    match at {
+        Some(at) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+            at.year(),
+            u8::from(at.month()),
+            at.day(),
+            at.hour(),
+            at.minute()
+        ),
+        None => seconds.to_string(),
+    }
+}
+
+/// The name a new device gives itself by default: the host name (as far as a device name
+/// may hold it), or "new device".
+fn default_device_name() -> String {
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|path| {
+            use std::io::Read;
+            let mut text = String::new();
+            std::fs::File::open(path)
+                .ok()?
+                .take(256)
+                .read_to_string(&mut text)
+                .ok()?;
+            Some(text)
+        })
+        .unwrap_or_default();
+    let mut name: String = host.trim().chars().filter(|c| !c.is_control()).collect();
+    while name.len() > link::MAX_DEVICE_NAME {
+        name.pop();
+    }
+    if link::valid_device_name(&name) {
+        name
+    } else {
+        "new device".to_owned()
     }
 }
 

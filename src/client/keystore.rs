@@ -13,6 +13,11 @@ use super::home::{HomeError, write_private};
 use crate::e2e::{IdentityKey, IdentityKeyPair, PrekeyStore, Session};
 use crate::protocol::MessageId;
 
+pub use crate::protocol::DeviceId;
+
+/// The device of every account and home from before devices.
+pub const FIRST_DEVICE: DeviceId = 1;
+
 const KEYSTORE_FILE: &str = "keystore.msgpack";
 const LOCK_FILE: &str = "keystore.lock";
 const RECEIVE_LOCK_FILE: &str = "receive.lock";
@@ -37,6 +42,9 @@ pub const MAX_HISTORY_BYTES: usize = 512 * 1024;
 pub struct KeyState {
     /// The account these keys belong to.
     pub username: String,
+    /// This device's id within the account. Absent in keystores from before devices: 1.
+    #[serde(default = "first_device")]
+    pub device: DeviceId,
     #[serde(with = "serde_bytes")]
     identity_seed: [u8; 32],
     /// Signed, last-resort and one-time prekeys (private halves).
@@ -161,11 +169,28 @@ pub struct Trust {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pinned(#[serde(with = "serde_bytes")] pub [u8; 32]);
 
+fn first_device() -> DeviceId {
+    FIRST_DEVICE
+}
+
 impl KeyState {
-    /// New keys for `username`.
+    /// New keys for `username`'s first device (the one that signs up).
     pub fn new(username: &str, identity: &IdentityKeyPair, prekeys: PrekeyStore, now: u64) -> Self {
+        Self::for_device(username, FIRST_DEVICE, identity, prekeys, now)
+    }
+
+    /// New keys for `username`'s device `device` (a linked device, with the account's
+    /// identity).
+    pub fn for_device(
+        username: &str,
+        device: DeviceId,
+        identity: &IdentityKeyPair,
+        prekeys: PrekeyStore,
+        now: u64,
+    ) -> Self {
         Self {
             username: username.to_owned(),
+            device,
             identity_seed: *identity.expose_seed(),
             prekeys,
             signed_prekey_rotated_at: now,

@@ -8,6 +8,7 @@ pub mod chat;
 mod error;
 pub mod home;
 pub mod keystore;
+pub mod link;
 pub mod liveness;
 pub mod messenger;
 mod receiving;
@@ -200,6 +201,8 @@ struct Notices {
     prekeys_low: Option<u32>,
     /// The last error answering a request nobody waits for: a quiet `ack` that failed.
     unclaimed_error: Option<ClientError>,
+    /// `link_request` events, for the device that opened a link (`link`).
+    link_requests: link::LinkRequests,
 }
 
 /// A connection to a server with its control stream open and `hello` exchanged.
@@ -786,6 +789,7 @@ async fn read_replies(
                         n.prekeys_low = Some(remaining);
                     }
                 }
+                event @ Reply::LinkRequest { .. } => link::arrived(&notices, event),
                 other => tracing::debug!(?other, "ignoring event"),
             },
         }
