@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use devices::{DeviceCommand, how_to_link, removed_message, removed_or};
 use securefastchat::client::chat;
 use securefastchat::client::home::{Home, SavedSession};
 use securefastchat::client::keystore::{FIRST_DEVICE, Keystore};
@@ -18,8 +19,11 @@ use securefastchat::client::messenger::{
 };
 use securefastchat::client::render;
 use securefastchat::client::{Client, ClientError, ClientOptions, ConnectionEvent};
-use securefastchat::e2e::{LinkCode, MAX_PLAINTEXT_LEN};
-use securefastchat::protocol::{DeviceId, ErrorCode, MessageId, Password, Username};
+use securefastchat::e2e::MAX_PLAINTEXT_LEN;
+use securefastchat::protocol::{ErrorCode, MessageId, Password, Username};
+
+#[path = "sfc/devices.rs"]
+mod devices;
 
 /// SecureFastChat client.
 #[derive(Parser, Debug)]
@@ -152,33 +156,6 @@ enum Command {
     Chat {
         /// The contact
         user: String,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-enum DeviceCommand {
-    /// On a device of your account: show a code for a new device, then wait (up to 5
-    /// minutes) for it to be used with `sfc device add` there
-    Link,
-    /// On the new device, in a new, empty home: link this home to USER's account with the code
-    /// that `sfc device link` shows on a device of the account
-    Add {
-        /// The account
-        user: String,
-        /// The code shown by `sfc device link` (SSSS-PPPPPP)
-        code: String,
-        /// A name for this device in the device list, 1-64 bytes [default: this computer's
-        /// host name, or "new device"]
-        #[arg(long)]
-        name: Option<String>,
-    },
-    /// List your account's devices (as `sfc devices`)
-    List,
-    /// Remove another device of your account (password from SFC_PASSWORD or a prompt): its
-    /// sessions end at once and the messages waiting for it are deleted
-    Remove {
-        /// The device's id (see `sfc devices`)
-        id: DeviceId,
     },
 }
 
@@ -452,114 +429,11 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                 println!("logged in as {name}");
             }
         }
-        Command::Devices
-        | Command::Device {
-            command: DeviceCommand::List,
-        } => {
-            let (client, _) = resume(&home, &options, false).await?;
-            let devices = link::list_devices(&client).await?;
-            client.close().await;
-            for device in devices {
-                let seen = match device.last_seen {
-                    0 => "never seen".to_owned(),
-                    at => format!("seen {}", utc(at)),
-                };
-                let current = if device.current { "\tthis device" } else { "" };
-                println!(
-                    "{}\t{}\tadded {}\t{seen}{current}",
-                    device.device,
-                    render::line(&device.name),
-                    utc(device.added_at)
-                );
-            }
+        Command::Devices => {
+            devices::run(DeviceCommand::List, &home, &options, &cli.server).await?;
         }
-        Command::Device {
-            command: DeviceCommand::Link,
-        } => {
-            let (client, saved) = resume(&home, &options, false).await?;
-            let me = Username::parse(&saved.username)
-                .with_context(|| format!("the saved session names {:?}", saved.username))?;
-            let keystore = Keystore::new(home.dir());
-            let open = link::open_link(&client, &keystore, &me).await?;
-            let code = open.code().to_string();
-            println!("link code: {code}");
-            println!("on the new device, in a new home: sfc device add {me} {code}");
-            println!(
-                "waiting for it (the code works once, for {} minutes) …",
-                link::LINK_WAIT.as_secs() / 60
-            );
-            std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;
-            let linked = open.answer(&client, &keystore).await;
-            client.close().await;
-            let linked = linked?;
-            println!(
-                "linked device {}: {}",
-                linked.device,
-                render::line(&linked.name)
-            );
-            if linked.contacts_left_out > 0 {
-                warn(&format!(
-                    "{} pinned contacts were not passed on (at most {} are); the new device \
-                     pins their keys when it first hears from them",
-                    linked.contacts_left_out,
-                    link::MAX_LINK_CONTACTS
-                ));
-            }
-        }
-        Command::Device {
-            command: DeviceCommand::Add { user, code, name },
-        } => {
-            let code = LinkCode::parse(&code).context("reading the code")?;
-            let account =
-                Username::parse(&user).map_err(|_| anyhow::anyhow!("invalid username {user:?}"))?;
-            let name = name.unwrap_or_else(default_device_name);
-            // The new device's confirmation is answered once the existing device has decided,
-            // which may take a while on a slow link.
-            let mut options = options.clone();
-            options.request_timeout = options.request_timeout.max(link::LINK_WAIT);
-            let keystore = Keystore::new(home.dir());
-            let client = Client::connect(&options).await?;
-            let joined = match link::join_link(&client, &keystore, &account, &code, &name).await {
-                Ok(joined) => joined,
-                Err(e) => {
-                    client.close().await;
-                    return Err(e.into());
-                }
-            };
-            save(
-                &home,
-                &cli.server,
-                &joined.username,
-                joined.token,
-                joined.expires_at,
-            )?;
-            let published = link::publish_keys(&client, &keystore).await;
-            client.close().await;
-            published.with_context(|| {
-                format!(
-                    "linked as device {} of {}, but its keys did not reach the server (others \
-                     cannot write to it yet)",
-                    joined.device, joined.username
-                )
-            })?;
-            let plural = if joined.contacts == 1 { "" } else { "s" };
-            println!(
-                "linked this home to {} as device {}: {} (with the keys of {} pinned contact{plural})",
-                render::line(&joined.username),
-                joined.device,
-                render::line(&name),
-                joined.contacts
-            );
-        }
-        Command::Device {
-            command: DeviceCommand::Remove { id },
-        } => {
-            let (client, _) = resume(&home, &options, false).await?;
-            let password = read_password(false)?;
-            let removed = link::remove_device(&client, id, password).await;
-            client.close().await;
-            removed?;
-            println!("removed device {id}");
+        Command::Device { command } => {
+            devices::run(command, &home, &options, &cli.server).await?;
         }
         Command::Whoami => {
             let (client, saved) = resume(&home, &options, false).await?;
@@ -933,79 +807,6 @@ async fn refuse_other_users_home(home: &Home, user: &str) -> anyhow::Result<()> 
     match holder {
         Some(holder) if holder != folded => Err(MessengerError::OtherUser(holder).into()),
         _ => Ok(()),
-    }
-}
-
-/// What to tell the user of a device that was removed from `user`'s account.
-fn removed_message(user: &str, device: Option<DeviceId>) -> String {
-    let which = device.map_or_else(String::new, |d| format!(" (device {d} of {user})"));
-    format!(
-        "this device was removed from its account{which}: its keys in this home are no longer \
-         used. To use this computer again, link it anew: {}",
-        how_to_link(user)
-    )
-}
-
-/// How to link a new device of `user`, in words.
-fn how_to_link(user: &str) -> String {
-    format!(
-        "run `sfc device link` on a device of {user}, then `sfc device add {user} CODE` in a \
-         new, empty home here with the code it shows"
-    )
-}
-
-/// `error`, or the device's removal if that is what ended `client`'s connection (close
-/// code 7): the error then is only its consequence.
-fn removed_or(client: &Client, user: &str, error: anyhow::Error) -> anyhow::Error {
-    if link::was_removed(client) {
-        anyhow::anyhow!(removed_message(user, None))
-    } else {
-        error
-    }
-}
-
-/// `YYYY-MM-DD HH:MM UTC` of `seconds` since the Unix epoch.
-fn utc(seconds: u64) -> String {
-    let at = i64::try_from(seconds)
-        .ok()
-        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok());
-    match at {
-        Some(at) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02} UTC",
-            at.year(),
-            u8::from(at.month()),
-            at.day(),
-            at.hour(),
-            at.minute()
-        ),
-        None => seconds.to_string(),
-    }
-}
-
-/// The name a new device gives itself by default: the host name (as far as a device name
-/// may hold it), or "new device".
-fn default_device_name() -> String {
-    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
-        .iter()
-        .find_map(|path| {
-            use std::io::Read;
-            let mut text = String::new();
-            std::fs::File::open(path)
-                .ok()?
-                .take(256)
-                .read_to_string(&mut text)
-                .ok()?;
-            Some(text)
-        })
-        .unwrap_or_default();
-    let mut name: String = host.trim().chars().filter(|c| !c.is_control()).collect();
-    while name.len() > link::MAX_DEVICE_NAME {
-        name.pop();
-    }
-    if link::valid_device_name(&name) {
-        name
-    } else {
-        "new device".to_owned()
     }
 }
 

@@ -1,12 +1,13 @@
 //! This account's devices, from the client's side (docs/PROTOCOL.md 5.5 and E13): linking a new
 //! device through the server with a short code — the existing device's half ([`open_link`],
 //! then [`OpenLink::answer`]) and the new device's ([`join_link`], then [`publish_keys`]) —
-//! and listing, removing and logging in as a device, and replacing the account's identity.
+//! and (in `devices`) listing, removing and logging in as a device, and replacing the
+//! account's identity.
 //!
 //! The cryptography is `e2e::link`'s; this module drives its states over the `link_*` requests
 //! and moves what the payload carries into and out of the home's keystore. The existing device
 //! learns that a new device joined from the `link_request` event, which the connection's
-//! reader hands over through [`LinkRequests`].
+//! reader hands over through `LinkRequests`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,18 +17,21 @@ use tokio::sync::Notify;
 use super::home::HomeError;
 use super::keystore::{DeviceId, KeyState, Keystore, Pinned, Trust};
 use super::messenger::PREKEY_BATCH;
-use super::{Client, ClientError, Notices};
+use super::{Client, ClientError, Notices, unexpected};
 use crate::e2e::link::{ExistingDevice, JoiningDevice, LinkContact, LinkSecret};
 use crate::e2e::{
-    E2eError, IdentityKey, IdentityKeyPair, LinkCode, LinkError, LinkPayload, OneTimePrekeyPublic,
-    PrekeyStore, SignedPrekeyPublic,
+    E2eError, IdentityKey, LinkCode, LinkError, LinkPayload, OneTimePrekeyPublic, PrekeyStore,
+    SignedPrekeyPublic,
 };
 use crate::protocol::keys::{Bin, OneTimePrekey, SignedPrekey};
-use crate::protocol::{
-    CloseCode, DeviceInfo, ErrorCode, Password, Reply, Request, SessionToken, Username,
-};
+use crate::protocol::{ErrorCode, Reply, Request, SessionToken, Username};
+
+mod devices;
 
 pub use crate::e2e::link::MAX_LINK_CONTACTS;
+pub use devices::{
+    DeviceSession, home_keys, list_devices, login_as, remove_device, replace_identity, was_removed,
+};
 
 /// How long an open link waits for the new device: the server lets it lapse after this long
 /// (docs/PROTOCOL.md 5.5, step 1).
@@ -97,9 +101,14 @@ pub enum DeviceError {
     /// The home holds another account's keys.
     #[error("this home directory holds the keys of {0}; use another --home")]
     OtherUser(String),
-    /// A name is not a valid username.
-    #[error("invalid username {0:?}")]
-    BadName(String),
+    /// The connection failed before the server answered `replace_identity`: the new identity
+    /// may or may not be in place. Its keys stay in the home (they must not be lost if the
+    /// server has their public half).
+    #[error(
+        "the connection failed before the server answered ({0}); the new identity may or may \
+         not be in place. Its keys are kept in this home: run `sfc login --new-identity` again"
+    )]
+    ReplacementUnknown(ClientError),
     /// A device name the server would refuse.
     #[error("a device name has 1 to {MAX_DEVICE_NAME} bytes and no control characters")]
     BadDeviceName,
@@ -121,10 +130,6 @@ fn link_failed(error: ClientError) -> DeviceError {
     } else {
         DeviceError::Client(error)
     }
-}
-
-fn unexpected(request: &str, reply: &Reply) -> ClientError {
-    super::unexpected(request, reply)
 }
 
 /// The `link_request` events of a connection (docs/PROTOCOL.md 5.5, step 3), handed from the
@@ -514,176 +519,11 @@ pub async fn publish_keys(client: &Client, keystore: &Keystore) -> Result<u32, D
         })
         .await?;
     let Some((identity, signed, last_resort, one_time)) = keys else {
-        return Err(DeviceError::NoKeys("this account".into()));
+        return Err(DeviceError::NoKeys("the account".into()));
     };
     Ok(client
         .publish_keys(Some(identity), Some(signed), Some(last_resort), one_time)
         .await?)
-}
-
-/// A session granted by `login`, with the device it is for.
-#[derive(Debug, Clone)]
-pub struct DeviceSession {
-    /// The account (canonical name).
-    pub username: String,
-    /// The device logged in.
-    pub device: DeviceId,
-    /// The session token (keep it secret).
-    pub token: SessionToken,
-    /// When the token expires (Unix seconds).
-    pub expires_at: u64,
-}
-
-/// Logs `client` in as `device` of `username` (device 1 when `None`). A removed or unknown
-/// device is refused with `unknown_device` ([`ClientError::is_server`]).
-pub async fn login_as(
-    client: &Client,
-    username: &str,
-    password: Password,
-    device: Option<DeviceId>,
-) -> Result<DeviceSession, ClientError> {
-    // Asks for delivery, as `Client::login` does.
-    client
-        .conn
-        .set_max_concurrent_uni_streams(quinn::VarInt::from_u32(
-            crate::transport::MAX_SERVER_UNI_STREAMS,
-        ));
-    let request = Request::Login {
-        username: username.to_owned(),
-        password,
-        device,
-    };
-    match client.request(request).await? {
-        Reply::Session {
-            username,
-            token,
-            expires_at,
-            device,
-        } => Ok(DeviceSession {
-            username,
-            device,
-            token,
-            expires_at,
-        }),
-        other => Err(unexpected("login", &other)),
-    }
-}
-
-/// The account's current devices, by id (the connection's own marked `current`).
-pub async fn list_devices(client: &Client) -> Result<Vec<DeviceInfo>, ClientError> {
-    match client.request(Request::ListDevices).await? {
-        Reply::Devices { devices } => Ok(devices),
-        other => Err(unexpected("list_devices", &other)),
-    }
-}
-
-/// Removes another device of the account (the password is checked again): its tokens stop
-/// working, its connections are closed, its waiting messages are gone.
-pub async fn remove_device(
-    client: &Client,
-    device: DeviceId,
-    password: Password,
-) -> Result<(), ClientError> {
-    match client
-        .request(Request::RemoveDevice { device, password })
-        .await?
-    {
-        Reply::DeviceRemoved { .. } => Ok(()),
-        other => Err(unexpected("remove_device", &other)),
-    }
-}
-
-/// The account and device whose keys `keystore` holds, if any.
-pub async fn home_keys(keystore: &Keystore) -> Result<Option<(String, DeviceId)>, HomeError> {
-    keystore
-        .read_async(|s| s.map(|s| (s.username.clone(), s.device)))
-        .await
-}
-
-/// Gives the account a new identity key made here (`replace_identity`, with the password):
-/// saves it with fresh prekeys in `keystore` as the keys of `device` (the device `client` is
-/// logged in as), keeping the home's pinned contacts, trust decisions, history, outbox,
-/// quarantine and unshown messages but none of its sessions (they were made with the old
-/// identity). Every other device of the account is removed; returns their ids.
-///
-/// The new keys are saved before the request, so they are never lost once the server has
-/// their public half; if the server refuses, the previous keys are put back. If the
-/// connection fails meanwhile, the outcome is unknown and the new keys stay: run it again.
-pub async fn replace_identity(
-    client: &Client,
-    keystore: &Keystore,
-    me: &Username,
-    device: DeviceId,
-    password: Password,
-) -> Result<Vec<DeviceId>, DeviceError> {
-    let identity = IdentityKeyPair::generate()?;
-    let prekeys = PrekeyStore::generate(&identity, PREKEY_BATCH)?;
-    let request = Request::ReplaceIdentity {
-        password,
-        identity_key: Bin(*identity.public().as_bytes()),
-        signed_prekey: wire_signed(&prekeys.signed_prekey()),
-        last_resort: wire_signed(&prekeys.last_resort_prekey()),
-        one_time_prekeys: prekeys
-            .one_time_prekeys()
-            .iter()
-            .map(wire_one_time)
-            .collect(),
-    };
-    let mut fresh =
-        KeyState::for_device(me.as_str(), device, &identity, prekeys, crate::unix_now());
-    let previous = keystore
-        .update_async(move |state| {
-            if let Some(old) = state.as_ref().filter(|old| old.username != fresh.username) {
-                return Err(DeviceError::OtherUser(old.username.clone()));
-            }
-            let previous = state.take();
-            if let Some(old) = &previous {
-                fresh.pinned = old.pinned.clone();
-                fresh.trust = old.trust.clone();
-                fresh.history = old.history.clone();
-                fresh.outbox = old.outbox.clone();
-                fresh.quarantine = old.quarantine.clone();
-                fresh.unshown = old.unshown.clone();
-            }
-            *state = Some(fresh);
-            Ok(previous)
-        })
-        .await?;
-    match client.request(request).await {
-        Ok(Reply::IdentityReplaced { removed }) => Ok(removed),
-        Ok(other) => Err(unexpected("replace_identity", &other).into()),
-        Err(refused @ ClientError::Server { .. }) => {
-            match previous {
-                Some(previous) => {
-                    keystore
-                        .update_async(move |state| -> Result<(), HomeError> {
-                            *state = Some(previous);
-                            Ok(())
-                        })
-                        .await?
-                }
-                None => {
-                    let keystore = keystore.clone();
-                    tokio::task::spawn_blocking(move || keystore.remove())
-                        .await
-                        .map_err(|e| HomeError::Task(e.to_string()))??
-                }
-            }
-            Err(refused.into())
-        }
-        Err(other) => Err(other.into()),
-    }
-}
-
-/// Whether the server closed `client`'s connection because its device was removed from the
-/// account (close code 7).
-pub fn was_removed(client: &Client) -> bool {
-    match client.connection().close_reason() {
-        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
-            close.error_code.into_inner() == u64::from(CloseCode::DeviceRemoved.code())
-        }
-        _ => false,
-    }
 }
 
 #[cfg(test)]
