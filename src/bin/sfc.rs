@@ -344,6 +344,8 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
         }
         Command::Login { user, new_identity } => {
             refuse_other_users_home(&home, &user).await?;
+            // The canonical name, for what is said below (the server checks it again).
+            let user = Username::parse(&user).map_or(user, |u| u.as_str().to_owned());
             let keystore = Keystore::new(home.dir());
             // This home's device, or device 1 for a home without keys.
             let held = link::home_keys(&keystore).await?.map(|(_, device)| device);
