@@ -9,15 +9,21 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use devices::{DeviceCommand, how_to_link, removed_message, removed_or};
 use securefastchat::client::chat;
 use securefastchat::client::home::{Home, SavedSession};
+use securefastchat::client::keystore::{FIRST_DEVICE, Keystore};
+use securefastchat::client::link;
 use securefastchat::client::messenger::{
     Flushed, Messenger, MessengerError, OfflineMessenger, Received,
 };
 use securefastchat::client::render;
 use securefastchat::client::{Client, ClientError, ClientOptions, ConnectionEvent};
 use securefastchat::e2e::MAX_PLAINTEXT_LEN;
-use securefastchat::protocol::{ErrorCode, MessageId, Password};
+use securefastchat::protocol::{ErrorCode, MessageId, Password, Username};
+
+#[path = "sfc/devices.rs"]
+mod devices;
 
 /// SecureFastChat client.
 #[derive(Parser, Debug)]
@@ -48,15 +54,26 @@ enum Command {
         /// 3-32 characters of a-z 0-9 _ . -
         user: String,
     },
-    /// Log in (password from SFC_PASSWORD or a prompt). In a home without the account's keys,
-    /// refuses if the account already has keys elsewhere
+    /// Log in (password from SFC_PASSWORD or a prompt) as this home's device. In a home
+    /// without the account's keys, refuses if the account already has keys on another device:
+    /// link this home as a new device instead (`sfc device link`, `sfc device add`)
     Login {
         /// Account name
         user: String,
         /// Make a new identity key here, replacing the account's (every contact sees a key
-        /// change; sessions with the old key end)
+        /// change; sessions with the old key end; every other device of the account is
+        /// removed)
         #[arg(long)]
         new_identity: bool,
+    },
+    /// List your account's devices: `ID<TAB>NAME<TAB>added DATE<TAB>seen DATE`, times in UTC,
+    /// and `this device` after the one you use here
+    Devices,
+    /// Link, add, list or remove devices of your account (a phone, a laptop, …: each with its
+    /// own home directory, all with the account's identity)
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
     },
     /// Revoke the saved session on the server and forget it
     Logout,
@@ -327,13 +344,67 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
         }
         Command::Login { user, new_identity } => {
             refuse_other_users_home(&home, &user).await?;
+            // The canonical name, for what is said below (the server checks it again).
+            let user = Username::parse(&user).map_or(user, |u| u.as_str().to_owned());
+            let keystore = Keystore::new(home.dir());
+            // This home's device, or device 1 for a home without keys.
+            let held = link::home_keys(&keystore).await?.map(|(_, device)| device);
+            let device = held.unwrap_or(FIRST_DEVICE);
             let password = read_password(false)?;
             let client = Client::connect(&options).await?;
-            let (session, token) = client.login(&user, password).await?;
-            let messenger = Messenger::new(client, home.dir(), &session.username)?;
+            let session = match link::login_as(&client, &user, password.clone(), Some(device)).await
+            {
+                Err(e) if e.is_server(ErrorCode::UnknownDevice) => {
+                    client.close().await;
+                    return Err(match held {
+                        Some(device) => anyhow::anyhow!(removed_message(&user, Some(device))),
+                        None => anyhow::anyhow!(
+                            "{user} has no device 1 any more (it was removed); link this home as \
+                             a new device: {}",
+                            how_to_link(&user)
+                        ),
+                    });
+                }
+                other => other?,
+            };
+            let me = Username::parse(&session.username)
+                .with_context(|| format!("the server named the account {:?}", session.username))?;
             // The keys come first: a login that cannot use this home saves nothing here and
             // leaves no session behind on the server.
-            if let Err(e) = messenger.ensure_keys_with(new_identity).await {
+            let keys = async {
+                if new_identity {
+                    let removed =
+                        link::replace_identity(&client, &keystore, &me, session.device, password)
+                            .await?;
+                    return anyhow::Ok(removed);
+                }
+                if held.is_none() {
+                    match client.fetch_identity(me.as_str()).await {
+                        Ok(_) => bail!(
+                            "{me} already has keys on another device, and this home holds none: \
+                             making new ones here would replace the account's identity (every \
+                             contact would see a key change). Link this home as a new device \
+                             instead: {}. (To replace the identity on purpose, which removes \
+                             every other device: `sfc login --new-identity {me}`)",
+                            how_to_link(me.as_str())
+                        ),
+                        Err(e) if e.is_server(ErrorCode::NoKeys) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(Vec::new())
+            }
+            .await;
+            let removed = match keys {
+                Ok(removed) => removed,
+                Err(e) => {
+                    let _ = client.logout().await;
+                    client.close().await;
+                    return Err(e);
+                }
+            };
+            let messenger = Messenger::new(client, home.dir(), &session.username)?;
+            if let Err(e) = messenger.ensure_keys().await {
                 let _ = messenger.client().logout().await;
                 messenger.close().await;
                 return Err(e.into());
@@ -342,16 +413,29 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                 &home,
                 &cli.server,
                 &session.username,
-                token,
+                session.token,
                 session.expires_at,
             )?;
             messenger.close().await;
             let name = render::line(&session.username);
             if new_identity {
                 println!("logged in as {name} with a new identity key");
+                if !removed.is_empty() {
+                    let ids: Vec<String> = removed.iter().map(u32::to_string).collect();
+                    println!(
+                        "removed the account's other devices (they held the old identity): {}",
+                        ids.join(", ")
+                    );
+                }
             } else {
                 println!("logged in as {name}");
             }
+        }
+        Command::Devices => {
+            devices::run(DeviceCommand::List, &home, &options, &cli.server).await?;
+        }
+        Command::Device { command } => {
+            devices::run(command, &home, &options, &cli.server).await?;
         }
         Command::Whoami => {
             let (client, saved) = resume(&home, &options, false).await?;
@@ -417,6 +501,7 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
             let messenger = receiving_messenger(&home, &options).await?;
             let mut shown = 0;
             let mut idle_since = tokio::time::Instant::now();
+            let received_all = async {
             while count.is_none_or(|n| shown < n) {
                 let slice = patience.map_or(RECEIVE_SLICE, |p| {
                     p.saturating_sub(idle_since.elapsed()).min(RECEIVE_SLICE)
@@ -468,7 +553,12 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                     break;
                 }
             }
+            anyhow::Ok(())
+            }
+            .await
+            .map_err(|e| removed_or(&messenger.client(), messenger.me(), e));
             messenger.close().await;
+            received_all?;
         }
         Command::Unsend { id } => {
             let id = MessageId::from_hex(&id).context("a message id is 32 hex digits")?;
@@ -584,7 +674,9 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                     outgoing: e.outgoing,
                 })
                 .collect();
-            chat::run(Arc::clone(&messenger), &me, &user, &history, clock).await?;
+            chat::run(Arc::clone(&messenger), &me, &user, &history, clock)
+                .await
+                .map_err(|e| removed_or(&messenger.client(), &me, e.into()))?;
             if let Ok(messenger) = Arc::try_unwrap(messenger) {
                 messenger.close().await;
             }
@@ -606,8 +698,10 @@ async fn resume(
     match client.resume_with(saved.token.clone(), deliver).await {
         Err(e) if e.is_server(ErrorCode::InvalidToken) => {
             home.clear_session()?;
+            // A removed device's tokens are refused the same way; `sfc login` tells which.
             bail!(
-                "session expired or revoked (run `sfc login {}`)",
+                "session expired or revoked, or this device was removed from its account (run \
+                 `sfc login {}`)",
                 saved.username
             );
         }
@@ -618,7 +712,6 @@ async fn resume(
     Ok((client, saved))
 }
 
-/// Resumes the saved session and makes sure its keys are in place.
 /// Tells on standard error what happened to messages that waited in the outbox.
 fn report_flushed(flushed: &Flushed) {
     for (to, id) in &flushed.sent {

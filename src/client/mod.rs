@@ -13,6 +13,7 @@ mod copies;
 mod error;
 pub mod home;
 pub mod keystore;
+pub mod link;
 pub mod liveness;
 pub mod messenger;
 mod receiving;
@@ -184,6 +185,8 @@ struct Notices {
     prekeys_low: Option<u32>,
     /// The last error answering a request nobody waits for: a quiet `ack` that failed.
     unclaimed_error: Option<ClientError>,
+    /// `link_request` events, for the device that opened a link (`link`).
+    link_requests: link::LinkRequests,
 }
 
 /// A connection to a server with its control stream open and `hello` exchanged.

@@ -95,6 +95,7 @@ pub(super) async fn read_replies(
                         n.prekeys_low = Some(remaining);
                     }
                 }
+                event @ Reply::LinkRequest { .. } => super::link::arrived(&notices, event),
                 other => tracing::debug!(?other, "ignoring event"),
             },
         }
