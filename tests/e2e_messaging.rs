@@ -213,7 +213,16 @@ async fn a_changed_identity_key_is_warned_about() {
     let client = server.client().await;
     client.login("bob", Password::new(PASSWORD)).await.unwrap();
     let bob = Messenger::new(client, &b2, "bob").unwrap();
-    bob.ensure_keys_with(true).await.unwrap();
+    let replaced = securefastchat::client::link::replace_identity(
+        &bob.client(),
+        bob.keystore(),
+        &securefastchat::protocol::Username::parse("bob").unwrap(),
+        1,
+        Password::new(PASSWORD),
+    )
+    .await
+    .unwrap();
+    assert!(replaced.is_empty(), "bob had one device: {replaced:?}");
 
     bob.send_text("alice", "new phone").await.unwrap();
     let (from, text, warning) = text_of(alice.receive(WAIT).await.unwrap());
