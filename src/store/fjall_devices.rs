@@ -381,7 +381,7 @@ impl FjallStore {
     ) -> Result<u32, StoreError> {
         self.writable()?;
         loop {
-            let (user, asked) = (name.clone(), identity.clone());
+            let (user, asked) = (name.clone(), identity);
             let replacing = self
                 .call(move |db| db.replacing(&user, device, asked.as_ref()))
                 .await?;
@@ -389,12 +389,8 @@ impl FjallStore {
             for (other, inbox) in replacing.map(|r| r.others).unwrap_or_default() {
                 self.drop_device_inbox(name, other, inbox, None).await?;
             }
-            let (user, identity, keys, one_time) = (
-                name.clone(),
-                identity.clone(),
-                keys.clone(),
-                one_time.clone(),
-            );
+            let (user, identity, keys, one_time) =
+                (name.clone(), identity, keys.clone(), one_time.clone());
             let written = self
                 .call(move |db| db.write_keys(&user, device, identity, keys, &one_time, replace))
                 .await?;
