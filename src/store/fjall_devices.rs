@@ -74,7 +74,12 @@ impl Inner {
             .filter(|next| *next < super::devices::NEXT_KEY)
             .ok_or_else(|| StoreError::Limit("no device ids are left".into()))?;
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
-        let inbox_id = self.ids.assign_inbox(&mut batch)?;
+        // Device 1's inbox is its account's (only an account that never had a device gets it
+        // here; every account is created or migrated with its device 1).
+        let inbox_id = match id {
+            1 => user,
+            _ => self.ids.assign_inbox(&mut batch)?,
+        };
         let device = StoredDevice {
             inbox_id,
             name: device_name,
