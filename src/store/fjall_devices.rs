@@ -74,7 +74,12 @@ impl Inner {
             .filter(|next| *next < super::devices::NEXT_KEY)
             .ok_or_else(|| StoreError::Limit("no device ids are left".into()))?;
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
-        let inbox_id = self.ids.assign_inbox(&mut batch)?;
+        // Device 1's inbox is its account's (only an account that never had a device gets it
+        // here; every account is created or migrated with its device 1).
+        let inbox_id = match id {
+            1 => user,
+            _ => self.ids.assign_inbox(&mut batch)?,
+        };
         let device = StoredDevice {
             inbox_id,
             name: device_name,
@@ -381,7 +386,7 @@ impl FjallStore {
     ) -> Result<u32, StoreError> {
         self.writable()?;
         loop {
-            let (user, asked) = (name.clone(), identity.clone());
+            let (user, asked) = (name.clone(), identity);
             let replacing = self
                 .call(move |db| db.replacing(&user, device, asked.as_ref()))
                 .await?;
@@ -389,12 +394,8 @@ impl FjallStore {
             for (other, inbox) in replacing.map(|r| r.others).unwrap_or_default() {
                 self.drop_device_inbox(name, other, inbox, None).await?;
             }
-            let (user, identity, keys, one_time) = (
-                name.clone(),
-                identity.clone(),
-                keys.clone(),
-                one_time.clone(),
-            );
+            let (user, identity, keys, one_time) =
+                (name.clone(), identity, keys.clone(), one_time.clone());
             let written = self
                 .call(move |db| db.write_keys(&user, device, identity, keys, &one_time, replace))
                 .await?;

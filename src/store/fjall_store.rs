@@ -3,13 +3,13 @@
 //! Keyspaces: `users` (username → [`UserRecord`]) and `sessions` (token digest →
 //! [`SessionRecord`]) here; users' numeric ids in `user_ids`; devices in `devices` (their
 //! operations in `fjall_devices`); the key directory in `fjall_keys`; inboxes (written only by
-//! the group-commit thread of `inbox_writer`), one per device. Opening
+//! the group-commit thread of `inbox_writer`), one per device (their operations in
+//! `fjall_messages`). Opening
 //! a store of an older format migrates it first (`migrate`); opening and reopening after a
 //! write outage live in `fjall_open`. Values are named MessagePack.
 //! Every call runs on the bounded blocking pool; account and key writes are synced
 //! (`SyncData`) before they return.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -18,12 +18,10 @@ use fjall::PersistMode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::devices::InboxId;
 use super::fjall_open::{Inner, Shared, flush_memtables, watch};
-use super::inbox_writer::{Addressed, Target};
 use super::outage::Outage;
 use super::sender_shares::SenderShare;
-use super::user_ids::{UserId, decode_id, inbox_key, inbox_seq, sent_key};
+use super::user_ids::{UserId, sent_key};
 use super::{
     AppendHooks, Appended, Created, DeviceId, DeviceKeys, DeviceRecord, Durability, NewMessage,
     Removal, SentRecord, SessionRecord, Store, StoreError, StoredMessage, TakenBundles,
@@ -74,7 +72,7 @@ impl Default for StoreOptions {
 /// The fjall-backed store. Cheap to clone.
 #[derive(Clone)]
 pub struct FjallStore {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     pool: BlockingPool,
 }
 
@@ -144,7 +142,7 @@ impl FjallStore {
     }
 
     /// The open database, unless it is being reopened.
-    fn current(&self) -> Result<Arc<Inner>, StoreError> {
+    pub(super) fn current(&self) -> Result<Arc<Inner>, StoreError> {
         self.shared
             .open
             .read()
@@ -163,13 +161,13 @@ impl FjallStore {
 
     /// The id of `name`, from memory or else the store; `None` if it has none (no account,
     /// or at most records migrated from an older format without one: `migrate`).
-    async fn user_id(&self, name: &Username) -> Result<Option<UserId>, StoreError> {
+    pub(super) async fn user_id(&self, name: &Username) -> Result<Option<UserId>, StoreError> {
         let inner = self.current()?;
         self.user_id_in(&inner, name).await
     }
 
     /// [`Self::user_id`] in the database `inner` already taken (one lock less per message).
-    async fn user_id_in(
+    pub(super) async fn user_id_in(
         &self,
         inner: &Inner,
         name: &Username,
@@ -203,69 +201,6 @@ impl FjallStore {
                 inner.check(&outage, result)
             })
             .await?
-    }
-
-    /// The account id of `user` and the inbox id of its `device`, from memory or else the
-    /// store: [`StoreError::UnknownUser`] without an account, [`StoreError::UnknownDevice`]
-    /// if the device is not current.
-    async fn target_in(
-        &self,
-        inner: &Inner,
-        user: &Username,
-        device: DeviceId,
-    ) -> Result<Target, StoreError> {
-        let id = self
-            .user_id_in(inner, user)
-            .await?
-            .ok_or_else(|| StoreError::UnknownUser(user.clone()))?;
-        let inbox = match inner.devices.cached_inbox(id, device)? {
-            Some(inbox) => inbox,
-            None => {
-                self.call(move |db| db.devices.load_inbox(id, device))
-                    .await?
-            }
-        };
-        let inbox = inbox.ok_or_else(|| StoreError::UnknownDevice(user.clone(), device))?;
-        Ok(Target { user: id, inbox })
-    }
-
-    /// The inbox of `user`'s `device`; `None` if either is unknown.
-    async fn inbox_of(
-        &self,
-        user: &Username,
-        device: DeviceId,
-    ) -> Result<Option<InboxId>, StoreError> {
-        let inner = self.current()?;
-        match self.target_in(&inner, user, device).await {
-            Ok(target) => Ok(Some(target.inbox)),
-            Err(StoreError::UnknownUser(_) | StoreError::UnknownDevice(..)) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// An ack during an outage: kept in memory until the store reopens (see `outage`);
-    /// returns how many of `seqs` were pending.
-    async fn defer_ack(&self, id: InboxId, seqs: Vec<u64>) -> Result<u64, StoreError> {
-        let known = self.shared.outage.deferred_acks(id)?.unwrap_or_default();
-        let fresh: Vec<u64> = seqs.into_iter().filter(|s| !known.contains(s)).collect();
-        let pending = {
-            let fresh = fresh.clone();
-            self.call(move |db| {
-                let mut pending = 0;
-                for seq in fresh {
-                    pending += u64::from(db.inbox.inbox.contains_key(inbox_key(id, seq))?);
-                }
-                Ok(pending)
-            })
-            .await?
-        };
-        if self.shared.outage.defer_ack(id, &fresh)? {
-            return Ok(pending);
-        }
-        // The outage ended meanwhile: write it.
-        let inner = self.writer()?;
-        let writer = inner.writer.as_ref().ok_or(StoreError::Unavailable)?;
-        writer.remove(id, fresh, Removal::Acknowledged).await
     }
 
     /// The inbox writer of the open database, if it can write.
@@ -334,22 +269,6 @@ impl Inner {
             self.devices.forget(id)?;
         }
         Ok(Some(digests))
-    }
-}
-
-/// [`FjallStore::target_in`] if both the account's id and its devices are in memory.
-fn cached_target(
-    inner: &Inner,
-    user: &Username,
-    device: DeviceId,
-) -> Result<Option<Target>, StoreError> {
-    let Some(id) = inner.ids.cached(user)? else {
-        return Ok(None);
-    };
-    match inner.devices.cached_inbox(id, device)? {
-        Some(Some(inbox)) => Ok(Some(Target { user: id, inbox })),
-        Some(None) => Err(StoreError::UnknownDevice(user.clone(), device)),
-        None => Ok(None),
     }
 }
 
@@ -578,27 +497,7 @@ impl Store for FjallStore {
         message: NewMessage,
         hooks: AppendHooks,
     ) -> Result<Appended, StoreError> {
-        let inner = self.writer()?;
-        let writer = inner.writer.as_ref().ok_or(StoreError::Unavailable)?;
-        let sender = self
-            .user_id_in(&inner, &message.sender)
-            .await?
-            .ok_or_else(|| StoreError::UnknownUser(message.sender.clone()))?;
-        let mut targets = Vec::with_capacity(message.copies.len());
-        for copy in &message.copies {
-            // From memory, without a future, for every account used lately.
-            let target = match cached_target(&inner, &copy.recipient, copy.device)? {
-                Some(target) => target,
-                None => self.target_in(&inner, &copy.recipient, copy.device).await?,
-            };
-            targets.push(target);
-        }
-        let message = Addressed {
-            message,
-            sender,
-            targets,
-        };
-        writer.append(message, hooks).await
+        self.append_now(message, hooks).await
     }
 
     async fn pending(
@@ -608,33 +507,7 @@ impl Store for FjallStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let Some(id) = self.inbox_of(user, device).await? else {
-            return Ok(Vec::new());
-        };
-        let (start, end) = (
-            inbox_key(id, after.saturating_add(1)),
-            inbox_key(id, u64::MAX),
-        );
-        // Acks kept in memory during an outage hide their messages until they are removed.
-        let acked = if self.shared.outage.is_down() {
-            self.shared.outage.deferred_acks(id)?.unwrap_or_default()
-        } else {
-            BTreeSet::new()
-        };
-        self.call(move |db| {
-            let mut messages = Vec::new();
-            let mut entries = db.inbox.inbox.range(start..=end);
-            while messages.len() < limit {
-                let Some(entry) = entries.next() else { break };
-                let (key, value) = entry.into_inner()?;
-                if !acked.is_empty() && acked.contains(&inbox_seq(&key)) {
-                    continue;
-                }
-                messages.push(decode::<StoredMessage>("inbox", &value)?);
-            }
-            Ok(messages)
-        })
-        .await
+        self.pending_now(user, device, after, limit).await
     }
 
     async fn remove_pending(
@@ -644,26 +517,7 @@ impl Store for FjallStore {
         seqs: Vec<u64>,
         removal: Removal,
     ) -> Result<u64, StoreError> {
-        let Some(id) = self.inbox_of(user, device).await? else {
-            return Ok(0);
-        };
-        if removal == Removal::Acknowledged && self.shared.outage.is_down() {
-            return self.defer_ack(id, seqs).await;
-        }
-        let result = match self.writer() {
-            Ok(inner) => match inner.writer.as_ref() {
-                Some(writer) => writer.remove(id, seqs.clone(), removal).await,
-                None => Err(StoreError::Unavailable),
-            },
-            Err(e) => Err(e),
-        };
-        match result {
-            // The outage began meanwhile.
-            Err(StoreError::Unavailable) if removal == Removal::Acknowledged => {
-                self.defer_ack(id, seqs).await
-            }
-            result => result,
-        }
+        self.remove_pending_now(user, device, seqs, removal).await
     }
 
     async fn sent(
@@ -712,45 +566,7 @@ impl Store for FjallStore {
     }
 
     async fn purge_expired_messages(&self, now: u64) -> Result<u64, StoreError> {
-        self.writable()?;
-        let (expired, forgotten) = self
-            .call(move |db| {
-                let mut expired: Vec<(UserId, u64)> = Vec::new();
-                for entry in db.inbox.inbox.iter() {
-                    let (key, value) = entry.into_inner()?;
-                    let message: StoredMessage = decode("inbox", &value)?;
-                    if message.expires_at <= now {
-                        let id = key.get(..4).ok_or_else(|| StoreError::Corrupt {
-                            keyspace: "inbox",
-                            reason: "a key is shorter than a user id".into(),
-                        })?;
-                        expired.push((decode_id("inbox", id)?, message.seq));
-                    }
-                }
-                let mut by_user: BTreeMap<UserId, Vec<u64>> = BTreeMap::new();
-                for (id, seq) in expired {
-                    by_user.entry(id).or_default().push(seq);
-                }
-                let mut forgotten = Vec::new();
-                for entry in db.inbox.sent.iter() {
-                    let (key, value) = entry.into_inner()?;
-                    if super::sent_records::expires_at(&value)? <= now {
-                        forgotten.push(key.to_vec());
-                    }
-                }
-                Ok((by_user, forgotten))
-            })
-            .await?;
-        let inner = self.writer()?;
-        let writer = inner.writer.as_ref().ok_or(StoreError::Unavailable)?;
-        let mut removed = 0;
-        for (id, seqs) in expired {
-            removed += writer.remove(id, seqs, Removal::Acknowledged).await?;
-        }
-        if !forgotten.is_empty() {
-            writer.forget_sent(forgotten).await?;
-        }
-        Ok(removed)
+        self.purge_expired_messages_now(now).await
     }
 
     async fn count_pending_messages(&self) -> Result<u64, StoreError> {

@@ -60,15 +60,14 @@ use tokio::sync::{mpsc, oneshot};
 use super::devices::InboxId;
 use super::sender_shares::{SenderShare, SenderShares};
 use super::user_ids::UserId;
-use super::{
-    AppendHooks, Appended, Durability, NewMessage, Placed, PlacedHook, Removal, StoreError,
-};
+use super::{AppendHooks, Appended, Durability, Placed, PlacedHook, Removal, StoreError};
 use crate::protocol::{MessageId, Username};
 
 mod apply;
 mod caches;
 mod committer;
 mod counters;
+mod ops;
 #[cfg(test)]
 mod tests;
 
@@ -76,6 +75,8 @@ use caches::{KnownPending, MAX_ORIGINS, Origins};
 use committer::{Committed, Job, Reply, deferred, run_committer};
 pub(super) use counters::counter_key;
 use counters::{mark_running, seq_value};
+use ops::DROP_CHUNK;
+pub(super) use ops::{Addressed, DropInbox, Dropped, Target};
 
 /// The writer's maps, hashed with foldhash: SipHash was ≈ 15 % of the writer's instructions
 /// (callgrind, store micro benchmark). Randomly seeded per process; keys are user names.
@@ -134,40 +135,6 @@ pub(super) fn pair_key(first: &Username, second: &[u8]) -> Vec<u8> {
     key.extend_from_slice(second);
     key
 }
-
-/// Where one copy of a message goes: its recipient's account id and its device's inbox id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Target {
-    pub user: UserId,
-    pub inbox: InboxId,
-}
-
-/// A message to append, with its sender's id and each copy's [`Target`] (in copy order).
-pub(super) struct Addressed {
-    pub message: NewMessage,
-    pub sender: UserId,
-    pub targets: Vec<Target>,
-}
-
-/// An inbox to empty and close (its device is removed, or its account deleted).
-pub(super) struct DropInbox {
-    pub inbox: InboxId,
-    /// The account, if it is being deleted: no message goes from it either from now on.
-    pub account: Option<UserId>,
-    /// The inbox's seq counter key in `meta`, deleted with the last of its messages.
-    pub counter: Vec<u8>,
-}
-
-/// What one [`Op::DropInbox`] did.
-pub(super) struct Dropped {
-    /// Messages removed in this batch.
-    pub removed: u64,
-    /// The inbox is empty and its counter gone; otherwise submit it again.
-    pub done: bool,
-}
-
-/// Messages of a dropped inbox removed per batch at most.
-const DROP_CHUNK: usize = 4096;
 
 enum Op {
     Append(

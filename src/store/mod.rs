@@ -7,6 +7,7 @@ mod data_dir;
 mod devices;
 mod fjall_devices;
 mod fjall_keys;
+mod fjall_messages;
 mod fjall_open;
 mod fjall_store;
 mod inbox_writer;

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod crash_load;
 pub mod raw;
 pub mod release_fixture;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

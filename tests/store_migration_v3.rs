@@ -1,19 +1,24 @@
-//! A migration to store format 3 (devices) killed half-way completes on the next open and
-//! loses nothing. The store is a format-2 one written with fjall directly, in the layout
-//! release 0.1 wrote (`keys`: username → identity and prekeys; `prekeys`: username 0x00 id),
+//! The migration to store format 3 (devices). The release fixture (see
+//! `tests/store_migration.rs`) becomes device 1 of each account and loses nothing.
+//!
+//! A migration killed half-way completes on the next open and loses nothing. The store is a
+//! format-2 one written with fjall directly, in the layout release 0.1 wrote (`keys`: username → identity and prekeys; `prekeys`: username 0x00 id),
 //! large enough for many synced chunks. The migration runs in a child process (this test
 //! binary again, running only `migrate_in_child`), which is sent SIGKILL as soon as it logs
 //! its first committed chunk of one-time prekeys (after the chunks of devices and of keys): a
 //! real crash, in the middle of a step, with everything after it undone.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use common::release_fixture::Extracted;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use securefastchat::protocol::Username;
 use securefastchat::protocol::keys::{Bin, IdentityKeyBytes, SignedPrekey};
-use securefastchat::store::{FjallStore, Store, UserRecord};
+use securefastchat::store::{FjallStore, Placed, Store, UserRecord};
 
 /// Accounts in the old store.
 const USERS: u32 = 2_000;
@@ -206,4 +211,146 @@ async fn a_migration_killed_half_way_completes_on_the_next_open() {
         let device_1 = [name(n).as_bytes(), &[0], &1u32.to_be_bytes()].concat();
         assert_eq!(prekeys.prefix(&device_1).count(), PREKEYS as usize);
     }
+}
+
+fn user(name: &str) -> Username {
+    Username::parse(name).expect("valid name")
+}
+
+/// Every key and value of the closed store in `data`, by keyspace.
+fn dump(data: &Path) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    let db = Database::builder(data).open().expect("open fjall");
+    let mut all = Vec::new();
+    for name in db.list_keyspace_names() {
+        for entry in keyspace(&db, &name).iter() {
+            let (key, value) = entry.into_inner().expect("read");
+            all.push((name.to_string(), key.to_vec(), value.to_vec()));
+        }
+    }
+    all
+}
+
+/// Opening the release fixture (format 2) migrates it to format 3: each account has device 1
+/// only; bob's pending messages (seqs 3..=303 but the unsent 153) are device 1's, with their
+/// send records naming that copy; identities, prekeys and every one-time prekey (alice 100,
+/// bob 99) are kept, as the account's and device 1's; the saved sessions are device 1's. A
+/// second open changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_fixture_becomes_device_1_of_each_account() {
+    let fixture = Extracted::release();
+    let manifest = &fixture.manifest;
+    let data = fixture.data();
+    let (alice, bob) = (user("alice"), user("bob"));
+    {
+        let store = FjallStore::open(&data).expect("open the release store");
+        let pending = store.pending(&bob, 1, 0, 10_000).await.expect("pending");
+        let seqs: Vec<u64> = pending.iter().map(|m| m.seq).collect();
+        let expected: Vec<u64> = (3..=303).filter(|seq| *seq != 153).collect();
+        assert_eq!(seqs, expected);
+        for (stored, listed) in pending.iter().zip(&manifest.pending) {
+            assert_eq!(stored.id.to_hex(), listed.id);
+            assert_eq!((stored.from_device, stored.to.clone()), (1, None));
+            let digest = ring::digest::digest(&ring::digest::SHA256, &stored.body);
+            assert_eq!(hex::encode(digest), listed.body_sha256, "{}", listed.text);
+            let record = store.sent(&alice, stored.id).await.expect("sent");
+            let expected = Placed {
+                recipient: bob.clone(),
+                device: 1,
+                seq: stored.seq,
+            };
+            assert_eq!(record.map(|r| r.copies), Some(vec![expected]));
+        }
+        assert_eq!(manifest.unsent.seq, 153);
+        for name in ["alice", "bob"] {
+            let listed = manifest.user(name);
+            let account = store
+                .user(&user(name))
+                .await
+                .expect("user")
+                .expect("account");
+            let devices = store.devices(&user(name)).await.expect("devices");
+            assert_eq!(devices.len(), 1, "{name}");
+            let first = &devices[0];
+            assert_eq!(
+                (
+                    first.id,
+                    first.name.as_str(),
+                    first.added_at,
+                    first.last_seen
+                ),
+                (1, "first device", account.created_at, 0)
+            );
+            let identity = store.identity(&user(name)).await.expect("identity");
+            assert_eq!(
+                identity.map(|k| hex::encode(k.0)),
+                Some(listed.identity_key.clone())
+            );
+            let keys = store
+                .device_keys(&user(name), 1)
+                .await
+                .expect("keys")
+                .expect("keys");
+            assert_eq!(
+                (keys.signed_prekey.id, keys.last_resort.id),
+                (listed.signed_prekey_id, listed.last_resort_id)
+            );
+            let saved = fixture.session(name);
+            let digest = securefastchat::server::accounts::token_digest(&saved.token);
+            let session = store
+                .session(&digest)
+                .await
+                .expect("session")
+                .expect("kept");
+            assert_eq!((session.username.as_str(), session.device), (name, 1));
+        }
+        store.close().await.expect("close");
+    }
+    let migrated = dump(&data);
+    for name in ["alice", "bob"] {
+        let device_1 = [name.as_bytes(), &[0], &1u32.to_be_bytes()].concat();
+        let prekeys = migrated
+            .iter()
+            .filter(|(k, key, _)| k == "prekeys" && key.starts_with(&device_1))
+            .count();
+        assert_eq!(
+            prekeys as u32,
+            manifest.user(name).one_time_prekeys,
+            "{name}"
+        );
+        assert_eq!(
+            migrated
+                .iter()
+                .filter(|(k, key, _)| k == "prekeys" && key.starts_with(name.as_bytes()))
+                .count(),
+            prekeys,
+            "no one-time prekey of {name} is left outside device 1"
+        );
+        assert!(
+            migrated
+                .iter()
+                .all(|(k, key, _)| !(k == "keys" && key.as_slice() == name.as_bytes())),
+            "the format-2 keys record of {name} is gone"
+        );
+    }
+    let format = migrated
+        .iter()
+        .find(|(k, key, _)| k == "meta" && key.as_slice() == b"store-format");
+    assert_eq!(
+        format.map(|f| f.2.clone()),
+        Some(3u32.to_be_bytes().to_vec())
+    );
+
+    // A second open (and clean close) writes nothing.
+    let store = FjallStore::open(&data).expect("reopen");
+    assert_eq!(
+        store
+            .pending(&bob, 1, 0, 10_000)
+            .await
+            .expect("pending")
+            .len(),
+        300
+    );
+    store.close().await.expect("close");
+    drop(store);
+    assert!(dump(&data) == migrated, "the second open changed the store");
 }
