@@ -320,4 +320,41 @@ mod tests {
         assert!(loaded.outbox.is_empty());
         assert_eq!(loaded.username, "alice");
     }
+
+    /// A device just linked holds the account's identity and the contacts the existing device
+    /// pinned (and verified), and no session yet.
+    #[test]
+    fn a_linked_device_starts_from_the_payload() {
+        use crate::e2e::LinkPayload;
+        use crate::e2e::link::LinkContact;
+        use crate::protocol::Username;
+
+        let identity = IdentityKeyPair::from_seed(&[4; 32]);
+        let bob = IdentityKeyPair::from_seed(&[5; 32]).public();
+        let carol = IdentityKeyPair::from_seed(&[6; 32]).public();
+        let payload = LinkPayload {
+            account: Username::parse("alice").unwrap(),
+            identity: IdentityKeyPair::from_seed(&[4; 32]),
+            contacts: vec![
+                LinkContact {
+                    username: Username::parse("bob").unwrap(),
+                    identity_key: bob,
+                    verified: true,
+                },
+                LinkContact {
+                    username: Username::parse("carol").unwrap(),
+                    identity_key: carol,
+                    verified: false,
+                },
+            ],
+        };
+        let prekeys = PrekeyStore::generate(&identity, 2).unwrap();
+        let state = KeyState::linked(&payload, 2, prekeys, 9);
+        assert_eq!((state.username.as_str(), state.device), ("alice", 2));
+        assert_eq!(state.identity().public(), identity.public());
+        assert_eq!(state.pinned["bob"], Pinned(*bob.as_bytes()));
+        assert_eq!(state.pinned["carol"], Pinned(*carol.as_bytes()));
+        assert!(state.trust_of("bob").verified && !state.trust_of("carol").verified);
+        assert!(state.device_sessions.is_empty() && state.outbox.is_empty());
+    }
 }

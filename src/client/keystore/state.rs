@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::format::{StoredKeyState, StoredOutgoing};
-use crate::e2e::{IdentityKey, IdentityKeyPair, PrekeyStore, Session};
+use crate::e2e::{IdentityKey, IdentityKeyPair, LinkPayload, PrekeyStore, Session};
 use crate::protocol::MessageId;
 
 pub use crate::protocol::DeviceId;
@@ -246,6 +246,36 @@ impl KeyState {
             history: VecDeque::new(),
             outbox: VecDeque::new(),
         }
+    }
+
+    /// The keys of a device just linked (E13): the account and identity of `payload`, its
+    /// contacts pinned (verified as the existing device had them), `prekeys` made for this
+    /// device. Its public keys still have to be published
+    /// ([`Messenger::publish_all_keys`](crate::client::messenger::Messenger::publish_all_keys)).
+    pub fn linked(payload: &LinkPayload, device: DeviceId, prekeys: PrekeyStore, now: u64) -> Self {
+        let mut state = Self::for_device(
+            payload.account.as_str(),
+            device,
+            &payload.identity,
+            prekeys,
+            now,
+        );
+        for contact in &payload.contacts {
+            let name = contact.username.as_str().to_owned();
+            state
+                .pinned
+                .insert(name.clone(), Pinned(*contact.identity_key.as_bytes()));
+            if contact.verified {
+                state.trust.insert(
+                    name,
+                    Trust {
+                        verified: true,
+                        changed_to: None,
+                    },
+                );
+            }
+        }
+        state
     }
 
     /// The identity key pair.

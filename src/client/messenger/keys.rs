@@ -65,7 +65,7 @@ impl Messenger {
             })
             .await?;
         if created {
-            return self.publish_all().await;
+            return self.publish_all_keys().await;
         }
         let rotate = self
             .keystore
@@ -92,7 +92,7 @@ impl Messenger {
         match self.client().fetch_identity(self.me.as_str()).await {
             Ok(_) => Ok(()),
             // Keys were made here but never reached the server (a crash in between).
-            Err(e) if e.is_server(ErrorCode::NoKeys) => self.publish_all().await,
+            Err(e) if e.is_server(ErrorCode::NoKeys) => self.publish_all_keys().await,
             Err(e) => Err(e.into()),
         }
     }
@@ -102,7 +102,10 @@ impl Messenger {
         self.ensure_keys_with(false).await
     }
 
-    async fn publish_all(&self) -> Result<(), MessengerError> {
+    /// Publishes every public key of this device (identity, signed, last-resort and one-time
+    /// prekeys): what [`Messenger::ensure_keys`] does for new keys, and what a device just
+    /// linked (its keystore made with [`KeyState::linked`]) does before it can receive.
+    pub async fn publish_all_keys(&self) -> Result<(), MessengerError> {
         let (identity, spk, last, one_time) = self
             .keystore
             .read_async(|state| {
