@@ -69,7 +69,9 @@ pub enum MessengerError {
     #[error(
         "{0} already has keys in another home directory; making new ones here would replace the \
          account's identity (every contact would see a key change). Use the home that holds the \
-         keys (`--home`), or replace the identity on purpose with `sfc login --new-identity {0}`"
+         keys (`--home`), link this home as a new device (`sfc device link` there, then \
+         `sfc device add {0} CODE` here), or replace the identity on purpose with \
+         `sfc login --new-identity {0}`"
     )]
     IdentityElsewhere(String),
     /// The contact's key is in doubt (a changed key not accepted, or the server lists another

@@ -18,8 +18,10 @@ impl Messenger {
     ///
     /// A home without keys for an account that already has an identity key on the server
     /// (made in another home) gives [`MessengerError::IdentityElsewhere`]: making new keys
-    /// here would replace the account's identity. `replace_identity` does it anyway.
-    pub async fn ensure_keys_with(&self, replace_identity: bool) -> Result<(), MessengerError> {
+    /// here would replace the account's identity (the server refuses that anyway:
+    /// `identity_mismatch`). Such a home is linked as a new device (`client::link`), or the
+    /// identity is replaced on purpose (`client::link::replace_identity`, with the password).
+    pub async fn ensure_keys(&self) -> Result<(), MessengerError> {
         let me = self.me.as_str().to_owned();
         let device = self.client().device();
         let has_keys = {
@@ -39,7 +41,7 @@ impl Messenger {
                 })
                 .await??
         };
-        if !has_keys && !replace_identity {
+        if !has_keys {
             match self.client().fetch_identity(self.me.as_str()).await {
                 Ok(_) => return Err(MessengerError::IdentityElsewhere(me)),
                 Err(e) if e.is_server(ErrorCode::NoKeys) => {}
@@ -95,11 +97,6 @@ impl Messenger {
             Err(e) if e.is_server(ErrorCode::NoKeys) => self.publish_all_keys().await,
             Err(e) => Err(e.into()),
         }
-    }
-
-    /// [`Messenger::ensure_keys_with`] without replacing an identity made elsewhere.
-    pub async fn ensure_keys(&self) -> Result<(), MessengerError> {
-        self.ensure_keys_with(false).await
     }
 
     /// Publishes every public key of this device (identity, signed, last-resort and one-time
