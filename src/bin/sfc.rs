@@ -522,6 +522,7 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                     Received::Text {
                         id,
                         from,
+                        to,
                         sent_at,
                         text,
                         warning,
@@ -531,12 +532,22 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                             warn(warning);
                         }
                         if json {
-                            let line = serde_json::json!({
+                            let mut line = serde_json::json!({
                                 "id": id.to_hex(), "from": from, "sent_at": sent_at, "text": text,
                             });
+                            // A copy of what this account sent from another device.
+                            if let (Some(to), Some(map)) = (to, line.as_object_mut()) {
+                                map.insert("to".into(), serde_json::Value::from(to.as_str()));
+                            }
                             println!("{}", render::json(&line.to_string()));
                         } else {
-                            println!("{}\t{}", render::line(from), render::body(text, "\t"));
+                            // Sent by this account from another device: `alice -> bob` (names
+                            // hold no spaces, so the first field still ends at the TAB).
+                            let who = match to {
+                                Some(to) => format!("{} -> {}", render::line(from), render::line(to)),
+                                None => render::line(from),
+                            };
+                            println!("{who}\t{}", render::body(text, "\t"));
                         }
                         shown += 1;
                     }
