@@ -431,6 +431,7 @@ async fn show_received(
     match &received {
         Received::Text {
             from,
+            to,
             sent_at,
             text,
             warning,
@@ -439,7 +440,19 @@ async fn show_received(
             if let Some(warning) = warning {
                 screen.show(notice(warning));
             }
-            screen.show(message_line(clock, *sent_at, from, text, from == peer));
+            // A copy of what this user sent from another device: in this conversation it is
+            // one of ours; to someone else, it says to whom.
+            let line = match to {
+                Some(to) if to == peer => message_line(clock, *sent_at, from, text, true),
+                Some(to) => format!(
+                    "{} [you to {}] {}",
+                    clock.hh_mm(*sent_at),
+                    render::line(to),
+                    render::body(text, CONTINUATION)
+                ),
+                None => message_line(clock, *sent_at, from, text, from == peer),
+            };
+            screen.show(line);
         }
         other => {
             if let Some(what) = other.describe() {

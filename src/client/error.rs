@@ -57,6 +57,15 @@ pub enum ClientError {
         /// The server's explanation.
         message: String,
     },
+    /// The server refused a message because the devices it was sealed for are not the
+    /// current ones; nothing was stored. Seal it for these and send it again.
+    #[error("the recipient's or your own devices changed (now {devices:?} and {own_devices:?})")]
+    StaleDevices {
+        /// The recipient's current devices.
+        devices: Vec<u32>,
+        /// The sender's other current devices.
+        own_devices: Vec<u32>,
+    },
     /// The server sent something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -133,6 +142,13 @@ impl ClientError {
             Self::Server { code, message } => Self::Server {
                 code: *code,
                 message: message.clone(),
+            },
+            Self::StaleDevices {
+                devices,
+                own_devices,
+            } => Self::StaleDevices {
+                devices: devices.clone(),
+                own_devices: own_devices.clone(),
             },
             Self::Closed { code, reason } => Self::Closed {
                 code: code.clone(),

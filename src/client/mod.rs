@@ -2,9 +2,14 @@
 //! logout over the control stream, with typed errors. The `sfc` command is built on it.
 //!
 //! Requests may be issued concurrently from several tasks: each carries a fresh id, and a
-//! reader task routes every reply to the request that is waiting for it.
+//! reader task (`replies`) routes every reply to the request that is waiting for it. The
+//! account requests are in `account`, the key requests in `bundles`, message streams in
+//! `streams`; end-to-end messaging on top of it all in [`messenger`].
 
+mod account;
+mod bundles;
 pub mod chat;
+mod copies;
 mod error;
 pub mod home;
 pub mod keystore;
@@ -12,6 +17,7 @@ pub mod liveness;
 pub mod messenger;
 mod receiving;
 pub mod render;
+mod replies;
 mod sessions;
 mod streams;
 mod trust;
@@ -19,23 +25,25 @@ mod trust;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use quinn::{Connection, Endpoint, SendStream, VarInt};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+pub use self::account::SessionInfo;
+pub use self::bundles::{Bundle, DeviceBundles};
 pub use self::error::ClientError;
 pub use self::messenger::Messenger;
 pub use self::receiving::{Connection as ConnectionEvent, RETRY};
 pub use self::streams::{Delivered, MAX_DELIVERED_BODY};
 pub use self::trust::is_offline;
-use crate::protocol::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
 use crate::protocol::{
-    ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Password,
-    Reply, Request, ServerFrame, SessionToken, decode_body, read_frame, write_frame,
+    ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, MessageId, PROTOCOL_VERSION, Reply,
+    Request, write_frame,
 };
+pub use crate::protocol::{Copies, DeviceBundle, DeviceId};
 use crate::{tls, transport};
 
 /// How to reach a server.
@@ -97,15 +105,6 @@ impl ClientOptions {
         });
         Ok(self)
     }
-}
-
-/// A session as the server granted it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionInfo {
-    /// The account's canonical name.
-    pub username: String,
-    /// When the token expires, in seconds since the Unix epoch.
-    pub expires_at: u64,
 }
 
 /// Splits `HOST:PORT` (or `[V6]:PORT`) and resolves it.
@@ -179,21 +178,6 @@ pub enum SendOutcome {
     Duplicate,
 }
 
-/// A recipient's prekey bundle, as the server handed it out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bundle {
-    /// Whose bundle.
-    pub username: String,
-    /// Ed25519 identity key.
-    pub identity_key: IdentityKeyBytes,
-    /// Current signed prekey.
-    pub signed_prekey: SignedPrekey,
-    /// A one-time prekey for us alone, if any was left.
-    pub one_time_prekey: Option<OneTimePrekey>,
-    /// The last-resort prekey, when no one-time prekey was left.
-    pub last_resort: Option<SignedPrekey>,
-}
-
 /// Events the server pushed that are not replies.
 #[derive(Debug, Default)]
 struct Notices {
@@ -211,6 +195,8 @@ pub struct Client {
     send: tokio::sync::Mutex<SendStream>,
     pending: Pending,
     next_id: AtomicU64,
+    /// The device this connection is logged in as (1 until a session reply says otherwise).
+    device: AtomicU32,
     request_timeout: Duration,
     reader: tokio::task::JoinHandle<()>,
     sends: PendingSends,
@@ -245,7 +231,7 @@ impl Client {
         let sends: PendingSends = Arc::default();
         let notices: Arc<Mutex<Notices>> = Arc::default();
         let verdict: Arc<OnceLock<String>> = Arc::default();
-        let reader = tokio::spawn(read_replies(
+        let reader = tokio::spawn(replies::read_replies(
             recv,
             conn.clone(),
             Arc::clone(&pending),
@@ -270,6 +256,7 @@ impl Client {
             send: tokio::sync::Mutex::new(send),
             pending,
             next_id: AtomicU64::new(1),
+            device: AtomicU32::new(1),
             request_timeout: options.request_timeout,
             reader,
             sends,
@@ -374,112 +361,6 @@ impl Client {
         }
     }
 
-    /// Signup step one: whether `username` is valid and free (the folded name is returned).
-    pub async fn check_username(&self, username: &str) -> Result<(String, bool), ClientError> {
-        match self
-            .request(Request::CheckUsername {
-                username: username.into(),
-            })
-            .await?
-        {
-            Reply::UsernameStatus {
-                username,
-                available,
-            } => Ok((username, available)),
-            other => Err(unexpected("check_username", &other)),
-        }
-    }
-
-    /// Signup step two: creates the account; the connection is then logged in.
-    pub async fn signup(
-        &self,
-        username: &str,
-        password: Password,
-    ) -> Result<(SessionInfo, SessionToken), ClientError> {
-        let reply = self
-            .request(Request::Signup {
-                username: username.into(),
-                password,
-            })
-            .await?;
-        session_reply("signup", reply)
-    }
-
-    /// Logs in with a password; returns the session and its token (keep it secret).
-    pub async fn login(
-        &self,
-        username: &str,
-        password: Password,
-    ) -> Result<(SessionInfo, SessionToken), ClientError> {
-        let reply = self
-            .request(Request::Login {
-                username: username.into(),
-                password,
-                device: None,
-            })
-            .await?;
-        session_reply("login", reply)
-    }
-
-    /// Restores a session with a token from an earlier login.
-    pub async fn resume(&self, token: SessionToken) -> Result<SessionInfo, ClientError> {
-        self.resume_with(token, true).await
-    }
-
-    /// [`Client::resume`], choosing whether this connection receives the user's messages
-    /// (`false` leaves delivery with whichever connection has it, e.g. a running chat).
-    pub async fn resume_with(
-        &self,
-        token: SessionToken,
-        deliver: bool,
-    ) -> Result<SessionInfo, ClientError> {
-        match self.request(Request::Resume { token, deliver }).await? {
-            Reply::Resumed {
-                username,
-                expires_at,
-                ..
-            } => Ok(SessionInfo {
-                username,
-                expires_at,
-            }),
-            other => Err(unexpected("resume", &other)),
-        }
-    }
-
-    /// Revokes this connection's session token everywhere.
-    pub async fn logout(&self) -> Result<(), ClientError> {
-        match self.request(Request::Logout).await? {
-            Reply::LoggedOut => Ok(()),
-            other => Err(unexpected("logout", &other)),
-        }
-    }
-
-    /// Deletes this connection's account for good (the password is checked again): its keys,
-    /// sessions and pending messages go, and the server holds the name for a while so no one
-    /// else can take it. Returns the deleted account's name; the connection is then
-    /// unauthenticated.
-    pub async fn delete_account(&self, password: Password) -> Result<String, ClientError> {
-        match self.request(Request::DeleteAccount { password }).await? {
-            Reply::AccountDeleted { username } => Ok(username),
-            other => Err(unexpected("delete_account", &other)),
-        }
-    }
-
-    /// Who is logged in on this connection.
-    pub async fn whoami(&self) -> Result<SessionInfo, ClientError> {
-        match self.request(Request::Whoami).await? {
-            Reply::Whoami {
-                username,
-                expires_at,
-                ..
-            } => Ok(SessionInfo {
-                username,
-                expires_at,
-            }),
-            other => Err(unexpected("whoami", &other)),
-        }
-    }
-
     /// Sends one message (`body` as sealed by the caller) and waits until the server says it is
     /// durably stored for the recipient (or was already, for a resent id).
     pub async fn send_message(
@@ -487,6 +368,20 @@ impl Client {
         to: &str,
         kind: &str,
         id: MessageId,
+        body: &[u8],
+    ) -> Result<SendOutcome, ClientError> {
+        self.send_copies(to, kind, id, None, body).await
+    }
+
+    /// [`Client::send_message`] of a body made of one sealed copy per device, as `copies`
+    /// lists them (`None`: one copy, for the recipient's device 1). Lists that are not the
+    /// current ones give [`ClientError::StaleDevices`] with the current ones.
+    pub async fn send_copies(
+        &self,
+        to: &str,
+        kind: &str,
+        id: MessageId,
+        copies: Option<Copies>,
         body: &[u8],
     ) -> Result<SendOutcome, ClientError> {
         let (tx, rx) = oneshot::channel();
@@ -500,7 +395,7 @@ impl Client {
                 sends.remove(&id);
             }
         };
-        match streams::send_stream(&self.conn, to, kind, id, body).await {
+        match streams::send_stream(&self.conn, to, kind, id, copies, body).await {
             // A refused stream is explained by a `send_failed` event: wait for it below.
             Ok(()) | Err(streams::StreamFailure::Refused) => {}
             Err(streams::StreamFailure::Lost(e)) => {
@@ -583,66 +478,6 @@ impl Client {
         }
     }
 
-    /// Uploads keys; returns how many one-time prekeys the server holds for us now.
-    pub async fn publish_keys(
-        &self,
-        identity_key: Option<IdentityKeyBytes>,
-        signed_prekey: Option<SignedPrekey>,
-        last_resort: Option<SignedPrekey>,
-        one_time_prekeys: Vec<OneTimePrekey>,
-    ) -> Result<u32, ClientError> {
-        let request = Request::PublishKeys {
-            identity_key,
-            signed_prekey,
-            last_resort,
-            one_time_prekeys,
-        };
-        match self.request(request).await? {
-            Reply::KeysPublished { one_time_prekeys } => Ok(one_time_prekeys),
-            other => Err(unexpected("publish_keys", &other)),
-        }
-    }
-
-    /// Fetches a user's prekey bundle (consuming one of their one-time prekeys).
-    pub async fn fetch_bundle(&self, username: &str) -> Result<Bundle, ClientError> {
-        match self
-            .request(Request::FetchBundle {
-                username: username.into(),
-                devices: None,
-            })
-            .await?
-        {
-            Reply::Bundle {
-                username,
-                identity_key,
-                signed_prekey,
-                one_time_prekey,
-                last_resort,
-                ..
-            } => Ok(Bundle {
-                username,
-                identity_key,
-                signed_prekey,
-                one_time_prekey,
-                last_resort,
-            }),
-            other => Err(unexpected("fetch_bundle", &other)),
-        }
-    }
-
-    /// Fetches a user's identity key without consuming anything.
-    pub async fn fetch_identity(&self, username: &str) -> Result<IdentityKeyBytes, ClientError> {
-        match self
-            .request(Request::FetchIdentity {
-                username: username.into(),
-            })
-            .await?
-        {
-            Reply::Identity { identity_key, .. } => Ok(identity_key),
-            other => Err(unexpected("fetch_identity", &other)),
-        }
-    }
-
     /// The remaining count from the last "prekeys low" event, if one came (and clears it).
     pub fn take_prekeys_low(&self) -> Option<u32> {
         self.notices
@@ -688,131 +523,6 @@ fn asks_for_delivery(request: &Request) -> bool {
 
 fn unexpected(request: &str, reply: &Reply) -> ClientError {
     ClientError::Protocol(format!("unexpected reply to {request}: {reply:?}"))
-}
-
-fn session_reply(request: &str, reply: Reply) -> Result<(SessionInfo, SessionToken), ClientError> {
-    match reply {
-        Reply::Session {
-            username,
-            token,
-            expires_at,
-            ..
-        } => Ok((
-            SessionInfo {
-                username,
-                expires_at,
-            },
-            token,
-        )),
-        other => Err(unexpected(request, &other)),
-    }
-}
-
-/// Routes replies to waiting requests until the stream ends; then fails whoever still waits.
-async fn read_replies(
-    mut recv: RecvStream,
-    conn: Connection,
-    pending: Pending,
-    sends: PendingSends,
-    notices: Arc<Mutex<Notices>>,
-    verdict: Arc<OnceLock<String>>,
-) {
-    let mut buf = Vec::new();
-    let failure = loop {
-        match read_frame(&mut recv, MAX_CONTROL_FRAME, &mut buf).await {
-            Ok(true) => {}
-            Ok(false) => {
-                break ClientError::ConnectionLost("server ended the control stream".into());
-            }
-            Err(e) => break ClientError::ConnectionLost(e.to_string()),
-        }
-        let frame: ServerFrame = match decode_body(&buf) {
-            Ok(frame) => frame,
-            Err(e) => break ClientError::Protocol(format!("undecodable reply: {e}")),
-        };
-        match frame.id {
-            Some(id) => {
-                let waiter = pending.lock().ok().and_then(|mut p| p.remove(&id));
-                match (waiter, frame.reply) {
-                    (Some(waiter), reply) => {
-                        let _ = waiter.send(Ok(reply));
-                    }
-                    (None, Reply::Error { code, message }) => {
-                        tracing::warn!(id, %code, "error for a request nobody waits for");
-                        if let Ok(mut n) = notices.lock() {
-                            n.unclaimed_error = Some(ClientError::Server { code, message });
-                        }
-                    }
-                    (None, other) => tracing::debug!(id, ?other, "late reply"),
-                }
-            }
-            None => match frame.reply {
-                // About the control stream as a whole (section 2.2): a `malformed_frame`
-                // leaves the connection open; after the others the server closes it, which
-                // ends this loop. Either way it answers no request: keep it for whoever asks.
-                Reply::Error { code, message } => {
-                    tracing::warn!(%code, %message, "the server reports an error about the connection");
-                    if let Ok(mut n) = notices.lock() {
-                        n.unclaimed_error = Some(ClientError::Server { code, message });
-                    }
-                }
-                Reply::Sent {
-                    message_id,
-                    duplicate,
-                } => {
-                    let outcome = if duplicate {
-                        SendOutcome::Duplicate
-                    } else {
-                        SendOutcome::Stored
-                    };
-                    let waiter = sends.lock().ok().and_then(|mut s| s.remove(&message_id));
-                    if let Some(waiter) = waiter {
-                        let _ = waiter.send(Ok(outcome));
-                    }
-                }
-                Reply::SendFailed {
-                    message_id: Some(message_id),
-                    code,
-                    message,
-                    ..
-                } => {
-                    let waiter = sends.lock().ok().and_then(|mut s| s.remove(&message_id));
-                    if let Some(waiter) = waiter {
-                        let _ = waiter.send(Err(ClientError::Server { code, message }));
-                    }
-                }
-                Reply::PrekeysLow { remaining } => {
-                    if let Ok(mut n) = notices.lock() {
-                        n.prekeys_low = Some(remaining);
-                    }
-                }
-                other => tracing::debug!(?other, "ignoring event"),
-            },
-        }
-    };
-    let failure = match (&failure, verdict.get(), conn.close_reason()) {
-        (ClientError::ConnectionLost(_), Some(verdict), _) => {
-            ClientError::ConnectionLost(verdict.clone())
-        }
-        (ClientError::ConnectionLost(_), None, Some(reason)) => {
-            ClientError::from_connection(reason, &conn.remote_address().to_string())
-        }
-        _ => failure,
-    };
-    let waiters: Vec<_> = match pending.lock() {
-        Ok(mut p) => p.drain().map(|(_, w)| w).collect(),
-        Err(_) => Vec::new(),
-    };
-    for waiter in waiters {
-        let _ = waiter.send(Err(failure.clone_for_waiter()));
-    }
-    let send_waiters: Vec<_> = match sends.lock() {
-        Ok(mut s) => s.drain().map(|(_, w)| w).collect(),
-        Err(_) => Vec::new(),
-    };
-    for waiter in send_waiters {
-        let _ = waiter.send(Err(failure.clone_for_waiter()));
-    }
 }
 
 impl ClientError {

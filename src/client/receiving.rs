@@ -6,10 +6,8 @@
 
 use std::time::Duration;
 
-use super::keystore::{HistoryEntry, Incoming, Quarantined};
-use super::messenger::{
-    MessengerError, Received, TEXT, changed_warning, seal_into_outbox, username,
-};
+use super::keystore::{HistoryEntry, Incoming, KeyState, Quarantined};
+use super::messenger::{MessengerError, Received, TEXT, changed_warning, username};
 use super::{Delivered, Messenger, sessions};
 use crate::e2e::E2eError;
 use crate::protocol::{MessageId, Username};
@@ -148,6 +146,7 @@ impl Messenger {
         Ok(next.map(|m| Received::Text {
             id: m.id,
             from: m.from,
+            to: m.to,
             sent_at: m.sent_at,
             text: m.text,
             warning: m.warning,
@@ -166,90 +165,14 @@ impl Messenger {
             .keystore()
             .update_async(move |state| -> Result<Kept, MessengerError> {
                 let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
-                if state.seen(&delivered.from, delivered.id) {
-                    return Ok(Kept::Duplicate);
-                }
-                state.mark_seen(&delivered.from, delivered.id);
-                let me = username(&me)?;
-                let quarantine = |state: &mut super::keystore::KeyState, reason: String, ask| {
-                    state.quarantine(Quarantined {
-                        id: delivered.id,
-                        from: delivered.from.clone(),
-                        sent_at: delivered.sent_at,
-                        kind: delivered.kind.clone(),
-                        reason: reason.clone(),
-                        body: delivered.body.clone(),
-                    });
-                    Kept::Quarantined {
-                        from: delivered.from.clone(),
-                        reason,
-                        ask_again: ask,
-                    }
-                };
-                if let Some(why) = &delivered.refused {
-                    return Ok(quarantine(state, why.clone(), false));
-                }
-                let Ok(peer) = Username::parse(&delivered.from) else {
-                    return Ok(quarantine(state, "invalid sender name".into(), false));
-                };
-                match delivered.kind.as_str() {
-                    TEXT => {}
-                    RETRY => {
-                        let Ok(asked) = <[u8; 16]>::try_from(delivered.body.as_slice()) else {
-                            let reason = "malformed retry request".to_owned();
-                            return Ok(quarantine(state, reason, false));
-                        };
-                        let asked = MessageId(asked);
-                        let entry = state.history.iter_mut().find(|e| {
-                            e.outgoing && !e.resent && e.id == asked && e.peer == peer.as_str()
-                        });
-                        let Some(entry) = entry else {
-                            return Ok(Kept::NoResend { asked: Some(asked) });
-                        };
-                        entry.resent = true;
-                        let text = entry.text.clone();
-                        // The peer cannot open our session: start a fresh one.
-                        state.reset(peer.as_str());
-                        return Ok(Kept::Resend { peer, text, asked });
-                    }
-                    other => {
-                        let reason = format!("unsupported kind {other:?}");
-                        return Ok(quarantine(state, reason, false));
-                    }
-                }
-                match sessions::open(state, &me, &peer, delivered.id, &delivered.body) {
-                    Ok(opened) => {
-                        let text = String::from_utf8_lossy(&opened.plaintext).into_owned();
-                        let changed = opened.identity_changed
-                            || state.trust_of(peer.as_str()).changed_to.is_some();
-                        let incoming = Incoming {
-                            id: delivered.id,
-                            from: delivered.from.clone(),
-                            sent_at: delivered.sent_at,
-                            text: text.clone(),
-                            warning: changed.then(|| changed_warning(peer.as_str())),
-                        };
-                        state.unshown.push_back(incoming.clone());
-                        state.remember(HistoryEntry {
-                            peer: delivered.from.clone(),
-                            outgoing: false,
-                            id: delivered.id,
-                            at: delivered.sent_at,
-                            text,
-                            resent: false,
-                        });
-                        Ok(Kept::Text(incoming))
-                    }
-                    // A replay of a message already opened: nothing to ask for.
-                    Err(e @ E2eError::Duplicate) => Ok(quarantine(state, e.to_string(), false)),
-                    Err(e) => Ok(quarantine(state, e.to_string(), true)),
-                }
+                Ok(keep(state, &username(&me)?, &delivered))
             })
             .await?;
         match kept {
             Kept::Text(m) => Ok(Received::Text {
                 id: m.id,
                 from: m.from,
+                to: m.to,
                 sent_at: m.sent_at,
                 text: m.text,
                 warning: m.warning,
@@ -364,10 +287,7 @@ impl Messenger {
     /// Seals `text` again for `peer` in a new session (the old one was just reset) and sends
     /// it with the outbox; returns the new id.
     async fn resend(&self, peer: &Username, text: &str) -> Result<MessageId, MessengerError> {
-        let bundle = self.client().fetch_bundle(peer.as_str()).await?;
-        let me = username(self.me())?;
-        let (id, _, outbox) =
-            seal_into_outbox(self.keystore(), &me, peer, text, Some(bundle)).await?;
+        let (id, _, outbox) = self.seal_text(peer, text).await?;
         self.send_outbox(outbox).await?;
         Ok(id)
     }
@@ -381,5 +301,272 @@ impl Messenger {
             .lock()
             .map_err(|_| MessengerError::Client(super::ClientError::Poisoned))?;
         Ok(f(&mut backlog))
+    }
+}
+
+/// Keeps a delivered message in the keystore's state: opened and kept until shown (in the
+/// history too), quarantined, or a retry request to act on. Pure: the caller saves the state.
+fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -> Kept {
+    if state.seen(&delivered.from, delivered.id) {
+        return Kept::Duplicate;
+    }
+    state.mark_seen(&delivered.from, delivered.id);
+    let quarantine = |state: &mut KeyState, reason: String, ask| {
+        state.quarantine(Quarantined {
+            id: delivered.id,
+            from: delivered.from.clone(),
+            sent_at: delivered.sent_at,
+            kind: delivered.kind.clone(),
+            reason: reason.clone(),
+            body: delivered.body.clone(),
+        });
+        Kept::Quarantined {
+            from: delivered.from.clone(),
+            reason,
+            ask_again: ask,
+        }
+    };
+    if let Some(why) = &delivered.refused {
+        return quarantine(state, why.clone(), false);
+    }
+    let Ok(peer) = Username::parse(&delivered.from) else {
+        return quarantine(state, "invalid sender name".into(), false);
+    };
+    let addressee = match delivered.to.as_deref().map(Username::parse) {
+        None => None,
+        Some(Ok(to)) => Some(to),
+        Some(Err(_)) => {
+            return quarantine(state, "invalid addressee name".into(), false);
+        }
+    };
+    // A copy of this account's own message (E14.3) is never answered with a retry.
+    let own = peer == *me;
+    match delivered.kind.as_str() {
+        TEXT => {}
+        RETRY if own => return Kept::NoResend { asked: None },
+        RETRY => {
+            let Ok(asked) = <[u8; 16]>::try_from(delivered.body.as_slice()) else {
+                let reason = "malformed retry request".to_owned();
+                return quarantine(state, reason, false);
+            };
+            let asked = MessageId(asked);
+            let entry = state
+                .history
+                .iter_mut()
+                .find(|e| e.outgoing && !e.resent && e.id == asked && e.peer == peer.as_str());
+            let Some(entry) = entry else {
+                return Kept::NoResend { asked: Some(asked) };
+            };
+            entry.resent = true;
+            let text = entry.text.clone();
+            // The peer's device cannot open our session with it: start a fresh one.
+            // (The message goes again to each of the peer's devices, under a new id.)
+            if let Some(sessions) = state
+                .device_sessions
+                .get_mut(peer.as_str())
+                .and_then(|d| d.get_mut(&delivered.from_device))
+                && let Some(old) = sessions.active.take()
+            {
+                sessions.keep(old);
+            }
+            return Kept::Resend { peer, text, asked };
+        }
+        other => {
+            let reason = format!("unsupported kind {other:?}");
+            return quarantine(state, reason, false);
+        }
+    }
+    let from = sessions::Origin {
+        peer: &peer,
+        device: delivered.from_device,
+        to: addressee.as_ref(),
+    };
+    match sessions::open(state, me, from, delivered.id, &delivered.body) {
+        Ok(opened) => {
+            let text = String::from_utf8_lossy(&opened.plaintext).into_owned();
+            // The conversation is with the addressee of one's own copy.
+            let other = addressee.as_ref().unwrap_or(&peer).as_str().to_owned();
+            let changed = opened.identity_changed
+                || (!own && state.trust_of(peer.as_str()).changed_to.is_some());
+            let incoming = Incoming {
+                id: delivered.id,
+                from: delivered.from.clone(),
+                to: addressee.as_ref().map(|to| to.as_str().to_owned()),
+                sent_at: delivered.sent_at,
+                text: text.clone(),
+                warning: changed.then(|| changed_warning(peer.as_str())),
+            };
+            state.unshown.push_back(incoming.clone());
+            state.remember(HistoryEntry {
+                peer: other,
+                outgoing: own,
+                id: delivered.id,
+                at: delivered.sent_at,
+                text,
+                resent: false,
+            });
+            Kept::Text(incoming)
+        }
+        // A replay of a message already opened: nothing to ask for.
+        Err(e @ E2eError::Duplicate) => quarantine(state, e.to_string(), false),
+        Err(e) => quarantine(state, e.to_string(), !own),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::copies::{self, Bundles, Destinations, Draft};
+    use crate::client::keystore::DeviceId;
+    use crate::e2e::{IdentityKeyPair, PrekeyBundle, PrekeyStore};
+
+    fn device(account: &str, seed: u8, device: DeviceId) -> (Username, KeyState) {
+        let identity = IdentityKeyPair::from_seed(&[seed; 32]);
+        let prekeys = PrekeyStore::generate(&identity, 4).unwrap();
+        (
+            Username::parse(account).unwrap(),
+            KeyState::for_device(account, device, &identity, prekeys, 0),
+        )
+    }
+
+    fn bundle(state: &KeyState) -> PrekeyBundle {
+        PrekeyBundle {
+            identity_key: state.identity().public(),
+            signed_prekey: state.prekeys.signed_prekey(),
+            one_time_prekey: state.prekeys.one_time_prekeys().first().cloned(),
+            last_resort_prekey: None,
+        }
+    }
+
+    /// `from` seals `text` to `to`'s device `to_device` and, as a copy, to its own `own`.
+    fn send(
+        from: &mut (Username, KeyState),
+        to: (&Username, &KeyState),
+        own: &KeyState,
+        n: u8,
+        text: &str,
+    ) -> Vec<Delivered> {
+        let dest = Destinations {
+            devices: vec![to.1.device],
+            own_devices: vec![own.device],
+        };
+        let bundles = Bundles {
+            peer: [(to.1.device, bundle(to.1))].into(),
+            own: [(own.device, bundle(own))].into(),
+        };
+        let draft = Draft {
+            to: to.0,
+            id: MessageId([n; 16]),
+            plaintext: text.as_bytes(),
+        };
+        let copies = copies::seal_copies(&mut from.1, &from.0, draft, &dest, &bundles, &[]);
+        copies
+            .unwrap()
+            .into_iter()
+            .map(|c| Delivered {
+                seq: u64::from(n),
+                id: MessageId([n; 16]),
+                from: from.0.as_str().to_owned(),
+                from_device: from.1.device,
+                to: c.own.then(|| to.0.as_str().to_owned()),
+                sent_at: 7,
+                kind: TEXT.into(),
+                body: c.envelope,
+                refused: None,
+            })
+            .collect()
+    }
+
+    /// alice writes to bob from her device 1: her device 2 keeps the copy as a message she
+    /// sent to bob (history, `to`), and a copy relabelled or stripped of its addressee is
+    /// quarantined without asking anyone to resend it.
+    #[test]
+    fn an_own_copy_is_kept_as_sent_to_its_addressee() {
+        let mut a1 = device("alice", 1, 1);
+        let mut a2 = device("alice", 1, 2);
+        let b1 = device("bob", 2, 1);
+        let sent = send(&mut a1, (&b1.0, &b1.1), &a2.1, 1, "hello bob");
+        let mut copy = sent[1].clone();
+        for (to, why) in [
+            (Some("carol"), "decryption failed"),
+            (None, "only copies"),
+            (Some("not a name!"), "invalid addressee"),
+        ] {
+            copy.to = to.map(str::to_owned);
+            // Each try is a new delivery as far as the seen ids go.
+            a2.1.unsee("alice", copy.id);
+            match keep(&mut a2.1, &a2.0, &copy) {
+                Kept::Quarantined {
+                    reason, ask_again, ..
+                } => {
+                    assert!(reason.contains(why), "{reason}");
+                    assert!(!ask_again);
+                }
+                _ => panic!("{to:?} was not quarantined"),
+            }
+        }
+        a2.1.unsee("alice", copy.id);
+        let Kept::Text(incoming) = keep(&mut a2.1, &a2.0, &sent[1]) else {
+            panic!("the copy did not open");
+        };
+        assert_eq!(incoming.to.as_deref(), Some("bob"));
+        assert_eq!(
+            (incoming.from.as_str(), incoming.text.as_str()),
+            ("alice", "hello bob")
+        );
+        assert!(incoming.warning.is_none());
+        let last = a2.1.history.back().unwrap();
+        assert_eq!((last.peer.as_str(), last.outgoing), ("bob", true));
+        assert!(matches!(keep(&mut a2.1, &a2.0, &sent[1]), Kept::Duplicate));
+    }
+
+    /// bob answers from his device 2: alice's device 1 opens it in a session with bob's
+    /// device 2 (its session with device 1 untouched); a retry request from bob's device 2
+    /// ends only the session with that device, and one from alice's own account is ignored.
+    #[test]
+    fn a_peer_device_gets_its_own_session_and_its_own_reset() {
+        let mut a1 = device("alice", 1, 1);
+        let a2 = device("alice", 1, 2);
+        let mut b1 = device("bob", 2, 1);
+        let mut b2 = device("bob", 2, 2);
+        let first = send(&mut a1, (&b1.0, &b1.1), &a2.1, 1, "hi bob");
+        assert!(matches!(keep(&mut b1.1, &b1.0, &first[0]), Kept::Text(_)));
+        let answer = send(&mut b2, (&a1.0, &a1.1), &b1.1, 2, "hi from my laptop");
+        let Kept::Text(incoming) = keep(&mut a1.1, &a1.0, &answer[0]) else {
+            panic!("bob's device 2 did not open");
+        };
+        assert_eq!(
+            (incoming.text.as_str(), incoming.to),
+            ("hi from my laptop", None)
+        );
+        assert_eq!(a1.1.known_devices("bob"), [1, 2]);
+        assert_eq!(a1.1.history.back().unwrap().peer, "bob");
+
+        let mut retry = answer[0].clone();
+        retry.id = MessageId([9; 16]);
+        retry.kind = RETRY.into();
+        retry.body = MessageId([1; 16]).0.to_vec();
+        a1.1.remember(HistoryEntry {
+            peer: "bob".into(),
+            outgoing: true,
+            id: MessageId([1; 16]),
+            at: 7,
+            text: "hi bob".into(),
+            resent: false,
+        });
+        let one = *a1.1.active("bob", 1).unwrap().origin();
+        assert!(matches!(
+            keep(&mut a1.1, &a1.0, &retry),
+            Kept::Resend { .. }
+        ));
+        assert!(a1.1.active("bob", 2).is_none());
+        assert_eq!(a1.1.active("bob", 1).map(|s| *s.origin()), Some(one));
+        let mut own_retry = retry.clone();
+        own_retry.from = "alice".into();
+        own_retry.id = MessageId([10; 16]);
+        assert!(matches!(
+            keep(&mut a1.1, &a1.0, &own_retry),
+            Kept::NoResend { asked: None }
+        ));
     }
 }

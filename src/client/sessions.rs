@@ -1,10 +1,23 @@
-//! Which session opens a message from a peer: the active one, an earlier one kept, or a new
-//! one the envelope starts, with the tie-break for two users who start at the same moment
-//! (`docs/PROTOCOL.md` E8.3–E8.5). Pure functions over the keystore's state: no I/O.
+//! Which session opens a message from a peer's device: the active one with that device, an
+//! earlier one kept, or a new one the envelope starts, with the tie-break for two devices that
+//! start at the same moment (`docs/PROTOCOL.md` E8.3–E8.5, E14). A message from this account's
+//! own other device is a copy of what it sent to someone (E14) and opens only under the
+//! addressee it names. Pure functions over the keystore's state: no I/O.
 
-use super::keystore::KeyState;
+use super::keystore::{DeviceId, KeyState};
 use crate::e2e::{E2eError, Envelope, Session};
 use crate::protocol::{MessageId, Username};
+
+/// Who sent a delivered message, as its header says.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin<'a> {
+    /// The sending account (`from`).
+    pub peer: &'a Username,
+    /// Its device (`from_device`).
+    pub device: DeviceId,
+    /// On a copy of this account's own message: whom it was sent to (`to`).
+    pub to: Option<&'a Username>,
+}
 
 /// A message opened, and what it says about the peer's identity.
 #[derive(Debug)]
@@ -15,42 +28,59 @@ pub(crate) struct Opened {
     pub identity_changed: bool,
 }
 
-/// Opens an envelope from `peer`.
+/// Opens an envelope from `from`.
 ///
-/// An envelope goes first to the session it belongs to: with an initial header, the session
-/// that header started (active or kept); without one, the active session and then the kept
-/// ones, newest first. Only an initial header that belongs to no session starts a new one
-/// (E8.2), which becomes the active session unless both sides started at once and ours
-/// wins the tie-break: then the peer's is kept, only to open what was sealed in it. A first
-/// message replayed later belongs to the session it started, where its key is gone: it is
-/// refused as a duplicate and never starts a second session (on the never-deleted
-/// last-resort prekey).
+/// An envelope goes first to the session with the sending device it belongs to: with an
+/// initial header, the session that header started (active or kept); without one, the active
+/// session and then the kept ones, newest first. Only an initial header that belongs to no
+/// session starts a new one (E8.2), which becomes the active session with that device unless
+/// both sides started at once and ours wins the tie-break ((name, device) sorts first): then
+/// the peer's is kept, only to open what was sealed in it. A first message replayed later
+/// belongs to the session it started, where its key is gone: it is refused as a duplicate
+/// and never starts a second session (on the never-deleted last-resort prekey).
+///
+/// A message from `me` must be a copy naming its addressee (`from.to`), and only such a
+/// message may name one ([`E2eError::NotOwnDevice`] otherwise); a copy opens under the
+/// addressee it was sealed for, and a new session from one of this account's devices must
+/// present this account's identity key.
 pub(crate) fn open(
     state: &mut KeyState,
     me: &Username,
-    peer: &Username,
+    from: Origin<'_>,
     id: MessageId,
     body: &[u8],
 ) -> Result<Opened, E2eError> {
+    let (peer, device) = (from.peer, from.device);
+    if (peer == me) != from.to.is_some() {
+        return Err(E2eError::NotOwnDevice);
+    }
     let envelope = Envelope::from_bytes(body)?;
     let opened = |plaintext| Opened {
         plaintext,
         identity_changed: false,
     };
+    let open_in = |session: &mut Session| match from.to {
+        Some(to) => session.open_copy(id.0, to, &envelope),
+        None => session.open(id.0, &envelope),
+    };
     let origin = envelope.initial.as_ref().map(|i| i.ephemeral_key);
     let belongs = |s: &Session| origin.is_none_or(|o| *s.origin() == o);
     let mut failure = None;
-    if let Some(session) = state.sessions.get_mut(peer.as_str())
-        && belongs(session)
+    if let Some(sessions) = state
+        .device_sessions
+        .get_mut(peer.as_str())
+        .and_then(|d| d.get_mut(&device))
     {
-        match session.open(id.0, &envelope) {
-            Ok(plaintext) => return Ok(opened(plaintext)),
-            Err(e) => failure = Some(e),
+        if let Some(session) = sessions.active.as_mut()
+            && belongs(session)
+        {
+            match open_in(session) {
+                Ok(plaintext) => return Ok(opened(plaintext)),
+                Err(e) => failure = Some(e),
+            }
         }
-    }
-    if let Some(kept) = state.kept.get_mut(peer.as_str()) {
-        for session in kept.iter_mut().filter(|s| belongs(s)) {
-            match session.open(id.0, &envelope) {
+        for session in sessions.kept.iter_mut().filter(|s| belongs(s)) {
+            match open_in(session) {
                 Ok(plaintext) => return Ok(opened(plaintext)),
                 Err(e) => failure = failure.or(Some(e)),
             }
@@ -64,18 +94,23 @@ pub(crate) fn open(
         return Err(E2eError::DecryptionFailed);
     }
     let identity = state.identity();
-    let (session, plaintext) =
-        Session::accept(&identity, &mut state.prekeys, me, peer, id.0, &envelope)?;
-    let identity_changed = state.saw_identity(peer.as_str(), session.peer_identity());
+    let (session, plaintext) = match from.to {
+        Some(to) => Session::accept_copy(&identity, &mut state.prekeys, me, to, id.0, &envelope)?,
+        None => Session::accept(&identity, &mut state.prekeys, me, peer, id.0, &envelope)?,
+    };
+    // This account's own identity was checked by `accept_copy`; it is not pinned.
+    let identity_changed =
+        from.to.is_none() && state.saw_identity(peer.as_str(), session.peer_identity());
+    let ours_first = (me.as_str().as_bytes(), state.device) < (peer.as_str().as_bytes(), device);
     let ours_wins = !identity_changed
-        && me.as_str().as_bytes() < peer.as_str().as_bytes()
-        && state.sessions.get(peer.as_str()).is_some_and(|ours| {
+        && ours_first
+        && state.active(peer.as_str(), device).is_some_and(|ours| {
             ours.awaiting_reply() && ours.peer_identity() == session.peer_identity()
         });
     if ours_wins {
-        state.keep(peer.as_str(), session);
+        state.keep(peer.as_str(), device, session);
     } else {
-        state.activate(peer.as_str(), session);
+        state.activate(peer.as_str(), device, session);
     }
     Ok(Opened {
         plaintext,
@@ -114,13 +149,13 @@ mod tests {
         text: &str,
     ) -> (MessageId, Vec<u8>) {
         let (me, state) = from;
-        if !state.sessions.contains_key(to.0.as_str()) {
+        if state.active(to.0.as_str(), 1).is_none() {
             let session = Session::initiate(&state.identity(), me, &to.0, &bundle(&to.1)).unwrap();
             state.saw_identity(to.0.as_str(), session.peer_identity());
-            state.activate(to.0.as_str(), session);
+            state.activate(to.0.as_str(), 1, session);
         }
         let id = MessageId([n; 16]);
-        let session = state.sessions.get_mut(to.0.as_str()).unwrap();
+        let session = state.active_mut(to.0.as_str(), 1).unwrap();
         (
             id,
             session
@@ -131,12 +166,20 @@ mod tests {
         )
     }
 
+    fn device_1(peer: &Username) -> Origin<'_> {
+        Origin {
+            peer,
+            device: 1,
+            to: None,
+        }
+    }
+
     fn read(
         to: &mut (Username, KeyState),
         from: &Username,
         sealed: &(MessageId, Vec<u8>),
     ) -> String {
-        let opened = open(&mut to.1, &to.0, from, sealed.0, &sealed.1).unwrap();
+        let opened = open(&mut to.1, &to.0, device_1(from), sealed.0, &sealed.1).unwrap();
         String::from_utf8(opened.plaintext).unwrap()
     }
 
@@ -153,7 +196,7 @@ mod tests {
         assert_eq!(read(&mut bob, &alice.0, &a1), "hi bob");
         assert_eq!(read(&mut alice, &bob.0, &b1), "hi alice");
         // Bob switched to alice's session; alice kept hers and reads bob's as a kept one.
-        let origin = |s: &(Username, KeyState), peer: &str| *s.1.sessions[peer].origin();
+        let origin = |s: &(Username, KeyState), peer: &str| *s.1.active(peer, 1).unwrap().origin();
         assert_eq!(origin(&alice, "bob"), origin(&bob, "alice"));
         let b3 = seal(&mut bob, &alice, 4, "on your session now");
         let a2 = seal(&mut alice, &bob, 5, "got it");
@@ -166,8 +209,8 @@ mod tests {
             let m = seal(&mut bob, &alice, n + 100, &format!("b{n}"));
             assert_eq!(read(&mut alice, &bob.0, &m), format!("b{n}"));
         }
-        assert!(!alice.1.sessions["bob"].awaiting_reply());
-        assert!(!bob.1.sessions["alice"].awaiting_reply());
+        assert!(!alice.1.active("bob", 1).unwrap().awaiting_reply());
+        assert!(!bob.1.active("alice", 1).unwrap().awaiting_reply());
     }
 
     /// The same in the other order of names: the tie-break does not depend on who is first
@@ -181,8 +224,8 @@ mod tests {
         assert_eq!(read(&mut amy, &zed.0, &z1), "from zed");
         assert_eq!(read(&mut zed, &amy.0, &a1), "from amy");
         assert_eq!(
-            amy.1.sessions["zed"].origin(),
-            zed.1.sessions["amy"].origin()
+            amy.1.active("zed", 1).unwrap().origin(),
+            zed.1.active("amy", 1).unwrap().origin()
         );
         let z2 = seal(&mut zed, &amy, 3, "zed again");
         assert_eq!(read(&mut amy, &zed.0, &z2), "zed again");
@@ -200,11 +243,11 @@ mod tests {
         assert_eq!(read(&mut bob, &alice.0, &first), "first");
         let reply = seal(&mut bob, &alice, 2, "reply");
         assert_eq!(read(&mut alice, &bob.0, &reply), "reply");
-        let before = *bob.1.sessions["alice"].origin();
-        let replay = open(&mut bob.1, &bob.0, &alice.0, first.0, &first.1);
+        let before = *bob.1.active("alice", 1).unwrap().origin();
+        let replay = open(&mut bob.1, &bob.0, device_1(&alice.0), first.0, &first.1);
         assert!(matches!(replay, Err(E2eError::Duplicate)), "{replay:?}");
-        assert_eq!(*bob.1.sessions["alice"].origin(), before);
-        assert!(bob.1.kept.get("alice").is_none_or(|k| k.is_empty()));
+        assert_eq!(*bob.1.active("alice", 1).unwrap().origin(), before);
+        assert!(bob.1.device_sessions["alice"][&1].kept.is_empty());
         let later = seal(&mut alice, &bob, 3, "later");
         assert_eq!(read(&mut bob, &alice.0, &later), "later");
     }

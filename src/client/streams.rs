@@ -11,7 +11,8 @@ use tokio::sync::mpsc;
 
 use super::ClientError;
 use crate::protocol::{
-    DeliverHeader, MAX_STREAM_HEADER, MessageId, SendHeader, StreamHeader, decode_body, read_frame,
+    Copies, DeliverHeader, DeviceId, MAX_STREAM_HEADER, MessageId, SendHeader, StreamHeader,
+    decode_body, read_frame,
 };
 
 /// Largest delivered body this client accepts: the largest end-to-end envelope (part II, E7),
@@ -37,6 +38,10 @@ pub struct Delivered {
     pub id: MessageId,
     /// The sender.
     pub from: String,
+    /// The sender's device (the session with it opens the body).
+    pub from_device: DeviceId,
+    /// On a copy of a message this account sent from another device: its recipient.
+    pub to: Option<String>,
     /// When the server stored it, seconds since the Unix epoch.
     pub sent_at: u64,
     /// The sender's `kind`.
@@ -63,9 +68,10 @@ pub(super) async fn send_stream(
     to: &str,
     kind: &str,
     id: MessageId,
+    copies: Option<Copies>,
     body: &[u8],
 ) -> Result<(), StreamFailure> {
-    match write_stream(conn, to, kind, id, body).await {
+    match write_stream(conn, to, kind, id, copies, body).await {
         Ok(()) => Ok(()),
         Err(WriteFailure::Stopped) => Err(StreamFailure::Refused),
         Err(WriteFailure::Other(e)) => Err(StreamFailure::Lost(ClientError::ConnectionLost(e))),
@@ -91,6 +97,7 @@ async fn write_stream(
     to: &str,
     kind: &str,
     id: MessageId,
+    copies: Option<Copies>,
     body: &[u8],
 ) -> Result<(), WriteFailure> {
     let lost = |e: &dyn std::fmt::Display| WriteFailure::Other(e.to_string());
@@ -100,7 +107,7 @@ async fn write_stream(
         to: to.to_owned(),
         kind: kind.to_owned(),
         length: body.len() as u64,
-        copies: None,
+        copies,
     });
     let frame = crate::protocol::encode_frame(&header, MAX_STREAM_HEADER).map_err(|e| lost(&e))?;
     stream.write_all(&frame).await?;
@@ -145,10 +152,11 @@ async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Unrea
         prev,
         id,
         from,
+        from_device,
+        to,
         sent_at,
         kind,
         length,
-        ..
     }) = header
     else {
         return Err(Unreadable::new("not a deliver header"));
@@ -165,6 +173,8 @@ async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Unrea
             seq,
             id,
             from: from.clone(),
+            from_device,
+            to: to.clone(),
             sent_at,
             kind: kind.clone(),
             body: Vec::new(),
@@ -200,6 +210,8 @@ async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Unrea
             seq,
             id,
             from,
+            from_device,
+            to,
             sent_at,
             kind,
             body,
@@ -350,6 +362,8 @@ mod tests {
             seq,
             id: MessageId([seq as u8; 16]),
             from: "alice".into(),
+            from_device: 1,
+            to: None,
             sent_at: 1,
             kind: "text".into(),
             body: vec![0; body_len],

@@ -131,10 +131,14 @@ impl Messenger {
                 s.pinned.insert(name.clone(), new);
                 s.trust.insert(name.clone(), Trust::default());
                 // A session made with another key must not carry on silently.
-                if s.sessions
-                    .get(&name)
-                    .is_some_and(|session| session.peer_identity().as_bytes() != &new.0)
-                {
+                let other_key = s.device_sessions.get(&name).is_some_and(|devices| {
+                    devices.values().any(|d| {
+                        d.active
+                            .as_ref()
+                            .is_some_and(|session| session.peer_identity().as_bytes() != &new.0)
+                    })
+                });
+                if other_key {
                     s.reset(&name);
                 }
                 Ok(())

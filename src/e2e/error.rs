@@ -69,6 +69,13 @@ pub enum E2eError {
     /// This side has no sending chain yet (a responder must receive before it can send).
     #[error("cannot send before the first message from the peer")]
     NotReadyToSend,
+    /// A copy for one's own devices (E14) was to be sealed or opened in a session with another
+    /// account, or a message between two devices of one account is not such a copy.
+    #[error(
+        "copies for one's own devices travel only between two devices of one account, and only \
+         copies do"
+    )]
+    NotOwnDevice,
     /// A message counter would pass `u32::MAX`; the session must be replaced.
     #[error("message counter exhausted")]
     CounterExhausted,

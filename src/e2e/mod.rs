@@ -35,6 +35,8 @@ mod session;
 mod x3dh;
 
 #[cfg(test)]
+mod copy_vectors;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod vectors;

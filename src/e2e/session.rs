@@ -3,7 +3,9 @@
 //!
 //! Every message's AEAD associated data ends with the sender's and recipient's usernames and
 //! the caller's 16-byte message id, so the server cannot move a ciphertext to another
-//! conversation or give it another id without decryption failing.
+//! conversation or give it another id without decryption failing. A copy of a message for one
+//! of the sender's own other devices (a session whose two ends are the same account) also binds
+//! the addressee, so the server cannot relabel whom a "sent by me" message went to (E14).
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +39,34 @@ pub(crate) fn message_ad(
     }
     out.extend_from_slice(message_id);
     out
+}
+
+/// The caller-supplied associated data of a copy for one of the sender's own devices:
+/// `message_ad(sender, sender, id) ‖ u16-be(len) ‖ addressee`. Longer than any ordinary
+/// message's data for the same two names, so neither can pass for the other.
+pub(crate) fn copy_ad(
+    sender: &Username,
+    addressee: &Username,
+    message_id: &[u8; MESSAGE_ID_LEN],
+) -> Vec<u8> {
+    let mut out = message_ad(sender, sender, message_id);
+    let name = addressee.as_str().as_bytes();
+    let len = u16::try_from(name.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(name);
+    out
+}
+
+/// `plaintext` padded for sealing, refused beyond [`MAX_PLAINTEXT_LEN`].
+fn padded(plaintext: &[u8]) -> Result<Vec<u8>, E2eError> {
+    if plaintext.len() > MAX_PLAINTEXT_LEN {
+        return Err(E2eError::TooLarge {
+            what: "plaintext",
+            len: plaintext.len(),
+            max: MAX_PLAINTEXT_LEN,
+        });
+    }
+    pad(plaintext, TAG_LEN)
 }
 
 /// An end-to-end session with one peer. Serializable (named MessagePack, secrets as `bin`)
@@ -130,12 +160,81 @@ impl Session {
         message_id: [u8; MESSAGE_ID_LEN],
         envelope: &Envelope,
     ) -> Result<(Self, Vec<u8>), E2eError> {
+        let ad = message_ad(peer_name, my_name, &message_id);
+        Self::accept_under(
+            source,
+            my_identity,
+            my_prekeys,
+            my_name,
+            peer_name,
+            &ad,
+            envelope,
+        )
+    }
+
+    /// Accepts a session offered by another device of this same account with a copy of a
+    /// message it sent to `to` (E14), and decrypts that copy. The envelope's identity key must
+    /// be this account's own ([`E2eError::IdentityChanged`] otherwise: only a device holding
+    /// the account's identity may start such a session).
+    pub fn accept_copy(
+        my_identity: &IdentityKeyPair,
+        my_prekeys: &mut PrekeyStore,
+        my_name: &Username,
+        to: &Username,
+        message_id: [u8; MESSAGE_ID_LEN],
+        envelope: &Envelope,
+    ) -> Result<(Self, Vec<u8>), E2eError> {
+        let source = &mut OsRandom;
+        Self::accept_copy_with(
+            source,
+            my_identity,
+            my_prekeys,
+            my_name,
+            to,
+            message_id,
+            envelope,
+        )
+    }
+
+    /// [`Self::accept_copy`] drawing the next ratchet key from `source`.
+    pub fn accept_copy_with(
+        source: &mut impl SecretSource,
+        my_identity: &IdentityKeyPair,
+        my_prekeys: &mut PrekeyStore,
+        my_name: &Username,
+        to: &Username,
+        message_id: [u8; MESSAGE_ID_LEN],
+        envelope: &Envelope,
+    ) -> Result<(Self, Vec<u8>), E2eError> {
+        let initial = envelope.initial.as_ref().ok_or(E2eError::NotInitial)?;
+        check_identity(&my_identity.public(), &initial.identity_key)?;
+        let ad = copy_ad(my_name, to, &message_id);
+        Self::accept_under(
+            source,
+            my_identity,
+            my_prekeys,
+            my_name,
+            my_name,
+            &ad,
+            envelope,
+        )
+    }
+
+    /// X3DH as the responder, then the first message decrypted under `ad`.
+    fn accept_under(
+        source: &mut impl SecretSource,
+        my_identity: &IdentityKeyPair,
+        my_prekeys: &mut PrekeyStore,
+        my_name: &Username,
+        peer_name: &Username,
+        ad: &[u8],
+        envelope: &Envelope,
+    ) -> Result<(Self, Vec<u8>), E2eError> {
         let initial = envelope.initial.as_ref().ok_or(E2eError::NotInitial)?;
         let (agreement, signed_prekey) = x3dh::respond(my_identity, my_prekeys, initial)?;
         let mut ratchet = RatchetState::new_responder(agreement, signed_prekey);
-        let ad = message_ad(peer_name, my_name, &message_id);
         let plaintext =
-            ratchet.decrypt(&envelope.header, &envelope.ciphertext, &ad, source, unpad)?;
+            ratchet.decrypt(&envelope.header, &envelope.ciphertext, ad, source, unpad)?;
         if let Some(id) = initial.one_time_prekey_id {
             my_prekeys.consume(id);
         }
@@ -157,24 +256,27 @@ impl Session {
         message_id: [u8; MESSAGE_ID_LEN],
         plaintext: &[u8],
     ) -> Result<Envelope, E2eError> {
-        if plaintext.len() > MAX_PLAINTEXT_LEN {
-            return Err(E2eError::TooLarge {
-                what: "plaintext",
-                len: plaintext.len(),
-                max: MAX_PLAINTEXT_LEN,
-            });
-        }
-        self.seal_plaintext(message_id, pad(plaintext, TAG_LEN)?)
+        let ad = message_ad(&self.my_name, &self.peer_name, &message_id);
+        self.seal_under(&ad, padded(plaintext)?)
     }
 
-    /// Seals `plaintext` exactly as given (padded by [`Self::seal`]).
-    fn seal_plaintext(
+    /// Encrypts, for another device of this same account, a copy of a message this device
+    /// sends to `to` (E14): as [`Self::seal`], the addressee bound into the associated data.
+    /// A session with another account gives [`E2eError::NotOwnDevice`].
+    pub fn seal_copy(
         &mut self,
         message_id: [u8; MESSAGE_ID_LEN],
-        plaintext: Vec<u8>,
+        to: &Username,
+        plaintext: &[u8],
     ) -> Result<Envelope, E2eError> {
-        let ad = message_ad(&self.my_name, &self.peer_name, &message_id);
-        let (header, ciphertext) = self.ratchet.encrypt(plaintext, &ad)?;
+        self.check_own()?;
+        let ad = copy_ad(&self.my_name, to, &message_id);
+        self.seal_under(&ad, padded(plaintext)?)
+    }
+
+    /// Encrypts `plaintext` exactly as given under the associated data `ad`.
+    fn seal_under(&mut self, ad: &[u8], plaintext: Vec<u8>) -> Result<Envelope, E2eError> {
+        let (header, ciphertext) = self.ratchet.encrypt(plaintext, ad)?;
         Ok(Envelope {
             initial: self.pending_initial.clone(),
             header,
@@ -203,19 +305,67 @@ impl Session {
         message_id: [u8; MESSAGE_ID_LEN],
         envelope: &Envelope,
     ) -> Result<Vec<u8>, E2eError> {
+        let ad = message_ad(&self.peer_name, &self.my_name, &message_id);
+        self.open_under(source, &ad, envelope)
+    }
+
+    /// Decrypts a copy, sealed by another device of this account with [`Self::seal_copy`], of
+    /// a message it sent to `to`. A copy labelled with another addressee than the one it was
+    /// sealed for does not open ([`E2eError::DecryptionFailed`]); errors as [`Self::open`].
+    pub fn open_copy(
+        &mut self,
+        message_id: [u8; MESSAGE_ID_LEN],
+        to: &Username,
+        envelope: &Envelope,
+    ) -> Result<Vec<u8>, E2eError> {
+        self.open_copy_with(&mut OsRandom, message_id, to, envelope)
+    }
+
+    /// [`Self::open_copy`] drawing the next ratchet key (if the ratchet turns) from `source`.
+    pub fn open_copy_with(
+        &mut self,
+        source: &mut impl SecretSource,
+        message_id: [u8; MESSAGE_ID_LEN],
+        to: &Username,
+        envelope: &Envelope,
+    ) -> Result<Vec<u8>, E2eError> {
+        self.check_own()?;
+        let ad = copy_ad(&self.peer_name, to, &message_id);
+        self.open_under(source, &ad, envelope)
+    }
+
+    fn open_under(
+        &mut self,
+        source: &mut impl SecretSource,
+        ad: &[u8],
+        envelope: &Envelope,
+    ) -> Result<Vec<u8>, E2eError> {
         if let Some(initial) = &envelope.initial {
             check_identity(&self.peer_identity, &initial.identity_key)?;
             if initial.ephemeral_key != self.origin {
                 return Err(E2eError::NewSession);
             }
         }
-        let ad = message_ad(&self.peer_name, &self.my_name, &message_id);
         let plaintext =
             self.ratchet
-                .decrypt(&envelope.header, &envelope.ciphertext, &ad, source, unpad)?;
+                .decrypt(&envelope.header, &envelope.ciphertext, ad, source, unpad)?;
         // The peer can only have sent a decryptable message from this session once it had it.
         self.pending_initial = None;
         Ok(plaintext)
+    }
+
+    /// Copies travel only between two devices of one account.
+    fn check_own(&self) -> Result<(), E2eError> {
+        if self.my_name == self.peer_name {
+            Ok(())
+        } else {
+            Err(E2eError::NotOwnDevice)
+        }
+    }
+
+    /// Whether this is a session between two devices of the same account (E14).
+    pub fn is_own(&self) -> bool {
+        self.my_name == self.peer_name
     }
 
     /// The peer's identity key, as this session was established with it.
@@ -257,7 +407,8 @@ impl Session {
         message_id: [u8; MESSAGE_ID_LEN],
         plaintext: &[u8],
     ) -> Result<Envelope, E2eError> {
-        self.seal_plaintext(message_id, plaintext.to_vec())
+        let ad = message_ad(&self.my_name, &self.peer_name, &message_id);
+        self.seal_under(&ad, plaintext.to_vec())
     }
 
     #[cfg(test)]

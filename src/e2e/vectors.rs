@@ -11,12 +11,12 @@ use super::session::message_ad;
 use super::*;
 use crate::protocol::Username;
 
-fn secret(label: &str) -> [u8; 32] {
+pub(super) fn secret(label: &str) -> [u8; 32] {
     Sha256::digest(label.as_bytes()).into()
 }
 
 /// Hands out the given secrets in order, then refuses.
-struct Fixed(Vec<[u8; 32]>);
+pub(super) struct Fixed(pub(super) Vec<[u8; 32]>);
 
 impl SecretSource for Fixed {
     fn secret_bytes(&mut self) -> Result<[u8; 32], E2eError> {
@@ -27,15 +27,15 @@ impl SecretSource for Fixed {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     hex::encode(bytes)
 }
 
-fn name(s: &str) -> Username {
+pub(super) fn name(s: &str) -> Username {
     Username::parse(s).unwrap()
 }
 
-fn ids(start: u8) -> [u8; 16] {
+pub(super) fn ids(start: u8) -> [u8; 16] {
     std::array::from_fn(|i| start + i as u8)
 }
 

@@ -7,6 +7,7 @@ use crate::protocol::Username;
 
 mod attacks;
 mod conversation;
+mod devices;
 mod padding;
 
 pub(super) struct Party {
