@@ -230,7 +230,8 @@ impl Sealer {
 /// device of this account (`to` set) opens under its addressee (E14.3).
 pub(crate) struct Opener {
     keys: Keys,
-    sessions: HashMap<(String, DeviceId), Session>,
+    /// By user, then by device (looked up by `&str`: no allocation per message).
+    sessions: HashMap<String, Vec<(DeviceId, Session)>>,
 }
 
 impl Opener {
@@ -246,7 +247,13 @@ impl Opener {
     ) -> Result<Vec<u8>, BenchError> {
         let envelope = Envelope::from_bytes(body).map_err(|e| e2e("envelope", e))?;
         let to = to.map(name).transpose()?;
-        if let Some(session) = self.sessions.get_mut(&(from.to_owned(), from_device)) {
+        let known = self.sessions.get_mut(from).and_then(|devices| {
+            devices
+                .iter_mut()
+                .find(|(device, _)| *device == from_device)
+                .map(|(_, session)| session)
+        });
+        if let Some(session) = known {
             return match &to {
                 None => session.open(id.0, &envelope),
                 Some(to) => session.open_copy(id.0, to, &envelope),
@@ -282,7 +289,9 @@ impl Opener {
         }
         .map_err(|e| e2e("accept", e))?;
         self.sessions
-            .insert((from.to_owned(), from_device), session);
+            .entry(from.to_owned())
+            .or_default()
+            .push((from_device, session));
         Ok(plaintext)
     }
 }
