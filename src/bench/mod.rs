@@ -212,6 +212,13 @@ pub struct Report {
     /// part of any other figure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub setup_s: Option<f64>,
+    /// Relay (with `--spawn`): the server's CPU seconds from the start of the load until the
+    /// receiving devices had everything (the setup left out, unlike `server_cpu_s`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_load_s: Option<f64>,
+    /// Relay (with `--spawn`): `server_cpu_load_s` per delivered copy, microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_delivery: Option<f64>,
 }
 
 /// Whose device a relay delivery went to.
@@ -273,6 +280,11 @@ impl Report {
                     row.owner, row.device, row.delivered, row.lost, row.duplicates
                 ));
             }
+        }
+        if let (Some(cpu), Some(per)) = (self.server_cpu_load_s, self.server_cpu_us_per_delivery) {
+            text.push_str(&format!(
+                "server CPU over the load: {cpu:.2} s, {per:.1} us per delivered copy\n"
+            ));
         }
         if let Some(setup) = self.setup_s {
             text.push_str(&format!("setup (not measured load): {setup:.1} s\n"));

@@ -25,9 +25,9 @@ use super::scenarios::{
 use super::sealing::{Keys, Opener, Sealer};
 use super::{
     BenchError, BenchOptions, DeviceDeliveries, DeviceOwner, MachineTimes, Report, Scenario,
-    histogram,
+    Target, histogram,
 };
-use crate::client::{Client, ClientOptions, SendOutcome};
+use crate::client::{Client, SendOutcome};
 use crate::protocol::{DeviceId, SessionToken};
 
 /// A device that receives during the load: one of the receiver's, or one of the sender's
@@ -231,10 +231,11 @@ async fn warm_up(pair: &mut Pair, receiver_name: &str, p: usize) -> Result<(), B
 
 /// N online pairs; open loop at `rate` or closed loop with `window` sends in flight.
 pub(super) async fn relay(
-    target: &ClientOptions,
+    server: &Target,
     options: &BenchOptions,
     prefix: &str,
 ) -> Result<Report, BenchError> {
+    let target = &server.options;
     let devices = options.devices.clamp(1, crate::store::MAX_DEVICES);
     let latencies = Arc::new(Mutex::new(histogram()?));
     let done = Arc::new(AtomicU64::new(0));
@@ -272,6 +273,7 @@ pub(super) async fn relay(
     progress::track_sent(&sent);
     progress::phase("load", Goal::Time(options.duration));
     let machine = MachineTimes::now();
+    let server_before = server.stats();
     let start = Instant::now();
     let deadline = start + options.duration;
     // Open loop: one pacer thread hands each sender the instants it is due to send (sender p
@@ -377,6 +379,12 @@ pub(super) async fn relay(
         entry.unique += got.unique;
         entry.duplicates += got.duplicates;
     }
+    // From the start of the load until every device has all it will get (its last second is
+    // the receivers' wait for silence, when the server idles).
+    let server_load_cpu = match (server_before, server.stats()) {
+        (Some(before), Some(after)) => Some(after.cpu_s - before.cpu_s),
+        _ => None,
+    };
     let elapsed = start
         .elapsed()
         .saturating_sub(*DRAIN_WAIT)
@@ -390,6 +398,12 @@ pub(super) async fn relay(
     report.devices = Some(devices as u32);
     report.copies_per_message = Some(copies_per_message as u64);
     report.setup_s = Some(setup_s);
+    if let Some(cpu) = server_load_cpu {
+        report.server_cpu_load_s = Some(cpu);
+        if report.delivered > 0 {
+            report.server_cpu_us_per_delivery = Some(cpu * 1e6 / report.delivered as f64);
+        }
+    }
     report.pacer_lateness_us = pacer_lateness;
     if report.lost > 0 {
         let mut redelivered = 0;

@@ -82,7 +82,7 @@ pub async fn run(target: &Target, options: &BenchOptions) -> Result<Report, Benc
     progress::reset(options.scenario);
     let before = target.stats();
     let mut report = match options.scenario {
-        Scenario::Relay => super::relay::relay(&target.options, options, &prefix).await?,
+        Scenario::Relay => super::relay::relay(target, options, &prefix).await?,
         Scenario::Offline => offline(&target.options, options, &prefix).await?,
         Scenario::Login | Scenario::Resume | Scenario::Handshake => {
             repeated(&target.options, options, &prefix).await?
@@ -147,6 +147,8 @@ pub(super) fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Re
         messages_per_s: None,
         deliveries_per_device: None,
         setup_s: None,
+        server_cpu_load_s: None,
+        server_cpu_us_per_delivery: None,
     }
 }
 
