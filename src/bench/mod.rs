@@ -154,7 +154,9 @@ pub struct Report {
     pub errors: u64,
     /// Delivered (or completed) per second over the measured interval.
     pub throughput_per_s: f64,
-    /// Latency distribution, microseconds.
+    /// Latency distribution, microseconds. Relay: one sample per delivered copy, from the
+    /// message's intended send time to the moment that device opened it (with one device, one
+    /// per message).
     pub latency_us: Latency,
     /// The latency distribution in more detail: `[percentile, microseconds]` pairs from 0 (the
     /// smallest) to 100 (the largest), for plots.
