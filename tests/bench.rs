@@ -110,6 +110,8 @@ async fn relay_full_speed_and_open_loop() {
     check(&report, "relay");
     assert!(report["latency_us"]["p50"].as_u64().unwrap() > 0);
     assert!(report.get("pacer_lateness_us").is_none(), "{report}");
+    // One device per user (the default): one copy per message, all the receiver's device 1's.
+    check_devices(&report, 1);
     let report = bench("relay", 3, &["--rate", "300"]).await;
     check(&report, "relay");
     // 300/s for 1 s: the schedule is honoured within a margin.
@@ -122,6 +124,66 @@ async fn relay_full_speed_and_open_loop() {
         matches!((p50, max), (Some(p50), Some(max)) if p50 >= 1 && p50 <= max),
         "{report}"
     );
+}
+
+/// A relay report with `devices` devices per user: each message carried 2N − 1 copies, and
+/// each receiving device (the receiver's 1..N, the sender's 2..N) got every message sent
+/// exactly once; `delivered` counts the copies.
+fn check_devices(report: &serde_json::Value, devices: u64) {
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent > 0, "{report}");
+    assert_eq!(report["devices"], devices, "{report}");
+    assert_eq!(report["copies_per_message"], 2 * devices - 1, "{report}");
+    assert_eq!(
+        report["delivered"].as_u64().unwrap(),
+        sent * (2 * devices - 1),
+        "{report}"
+    );
+    for key in ["lost", "duplicates", "errors"] {
+        assert_eq!(report[key], 0, "{key}: {report}");
+    }
+    let rows: Vec<(String, u64, u64, u64, u64)> = report["deliveries_per_device"]
+        .as_array()
+        .unwrap_or_else(|| panic!("deliveries_per_device: {report}"))
+        .iter()
+        .map(|row| {
+            (
+                row["owner"].as_str().unwrap().to_owned(),
+                row["device"].as_u64().unwrap(),
+                row["delivered"].as_u64().unwrap(),
+                row["lost"].as_u64().unwrap(),
+                row["duplicates"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, u64, u64, u64, u64)> = (1..=devices)
+        .map(|d| ("receiver".to_owned(), d, sent, 0, 0))
+        .chain((2..=devices).map(|d| ("sender".to_owned(), d, sent, 0, 0)))
+        .collect();
+    assert_eq!(rows, expected, "{report}");
+    assert!(report["setup_s"].as_f64().unwrap() > 0.0, "{report}");
+}
+
+/// `--devices 2`: every user's second device is linked to its first through the server; the
+/// sender's device 1 seals each message for the receiver's two devices and its own second one,
+/// and each of the three got every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_with_two_devices_reaches_every_device_once() {
+    let report = bench("relay", 3, &["--devices", "2"]).await;
+    check_devices(&report, 2);
+    assert!(
+        report["throughput_per_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    // The other scenarios have one device per user and say so.
+    let refused = Command::new(env!("CARGO_BIN_EXE_sfc-bench"))
+        .args(["offline", "--devices", "2", "--spawn", "--server-bin"])
+        .arg(env!("CARGO_BIN_EXE_sfc-server"))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success(), "{refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,15 +4,19 @@
 //!
 //! Every relay and offline message is sealed end to end (X3DH, then the Double Ratchet) by its
 //! sender and opened by its receiver, as a real client does; sessions stay in memory. A relay
-//! pair's session is started before the load (one warm-up message, opened and acknowledged,
-//! not counted), so the relay measures relaying, not the receivers' one-time X3DH accepts.
+//! pair's sessions are started before the load (one warm-up message, opened and acknowledged
+//! by every device, not counted), so the relay measures relaying, not the receivers' one-time
+//! X3DH accepts. With `--devices N` each relay user has N devices, linked through the server
+//! (src/bench/relay.rs), and each message carries a copy per device (2N − 1 receive it).
 //!
 //! Latency of the open-loop relay is measured from each message's *intended* send time, so a
 //! stall delays the measurement instead of the schedule (no coordinated omission).
 
 pub mod flood;
 pub mod flood_logins;
+mod linking;
 pub mod progress;
+mod relay;
 mod scenarios;
 mod sealing;
 mod target;
@@ -87,6 +91,8 @@ pub struct BenchOptions {
     pub sources: usize,
     /// Flood: how many times to open, hold and close the connections.
     pub rounds: usize,
+    /// Relay: devices per user (1 to 8).
+    pub devices: usize,
 }
 
 /// Latency percentiles in microseconds.
@@ -148,7 +154,9 @@ pub struct Report {
     pub errors: u64,
     /// Delivered (or completed) per second over the measured interval.
     pub throughput_per_s: f64,
-    /// Latency distribution, microseconds.
+    /// Latency distribution, microseconds. Relay: one sample per delivered copy, from the
+    /// message's intended send time to the moment that device opened it (with one device, one
+    /// per message).
     pub latency_us: Latency,
     /// The latency distribution in more detail: `[percentile, microseconds]` pairs from 0 (the
     /// smallest) to 100 (the largest), for plots.
@@ -186,6 +194,58 @@ pub struct Report {
     /// Flood: each round's counts and the server's RSS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flood: Option<flood::FloodReport>,
+    /// Relay: devices per user (`--devices`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<u32>,
+    /// Relay: copies each message carries, one per receiving device: the receiver's N and the
+    /// sender's N − 1 others (1 with one device). `delivered`, `lost` and `duplicates` count
+    /// copies, summed over the devices: nothing lost means `delivered` = `sent` × this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copies_per_message: Option<u64>,
+    /// Relay: messages stored per second over the interval of `throughput_per_s` (which counts
+    /// delivered copies); with one device and nothing lost, the two are equal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages_per_s: Option<f64>,
+    /// Relay: what each device got, summed over the pairs: the receiver's devices 1..N, then
+    /// the sender's devices 2..N (copies of what its device 1 sent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries_per_device: Option<Vec<DeviceDeliveries>>,
+    /// Relay: seconds of setup before the load (sign-ups, links, keys, X3DH, warm-up); not
+    /// part of any other figure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup_s: Option<f64>,
+    /// Relay (with `--spawn`): the server's CPU seconds from the start of the load until the
+    /// receiving devices had everything (the setup left out, unlike `server_cpu_s`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_load_s: Option<f64>,
+    /// Relay (with `--spawn`): `server_cpu_load_s` per delivered copy, microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_delivery: Option<f64>,
+}
+
+/// Whose device a relay delivery went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceOwner {
+    /// The pair's receiver (the message's addressee).
+    Receiver,
+    /// The pair's sender: one of its devices other than the sending device 1.
+    Sender,
+}
+
+/// One device position's deliveries in a relay run, summed over the pairs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceDeliveries {
+    /// Whose device.
+    pub owner: DeviceOwner,
+    /// Its device id.
+    pub device: crate::protocol::DeviceId,
+    /// Distinct messages it received and opened.
+    pub delivered: u64,
+    /// Messages sent that it did not receive (`sent` minus `delivered`).
+    pub lost: u64,
+    /// Deliveries of a message it had already received.
+    pub duplicates: u64,
 }
 
 impl Report {
@@ -207,6 +267,30 @@ impl Report {
             self.latency_us.p999,
             self.latency_us.max,
         );
+        if let (Some(devices), Some(copies), Some(rows)) = (
+            self.devices,
+            self.copies_per_message,
+            &self.deliveries_per_device,
+        ) {
+            text.push_str(&format!(
+                "devices per user {devices}: {copies} copies per message, {:.0} messages/s\n",
+                self.messages_per_s.unwrap_or(0.0)
+            ));
+            for row in rows {
+                text.push_str(&format!(
+                    "  {:?} device {}: delivered {} lost {} duplicates {}\n",
+                    row.owner, row.device, row.delivered, row.lost, row.duplicates
+                ));
+            }
+        }
+        if let (Some(cpu), Some(per)) = (self.server_cpu_load_s, self.server_cpu_us_per_delivery) {
+            text.push_str(&format!(
+                "server CPU over the load: {cpu:.2} s, {per:.1} us per delivered copy\n"
+            ));
+        }
+        if let Some(setup) = self.setup_s {
+            text.push_str(&format!("setup (not measured load): {setup:.1} s\n"));
+        }
         if let (Some(cpu), Some(rss)) = (self.server_cpu_s, self.server_peak_rss_bytes) {
             text.push_str(&format!(
                 "server: {cpu:.2} CPU s, peak RSS {:.1} MiB\n",

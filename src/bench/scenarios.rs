@@ -18,28 +18,28 @@ use super::{
 use crate::client::{Client, ClientOptions, SendOutcome};
 use crate::protocol::{ErrorCode, MessageId, Password, SessionToken};
 
-const PASSWORD: &str = "bench password 1";
+pub(super) const PASSWORD: &str = "bench password 1";
 /// Most seqs a bench receiver acknowledges in one request.
 const MAX_ACK_BATCH: usize = 1024;
 /// Users set up at once (sign-ups hash passwords: more would only queue on the server).
-const SETUP_CONCURRENCY: usize = 16;
+pub(super) const SETUP_CONCURRENCY: usize = 16;
 /// The message index of a relay pair's warm-up message. The load's messages count up from 0,
 /// so no load message shares its id.
-const WARM_UP_ID: u64 = u64::MAX;
+pub(super) const WARM_UP_ID: u64 = u64::MAX;
 /// How long a relay sender keeps resending a message refused with `inbox_full`.
 const RESEND_FOR: Duration = Duration::from_secs(30);
 /// How long a receiver waits for its warm-up message.
-const WARM_UP_WAIT: Duration = Duration::from_secs(30);
+pub(super) const WARM_UP_WAIT: Duration = Duration::from_secs(30);
 /// The client sockets of a scenario's connections: `--client-sockets` endpoints shared
 /// round-robin, or with 0 one per connection, as each phone has its own. Each connection still
 /// makes its own QUIC connection, TLS handshake and end-to-end sessions; sharing spares the
 /// generator a socket, an endpoint task and ≈ 2.2 MB of buffers per connection (at 1,000 relay
 /// pairs: 5.8 GB of generator memory and a 2 s start while it touches them).
-struct ClientSockets(Vec<ClientOptions>);
+pub(super) struct ClientSockets(Vec<ClientOptions>);
 
 impl ClientSockets {
     /// `shared` endpoints for `connections` connections (no more endpoints than connections).
-    async fn open(
+    pub(super) async fn open(
         target: &ClientOptions,
         shared: usize,
         connections: usize,
@@ -56,14 +56,14 @@ impl ClientSockets {
     }
 
     /// The options for the `n`th connection.
-    fn for_connection(&self, n: usize) -> &ClientOptions {
+    pub(super) fn for_connection(&self, n: usize) -> &ClientOptions {
         &self.0[n % self.0.len()]
     }
 }
 
 /// Silence after which a receiver decides everything has arrived (and which is not counted as
 /// drain time). Overridable with `SFC_BENCH_DRAIN_SECS` for diagnosis.
-static DRAIN_WAIT: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
+pub(super) static DRAIN_WAIT: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
     std::env::var("SFC_BENCH_DRAIN_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -73,11 +73,16 @@ static DRAIN_WAIT: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
 
 /// Runs `options.scenario` against `target`.
 pub async fn run(target: &Target, options: &BenchOptions) -> Result<Report, BenchError> {
+    if options.devices != 1 && options.scenario != Scenario::Relay {
+        return Err(BenchError::Setup(
+            "--devices is a relay option: the other scenarios have one device per user".into(),
+        ));
+    }
     let prefix = unique_prefix()?;
     progress::reset(options.scenario);
     let before = target.stats();
     let mut report = match options.scenario {
-        Scenario::Relay => relay(&target.options, options, &prefix).await?,
+        Scenario::Relay => super::relay::relay(target, options, &prefix).await?,
         Scenario::Offline => offline(&target.options, options, &prefix).await?,
         Scenario::Login | Scenario::Resume | Scenario::Handshake => {
             repeated(&target.options, options, &prefix).await?
@@ -99,14 +104,17 @@ fn unique_prefix() -> Result<String, BenchError> {
     Ok(format!("b{}", hex::encode(bytes)))
 }
 
-fn wall_nanos() -> u64 {
+pub(super) fn wall_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
 
-async fn signup(options: &ClientOptions, name: &str) -> Result<(Client, SessionToken), BenchError> {
+pub(super) async fn signup(
+    options: &ClientOptions,
+    name: &str,
+) -> Result<(Client, SessionToken), BenchError> {
     let client = Client::connect(options).await?;
     let (_, token) = client.signup(name, Password::new(PASSWORD)).await?;
     progress::user();
@@ -134,14 +142,21 @@ pub(super) fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Re
         refused: None,
         pacer_lateness_us: None,
         flood: None,
+        devices: None,
+        copies_per_message: None,
+        messages_per_s: None,
+        deliveries_per_device: None,
+        setup_s: None,
+        server_cpu_load_s: None,
+        server_cpu_us_per_delivery: None,
     }
 }
 
 /// What a receiver saw.
 #[derive(Default)]
-struct Received {
-    unique: u64,
-    duplicates: u64,
+pub(super) struct Received {
+    pub(super) unique: u64,
+    pub(super) duplicates: u64,
 }
 
 /// Sums what the receivers saw.
@@ -159,7 +174,7 @@ async fn collect(
 
 impl Report {
     /// Fills the machine's load over the measured interval.
-    fn set_machine_load(&mut self, load: Option<MachineLoad>) {
+    pub(super) fn set_machine_load(&mut self, load: Option<MachineLoad>) {
         if let Some(load) = load {
             self.machine_busy_pct = Some(load.busy_pct);
             self.machine_steal_pct = Some(load.steal_pct);
@@ -180,7 +195,7 @@ impl Report {
 /// Like a careful client it acknowledges as it goes: everything that has arrived is taken,
 /// opened and acknowledged in one quiet batch (so batches grow with the load, no ack waits for
 /// a timer, and none waits for an answer; a failed ack ends the receiver with its error).
-async fn receive(
+pub(super) async fn receive(
     client: Arc<Client>,
     mut opener: Opener,
     latencies: Arc<Mutex<Histogram<u64>>>,
@@ -216,7 +231,12 @@ async fn receive(
             if !seen.insert(message.id) {
                 got.duplicates += 1;
             } else {
-                let plaintext = opener.open(&message.from, message.id, &message.body)?;
+                let plaintext = opener.open(
+                    (&message.from, message.from_device),
+                    message.to.as_deref(),
+                    message.id,
+                    &message.body,
+                )?;
                 got.unique += 1;
                 progress::delivered();
                 if stamped && plaintext.len() >= 8 {
@@ -295,7 +315,7 @@ fn precise_sleeps() {}
 /// for at most [`RESEND_FOR`], each refusal counted in `resend`. Sealing advanced the
 /// sender's ratchet: dropping the message would leave a gap in the receiver's chain, and past
 /// the ratchet's skip limit (1,000) the session breaks.
-async fn send_sealed(
+pub(super) async fn send_sealed(
     client: &Client,
     sealer: &Sealer,
     to: &str,
@@ -307,11 +327,14 @@ async fn send_sealed(
     id[..8].copy_from_slice(&(owner as u64).to_be_bytes());
     id[8..].copy_from_slice(&i.to_be_bytes());
     let id = MessageId(id);
-    let body = sealer.seal(id, plaintext)?;
+    let (body, copies) = sealer.seal(id, plaintext)?;
     let give_up = Instant::now() + RESEND_FOR;
     let mut backoff = Duration::from_millis(1);
     loop {
-        match (client.send_message(to, "bench", id, &body).await, resend) {
+        let sent = client
+            .send_copies(to, "bench", id, copies.clone(), &body)
+            .await;
+        match (sent, resend) {
             (Err(e), Some(refused))
                 if e.is_server(ErrorCode::InboxFull) && Instant::now() < give_up =>
             {
@@ -325,266 +348,8 @@ async fn send_sealed(
 }
 
 /// Whether a load message was stored: a duplicate, or any failure, is an error here.
-fn was_stored(sent: Result<SendOutcome, BenchError>) -> bool {
+pub(super) fn was_stored(sent: Result<SendOutcome, BenchError>) -> bool {
     matches!(sent, Ok(SendOutcome::Stored))
-}
-
-/// One relay pair, ready: both hold their session (the receiver has opened a first message).
-struct Pair {
-    sender: Client,
-    sealer: Sealer,
-    receiver: Client,
-    opener: Opener,
-    token: SessionToken,
-}
-
-/// Signs up `count` pairs (some at once), publishes their keys, runs X3DH from each sender
-/// and warms the session up ([`warm_up`]); returns them in order.
-async fn setup_pairs(
-    sockets: &ClientSockets,
-    prefix: &str,
-    count: usize,
-) -> Result<Vec<Pair>, BenchError> {
-    let slots = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
-    let mut setting_up = JoinSet::new();
-    for p in 0..count {
-        let (to_send, to_receive) = (
-            sockets.for_connection(2 * p).clone(),
-            sockets.for_connection(2 * p + 1).clone(),
-        );
-        let (prefix, slots) = (prefix.to_owned(), Arc::clone(&slots));
-        setting_up.spawn(async move {
-            let _slot = slots
-                .acquire_owned()
-                .await
-                .map_err(|e| BenchError::Setup(e.to_string()))?;
-            let (sender_name, receiver_name) = (format!("{prefix}s{p}"), format!("{prefix}r{p}"));
-            let (sender, _) = signup(&to_send, &sender_name).await?;
-            let (receiver, token) = signup(&to_receive, &receiver_name).await?;
-            let mut opener = Keys::publish(&receiver, &receiver_name).await?.opener();
-            let sender_keys = Keys::publish(&sender, &sender_name).await?;
-            let sealer = sender_keys.seal_to(&sender, &receiver_name).await?;
-            warm_up(&sender, &sealer, &receiver_name, &receiver, &mut opener, p).await?;
-            Ok::<_, BenchError>((
-                p,
-                Pair {
-                    sender,
-                    sealer,
-                    receiver,
-                    opener,
-                    token,
-                },
-            ))
-        });
-    }
-    let mut pairs: Vec<Option<Pair>> = (0..count).map(|_| None).collect();
-    while let Some(joined) = setting_up.join_next().await {
-        let (p, pair) = joined.map_err(|e| BenchError::Setup(e.to_string()))??;
-        if let Some(slot) = pairs.get_mut(p) {
-            *slot = Some(pair);
-        }
-    }
-    Ok(pairs.into_iter().flatten().collect())
-}
-
-/// Sends one message of the pair's session before the load, and has the receiver open and
-/// acknowledge it: opening the first message of a session accepts it (X3DH, ≈ 0.7 ms of CPU,
-/// measured by the `keys/` micro benchmarks), a one-time cost that a relay measurement would
-/// otherwise take for a stall at its start. The message is not counted in the report.
-async fn warm_up(
-    sender: &Client,
-    sealer: &Sealer,
-    receiver_name: &str,
-    receiver: &Client,
-    opener: &mut Opener,
-    p: usize,
-) -> Result<(), BenchError> {
-    match send_sealed(
-        sender,
-        sealer,
-        receiver_name,
-        (p, WARM_UP_ID),
-        b"warm-up",
-        None,
-    )
-    .await?
-    {
-        SendOutcome::Stored => {}
-        SendOutcome::Duplicate => {
-            return Err(BenchError::Setup(format!(
-                "the warm-up message to {receiver_name} was refused as a duplicate"
-            )));
-        }
-    }
-    let Some(message) = receiver.next_delivery(WARM_UP_WAIT).await else {
-        let why = match receiver.connection().close_reason() {
-            Some(reason) => format!("its connection closed: {reason}"),
-            None => format!("none came within {} s", WARM_UP_WAIT.as_secs()),
-        };
-        return Err(BenchError::Setup(format!(
-            "{receiver_name} got no warm-up message: {why}"
-        )));
-    };
-    opener.open(&message.from, message.id, &message.body)?;
-    receiver.ack(vec![message.seq]).await?;
-    Ok(())
-}
-
-/// N online pairs; open loop at `rate` or closed loop with `window` sends in flight.
-async fn relay(
-    target: &ClientOptions,
-    options: &BenchOptions,
-    prefix: &str,
-) -> Result<Report, BenchError> {
-    let latencies = Arc::new(Mutex::new(histogram()?));
-    let done = Arc::new(AtomicU64::new(0));
-    let (mut senders, mut receivers, mut tokens) = (Vec::new(), JoinSet::new(), Vec::new());
-    progress::phase("setup", Goal::Users(2 * options.clients as u64));
-    let sockets = ClientSockets::open(target, options.client_sockets, 2 * options.clients).await?;
-    for pair in setup_pairs(&sockets, prefix, options.clients).await? {
-        tokens.push(pair.token);
-        senders.push(Arc::new((pair.sender, pair.sealer)));
-        receivers.spawn(receive(
-            Arc::new(pair.receiver),
-            pair.opener,
-            Arc::clone(&latencies),
-            Arc::clone(&done),
-            true,
-        ));
-    }
-    let (sent, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let refused = Arc::new(AtomicU64::new(0));
-    progress::track_sent(&sent);
-    progress::phase("load", Goal::Time(options.duration));
-    let machine = MachineTimes::now();
-    let start = Instant::now();
-    let deadline = start + options.duration;
-    // Open loop: one pacer thread hands each sender the instants it is due to send (sender p
-    // gets every clients-th slot of an even schedule), so the schedule does not depend on
-    // the runtime's 1 ms timer wheel and the senders never send in bursts.
-    let (mut schedules, pacer) = match options.rate {
-        Some(rate) if rate > 0.0 => {
-            let (txs, rxs): (Vec<_>, Vec<_>) = (0..options.clients)
-                .map(|_| tokio::sync::mpsc::unbounded_channel())
-                .unzip();
-            let pacer = std::thread::Builder::new()
-                .name("sfc-bench-pacer".into())
-                .spawn(move || pace(&txs, start, rate, deadline))
-                .map_err(|e| BenchError::Setup(format!("cannot start the pacer: {e}")))?;
-            (rxs.into_iter().map(Some).collect(), Some(pacer))
-        }
-        _ => ((0..options.clients).map(|_| None).collect::<Vec<_>>(), None),
-    };
-    let mut sending = JoinSet::new();
-    for (p, sender) in senders.iter().enumerate() {
-        let (sender, sent, errors, refused) = (
-            Arc::clone(sender),
-            Arc::clone(&sent),
-            Arc::clone(&errors),
-            Arc::clone(&refused),
-        );
-        let mut schedule = schedules.get_mut(p).and_then(Option::take);
-        let (to, size, window) = (
-            format!("{prefix}r{p}"),
-            options.size.max(16),
-            options.window.max(1),
-        );
-        sending.spawn(async move {
-            // Open loop: a bound on sends in flight only to keep memory finite; latency is
-            // still measured from the intended time, so such a stall shows.
-            let slots = Arc::new(Semaphore::new(if schedule.is_some() {
-                4096
-            } else {
-                window
-            }));
-            let mut inflight = JoinSet::new();
-            let mut i: u64 = 0;
-            loop {
-                let intended = match &mut schedule {
-                    Some(schedule) => match schedule.recv().await {
-                        Some(at) => at,
-                        None => break,
-                    },
-                    None => Instant::now(),
-                };
-                if intended >= deadline {
-                    break;
-                }
-                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-                    break;
-                };
-                // Finished sends are reaped as the load goes: a JoinSet keeps every finished
-                // task's allocation until it is joined.
-                while inflight.try_join_next().is_some() {}
-                let intended_wall =
-                    wall_nanos().saturating_sub(intended.elapsed().as_nanos() as u64);
-                let (sender, sent, errors, refused, to) = (
-                    Arc::clone(&sender),
-                    Arc::clone(&sent),
-                    Arc::clone(&errors),
-                    Arc::clone(&refused),
-                    to.clone(),
-                );
-                inflight.spawn(async move {
-                    let mut plaintext = vec![0u8; size];
-                    plaintext[..8].copy_from_slice(&intended_wall.to_be_bytes());
-                    let (client, sealer) = &*sender;
-                    let stored = was_stored(
-                        send_sealed(client, sealer, &to, (p, i), &plaintext, Some(&refused)).await,
-                    );
-                    let counter = if stored { &sent } else { &errors };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    drop(permit);
-                });
-                i += 1;
-            }
-            while inflight.join_next().await.is_some() {}
-        });
-    }
-    while sending.join_next().await.is_some() {}
-    // Over the load, not the receivers' wait for silence after it.
-    let machine = machine.and_then(MachineTimes::load_since);
-    let pacer_lateness = match pacer.map(std::thread::JoinHandle::join) {
-        Some(Ok(lateness)) => Some(lateness),
-        Some(Err(_)) => return Err(BenchError::Setup("the pacer panicked".into())),
-        None => None,
-    };
-    done.store(1, Ordering::Release);
-    progress::phase("drain", Goal::Delivered(sent.load(Ordering::Relaxed)));
-    let received = collect(&mut receivers).await?;
-    let elapsed = start
-        .elapsed()
-        .saturating_sub(*DRAIN_WAIT)
-        .max(options.duration);
-    let mut report = empty_report(Scenario::Relay, &*latencies.lock().await);
-    report.set_machine_load(machine);
-    report.sent = sent.load(Ordering::Relaxed);
-    report.errors = errors.load(Ordering::Relaxed);
-    report.refused = Some(refused.load(Ordering::Relaxed));
-    report.count_deliveries(&received, elapsed);
-    report.pacer_lateness_us = pacer_lateness;
-    if report.lost > 0 {
-        let mut redelivered = 0;
-        for token in tokens {
-            let client = Client::connect(target).await?;
-            client.resume(token).await?;
-            while let Some(message) = client.next_delivery(Duration::from_secs(2)).await {
-                client.ack(vec![message.seq]).await?;
-                redelivered += 1;
-            }
-            client.close().await;
-        }
-        report.redelivered_after_reconnect = Some(redelivered);
-    }
-    // Together: each close waits for its connection to drain (a few round trips).
-    let mut closing = JoinSet::new();
-    for sender in senders {
-        if let Ok((sender, _)) = Arc::try_unwrap(sender) {
-            closing.spawn(sender.close());
-        }
-    }
-    closing.join_all().await;
-    Ok(report)
 }
 
 /// Fill N offline inboxes with `backlog` messages each, then log the users in and drain them.

@@ -74,6 +74,12 @@ struct Cli {
     /// Flood: times to open, hold and close the connections
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Relay: devices per user, 1 to 8. Devices 2..N are linked to device 1 through the server
+    /// (SPAKE2, as a person links a laptop); the sender's device 1 sends, and each message
+    /// carries a copy for each of the receiver's devices and each of the sender's others, all
+    /// of which receive. With 1 the send headers carry no copy lists (as before devices)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    devices: u8,
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
@@ -142,6 +148,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         client_sockets: cli.client_sockets,
         sources: cli.sources,
         rounds: cli.rounds,
+        devices: usize::from(cli.devices),
     };
     // On stderr, so that stdout stays one JSON object with --json.
     let progress = Display::start(Style::for_stderr());
