@@ -117,6 +117,12 @@ impl Client {
         reply
     }
 
+    /// Notes that this connection is logged in as `device` now (a `linked` answer, which the
+    /// login methods above do not see).
+    pub(crate) fn note_device(&self, device: DeviceId) {
+        self.device.store(device, Ordering::Relaxed);
+    }
+
     /// The device of the account this connection is logged in as (1 before it is).
     pub fn device(&self) -> DeviceId {
         self.device.load(Ordering::Relaxed)

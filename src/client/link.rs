@@ -437,6 +437,8 @@ pub async fn join_link(
             } => (username, device, token, expires_at, confirm, payload),
             other => return Err(unexpected("link_confirm", &other).into()),
         };
+    // The connection is now logged in as the new device.
+    client.note_device(device);
     let payload = keys
         .open(&confirm.0, &sealed)
         .map_err(|_| DeviceError::Unverified { device })?;

@@ -520,7 +520,10 @@ impl Client {
 fn asks_for_delivery(request: &Request) -> bool {
     matches!(
         request,
-        Request::Signup { .. } | Request::Login { .. } | Request::Resume { deliver: true, .. }
+        Request::Signup { .. }
+            | Request::Login { .. }
+            | Request::Resume { deliver: true, .. }
+            | Request::LinkConfirm { .. }
     )
 }
 
