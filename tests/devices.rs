@@ -682,3 +682,45 @@ async fn a_new_device_in_the_middle_of_a_link_outlives_the_login_deadline() {
     joining.expect_error(Some(3), ErrorCode::LinkFailed).await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_code_fails_and_leaves_nothing() {
+    let server = TestServer::start_with(|c| c.link_ttl = Duration::from_secs(1)).await;
+    let (mut phone, identity) = signed_up(&server, "alice").await;
+    let account = name("alice");
+    let secret = LinkSecret::new(424_242).unwrap();
+    let (_e, pake_e) = ExistingDevice::start(&secret, &account).unwrap();
+    phone
+        .request(40, Request::LinkOpen { pake: Bin(pake_e) })
+        .await;
+    let slot = match next(&mut phone).await.reply {
+        Reply::LinkOpened { slot, .. } => slot,
+        other => panic!("{other:?}"),
+    };
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let code = LinkCode::new(slot, &secret).unwrap();
+    let (_n, pake_n) = JoiningDevice::start(&code, &account).unwrap();
+    let mut late = Raw::with_hello(&server).await;
+    late.request(
+        2,
+        Request::LinkJoin {
+            username: "alice".into(),
+            slot,
+            pake: Bin(pake_n),
+            name: "late".into(),
+        },
+    )
+    .await;
+    late.expect_error(Some(2), ErrorCode::LinkFailed).await;
+    phone.request(9, Request::ListDevices).await;
+    match phone.reply().await.reply {
+        Reply::Devices { devices } => assert_eq!(devices.len(), 1),
+        other => panic!("devices: {other:?}"),
+    }
+    // A new link works as ever.
+    let (_laptop, device) = link(&server, &mut phone, "alice", &identity, false)
+        .await
+        .unwrap();
+    assert_eq!(device, 2);
+    server.stop().await;
+}

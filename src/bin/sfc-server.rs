@@ -130,6 +130,10 @@ struct Cli {
     /// [default: 2592000 = 30 days]
     #[arg(long, env = "SFC_NAME_HOLD_SECS")]
     name_hold_secs: Option<u64>,
+    /// Seconds an opened device link (its code) waits for the new device, 1 to 3600
+    /// [default: 300]
+    #[arg(long, env = "SFC_LINK_TTL_SECS")]
+    link_ttl_secs: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -290,6 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         max_pending_bytes_per_sender: cli.max_pending_bytes_per_sender,
         sends_per_minute: cli.sends_per_minute,
         name_hold_secs: cli.name_hold_secs,
+        link_ttl_secs: cli.link_ttl_secs,
     };
     let config = flags.over(file).resolve()?;
 

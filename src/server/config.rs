@@ -52,6 +52,8 @@ pub const DEFAULT_MAX_PENDING_BYTES_PER_SENDER: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_SENDS_PER_MINUTE: u32 = 3000;
 /// Default time a deleted account's name stays unavailable: 30 days.
 pub const DEFAULT_NAME_HOLD_SECS: u64 = 30 * 24 * 3600;
+/// How long an opened device link waits for its new device, by default: 5 minutes.
+pub const DEFAULT_LINK_TTL_SECS: u64 = 300;
 
 /// Where the server's TLS identity comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +124,8 @@ pub struct ServerConfig {
     pub sends_per_minute: u32,
     /// How long the name of a deleted account cannot be signed up again.
     pub name_hold: Duration,
+    /// How long an opened device link (its code) waits for the new device.
+    pub link_ttl: Duration,
 }
 
 impl ServerConfig {
@@ -152,6 +156,7 @@ impl ServerConfig {
             max_pending_bytes_per_sender: DEFAULT_MAX_PENDING_BYTES_PER_SENDER,
             sends_per_minute: DEFAULT_SENDS_PER_MINUTE,
             name_hold: Duration::from_secs(DEFAULT_NAME_HOLD_SECS),
+            link_ttl: Duration::from_secs(DEFAULT_LINK_TTL_SECS),
         }
     }
 }
@@ -214,6 +219,8 @@ pub struct ConfigLayer {
     pub sends_per_minute: Option<u32>,
     /// Seconds a deleted account's name stays unavailable.
     pub name_hold_secs: Option<u64>,
+    /// Seconds an opened device link waits for its new device (1 to 3600).
+    pub link_ttl_secs: Option<u64>,
 }
 
 /// Why the configuration is unusable.
@@ -292,6 +299,7 @@ impl ConfigLayer {
                 .or(lower.max_pending_bytes_per_sender),
             sends_per_minute: self.sends_per_minute.or(lower.sends_per_minute),
             name_hold_secs: self.name_hold_secs.or(lower.name_hold_secs),
+            link_ttl_secs: self.link_ttl_secs.or(lower.link_ttl_secs),
         }
     }
 
@@ -407,6 +415,14 @@ impl ConfigLayer {
         }
         if let Some(secs) = self.name_hold_secs {
             config.name_hold = Duration::from_secs(secs);
+        }
+        if let Some(secs) = self.link_ttl_secs {
+            if !(1..=3600).contains(&secs) {
+                return Err(ConfigError::Invalid(format!(
+                    "link_ttl_secs must be 1 to 3600, not {secs}"
+                )));
+            }
+            config.link_ttl = Duration::from_secs(secs);
         }
         Ok(config)
     }

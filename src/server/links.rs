@@ -1,6 +1,6 @@
 //! Open device links (docs/PROTOCOL.md 5.5): which slot belongs to which account, the SPAKE2
 //! message its existing device left, and the new device waiting for the existing one's
-//! decision. Memory only: a link lives at most [`LINK_TTL`], and a restart fails the links in
+//! decision. Memory only: a link lives at most its TTL (`link_ttl`, 5 minutes by default), and a restart fails the links in
 //! progress (both devices start over), which costs nothing durable.
 //!
 //! A link is used by its first join: every later join of the slot fails, as does a join that
@@ -16,8 +16,6 @@ use tokio::sync::{mpsc, oneshot};
 use super::accounts::IssuedSession;
 use crate::protocol::{LinkConfirm, LinkPake, Reply, ServerFrame, Username};
 
-/// How long an opened link waits for its new device.
-pub const LINK_TTL: Duration = Duration::from_secs(300);
 /// Slots are 0..SLOTS (the code's four digits).
 const SLOTS: u16 = 10_000;
 /// Longest device name, in bytes.
@@ -99,12 +97,25 @@ impl State {
 }
 
 /// The open links of this server.
-#[derive(Default)]
 pub struct Links {
     state: Mutex<State>,
+    ttl: Duration,
 }
 
 impl Links {
+    /// No open link yet; each will wait `ttl` for its new device.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            state: Mutex::default(),
+            ttl,
+        }
+    }
+
+    /// How long a link waits for its new device.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     fn state(&self) -> Result<std::sync::MutexGuard<'_, State>, LinkFailed> {
         self.state.lock().map_err(|_| LinkFailed::NoLink)
     }
@@ -129,7 +140,7 @@ impl Links {
             .map(|i| (start + i) % SLOTS)
             .find(|s| !state.slots.contains_key(s))
             .ok_or(LinkFailed::NoSlot)?;
-        let expires = now + LINK_TTL;
+        let expires = now + self.ttl;
         state.slots.insert(
             slot,
             Link {
@@ -299,6 +310,8 @@ mod tests {
     use super::*;
     use crate::protocol::keys::Bin;
 
+    const TTL: Duration = Duration::from_secs(300);
+
     fn name(n: &str) -> Username {
         Username::parse(n).expect("valid name")
     }
@@ -312,19 +325,19 @@ mod tests {
 
     #[test]
     fn a_link_goes_open_join_confirm_decide() {
-        let links = Links::default();
+        let links = Links::new(TTL);
         let (tx, mut rx) = events();
         let now = Instant::now();
         let alice = name("alice");
         let (slot, expires) = links.open(&alice, 1, tx, Bin([0x41; 33]), now).unwrap();
         assert!(slot < SLOTS);
-        assert_eq!(expires, now + LINK_TTL);
+        assert_eq!(expires, now + TTL);
         let pake_e = links
             .join(&alice, slot, 2, "laptop".into(), Bin([0x42; 33]), now)
             .unwrap();
         assert_eq!(pake_e, (Bin([0x41; 33]), expires));
         let (mut decision, left) = links.confirm(2, Bin([7; 32]), now).unwrap();
-        assert_eq!(left, LINK_TTL);
+        assert_eq!(left, TTL);
         let event = rx.try_recv().unwrap();
         assert!(matches!(
             event.reply,
@@ -349,7 +362,7 @@ mod tests {
 
     #[test]
     fn a_slot_is_used_by_its_first_join_and_burnt_by_a_second() {
-        let links = Links::default();
+        let links = Links::new(TTL);
         let (tx, _rx) = events();
         let now = Instant::now();
         let alice = name("alice");
@@ -375,7 +388,7 @@ mod tests {
 
     #[test]
     fn links_lapse_and_a_new_open_cancels_the_old() {
-        let links = Links::default();
+        let links = Links::new(TTL);
         let (tx, _rx) = events();
         let now = Instant::now();
         let alice = name("alice");
@@ -393,7 +406,7 @@ mod tests {
                     .is_err()
             );
         }
-        let later = now + LINK_TTL;
+        let later = now + TTL;
         assert!(
             links
                 .join(&alice, second, 2, "x".into(), Bin([2; 33]), later)
@@ -404,7 +417,7 @@ mod tests {
 
     #[test]
     fn a_closed_connection_ends_its_links_and_the_waiting_device_hears_of_it() {
-        let links = Links::default();
+        let links = Links::new(TTL);
         let (tx, _rx) = events();
         let now = Instant::now();
         let alice = name("alice");

@@ -233,7 +233,7 @@ impl Server {
             send_rate: send_rate::SendRate::new(config.sends_per_minute),
             body_budget: body_budget::BodyBudget::new(config.max_message_bytes),
             name_hold: config.name_hold,
-            links: links::Links::default(),
+            links: links::Links::new(config.link_ttl),
         });
         Ok(Self {
             endpoint,

@@ -13,7 +13,7 @@ use crate::protocol::{
 };
 use crate::server::accounts::{AccountError, ActiveSession};
 use crate::server::directory::check_signatures;
-use crate::server::links::{Decision, LINK_TTL, LinkFailed, valid_device_name};
+use crate::server::links::{Decision, LinkFailed, valid_device_name};
 use crate::server::router::Inbox;
 use crate::server::throttle::InFlightSlot;
 use crate::store::{DeviceKeys, MAX_DEVICES, StoreError};
@@ -182,7 +182,7 @@ impl Control {
                 info!(slot, "device link opened");
                 Reply::LinkOpened {
                     slot,
-                    expires_at: crate::unix_now().saturating_add(LINK_TTL.as_secs()),
+                    expires_at: crate::unix_now().saturating_add(self.shared.links.ttl().as_secs()),
                 }
             }
             Err(why) => link_failed(why),
