@@ -50,12 +50,15 @@ pub(super) fn run(ks: &Keyspaces<'_>) -> Result<Migrated, StoreError> {
         keys_moved: move_keys(ks)?,
         prekeys_moved: move_prekeys(ks)?,
     };
-    tracing::info!(
-        devices_added = migrated.devices_added,
-        keys_moved = migrated.keys_moved,
-        prekeys_moved = migrated.prekeys_moved,
-        "store migrated to format 3 (devices: every account's keys and inbox are its device 1's)"
-    );
+    // A new, empty store passes through here too: it has nothing to say.
+    if migrated != Migrated::default() {
+        tracing::info!(
+            devices_added = migrated.devices_added,
+            keys_moved = migrated.keys_moved,
+            prekeys_moved = migrated.prekeys_moved,
+            "store migrated to format 3 (devices: every account's keys and inbox are its device 1's)"
+        );
+    }
     Ok(migrated)
 }
 
