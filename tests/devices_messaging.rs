@@ -28,6 +28,18 @@ async fn link_home(
     user: &str,
     home: &Path,
 ) -> Messenger {
+    link_home_with(server, existing, user, home, true).await
+}
+
+/// [`link_home`], publishing the new device's keys or not (as when `sfc device add` dies
+/// between the link and the upload).
+async fn link_home_with(
+    server: &TestServer,
+    existing: &Messenger,
+    user: &str,
+    home: &Path,
+    publish: bool,
+) -> Messenger {
     let phone = existing.client();
     let opened = open_link(&phone, existing.keystore(), &name(user))
         .await
@@ -45,7 +57,9 @@ async fn link_home(
         link::join_link(&client, &keystore, &account, &code, "laptop")
     );
     assert_eq!(linked.unwrap().unwrap().device, joined.unwrap().device);
-    link::publish_keys(&client, &keystore).await.unwrap();
+    if publish {
+        link::publish_keys(&client, &keystore).await.unwrap();
+    }
     Messenger::new(client, home, user).unwrap()
 }
 
@@ -153,5 +167,34 @@ async fn a_device_linked_after_the_sender_learnt_the_list_gets_what_follows() {
         refused.is_server(securefastchat::protocol::ErrorCode::UnknownDevice),
         "{refused}"
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_short_before_the_upload_is_finished_by_the_next_command() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let phone = server
+        .messenger(&homes.path().join("phone"), "alice", true)
+        .await;
+    let bob = server
+        .messenger(&homes.path().join("bob"), "bob", true)
+        .await;
+    let laptop = link_home_with(
+        &server,
+        &phone,
+        "alice",
+        &homes.path().join("laptop"),
+        false,
+    )
+    .await;
+    // The laptop is a device without keys on the server: a send to alice cannot be sealed
+    // for it yet.
+    assert!(bob.send_text("alice", "too early").await.is_err());
+    // The next command on the laptop publishes what the link left unpublished.
+    laptop.ensure_keys().await.unwrap();
+    bob.send_text("alice", "now").await.unwrap();
+    assert_eq!(next_text(&laptop).await.2, "now");
+    assert_eq!(next_text(&phone).await.2, "now");
     server.stop().await;
 }

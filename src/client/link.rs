@@ -466,6 +466,9 @@ pub async fn join_link(
             );
         }
     }
+    // Until the server has this device's keys (`publish_keys`), the next command publishes
+    // them.
+    state.unpublished = true;
     keystore
         .update_async(move |current| match current {
             Some(other) => Err(DeviceError::HomeInUse(other.username.clone())),
@@ -523,9 +526,18 @@ pub async fn publish_keys(client: &Client, keystore: &Keystore) -> Result<u32, D
     let Some((identity, signed, last_resort, one_time)) = keys else {
         return Err(DeviceError::NoKeys("the account".into()));
     };
-    Ok(client
+    let count = client
         .publish_keys(Some(identity), Some(signed), Some(last_resort), one_time)
-        .await?)
+        .await?;
+    keystore
+        .update_async(|state| -> Result<(), HomeError> {
+            if let Some(state) = state {
+                state.unpublished = false;
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(count)
 }
 
 #[cfg(test)]

@@ -52,6 +52,9 @@ pub(super) struct StoredKeyState {
     history: VecDeque<HistoryEntry>,
     #[serde(default)]
     outbox: VecDeque<Outgoing>,
+    /// Format 2, only while set.
+    #[serde(default)]
+    unpublished: bool,
 }
 
 impl From<StoredKeyState> for KeyState {
@@ -94,6 +97,7 @@ impl From<StoredKeyState> for KeyState {
         state.quarantine = stored.quarantine;
         state.history = stored.history;
         state.outbox = stored.outbox;
+        state.unpublished = stored.unpublished;
         state
     }
 }

@@ -75,6 +75,13 @@ pub struct KeyState {
     /// and queued here in one save, so the ratchet never moves past a message that could be
     /// lost; it leaves once the server says `sent` (or refuses it for good).
     pub outbox: VecDeque<Outgoing>,
+    /// Set while this device's keys are made but the server has not taken them yet (a device
+    /// between its link and its `publish_keys`): [`Messenger::ensure_keys`] publishes them
+    /// then, so a link cut short before the upload is finished by the next command.
+    ///
+    /// [`Messenger::ensure_keys`]: crate::client::messenger::Messenger::ensure_keys
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unpublished: bool,
 }
 
 /// The sessions with one device of a peer (or of this account).
@@ -245,6 +252,7 @@ impl KeyState {
             quarantine: VecDeque::new(),
             history: VecDeque::new(),
             outbox: VecDeque::new(),
+            unpublished: false,
         }
     }
 

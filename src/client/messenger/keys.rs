@@ -66,7 +66,11 @@ impl Messenger {
                 }
             })
             .await?;
-        if created {
+        let unpublished = self
+            .keystore
+            .read_async(|state| state.is_some_and(|s| s.unpublished))
+            .await?;
+        if created || unpublished {
             return self.publish_all_keys().await;
         }
         let rotate = self
@@ -124,7 +128,14 @@ impl Messenger {
         self.client()
             .publish_keys(Some(identity), Some(spk), Some(last), one_time)
             .await?;
-        Ok(())
+        self.keystore
+            .update_async(|state| -> Result<(), MessengerError> {
+                if let Some(state) = state {
+                    state.unpublished = false;
+                }
+                Ok(())
+            })
+            .await
     }
 
     pub(crate) async fn top_up_prekeys(&self) -> Result<(), MessengerError> {
