@@ -171,6 +171,8 @@ for round in $(seq 1 "$repeat"); do
         run "relay, $n pair$([[ $n == 1 ]] || echo s)" relay --clients "$n" --duration "$duration"
     done
     run "relay, 100 pairs, buffered" relay --clients 100 --duration "$duration" --durability buffered
+    # Every user on two devices: each message is 3 copies (throughput counts copies).
+    run "relay, 100 pairs, 2 devices each" relay --clients 100 --devices 2 --duration "$duration"
     run "relay, 100 pairs at $rate msg/s" relay --clients 100 --rate "$rate" --duration "$duration"
     run "offline drain, $backlog messages" offline --clients 1 --backlog "$backlog"
     run "login, 16 concurrent" login --clients 16 --duration "$duration"

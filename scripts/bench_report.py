@@ -309,8 +309,11 @@ def matches(run, want):
     for key, value in want.items():
         if params.get(key) != value:
             return False
-    # Full speed unless the target names a rate; sync durability always.
+    # Full speed unless the target names a rate; one device per user unless it names devices;
+    # sync durability always.
     if "rate" not in want and params.get("rate") is not None:
+        return False
+    if "devices" not in want and params.get("devices", 1) != 1:
         return False
     return params.get("durability") == "sync"
 
@@ -705,6 +708,9 @@ def throughput_svg(runs):
         p = run["params"]
         value = figure(run, "throughput")
         if p.get("scenario") != "relay" or p.get("rate") is not None or value is None:
+            continue
+        # Copies per second are not messages per second: runs with devices are a table row only.
+        if p.get("devices", 1) != 1:
             continue
         lines.setdefault(p.get("durability", "sync"), []).append((p.get("clients", 10), value))
     if not lines:
