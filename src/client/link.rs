@@ -19,11 +19,10 @@ use super::keystore::{DeviceId, KeyState, Keystore, Pinned, Trust};
 use super::messenger::PREKEY_BATCH;
 use super::{Client, ClientError, Notices, unexpected};
 use crate::e2e::link::{ExistingDevice, JoiningDevice, LinkContact, LinkSecret};
-use crate::e2e::{
-    E2eError, IdentityKey, LinkCode, LinkError, LinkPayload, OneTimePrekeyPublic, PrekeyStore,
-    SignedPrekeyPublic,
-};
-use crate::protocol::keys::{Bin, OneTimePrekey, SignedPrekey};
+use crate::e2e::{E2eError, IdentityKey, LinkCode, LinkError, LinkPayload, PrekeyStore};
+use crate::protocol::keys::Bin;
+// The wire forms of prekeys, as the messenger writes them.
+use super::messenger::{wire_one_time, wire_signed};
 use crate::protocol::{ErrorCode, Reply, Request, SessionToken, Username};
 
 mod devices;
@@ -485,21 +484,6 @@ pub async fn join_link(
         expires_at,
         contacts,
     })
-}
-
-fn wire_signed(spk: &SignedPrekeyPublic) -> SignedPrekey {
-    SignedPrekey {
-        id: spk.id,
-        key: Bin(spk.key),
-        signature: Bin(spk.signature),
-    }
-}
-
-fn wire_one_time(otp: &OneTimePrekeyPublic) -> OneTimePrekey {
-    OneTimePrekey {
-        id: otp.id,
-        key: Bin(otp.key),
-    }
 }
 
 /// Publishes this device's keys from `keystore` (the account's identity key, which the server
