@@ -3,8 +3,9 @@
 //! `--nocapture` to print them.
 
 use securefastchat::protocol::{
-    ClientFrame, Copies, DeliverHeader, ErrorCode, MAX_CONTROL_FRAME, MAX_STREAM_HEADER, MessageId,
-    Password, Reply, Request, SendHeader, ServerFrame, SessionToken, StreamHeader, encode_frame,
+    BlobHeader, BlobId, ClientFrame, Copies, DeliverHeader, ErrorCode, MAX_CONTROL_FRAME,
+    MAX_STREAM_HEADER, MessageId, Password, Reply, Request, SendHeader, ServerFrame, SessionToken,
+    StreamHeader, UploadHeader, encode_frame,
 };
 
 fn hex_lines(bytes: &[u8]) -> String {
@@ -31,7 +32,62 @@ fn token() -> SessionToken {
 fn examples() -> Vec<(&'static str, Vec<u8>)> {
     let mut all = control_examples();
     all.extend(messaging_examples());
+    all.extend(blob_examples());
     all
+}
+
+fn blob_examples() -> Vec<(&'static str, Vec<u8>)> {
+    let blob = BlobId([0x22; 16]);
+    let header = |h: StreamHeader| encode_frame(&h, MAX_STREAM_HEADER);
+    let client = |id, request| encode_frame(&ClientFrame { id, request }, MAX_CONTROL_FRAME);
+    let server = |id, reply| encode_frame(&ServerFrame { id, reply }, MAX_CONTROL_FRAME);
+    vec![
+        (
+            "upload_blob",
+            client(
+                11,
+                Request::UploadBlob {
+                    blob,
+                    length: 1_048_832,
+                    readers: vec!["bob".into()],
+                },
+            ),
+        ),
+        (
+            "blob_upload",
+            server(Some(11), Reply::BlobUpload { blob, held: 0 }),
+        ),
+        (
+            "upload header",
+            header(StreamHeader::Upload(UploadHeader { blob, offset: 0 })),
+        ),
+        (
+            "blob_stored",
+            server(
+                None,
+                Reply::BlobStored {
+                    blob,
+                    length: 1_048_832,
+                },
+            ),
+        ),
+        (
+            "download_blob",
+            client(12, Request::DownloadBlob { blob, offset: 0 }),
+        ),
+        (
+            "blob header",
+            header(StreamHeader::Blob(BlobHeader {
+                blob,
+                offset: 0,
+                length: 1_048_832,
+            })),
+        ),
+        ("ack_blob", client(13, Request::AckBlob { blob })),
+    ]
+    .into_iter()
+    .map(|(name, frame)| (name, frame.unwrap()))
+    .collect()
 }
 
 fn messaging_examples() -> Vec<(&'static str, Vec<u8>)> {

@@ -73,6 +73,19 @@ pub enum ErrorCode {
     /// A device link failed: an unknown, expired or used code, a wrong code, or the other
     /// device left. The code is used up; start a new link.
     LinkFailed,
+    /// A blob is longer than the server accepts (`upload_blob`), or an upload stream carried
+    /// more bytes than the blob's length: nothing more of it was stored.
+    BlobTooLarge,
+    /// The uploader's blobs (complete and partial) would exceed its byte or count quota;
+    /// nothing was stored. It passes once recipients have fetched some.
+    BlobQuota,
+    /// The blob id is taken (by another user, or by this user with another length).
+    BlobExists,
+    /// No such blob for you: never uploaded, not complete, deleted, or you are neither its
+    /// uploader nor a reader it names (the server does not say which).
+    UnknownBlob,
+    /// An upload stream did not start where the server's copy ends; `held` says where.
+    BadOffset,
     /// A code this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -113,6 +126,11 @@ impl ErrorCode {
             Self::IdentityMismatch => "identity_mismatch",
             Self::TooManyDevices => "too_many_devices",
             Self::LinkFailed => "link_failed",
+            Self::BlobTooLarge => "blob_too_large",
+            Self::BlobQuota => "blob_quota",
+            Self::BlobExists => "blob_exists",
+            Self::UnknownBlob => "unknown_blob",
+            Self::BadOffset => "bad_offset",
             Self::Unknown => "unknown",
         }
     }

@@ -61,6 +61,60 @@ impl<'de> Deserialize<'de> for MessageId {
     }
 }
 
+/// Length of a blob id in bytes (128 bits).
+pub const BLOB_ID_LEN: usize = 16;
+
+/// A client-chosen 128-bit id of an uploaded file (a blob): MessagePack `bin` of exactly 16
+/// bytes, shown as hex. Global on a server: the first upload of an id owns it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlobId(pub [u8; BLOB_ID_LEN]);
+
+impl BlobId {
+    /// A fresh random id.
+    pub fn random() -> Result<Self, getrandom::Error> {
+        let mut bytes = [0u8; BLOB_ID_LEN];
+        getrandom::fill(&mut bytes)?;
+        Ok(Self(bytes))
+    }
+
+    /// Parses 32 hex digits.
+    pub fn from_hex(hex_id: &str) -> Option<Self> {
+        let bytes = hex::decode(hex_id).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+
+    /// The id as 32 lower-case hex digits (also the blob's file name on the server).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BlobId({})", self.to_hex())
+    }
+}
+
+impl Serialize for BlobId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for BlobId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_bytes(FixedBytes::<BLOB_ID_LEN>("a 16-byte blob id"))
+            .map(Self)
+    }
+}
+
 /// A serde visitor that accepts only a byte string of exactly `N` bytes (not a string, not an
 /// array), so wire fields declared `bin` are strict.
 pub(crate) struct FixedBytes<const N: usize>(pub &'static str);

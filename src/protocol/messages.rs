@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::keys::{Bin, IdentityKeyBytes, OneTimePrekey, SignedPrekey};
-use super::{DeviceId, MessageId, Password, SessionToken};
+use super::{BlobId, DeviceId, MessageId, Password, SessionToken};
 
 /// A SPAKE2 message of the device link (docs/PROTOCOL.md E13.2): 33 bytes.
 pub type LinkPake = Bin<33>;
@@ -184,6 +184,29 @@ pub enum Request {
         /// The link's slot.
         slot: u16,
     },
+    /// Start uploading a blob (a sealed file), or ask how much of it the server holds.
+    UploadBlob {
+        /// The id, chosen by the uploader.
+        blob: BlobId,
+        /// The blob's whole length in bytes (the sealed file, docs/PROTOCOL.md E15).
+        length: u64,
+        /// Who may fetch it: 1 to 64 distinct user names, not the uploader (kept from the
+        /// first request of an id; ignored when resuming).
+        readers: Vec<String>,
+    },
+    /// Fetch a complete blob from `offset`: answered with `blob_download`, then the bytes
+    /// arrive on a stream the server opens.
+    DownloadBlob {
+        /// The blob.
+        blob: BlobId,
+        /// Where to start (0, or the bytes already held, to resume).
+        offset: u64,
+    },
+    /// This device is done with a blob (fetched and checked, or given up on).
+    AckBlob {
+        /// The blob.
+        blob: BlobId,
+    },
 }
 
 fn is_false(value: &bool) -> bool {
@@ -247,6 +270,12 @@ pub enum RequestKind {
     LinkAccept,
     /// `link_refuse`
     LinkRefuse,
+    /// `upload_blob`
+    UploadBlob,
+    /// `download_blob`
+    DownloadBlob,
+    /// `ack_blob`
+    AckBlob,
 }
 
 impl RequestKind {
@@ -276,6 +305,9 @@ impl RequestKind {
             "link_confirm" => Self::LinkConfirm,
             "link_accept" => Self::LinkAccept,
             "link_refuse" => Self::LinkRefuse,
+            "upload_blob" => Self::UploadBlob,
+            "download_blob" => Self::DownloadBlob,
+            "ack_blob" => Self::AckBlob,
             _ => return None,
         })
     }
@@ -306,6 +338,9 @@ impl RequestKind {
             Self::LinkConfirm => "link_confirm",
             Self::LinkAccept => "link_accept",
             Self::LinkRefuse => "link_refuse",
+            Self::UploadBlob => "upload_blob",
+            Self::DownloadBlob => "download_blob",
+            Self::AckBlob => "ack_blob",
         }
     }
 }
@@ -337,6 +372,9 @@ impl Request {
             Self::LinkConfirm { .. } => RequestKind::LinkConfirm,
             Self::LinkAccept { .. } => RequestKind::LinkAccept,
             Self::LinkRefuse { .. } => RequestKind::LinkRefuse,
+            Self::UploadBlob { .. } => RequestKind::UploadBlob,
+            Self::DownloadBlob { .. } => RequestKind::DownloadBlob,
+            Self::AckBlob { .. } => RequestKind::AckBlob,
         }
     }
 }

@@ -20,13 +20,15 @@ pub use frame::{
     FrameError, LENGTH_PREFIX, decode_body, encode_frame, encode_frame_into, frame_length,
     read_frame, write_frame,
 };
-pub use ids::{DeviceId, MESSAGE_ID_LEN, MessageId};
+pub use ids::{BLOB_ID_LEN, BlobId, DeviceId, MESSAGE_ID_LEN, MessageId};
 pub use messages::{ClientFrame, LinkConfirm, LinkPake, Request, RequestKind};
 pub use nesting::{MAX_NESTING, MarkerError, TooDeep, check_markers, check_nesting};
 pub use replies::{DeviceBundle, DeviceInfo, Reply, ServerFrame};
 pub use request::{RequestError, decode_request};
 pub use secrets::{Password, SessionToken, TOKEN_LEN};
-pub use stream::{Copies, DeliverHeader, MAX_STREAM_HEADER, SendHeader, StreamHeader};
+pub use stream::{
+    BlobHeader, Copies, DeliverHeader, MAX_STREAM_HEADER, SendHeader, StreamHeader, UploadHeader,
+};
 pub use username::{Username, UsernameError};
 
 /// The ALPN protocol id both ends must offer in the TLS handshake.

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
 use super::messages::{LinkConfirm, LinkPake};
-use super::{DeviceId, ErrorCode, MessageId, SessionToken};
+use super::{BlobId, DeviceId, ErrorCode, MessageId, SessionToken};
 
 /// One device's keys in a `bundle` reply: exactly one of `one_time_prekey` and `last_resort`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +244,46 @@ pub enum Reply {
         /// The sealed payload (E13.4).
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
+    },
+    /// Answer to `upload_blob`: how many bytes of the blob the server holds (on disk, synced);
+    /// send the rest on an `upload` stream from there. `held == length`: it is complete.
+    BlobUpload {
+        /// The blob.
+        blob: BlobId,
+        /// Bytes held.
+        held: u64,
+    },
+    /// Answer to `download_blob`: the bytes follow on a server-opened `blob` stream.
+    BlobDownload {
+        /// The blob.
+        blob: BlobId,
+        /// Its whole length.
+        length: u64,
+        /// Where the stream starts.
+        offset: u64,
+    },
+    /// Answer to `ack_blob`.
+    BlobAcked {
+        /// The blob.
+        blob: BlobId,
+    },
+    /// Event: an uploaded blob is complete on disk and synced; it may be referenced now.
+    BlobStored {
+        /// The blob.
+        blob: BlobId,
+        /// Its length.
+        length: u64,
+    },
+    /// Event: an upload stream was refused or ended early; what arrived before is kept.
+    UploadFailed {
+        /// The blob.
+        blob: BlobId,
+        /// Why, for programs.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+        /// Bytes the server holds now: resume from here.
+        held: u64,
     },
     /// The request failed (or, without `id`, the connection has a problem).
     Error {

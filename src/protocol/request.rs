@@ -121,6 +121,9 @@ fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
             Some(Expected::Map)
         }
         (K::PublishKeys | K::ReplaceIdentity, "one_time_prekeys") => Some(Expected::Array),
+        (K::UploadBlob | K::DownloadBlob | K::AckBlob, "blob") => Some(Expected::Bin),
+        (K::UploadBlob, "length") | (K::DownloadBlob, "offset") => Some(Expected::Uint),
+        (K::UploadBlob, "readers") => Some(Expected::Array),
         _ => None,
     }
 }

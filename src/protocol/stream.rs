@@ -1,12 +1,14 @@
-//! Headers of message streams. Every message is one unidirectional QUIC stream: a header frame
-//! (same framing as the control stream), then exactly `length` bytes of sealed body, then FIN.
+//! Headers of unidirectional streams. Every message is one unidirectional QUIC stream: a header
+//! frame (same framing as the control stream), then exactly `length` bytes of sealed body, then
+//! FIN. Blobs (sealed files) travel the same way: an `upload` stream from the client, a `blob`
+//! stream from the server, each a header and then a run of the blob's bytes.
 
 use std::fmt;
 
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{DeviceId, MessageId};
+use super::{BlobId, DeviceId, MessageId};
 
 /// Largest header frame body, in bytes.
 pub const MAX_STREAM_HEADER: u32 = 1024;
@@ -23,6 +25,32 @@ pub enum StreamHeader {
     Send(SendHeader),
     /// Server → client: a message for you.
     Deliver(DeliverHeader),
+    /// Client → server: bytes of a blob being uploaded, from `offset` to its end.
+    Upload(UploadHeader),
+    /// Server → client: bytes of a blob you asked for, from `offset` to its end.
+    Blob(BlobHeader),
+}
+
+/// Client → server: the header of an upload stream. The bytes after it continue the blob from
+/// `offset`, which must be what the server holds (`blob_upload`'s `held`), to its end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadHeader {
+    /// The blob, announced with `upload_blob`.
+    pub blob: BlobId,
+    /// Where these bytes start in the blob.
+    pub offset: u64,
+}
+
+/// Server → client: the header of a blob stream, answering `download_blob`. The bytes after it
+/// are the blob from `offset` to `length`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobHeader {
+    /// The blob.
+    pub blob: BlobId,
+    /// Where these bytes start in the blob.
+    pub offset: u64,
+    /// The blob's whole length.
+    pub length: u64,
 }
 
 /// Client → server: the header of a message to send.
@@ -98,6 +126,8 @@ pub struct DeliverHeader {
 enum HeaderType {
     Send,
     Deliver,
+    Upload,
+    Blob,
 }
 
 /// A stream header as it arrives: every field of either type, keys in any order, unknown keys
@@ -121,13 +151,16 @@ struct WireHeader {
     devices: Option<Loose>,
     own_devices: Option<Loose>,
     lengths: Option<Loose>,
+    blob: Option<Loose>,
+    offset: Option<Loose>,
 }
 
-/// Any MessagePack value, kept only if it is an unsigned integer, a string or an array of
-/// unsigned integers (a header is at most 1,024 bytes, so such an array is short).
+/// Any MessagePack value, kept only if it is an unsigned integer, a string, a byte string or
+/// an array of unsigned integers (a header is at most 1,024 bytes, so these are short).
 enum Loose {
     Uint(u64),
     Str(String),
+    Bin(Vec<u8>),
     Uints(Vec<u64>),
     Other,
 }
@@ -167,8 +200,8 @@ impl<'de> Visitor<'de> for LooseVisitor {
         Ok(Loose::Str(v.to_owned()))
     }
 
-    fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<Loose, E> {
-        Ok(Loose::Other)
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Loose, E> {
+        Ok(Loose::Bin(v.to_vec()))
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Loose, E> {
@@ -222,6 +255,17 @@ fn text(value: Option<Loose>, field: &str) -> Result<String, String> {
     match required(value, field)? {
         Loose::Str(v) => Ok(v),
         _ => Err(format!("field `{field}` must be a string")),
+    }
+}
+
+/// A field of this `type` only, which must be a 16-byte blob id.
+fn blob_id(value: Option<Loose>) -> Result<BlobId, String> {
+    match required(value, "blob")? {
+        Loose::Bin(v) => v
+            .try_into()
+            .map(BlobId)
+            .map_err(|_| "field `blob` must be 16 bytes".to_owned()),
+        _ => Err("field `blob` must be a byte string (bin)".to_owned()),
     }
 }
 
@@ -298,6 +342,15 @@ impl TryFrom<WireHeader> for StreamHeader {
                 },
                 sent_at: uint(wire.sent_at, "sent_at")?,
                 kind: required(wire.kind, "kind")?,
+                length: required(wire.length, "length")?,
+            }),
+            HeaderType::Upload => Self::Upload(UploadHeader {
+                blob: blob_id(wire.blob)?,
+                offset: uint(wire.offset, "offset")?,
+            }),
+            HeaderType::Blob => Self::Blob(BlobHeader {
+                blob: blob_id(wire.blob)?,
+                offset: uint(wire.offset, "offset")?,
                 length: required(wire.length, "length")?,
             }),
         })
@@ -469,6 +522,56 @@ mod tests {
             }
         }
         assert!(decode_body::<StreamHeader>(&encode(&rmpv::Value::Map(entries))).is_err());
+    }
+
+    #[test]
+    fn blob_headers_round_trip_and_are_strict() {
+        let upload = StreamHeader::Upload(UploadHeader {
+            blob: BlobId([3; 16]),
+            offset: 65_552,
+        });
+        let blob = StreamHeader::Blob(BlobHeader {
+            blob: BlobId([4; 16]),
+            offset: 0,
+            length: 1 << 30,
+        });
+        for header in [upload, blob] {
+            let bytes = rmp_serde::to_vec_named(&header).unwrap();
+            assert_eq!(decode_body::<StreamHeader>(&bytes).unwrap(), header);
+        }
+        let upload = |blob: rmpv::Value, offset: rmpv::Value| {
+            let fields = [
+                ("type", "upload".into()),
+                ("blob", blob),
+                ("offset", offset),
+            ];
+            decode_body::<StreamHeader>(&encode(&map(&fields)))
+        };
+        assert!(upload(rmpv::Value::Binary(vec![1; 16]), 0.into()).is_ok());
+        // To a `send` header, `blob` and `offset` are unknown keys.
+        let mut fields = send_fields();
+        fields.push(("blob", "x".into()));
+        fields.push(("offset", (-1).into()));
+        assert!(decode_body::<StreamHeader>(&encode(&map(&fields))).is_ok());
+        let cases: [(rmpv::Value, rmpv::Value); 4] = [
+            (rmpv::Value::Binary(vec![1; 15]), 0.into()),
+            (rmpv::Value::from("0101010101010101"), 0.into()),
+            (rmpv::Value::Binary(vec![1; 16]), (-1).into()),
+            (rmpv::Value::Binary(vec![1; 16]), "0".into()),
+        ];
+        for (blob, offset) in cases {
+            assert!(
+                upload(blob.clone(), offset.clone()).is_err(),
+                "{blob:?} {offset:?}"
+            );
+        }
+        // A blob header needs its length.
+        let fields = [
+            ("type", "blob".into()),
+            ("blob", rmpv::Value::Binary(vec![1; 16])),
+            ("offset", 0.into()),
+        ];
+        assert!(decode_body::<StreamHeader>(&encode(&map(&fields))).is_err());
     }
 
     #[test]

@@ -116,7 +116,7 @@ async fn receive(
     }
     let header = match decode_body::<StreamHeader>(&buf) {
         Ok(StreamHeader::Send(header)) => header,
-        Ok(StreamHeader::Deliver(_)) | Err(_) => {
+        Ok(StreamHeader::Deliver(_) | StreamHeader::Upload(_) | StreamHeader::Blob(_)) | Err(_) => {
             refuse(&mut stream);
             return Some(failed(
                 None,

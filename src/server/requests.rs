@@ -517,6 +517,12 @@ impl Control {
                 payload,
             } => self.link_accept(&session, slot, confirm, payload).await,
             Request::LinkRefuse { slot } => self.link_refuse(&session, slot),
+            Request::UploadBlob { .. } | Request::DownloadBlob { .. } | Request::AckBlob { .. } => {
+                error(
+                    ErrorCode::UnknownRequest,
+                    "this server stores no blobs yet".into(),
+                )
+            }
             Request::Hello { .. }
             | Request::Ping
             | Request::CheckUsername { .. }
