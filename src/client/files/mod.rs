@@ -26,3 +26,31 @@ pub const MAX_TRANSFER_ATTEMPTS: u32 = 20;
 /// Wait before trying again after the server said `busy` or a stream broke off while the
 /// connection stayed.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// A size for people: `512 bytes`, `1.5 KiB`, `100.0 MiB`.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(human_size(0), "0 bytes");
+        assert_eq!(human_size(1023), "1023 bytes");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(100 << 20), "100.0 MiB");
+    }
+}
