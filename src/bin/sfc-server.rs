@@ -134,6 +134,21 @@ struct Cli {
     /// [default: 300]
     #[arg(long, env = "SFC_LINK_TTL_SECS")]
     link_ttl_secs: Option<u64>,
+    /// Longest blob (an uploaded file's ciphertext) in bytes
+    /// [default: 104883200 = a 100 MiB file sealed]
+    #[arg(long, env = "SFC_MAX_BLOB_BYTES")]
+    max_blob_bytes: Option<u64>,
+    /// Bytes of blobs, complete and unfinished, one account may hold
+    /// [default: 1073741824 = 1 GiB]
+    #[arg(long, env = "SFC_BLOB_QUOTA_BYTES")]
+    blob_quota_bytes: Option<u64>,
+    /// Blob uploads and downloads in flight on the whole server [default: 64]
+    #[arg(long, env = "SFC_MAX_BLOB_STREAMS")]
+    max_blob_streams: Option<usize>,
+    /// Seconds an unfinished blob upload is kept after its last write
+    /// [default: 86400 = 1 day]
+    #[arg(long, env = "SFC_BLOB_UPLOAD_TTL_SECS")]
+    blob_upload_ttl_secs: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -295,6 +310,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         sends_per_minute: cli.sends_per_minute,
         name_hold_secs: cli.name_hold_secs,
         link_ttl_secs: cli.link_ttl_secs,
+        max_blob_bytes: cli.max_blob_bytes,
+        blob_quota_bytes: cli.blob_quota_bytes,
+        max_blob_streams: cli.max_blob_streams,
+        blob_upload_ttl_secs: cli.blob_upload_ttl_secs,
     };
     let config = flags.over(file).resolve()?;
 

@@ -54,6 +54,17 @@ pub const DEFAULT_SENDS_PER_MINUTE: u32 = 3000;
 pub const DEFAULT_NAME_HOLD_SECS: u64 = 30 * 24 * 3600;
 /// How long an opened device link waits for its new device, by default: 5 minutes.
 pub const DEFAULT_LINK_TTL_SECS: u64 = 300;
+/// Default longest blob: the ciphertext of a 100 MiB file (docs/PROTOCOL.md E15: 104,857,600
+/// bytes in 1,600 chunks of 64 KiB, each with a 16-byte tag).
+pub const DEFAULT_MAX_BLOB_BYTES: u64 = 100 * 1024 * 1024 + 16 * 1600;
+/// Default bytes of blobs (complete and partial) one uploader may hold: 1 GiB.
+pub const DEFAULT_BLOB_QUOTA_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default blob streams (uploads and downloads) in flight on the whole server.
+pub const DEFAULT_MAX_BLOB_STREAMS: usize = 64;
+/// Default time an incomplete blob is kept after its last write: a day.
+pub const DEFAULT_BLOB_UPLOAD_TTL_SECS: u64 = 24 * 3600;
+/// How often blobs are swept (deleted when expired, abandoned or fetched by every device).
+pub const DEFAULT_BLOB_SWEEP_SECS: u64 = 300;
 
 /// Where the server's TLS identity comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +137,16 @@ pub struct ServerConfig {
     pub name_hold: Duration,
     /// How long an opened device link (its code) waits for the new device.
     pub link_ttl: Duration,
+    /// Longest blob accepted (its ciphertext), in bytes.
+    pub max_blob_bytes: u64,
+    /// Bytes of blobs, complete and partial, one uploader may hold.
+    pub blob_quota_bytes: u64,
+    /// Blob streams (uploads and downloads) in flight on the whole server.
+    pub max_blob_streams: usize,
+    /// An incomplete blob is deleted this long after its last write.
+    pub blob_upload_ttl: Duration,
+    /// How often blobs are swept (not a setting of the file or the flags: tests shorten it).
+    pub blob_sweep_interval: Duration,
 }
 
 impl ServerConfig {
@@ -157,6 +178,11 @@ impl ServerConfig {
             sends_per_minute: DEFAULT_SENDS_PER_MINUTE,
             name_hold: Duration::from_secs(DEFAULT_NAME_HOLD_SECS),
             link_ttl: Duration::from_secs(DEFAULT_LINK_TTL_SECS),
+            max_blob_bytes: DEFAULT_MAX_BLOB_BYTES,
+            blob_quota_bytes: DEFAULT_BLOB_QUOTA_BYTES,
+            max_blob_streams: DEFAULT_MAX_BLOB_STREAMS,
+            blob_upload_ttl: Duration::from_secs(DEFAULT_BLOB_UPLOAD_TTL_SECS),
+            blob_sweep_interval: Duration::from_secs(DEFAULT_BLOB_SWEEP_SECS),
         }
     }
 }
@@ -221,6 +247,14 @@ pub struct ConfigLayer {
     pub name_hold_secs: Option<u64>,
     /// Seconds an opened device link waits for its new device (1 to 3600).
     pub link_ttl_secs: Option<u64>,
+    /// Longest blob in bytes (its ciphertext).
+    pub max_blob_bytes: Option<u64>,
+    /// Bytes of blobs one uploader may hold, complete and partial.
+    pub blob_quota_bytes: Option<u64>,
+    /// Blob streams in flight on the whole server.
+    pub max_blob_streams: Option<usize>,
+    /// Seconds an incomplete blob is kept after its last write.
+    pub blob_upload_ttl_secs: Option<u64>,
 }
 
 /// Why the configuration is unusable.
@@ -300,6 +334,10 @@ impl ConfigLayer {
             sends_per_minute: self.sends_per_minute.or(lower.sends_per_minute),
             name_hold_secs: self.name_hold_secs.or(lower.name_hold_secs),
             link_ttl_secs: self.link_ttl_secs.or(lower.link_ttl_secs),
+            max_blob_bytes: self.max_blob_bytes.or(lower.max_blob_bytes),
+            blob_quota_bytes: self.blob_quota_bytes.or(lower.blob_quota_bytes),
+            max_blob_streams: self.max_blob_streams.or(lower.max_blob_streams),
+            blob_upload_ttl_secs: self.blob_upload_ttl_secs.or(lower.blob_upload_ttl_secs),
         }
     }
 
@@ -424,6 +462,33 @@ impl ConfigLayer {
             }
             config.link_ttl = Duration::from_secs(secs);
         }
+        if let Some(bytes) = self.max_blob_bytes {
+            if bytes == 0 {
+                return Err(ConfigError::Invalid(
+                    "max_blob_bytes must be at least 1".into(),
+                ));
+            }
+            config.max_blob_bytes = bytes;
+        }
+        if let Some(bytes) = self.blob_quota_bytes {
+            config.blob_quota_bytes = bytes;
+        }
+        if let Some(n) = self.max_blob_streams {
+            if n == 0 {
+                return Err(ConfigError::Invalid(
+                    "max_blob_streams must be at least 1".into(),
+                ));
+            }
+            config.max_blob_streams = n;
+        }
+        if let Some(secs) = self.blob_upload_ttl_secs {
+            if secs == 0 {
+                return Err(ConfigError::Invalid(
+                    "blob_upload_ttl_secs must be at least 1".into(),
+                ));
+            }
+            config.blob_upload_ttl = Duration::from_secs(secs);
+        }
         Ok(config)
     }
 }
@@ -472,5 +537,29 @@ mod tests {
             ..Default::default()
         };
         assert!(zero.resolve().is_err());
+        let no_streams = ConfigLayer {
+            max_blob_streams: Some(0),
+            ..Default::default()
+        };
+        assert!(no_streams.resolve().is_err());
+    }
+
+    #[test]
+    fn blob_settings_come_from_the_file_with_defaults_for_the_rest() {
+        let defaults = ConfigLayer::default().resolve().unwrap();
+        assert_eq!(defaults.max_blob_bytes, 104_883_200);
+        assert_eq!(defaults.blob_quota_bytes, 1 << 30);
+        assert_eq!(defaults.max_blob_streams, 64);
+        assert_eq!(defaults.blob_upload_ttl, Duration::from_secs(86_400));
+        let file: ConfigLayer = toml::from_str(
+            "max_blob_bytes = 1000\nblob_quota_bytes = 5000\nmax_blob_streams = 2\n\
+             blob_upload_ttl_secs = 60\n",
+        )
+        .unwrap();
+        let config = file.resolve().unwrap();
+        assert_eq!(config.max_blob_bytes, 1000);
+        assert_eq!(config.blob_quota_bytes, 5000);
+        assert_eq!(config.max_blob_streams, 2);
+        assert_eq!(config.blob_upload_ttl, Duration::from_secs(60));
     }
 }

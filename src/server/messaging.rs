@@ -1,6 +1,7 @@
 //! Message streams: receiving a client's messages (one unidirectional stream each), checking
 //! the devices they were sealed for, and storing every copy in its device's inbox at once.
-//! Delivering an inbox is in `delivery`.
+//! Delivering an inbox is in `delivery`. A client's `upload` streams (blob bytes) arrive here
+//! too and are handed to `blobs`.
 
 use std::sync::{Arc, Mutex};
 
@@ -48,11 +49,12 @@ pub(crate) async fn accept_message_streams(
     events: mpsc::Sender<Box<ServerFrame>>,
 ) {
     let budget = shared.body_budget.connection();
+    let conn_id = conn.stable_id();
     let handle = |stream: RecvStream| {
         let (shared, session, events) = (Arc::clone(&shared), session.clone(), events.clone());
         let budget = budget.clone();
         async move {
-            if let Some(reply) = receive(stream, &shared, &session, &budget).await {
+            if let Some(reply) = receive(stream, &shared, &session, &budget, conn_id).await {
                 let _ = events.send(Box::new(ServerFrame { id: None, reply })).await;
             }
         }
@@ -86,12 +88,14 @@ fn failed(message_id: Option<MessageId>, code: ErrorCode, message: impl Into<Str
     }
 }
 
-/// Reads one message stream and stores the message; returns the event for the sender.
+/// Reads one stream's header and hands the stream to what it is for: a message (`send`) or a
+/// blob's bytes (`upload`, in `blobs`); returns the event for the sender.
 async fn receive(
     mut stream: RecvStream,
     shared: &Shared,
     session: &SessionCell,
     budget: &ConnectionBudget,
+    conn: usize,
 ) -> Option<Reply> {
     let refuse = |stream: &mut RecvStream| {
         let _ = stream.stop(VarInt::from_u32(STREAM_REFUSED));
@@ -114,16 +118,35 @@ async fn receive(
         refuse(&mut stream);
         return Some(failed(None, code, why));
     }
-    let header = match decode_body::<StreamHeader>(&buf) {
-        Ok(StreamHeader::Send(header)) => header,
-        Ok(StreamHeader::Deliver(_) | StreamHeader::Upload(_) | StreamHeader::Blob(_)) | Err(_) => {
+    match decode_body::<StreamHeader>(&buf) {
+        Ok(StreamHeader::Send(header)) => {
+            receive_message(stream, header, shared, session, budget).await
+        }
+        Ok(StreamHeader::Upload(header)) => {
+            Some(super::blobs::receive_upload(stream, header, shared, session, conn).await)
+        }
+        Ok(StreamHeader::Deliver(_) | StreamHeader::Blob(_)) | Err(_) => {
             refuse(&mut stream);
-            return Some(failed(
+            Some(failed(
                 None,
                 ErrorCode::MalformedFrame,
-                "expected a `send` header",
-            ));
+                "expected a `send` or `upload` header",
+            ))
         }
+    }
+}
+
+/// Reads the body of one message stream (its header already read) and stores the message;
+/// returns the event for the sender.
+async fn receive_message(
+    mut stream: RecvStream,
+    header: SendHeader,
+    shared: &Shared,
+    session: &SessionCell,
+    budget: &ConnectionBudget,
+) -> Option<Reply> {
+    let refuse = |stream: &mut RecvStream| {
+        let _ = stream.stop(VarInt::from_u32(STREAM_REFUSED));
     };
     let id = header.id;
     let sender = match session.lock().ok().and_then(|s| s.clone()) {

@@ -47,6 +47,14 @@ pub const INBOX_PENDING: &str = "sfc_inbox_pending_messages";
 pub const INBOX_BATCH_OPERATIONS: &str = "sfc_inbox_batch_operations";
 /// Duration of the inbox's syncs to disk.
 pub const INBOX_SYNC_SECONDS: &str = "sfc_inbox_sync_seconds";
+/// Blob uploads completed (the whole blob on disk and synced).
+pub const BLOB_UPLOADS: &str = "sfc_blob_uploads_total";
+/// Blob download streams sent to their end.
+pub const BLOB_DOWNLOADS: &str = "sfc_blob_downloads_total";
+/// Blobs deleted (fetched by every device, expired or abandoned).
+pub const BLOBS_DELETED: &str = "sfc_blobs_deleted_total";
+/// Bytes of blobs on disk (complete and partial), as of the last blob sweep.
+pub const BLOB_BYTES: &str = "sfc_blob_bytes_stored";
 /// Jobs waiting for a blocking pool (`pool="argon2"`: password hashes), by `pool`.
 pub const BLOCKING_QUEUE: &str = "sfc_blocking_queue_depth";
 
@@ -84,6 +92,10 @@ struct Handles {
     inbox_pending: Gauge,
     inbox_batch_operations: Histogram,
     inbox_sync_seconds: Histogram,
+    blob_uploads: Counter,
+    blob_downloads: Counter,
+    blobs_deleted: Counter,
+    blob_bytes: Gauge,
 }
 
 static HANDLES: OnceLock<Handles> = OnceLock::new();
@@ -119,6 +131,10 @@ pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
         inbox_pending: metrics::gauge!(INBOX_PENDING),
         inbox_batch_operations: metrics::histogram!(INBOX_BATCH_OPERATIONS),
         inbox_sync_seconds: metrics::histogram!(INBOX_SYNC_SECONDS),
+        blob_uploads: metrics::counter!(BLOB_UPLOADS),
+        blob_downloads: metrics::counter!(BLOB_DOWNLOADS),
+        blobs_deleted: metrics::counter!(BLOBS_DELETED),
+        blob_bytes: metrics::gauge!(BLOB_BYTES),
     };
     // Series that exist from the start read 0 instead of being absent until the first event.
     handles.handshakes_failed.increment(0);
@@ -191,6 +207,20 @@ fn describe() {
         INBOX_SYNC_SECONDS,
         Unit::Seconds,
         "Duration of the inbox's syncs to disk (one per group of batches)"
+    );
+    describe_counter!(
+        BLOB_UPLOADS,
+        "Blob uploads completed (the whole blob on disk and synced)"
+    );
+    describe_counter!(BLOB_DOWNLOADS, "Blob download streams sent to their end");
+    describe_counter!(
+        BLOBS_DELETED,
+        "Blobs deleted: fetched by every device they were for, expired, or abandoned incomplete"
+    );
+    describe_gauge!(
+        BLOB_BYTES,
+        Unit::Bytes,
+        "Bytes of blobs held on disk, complete and partial, as of the last blob sweep"
     );
     describe_gauge!(
         BLOCKING_QUEUE,
@@ -341,6 +371,34 @@ pub(crate) fn inbox_batch(operations: usize) {
 pub(crate) fn inbox_sync(took: Duration) {
     if let Some(h) = handles() {
         h.inbox_sync_seconds.record(took.as_secs_f64());
+    }
+}
+
+/// A blob upload completed.
+pub(crate) fn blob_uploaded() {
+    if let Some(h) = handles() {
+        h.blob_uploads.increment(1);
+    }
+}
+
+/// A blob download stream was sent to its end.
+pub(crate) fn blob_downloaded() {
+    if let Some(h) = handles() {
+        h.blob_downloads.increment(1);
+    }
+}
+
+/// A blob was deleted.
+pub(crate) fn blob_deleted() {
+    if let Some(h) = handles() {
+        h.blobs_deleted.increment(1);
+    }
+}
+
+/// The blob sweep found `bytes` held on disk.
+pub(crate) fn blob_bytes_stored(bytes: u64) {
+    if let Some(h) = handles() {
+        h.blob_bytes.set(bytes as f64);
     }
 }
 

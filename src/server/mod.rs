@@ -7,6 +7,7 @@
 pub mod accounts;
 pub mod admission;
 pub mod backoff;
+mod blobs;
 mod body_budget;
 pub mod config;
 mod connection;
@@ -37,13 +38,14 @@ use tracing::{debug, info, warn};
 use self::accounts::Accounts;
 use self::admission::{Admission, PerAddress};
 use self::backoff::AccountBackoff;
+pub use self::blobs::ReconcileError;
 pub use self::config::{ConfigError, ConfigLayer, ServerConfig, TlsSource};
 use self::password::{PasswordError, Passwords};
 use self::router::Router;
 use self::throttle::{InFlight, Throttle};
 use crate::protocol::CloseCode;
 use crate::protocol::Username;
-use crate::store::{FjallStore, SenderShare, Store, StoreError, StoreOptions};
+use crate::store::{BlobQuota, FjallStore, SenderShare, Store, StoreError, StoreOptions};
 use crate::tls::{self, ServerIdentity, TlsError};
 use crate::transport::{self, EndpointSecret};
 
@@ -89,6 +91,9 @@ pub enum ServerError {
     /// The metrics endpoint could not start.
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    /// The blob files could not be brought in step with the store.
+    #[error(transparent)]
+    Blobs(#[from] ReconcileError),
 }
 
 impl From<PasswordError> for ServerError {
@@ -126,6 +131,8 @@ pub(crate) struct Shared {
     pub(crate) name_hold: Duration,
     /// Device links in progress.
     pub(crate) links: links::Links,
+    /// Blob files, limits and streams in flight.
+    pub(crate) blobs: Arc<blobs::Blobs>,
 }
 
 /// Limits on messages, from the configuration.
@@ -207,6 +214,22 @@ impl Server {
                 }
             })?;
 
+        let blobs = Arc::new(blobs::Blobs::new(
+            &config.data_dir,
+            blobs::BlobLimits {
+                max_blob_bytes: config.max_blob_bytes,
+                quota: BlobQuota {
+                    bytes: config.blob_quota_bytes,
+                    count: blobs::MAX_BLOBS_PER_OWNER,
+                },
+                max_streams: config.max_blob_streams,
+                upload_ttl: config.blob_upload_ttl,
+                ttl: config.message_ttl,
+                sweep_interval: config.blob_sweep_interval,
+            },
+        ));
+        blobs::reconcile(store.as_ref(), &blobs).await?;
+
         let workers = config.password_workers;
         let passwords = tokio::task::spawn_blocking(move || Passwords::new(workers)).await??;
         let accounts = Accounts::new(Arc::clone(&store), passwords, config.session_ttl);
@@ -234,6 +257,7 @@ impl Server {
             body_budget: body_budget::BodyBudget::new(config.max_message_bytes),
             name_hold: config.name_hold,
             links: links::Links::new(config.link_ttl),
+            blobs,
         });
         Ok(Self {
             endpoint,
@@ -256,6 +280,11 @@ impl Server {
         let active = Arc::new(AtomicUsize::new(0));
         let handshaking = Arc::new(AtomicUsize::new(0));
         tracker.spawn(sweep(Arc::clone(&self.shared), shutdown.clone()));
+        tracker.spawn(blobs::sweep_blobs(
+            Arc::clone(&self.store),
+            Arc::clone(&self.shared.blobs),
+            shutdown.clone(),
+        ));
         if self.config.metrics.is_some() {
             tracker.spawn(count_pending(Arc::clone(&self.store), shutdown.clone()));
         }

@@ -1,8 +1,9 @@
 //! The requests of the control stream: one method per request type, with the connection's
 //! state (hello seen, the session, delivery to this connection). The account requests are
 //! here; the key directory's are in `keys`, the inbox's in `inbox`, the devices' and links' in
-//! `devices`.
+//! `devices`, the blobs' in `blobs`.
 
+mod blobs;
 mod devices;
 mod inbox;
 mod keys;
@@ -517,12 +518,15 @@ impl Control {
                 payload,
             } => self.link_accept(&session, slot, confirm, payload).await,
             Request::LinkRefuse { slot } => self.link_refuse(&session, slot),
-            Request::UploadBlob { .. } | Request::DownloadBlob { .. } | Request::AckBlob { .. } => {
-                error(
-                    ErrorCode::UnknownRequest,
-                    "this server stores no blobs yet".into(),
-                )
+            Request::UploadBlob {
+                blob,
+                length,
+                readers,
+            } => self.upload_blob(&session, blob, length, readers).await,
+            Request::DownloadBlob { blob, offset } => {
+                self.download_blob(&session, blob, offset).await
             }
+            Request::AckBlob { blob } => self.ack_blob(&session, blob).await,
             Request::Hello { .. }
             | Request::Ping
             | Request::CheckUsername { .. }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::StoreError;
+use super::blobs::{BLOB_OWNERS, BLOBS, BlobKeyspaces};
 use super::devices::Devices;
 use super::fjall_keys::KeyDirectory;
 use super::fjall_store::{HELD_NAMES, SESSIONS, StoreOptions, USERS, encode};
@@ -97,6 +98,8 @@ pub(super) struct Inner {
     /// Accounts' devices (and their inboxes' ids, in memory for the accounts used lately).
     pub(super) devices: Devices,
     pub(super) inbox: InboxKeyspaces,
+    /// Blob metadata (see `blobs`).
+    pub(super) blobs: BlobKeyspaces,
     /// `None` in a database reopened during an outage that still could not write.
     pub(super) writer: Option<InboxWriter>,
 }
@@ -138,6 +141,11 @@ impl Inner {
         };
         let ids = UserIds::open(user_ids, keyspace("user_names")?, inbox.meta.clone())?;
         let devices = Devices::new(keyspace("devices")?);
+        let blobs = BlobKeyspaces {
+            blobs: keyspace(BLOBS)?,
+            owners: keyspace(BLOB_OWNERS)?,
+            lock: Mutex::new(()),
+        };
         super::migrate::run(&super::migrate::Keyspaces {
             db: &db,
             users: &users,
@@ -180,6 +188,7 @@ impl Inner {
             directory,
             devices,
             inbox,
+            blobs,
             writer,
         })
     }

@@ -23,9 +23,9 @@ use super::outage::Outage;
 use super::sender_shares::SenderShare;
 use super::user_ids::{UserId, sent_key};
 use super::{
-    AppendHooks, Appended, Created, DeviceId, DeviceKeys, DeviceRecord, Durability, NewMessage,
-    Removal, SentRecord, SessionRecord, Store, StoreError, StoredMessage, TakenBundles,
-    TokenDigest, UserRecord,
+    AppendHooks, Appended, BlobCreated, BlobId, BlobQuota, BlobRecord, Created, DeviceId,
+    DeviceKeys, DeviceRecord, Durability, NewBlob, NewMessage, Removal, SentRecord, SessionRecord,
+    Store, StoreError, StoredMessage, TakenBundles, TokenDigest, UserRecord,
 };
 use crate::blocking::BlockingPool;
 use crate::protocol::MessageId;
@@ -567,6 +567,52 @@ impl Store for FjallStore {
 
     async fn purge_expired_messages(&self, now: u64) -> Result<u64, StoreError> {
         self.purge_expired_messages_now(now).await
+    }
+
+    async fn create_blob(
+        &self,
+        blob: NewBlob,
+        quota: BlobQuota,
+    ) -> Result<BlobCreated, StoreError> {
+        self.create_blob_now(blob, quota).await
+    }
+
+    async fn blob(&self, id: BlobId) -> Result<Option<BlobRecord>, StoreError> {
+        self.blob_now(id).await
+    }
+
+    async fn set_blob_held(
+        &self,
+        id: BlobId,
+        held: u64,
+        now: u64,
+    ) -> Result<Option<BlobRecord>, StoreError> {
+        self.set_blob_held_now(id, held, now).await
+    }
+
+    async fn ack_blob(
+        &self,
+        id: BlobId,
+        user: &Username,
+        device: DeviceId,
+    ) -> Result<Option<BlobRecord>, StoreError> {
+        self.ack_blob_now(id, user, device).await
+    }
+
+    async fn settle_blob(&self, id: BlobId) -> Result<Option<BlobRecord>, StoreError> {
+        self.settle_blob_now(id).await
+    }
+
+    async fn delete_blob(&self, id: BlobId) -> Result<bool, StoreError> {
+        self.delete_blob_now(id).await
+    }
+
+    async fn blobs_after(
+        &self,
+        after: Option<BlobId>,
+        limit: usize,
+    ) -> Result<Vec<BlobRecord>, StoreError> {
+        self.blobs_after_now(after, limit).await
     }
 
     async fn count_pending_messages(&self) -> Result<u64, StoreError> {

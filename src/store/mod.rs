@@ -3,6 +3,7 @@
 //! The trait speaks in domain records (users, sessions), not keys and bytes, so a distributed
 //! backend can be added later without touching the server's logic.
 
+mod blobs;
 mod data_dir;
 mod devices;
 mod fjall_devices;
@@ -17,6 +18,7 @@ mod sender_shares;
 mod sent_records;
 mod user_ids;
 
+pub use blobs::{BlobCreated, BlobDevice, BlobId, BlobQuota, BlobRecord, NewBlob};
 pub use data_dir::DataDirError;
 pub use fjall_devices::MAX_DEVICE_NAME;
 pub use fjall_store::{DEFAULT_MAX_PENDING, FjallStore, StoreOptions};
@@ -505,4 +507,53 @@ pub trait Store: Send + Sync + 'static {
         username: &Username,
         hold_until: u64,
     ) -> Result<Option<Vec<TokenDigest>>, StoreError>;
+
+    /// Creates the record of a new blob, atomically with its owner's quota check (every blob
+    /// of the owner, complete or partial, counts its whole length), with a snapshot of the
+    /// devices that must fetch it: every current device of every reader and the owner's
+    /// devices other than `owner_device`. Every reader and the owner must have an account
+    /// ([`StoreError::UnknownUser`]). An id the owner already has with this length gives
+    /// [`BlobCreated::Existing`] (nothing changed); any other use of a taken id
+    /// [`BlobCreated::Taken`]. Synced.
+    async fn create_blob(&self, blob: NewBlob, quota: BlobQuota)
+    -> Result<BlobCreated, StoreError>;
+
+    /// The blob's record, if there is one.
+    async fn blob(&self, id: BlobId) -> Result<Option<BlobRecord>, StoreError>;
+
+    /// Records that `held` bytes of the blob are on disk and synced, at `now` (its last
+    /// write); reaching its length completes it (`completed_at`). Synced. `None` if there is
+    /// no such blob; [`StoreError::Limit`] if `held` exceeds its length.
+    async fn set_blob_held(
+        &self,
+        id: BlobId,
+        held: u64,
+        now: u64,
+    ) -> Result<Option<BlobRecord>, StoreError>;
+
+    /// Notes that `user`'s `device` is done with the blob (if it is one of the snapshotted
+    /// devices; any other is ignored) and returns the record, whose
+    /// [`BlobRecord::all_done`] says whether it can go. `None` if there is no such blob.
+    async fn ack_blob(
+        &self,
+        id: BlobId,
+        user: &Username,
+        device: DeviceId,
+    ) -> Result<Option<BlobRecord>, StoreError>;
+
+    /// Marks the snapshotted devices that no longer exist (removed devices, deleted accounts)
+    /// as done, and returns the record. `None` if there is no such blob.
+    async fn settle_blob(&self, id: BlobId) -> Result<Option<BlobRecord>, StoreError>;
+
+    /// Deletes the blob's record (synced); `false` if there was none. Its file is the
+    /// caller's to delete, after this.
+    async fn delete_blob(&self, id: BlobId) -> Result<bool, StoreError>;
+
+    /// Up to `limit` blob records with ids after `after` (all from the first with `None`),
+    /// ascending by id: a sweep pages through every blob with this.
+    async fn blobs_after(
+        &self,
+        after: Option<BlobId>,
+        limit: usize,
+    ) -> Result<Vec<BlobRecord>, StoreError>;
 }

@@ -260,6 +260,7 @@ mod tests {
                 id: MessageId([0; 16]),
                 at: u64::from(n),
                 text: "x".repeat(2000),
+                file: None,
                 resent: false,
                 copy: false,
             });
@@ -286,6 +287,7 @@ mod tests {
                 envelope: vec![1, 2, 3],
             }],
             text: Some("hi".into()),
+            plaintext: None,
         };
         store
             .update(|s| -> Result<(), HomeError> {

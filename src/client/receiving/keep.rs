@@ -3,10 +3,10 @@
 //! or a retry request to answer.
 
 use super::super::keystore::{HistoryEntry, Incoming, KeyState, Quarantined};
-use super::super::messenger::{TEXT, changed_warning};
+use super::super::messenger::{FILE, TEXT, changed_warning};
 use super::super::{Delivered, sessions};
 use super::RETRY;
-use crate::e2e::E2eError;
+use crate::e2e::{E2eError, FileRef};
 use crate::protocol::{MessageId, Username};
 
 /// What keeping a delivery in the keystore decided.
@@ -19,10 +19,12 @@ pub(super) enum Kept {
         reason: String,
         ask_again: bool,
     },
-    /// A retry request for a message in the history: seal it again.
+    /// A retry request for a message in the history: seal it again (a file message as its
+    /// file reference, `file`).
     Resend {
         peer: Username,
         text: String,
+        file: Option<Vec<u8>>,
         asked: MessageId,
     },
     /// A retry request for nothing this user can send again.
@@ -69,7 +71,7 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
     // A copy of this account's own message (E14.3) is never answered with a retry.
     let own = peer == *me;
     match delivered.kind.as_str() {
-        TEXT => {}
+        TEXT | FILE => {}
         RETRY if own => return Kept::NoResend { asked: None },
         RETRY => {
             let Ok(asked) = <[u8; 16]>::try_from(delivered.body.as_slice()) else {
@@ -85,6 +87,7 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
             };
             entry.resent = true;
             let text = entry.text.clone();
+            let file = entry.file.clone();
             // The peer's device cannot open our session with it: start a fresh one.
             // (The message goes again to each of the peer's devices, under a new id.)
             if let Some(sessions) = state
@@ -95,7 +98,12 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
             {
                 sessions.keep(old);
             }
-            return Kept::Resend { peer, text, asked };
+            return Kept::Resend {
+                peer,
+                text,
+                file,
+                asked,
+            };
         }
         other => {
             let reason = format!("unsupported kind {other:?}");
@@ -109,7 +117,20 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
     };
     match sessions::open(state, me, from, delivered.id, &delivered.body) {
         Ok(opened) => {
-            let text = String::from_utf8_lossy(&opened.plaintext).into_owned();
+            // A file message keeps its reference (checked now, so that what is kept can be
+            // shown), and shows as its name.
+            let (text, file) = if delivered.kind == FILE {
+                match FileRef::from_bytes(&opened.plaintext) {
+                    Ok(file) => (file.name, Some(opened.plaintext)),
+                    // Authentic but unusable: asking again would bring the same.
+                    Err(e) => return quarantine(state, e.to_string(), false),
+                }
+            } else {
+                (
+                    String::from_utf8_lossy(&opened.plaintext).into_owned(),
+                    None,
+                )
+            };
             // The conversation is with the addressee of one's own copy.
             let other = addressee.as_ref().unwrap_or(&peer).as_str().to_owned();
             let changed = opened.identity_changed
@@ -121,6 +142,7 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
                 sent_at: delivered.sent_at,
                 text: text.clone(),
                 warning: changed.then(|| changed_warning(peer.as_str())),
+                file: file.clone(),
             };
             state.unshown.push_back(incoming.clone());
             state.remember(HistoryEntry {
@@ -128,7 +150,11 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
                 outgoing: own,
                 id: delivered.id,
                 at: delivered.sent_at,
-                text,
+                text: match file {
+                    Some(_) => format!("file: {text}"),
+                    None => text,
+                },
+                file,
                 resent: false,
                 copy: own,
             });
@@ -293,6 +319,7 @@ mod tests {
             id: MessageId([1; 16]),
             at: 7,
             text: "hi bob".into(),
+            file: None,
             resent: false,
             copy: false,
         });
