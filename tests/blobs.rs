@@ -634,3 +634,25 @@ async fn a_restart_removes_files_without_records_and_cuts_partial_ones_to_held()
     assert_eq!(std::fs::read(&partial).unwrap(), data);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_whose_readers_are_deleted_is_swept() {
+    let server =
+        TestServer::start_with(|c| c.blob_sweep_interval = Duration::from_millis(200)).await;
+    let mut bob = Raw::signed_up(&server, "bob").await;
+    let mut alice = Raw::signed_up(&server, "alice").await;
+    let blob = BlobId([60; 16]);
+    store_blob(&mut alice, blob, &bytes(2000, 60), &["bob"]).await;
+    let file = blob_file(&server, blob);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(file.exists(), "bob's device still needs it");
+    let delete = Request::DeleteAccount {
+        password: securefastchat::protocol::Password::new(common::PASSWORD),
+    };
+    assert!(matches!(
+        bob.call(30, delete).await,
+        Reply::AccountDeleted { .. }
+    ));
+    wait_gone(&file, Duration::from_secs(5)).await;
+    server.stop().await;
+}
