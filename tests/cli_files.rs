@@ -8,8 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::TestServer;
-use common::cli::{People, run, stderr, stdout};
+use common::cli::{People, read_until, run, stderr, stdout};
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn sha(bytes: &[u8]) -> Vec<u8> {
     Sha256::digest(bytes).to_vec()
@@ -159,4 +160,60 @@ async fn send_file_refuses_what_is_not_a_file_and_unknown_users() {
     assert!(!out.status.success(), "{out:?}");
     let out = run(people.sfc("bob", &["recv", "--into", path.to_str().unwrap()])).await;
     common::cli::assert_fails_with(&out, "is not a directory");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_sends_a_file_with_slash_file_and_saves_the_ones_it_receives() {
+    let server = TestServer::start().await;
+    let people = People::signed_up(&server, &["alice", "bob"]).await;
+    let files = tempfile::tempdir().unwrap();
+    let downloads = tempfile::tempdir().unwrap();
+    let source = files.path().join("photo.png");
+    let data = vec![0x89u8; 70_000];
+    std::fs::write(&source, &data).unwrap();
+    // bob says something first, so that each has the other's keys when the chats open.
+    let out = run(people.sfc("bob", &["send", "alice", "hi"])).await;
+    assert!(out.status.success(), "{out:?}");
+
+    let into = downloads.path().to_str().unwrap();
+    let mut bob = people.in_terminal("bob", &format!("chat alice --into {into}"));
+    let (bob_keys, mut bob_out) = (bob.stdin.take().unwrap(), bob.stdout.take().unwrap());
+    let mut bob_seen = String::new();
+    read_until(&mut bob_out, &mut bob_seen, "bob> ").await;
+    let mut alice = people.in_terminal("alice", "chat bob");
+    let (mut alice_keys, mut alice_out) =
+        (alice.stdin.take().unwrap(), alice.stdout.take().unwrap());
+    let mut alice_seen = String::new();
+    read_until(&mut alice_out, &mut alice_seen, "alice> ").await;
+
+    let line = format!("/file {}\r", source.display());
+    alice_keys.write_all(line.as_bytes()).await.unwrap();
+    read_until(
+        &mut alice_out,
+        &mut alice_seen,
+        "alice: file: photo.png (68.4 KiB)",
+    )
+    .await;
+    read_until(
+        &mut bob_out,
+        &mut bob_seen,
+        "alice: file: photo.png (68.4 KiB)",
+    )
+    .await;
+    assert_eq!(
+        std::fs::read(downloads.path().join("photo.png")).unwrap(),
+        data
+    );
+
+    for (mut keys, mut output, mut child) in
+        [(alice_keys, alice_out, alice), (bob_keys, bob_out, bob)]
+    {
+        keys.write_all(b"\x04").await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), output.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(child.wait().await.unwrap().success());
+    }
 }

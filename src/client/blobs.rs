@@ -264,15 +264,16 @@ impl Client {
     /// Opens an upload stream for `blob` from `offset` (the server's `held`); write the
     /// blob's bytes from there to its end, then [`BlobUpload::finish`].
     pub async fn open_upload(&self, blob: BlobId, offset: u64) -> Result<BlobUpload, ClientError> {
+        let stream = self
+            .conn
+            .open_uni()
+            .await
+            .map_err(|e| lost(&self.conn, e))?;
         let (tx, rx) = oneshot::channel();
         self.blobs.with(|w| w.uploads.insert(blob, tx));
         let mut upload = BlobUpload {
             blob,
-            stream: self
-                .conn
-                .open_uni()
-                .await
-                .map_err(|e| lost(&self.conn, e))?,
+            stream,
             outcome: rx,
             waiters: self.blobs.clone(),
             conn: self.conn.clone(),

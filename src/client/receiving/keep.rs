@@ -199,6 +199,18 @@ mod tests {
         n: u8,
         text: &str,
     ) -> Vec<Delivered> {
+        send_kind(from, to, own, n, TEXT, text.as_bytes())
+    }
+
+    /// [`send`] of any kind and plaintext.
+    fn send_kind(
+        from: &mut (Username, KeyState),
+        to: (&Username, &KeyState),
+        own: &KeyState,
+        n: u8,
+        kind: &str,
+        plaintext: &[u8],
+    ) -> Vec<Delivered> {
         let dest = Destinations {
             devices: vec![to.1.device],
             own_devices: vec![own.device],
@@ -210,7 +222,7 @@ mod tests {
         let draft = Draft {
             to: to.0,
             id: MessageId([n; 16]),
-            plaintext: text.as_bytes(),
+            plaintext,
         };
         let copies = copies::seal_copies(&mut from.1, &from.0, draft, &dest, &bundles, &[]);
         copies
@@ -223,7 +235,7 @@ mod tests {
                 from_device: from.1.device,
                 to: c.own.then(|| to.0.as_str().to_owned()),
                 sent_at: 7,
-                kind: TEXT.into(),
+                kind: kind.into(),
                 body: c.envelope,
                 refused: None,
             })
@@ -337,5 +349,74 @@ mod tests {
             keep(&mut a1.1, &a1.0, &own_retry),
             Kept::NoResend { asked: None }
         ));
+    }
+
+    /// A file message is kept with its reference and shown as its name; one whose plaintext
+    /// is not a valid reference is quarantined without asking again (the same bytes would
+    /// come); a retry request for a sent file gives its reference back to seal again.
+    #[test]
+    fn a_file_message_keeps_its_reference() {
+        use crate::e2e::{FileKey, FileRef};
+        use crate::protocol::BlobId;
+        let mut a1 = device("alice", 1, 1);
+        let a2 = device("alice", 1, 2);
+        let mut b1 = device("bob", 2, 1);
+        let file = FileRef {
+            blob: BlobId([4; 16]),
+            key: FileKey::from_bytes([5; 32]),
+            sha256: [6; 32],
+            size: 10,
+            name: "a.txt".into(),
+            content_type: "text/plain".into(),
+        };
+        let plaintext = file.to_bytes().unwrap().to_vec();
+        let sent = send_kind(&mut a1, (&b1.0, &b1.1), &a2.1, 1, FILE, &plaintext);
+        let Kept::Text(incoming) = keep(&mut b1.1, &b1.0, &sent[0]) else {
+            panic!("the file message did not open");
+        };
+        assert_eq!(incoming.text, "a.txt");
+        assert_eq!(incoming.file.as_deref(), Some(plaintext.as_slice()));
+        let last = b1.1.history.back().unwrap();
+        assert_eq!(
+            (last.text.as_str(), last.file.is_some()),
+            ("file: a.txt", true)
+        );
+
+        let bad = send_kind(&mut a1, (&b1.0, &b1.1), &a2.1, 2, FILE, b"not a map");
+        match keep(&mut b1.1, &b1.0, &bad[0]) {
+            Kept::Quarantined {
+                ask_again, reason, ..
+            } => {
+                assert!(!ask_again);
+                assert!(reason.contains("file reference"), "{reason}");
+            }
+            _ => panic!("a malformed file reference was kept"),
+        }
+
+        a1.1.remember(HistoryEntry {
+            peer: "bob".into(),
+            outgoing: true,
+            id: MessageId([1; 16]),
+            at: 7,
+            text: "file: a.txt".into(),
+            file: Some(plaintext.clone()),
+            resent: false,
+            copy: false,
+        });
+        let retry = Delivered {
+            id: MessageId([9; 16]),
+            from: "bob".into(),
+            from_device: 1,
+            kind: RETRY.into(),
+            body: MessageId([1; 16]).0.to_vec(),
+            to: None,
+            ..sent[0].clone()
+        };
+        match keep(&mut a1.1, &a1.0, &retry) {
+            Kept::Resend {
+                file: Some(again), ..
+            } => assert_eq!(again, plaintext),
+            _ => panic!("the file was not given back to seal again"),
+        }
     }
 }
