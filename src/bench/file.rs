@@ -266,7 +266,7 @@ async fn measure(
     );
     let homes = work.path().join("homes");
     let (sender, _) = user(options, &homes.join(&alice), &alice, &password).await?;
-    let (online, _) = user(options, &homes.join(&bob), &bob, &password).await?;
+    let (mut online, _) = user(options, &homes.join(&bob), &bob, &password).await?;
     let (offline, carol_token) = user(options, &homes.join(&carol), &carol, &password).await?;
     offline.close().await;
 
@@ -293,14 +293,23 @@ async fn measure(
             floor_rates.push(rates);
             floor_rss = floor_rss.max(rss);
         }
-        // Online: bob is connected and fetches as soon as the message comes.
+        // Online: bob is connected and fetches as soon as the message comes (in a task of
+        // its own, as a recipient is another program).
         let start = Instant::now();
-        let (sent, fetched) = tokio::join!(
-            sender.send_file(&bob, &source, |_, _| {}),
-            fetch(&online, &into)
-        );
-        sent.map_err(setup)?;
+        let fetcher = {
+            let into = into.clone();
+            tokio::spawn(async move {
+                let fetched = fetch(&online, &into).await;
+                (online, fetched)
+            })
+        };
+        sender
+            .send_file(&bob, &source, |_, _| {})
+            .await
+            .map_err(setup)?;
         let up = start.elapsed().as_secs_f64();
+        let (back, fetched) = fetcher.await.map_err(setup)?;
+        online = back;
         let down = fetched?;
         online_rates.push(Rates {
             upload_mb_s: size / up,
