@@ -531,3 +531,44 @@ async fn a_download_cut_off_resumes_from_the_last_verified_chunk() {
     assert_eq!(listing(downloads.path()), ["movie.mp4"]);
     bob.shown(&received).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_saved_by_a_run_that_ended_before_showing_it_is_not_fetched_again() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = server
+        .messenger(&homes.path().join("a"), "alice", true)
+        .await;
+    let bob = server.messenger(&homes.path().join("b"), "bob", true).await;
+    let source = homes.path().join("once.txt");
+    std::fs::write(&source, b"only once").unwrap();
+    alice.send_file("bob", &source, |_, _| {}).await.unwrap();
+    let downloads = tempfile::tempdir().unwrap();
+    let (_, file) = next_file(&bob).await;
+    let first = bob
+        .download_file(&file, downloads.path(), |_, _| {})
+        .await
+        .unwrap();
+    // The run ends here, before the message is shown.
+    bob.close().await;
+    let bob = server
+        .messenger(&homes.path().join("b"), "bob", false)
+        .await;
+    let (received, again) = next_file(&bob).await;
+    assert!(
+        matches!(received, Received::File { seq: None, .. }),
+        "{received:?}"
+    );
+    assert_eq!(again, file);
+    let second = bob
+        .download_file(&again, downloads.path(), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(second, first);
+    bob.shown(&received).await.unwrap();
+    assert_eq!(listing(downloads.path()), ["once.txt"]);
+    // The server's redelivery is a duplicate, and nothing more comes.
+    while let Some(more) = bob.receive(Duration::from_secs(1)).await.unwrap() {
+        assert_eq!(more, Received::Duplicate);
+    }
+}
