@@ -51,6 +51,9 @@ pub(crate) struct BlobLimits {
     pub(crate) ttl: Duration,
     /// How often the sweeper runs.
     pub(crate) sweep_interval: Duration,
+    /// A blob stream that makes no progress this long is dropped (its slot is freed): a peer
+    /// cannot hold the server's blob streams by opening them and going quiet.
+    pub(crate) stream_idle: Duration,
 }
 
 /// What every connection shares about blobs.
