@@ -24,6 +24,8 @@ use securefastchat::protocol::{ErrorCode, MessageId, Password, Username};
 
 #[path = "sfc/devices.rs"]
 mod devices;
+#[path = "sfc/files.rs"]
+mod files;
 
 /// SecureFastChat client.
 #[derive(Parser, Debug)]
@@ -96,8 +98,19 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         file: Option<PathBuf>,
     },
+    /// Send a file (end-to-end encrypted, at most 100 MiB by default): uploads it, resuming
+    /// after a lost connection, then sends its message; prints the message's id once the
+    /// server has both. A progress bar shows on a terminal
+    SendFile {
+        /// Recipient
+        user: String,
+        /// The file
+        path: PathBuf,
+    },
     /// Receive messages: one `FROM<TAB>TEXT` line each (or JSON with --json). A message's
-    /// later lines start with a TAB; control characters show as escapes (`\x1b`, `\u{202e}`)
+    /// later lines start with a TAB; control characters show as escapes (`\x1b`, `\u{202e}`).
+    /// A file is saved into --into and shows as `FROM<TAB>file: NAME (SIZE)`, NAME the name it
+    /// was saved under
     Recv {
         /// Stop after this many seconds without a message [default: 2]; `--wait` alone waits
         /// until interrupted (Ctrl-C, SIGTERM)
@@ -109,9 +122,14 @@ enum Command {
         /// Stop after this many messages
         #[arg(long)]
         count: Option<usize>,
-        /// One JSON object per line: id, from, sent_at, text
+        /// One JSON object per line: id, from, sent_at, text (a file: `file` with name,
+        /// size, type and path)
         #[arg(long)]
         json: bool,
+        /// Where received files are saved (never over an existing file: a name in use gets
+        /// ` (1)`, ` (2)`, …) [default: the current directory]
+        #[arg(long, value_name = "DIR")]
+        into: Option<PathBuf>,
     },
     /// Delete a sent message that has not been delivered yet
     Unsend {
@@ -152,10 +170,13 @@ enum Command {
     },
     /// Send what waits in the outbox; list what still waits (`TO<TAB>ID` lines)
     Outbox,
-    /// Interactive chat with USER
+    /// Interactive chat with USER; `/file PATH` sends a file
     Chat {
         /// The contact
         user: String,
+        /// Where received files are saved [default: the current directory]
+        #[arg(long, value_name = "DIR")]
+        into: Option<PathBuf>,
     },
 }
 
@@ -483,12 +504,17 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
             messenger.close().await;
             println!("{id}");
         }
+        Command::SendFile { user, path } => {
+            files::send_file(&home, &options, &user, &path).await?;
+        }
         Command::Recv {
             wait,
             follow,
             count,
             json,
+            into,
         } => {
+            let downloads = download_dir(into)?;
             // None: until interrupted.
             let patience = match wait {
                 _ if follow => None,
@@ -550,6 +576,38 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                             println!("{who}\t{}", render::body(text, "\t"));
                         }
                         shown += 1;
+                    }
+                    Received::File {
+                        id,
+                        from,
+                        to,
+                        sent_at,
+                        file,
+                        warning,
+                        ..
+                    } => {
+                        if let Some(warning) = warning {
+                            warn(warning);
+                        }
+                        if let Some(saved) = files::receive_file(&messenger, file, &downloads).await? {
+                            if json {
+                                let mut line = serde_json::json!({
+                                    "id": id.to_hex(), "from": from, "sent_at": sent_at,
+                                    "file": files::file_json(&saved, file),
+                                });
+                                if let (Some(to), Some(map)) = (to, line.as_object_mut()) {
+                                    map.insert("to".into(), serde_json::Value::from(to.as_str()));
+                                }
+                                println!("{}", render::json(&line.to_string()));
+                            } else {
+                                let who = match to {
+                                    Some(to) => format!("{} -> {}", render::line(from), render::line(to)),
+                                    None => render::line(from),
+                                };
+                                println!("{who}\t{}", files::file_line(&saved, file));
+                            }
+                            shown += 1;
+                        }
                     }
                     other => {
                         if let Some(what) = other.describe() {
@@ -667,7 +725,8 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                 bail!("{} messages still wait: {why}", flushed.waiting);
             }
         }
-        Command::Chat { user } => {
+        Command::Chat { user, into } => {
+            let downloads = download_dir(into)?;
             if !std::io::stdin().is_terminal() {
                 bail!("sfc chat needs a terminal (use `sfc send` and `sfc recv` in scripts)");
             }
@@ -685,15 +744,33 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                     outgoing: e.outgoing,
                 })
                 .collect();
-            chat::run(Arc::clone(&messenger), &me, &user, &history, clock)
-                .await
-                .map_err(|e| removed_or(&messenger.client(), &me, e.into()))?;
+            chat::run(
+                Arc::clone(&messenger),
+                &me,
+                &user,
+                &history,
+                clock,
+                &downloads,
+            )
+            .await
+            .map_err(|e| removed_or(&messenger.client(), &me, e.into()))?;
             if let Ok(messenger) = Arc::try_unwrap(messenger) {
                 messenger.close().await;
             }
         }
     }
     Ok(())
+}
+
+/// The directory received files are saved into: `into`, or the current directory; it must
+/// exist.
+fn download_dir(into: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let dir = into.unwrap_or_else(|| PathBuf::from("."));
+    let meta = std::fs::metadata(&dir).with_context(|| format!("using {}", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    Ok(dir)
 }
 
 /// Connects and resumes the saved session.

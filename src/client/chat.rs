@@ -1,7 +1,8 @@
 //! `sfc chat USER`: an interactive terminal chat. The screen scrolls the conversation; the
 //! bottom line is where you type, with a line editor (rustyline: arrow keys, history, Ctrl-U,
 //! Ctrl-W, Ctrl-L). Incoming messages are printed above the typing line as they arrive,
-//! without disturbing what you are typing. Enter sends, Ctrl-C or Ctrl-D (or `/quit`) leaves.
+//! without disturbing what you are typing. Enter sends, Ctrl-C or Ctrl-D (or `/quit`) leaves;
+//! `/file PATH` sends a file, and received files are saved into a download directory (`files`).
 //!
 //! Each message shows as `HH:MM NAME: TEXT` (the time the server stored it, in the clock
 //! chosen at start); a message from someone other than the open conversation's peer shows as
@@ -12,6 +13,9 @@
 //! of its own, so that a keystroke never interrupts a message between its arrival and its
 //! acknowledgement. Sending and the outbox run in the loop that ties them together.
 
+mod files;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -147,6 +151,8 @@ fn now() -> u64 {
 /// Where the chat prints: above the line being typed, through the line editor.
 struct Screen {
     printer: Box<dyn ExternalPrinter + Send>,
+    /// Where received files are saved.
+    downloads: PathBuf,
 }
 
 impl Screen {
@@ -202,6 +208,7 @@ pub async fn run(
     peer: &str,
     history: &[Entry],
     clock: Clock,
+    downloads: &Path,
 ) -> Result<(), MessengerError> {
     let _terminal = TerminalMode::save();
     println!(
@@ -218,7 +225,10 @@ pub async fn run(
     }
     let prompt = format!("{}> ", render::line(me));
     let (mut keys, printer) = spawn_keyboard(prompt).await?;
-    let mut screen = Screen { printer };
+    let mut screen = Screen {
+        printer,
+        downloads: downloads.to_owned(),
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let (receiver, mut incoming) = spawn_receiver(Arc::clone(&messenger), Arc::clone(&stop));
     let result = chat_loop(
@@ -454,6 +464,33 @@ async fn show_received(
             };
             screen.show(line);
         }
+        Received::File {
+            from,
+            to,
+            sent_at,
+            file,
+            warning,
+            ..
+        } => {
+            if let Some(warning) = warning {
+                screen.show(notice(warning));
+            }
+            let dir = screen.downloads.clone();
+            let Some(text) = files::receive_file(messenger, screen, &dir, file).await? else {
+                return Ok(());
+            };
+            let line = match to {
+                Some(to) if to == peer => message_line(clock, *sent_at, from, &text, true),
+                Some(to) => format!(
+                    "{} [you to {}] {}",
+                    clock.hh_mm(*sent_at),
+                    render::line(to),
+                    render::body(&text, CONTINUATION)
+                ),
+                None => message_line(clock, *sent_at, from, &text, from == peer),
+            };
+            screen.show(line);
+        }
         other => {
             if let Some(what) = other.describe() {
                 screen.show(notice(&what));
@@ -531,7 +568,10 @@ async fn chat_loop(
                 }
                 Some(Input::Line(line)) => {
                     let line = line.trim();
-                    if !line.is_empty() {
+                    if let Some(path) = line.strip_prefix(files::FILE_COMMAND) {
+                        waiting |=
+                            files::send_file_line(messenger, screen, clock, me, peer, path).await;
+                    } else if !line.is_empty() {
                         waiting |= send_line(messenger, screen, clock, me, peer, line).await;
                     }
                 }

@@ -4,13 +4,15 @@
 //! Requests may be issued concurrently from several tasks: each carries a fresh id, and a
 //! reader task (`replies`) routes every reply to the request that is waiting for it. The
 //! account requests are in `account`, the key requests in `bundles`, message streams in
-//! `streams`; end-to-end messaging on top of it all in [`messenger`].
+//! `streams`, blob uploads and downloads in `blobs`; end-to-end messaging on top of it all in [`messenger`].
 
 mod account;
+mod blobs;
 mod bundles;
 pub mod chat;
 mod copies;
 mod error;
+pub mod files;
 pub mod home;
 pub mod keystore;
 pub mod link;
@@ -34,6 +36,7 @@ use quinn::{Connection, Endpoint, SendStream, VarInt};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use self::account::SessionInfo;
+pub use self::blobs::{BlobDownload, BlobUpload, UploadOutcome};
 pub use self::bundles::{Bundle, DeviceBundles};
 pub use self::error::ClientError;
 pub use self::messenger::Messenger;
@@ -211,6 +214,8 @@ pub struct Client {
     watcher: tokio::task::JoinHandle<()>,
     /// Why the watcher gave the connection up, if it did.
     verdict: Arc<OnceLock<String>>,
+    /// Uploads and downloads waiting for their event or stream.
+    blobs: blobs::BlobWaiters,
 }
 
 impl std::fmt::Debug for Client {
@@ -234,6 +239,7 @@ impl Client {
         let sends: PendingSends = Arc::default();
         let notices: Arc<Mutex<Notices>> = Arc::default();
         let verdict: Arc<OnceLock<String>> = Arc::default();
+        let blobs = blobs::BlobWaiters::default();
         let reader = tokio::spawn(replies::read_replies(
             recv,
             conn.clone(),
@@ -241,6 +247,7 @@ impl Client {
             Arc::clone(&sends),
             Arc::clone(&notices),
             Arc::clone(&verdict),
+            blobs.clone(),
         ));
         let wake_watcher = Arc::new(Notify::new());
         let watcher = tokio::spawn(liveness::watch(liveness::Watched {
@@ -251,7 +258,11 @@ impl Client {
             verdict: Arc::clone(&verdict),
         }));
         let (deliveries_tx, deliveries) = mpsc::channel(1024);
-        let receiver = tokio::spawn(streams::receive_deliveries(conn.clone(), deliveries_tx));
+        let receiver = tokio::spawn(streams::receive_deliveries(
+            conn.clone(),
+            deliveries_tx,
+            blobs.clone(),
+        ));
         let client = Self {
             endpoint,
             shared_endpoint,
@@ -269,6 +280,7 @@ impl Client {
             wake_watcher,
             watcher,
             verdict,
+            blobs,
         };
         let hello = Request::Hello {
             version: PROTOCOL_VERSION,

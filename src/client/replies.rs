@@ -1,11 +1,13 @@
 //! The reader of the control stream: routes each reply to the request waiting for it, the
-//! `sent`/`send_failed` events to the sends waiting for them, and keeps the other events
+//! `sent`/`send_failed` events to the sends waiting for them, `blob_stored`/`upload_failed` to
+//! the uploads waiting for them, and keeps the other events
 //! (`prekeys_low`) for the client to take.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
 use quinn::{Connection, RecvStream};
 
+use super::blobs::BlobWaiters;
 use super::{ClientError, Notices, Pending, PendingSends, SendOutcome};
 use crate::protocol::{ErrorCode, MAX_CONTROL_FRAME, Reply, ServerFrame, decode_body, read_frame};
 
@@ -17,6 +19,7 @@ pub(super) async fn read_replies(
     sends: PendingSends,
     notices: Arc<Mutex<Notices>>,
     verdict: Arc<OnceLock<String>>,
+    blobs: BlobWaiters,
 ) {
     let mut buf = Vec::new();
     let failure = loop {
@@ -96,6 +99,9 @@ pub(super) async fn read_replies(
                     }
                 }
                 event @ Reply::LinkRequest { .. } => super::link::arrived(&notices, event),
+                event @ (Reply::BlobStored { .. } | Reply::UploadFailed { .. }) => {
+                    blobs.upload_event(event);
+                }
                 other => tracing::debug!(?other, "ignoring event"),
             },
         }
@@ -109,6 +115,7 @@ pub(super) async fn read_replies(
         }
         _ => failure,
     };
+    blobs.fail_uploads(&failure);
     let waiters: Vec<_> = match pending.lock() {
         Ok(mut p) => p.drain().map(|(_, w)| w).collect(),
         Err(_) => Vec::new(),

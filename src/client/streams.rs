@@ -1,5 +1,6 @@
 //! Message streams on the client side: sending one message per unidirectional stream, and
-//! receiving the server's deliveries, released to the application in the server's order.
+//! receiving the server's streams: deliveries, released to the application in the server's
+//! order, and `blob` streams, handed to the download that asked for each (`blobs`).
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
@@ -10,6 +11,7 @@ use quinn::{Connection, ReadToEndError, RecvStream, VarInt};
 use tokio::sync::mpsc;
 
 use super::ClientError;
+use super::blobs::BlobWaiters;
 use crate::protocol::{
     Copies, DeliverHeader, DeviceId, MAX_STREAM_HEADER, MessageId, SendHeader, StreamHeader,
     decode_body, read_frame,
@@ -138,16 +140,59 @@ impl Unreadable {
     }
 }
 
-async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Unreadable> {
+/// What a server stream turned out to be.
+enum Arrival {
+    /// A delivered message, after the one whose `seq` is the first value (`prev`).
+    Delivery(u64, Delivered),
+    /// A `blob` stream, handed to the download waiting for it (or stopped).
+    Blob,
+}
+
+/// Reads a server stream's header and dispatches on its type: a delivery is read here, a
+/// `blob` stream goes to the download that asked for it, anything else is refused.
+async fn read_server_stream(
+    mut stream: RecvStream,
+    blobs: BlobWaiters,
+) -> Result<Arrival, Unreadable> {
+    match read_header(&mut stream).await? {
+        StreamHeader::Deliver(header) => read_body(stream, header)
+            .await
+            .map(|(prev, delivered)| Arrival::Delivery(prev, delivered)),
+        StreamHeader::Blob(header) => {
+            blobs.blob_stream(header, stream);
+            Ok(Arrival::Blob)
+        }
+        StreamHeader::Send(_) | StreamHeader::Upload(_) => {
+            let _ = stream.stop(VarInt::from_u32(DELIVERY_REFUSED));
+            Err(Unreadable::new("a client stream type from the server"))
+        }
+    }
+}
+
+async fn read_header(stream: &mut RecvStream) -> Result<StreamHeader, Unreadable> {
     let mut buf = Vec::new();
-    if !read_frame(&mut stream, MAX_STREAM_HEADER, &mut buf)
+    if !read_frame(stream, MAX_STREAM_HEADER, &mut buf)
         .await
         .map_err(|e| Unreadable::new(e.to_string()))?
     {
         return Err(Unreadable::new("empty stream"));
     }
-    let header = decode_body(&buf).map_err(|e| Unreadable::new(e.to_string()))?;
-    let StreamHeader::Deliver(DeliverHeader {
+    decode_body(&buf).map_err(|e| Unreadable::new(e.to_string()))
+}
+
+#[cfg(test)]
+async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Unreadable> {
+    match read_header(&mut stream).await? {
+        StreamHeader::Deliver(header) => read_body(stream, header).await,
+        _ => Err(Unreadable::new("not a deliver header")),
+    }
+}
+
+async fn read_body(
+    mut stream: RecvStream,
+    header: DeliverHeader,
+) -> Result<(u64, Delivered), Unreadable> {
+    let DeliverHeader {
         seq,
         prev,
         id,
@@ -157,10 +202,7 @@ async fn read_delivery(mut stream: RecvStream) -> Result<(u64, Delivered), Unrea
         sent_at,
         kind,
         length,
-    }) = header
-    else {
-        return Err(Unreadable::new("not a deliver header"));
-    };
+    } = header;
     let failed = |why: String| Unreadable {
         link: Some((prev, seq)),
         why,
@@ -314,7 +356,11 @@ impl Reorder {
 /// One task reads all of them (the client's stream limit, `MAX_SERVER_UNI_STREAMS`, bounds how
 /// many are open at once, and each buffers at most [`MAX_DELIVERED_BODY`]): no task and no
 /// channel hop per message.
-pub(super) async fn receive_deliveries(conn: Connection, out: mpsc::Sender<Delivered>) {
+pub(super) async fn receive_deliveries(
+    conn: Connection,
+    out: mpsc::Sender<Delivered>,
+    blobs: BlobWaiters,
+) {
     let mut reading = FuturesUnordered::new();
     let mut accepting = true;
     let mut order = Reorder::default();
@@ -322,7 +368,7 @@ pub(super) async fn receive_deliveries(conn: Connection, out: mpsc::Sender<Deliv
         let read = tokio::select! {
             accepted = conn.accept_uni(), if accepting => {
                 match accepted {
-                    Ok(stream) => reading.push(read_delivery(stream)),
+                    Ok(stream) => reading.push(read_server_stream(stream, blobs.clone())),
                     Err(_) => accepting = false,
                 }
                 continue;
@@ -331,7 +377,8 @@ pub(super) async fn receive_deliveries(conn: Connection, out: mpsc::Sender<Deliv
             else => return,
         };
         match read {
-            Ok((prev, delivery)) => order.arrive(prev, Link::Message(delivery)),
+            Ok(Arrival::Delivery(prev, delivery)) => order.arrive(prev, Link::Message(delivery)),
+            Ok(Arrival::Blob) => {}
             Err(Unreadable { link, why, refused }) => {
                 tracing::warn!(%why, "an unreadable delivery stream");
                 match (link, refused) {
@@ -511,7 +558,11 @@ mod tests {
     async fn a_refused_delivery_does_not_hold_back_the_ones_after_it() {
         let (_server, server_conn, _client, client_conn) = connected().await;
         let (tx, mut rx) = mpsc::channel(16);
-        let receiving = tokio::spawn(receive_deliveries(client_conn.clone(), tx));
+        let receiving = tokio::spawn(receive_deliveries(
+            client_conn.clone(),
+            tx,
+            BlobWaiters::default(),
+        ));
         for (seq, prev, length) in [(1, 0, 3), (2, 1, 20 << 20), (3, 2, 3)] {
             let mut stream = server_conn.open_uni().await.unwrap();
             stream

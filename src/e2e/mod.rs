@@ -15,6 +15,8 @@
 //! - `ratchet`: the Double Ratchet ([`RatchetState`]) with bounded skipped-message keys.
 //! - `session`, `envelope`: [`Session`] and [`Envelope`], what the client calls.
 //! - `padding`: plaintexts padded to a few size buckets before sealing ([`PADDING_BUCKETS`]).
+//! - `file`: files sealed chunk by chunk for upload as blobs, and the [`FileRef`] a `file`
+//!   message carries (E15).
 //! - `keys`: zeroizing secrets, [`SecretSource`], X25519 and HKDF helpers.
 //! - [`link`] (public): linking a new device to an account: the link code, SPAKE2 and the
 //!   sealed payload with the identity seed and pinned contacts (E13).
@@ -24,6 +26,7 @@
 
 mod envelope;
 mod error;
+mod file;
 mod identity;
 mod keys;
 pub mod link;
@@ -43,6 +46,11 @@ mod vectors;
 
 pub use envelope::{Envelope, MAX_ENVELOPE_LEN, MAX_PLAINTEXT_LEN};
 pub use error::E2eError;
+pub use file::{
+    ChunkOpener, ChunkSealer, FILE_CHUNK_LEN, FILE_KEY_LEN, FILE_TAG_LEN, FileError, FileKey,
+    FileRef, MAX_FILE_NAME_LEN, MAX_FILE_REF_LEN, MAX_FILE_TYPE_LEN, SEALED_CHUNK_LEN,
+    chunk_at_offset, chunk_count, sealed_len,
+};
 pub use identity::{IDENTITY_KEY_LEN, IdentityKey, IdentityKeyPair, check_identity, safety_number};
 pub use keys::{OsRandom, SecretSource};
 pub use link::{LinkCode, LinkError, LinkPayload};

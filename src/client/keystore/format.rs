@@ -114,6 +114,9 @@ pub(super) struct StoredOutgoing {
     /// Format 2.
     #[serde(default)]
     text: Option<String>,
+    /// Files: the plaintext of a message that is not text.
+    #[serde(default, with = "serde_bytes")]
+    plaintext: Option<Vec<u8>>,
     /// Format 1: the one copy, for the recipient's device 1.
     #[serde(default, with = "serde_bytes")]
     envelope: Option<Vec<u8>>,
@@ -137,6 +140,7 @@ impl From<StoredOutgoing> for Outgoing {
             kind: stored.kind,
             copies,
             text: stored.text,
+            plaintext: stored.plaintext,
         }
     }
 }

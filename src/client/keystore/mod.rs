@@ -260,6 +260,7 @@ mod tests {
                 id: MessageId([0; 16]),
                 at: u64::from(n),
                 text: "x".repeat(2000),
+                file: None,
                 resent: false,
                 copy: false,
             });
@@ -286,6 +287,7 @@ mod tests {
                 envelope: vec![1, 2, 3],
             }],
             text: Some("hi".into()),
+            plaintext: None,
         };
         store
             .update(|s| -> Result<(), HomeError> {
@@ -319,6 +321,81 @@ mod tests {
         let loaded: KeyState = rmp_serde::from_slice(&old_bytes).unwrap();
         assert!(loaded.outbox.is_empty());
         assert_eq!(loaded.username, "alice");
+    }
+
+    /// A file message keeps its plaintext in the outbox, the unshown list and the history;
+    /// a text message writes none of these fields, so older clients read it as before.
+    #[test]
+    fn file_plaintexts_are_saved_and_absent_for_texts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Keystore::new(dir.path());
+        let file = Outgoing {
+            to: "bob".into(),
+            id: MessageId([8; 16]),
+            kind: "file".into(),
+            copies: Vec::new(),
+            text: None,
+            plaintext: Some(vec![0x80]),
+        };
+        let text = Outgoing {
+            id: MessageId([9; 16]),
+            kind: "text".into(),
+            text: Some("hi".into()),
+            plaintext: None,
+            ..file.clone()
+        };
+        let incoming = Incoming {
+            id: MessageId([1; 16]),
+            from: "bob".into(),
+            to: None,
+            sent_at: 1,
+            text: "a.txt".into(),
+            warning: None,
+            file: Some(vec![0x81]),
+        };
+        store
+            .update(|s| -> Result<(), HomeError> {
+                let mut fresh = state();
+                fresh.outbox.extend([file.clone(), text.clone()]);
+                fresh.unshown.push_back(incoming.clone());
+                fresh.remember(HistoryEntry {
+                    peer: "bob".into(),
+                    outgoing: false,
+                    id: MessageId([1; 16]),
+                    at: 1,
+                    text: "file: a.txt".into(),
+                    file: Some(vec![0x81]),
+                    resent: false,
+                    copy: false,
+                });
+                *s = Some(fresh);
+                Ok(())
+            })
+            .unwrap();
+        let (outbox, unshown, history) = store
+            .read(|s| {
+                s.map(|s| {
+                    let outbox: Vec<_> = s.outbox.iter().cloned().collect();
+                    (outbox, s.unshown.clone(), s.history.clone())
+                })
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(outbox[0].plaintext, Some(vec![0x80]));
+        assert_eq!(
+            (outbox[1].plaintext.clone(), outbox[1].text.clone()),
+            (None, Some("hi".into()))
+        );
+        assert_eq!(unshown.back(), Some(&incoming));
+        assert_eq!(
+            history.back().and_then(|h| h.file.clone()),
+            Some(vec![0x81])
+        );
+        let bytes = rmp_serde::to_vec_named(&text).unwrap();
+        let rmpv::Value::Map(fields) = rmpv::decode::read_value(&mut &bytes[..]).unwrap() else {
+            panic!("an outgoing message is a map");
+        };
+        assert!(fields.iter().all(|(k, _)| k.as_str() != Some("plaintext")));
     }
 
     /// A device just linked holds the account's identity and the contacts the existing device

@@ -111,6 +111,11 @@ pub struct Outgoing {
     /// The text, to seal for a device that appeared before the message was stored (`None` in
     /// an outbox from before devices: such a message goes to the devices it was sealed for).
     pub text: Option<String>,
+    /// The plaintext of a message of another kind than text (a `file` message's file
+    /// reference, E15.4), to seal for a device that appeared before it was stored. Absent in
+    /// outboxes from before files.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    pub plaintext: Option<Vec<u8>>,
 }
 
 /// One device's copy of a message in the outbox.
@@ -163,10 +168,14 @@ pub struct Incoming {
     pub to: Option<String>,
     /// When the server stored it (Unix seconds).
     pub sent_at: u64,
-    /// The text.
+    /// The text (for a file: its name, as the sender gave it).
     pub text: String,
     /// A warning to show with it (the sender's identity key changed).
     pub warning: Option<String>,
+    /// For a `file` message: its plaintext, the file reference (E15.4). Absent in keystores
+    /// from before files.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    pub file: Option<Vec<u8>>,
 }
 
 /// A message that could not be opened, as it arrived.
@@ -198,8 +207,12 @@ pub struct HistoryEntry {
     pub id: MessageId,
     /// When it was written (sent) or stored by the server (received), Unix seconds.
     pub at: u64,
-    /// The text.
+    /// The text (for a file: `file: ` and its name, as the sender gave it).
     pub text: String,
+    /// For a `file` message: its plaintext, the file reference (E15.4), which a retry request
+    /// seals again. Absent in keystores from before files.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    pub file: Option<Vec<u8>>,
     /// For an outgoing message: already sealed again once because the peer could not open
     /// it (a message is resent at most once).
     #[serde(default)]
@@ -424,10 +437,11 @@ impl KeyState {
     /// Adds a message to the conversation history, dropping the oldest beyond the bounds.
     pub fn remember(&mut self, entry: HistoryEntry) {
         self.history.push_back(entry);
-        let mut bytes: usize = self.history.iter().map(|e| e.text.len()).sum();
+        let size = |e: &HistoryEntry| e.text.len() + e.file.as_ref().map_or(0, Vec::len);
+        let mut bytes: usize = self.history.iter().map(size).sum();
         while self.history.len() > MAX_HISTORY || bytes > MAX_HISTORY_BYTES {
             match self.history.pop_front() {
-                Some(old) => bytes -= old.text.len(),
+                Some(old) => bytes -= size(&old),
                 None => break,
             }
         }

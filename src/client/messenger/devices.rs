@@ -205,16 +205,24 @@ impl Messenger {
                     .chain(dest.own_devices.iter().map(|d| (*d, true)))
                     .any(|(d, own)| !already.iter().any(|c| c.device == d && c.own == own));
                 // An entry from before devices has no text: the history may still hold it.
-                let text = entry.text.clone().or_else(|| {
-                    state
-                        .history
-                        .iter()
-                        .find(|h| h.outgoing && h.id == id && h.peer == peer.as_str())
-                        .map(|h| h.text.clone())
-                });
-                let text = match text {
-                    Some(text) => text,
-                    None if !needs_text => String::new(),
+                let plaintext = entry
+                    .plaintext
+                    .clone()
+                    .or_else(|| entry.text.clone().map(String::into_bytes))
+                    .or_else(|| {
+                        state
+                            .history
+                            .iter()
+                            .find(|h| h.outgoing && h.id == id && h.peer == peer.as_str())
+                            .map(|h| {
+                                h.file
+                                    .clone()
+                                    .unwrap_or_else(|| h.text.clone().into_bytes())
+                            })
+                    });
+                let plaintext = match plaintext {
+                    Some(plaintext) => plaintext,
+                    None if !needs_text => Vec::new(),
                     None => {
                         return Err(MessengerError::Refused {
                             id,
@@ -227,7 +235,7 @@ impl Messenger {
                 let draft = Draft {
                     to: &peer,
                     id,
-                    plaintext: text.as_bytes(),
+                    plaintext: &plaintext,
                 };
                 let copies = copies::seal_copies(state, &me, draft, &dest, &bundles, &already)
                     .map_err(|e| copies_error(peer.as_str(), e))?;
@@ -262,6 +270,7 @@ mod tests {
                 })
                 .collect(),
             text: None,
+            plaintext: None,
         }
     }
 

@@ -1,8 +1,8 @@
 //! [`MessengerError`]: why a messaging operation failed, in words for the user.
 
 use super::super::ClientError;
-use crate::e2e::E2eError;
-use crate::protocol::MessageId;
+use crate::e2e::{E2eError, FileError};
+use crate::protocol::{ErrorCode, MessageId};
 
 /// Why a messaging operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -13,6 +13,26 @@ pub enum MessengerError {
     /// Encryption failed.
     #[error(transparent)]
     E2e(#[from] E2eError),
+    /// A file could not be sealed or opened (tampered, cut short, not what the message
+    /// says), or its reference is not valid.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// Reading the file to send, or writing a received one, failed.
+    #[error("{}: {source}", path.display())]
+    FileIo {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server refused an upload for good (its code says why).
+    #[error("the server refused the upload: {message} ({code})")]
+    UploadRefused {
+        /// The server's code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
     /// The home directory could not be used.
     #[error(transparent)]
     Home(#[from] super::super::home::HomeError),

@@ -22,7 +22,7 @@ mod outbox;
 
 pub use error::MessengerError;
 pub(crate) use keys::{to_bundle, wire_one_time, wire_signed};
-pub(crate) use outbox::seal_into_outbox;
+pub(crate) use outbox::{Content, seal_into_outbox};
 pub use outbox::{Flushed, MAX_OUTBOX, MAX_OUTBOX_BYTES};
 
 /// One-time prekeys made at signup and at each top-up.
@@ -31,6 +31,8 @@ pub const PREKEY_BATCH: u32 = 100;
 pub const SIGNED_PREKEY_ROTATION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The `kind` of a text message.
 pub const TEXT: &str = "text";
+/// The `kind` of a file message (its plaintext a file reference, E15.4).
+pub const FILE: &str = "file";
 
 /// The longest wait between two attempts to reconnect.
 pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
@@ -53,6 +55,26 @@ pub enum Received {
         text: String,
         /// Set while the sender's identity key differs from the one accepted for them: show
         /// it to the user.
+        warning: Option<String>,
+        /// The server's sequence number, acknowledged by [`Messenger::shown`] (`None` for a
+        /// message kept by an earlier run that ended before showing it).
+        seq: Option<u64>,
+    },
+    /// A file (a `file` message, E15.4): fetch it with [`Messenger::download_file`], then
+    /// show it and call [`Messenger::shown`].
+    File {
+        /// The sender's id for it.
+        id: MessageId,
+        /// The sender (this user, for a copy of a file sent from another of its devices).
+        from: String,
+        /// On a copy of a file this user sent from another device: whom it went to.
+        to: Option<String>,
+        /// When the server stored it (Unix seconds).
+        sent_at: u64,
+        /// Where the sealed file is and how to open it; its name and type come from the
+        /// sender (see [`crate::client::files::safe_file_name`]).
+        file: crate::e2e::FileRef,
+        /// Set while the sender's identity key differs from the one accepted for them.
         warning: Option<String>,
         /// The server's sequence number, acknowledged by [`Messenger::shown`] (`None` for a
         /// message kept by an earlier run that ended before showing it).
@@ -108,7 +130,7 @@ impl Received {
             } => Some(format!(
                 "{from} could not open {id}, and it cannot be sent again"
             )),
-            Self::Text { .. } | Self::Duplicate => None,
+            Self::Text { .. } | Self::File { .. } | Self::Duplicate => None,
         }
     }
 }

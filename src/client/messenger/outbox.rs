@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use super::super::ClientError;
 use super::super::copies::{self, Bundles, Destinations, Draft};
 use super::devices::{copies_error, trust_check};
-use super::{HistoryEntry, Keystore, Messenger, MessengerError, Outgoing, TEXT, username};
+use super::{FILE, HistoryEntry, Keystore, Messenger, MessengerError, Outgoing, TEXT, username};
 use crate::protocol::{ErrorCode, MessageId, Username};
 use crate::unix_now;
 
@@ -77,6 +77,17 @@ impl Messenger {
     ) -> Result<(MessageId, Option<String>), MessengerError> {
         let peer = self.recipient(to)?;
         let (id, warning, outbox) = self.seal_text(&peer, text).await?;
+        self.send_sealed(id, warning, outbox).await
+    }
+
+    /// Sends the outbox just saved with message `id` in it; the outcome of `id` as
+    /// [`Self::send_text`] reports it.
+    pub(crate) async fn send_sealed(
+        &self,
+        id: MessageId,
+        warning: Option<String>,
+        outbox: Vec<Outgoing>,
+    ) -> Result<(MessageId, Option<String>), MessengerError> {
         let flushed = self.send_outbox(outbox).await?;
         if flushed.sent.iter().any(|(_, sent)| *sent == id) {
             return Ok((id, warning));
@@ -107,7 +118,17 @@ impl Messenger {
         seal_into_outbox(&self.keystore, &self.me, peer, text, dest, bundles).await
     }
 
-    fn recipient(&self, to: &str) -> Result<Username, MessengerError> {
+    /// [`Self::seal_text`] of a text or a file message.
+    pub(crate) async fn seal_content(
+        &self,
+        peer: &Username,
+        content: Content,
+    ) -> Result<(MessageId, Option<String>, Vec<Outgoing>), MessengerError> {
+        let (dest, bundles) = self.destinations(peer).await?;
+        seal_content_into_outbox(&self.keystore, &self.me, peer, content, dest, bundles).await
+    }
+
+    pub(crate) fn recipient(&self, to: &str) -> Result<Username, MessengerError> {
         let peer = username(to)?;
         if peer == self.me {
             return Err(MessengerError::ToSelf);
@@ -195,6 +216,36 @@ pub(super) fn body(out: &Outgoing) -> Vec<u8> {
         .collect()
 }
 
+/// What a message says: a text, or a file (its reference's plaintext, E15.4).
+#[derive(Clone)]
+pub(crate) enum Content {
+    /// A `text` message.
+    Text(String),
+    /// A `file` message.
+    File {
+        /// The file reference as MessagePack.
+        plaintext: Vec<u8>,
+        /// The file's name, for the history.
+        name: String,
+    },
+}
+
+impl Content {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Text(_) => TEXT,
+            Self::File { .. } => FILE,
+        }
+    }
+
+    fn plaintext(&self) -> &[u8] {
+        match self {
+            Self::Text(text) => text.as_bytes(),
+            Self::File { plaintext, .. } => plaintext,
+        }
+    }
+}
+
 /// Seals `text` for `peer` into the outbox in one keystore save, once for each device of
 /// `dest` (E14), starting sessions from `bundles` where there are none (a device with neither
 /// gives [`MessengerError::NoSession`]). Returns the message's id, a warning while the peer's
@@ -209,14 +260,28 @@ pub(crate) async fn seal_into_outbox(
     dest: Destinations,
     bundles: Bundles,
 ) -> Result<(MessageId, Option<String>, Vec<Outgoing>), MessengerError> {
-    if text.len() > crate::e2e::MAX_PLAINTEXT_LEN {
+    let content = Content::Text(text.to_owned());
+    seal_content_into_outbox(keystore, me, peer, content, dest, bundles).await
+}
+
+/// [`seal_into_outbox`] of a text or a file message.
+pub(crate) async fn seal_content_into_outbox(
+    keystore: &Keystore,
+    me: &Username,
+    peer: &Username,
+    content: Content,
+    dest: Destinations,
+    bundles: Bundles,
+) -> Result<(MessageId, Option<String>, Vec<Outgoing>), MessengerError> {
+    let len = content.plaintext().len();
+    if len > crate::e2e::MAX_PLAINTEXT_LEN {
         return Err(MessengerError::TooLong {
-            len: text.len(),
+            len,
             max: crate::e2e::MAX_PLAINTEXT_LEN,
         });
     }
     let id = MessageId::random().map_err(|e| MessengerError::Client(ClientError::Io(e.into())))?;
-    let (me, peer, text) = (me.clone(), peer.clone(), text.to_owned());
+    let (me, peer) = (me.clone(), peer.clone());
     keystore
         .update_async(move |state| -> Result<_, MessengerError> {
             let state = state.as_mut().ok_or(MessengerError::NoKeys)?;
@@ -231,26 +296,36 @@ pub(crate) async fn seal_into_outbox(
             let draft = Draft {
                 to: &peer,
                 id,
-                plaintext: text.as_bytes(),
+                plaintext: content.plaintext(),
             };
             let copies = copies::seal_copies(state, &me, draft, &dest, &bundles, &[])
                 .map_err(|e| copies_error(name, e))?;
             // An error saves nothing (not even the sessions just started), so this refusal
             // after sealing is as good as one before.
             let warning = trust_check(state, name)?;
+            let kind = content.kind().to_owned();
+            let (text, file, history) = match content {
+                Content::Text(text) => (Some(text.clone()), None, text),
+                Content::File {
+                    plaintext,
+                    name: file_name,
+                } => (None, Some(plaintext), format!("file: {file_name}")),
+            };
             state.outbox.push_back(Outgoing {
                 to: name.to_owned(),
                 id,
-                kind: TEXT.to_owned(),
+                kind,
                 copies,
-                text: Some(text.clone()),
+                text,
+                plaintext: file.clone(),
             });
             state.remember(HistoryEntry {
                 peer: name.to_owned(),
                 outgoing: true,
                 id,
                 at: unix_now(),
-                text,
+                text: history,
+                file,
                 resent: false,
                 copy: false,
             });

@@ -3,10 +3,10 @@
 //! or a retry request to answer.
 
 use super::super::keystore::{HistoryEntry, Incoming, KeyState, Quarantined};
-use super::super::messenger::{TEXT, changed_warning};
+use super::super::messenger::{FILE, TEXT, changed_warning};
 use super::super::{Delivered, sessions};
 use super::RETRY;
-use crate::e2e::E2eError;
+use crate::e2e::{E2eError, FileRef};
 use crate::protocol::{MessageId, Username};
 
 /// What keeping a delivery in the keystore decided.
@@ -19,10 +19,12 @@ pub(super) enum Kept {
         reason: String,
         ask_again: bool,
     },
-    /// A retry request for a message in the history: seal it again.
+    /// A retry request for a message in the history: seal it again (a file message as its
+    /// file reference, `file`).
     Resend {
         peer: Username,
         text: String,
+        file: Option<Vec<u8>>,
         asked: MessageId,
     },
     /// A retry request for nothing this user can send again.
@@ -69,7 +71,7 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
     // A copy of this account's own message (E14.3) is never answered with a retry.
     let own = peer == *me;
     match delivered.kind.as_str() {
-        TEXT => {}
+        TEXT | FILE => {}
         RETRY if own => return Kept::NoResend { asked: None },
         RETRY => {
             let Ok(asked) = <[u8; 16]>::try_from(delivered.body.as_slice()) else {
@@ -85,6 +87,7 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
             };
             entry.resent = true;
             let text = entry.text.clone();
+            let file = entry.file.clone();
             // The peer's device cannot open our session with it: start a fresh one.
             // (The message goes again to each of the peer's devices, under a new id.)
             if let Some(sessions) = state
@@ -95,7 +98,12 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
             {
                 sessions.keep(old);
             }
-            return Kept::Resend { peer, text, asked };
+            return Kept::Resend {
+                peer,
+                text,
+                file,
+                asked,
+            };
         }
         other => {
             let reason = format!("unsupported kind {other:?}");
@@ -109,7 +117,20 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
     };
     match sessions::open(state, me, from, delivered.id, &delivered.body) {
         Ok(opened) => {
-            let text = String::from_utf8_lossy(&opened.plaintext).into_owned();
+            // A file message keeps its reference (checked now, so that what is kept can be
+            // shown), and shows as its name.
+            let (text, file) = if delivered.kind == FILE {
+                match FileRef::from_bytes(&opened.plaintext) {
+                    Ok(file) => (file.name, Some(opened.plaintext)),
+                    // Authentic but unusable: asking again would bring the same.
+                    Err(e) => return quarantine(state, e.to_string(), false),
+                }
+            } else {
+                (
+                    String::from_utf8_lossy(&opened.plaintext).into_owned(),
+                    None,
+                )
+            };
             // The conversation is with the addressee of one's own copy.
             let other = addressee.as_ref().unwrap_or(&peer).as_str().to_owned();
             let changed = opened.identity_changed
@@ -121,6 +142,7 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
                 sent_at: delivered.sent_at,
                 text: text.clone(),
                 warning: changed.then(|| changed_warning(peer.as_str())),
+                file: file.clone(),
             };
             state.unshown.push_back(incoming.clone());
             state.remember(HistoryEntry {
@@ -128,7 +150,11 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
                 outgoing: own,
                 id: delivered.id,
                 at: delivered.sent_at,
-                text,
+                text: match file {
+                    Some(_) => format!("file: {text}"),
+                    None => text,
+                },
+                file,
                 resent: false,
                 copy: own,
             });
@@ -173,6 +199,18 @@ mod tests {
         n: u8,
         text: &str,
     ) -> Vec<Delivered> {
+        send_kind(from, to, own, n, TEXT, text.as_bytes())
+    }
+
+    /// [`send`] of any kind and plaintext.
+    fn send_kind(
+        from: &mut (Username, KeyState),
+        to: (&Username, &KeyState),
+        own: &KeyState,
+        n: u8,
+        kind: &str,
+        plaintext: &[u8],
+    ) -> Vec<Delivered> {
         let dest = Destinations {
             devices: vec![to.1.device],
             own_devices: vec![own.device],
@@ -184,7 +222,7 @@ mod tests {
         let draft = Draft {
             to: to.0,
             id: MessageId([n; 16]),
-            plaintext: text.as_bytes(),
+            plaintext,
         };
         let copies = copies::seal_copies(&mut from.1, &from.0, draft, &dest, &bundles, &[]);
         copies
@@ -197,7 +235,7 @@ mod tests {
                 from_device: from.1.device,
                 to: c.own.then(|| to.0.as_str().to_owned()),
                 sent_at: 7,
-                kind: TEXT.into(),
+                kind: kind.into(),
                 body: c.envelope,
                 refused: None,
             })
@@ -293,6 +331,7 @@ mod tests {
             id: MessageId([1; 16]),
             at: 7,
             text: "hi bob".into(),
+            file: None,
             resent: false,
             copy: false,
         });
@@ -310,5 +349,74 @@ mod tests {
             keep(&mut a1.1, &a1.0, &own_retry),
             Kept::NoResend { asked: None }
         ));
+    }
+
+    /// A file message is kept with its reference and shown as its name; one whose plaintext
+    /// is not a valid reference is quarantined without asking again (the same bytes would
+    /// come); a retry request for a sent file gives its reference back to seal again.
+    #[test]
+    fn a_file_message_keeps_its_reference() {
+        use crate::e2e::{FileKey, FileRef};
+        use crate::protocol::BlobId;
+        let mut a1 = device("alice", 1, 1);
+        let a2 = device("alice", 1, 2);
+        let mut b1 = device("bob", 2, 1);
+        let file = FileRef {
+            blob: BlobId([4; 16]),
+            key: FileKey::from_bytes([5; 32]),
+            sha256: [6; 32],
+            size: 10,
+            name: "a.txt".into(),
+            content_type: "text/plain".into(),
+        };
+        let plaintext = file.to_bytes().unwrap().to_vec();
+        let sent = send_kind(&mut a1, (&b1.0, &b1.1), &a2.1, 1, FILE, &plaintext);
+        let Kept::Text(incoming) = keep(&mut b1.1, &b1.0, &sent[0]) else {
+            panic!("the file message did not open");
+        };
+        assert_eq!(incoming.text, "a.txt");
+        assert_eq!(incoming.file.as_deref(), Some(plaintext.as_slice()));
+        let last = b1.1.history.back().unwrap();
+        assert_eq!(
+            (last.text.as_str(), last.file.is_some()),
+            ("file: a.txt", true)
+        );
+
+        let bad = send_kind(&mut a1, (&b1.0, &b1.1), &a2.1, 2, FILE, b"not a map");
+        match keep(&mut b1.1, &b1.0, &bad[0]) {
+            Kept::Quarantined {
+                ask_again, reason, ..
+            } => {
+                assert!(!ask_again);
+                assert!(reason.contains("file reference"), "{reason}");
+            }
+            _ => panic!("a malformed file reference was kept"),
+        }
+
+        a1.1.remember(HistoryEntry {
+            peer: "bob".into(),
+            outgoing: true,
+            id: MessageId([1; 16]),
+            at: 7,
+            text: "file: a.txt".into(),
+            file: Some(plaintext.clone()),
+            resent: false,
+            copy: false,
+        });
+        let retry = Delivered {
+            id: MessageId([9; 16]),
+            from: "bob".into(),
+            from_device: 1,
+            kind: RETRY.into(),
+            body: MessageId([1; 16]).0.to_vec(),
+            to: None,
+            ..sent[0].clone()
+        };
+        match keep(&mut a1.1, &a1.0, &retry) {
+            Kept::Resend {
+                file: Some(again), ..
+            } => assert_eq!(again, plaintext),
+            _ => panic!("the file was not given back to seal again"),
+        }
     }
 }

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use super::copies::{Destinations, known_destinations};
 use super::keystore::{FIRST_DEVICE, Incoming};
-use super::messenger::{MessengerError, Received, username};
+use super::messenger::{Content, MessengerError, Received, username};
 use super::{ClientError, Copies, Delivered, Messenger};
+use crate::e2e::FileRef;
 use crate::protocol::{MessageId, Username};
 
 mod keep;
@@ -126,15 +127,7 @@ impl Messenger {
             self.backlog_slot(|b| *b = Some(kept))?;
         }
         let next = self.backlog_slot(|b| b.as_mut().and_then(|b| b.pop_front()))?;
-        Ok(next.map(|m| Received::Text {
-            id: m.id,
-            from: m.from,
-            to: m.to,
-            sent_at: m.sent_at,
-            text: m.text,
-            warning: m.warning,
-            seq: None,
-        }))
+        Ok(next.map(|m| to_show(m, None)))
     }
 
     /// Opens a delivered message and keeps it (or quarantines it) in one keystore save; a
@@ -152,15 +145,7 @@ impl Messenger {
             })
             .await?;
         match kept {
-            Kept::Text(m) => Ok(Received::Text {
-                id: m.id,
-                from: m.from,
-                to: m.to,
-                sent_at: m.sent_at,
-                text: m.text,
-                warning: m.warning,
-                seq: Some(seq),
-            }),
+            Kept::Text(m) => Ok(to_show(m, Some(seq))),
             Kept::Quarantined {
                 from,
                 reason,
@@ -176,8 +161,20 @@ impl Messenger {
                     seq,
                 })
             }
-            Kept::Resend { peer, text, asked } => {
-                let resent_as = match self.resend(&peer, &text).await {
+            Kept::Resend {
+                peer,
+                text,
+                file,
+                asked,
+            } => {
+                let content = match file {
+                    Some(plaintext) => Content::File {
+                        plaintext,
+                        name: text.strip_prefix("file: ").unwrap_or(&text).to_owned(),
+                    },
+                    None => Content::Text(text),
+                };
+                let resent_as = match self.resend(&peer, content).await {
                     Ok(id) => Some(id),
                     // The server cannot be asked for the peer's keys now: undo, and leave the
                     // request unacknowledged, so that it comes again on the next connection.
@@ -230,7 +227,7 @@ impl Messenger {
     /// leaves the keystore, and the server is told it may delete it.
     pub async fn shown(&self, received: &Received) -> Result<(), MessengerError> {
         match received {
-            Received::Text { id, from, seq, .. } => {
+            Received::Text { id, from, seq, .. } | Received::File { id, from, seq, .. } => {
                 let (id, from) = (*id, from.clone());
                 self.keystore()
                     .update_async(move |state| -> Result<(), MessengerError> {
@@ -308,10 +305,10 @@ impl Messenger {
         tracing::warn!("could not ask the sender to resend: their devices keep changing");
     }
 
-    /// Seals `text` again for `peer` in a new session (the old one was just reset) and sends
-    /// it with the outbox; returns the new id.
-    async fn resend(&self, peer: &Username, text: &str) -> Result<MessageId, MessengerError> {
-        let (id, _, outbox) = self.seal_text(peer, text).await?;
+    /// Seals `content` again for `peer` in a new session (the old one was just reset) and
+    /// sends it with the outbox; returns the new id.
+    async fn resend(&self, peer: &Username, content: Content) -> Result<MessageId, MessengerError> {
+        let (id, _, outbox) = self.seal_content(peer, content).await?;
         self.send_outbox(outbox).await?;
         Ok(id)
     }
@@ -325,5 +322,30 @@ impl Messenger {
             .lock()
             .map_err(|_| MessengerError::Client(super::ClientError::Poisoned))?;
         Ok(f(&mut backlog))
+    }
+}
+
+/// What the application is handed for a kept message: a text, or a file with its reference.
+fn to_show(m: Incoming, seq: Option<u64>) -> Received {
+    // Checked when it was kept; a reference that no longer decodes shows as its name.
+    match m.file.as_deref().map(FileRef::from_bytes) {
+        Some(Ok(file)) => Received::File {
+            id: m.id,
+            from: m.from,
+            to: m.to,
+            sent_at: m.sent_at,
+            file,
+            warning: m.warning,
+            seq,
+        },
+        _ => Received::Text {
+            id: m.id,
+            from: m.from,
+            to: m.to,
+            sent_at: m.sent_at,
+            text: m.text,
+            warning: m.warning,
+            seq,
+        },
     }
 }
