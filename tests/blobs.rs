@@ -710,3 +710,75 @@ async fn quiet_blob_streams_give_their_slots_back() {
     drop(unread);
     server.stop().await;
 }
+
+/// The metrics' series: `GET` on the admin address.
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The only test of this binary that installs the metrics (one recorder per process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_blob_uploads_downloads_deletions_and_bytes() {
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let server = TestServer::start_with(|c| {
+        c.metrics = Some(metrics);
+        c.blob_sweep_interval = Duration::from_millis(200);
+    })
+    .await;
+    let mut bob = Raw::signed_up(&server, "bob").await;
+    let mut alice = Raw::signed_up(&server, "alice").await;
+    let (whole, partial) = (BlobId([80; 16]), BlobId([81; 16]));
+    let data = bytes(1000, 80);
+    store_blob(&mut alice, whole, &data, &["bob"]).await;
+    assert!(download(&mut bob, 10, whole, 0).await == data);
+    assert_eq!(
+        bob.call(11, Request::AckBlob { blob: whole }).await,
+        Reply::BlobAcked { blob: whole }
+    );
+    assert_eq!(
+        held(&announce(&mut alice, 12, partial, 2000, &["bob"]).await),
+        0
+    );
+    let failed = alice.upload(partial, 0, &data[..500]).await;
+    assert!(
+        matches!(failed, Reply::UploadFailed { held: 500, .. }),
+        "{failed:?}"
+    );
+
+    let expected = [
+        ("sfc_blob_uploads_total", 1.0),
+        ("sfc_blob_downloads_total", 1.0),
+        ("sfc_blobs_deleted_total", 1.0),
+        ("sfc_blob_bytes_stored", 500.0),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = scrape(metrics);
+        let now: Vec<Option<f64>> = expected.iter().map(|(n, _)| series(&text, n)).collect();
+        if now
+            .iter()
+            .zip(&expected)
+            .all(|(got, (_, want))| *got == Some(*want))
+        {
+            assert!(text.contains("# HELP sfc_blob_bytes_stored "), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{expected:?} vs {now:?}\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await;
+}
