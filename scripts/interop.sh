@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cross-language check: a Python client (aioquic + msgpack, cryptography + spake2 for devices)
 # written from docs/PROTOCOL.md alone runs its protocol checks against the real sfc-server
-# binary on 127.0.0.1, after reproducing the spec's E13 link vectors.
+# binary on 127.0.0.1, after reproducing the spec's E13 link vectors and E15 file vectors.
 #
 # usage: scripts/interop.sh [--release]     (needs python3 with venv; installs into target/)
 set -euo pipefail
@@ -25,6 +25,14 @@ if ! vectors="$("$venv/bin/python" tests/interop/link_vectors.py 2>&1)"; then
     echo "interop: the E13 link vectors differ from docs/PROTOCOL.md" >&2
     exit 1
 fi
+
+# The E15 (file encryption) vectors of PROTOCOL.md, from an implementation of E15's text.
+if ! vectors="$("$venv/bin/python" tests/interop/file_vectors.py 2>&1)"; then
+    echo "$vectors" >&2
+    echo "interop: the E15 file vectors differ from docs/PROTOCOL.md" >&2
+    exit 1
+fi
+echo "$vectors"
 
 cargo build --locked --quiet "${cargo_flags[@]}" --bin sfc-server
 work="$(mktemp -d)"

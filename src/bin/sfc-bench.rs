@@ -21,7 +21,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Load generator for SecureFastChat: real clients (QUIC, TLS) against a server.
 ///
-/// A wrong-password login flood has options of its own: `sfc-bench flood-logins --help`.
+/// A wrong-password login flood has options of its own: `sfc-bench flood-logins --help`; so
+/// has sending a file: `sfc-bench file --help`.
 #[derive(Parser, Debug)]
 #[command(name = "sfc-bench", version)]
 struct Cli {
@@ -88,9 +89,17 @@ struct Cli {
 fn main() -> ExitCode {
     // `sfc-bench flood-logins ...` has options of its own (src/bench/flood_logins.rs).
     let mut args = std::env::args().skip(1);
-    if args.next().as_deref() == Some("flood-logins") {
-        init_logging();
-        return bench::flood_logins::cli_main(args.collect());
+    match args.next().as_deref() {
+        Some("flood-logins") => {
+            init_logging();
+            return bench::flood_logins::cli_main(args.collect());
+        }
+        // `sfc-bench file ...`: one file end to end (src/bench/file.rs).
+        Some("file") => {
+            init_logging();
+            return bench::file::cli_main(args.collect());
+        }
+        _ => {}
     }
     let cli = Cli::parse();
     init_logging();

@@ -1,4 +1,4 @@
-//! Tests of E15 file encryption: the test vectors of docs/E15-vectors.md, and every way a blob
+//! Tests of E15 file encryption: the test vectors of docs/PROTOCOL.md E15.5, and every way a blob
 //! can be cut, reordered, repeated or altered.
 
 use sha2::{Digest, Sha256};
@@ -60,7 +60,7 @@ fn sha(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// (size, blob length, plaintext SHA-256, SHA-256 of each sealed chunk), as in
-/// docs/E15-vectors.md.
+/// docs/PROTOCOL.md E15.5.
 const VECTORS: &[(usize, u64, &str, &[&str])] = &[
     (
         0,
@@ -163,7 +163,7 @@ fn the_small_blobs_are_exact() {
     }
 }
 
-/// The file reference of the 65,537-byte vector, as docs/E15-vectors.md shows it.
+/// The file reference of the 65,537-byte vector, as docs/PROTOCOL.md E15.5 shows it.
 fn vector_ref() -> FileRef {
     FileRef {
         blob: VECTOR_BLOB,

@@ -226,6 +226,7 @@ impl Server {
                 upload_ttl: config.blob_upload_ttl,
                 ttl: config.message_ttl,
                 sweep_interval: config.blob_sweep_interval,
+                stream_idle: config.blob_stream_idle,
             },
         ));
         blobs::reconcile(store.as_ref(), &blobs).await?;

@@ -1,13 +1,15 @@
 //! A raw protocol client for tests: one connection, its control stream, frames written and
 //! read by hand, so a test controls every byte the server sees.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use quinn::{ConnectionError, RecvStream, SendStream};
 use securefastchat::client::connect_raw;
 use securefastchat::protocol::{
-    ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, Reply, Request, ServerFrame, decode_body,
-    encode_frame, read_frame,
+    BlobHeader, BlobId, ClientFrame, CloseCode, ErrorCode, MAX_CONTROL_FRAME, MAX_STREAM_HEADER,
+    Password, Reply, Request, ServerFrame, StreamHeader, UploadHeader, decode_body, encode_frame,
+    read_frame,
 };
 use serde::Serialize;
 
@@ -17,6 +19,8 @@ pub struct Raw {
     pub conn: quinn::Connection,
     pub send: SendStream,
     pub recv: RecvStream,
+    /// Events (frames without an id) read while waiting for a reply ([`Raw::call`]).
+    events: VecDeque<ServerFrame>,
     _endpoint: quinn::Endpoint,
 }
 
@@ -33,6 +37,7 @@ impl Raw {
             conn,
             send,
             recv,
+            events: VecDeque::new(),
             _endpoint: endpoint,
         }
     }
@@ -106,5 +111,81 @@ impl Raw {
             }
             other => panic!("expected an application close, got {other:?}"),
         }
+    }
+
+    /// A connection signed up as `name` (after `hello`), with delivery.
+    pub async fn signed_up(server: &TestServer, name: &str) -> Self {
+        let mut raw = Self::with_hello(server).await;
+        let signup = Request::Signup {
+            username: name.into(),
+            password: Password::new(super::PASSWORD),
+        };
+        let reply = raw.call(2, signup).await;
+        assert!(matches!(reply, Reply::Session { .. }), "{reply:?}");
+        raw
+    }
+
+    /// Sends `request` with `id` and gives its reply; events that come first are kept for
+    /// [`Raw::event`].
+    pub async fn call(&mut self, id: u64, request: Request) -> Reply {
+        self.request(id, request).await;
+        loop {
+            let frame = self.reply().await;
+            match frame.id {
+                None => self.events.push_back(frame),
+                Some(got) => {
+                    assert_eq!(got, id, "{frame:?}");
+                    return frame.reply;
+                }
+            }
+        }
+    }
+
+    /// The next event (a frame without an id), waiting up to 5 s for it.
+    pub async fn event(&mut self) -> Reply {
+        if let Some(frame) = self.events.pop_front() {
+            return frame.reply;
+        }
+        let frame = self.reply().await;
+        assert_eq!(frame.id, None, "expected an event, got {frame:?}");
+        frame.reply
+    }
+
+    /// Opens an upload stream for `blob` from `offset` and writes its header.
+    pub async fn upload_stream(&self, blob: BlobId, offset: u64) -> SendStream {
+        let mut stream = self.conn.open_uni().await.unwrap();
+        let header = StreamHeader::Upload(UploadHeader { blob, offset });
+        let frame = encode_frame(&header, MAX_STREAM_HEADER).unwrap();
+        stream.write_all(&frame).await.unwrap();
+        stream
+    }
+
+    /// Uploads `bytes` of `blob` from `offset` on one stream (FIN at the end) and gives the
+    /// event that answers it.
+    pub async fn upload(&mut self, blob: BlobId, offset: u64, bytes: &[u8]) -> Reply {
+        let mut stream = self.upload_stream(blob, offset).await;
+        // The server may refuse the stream (STOP_SENDING) before it is all written.
+        if stream.write_all(bytes).await.is_ok() {
+            let _ = stream.finish();
+        }
+        self.event().await
+    }
+
+    /// Accepts the next server stream, which must be a blob stream, and reads it to its end:
+    /// its header and bytes.
+    pub async fn blob_stream(&self) -> (BlobHeader, Vec<u8>) {
+        let accepted = tokio::time::timeout(Duration::from_secs(10), self.conn.accept_uni());
+        let mut stream = accepted.await.unwrap().unwrap();
+        let mut buf = Vec::new();
+        assert!(
+            read_frame(&mut stream, MAX_STREAM_HEADER, &mut buf)
+                .await
+                .unwrap()
+        );
+        let StreamHeader::Blob(header) = decode_body::<StreamHeader>(&buf).unwrap() else {
+            panic!("expected a blob stream");
+        };
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(usize::MAX));
+        (header, read.await.unwrap().unwrap())
     }
 }

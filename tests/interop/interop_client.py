@@ -6,7 +6,7 @@ Usage: python3 interop_client.py --server 127.0.0.1:24433 --ca certs/ca.crt
 Runs a fixed sequence of protocol checks, prints one PASS/FAIL line per check and
 exits non-zero if any check failed: the account, session and framing checks below, then
 the devices checks D1-D6 of devices_flow.py (linking, copies per device, stale lists,
-removal). The wire lives in sfc_wire.py, the client-side crypto in devices_crypto.py.
+removal), then the files checks F1-F5 of files_flow.py (blobs sealed as E15 says). The wire lives in sfc_wire.py, the client-side crypto in devices_crypto.py.
 """
 
 import argparse
@@ -20,6 +20,7 @@ import time
 import msgpack
 
 from devices_flow import devices_flow
+from files_flow import files_flow
 from sfc_wire import (
     ALPN,
     CLOSE_NORMAL,
@@ -235,6 +236,11 @@ def main():
         asyncio.run(devices_flow(args, make_config(args.ca, args.host), r))
     except Exception as e:  # connection-level failure (handshake, verification, ...)
         r.check("devices connection", False, f"{type(e).__name__}: {e}")
+    print("# files (5.6, E15): a sealed blob uploaded, resumed, downloaded and opened")
+    try:
+        asyncio.run(files_flow(args, make_config(args.ca, args.host), r))
+    except Exception as e:  # connection-level failure (handshake, verification, ...)
+        r.check("files connection", False, f"{type(e).__name__}: {e}")
     print(f"interop: {r.passed} passed, {r.failed} failed")
     sys.exit(1 if r.failed or not r.passed else 0)
 

@@ -1,8 +1,8 @@
 """The wire of SecureFastChat (ALPN sfc/1) for the interop client, from docs/PROTOCOL.md only.
 
 Framing (section 2), one QUIC connection with its control stream (section 3), message streams
-the client sends (5.2) and delivery streams the server pushes (5.3), events (2.2), and the
-PASS/FAIL bookkeeping shared by the check flows.
+the client sends (5.2), delivery streams the server pushes (5.3), upload and blob streams
+(5.6), events (2.2), and the PASS/FAIL bookkeeping shared by the check flows.
 """
 
 import asyncio
@@ -144,6 +144,8 @@ class SfcProtocol(QuicConnectionProtocol):
         self.conn_frames = asyncio.Queue()    # frames without id (connection-level)
         self.event_backlog = []               # events skipped by wait_event, oldest first
         self.delivery_streams = {}            # server uni stream id -> bytes so far
+        self.blob_streams = {}                # server uni stream id -> (header, bytes so far)
+        self.blobs = asyncio.Queue()          # (header, bytes) of complete blob streams (5.6)
         self.deliveries = asyncio.Queue()     # (header, body) of complete delivery streams
         self.delivery_backlog = []            # deliveries skipped by wait_delivery
         self.stopped_streams = []             # (stream id, code) of STOP_SENDING from the server
@@ -188,6 +190,18 @@ class SfcProtocol(QuicConnectionProtocol):
         self._quic.send_stream_data(sid, encode_frame(header, MAX_HEADER) + body, end_stream=True)
         self.transmit()
         return sid
+
+    def send_upload(self, blob: bytes, offset: int, data: bytes, end: bool = True) -> int:
+        """One upload stream (5.6): header frame, bytes of the blob from `offset`, FIN."""
+        sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
+        header = {"type": "upload", "blob": blob, "offset": offset}
+        self._quic.send_stream_data(sid, encode_frame(header, MAX_HEADER) + data, end_stream=end)
+        self.transmit()
+        return sid
+
+    async def wait_blob(self, timeout=REPLY_TIMEOUT) -> "tuple[dict, bytes]":
+        """The next complete blob stream: its header and its bytes."""
+        return await asyncio.wait_for(self.blobs.get(), timeout)
 
     async def next_connection_frame(self, timeout=REPLY_TIMEOUT) -> dict:
         return await asyncio.wait_for(self.conn_frames.get(), timeout)
@@ -272,8 +286,24 @@ class SfcProtocol(QuicConnectionProtocol):
         if event.stream_id % 4 != 3:
             self.protocol_error = f"data on unexpected stream {event.stream_id}"
             return
+        if event.stream_id in self.blob_streams:
+            self._blob_data(event)
+            return
         buf = self.delivery_streams.setdefault(event.stream_id, bytearray())
         buf += event.data
+        if len(buf) >= 4:
+            # A blob stream (5.6) is told apart by its header's `type`, and may be long.
+            (hlen,) = struct.unpack(">I", buf[:4])
+            if hlen <= MAX_HEADER and len(buf) >= 4 + hlen:
+                try:
+                    header = decode_body(bytes(buf[4:4 + hlen]), control=False)
+                except Exception:  # noqa: BLE001 - reported by parse_delivery below
+                    header = {}
+                if header.get("type") == "blob":
+                    del self.delivery_streams[event.stream_id]
+                    self.blob_streams[event.stream_id] = (header, bytearray(buf[4 + hlen:]))
+                    self._blob_data(event, fed=True)
+                    return
         if len(buf) > 4 + MAX_HEADER + MAX_DELIVERED_BODY:
             self.protocol_error = f"delivery stream {event.stream_id} longer than any delivery"
             return
@@ -283,6 +313,22 @@ class SfcProtocol(QuicConnectionProtocol):
                 self.deliveries.put_nowait(parse_delivery(buf))
             except ProtocolError as e:
                 self.protocol_error = f"delivery stream {event.stream_id}: {e}"
+
+
+    def _blob_data(self, event, fed: bool = False):
+        header, buf = self.blob_streams[event.stream_id]
+        if not fed:
+            buf += event.data
+        want = header.get("length", 0) - header.get("offset", 0)
+        if len(buf) > want:
+            self.protocol_error = f"blob stream {event.stream_id} longer than its header says"
+            return
+        if event.end_stream:
+            del self.blob_streams[event.stream_id]
+            if len(buf) != want:
+                self.protocol_error = f"blob stream {event.stream_id} ended after {len(buf)} bytes"
+                return
+            self.blobs.put_nowait((header, bytes(buf)))
 
 
 def make_config(ca_path: str, host: str) -> QuicConfiguration:

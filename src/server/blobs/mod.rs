@@ -25,7 +25,7 @@ pub(crate) use self::download::{Download, start_download};
 pub use self::sweep::ReconcileError;
 pub(crate) use self::sweep::{reconcile, sweep_blobs};
 pub(crate) use self::upload::receive_upload;
-use crate::store::{BlobId, BlobQuota, Store, StoreError};
+use crate::store::{BlobId, BlobQuota, BlobRecord, Store, StoreError};
 
 /// Name of the blob directory inside the data directory.
 pub(crate) const BLOB_DIR: &str = "blobs";
@@ -51,6 +51,9 @@ pub(crate) struct BlobLimits {
     pub(crate) ttl: Duration,
     /// How often the sweeper runs.
     pub(crate) sweep_interval: Duration,
+    /// A blob stream that makes no progress this long is dropped (its slot is freed): a peer
+    /// cannot hold the server's blob streams by opening them and going quiet.
+    pub(crate) stream_idle: Duration,
 }
 
 /// What every connection shares about blobs.
@@ -131,17 +134,23 @@ impl Blobs {
         })
     }
 
-    /// Deletes a blob: its record first (synced), then its file (and the directory entry,
-    /// synced). `Ok(false)` if another task is writing or deleting it (it is left for the
-    /// sweeper) or it had no record.
-    pub(crate) async fn delete(
+    /// Deletes a blob if `still_due` says so of its record as read under the blob's claim (so
+    /// an upload that ended meanwhile is seen): its record first (synced), then its file (and
+    /// the directory entry, synced). `Ok(false)` if another task is writing or deleting it (it
+    /// is left for the sweeper), it has no record, or it is no longer due.
+    pub(crate) async fn delete_if(
         self: &Arc<Self>,
         store: &dyn Store,
         id: BlobId,
+        still_due: impl FnOnce(&BlobRecord) -> bool,
     ) -> Result<bool, StoreError> {
         let Some(_claim) = self.claim(id) else {
             return Ok(false);
         };
+        match store.blob(id).await? {
+            Some(record) if still_due(&record) => {}
+            _ => return Ok(false),
+        }
         if !store.delete_blob(id).await? {
             return Ok(false);
         }

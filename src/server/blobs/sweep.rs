@@ -167,8 +167,7 @@ pub(crate) async fn sweep_once(store: &dyn Store, blobs: &Arc<Blobs>) -> Result<
         let Some(last) = page.last() else { break };
         after = Some(last.id);
         for record in page {
-            let now = unix_now();
-            let reason = match due(blobs, &record, now) {
+            let reason = match due(blobs, &record, unix_now()) {
                 Some(reason) => Some(reason),
                 // Devices removed and accounts deleted count as done.
                 None => match store.settle_blob(record.id).await? {
@@ -176,17 +175,21 @@ pub(crate) async fn sweep_once(store: &dyn Store, blobs: &Arc<Blobs>) -> Result<
                     _ => None,
                 },
             };
-            match reason {
-                Some(reason) => {
-                    if blobs.delete(store, record.id).await? {
-                        tracing::debug!(blob = %record.id, ?reason, "blob deleted");
-                        deleted += 1;
-                    } else {
-                        // Being written: looked at again next time.
-                        stored_bytes = stored_bytes.saturating_add(record.held);
-                    }
-                }
-                None => stored_bytes = stored_bytes.saturating_add(record.held),
+            let Some(reason) = reason else {
+                stored_bytes = stored_bytes.saturating_add(record.held);
+                continue;
+            };
+            // Judged again under the blob's claim: an upload may have ended meanwhile.
+            let still_due = |now: &BlobRecord| match reason {
+                Reason::Done => now.all_done(),
+                Reason::Expired | Reason::Abandoned => due(blobs, now, unix_now()).is_some(),
+            };
+            if blobs.delete_if(store, record.id, still_due).await? {
+                tracing::debug!(blob = %record.id, ?reason, "blob deleted");
+                deleted += 1;
+            } else {
+                // Being written, or no longer due: looked at again next time.
+                stored_bytes = stored_bytes.saturating_add(record.held);
             }
         }
     }

@@ -129,6 +129,7 @@ impl Control {
             length: record.length,
             offset,
             file,
+            idle: blobs.limits.stream_idle,
         };
         start_download(self.conn.clone(), download, slot);
         Reply::BlobDownload {
@@ -151,7 +152,11 @@ impl Control {
         if record.all_done() {
             // The last device is done: nobody needs it any more. If this fails (or an upload
             // holds it), the sweeper deletes it later.
-            match self.shared.blobs.delete(store.as_ref(), blob).await {
+            let blobs = &self.shared.blobs;
+            match blobs
+                .delete_if(store.as_ref(), blob, BlobRecord::all_done)
+                .await
+            {
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, %blob, "cannot delete a blob every device is done with")
