@@ -41,9 +41,10 @@ impl Messenger {
     /// A file an earlier run saved before it ended without showing its message is not fetched
     /// again: its path comes back (the keystore keeps it with the unshown message).
     ///
-    /// A [`MessengerError::File`] error (the blob was tampered with or is not the one the
-    /// message describes) or a refusal of the server (the blob is gone) will not go away: give
-    /// the file up with [`Self::give_up_file`].
+    /// An error for which [`MessengerError::is_file_lost`] holds (the blob was tampered with,
+    /// is not the file the message describes, or is gone from the server) will not go away:
+    /// give the file up with [`Self::give_up_file`]. Others (a lost connection, a busy server,
+    /// a full disk here) may pass: leave the message unshown, and it comes again.
     pub async fn download_file(
         &self,
         file: &FileRef,
@@ -76,7 +77,9 @@ impl Messenger {
                 .await
             {
                 Ok(()) => break,
-                Err(e) if e.is_disconnected() && attempts < MAX_TRANSFER_ATTEMPTS => {
+                Err(e)
+                    if (e.is_disconnected() || e.is_busy()) && attempts < MAX_TRANSFER_ATTEMPTS =>
+                {
                     // Only verified chunks were written: go on after the last of them.
                     opener.discard_partial();
                     let verified = opener.verified_plaintext();
