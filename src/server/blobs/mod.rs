@@ -22,7 +22,6 @@ use std::time::Duration;
 use tracing::warn;
 
 pub(crate) use self::download::{Download, start_download};
-pub use self::sweep::ReconcileError;
 pub(crate) use self::sweep::{reconcile, sweep_blobs};
 pub(crate) use self::upload::receive_upload;
 use crate::store::{BlobId, BlobQuota, BlobRecord, Store, StoreError};
