@@ -656,3 +656,57 @@ async fn a_blob_whose_readers_are_deleted_is_swept() {
     wait_gone(&file, Duration::from_secs(5)).await;
     server.stop().await;
 }
+
+/// A peer that opens blob streams and goes quiet does not keep the server's slots: an upload
+/// that brings no bytes, and a download whose bytes are not taken, are given up after the
+/// idle time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_blob_streams_give_their_slots_back() {
+    let server = TestServer::start_with(|c| {
+        c.max_blob_streams = 1;
+        c.blob_stream_idle = Duration::from_millis(500);
+    })
+    .await;
+    let mut bob = Raw::signed_up(&server, "bob").await;
+    let mut alice = Raw::signed_up(&server, "alice").await;
+    let big = BlobId([70; 16]);
+    let data = bytes(2 * 1024 * 1024, 70);
+    store_blob(&mut alice, big, &data, &["bob"]).await;
+
+    let quiet = BlobId([71; 16]);
+    assert_eq!(
+        held(&announce(&mut alice, 20, quiet, 100, &["bob"]).await),
+        0
+    );
+    let mut stream = alice.upload_stream(quiet, 0).await;
+    stream.write_all(&[1; 10]).await.unwrap();
+    let failed = alice.event().await;
+    assert!(
+        matches!(
+            failed,
+            Reply::UploadFailed {
+                code: ErrorCode::TruncatedFrame,
+                held: 10,
+                ..
+            }
+        ),
+        "{failed:?}"
+    );
+
+    // A download nobody reads: the server's writes stop at the stream's window.
+    let reply = bob
+        .call(
+            30,
+            Request::DownloadBlob {
+                blob: big,
+                offset: 0,
+            },
+        )
+        .await;
+    assert!(matches!(reply, Reply::BlobDownload { .. }), "{reply:?}");
+    let unread = bob.conn.accept_uni().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(download(&mut bob, 31, big, 0).await == data);
+    drop(unread);
+    server.stop().await;
+}

@@ -217,3 +217,58 @@ async fn chat_sends_a_file_with_slash_file_and_saves_the_ones_it_receives() {
         assert!(child.wait().await.unwrap().success());
     }
 }
+
+/// Links the home `new_home` to `user`'s account from `existing`'s home with `sfc device link`
+/// and `sfc device add`, as tests/cli_devices.rs does.
+async fn link(people: &People, existing: &str, user: &str, new_home: &str) {
+    use tokio::io::AsyncBufReadExt;
+    let mut linking = people.sfc(existing, &["device", "link"]);
+    linking
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = linking.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let code = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("a link code");
+            if let Some(code) = line.strip_prefix("link code: ") {
+                return code.to_owned();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let added = run(people.sfc(
+        new_home,
+        &["device", "add", user, &code, "--name", "laptop"],
+    ))
+    .await;
+    assert!(added.status.success(), "{added:?}");
+    while lines.next_line().await.unwrap().is_some() {}
+    assert!(child.wait().await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sent_from_another_device_shows_as_sent_by_me() {
+    let server = TestServer::start().await;
+    let people = People::signed_up(&server, &["alice", "bob"]).await;
+    link(&people, "alice", "alice", "alice2").await;
+    let files = tempfile::tempdir().unwrap();
+    let source = files.path().join("plan.txt");
+    std::fs::write(&source, b"the plan").unwrap();
+    send_file(&people, "alice", "bob", &source).await;
+    for (home, line) in [
+        ("alice2", "alice -> bob\tfile: plan.txt (8 bytes)\n"),
+        ("bob", "alice\tfile: plan.txt (8 bytes)\n"),
+    ] {
+        let downloads = tempfile::tempdir().unwrap();
+        let into = downloads.path().to_str().unwrap();
+        let out = run(people.sfc(home, &["recv", "--into", into])).await;
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(stdout(&out), line, "{home}");
+        assert_eq!(
+            std::fs::read(downloads.path().join("plan.txt")).unwrap(),
+            b"the plan"
+        );
+    }
+}

@@ -12,13 +12,11 @@ use std::time::Duration;
 
 use common::{PASSWORD, TestServer};
 use securefastchat::client::UploadOutcome;
-use securefastchat::client::keystore::Keystore;
-use securefastchat::client::link::{self, open_link};
 use securefastchat::client::messenger::{Messenger, MessengerError, Received};
 use securefastchat::e2e::{
     ChunkSealer, FILE_CHUNK_LEN, FileError, FileKey, FileRef, SEALED_CHUNK_LEN, sealed_len,
 };
-use securefastchat::protocol::{BlobId, ErrorCode, Password, Username};
+use securefastchat::protocol::{BlobId, ErrorCode, Password};
 use sha2::{Digest, Sha256};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -534,84 +532,43 @@ async fn a_download_cut_off_resumes_from_the_last_verified_chunk() {
     bob.shown(&received).await.unwrap();
 }
 
-/// Links a new home `home` as a device of `existing`'s account (as tests/devices_messaging.rs
-/// does) and returns its messenger, keys published.
-async fn link_home(
-    server: &TestServer,
-    existing: &Messenger,
-    user: &str,
-    home: &Path,
-) -> Messenger {
-    let account = Username::parse(user).unwrap();
-    let phone = existing.client();
-    let opened = open_link(&phone, existing.keystore(), &account)
-        .await
-        .unwrap();
-    let code = opened.code().clone();
-    let client = server.client().await;
-    std::fs::create_dir_all(home).unwrap();
-    std::fs::set_permissions(home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let keystore = Keystore::new(home);
-    let (linked, joined) = tokio::join!(
-        tokio::time::timeout(WAIT, opened.answer(&phone, existing.keystore())),
-        link::join_link(&client, &keystore, &account, &code, "laptop")
-    );
-    assert_eq!(linked.unwrap().unwrap().device, joined.unwrap().device);
-    link::publish_keys(&client, &keystore).await.unwrap();
-    Messenger::new(client, home, user).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_device_gets_the_file_and_the_blob_goes_once_all_have_it() {
+async fn a_file_saved_by_a_run_that_ended_before_showing_it_is_not_fetched_again() {
     let server = TestServer::start().await;
     let homes = tempfile::tempdir().unwrap();
     let alice = server
-        .messenger(&homes.path().join("a1"), "alice", true)
+        .messenger(&homes.path().join("a"), "alice", true)
         .await;
+    let bob = server.messenger(&homes.path().join("b"), "bob", true).await;
+    let source = homes.path().join("once.txt");
+    std::fs::write(&source, b"only once").unwrap();
+    alice.send_file("bob", &source, |_, _| {}).await.unwrap();
+    let downloads = tempfile::tempdir().unwrap();
+    let (_, file) = next_file(&bob).await;
+    let first = bob
+        .download_file(&file, downloads.path(), |_, _| {})
+        .await
+        .unwrap();
+    // The run ends here, before the message is shown.
+    bob.close().await;
     let bob = server
-        .messenger(&homes.path().join("b1"), "bob", true)
+        .messenger(&homes.path().join("b"), "bob", false)
         .await;
-    let alice_laptop = link_home(&server, &alice, "alice", &homes.path().join("a2")).await;
-    let bob_laptop = link_home(&server, &bob, "bob", &homes.path().join("b2")).await;
-    let data = contents(FILE_CHUNK_LEN + 10, 17);
-    let source = homes.path().join("notes.txt");
-    std::fs::write(&source, &data).unwrap();
-    let (id, _) = alice.send_file("bob", &source, |_, _| {}).await.unwrap();
-
-    let mut last = None;
-    for (who, device) in [
-        ("bob", &bob),
-        ("bob's laptop", &bob_laptop),
-        ("alice's laptop", &alice_laptop),
-    ] {
-        let (received, file) = next_file(device).await;
-        let Received::File {
-            id: got, from, to, ..
-        } = &received
-        else {
-            unreachable!()
-        };
-        assert_eq!((*got, from.as_str()), (id, "alice"), "{who}");
-        // alice's other device shows it as sent by her, to bob.
-        let expected_to = (who == "alice's laptop").then(|| "bob".to_owned());
-        assert_eq!(*to, expected_to, "{who}");
-        let dir = tempfile::tempdir().unwrap();
-        let saved = device
-            .download_file(&file, dir.path(), |_, _| {})
-            .await
-            .unwrap();
-        assert_eq!(std::fs::read(saved).unwrap(), data, "{who}");
-        device.shown(&received).await.unwrap();
-        last = Some(file);
-    }
-    // Every device that had to fetch it did: the server deleted the blob.
-    let dir = tempfile::tempdir().unwrap();
-    let again = bob
-        .download_file(&last.unwrap(), dir.path(), |_, _| {})
-        .await;
+    let (received, again) = next_file(&bob).await;
     assert!(
-        matches!(&again, Err(MessengerError::Client(e)) if e.is_server(ErrorCode::UnknownBlob)),
-        "{again:?}"
+        matches!(received, Received::File { seq: None, .. }),
+        "{received:?}"
     );
-    assert!(listing(dir.path()).is_empty());
+    assert_eq!(again, file);
+    let second = bob
+        .download_file(&again, downloads.path(), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(second, first);
+    bob.shown(&received).await.unwrap();
+    assert_eq!(listing(downloads.path()), ["once.txt"]);
+    // The server's redelivery is a duplicate, and nothing more comes.
+    while let Some(more) = bob.receive(Duration::from_secs(1)).await.unwrap() {
+        assert_eq!(more, Received::Duplicate);
+    }
 }

@@ -85,7 +85,12 @@ fn assert_ok(what: &str, finished: &Finished) {
 fn peak_rss_of(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
 }
 
 /// Writes the file a megabyte at a time (the test holds no more of it either), returning its
@@ -160,7 +165,14 @@ async fn a_100_mib_file_reaches_online_and_offline_recipients_in_flat_memory() {
         })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let sent = sfc(&addr, &ca, &homes, "alice", &["send-file", "bob", &source_arg]).await;
+    let sent = sfc(
+        &addr,
+        &ca,
+        &homes,
+        "alice",
+        &["send-file", "bob", &source_arg],
+    )
+    .await;
     assert_ok("send-file to bob", &sent);
     let received = tokio::time::timeout(Duration::from_secs(300), receiving)
         .await
@@ -195,7 +207,15 @@ async fn a_100_mib_file_reaches_online_and_offline_recipients_in_flat_memory() {
         &ca,
         &homes,
         "carol",
-        &["recv", "--count", "1", "--wait", "60", "--into", &carol_into],
+        &[
+            "recv",
+            "--count",
+            "1",
+            "--wait",
+            "60",
+            "--into",
+            &carol_into,
+        ],
     )
     .await;
     assert_ok("recv by carol", &fetched);

@@ -65,6 +65,9 @@ pub const DEFAULT_MAX_BLOB_STREAMS: usize = 64;
 pub const DEFAULT_BLOB_UPLOAD_TTL_SECS: u64 = 24 * 3600;
 /// How often blobs are swept (deleted when expired, abandoned or fetched by every device).
 pub const DEFAULT_BLOB_SWEEP_SECS: u64 = 300;
+/// How long a blob stream may go without progress (no byte arriving on an upload, no byte
+/// taken by the peer on a download) before the server gives up on it and frees its slot.
+pub const DEFAULT_BLOB_STREAM_IDLE_SECS: u64 = 60;
 
 /// Where the server's TLS identity comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +150,9 @@ pub struct ServerConfig {
     pub blob_upload_ttl: Duration,
     /// How often blobs are swept (not a setting of the file or the flags: tests shorten it).
     pub blob_sweep_interval: Duration,
+    /// How long a blob stream may make no progress before it is dropped (not a setting of
+    /// the file or the flags: tests shorten it).
+    pub blob_stream_idle: Duration,
 }
 
 impl ServerConfig {
@@ -183,6 +189,7 @@ impl ServerConfig {
             max_blob_streams: DEFAULT_MAX_BLOB_STREAMS,
             blob_upload_ttl: Duration::from_secs(DEFAULT_BLOB_UPLOAD_TTL_SECS),
             blob_sweep_interval: Duration::from_secs(DEFAULT_BLOB_SWEEP_SECS),
+            blob_stream_idle: Duration::from_secs(DEFAULT_BLOB_STREAM_IDLE_SECS),
         }
     }
 }

@@ -38,7 +38,6 @@ use tracing::{debug, info, warn};
 use self::accounts::Accounts;
 use self::admission::{Admission, PerAddress};
 use self::backoff::AccountBackoff;
-pub use self::blobs::ReconcileError;
 pub use self::config::{ConfigError, ConfigLayer, ServerConfig, TlsSource};
 use self::password::{PasswordError, Passwords};
 use self::router::Router;
@@ -91,9 +90,6 @@ pub enum ServerError {
     /// The metrics endpoint could not start.
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
-    /// The blob files could not be brought in step with the store.
-    #[error(transparent)]
-    Blobs(#[from] ReconcileError),
 }
 
 impl From<PasswordError> for ServerError {
@@ -226,9 +222,14 @@ impl Server {
                 upload_ttl: config.blob_upload_ttl,
                 ttl: config.message_ttl,
                 sweep_interval: config.blob_sweep_interval,
+                stream_idle: config.blob_stream_idle,
             },
         ));
-        blobs::reconcile(store.as_ref(), &blobs).await?;
+        // Not fatal: a full disk must not keep the server from starting (README). Uploads cut
+        // their file back to `held` anyway, and the next start removes what is left over.
+        if let Err(e) = blobs::reconcile(store.as_ref(), &blobs).await {
+            warn!(error = %e, "cannot bring the blob files in step with the store; will retry at the next start");
+        }
 
         let workers = config.password_workers;
         let passwords = tokio::task::spawn_blocking(move || Passwords::new(workers)).await??;

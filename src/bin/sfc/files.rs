@@ -75,8 +75,8 @@ pub(super) struct Saved {
 }
 
 /// Fetches a received file into `dir`. A file that will never open (tampered, gone from the
-/// server) is given up (the server is told), with a warning, and gives `None`; a lost
-/// connection is an error (the message comes again).
+/// server) is given up (the server is told), with a warning, and gives `None`; any other
+/// failure (the connection, a full disk) is an error, and the message comes again.
 pub(super) async fn receive_file(
     messenger: &Messenger,
     file: &FileRef,
@@ -101,7 +101,7 @@ pub(super) async fn receive_file(
                 .unwrap_or_default();
             Ok(Some(Saved { path, name }))
         }
-        Err(e) if e.is_disconnected() => Err(e.into()),
+        Err(e) if !e.is_file_lost() => Err(e.into()),
         Err(e) => {
             warn(&format!(
                 "the file {:?} could not be received and is given up: {e}",

@@ -53,8 +53,9 @@ pub(super) async fn send_file_line(
 }
 
 /// Saves a received file into `dir` and returns the line that shows it, or `None` when it
-/// cannot be fetched now (the connection is down: it stays unshown and comes again). A file
-/// that will never open is given up (the server is told) and shown as such.
+/// cannot be fetched now (the connection, a full disk: it stays unshown and comes again at
+/// the next start). A file that will never open is given up (the server is told) and shown
+/// as such.
 pub(super) async fn receive_file(
     messenger: &Messenger,
     screen: &mut Screen,
@@ -69,9 +70,9 @@ pub(super) async fn receive_file(
                 .unwrap_or_default();
             Ok(Some(format!("file: {name} ({})", human_size(file.size))))
         }
-        Err(e) if e.is_disconnected() => {
+        Err(e) if !e.is_file_lost() => {
             screen.show(notice(&format!(
-                "a file could not be fetched now ({e}); it comes again later"
+                "a file could not be saved now ({e}); it comes again at the next start"
             )));
             Ok(None)
         }

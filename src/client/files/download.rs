@@ -14,6 +14,7 @@ use super::{MAX_TRANSFER_ATTEMPTS, RETRY_PAUSE, TRANSFER_RECONNECT_LIMIT};
 use crate::client::Messenger;
 use crate::client::messenger::MessengerError;
 use crate::e2e::{ChunkOpener, FileError, FileRef};
+use crate::protocol::BlobId;
 
 /// Prefix of the temporary file a download is written to (a dotfile: `ls` leaves it out).
 pub const PARTIAL_PREFIX: &str = ".sfc-partial-";
@@ -37,9 +38,13 @@ impl Messenger {
     /// told this device is done with the blob (`ack_blob`); then show it and call
     /// [`Self::shown`]. `progress` hears (plaintext bytes verified, file size).
     ///
-    /// A [`MessengerError::File`] error (the blob was tampered with or is not the one the
-    /// message describes) or a refusal of the server (the blob is gone) will not go away: give
-    /// the file up with [`Self::give_up_file`].
+    /// A file an earlier run saved before it ended without showing its message is not fetched
+    /// again: its path comes back (the keystore keeps it with the unshown message).
+    ///
+    /// An error for which [`MessengerError::is_file_lost`] holds (the blob was tampered with,
+    /// is not the file the message describes, or is gone from the server) will not go away:
+    /// give the file up with [`Self::give_up_file`]. Others (a lost connection, a busy server,
+    /// a full disk here) may pass: leave the message unshown, and it comes again.
     pub async fn download_file(
         &self,
         file: &FileRef,
@@ -50,6 +55,10 @@ impl Messenger {
             let path = path.to_owned();
             move |source| MessengerError::FileIo { path, source }
         };
+        if let Some(saved) = self.saved_before(file).await? {
+            self.acknowledge_blob(file).await;
+            return Ok(saved);
+        }
         let temp = tempfile::Builder::new()
             .prefix(PARTIAL_PREFIX)
             .tempfile_in(dir)
@@ -68,7 +77,9 @@ impl Messenger {
                 .await
             {
                 Ok(()) => break,
-                Err(e) if e.is_disconnected() && attempts < MAX_TRANSFER_ATTEMPTS => {
+                Err(e)
+                    if (e.is_disconnected() || e.is_busy()) && attempts < MAX_TRANSFER_ATTEMPTS =>
+                {
                     // Only verified chunks were written: go on after the last of them.
                     opener.discard_partial();
                     let verified = opener.verified_plaintext();
@@ -96,11 +107,53 @@ impl Messenger {
         partial.file.flush().await.map_err(io(&path))?;
         partial.file.sync_all().await.map_err(io(&path))?;
         let saved = give_name(partial.temp, dir, &safe_file_name(&file.name))?;
+        self.record_saved(file, &saved).await?;
+        self.acknowledge_blob(file).await;
+        Ok(saved)
+    }
+
+    async fn acknowledge_blob(&self, file: &FileRef) {
         if let Err(e) = self.client().ack_blob(file.blob).await {
             // The file is saved; the server deletes the blob at its expiry instead.
             tracing::warn!(%e, blob = %file.blob, "could not acknowledge a downloaded blob");
         }
-        Ok(saved)
+    }
+
+    /// Notes in the keystore, on the unshown message of `file`, where it was saved.
+    async fn record_saved(&self, file: &FileRef, saved: &Path) -> Result<(), MessengerError> {
+        let (Some(path), blob) = (saved.to_str().map(str::to_owned), file.blob) else {
+            return Ok(());
+        };
+        self.keystore()
+            .update_async(move |state| -> Result<(), MessengerError> {
+                if let Some(state) = state.as_mut() {
+                    for kept in state.unshown.iter_mut() {
+                        if of_blob(kept.file.as_deref(), blob) {
+                            kept.saved = Some(path.clone());
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Where `file` was saved by an earlier run that ended before its message was shown, if
+    /// the file is still there.
+    async fn saved_before(&self, file: &FileRef) -> Result<Option<PathBuf>, MessengerError> {
+        let blob = file.blob;
+        let saved = self
+            .keystore()
+            .read_async(move |state| {
+                state.and_then(|s| {
+                    s.unshown
+                        .iter()
+                        .find(|kept| of_blob(kept.file.as_deref(), blob))
+                        .and_then(|kept| kept.saved.clone())
+                })
+            })
+            .await?;
+        Ok(saved.map(PathBuf::from).filter(|path| path.is_file()))
     }
 
     /// Tells the server this device is done with `file`'s blob without having it (it could
@@ -148,6 +201,13 @@ impl Messenger {
         }
         Ok(())
     }
+}
+
+/// Whether a kept file message's reference names `blob`.
+fn of_blob(reference: Option<&[u8]>, blob: BlobId) -> bool {
+    reference
+        .and_then(|bytes| FileRef::from_bytes(bytes).ok())
+        .is_some_and(|file| file.blob == blob)
 }
 
 /// Moves the verified temporary file to `dir/name`, or the first of `name (1)`, `name (2)`, …

@@ -98,6 +98,7 @@ impl Messenger {
                         message: format!("the upload did not finish in {attempts} attempts"),
                     });
                 }
+                Err(e) if e.is_busy() && !last => tokio::time::sleep(RETRY_PAUSE).await,
                 Err(e) if e.is_disconnected() && !last => {
                     if self.disconnected().is_some() {
                         self.reconnect_with_backoff(Some(TRANSFER_RECONNECT_LIMIT), |why, wait| {

@@ -352,6 +352,7 @@ mod tests {
             text: "a.txt".into(),
             warning: None,
             file: Some(vec![0x81]),
+            saved: Some("/downloads/a.txt".into()),
         };
         store
             .update(|s| -> Result<(), HomeError> {

@@ -176,6 +176,10 @@ pub struct Incoming {
     /// from before files.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "serde_bytes")]
     pub file: Option<Vec<u8>>,
+    /// For a file: where it was saved, once it was (a run that ends before the message is
+    /// shown does not fetch it again at the next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved: Option<String>,
 }
 
 /// A message that could not be opened, as it arrived.

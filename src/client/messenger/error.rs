@@ -145,4 +145,52 @@ impl MessengerError {
     pub fn is_disconnected(&self) -> bool {
         matches!(self, Self::Client(e) if super::super::is_offline(e))
     }
+
+    /// Whether fetching a file failed for good: its blob does not open as its message says
+    /// (changed, cut short, another file) or the server does not have it for this account
+    /// (`unknown_blob`: deleted, expired, or never readable here). Such a file is given up;
+    /// any other failure (the connection, a busy server, a full local disk) may pass later.
+    pub fn is_file_lost(&self) -> bool {
+        match self {
+            Self::File(_) => true,
+            Self::Client(e) => e.is_server(ErrorCode::UnknownBlob),
+            _ => false,
+        }
+    }
+
+    /// Whether the server is busy or cannot write now: worth trying again after a pause.
+    pub(crate) fn is_busy(&self) -> bool {
+        matches!(self, Self::Client(e)
+            if e.is_server(ErrorCode::Busy) || e.is_server(ErrorCode::StorageUnavailable))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_file_that_cannot_open_or_is_gone_is_lost() {
+        let server = |code| {
+            MessengerError::Client(ClientError::Server {
+                code,
+                message: String::new(),
+            })
+        };
+        assert!(MessengerError::File(FileError::DigestMismatch).is_file_lost());
+        assert!(server(ErrorCode::UnknownBlob).is_file_lost());
+        for passing in [
+            server(ErrorCode::Busy),
+            server(ErrorCode::StorageUnavailable),
+            MessengerError::Client(ClientError::ConnectionLost("gone".into())),
+            MessengerError::FileIo {
+                path: "/downloads".into(),
+                source: std::io::Error::other("no space left on device"),
+            },
+        ] {
+            assert!(!passing.is_file_lost(), "{passing}");
+        }
+        assert!(server(ErrorCode::Busy).is_busy());
+        assert!(!server(ErrorCode::UnknownBlob).is_busy());
+    }
 }

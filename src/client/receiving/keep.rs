@@ -143,6 +143,7 @@ pub(super) fn keep(state: &mut KeyState, me: &Username, delivered: &Delivered) -
                 text: text.clone(),
                 warning: changed.then(|| changed_warning(peer.as_str())),
                 file: file.clone(),
+                saved: None,
             };
             state.unshown.push_back(incoming.clone());
             state.remember(HistoryEntry {

@@ -27,6 +27,8 @@ pub(crate) struct Download {
     pub(crate) offset: u64,
     /// Its file, opened before the request was answered.
     pub(crate) file: Arc<File>,
+    /// How long the peer may take no bytes before the stream is given up.
+    pub(crate) idle: std::time::Duration,
 }
 
 /// Sends `download` on a new stream of `conn`, in a task of its own (the control stream goes
@@ -46,7 +48,11 @@ pub(crate) fn start_download(conn: Connection, download: Download, slot: StreamS
 }
 
 async fn send(conn: &Connection, download: &Download) -> Result<(), String> {
-    let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+    // A peer that allows no stream from the server would hold the slot here.
+    let mut stream = match tokio::time::timeout(download.idle, conn.open_uni()).await {
+        Ok(opened) => opened.map_err(|e| e.to_string())?,
+        Err(_) => return Err("the peer allows no stream from the server".into()),
+    };
     let header = StreamHeader::Blob(BlobHeader {
         blob: download.blob,
         offset: download.offset,
@@ -74,7 +80,15 @@ async fn send(conn: &Connection, download: &Download) -> Result<(), String> {
             let _ = stream.reset(quinn::VarInt::from_u32(1));
             return Err("the blob file ends early".into());
         }
-        stream.write_all(&buf).await.map_err(|e| e.to_string())?;
+        // The peer's flow control holds this back while it does not read; past the idle time
+        // the stream is given up and its slot freed.
+        match tokio::time::timeout(download.idle, stream.write_all(&buf)).await {
+            Ok(written) => written.map_err(|e| e.to_string())?,
+            Err(_) => {
+                let _ = stream.reset(quinn::VarInt::from_u32(1));
+                return Err(format!("the peer read nothing for {:?}", download.idle));
+            }
+        }
         at += buf.len() as u64;
     }
     stream.finish().map_err(|e| e.to_string())?;

@@ -22,7 +22,6 @@ use std::time::Duration;
 use tracing::warn;
 
 pub(crate) use self::download::{Download, start_download};
-pub use self::sweep::ReconcileError;
 pub(crate) use self::sweep::{reconcile, sweep_blobs};
 pub(crate) use self::upload::receive_upload;
 use crate::store::{BlobId, BlobQuota, BlobRecord, Store, StoreError};
@@ -51,6 +50,9 @@ pub(crate) struct BlobLimits {
     pub(crate) ttl: Duration,
     /// How often the sweeper runs.
     pub(crate) sweep_interval: Duration,
+    /// A blob stream that makes no progress this long is dropped (its slot is freed): a peer
+    /// cannot hold the server's blob streams by opening them and going quiet.
+    pub(crate) stream_idle: Duration,
 }
 
 /// What every connection shares about blobs.

@@ -18,7 +18,7 @@ const PAGE: usize = 256;
 
 /// Why the blob directory could not be brought in step with the store at start.
 #[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
+pub(crate) enum ReconcileError {
     /// The blob directory could not be made or read.
     #[error("blob directory {dir}: {error}")]
     Dir {

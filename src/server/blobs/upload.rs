@@ -121,9 +121,8 @@ pub(crate) async fn receive_upload(
             }
         }
         Err(failure) => {
-            if failure.code != ErrorCode::TruncatedFrame {
-                let _ = stream.stop(VarInt::from_u32(STREAM_REFUSED));
-            }
+            // Nothing more is read from it (a stream that ended or was reset ignores this).
+            let _ = stream.stop(VarInt::from_u32(STREAM_REFUSED));
             upload_failed(blob, failure, upload.synced)
         }
     }
@@ -202,10 +201,21 @@ impl Upload<'_> {
             ));
         }
         let length = self.record.length;
+        let idle = self.shared.blobs.limits.stream_idle;
         let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
         let ended = loop {
             let room = WRITE_BUFFER - buf.len();
-            match stream.read_chunk(room, true).await {
+            let read = tokio::time::timeout(idle, stream.read_chunk(room, true)).await;
+            let Ok(read) = read else {
+                break Err(Failure::new(
+                    ErrorCode::TruncatedFrame,
+                    format!(
+                        "no bytes for {} s; resume the upload from `held`",
+                        idle.as_secs()
+                    ),
+                ));
+            };
+            match read {
                 Ok(Some(chunk)) => {
                     let arrived = self.written + buf.len() as u64 + chunk.bytes.len() as u64;
                     if arrived > length {

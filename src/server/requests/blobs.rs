@@ -129,6 +129,7 @@ impl Control {
             length: record.length,
             offset,
             file,
+            idle: blobs.limits.stream_idle,
         };
         start_download(self.conn.clone(), download, slot);
         Reply::BlobDownload {
