@@ -296,6 +296,23 @@ async fn a_raw_upload_reset_halfway_resumes_from_held() {
     );
     let mut stream = client.open_upload(blob, 0).await.unwrap();
     assert!(stream.write(&sealed[..half]).await.unwrap());
+    // The half fits in the stream's window, so `write` returns once it is buffered here: cut
+    // the stream only when the server has written it (in whole 64 KiB buffers) to its file,
+    // as a connection lost mid-upload would.
+    let on_disk = server
+        .dir
+        .path()
+        .join("data")
+        .join("blobs")
+        .join(blob.to_hex());
+    let whole_buffers = (half / FILE_CHUNK_LEN * FILE_CHUNK_LEN) as u64;
+    for _ in 0..100 {
+        let len = std::fs::metadata(&on_disk).map_or(0, |m| m.len());
+        if len >= whole_buffers {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stream.abandon();
     // The server keeps what arrived (synced at the stream's end) and says so.
     let mut held = 0;
