@@ -45,16 +45,23 @@ async fn a_file_sent_with_sfc_is_saved_by_recv_into_a_directory() {
     let source = files.path().join("report.pdf");
     std::fs::write(&source, &data).unwrap();
 
-    // bob offline: the file waits for him.
+    // bob offline: the file waits for him; --into a directory not made yet makes it.
     send_file(&people, "alice", "bob", &source).await;
-    let into = downloads.path().to_str().unwrap();
-    let out = run(people.sfc("bob", &["recv", "--into", into])).await;
+    let elsewhere = tempfile::tempdir().unwrap();
+    let fresh = elsewhere.path().join("new").join("dir");
+    let out = run(people.sfc("bob", &["recv", "--into", fresh.to_str().unwrap()])).await;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout(&out), "alice\tfile: report.pdf (195.3 KiB)\n");
     assert_eq!(
-        sha(&std::fs::read(downloads.path().join("report.pdf")).unwrap()),
+        sha(&std::fs::read(fresh.join("report.pdf")).unwrap()),
         sha(&data)
     );
+    std::fs::copy(
+        fresh.join("report.pdf"),
+        downloads.path().join("report.pdf"),
+    )
+    .unwrap();
+    let into = downloads.path().to_str().unwrap();
 
     // bob online (recv running when it is sent), and a name in use: numbered, with JSON.
     let mut waiting = people.sfc("bob", &["recv", "--json", "--wait", "20", "--count", "1"]);

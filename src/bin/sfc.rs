@@ -126,8 +126,8 @@ enum Command {
         /// size, type and path)
         #[arg(long)]
         json: bool,
-        /// Where received files are saved (never over an existing file: a name in use gets
-        /// ` (1)`, ` (2)`, …) [default: the current directory]
+        /// Where received files are saved, made if missing (never over an existing file: a
+        /// name in use gets ` (1)`, ` (2)`, …) [default: the current directory]
         #[arg(long, value_name = "DIR")]
         into: Option<PathBuf>,
     },
@@ -174,7 +174,7 @@ enum Command {
     Chat {
         /// The contact
         user: String,
-        /// Where received files are saved [default: the current directory]
+        /// Where received files are saved, made if missing [default: the current directory]
         #[arg(long, value_name = "DIR")]
         into: Option<PathBuf>,
     },
@@ -762,10 +762,13 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The directory received files are saved into: `into`, or the current directory; it must
-/// exist.
+/// The directory received files are saved into: `into` (made, with its parents, if missing),
+/// or the current directory.
 fn download_dir(into: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let dir = into.unwrap_or_else(|| PathBuf::from("."));
+    if !dir.exists() {
+        std::fs::create_dir_all(&dir).with_context(|| format!("making {}", dir.display()))?;
+    }
     let meta = std::fs::metadata(&dir).with_context(|| format!("using {}", dir.display()))?;
     if !meta.is_dir() {
         bail!("{} is not a directory", dir.display());
