@@ -20,6 +20,8 @@
 //! - `keys`: zeroizing secrets, [`SecretSource`], X25519 and HKDF helpers.
 //! - [`link`] (public): linking a new device to an account: the link code, SPAKE2 and the
 //!   sealed payload with the identity seed and pinned contacts (E13).
+//! - [`mls`] (public): groups on MLS: this device as a member, its state in the home, the
+//!   certification of its MLS key by the identity key, the groups' admin policy (issue 22).
 //!
 //! Server side, only [`verify_signed_prekey`] and [`verify_last_resort_prekey`] (on upload)
 //! and the public wire types are needed.
@@ -30,6 +32,7 @@ mod file;
 mod identity;
 mod keys;
 pub mod link;
+pub mod mls;
 mod padding;
 mod prekey_store;
 mod prekeys;
