@@ -113,6 +113,7 @@ impl MlsDevice {
                         signature_key: signer.public().to_vec(),
                         certification,
                         groups: Vec::new(),
+                        unshown: Default::default(),
                     },
                     provider,
                 };

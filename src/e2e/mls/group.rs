@@ -45,30 +45,7 @@ impl MlsDevice {
     /// Creates a group with a random 16-byte id; this device is its only member and its user
     /// the first admin.
     pub fn create_group(&self) -> Result<MlsGroupId, MlsError> {
-        self.change(|s| {
-            let mut id = [0u8; GROUP_ID_LEN];
-            let random = s.provider().rand().random_vec(GROUP_ID_LEN).map_err(mls)?;
-            id.copy_from_slice(&random);
-            let config = cert::create_config(
-                &s.state.header.certification,
-                std::slice::from_ref(&s.me.user),
-            )?;
-            let credential = s.credential();
-            MlsGroup::new_with_group_id(
-                s.provider(),
-                &s.signer,
-                &config,
-                GroupId::from_slice(&id),
-                credential,
-            )
-            .map_err(mls)?;
-            s.state.header.groups.push(GroupMeta {
-                id: id.to_vec(),
-                departed: Default::default(),
-                pending: None,
-            });
-            Ok(id)
-        })
+        self.change(|s| create(s, None))
     }
 
     /// Adds the devices whose key packages were fetched: each must validate, name the user it
@@ -210,6 +187,33 @@ impl MlsDevice {
             Ok(())
         })
     }
+}
+
+/// Creates a group (named, for the server, or not) with a random id.
+pub(super) fn create(s: &mut Session<'_>, name: Option<&str>) -> Result<MlsGroupId, MlsError> {
+    let mut id = [0u8; GROUP_ID_LEN];
+    let random = s.provider().rand().random_vec(GROUP_ID_LEN).map_err(mls)?;
+    id.copy_from_slice(&random);
+    let config = cert::create_config(
+        &s.state.header.certification,
+        std::slice::from_ref(&s.me.user),
+    )?;
+    let credential = s.credential();
+    MlsGroup::new_with_group_id(
+        s.provider(),
+        &s.signer,
+        &config,
+        GroupId::from_slice(&id),
+        credential,
+    )
+    .map_err(mls)?;
+    s.state.header.groups.push(GroupMeta {
+        id: id.to_vec(),
+        name: name.map(str::to_owned),
+        departed: Default::default(),
+        pending: None,
+    });
+    Ok(id)
 }
 
 /// Refuses an operation on a group this device left or was removed from, or whose previous

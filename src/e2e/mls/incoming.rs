@@ -91,27 +91,43 @@ impl MlsDevice {
     /// an application message. The state is saved before this returns, so the delivery can
     /// be acknowledged then. A refused message changes nothing.
     pub fn process(&self, bytes: &[u8], pins: &dyn Pins) -> Result<Incoming, MlsError> {
-        let message = MlsMessageIn::tls_deserialize_exact(bytes)
-            .map_err(|e| MlsError::Malformed(e.to_string()))?;
-        match message.wire_format() {
-            WireFormat::Welcome => {
-                let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
-                    return Err(MlsError::Malformed("not a welcome".into()));
-                };
-                self.change(|s| join(s, welcome, pins))
-            }
-            WireFormat::PublicMessage | WireFormat::PrivateMessage => {
-                let message = message
-                    .try_into_protocol_message()
-                    .map_err(|e| MlsError::Malformed(e.to_string()))?;
-                self.change(|s| handle(s, message, pins))
-            }
-            other => Err(MlsError::Malformed(format!("unexpected {other:?}"))),
+        match parse(bytes)? {
+            Parsed::Welcome(welcome) => self.change(|s| join(s, welcome, pins)),
+            Parsed::Protocol(message) => self.change(|s| handle(s, message, pins)),
         }
     }
 }
 
-fn join(s: &mut Session<'_>, welcome: Welcome, pins: &dyn Pins) -> Result<Incoming, MlsError> {
+/// A delivered MLS message, decoded.
+pub(super) enum Parsed {
+    /// A welcome into a group.
+    Welcome(Welcome),
+    /// A commit, proposal or application message of a group.
+    Protocol(ProtocolMessage),
+}
+
+/// Decodes a delivered `MLSMessage`, refusing key packages, group infos and trailing bytes.
+pub(super) fn parse(bytes: &[u8]) -> Result<Parsed, MlsError> {
+    let message = MlsMessageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| MlsError::Malformed(e.to_string()))?;
+    match message.wire_format() {
+        WireFormat::Welcome => match message.extract() {
+            MlsMessageBodyIn::Welcome(welcome) => Ok(Parsed::Welcome(welcome)),
+            _ => Err(MlsError::Malformed("not a welcome".into())),
+        },
+        WireFormat::PublicMessage | WireFormat::PrivateMessage => message
+            .try_into_protocol_message()
+            .map(Parsed::Protocol)
+            .map_err(|e| MlsError::Malformed(e.to_string())),
+        other => Err(MlsError::Malformed(format!("unexpected {other:?}"))),
+    }
+}
+
+pub(super) fn join(
+    s: &mut Session<'_>,
+    welcome: Welcome,
+    pins: &dyn Pins,
+) -> Result<Incoming, MlsError> {
     let staged = StagedWelcome::new_from_welcome(s.provider(), &cert::join_config(), welcome, None)
         .map_err(mls)?;
     let inviter = MemberId::of_credential(staged.welcome_sender().map_err(mls)?.credential())?;
@@ -138,6 +154,7 @@ fn join(s: &mut Session<'_>, welcome: Welcome, pins: &dyn Pins) -> Result<Incomi
     s.state.header.groups.retain(|m| m.id != id);
     s.state.header.groups.push(GroupMeta {
         id: id.to_vec(),
+        name: None,
         departed: BTreeSet::new(),
         pending: None,
     });
@@ -149,7 +166,7 @@ fn join(s: &mut Session<'_>, welcome: Welcome, pins: &dyn Pins) -> Result<Incomi
     })
 }
 
-fn handle(
+pub(super) fn handle(
     s: &mut Session<'_>,
     message: ProtocolMessage,
     pins: &dyn Pins,

@@ -12,6 +12,8 @@
 //! - `device`: [`MlsDevice`], opening the state, key packages, the locked load-change-save.
 //! - `group`: creating a group, adding, removing, leaving, admins, sending, and what to do
 //!   when the server accepts or refuses a commit of this device.
+//! - `delivered`: groups by their name on the server, the GroupInfo it needs, deliveries
+//!   processed with the name checked and their messages kept until shown.
 //! - `incoming`: processing what the server delivers (welcome, commit, proposal, application
 //!   message), with the group's policy checked on every commit before it is merged.
 //!
@@ -21,6 +23,7 @@
 //! caller can pin and retry.
 
 mod cert;
+mod delivered;
 mod device;
 mod error;
 mod group;
@@ -37,11 +40,12 @@ pub use cert::{
     MAX_FORWARD_DISTANCE, MAX_PAST_EPOCHS, MemberId, OUT_OF_ORDER_TOLERANCE, Pins, admins_of,
     capabilities, certification_input, certify, decode_admins, encode_admins, verify_leaf,
 };
+pub use delivered::{CreatedGroup, GroupDelivery, MAX_UNSHOWN, MAX_UNSHOWN_BYTES};
 pub use device::{KeyPackageBatch, MAX_KEY_PACKAGE_BATCH, MlsDevice};
 pub use error::MlsError;
 pub use group::{Commit, FetchedKeyPackage};
 pub use incoming::Incoming;
-pub use store::{MAX_STATE_LEN, PendingChange, STATE_FILE};
+pub use store::{KeptMessage, MAX_STATE_LEN, PendingChange, STATE_FILE};
 
 /// Length of an MLS group id (random bytes chosen by the creator).
 pub const GROUP_ID_LEN: usize = 16;

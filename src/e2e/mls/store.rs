@@ -53,6 +53,31 @@ pub(super) struct Header {
     pub certification: Vec<u8>,
     /// The groups this device is (or was) in, in the order joined.
     pub groups: Vec<GroupMeta>,
+    /// Application messages decrypted and not yet shown, oldest first (their keys are gone:
+    /// a crash before showing shows them at the next start instead of losing them).
+    #[serde(default)]
+    pub unshown: std::collections::VecDeque<KeptMessage>,
+}
+
+/// A decrypted group message kept until the application has shown it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptMessage {
+    /// The group's name on the server.
+    pub group: String,
+    /// The sender's message id.
+    #[serde(with = "serde_bytes")]
+    pub id: Vec<u8>,
+    /// The sending account (from its verified MLS credential).
+    pub from: String,
+    /// The sending device.
+    pub from_device: DeviceId,
+    /// When the server stored it (Unix seconds).
+    pub sent_at: u64,
+    /// The server's sequence number of the delivery, to acknowledge once shown.
+    pub seq: u64,
+    /// The plaintext.
+    #[serde(with = "serde_bytes")]
+    pub plaintext: Vec<u8>,
 }
 
 /// What this device keeps about one group beside openmls's storage.
@@ -61,6 +86,9 @@ pub(super) struct GroupMeta {
     /// The MLS group id.
     #[serde(with = "serde_bytes")]
     pub id: Vec<u8>,
+    /// The group's name on the server (global there), once known.
+    #[serde(default)]
+    pub name: Option<String>,
     /// Users who left (a self-remove proposal was seen, or the server said so): any member
     /// may commit the removal of their leaves.
     #[serde(default)]

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::e2e::mls::store::State;
+use openmls::prelude::tls_codec::Deserialize as _;
 
 #[test]
 fn the_state_survives_a_reload_and_goes_on() {
@@ -162,4 +163,56 @@ fn two_handles_on_one_home_take_turns() {
         }
     }
     assert_eq!(texts.len(), 20);
+}
+
+/// A named group as the server knows it: the welcome records the name, an application message
+/// is kept in the state (surviving a restart) until shown, and a message naming another group
+/// is refused.
+#[test]
+fn delivered_messages_are_kept_until_shown() {
+    let (alice, bob) = (Dev::new("alice", 1), Dev::new("bob", 1));
+    let all = pins(&[&alice, &bob]);
+    let created = alice.mls.create_named_group("friends").unwrap();
+    let info = openmls::prelude::MlsMessageIn::tls_deserialize_exact(created.group_info.as_slice());
+    assert!(info.is_ok());
+    assert_eq!(alice.mls.group_named("friends").unwrap(), Some(created.id));
+    let add = alice
+        .mls
+        .add_members(&created.id, &[bob.key_package()], &all)
+        .unwrap();
+    alice.mls.commit_accepted(&created.id).unwrap();
+    let at = |seq: u64| GroupDelivery {
+        group: "friends",
+        id: &[7; 16],
+        seq,
+        sent_at: 1_700_000_000 + seq,
+    };
+    bob.mls
+        .process_delivered(&at(1), add.welcome.as_ref().unwrap(), &all)
+        .unwrap();
+    assert_eq!(bob.mls.group_named("friends").unwrap(), Some(created.id));
+    assert_eq!(
+        bob.mls.name_of(&created.id).unwrap().as_deref(),
+        Some("friends")
+    );
+    let hello = alice.mls.send(&created.id, b"hello friends").unwrap();
+    let elsewhere = GroupDelivery {
+        group: "others",
+        ..at(2)
+    };
+    assert!(matches!(
+        bob.mls.process_delivered(&elsewhere, &hello, &all),
+        Err(MlsError::Malformed(_))
+    ));
+    bob.mls.process_delivered(&at(2), &hello, &all).unwrap();
+    let reopened = MlsDevice::open_existing(bob.home.path()).unwrap().unwrap();
+    let kept = reopened.unshown().unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        (kept[0].from.as_str(), kept[0].from_device, kept[0].seq),
+        ("alice", 1, 2)
+    );
+    assert_eq!(kept[0].plaintext, b"hello friends");
+    reopened.shown("friends", &[7; 16]).unwrap();
+    assert!(bob.mls.unshown().unwrap().is_empty());
 }
