@@ -117,6 +117,8 @@ fn frame_codec(c: &mut Criterion) {
             own_devices: Vec::new(),
             lengths: vec![4_096],
         }),
+        group: None,
+        welcome: None,
     });
     let deliver = StreamHeader::Deliver(DeliverHeader {
         seq: 123_456,
@@ -128,6 +130,7 @@ fn frame_codec(c: &mut Criterion) {
         sent_at: 1_900_000_000,
         kind: "text".into(),
         length: 4_096,
+        group: None,
     });
     for (name, header) in [("send", &send), ("deliver", &deliver)] {
         let bytes = encoded(header, MAX_STREAM_HEADER);

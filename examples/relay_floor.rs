@@ -187,6 +187,7 @@ impl ServerFrames {
                 sent_at: 1_900_000_000,
                 kind: "bench".into(),
                 length: ENVELOPE_BYTES as u64,
+                group: None,
             }),
             MAX_STREAM_HEADER,
         )?;
@@ -342,6 +343,8 @@ async fn load(
                 kind: "bench".into(),
                 length: ENVELOPE_BYTES as u64,
                 copies: None,
+                group: None,
+                welcome: None,
             }),
             MAX_STREAM_HEADER,
         )

@@ -215,6 +215,8 @@ async fn send(raw: &mut Raw, id: u8, to: &str, devices: &[DeviceId], own: &[Devi
             own_devices: own.to_vec(),
             lengths,
         }),
+        group: None,
+        welcome: None,
     });
     let mut stream = raw.conn.open_uni().await.unwrap();
     let mut frame = encode_frame(&header, MAX_STREAM_HEADER).unwrap();

@@ -265,6 +265,7 @@ fn reply() -> impl Strategy<Value = Reply> {
                     message,
                     devices,
                     own_devices,
+                    epoch: None,
                 }
             }),
         vec(device_info(), 0..4).prop_map(|devices| Reply::Devices { devices }),
@@ -367,6 +368,8 @@ fn stream_header() -> impl Strategy<Value = StreamHeader> {
                     kind,
                     length,
                     copies,
+                    group: None,
+                    welcome: None,
                 })
             }
         ),
@@ -387,6 +390,7 @@ fn stream_header() -> impl Strategy<Value = StreamHeader> {
                         sent_at,
                         kind,
                         length,
+                        group: None,
                     })
                 }
             ),

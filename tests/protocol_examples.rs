@@ -2,10 +2,11 @@
 //! checks that the document shows exactly those bytes. Run with `SFC_PRINT_EXAMPLES=1` and
 //! `--nocapture` to print them.
 
+use securefastchat::protocol::keys::Bin;
 use securefastchat::protocol::{
-    BlobHeader, BlobId, ClientFrame, Copies, DeliverHeader, ErrorCode, MAX_CONTROL_FRAME,
-    MAX_STREAM_HEADER, MessageId, Password, Reply, Request, SendHeader, ServerFrame, SessionToken,
-    StreamHeader, UploadHeader, encode_frame,
+    BlobHeader, BlobId, ClientFrame, Copies, DeliverHeader, DeviceKeyPackage, ErrorCode,
+    GroupMember, GroupSummary, MAX_CONTROL_FRAME, MAX_STREAM_HEADER, MessageId, Password, Reply,
+    Request, SendHeader, ServerFrame, SessionToken, StreamHeader, UploadHeader, encode_frame,
 };
 
 fn hex_lines(bytes: &[u8]) -> String {
@@ -33,7 +34,187 @@ fn examples() -> Vec<(&'static str, Vec<u8>)> {
     let mut all = control_examples();
     all.extend(messaging_examples());
     all.extend(blob_examples());
+    all.extend(group_examples());
     all
+}
+
+/// Key packages, GroupInfos and MLS messages are a few hundred bytes and more: the examples
+/// carry 4-byte stand-ins (`de ad be ef`) so the framing stays readable.
+fn group_examples() -> Vec<(&'static str, Vec<u8>)> {
+    let stand_in = || vec![0xde, 0xad, 0xbe, 0xef];
+    let mid = MessageId([0x33; 16]);
+    let header = |h: StreamHeader| encode_frame(&h, MAX_STREAM_HEADER);
+    let client = |id, request| encode_frame(&ClientFrame { id, request }, MAX_CONTROL_FRAME);
+    let server = |id, reply| encode_frame(&ServerFrame { id, reply }, MAX_CONTROL_FRAME);
+    vec![
+        (
+            "publish_key_packages",
+            client(
+                20,
+                Request::PublishKeyPackages {
+                    key_packages: vec![serde_bytes::ByteBuf::from(stand_in())],
+                    last_resort: None,
+                },
+            ),
+        ),
+        (
+            "key_packages_published",
+            server(
+                Some(20),
+                Reply::KeyPackagesPublished {
+                    key_packages: 1,
+                    last_resort: true,
+                },
+            ),
+        ),
+        (
+            "fetch_key_packages",
+            client(
+                21,
+                Request::FetchKeyPackages {
+                    username: "bob".into(),
+                    devices: None,
+                },
+            ),
+        ),
+        (
+            "key_packages",
+            server(
+                Some(21),
+                Reply::KeyPackages {
+                    username: "bob".into(),
+                    identity_key: Bin([0x44; 32]),
+                    devices: vec![DeviceKeyPackage {
+                        device: 1,
+                        key_package: stand_in(),
+                        last_resort: false,
+                    }],
+                },
+            ),
+        ),
+        (
+            "key_packages_low",
+            server(None, Reply::KeyPackagesLow { remaining: 9 }),
+        ),
+        (
+            "create_group",
+            client(
+                22,
+                Request::CreateGroup {
+                    group: "friends".into(),
+                    group_id: Bin([0x55; 16]),
+                    group_info: stand_in(),
+                },
+            ),
+        ),
+        (
+            "group_created",
+            server(
+                Some(22),
+                Reply::GroupCreated {
+                    group: "friends".into(),
+                    epoch: 0,
+                },
+            ),
+        ),
+        (
+            "group send header",
+            header(StreamHeader::Send(SendHeader {
+                id: mid,
+                to: String::new(),
+                kind: "mls".into(),
+                length: 2_512,
+                copies: None,
+                group: Some("friends".into()),
+                welcome: Some(1_496),
+            })),
+        ),
+        (
+            "group deliver header",
+            header(StreamHeader::Deliver(DeliverHeader {
+                seq: 43,
+                prev: 42,
+                id: mid,
+                from: "alice".into(),
+                from_device: 1,
+                to: None,
+                sent_at: 1_767_225_600,
+                kind: "mls".into(),
+                length: 1_016,
+                group: Some("friends".into()),
+            })),
+        ),
+        (
+            "stale_epoch",
+            server(
+                None,
+                Reply::SendFailed {
+                    message_id: Some(mid),
+                    code: ErrorCode::StaleEpoch,
+                    message: "epoch 1 is not current".into(),
+                    devices: None,
+                    own_devices: None,
+                    epoch: Some(2),
+                },
+            ),
+        ),
+        (
+            "group_info",
+            client(
+                23,
+                Request::GroupInfo {
+                    group: "friends".into(),
+                },
+            ),
+        ),
+        (
+            "group",
+            server(
+                Some(23),
+                Reply::Group(GroupSummary {
+                    group: "friends".into(),
+                    group_id: Bin([0x55; 16]),
+                    epoch: 1,
+                    creator: "alice".into(),
+                    admins: vec!["alice".into()],
+                    members: vec![
+                        GroupMember {
+                            username: "alice".into(),
+                            device: 1,
+                            leaf: 0,
+                        },
+                        GroupMember {
+                            username: "bob".into(),
+                            device: 1,
+                            leaf: 1,
+                        },
+                    ],
+                    pending_leaves: vec![],
+                }),
+            ),
+        ),
+        (
+            "leave_group",
+            client(
+                24,
+                Request::LeaveGroup {
+                    group: "friends".into(),
+                },
+            ),
+        ),
+        (
+            "group_left",
+            server(
+                Some(24),
+                Reply::GroupLeft {
+                    group: "friends".into(),
+                },
+            ),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, frame)| (name, frame.unwrap()))
+    .collect()
 }
 
 fn blob_examples() -> Vec<(&'static str, Vec<u8>)> {
@@ -108,6 +289,8 @@ fn messaging_examples() -> Vec<(&'static str, Vec<u8>)> {
                     own_devices: vec![1],
                     lengths: vec![120, 120, 120],
                 }),
+                group: None,
+                welcome: None,
             })),
         ),
         (
@@ -132,6 +315,7 @@ fn messaging_examples() -> Vec<(&'static str, Vec<u8>)> {
                 sent_at: 1_767_225_600,
                 kind: "text".into(),
                 length: 120,
+                group: None,
             })),
         ),
         (

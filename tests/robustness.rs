@@ -406,6 +406,8 @@ fn send_header(id: MessageId, length: u64) -> Vec<u8> {
             kind: "text".into(),
             length,
             copies: None,
+            group: None,
+            welcome: None,
         });
     encode_frame(&header, MAX_STREAM_HEADER).unwrap()
 }

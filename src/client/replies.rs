@@ -80,6 +80,7 @@ pub(super) async fn read_replies(
                     message,
                     devices,
                     own_devices,
+                    epoch: _,
                 } => {
                     let waiter = sends.lock().ok().and_then(|mut s| s.remove(&message_id));
                     let failure = match (code, devices) {

@@ -110,6 +110,8 @@ async fn write_stream(
         kind: kind.to_owned(),
         length: body.len() as u64,
         copies,
+        group: None,
+        welcome: None,
     });
     let frame = crate::protocol::encode_frame(&header, MAX_STREAM_HEADER).map_err(|e| lost(&e))?;
     stream.write_all(&frame).await?;
@@ -202,6 +204,7 @@ async fn read_body(
         sent_at,
         kind,
         length,
+        group: _,
     } = header;
     let failed = |why: String| Unreadable {
         link: Some((prev, seq)),
@@ -497,6 +500,7 @@ mod tests {
             sent_at: 1,
             kind: "text".into(),
             length,
+            group: None,
         });
         encode_frame(&header, MAX_STREAM_HEADER).unwrap()
     }

@@ -86,6 +86,29 @@ pub enum ErrorCode {
     UnknownBlob,
     /// An upload stream did not start where the server's copy ends; `held` says where.
     BadOffset,
+    /// A group commit or message is for an epoch that is not the group's current one (a
+    /// commit), or too old (an application message): nothing was stored; `send_failed`
+    /// carries the current `epoch`. Process what is in your inbox, then try again.
+    StaleEpoch,
+    /// The connection's device is not a member of the group (never was, was removed, or its
+    /// user left): nothing was stored or delivered.
+    NotMember,
+    /// The commit changes what only an admin may change (adds or removes another user's
+    /// devices, or the group's extensions), and its sender's user is not an admin.
+    NotAdmin,
+    /// The group name is taken.
+    GroupExists,
+    /// No group has this name.
+    UnknownGroup,
+    /// The group name breaks the rules (those of usernames: 3–32 of `a-z 0-9 _ . -`).
+    InvalidGroupName,
+    /// The commit would give the group more member devices than the server allows, or the
+    /// device more groups.
+    GroupFull,
+    /// An MLS message, GroupInfo or key package in a group operation does not parse or does
+    /// not validate (signature, sender, group id, proposals the delivery service does not
+    /// take, a member whose credential or certification does not verify).
+    InvalidMls,
     /// A code this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -131,6 +154,14 @@ impl ErrorCode {
             Self::BlobExists => "blob_exists",
             Self::UnknownBlob => "unknown_blob",
             Self::BadOffset => "bad_offset",
+            Self::StaleEpoch => "stale_epoch",
+            Self::NotMember => "not_member",
+            Self::NotAdmin => "not_admin",
+            Self::GroupExists => "group_exists",
+            Self::UnknownGroup => "unknown_group",
+            Self::InvalidGroupName => "invalid_group_name",
+            Self::GroupFull => "group_full",
+            Self::InvalidMls => "invalid_mls",
             Self::Unknown => "unknown",
         }
     }

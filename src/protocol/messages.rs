@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::groups::GroupIdBytes;
 use super::keys::{Bin, IdentityKeyBytes, OneTimePrekey, SignedPrekey};
 use super::{BlobId, DeviceId, MessageId, Password, SessionToken};
 
@@ -207,6 +208,45 @@ pub enum Request {
         /// The blob.
         blob: BlobId,
     },
+    /// Upload MLS key packages of the connection's device (docs/PROTOCOL.md 5.7).
+    PublishKeyPackages {
+        /// One-time key packages to add (at most 100 per request).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        key_packages: Vec<serde_bytes::ByteBuf>,
+        /// A new last-resort key package (replaces the stored one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_resort: Option<serde_bytes::ByteBuf>,
+    },
+    /// Get one key package per device of a user (consumes one-time key packages).
+    FetchKeyPackages {
+        /// Whose key packages.
+        username: String,
+        /// Which of their devices (all current devices with key packages when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        devices: Option<Vec<DeviceId>>,
+    },
+    /// Register a new MLS group under a name, from the creator's GroupInfo.
+    CreateGroup {
+        /// The group's name (global on the server; the rules of usernames).
+        group: String,
+        /// The MLS GroupId.
+        group_id: GroupIdBytes,
+        /// The creator's GroupInfo (an `MLSMessage`) at epoch 0, with the ratchet tree.
+        #[serde(with = "serde_bytes")]
+        group_info: Vec<u8>,
+    },
+    /// Leave a group: delivery to all the user's devices stops at once.
+    LeaveGroup {
+        /// The group's name.
+        group: String,
+    },
+    /// The delivery service's view of a group the connection's device is a member of.
+    GroupInfo {
+        /// The group's name.
+        group: String,
+    },
+    /// The groups the connection's device is a member of.
+    ListGroups,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -276,6 +316,18 @@ pub enum RequestKind {
     DownloadBlob,
     /// `ack_blob`
     AckBlob,
+    /// `publish_key_packages`
+    PublishKeyPackages,
+    /// `fetch_key_packages`
+    FetchKeyPackages,
+    /// `create_group`
+    CreateGroup,
+    /// `leave_group`
+    LeaveGroup,
+    /// `group_info`
+    GroupInfo,
+    /// `list_groups`
+    ListGroups,
 }
 
 impl RequestKind {
@@ -308,6 +360,12 @@ impl RequestKind {
             "upload_blob" => Self::UploadBlob,
             "download_blob" => Self::DownloadBlob,
             "ack_blob" => Self::AckBlob,
+            "publish_key_packages" => Self::PublishKeyPackages,
+            "fetch_key_packages" => Self::FetchKeyPackages,
+            "create_group" => Self::CreateGroup,
+            "leave_group" => Self::LeaveGroup,
+            "group_info" => Self::GroupInfo,
+            "list_groups" => Self::ListGroups,
             _ => return None,
         })
     }
@@ -341,6 +399,12 @@ impl RequestKind {
             Self::UploadBlob => "upload_blob",
             Self::DownloadBlob => "download_blob",
             Self::AckBlob => "ack_blob",
+            Self::PublishKeyPackages => "publish_key_packages",
+            Self::FetchKeyPackages => "fetch_key_packages",
+            Self::CreateGroup => "create_group",
+            Self::LeaveGroup => "leave_group",
+            Self::GroupInfo => "group_info",
+            Self::ListGroups => "list_groups",
         }
     }
 }
@@ -375,6 +439,12 @@ impl Request {
             Self::UploadBlob { .. } => RequestKind::UploadBlob,
             Self::DownloadBlob { .. } => RequestKind::DownloadBlob,
             Self::AckBlob { .. } => RequestKind::AckBlob,
+            Self::PublishKeyPackages { .. } => RequestKind::PublishKeyPackages,
+            Self::FetchKeyPackages { .. } => RequestKind::FetchKeyPackages,
+            Self::CreateGroup { .. } => RequestKind::CreateGroup,
+            Self::LeaveGroup { .. } => RequestKind::LeaveGroup,
+            Self::GroupInfo { .. } => RequestKind::GroupInfo,
+            Self::ListGroups => RequestKind::ListGroups,
         }
     }
 }
@@ -510,6 +580,68 @@ mod tests {
         ];
         for frame in frames {
             assert_eq!(decode_body::<ServerFrame>(&body_of(&frame)).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn group_replies_round_trip() {
+        use crate::protocol::{DeviceKeyPackage, GroupMember, GroupSummary, keys::Bin};
+        let summary = GroupSummary {
+            group: "friends".into(),
+            group_id: Bin([9; 16]),
+            epoch: 3,
+            creator: "alice".into(),
+            admins: vec!["alice".into()],
+            members: vec![GroupMember {
+                username: "alice".into(),
+                device: 1,
+                leaf: 0,
+            }],
+            pending_leaves: vec![],
+        };
+        let replies = [
+            Reply::Group(summary.clone()),
+            Reply::Groups {
+                groups: vec![summary],
+            },
+            Reply::KeyPackages {
+                username: "bob".into(),
+                identity_key: Bin([1; 32]),
+                devices: vec![DeviceKeyPackage {
+                    device: 2,
+                    key_package: vec![1, 2, 3],
+                    last_resort: true,
+                }],
+            },
+            Reply::SendFailed {
+                message_id: None,
+                code: ErrorCode::StaleEpoch,
+                message: "stale".into(),
+                devices: None,
+                own_devices: None,
+                epoch: Some(4),
+            },
+        ];
+        for reply in replies {
+            let frame = ServerFrame { id: Some(1), reply };
+            assert_eq!(decode_body::<ServerFrame>(&body_of(&frame)).unwrap(), frame);
+        }
+        let requests = [
+            Request::PublishKeyPackages {
+                key_packages: vec![serde_bytes::ByteBuf::from(vec![1u8; 300])],
+                last_resort: Some(serde_bytes::ByteBuf::from(vec![2u8; 300])),
+            },
+            Request::CreateGroup {
+                group: "friends".into(),
+                group_id: Bin([9; 16]),
+                group_info: vec![3; 40],
+            },
+            Request::ListGroups,
+        ];
+        for request in requests {
+            let frame = ClientFrame { id: 2, request };
+            let body = body_of(&frame);
+            assert_eq!(crate::protocol::decode_request(&body).unwrap(), frame);
         }
     }
 

@@ -5,6 +5,7 @@
 
 mod codes;
 mod frame;
+pub mod groups;
 mod ids;
 pub mod keys;
 mod messages;
@@ -20,6 +21,7 @@ pub use frame::{
     FrameError, LENGTH_PREFIX, decode_body, encode_frame, encode_frame_into, frame_length,
     read_frame, write_frame,
 };
+pub use groups::{DeviceKeyPackage, GroupIdBytes, GroupMember, GroupSummary};
 pub use ids::{BLOB_ID_LEN, BlobId, DeviceId, MESSAGE_ID_LEN, MessageId};
 pub use messages::{ClientFrame, LinkConfirm, LinkPake, Request, RequestKind};
 pub use nesting::{MAX_NESTING, MarkerError, TooDeep, check_markers, check_nesting};

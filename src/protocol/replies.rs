@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::groups::{DeviceKeyPackage, GroupSummary};
 use super::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
 use super::messages::{LinkConfirm, LinkPake};
 use super::{BlobId, DeviceId, ErrorCode, MessageId, SessionToken};
@@ -178,6 +179,9 @@ pub enum Reply {
         /// With `stale_devices`: your other current devices.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         own_devices: Option<Vec<DeviceId>>,
+        /// With `stale_epoch`: the group's current epoch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
     },
     /// Event: you have few one-time prekeys left on the server; upload more.
     PrekeysLow {
@@ -284,6 +288,46 @@ pub enum Reply {
         message: String,
         /// Bytes the server holds now: resume from here.
         held: u64,
+    },
+    /// Answer to `publish_key_packages`.
+    KeyPackagesPublished {
+        /// One-time key packages the server now holds for this device.
+        key_packages: u32,
+        /// Whether the server holds a last-resort key package for this device.
+        last_resort: bool,
+    },
+    /// Answer to `fetch_key_packages`: one key package per device.
+    KeyPackages {
+        /// Whose key packages.
+        username: String,
+        /// Their Ed25519 identity key, which certifies each member leaf (5.7).
+        identity_key: IdentityKeyBytes,
+        /// One per device asked for (all current devices with key packages), by id.
+        devices: Vec<DeviceKeyPackage>,
+    },
+    /// Event: few one-time key packages of your device remain; upload more.
+    KeyPackagesLow {
+        /// How many remain.
+        remaining: u32,
+    },
+    /// Answer to `create_group`.
+    GroupCreated {
+        /// The group's name as the server folded it.
+        group: String,
+        /// Its epoch (that of the GroupInfo).
+        epoch: u64,
+    },
+    /// Answer to `leave_group`.
+    GroupLeft {
+        /// The group's name.
+        group: String,
+    },
+    /// Answer to `group_info`.
+    Group(GroupSummary),
+    /// Answer to `list_groups`.
+    Groups {
+        /// The groups the device is a member of, by name.
+        groups: Vec<GroupSummary>,
     },
     /// The request failed (or, without `id`, the connection has a problem).
     Error {

@@ -124,6 +124,12 @@ fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
         (K::UploadBlob | K::DownloadBlob | K::AckBlob, "blob") => Some(Expected::Bin),
         (K::UploadBlob, "length") | (K::DownloadBlob, "offset") => Some(Expected::Uint),
         (K::UploadBlob, "readers") => Some(Expected::Array),
+        (K::PublishKeyPackages, "key_packages") => Some(Expected::Array),
+        (K::PublishKeyPackages, "last_resort") => Some(Expected::Bin),
+        (K::FetchKeyPackages, "username") => Some(Expected::Str),
+        (K::FetchKeyPackages, "devices") => Some(Expected::Array),
+        (K::CreateGroup | K::LeaveGroup | K::GroupInfo, "group") => Some(Expected::Str),
+        (K::CreateGroup, "group_id" | "group_info") => Some(Expected::Bin),
         _ => None,
     }
 }
@@ -189,6 +195,13 @@ pub fn decode_request(body: &[u8]) -> Result<ClientFrame, RequestError> {
                 return Err(RequestError::Bad { id, kind, reason });
             }
         }
+    }
+    if kind == RequestKind::PublishKeyPackages
+        && let Some(Value::Array(items)) = field("key_packages")
+        && !items.iter().all(|item| matches!(item, Value::Binary(_)))
+    {
+        let reason = "`key_packages` must hold byte strings (bin) only".to_owned();
+        return Err(RequestError::Bad { id, kind, reason });
     }
     if kind == RequestKind::Ack {
         // The one request of every delivered batch: built from the value already decoded

@@ -6,7 +6,7 @@
 use std::fmt;
 
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{BlobId, DeviceId, MessageId};
 
@@ -54,11 +54,15 @@ pub struct BlobHeader {
 }
 
 /// Client → server: the header of a message to send.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Serialized by hand: a group send has no `to` on the wire, while a 1:1 send always carries
+/// it (also empty).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct SendHeader {
     /// Chosen by the sender; resending the same id is recognised, not stored twice.
     pub id: MessageId,
-    /// The recipient's username.
+    /// The recipient's username; empty (and absent on the wire) for a group send.
+    #[serde(default)]
     pub to: String,
     /// What the body is, for the recipient's client (`text` for chat messages); not
     /// interpreted by the server. At most 32 bytes.
@@ -66,9 +70,41 @@ pub struct SendHeader {
     /// Body length in bytes: the sum of `lengths`.
     pub length: u64,
     /// The copies in the body, one per device, absent for a single copy to the recipient's
-    /// device 1 (clients from before devices).
+    /// device 1 (clients from before devices). Always absent for a group send.
     #[serde(flatten)]
     pub copies: Option<Copies>,
+    /// A group send (docs/PROTOCOL.md 5.7): the group's name, instead of `to` and the copies.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// On a group send of a commit that adds members: the length of the Welcome that ends
+    /// the body (the commit comes first, `length - welcome` bytes).
+    #[serde(default)]
+    pub welcome: Option<u64>,
+}
+
+impl Serialize for SendHeader {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("id", &self.id)?;
+        if self.group.is_none() {
+            map.serialize_entry("to", &self.to)?;
+        }
+        map.serialize_entry("kind", &self.kind)?;
+        map.serialize_entry("length", &self.length)?;
+        if let Some(copies) = &self.copies {
+            map.serialize_entry("devices", &copies.devices)?;
+            map.serialize_entry("own_devices", &copies.own_devices)?;
+            map.serialize_entry("lengths", &copies.lengths)?;
+        }
+        if let Some(group) = &self.group {
+            map.serialize_entry("group", group)?;
+        }
+        if let Some(welcome) = self.welcome {
+            map.serialize_entry("welcome", &welcome)?;
+        }
+        map.end()
+    }
 }
 
 /// Which devices a message was sealed for: the body is one sealed copy per device, in the
@@ -118,6 +154,9 @@ pub struct DeliverHeader {
     pub kind: String,
     /// Body length in bytes.
     pub length: u64,
+    /// On group traffic: the group's name (docs/PROTOCOL.md 5.7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// The `type` of a stream header.
@@ -153,6 +192,8 @@ struct WireHeader {
     lengths: Option<Loose>,
     blob: Option<Loose>,
     offset: Option<Loose>,
+    group: Option<Loose>,
+    welcome: Option<Loose>,
 }
 
 /// Any MessagePack value, kept only if it is an unsigned integer, a string, a byte string or
@@ -319,14 +360,45 @@ impl TryFrom<WireHeader> for StreamHeader {
 
     fn try_from(mut wire: WireHeader) -> Result<Self, String> {
         Ok(match wire.header_type {
+            HeaderType::Send if wire.group.is_some() => {
+                let length = required(wire.length, "length")?;
+                if wire.to.is_some()
+                    || wire.devices.is_some()
+                    || wire.own_devices.is_some()
+                    || wire.lengths.is_some()
+                {
+                    return Err("a group send carries no `to` and no copies".into());
+                }
+                let welcome = match wire.welcome {
+                    None => None,
+                    some => Some(uint(some, "welcome")?),
+                };
+                if welcome.is_some_and(|w| w > length) {
+                    return Err("`welcome` must not exceed `length`".into());
+                }
+                Self::Send(SendHeader {
+                    id: required(wire.id, "id")?,
+                    to: String::new(),
+                    kind: required(wire.kind, "kind")?,
+                    length,
+                    copies: None,
+                    group: Some(text(wire.group, "group")?),
+                    welcome,
+                })
+            }
             HeaderType::Send => {
                 let length = required(wire.length, "length")?;
+                if wire.welcome.is_some() {
+                    return Err("`welcome` is only for a group send".into());
+                }
                 Self::Send(SendHeader {
                     copies: copies(&mut wire, length)?,
                     id: required(wire.id, "id")?,
                     to: text(wire.to, "to")?,
                     kind: required(wire.kind, "kind")?,
                     length,
+                    group: None,
+                    welcome: None,
                 })
             }
             HeaderType::Deliver => Self::Deliver(DeliverHeader {
@@ -343,6 +415,10 @@ impl TryFrom<WireHeader> for StreamHeader {
                 sent_at: uint(wire.sent_at, "sent_at")?,
                 kind: required(wire.kind, "kind")?,
                 length: required(wire.length, "length")?,
+                group: match wire.group {
+                    None => None,
+                    some => Some(text(some, "group")?),
+                },
             }),
             HeaderType::Upload => Self::Upload(UploadHeader {
                 blob: blob_id(wire.blob)?,
@@ -398,6 +474,7 @@ mod tests {
             sent_at: 1_700_000_000,
             kind: "text".into(),
             length: 200,
+            group: None,
         }
     }
 
@@ -409,6 +486,8 @@ mod tests {
             kind: "text".into(),
             length: 9,
             copies: None,
+            group: None,
+            welcome: None,
         });
         for header in [send, StreamHeader::Deliver(sample_deliver())] {
             let bytes = rmp_serde::to_vec_named(&header).unwrap();
@@ -521,6 +600,71 @@ mod tests {
                 *value = 7.into();
             }
         }
+        assert!(decode_body::<StreamHeader>(&encode(&rmpv::Value::Map(entries))).is_err());
+    }
+
+    #[test]
+    fn group_headers_round_trip_and_are_strict() {
+        let send = StreamHeader::Send(SendHeader {
+            id: MessageId([5; 16]),
+            to: String::new(),
+            kind: "mls".into(),
+            length: 300,
+            copies: None,
+            group: Some("friends".into()),
+            welcome: Some(200),
+        });
+        let deliver = StreamHeader::Deliver(DeliverHeader {
+            group: Some("friends".into()),
+            ..sample_deliver()
+        });
+        for header in [send, deliver] {
+            let bytes = rmp_serde::to_vec_named(&header).unwrap();
+            assert_eq!(decode_body::<StreamHeader>(&bytes).unwrap(), header);
+        }
+        let group_fields = || {
+            vec![
+                ("type", "send".into()),
+                ("id", rmpv::Value::Binary(vec![7; 16])),
+                ("group", "friends".into()),
+                ("kind", "mls".into()),
+                ("length", 120.into()),
+            ]
+        };
+        let header = decode_body::<StreamHeader>(&encode(&map(&group_fields()))).unwrap();
+        assert!(
+            matches!(header, StreamHeader::Send(SendHeader { welcome: None, ref to, .. }) if to.is_empty())
+        );
+        let refused: [(&str, rmpv::Value); 6] = [
+            ("to", "bob".into()),
+            ("devices", rmpv::Value::Array(vec![1.into()])),
+            ("lengths", rmpv::Value::Array(vec![120.into()])),
+            ("welcome", 121.into()),
+            ("welcome", (-1).into()),
+            ("welcome", "1".into()),
+        ];
+        for (key, value) in refused {
+            let mut fields = group_fields();
+            fields.push((key, value.clone()));
+            assert!(
+                decode_body::<StreamHeader>(&encode(&map(&fields))).is_err(),
+                "{key} {value:?}"
+            );
+        }
+        let mut fields = group_fields();
+        fields[2].1 = 7.into();
+        assert!(decode_body::<StreamHeader>(&encode(&map(&fields))).is_err());
+        // `welcome` without `group` is refused; `group` in a deliver header must be a string.
+        let mut fields = send_fields();
+        fields.push(("welcome", 1.into()));
+        assert!(decode_body::<StreamHeader>(&encode(&map(&fields))).is_err());
+        let bytes = rmp_serde::to_vec_named(&StreamHeader::Deliver(sample_deliver())).unwrap();
+        let rmpv::Value::Map(mut entries) =
+            rmpv::decode::read_value(&mut bytes.as_slice()).unwrap()
+        else {
+            panic!("not a map");
+        };
+        entries.push(("group".into(), 3.into()));
         assert!(decode_body::<StreamHeader>(&encode(&rmpv::Value::Map(entries))).is_err());
     }
 

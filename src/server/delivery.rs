@@ -112,6 +112,7 @@ pub(crate) async fn deliver(
                 sent_at: message.sent_at,
                 kind: message.kind,
                 length: message.body.len() as u64,
+                group: None,
             };
             let pushed = tokio::select! {
                 () = stop.cancelled() => return,

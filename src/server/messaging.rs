@@ -85,6 +85,7 @@ fn failed(message_id: Option<MessageId>, code: ErrorCode, message: impl Into<Str
         message: message.into(),
         devices: None,
         own_devices: None,
+        epoch: None,
     }
 }
 
@@ -451,6 +452,7 @@ fn stale_reply(
         message: format!("{to}'s devices or yours changed; seal for the current ones"),
         devices: Some(devices),
         own_devices: Some(own_devices),
+        epoch: None,
     }
 }
 

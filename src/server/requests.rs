@@ -5,6 +5,7 @@
 
 mod blobs;
 mod devices;
+mod groups;
 mod inbox;
 mod keys;
 
@@ -527,6 +528,12 @@ impl Control {
                 self.download_blob(&session, blob, offset).await
             }
             Request::AckBlob { blob } => self.ack_blob(&session, blob).await,
+            request @ (Request::PublishKeyPackages { .. }
+            | Request::FetchKeyPackages { .. }
+            | Request::CreateGroup { .. }
+            | Request::LeaveGroup { .. }
+            | Request::GroupInfo { .. }
+            | Request::ListGroups) => self.group_request(&session, request).await,
             Request::Hello { .. }
             | Request::Ping
             | Request::CheckUsername { .. }
