@@ -13,6 +13,7 @@ pub mod chat;
 mod copies;
 mod error;
 pub mod files;
+pub mod groups;
 pub mod home;
 pub mod keystore;
 pub mod link;
@@ -186,6 +187,8 @@ pub enum SendOutcome {
 #[derive(Debug, Default)]
 struct Notices {
     prekeys_low: Option<u32>,
+    /// The last `key_packages_low` event's count (groups).
+    key_packages_low: Option<u32>,
     /// The last error answering a request nobody waits for: a quiet `ack` that failed.
     unclaimed_error: Option<ClientError>,
     /// `link_request` events, for the device that opened a link (`link`).
@@ -499,6 +502,15 @@ impl Client {
             .lock()
             .ok()
             .and_then(|mut n| n.prekeys_low.take())
+    }
+
+    /// The remaining count from the last "key packages low" event, if one came (and clears
+    /// it).
+    pub fn take_key_packages_low(&self) -> Option<u32> {
+        self.notices
+            .lock()
+            .ok()
+            .and_then(|mut n| n.key_packages_low.take())
     }
 
     /// Round trip to the server.

@@ -99,6 +99,11 @@ pub(super) async fn read_replies(
                         n.prekeys_low = Some(remaining);
                     }
                 }
+                Reply::KeyPackagesLow { remaining } => {
+                    if let Ok(mut n) = notices.lock() {
+                        n.key_packages_low = Some(remaining);
+                    }
+                }
                 event @ Reply::LinkRequest { .. } => super::link::arrived(&notices, event),
                 event @ (Reply::BlobStored { .. } | Reply::UploadFailed { .. }) => {
                     blobs.upload_event(event);

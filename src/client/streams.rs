@@ -21,6 +21,9 @@ use crate::protocol::{
 /// which is what every body is. A longer one could not be opened anyway, so its stream is
 /// refused from its header, before a byte of the body is read or buffered.
 pub const MAX_DELIVERED_BODY: u64 = crate::e2e::MAX_ENVELOPE_LEN as u64;
+/// Largest delivered body of group traffic (a deliver header with `group`): the largest
+/// `max_group_message_bytes` a server may be configured with (docs/PROTOCOL.md 5.7, 8).
+pub const MAX_GROUP_DELIVERED_BODY: u64 = 16 << 20;
 /// Deliveries held back waiting for an earlier one before order is given up on.
 const MAX_HELD: usize = 4096;
 /// Bytes of bodies held back before order is given up on: 273 bodies of the largest size,
@@ -50,6 +53,9 @@ pub struct Delivered {
     pub kind: String,
     /// The body as the sender sealed it (empty when `refused`).
     pub body: Vec<u8>,
+    /// On group traffic: the group's name (the body is an MLS message, `kind` `mls`, or a
+    /// leave notice, `kind` `group_left`).
+    pub group: Option<String>,
     /// Set when this client refused the body for good (larger than the protocol allows, or
     /// bytes after it): a message that can never be read, to be acknowledged and reported
     /// rather than delivered again on every connection.
@@ -73,7 +79,42 @@ pub(super) async fn send_stream(
     copies: Option<Copies>,
     body: &[u8],
 ) -> Result<(), StreamFailure> {
-    match write_stream(conn, to, kind, id, copies, body).await {
+    let header = SendHeader {
+        id,
+        to: to.to_owned(),
+        kind: kind.to_owned(),
+        length: body.len() as u64,
+        copies,
+        group: None,
+        welcome: None,
+    };
+    write_outcome(write_stream(conn, header, body).await)
+}
+
+/// Writes one group message stream (docs/PROTOCOL.md 5.7): an MLS message, or a commit with
+/// its welcome (`welcome` bytes at the end of the body).
+pub(super) async fn send_group_stream(
+    conn: &Connection,
+    group: &str,
+    kind: &str,
+    id: MessageId,
+    body: &[u8],
+    welcome: Option<u64>,
+) -> Result<(), StreamFailure> {
+    let header = SendHeader {
+        id,
+        to: String::new(),
+        kind: kind.to_owned(),
+        length: body.len() as u64,
+        copies: None,
+        group: Some(group.to_owned()),
+        welcome,
+    };
+    write_outcome(write_stream(conn, header, body).await)
+}
+
+fn write_outcome(written: Result<(), WriteFailure>) -> Result<(), StreamFailure> {
+    match written {
         Ok(()) => Ok(()),
         Err(WriteFailure::Stopped) => Err(StreamFailure::Refused),
         Err(WriteFailure::Other(e)) => Err(StreamFailure::Lost(ClientError::ConnectionLost(e))),
@@ -96,23 +137,12 @@ impl From<quinn::WriteError> for WriteFailure {
 
 async fn write_stream(
     conn: &Connection,
-    to: &str,
-    kind: &str,
-    id: MessageId,
-    copies: Option<Copies>,
+    header: SendHeader,
     body: &[u8],
 ) -> Result<(), WriteFailure> {
     let lost = |e: &dyn std::fmt::Display| WriteFailure::Other(e.to_string());
     let mut stream = conn.open_uni().await.map_err(|e| lost(&e))?;
-    let header = StreamHeader::Send(SendHeader {
-        id,
-        to: to.to_owned(),
-        kind: kind.to_owned(),
-        length: body.len() as u64,
-        copies,
-        group: None,
-        welcome: None,
-    });
+    let header = StreamHeader::Send(header);
     let frame = crate::protocol::encode_frame(&header, MAX_STREAM_HEADER).map_err(|e| lost(&e))?;
     stream.write_all(&frame).await?;
     stream.write_all(body).await?;
@@ -204,7 +234,7 @@ async fn read_body(
         sent_at,
         kind,
         length,
-        group: _,
+        group,
     } = header;
     let failed = |why: String| Unreadable {
         link: Some((prev, seq)),
@@ -223,13 +253,19 @@ async fn read_body(
             sent_at,
             kind: kind.clone(),
             body: Vec::new(),
+            group: group.clone(),
             refused: Some(why),
         }),
     };
-    if length > MAX_DELIVERED_BODY {
+    let limit = if group.is_some() {
+        MAX_GROUP_DELIVERED_BODY
+    } else {
+        MAX_DELIVERED_BODY
+    };
+    if length > limit {
         let _ = stream.stop(VarInt::from_u32(DELIVERY_REFUSED));
         return Err(refused(format!(
-            "a body of {length} bytes exceeds the limit of {MAX_DELIVERED_BODY}"
+            "a body of {length} bytes exceeds the limit of {limit}"
         )));
     }
     // Buffered as it arrives (never more than `length`), up to the FIN: reading to the end
@@ -260,6 +296,7 @@ async fn read_body(
             sent_at,
             kind,
             body,
+            group,
             refused: None,
         },
     ))
@@ -417,6 +454,7 @@ mod tests {
             sent_at: 1,
             kind: "text".into(),
             body: vec![0; body_len],
+            group: None,
             refused: None,
         }
     }

@@ -49,6 +49,11 @@ impl Keystore {
         }
     }
 
+    /// The home directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn lock(&self) -> Result<Locked, HomeError> {
         let path = self.dir.join(LOCK_FILE);
         let io = |source| HomeError::Io {

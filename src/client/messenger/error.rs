@@ -33,6 +33,9 @@ pub enum MessengerError {
         /// The server's explanation.
         message: String,
     },
+    /// A group operation was refused or failed at the MLS layer (issue 22).
+    #[error(transparent)]
+    Mls(#[from] crate::e2e::mls::MlsError),
     /// The home directory could not be used.
     #[error(transparent)]
     Home(#[from] super::super::home::HomeError),

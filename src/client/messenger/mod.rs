@@ -106,6 +106,32 @@ pub enum Received {
     },
     /// A redelivery of a message already kept or shown; acknowledged and otherwise ignored.
     Duplicate,
+    /// A text in a group (issue 22): show it as `GROUP/FROM`, then call
+    /// [`Messenger::shown`].
+    Group {
+        /// The group's name.
+        group: String,
+        /// The sender's id for it.
+        id: MessageId,
+        /// The sender (from its verified MLS credential).
+        from: String,
+        /// The sender's device.
+        from_device: u32,
+        /// When the server stored it (Unix seconds).
+        sent_at: u64,
+        /// The text.
+        text: String,
+        /// The server's sequence number, acknowledged by [`Messenger::shown`].
+        seq: Option<u64>,
+    },
+    /// Something happened to a group (joined, changed, removed, a user left, a delivery
+    /// refused). Already acknowledged; tell the user ([`Received::describe`]).
+    GroupNotice {
+        /// The group's name.
+        group: String,
+        /// What happened.
+        notice: super::groups::GroupNotice,
+    },
 }
 
 impl Received {
@@ -130,7 +156,8 @@ impl Received {
             } => Some(format!(
                 "{from} could not open {id}, and it cannot be sent again"
             )),
-            Self::Text { .. } | Self::File { .. } | Self::Duplicate => None,
+            Self::GroupNotice { group, notice } => Some(notice.describe(group)),
+            Self::Text { .. } | Self::File { .. } | Self::Duplicate | Self::Group { .. } => None,
         }
     }
 }
@@ -233,6 +260,8 @@ pub struct Messenger {
     /// Messages an earlier run kept and never showed, loaded at the first receive and handed
     /// out before anything new.
     pub(super) backlog: std::sync::Mutex<Option<VecDeque<Incoming>>>,
+    /// Group messages an earlier run decrypted and never showed (kept in the MLS state).
+    pub(super) group_backlog: std::sync::Mutex<Option<VecDeque<crate::e2e::mls::KeptMessage>>>,
     /// Held while this messenger receives: one receiver per home.
     _receiving: Option<ReceiveLock>,
     /// When the server was last heard from (a delivery or a ping answered), for the idle
@@ -261,6 +290,7 @@ impl Messenger {
             keystore: Keystore::new(home.dir()),
             me: username(me)?,
             backlog: std::sync::Mutex::new(None),
+            group_backlog: std::sync::Mutex::new(None),
             _receiving: None,
             last_heard: std::sync::Mutex::new(tokio::time::Instant::now()),
         })

@@ -238,6 +238,7 @@ mod tests {
                 sent_at: 7,
                 kind: kind.into(),
                 body: c.envelope,
+                group: None,
                 refused: None,
             })
             .collect()

@@ -47,6 +47,9 @@ impl Messenger {
         if let Some(kept) = self.next_from_backlog().await? {
             return Ok(Some(kept));
         }
+        if let Some(kept) = self.next_group_backlog().await? {
+            return Ok(Some(kept));
+        }
         let Some(delivered) = self.client().next_delivery(wait).await else {
             return match self.disconnected() {
                 Some(lost) => Err(lost),
@@ -56,6 +59,11 @@ impl Messenger {
         let received = self.open_delivered(delivered).await?;
         if self.client().take_prekeys_low().is_some() {
             self.top_up_prekeys().await?;
+        }
+        if self.client().take_key_packages_low().is_some()
+            && let Err(e) = self.ensure_key_packages().await
+        {
+            tracing::warn!(%e, "could not top up the key packages");
         }
         Ok(Some(received))
     }
@@ -134,6 +142,9 @@ impl Messenger {
     /// duplicate or a retry request is acknowledged at once. What [`Messenger::receive`] does
     /// with each delivery.
     pub async fn open_delivered(&self, delivered: Delivered) -> Result<Received, MessengerError> {
+        if delivered.group.is_some() {
+            return self.open_group_delivery(delivered).await;
+        }
         let me = self.me().to_owned();
         let seq = delivered.seq;
         let (id, from) = (delivered.id, delivered.from.clone());
@@ -244,7 +255,12 @@ impl Messenger {
             Received::Undecryptable { seq, .. } => {
                 self.client().ack(vec![*seq]).await?;
             }
-            Received::RetryRequested { .. } | Received::Duplicate => {}
+            Received::Group { group, id, seq, .. } => {
+                self.group_shown(group, *id, *seq).await?;
+            }
+            Received::RetryRequested { .. }
+            | Received::Duplicate
+            | Received::GroupNotice { .. } => {}
         }
         Ok(())
     }

@@ -1,0 +1,170 @@
+//! Groups through a real server with the client's `Messenger` (issue 22): key packages
+//! published, a group of three created and talking, every message once and in order, a
+//! removed member cut off, a user who leaves removed by another member's client, and an
+//! offline member catching up to the others' epoch.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::TestServer;
+use securefastchat::client::groups::GroupNotice;
+use securefastchat::client::messenger::{Messenger, Received};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn member(server: &TestServer, home: &Path, name: &str) -> Messenger {
+    let m = server.messenger(home, name, true).await;
+    assert!(m.ensure_key_packages().await.unwrap() >= 10);
+    m
+}
+
+/// Everything that arrives until a second passes without news, each shown: group texts as
+/// `FROM: TEXT`, notices in words.
+async fn drain(m: &Messenger) -> Vec<String> {
+    let mut got = Vec::new();
+    while let Some(received) = m.receive(Duration::from_secs(1)).await.unwrap() {
+        match &received {
+            Received::Group { from, text, .. } => got.push(format!("{from}: {text}")),
+            Received::GroupNotice { group, notice } => got.push(notice.describe(group)),
+            Received::Duplicate => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        m.shown(&received).await.unwrap();
+    }
+    got
+}
+
+async fn next_notice(m: &Messenger) -> GroupNotice {
+    let received = m.receive(WAIT).await.unwrap().expect("a delivery");
+    m.shown(&received).await.unwrap();
+    match received {
+        Received::GroupNotice { notice, .. } => notice,
+        other => panic!("expected a group notice, got {other:?}"),
+    }
+}
+
+async fn epoch(m: &Messenger) -> u64 {
+    m.group("friends").await.unwrap().mls.epoch
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the delivery service of branch groups-server"]
+async fn a_group_of_three_talks_in_order_and_a_removed_member_is_cut_off() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = member(&server, &homes.path().join("a"), "alice").await;
+    let bob = member(&server, &homes.path().join("b"), "bob").await;
+    let carol = member(&server, &homes.path().join("c"), "carol").await;
+
+    assert_eq!(alice.create_group("Friends").await.unwrap(), "friends");
+    let added = alice.group_add("friends", "bob").await.unwrap();
+    assert_eq!(added.len(), 1);
+    alice.group_add("friends", "carol").await.unwrap();
+    assert!(matches!(
+        next_notice(&bob).await,
+        GroupNotice::Joined { .. }
+    ));
+    assert!(
+        matches!(next_notice(&bob).await, GroupNotice::Changed { ref added, .. } if added == &["carol/1"])
+    );
+    assert!(matches!(
+        next_notice(&carol).await,
+        GroupNotice::Joined { .. }
+    ));
+    for m in [&alice, &bob, &carol] {
+        let g = m.group("friends").await.unwrap();
+        assert_eq!((g.mls.epoch, g.mls.members.len()), (2, 3));
+    }
+
+    alice.group_send("friends", "hello").await.unwrap();
+    bob.group_send("friends", "hi alice").await.unwrap();
+    alice.group_send("friends", "how are you").await.unwrap();
+    assert_eq!(
+        drain(&carol).await,
+        ["alice: hello", "bob: hi alice", "alice: how are you"]
+    );
+    assert_eq!(drain(&bob).await, ["alice: hello", "alice: how are you"]);
+    assert_eq!(drain(&alice).await, ["bob: hi alice"]);
+
+    // A non-admin cannot remove; the admin can, and carol is cut off.
+    assert!(bob.group_remove("friends", "carol").await.is_err());
+    alice.group_remove("friends", "carol").await.unwrap();
+    assert!(matches!(
+        next_notice(&carol).await,
+        GroupNotice::Removed { .. }
+    ));
+    assert!(
+        matches!(next_notice(&bob).await, GroupNotice::Changed { ref removed, .. } if removed == &["carol/1"])
+    );
+    alice.group_send("friends", "carol is gone").await.unwrap();
+    assert_eq!(drain(&bob).await, ["alice: carol is gone"]);
+    assert!(drain(&carol).await.is_empty());
+    assert!(carol.group_send("friends", "still here?").await.is_err());
+    assert_eq!(epoch(&alice).await, epoch(&bob).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the delivery service of branch groups-server"]
+async fn a_user_who_leaves_is_removed_by_a_remaining_members_client() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = member(&server, &homes.path().join("a"), "alice").await;
+    let bob = member(&server, &homes.path().join("b"), "bob").await;
+    let carol = member(&server, &homes.path().join("c"), "carol").await;
+    alice.create_group("friends").await.unwrap();
+    alice.group_add("friends", "bob").await.unwrap();
+    alice.group_add("friends", "carol").await.unwrap();
+    drain(&bob).await;
+    drain(&carol).await;
+
+    carol.group_leave("friends").await.unwrap();
+    assert!(carol.groups().await.unwrap().is_empty());
+    // Bob (not an admin) sees the notice first and commits carol's removal.
+    assert!(matches!(next_notice(&bob).await, GroupNotice::Left { ref user } if user == "carol"));
+    let seen = drain(&alice).await;
+    assert!(seen.iter().any(|s| s.contains("left")), "{seen:?}");
+    assert!(
+        seen.iter().any(|s| s.contains("removed carol/1")),
+        "{seen:?}"
+    );
+    assert_eq!(alice.group("friends").await.unwrap().mls.members.len(), 2);
+    assert_eq!(epoch(&alice).await, epoch(&bob).await);
+    bob.group_send("friends", "just us").await.unwrap();
+    assert_eq!(drain(&alice).await, ["bob: just us"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the delivery service of branch groups-server"]
+async fn an_offline_member_catches_up_in_order() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = member(&server, &homes.path().join("a"), "alice").await;
+    let bob = member(&server, &homes.path().join("b"), "bob").await;
+    let carol = member(&server, &homes.path().join("c"), "carol").await;
+    let dave = member(&server, &homes.path().join("d"), "dave").await;
+    alice.create_group("friends").await.unwrap();
+    alice.group_add("friends", "bob").await.unwrap();
+    bob.close().await;
+    alice.group_send("friends", "one").await.unwrap();
+    alice.group_add("friends", "carol").await.unwrap();
+    alice.group_send("friends", "two").await.unwrap();
+    alice.group_add("friends", "dave").await.unwrap();
+    alice.group_send("friends", "three").await.unwrap();
+    drain(&carol).await;
+    drain(&dave).await;
+
+    let bob = server
+        .messenger(&homes.path().join("b"), "bob", false)
+        .await;
+    let got = drain(&bob).await;
+    let texts: Vec<&String> = got.iter().filter(|s| s.starts_with("alice: ")).collect();
+    assert_eq!(
+        texts,
+        ["alice: one", "alice: two", "alice: three"],
+        "{got:?}"
+    );
+    assert_eq!(epoch(&bob).await, epoch(&alice).await);
+    assert_eq!(bob.group("friends").await.unwrap().mls.members.len(), 4);
+}
