@@ -10,6 +10,7 @@ use super::{KIND_MLS, encode_text, group_name};
 use crate::e2e::IdentityKey;
 use crate::e2e::mls::{
     Commit, FetchedKeyPackage, GroupSummary, MemberId, MlsDevice, MlsError, MlsGroupId,
+    PostedCommit,
 };
 use crate::protocol::keys::IdentityKeyBytes;
 use crate::protocol::{ErrorCode, MessageId};
@@ -270,10 +271,10 @@ impl Messenger {
         Ok(states)
     }
 
-    /// Posts a commit (and its welcome) to the delivery service: merged once the server has
-    /// ordered it; dropped when refused (`stale_epoch`: receive the winning commit, then
-    /// [`Messenger::group_redo`]). On a lost connection it stays pending (the server may
-    /// have it).
+    /// Posts a commit (and its welcome) to the delivery service: saved as posted first, then
+    /// merged once the server has ordered it; dropped when refused (`stale_epoch`: receive
+    /// the winning commit, then [`Messenger::group_redo`]). On a lost connection it stays
+    /// pending and posted: [`Messenger::group_resume_commits`] posts it again.
     pub(super) async fn post_commit(
         &self,
         mls: &MlsDevice,
@@ -286,24 +287,77 @@ impl Messenger {
             body.extend_from_slice(w);
             w.len() as u64
         });
+        let posted = PostedCommit {
+            message_id: message_id.0.to_vec(),
+            body,
+            welcome,
+        };
+        {
+            let (mls, id, posted) = (mls.clone(), commit.group, posted.clone());
+            blocking(move || mls.mark_posted(&id, posted)).await?;
+        }
+        self.send_posted(mls, name, commit.group, posted).await?;
+        Ok(commit)
+    }
+
+    /// Posts a saved commit and settles it by the server's answer.
+    async fn send_posted(
+        &self,
+        mls: &MlsDevice,
+        name: &str,
+        group: MlsGroupId,
+        posted: PostedCommit,
+    ) -> Result<(), MessengerError> {
+        let mut id = [0u8; 16];
+        if posted.message_id.len() == 16 {
+            id.copy_from_slice(&posted.message_id);
+        }
         let sent = self
             .client()
-            .send_group(name, KIND_MLS, message_id, &body, welcome)
+            .send_group(name, KIND_MLS, MessageId(id), &posted.body, posted.welcome)
             .await;
-        let (mls, id) = (mls.clone(), commit.group);
+        let mls = mls.clone();
         match sent {
             Ok(_) => {
-                blocking(move || mls.commit_accepted(&id)).await?;
-                Ok(commit)
+                blocking(move || mls.commit_accepted(&group)).await?;
+                Ok(())
             }
             Err(e) if is_offline(&e) => Err(e.into()),
             Err(e) => {
                 if e.is_server(ErrorCode::StaleEpoch) {
                     tracing::debug!(group = name, "a commit lost its epoch");
                 }
-                blocking(move || mls.commit_refused(&id)).await?;
+                blocking(move || mls.commit_refused(&group)).await?;
                 Err(e.into())
             }
         }
+    }
+
+    /// Posts again the commits whose answer was lost (a lost connection, a crash after
+    /// sending), under their message ids: the server recognises a repeat. Returns how many
+    /// were settled (accepted or refused).
+    pub async fn group_resume_commits(&self) -> Result<usize, MessengerError> {
+        let mls = self.mls().await?;
+        let posted = {
+            let mls = mls.clone();
+            blocking(move || mls.posted_commits()).await?
+        };
+        let mut settled = 0;
+        for (group, commit) in posted {
+            let name = {
+                let mls = mls.clone();
+                blocking(move || mls.name_of(&group)).await?
+            };
+            let Some(name) = name else { continue };
+            match self.send_posted(&mls, &name, group, commit).await {
+                Ok(()) => settled += 1,
+                Err(e) if e.is_disconnected() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(%e, "a posted commit was refused");
+                    settled += 1;
+                }
+            }
+        }
+        Ok(settled)
     }
 }

@@ -187,6 +187,7 @@ impl Messenger {
         };
         let mls = self.mls().await?;
         let mut pinned_once = false;
+        let mut resumed_once = false;
         let outcome = loop {
             let pins = self.pins().await?;
             let (mls, group, body, id) = (
@@ -210,6 +211,13 @@ impl Messenger {
                 Err(MessengerError::Mls(MlsError::Unpinned(users))) if !pinned_once => {
                     self.pin_users(&users).await?;
                     pinned_once = true;
+                }
+                // A commit of this device whose answer was lost may be what this message
+                // follows: settle it, then try again.
+                Err(MessengerError::Mls(MlsError::Mls(_) | MlsError::PendingCommit))
+                    if !resumed_once && self.group_resume_commits().await? > 0 =>
+                {
+                    resumed_once = true;
                 }
                 other => break other,
             }

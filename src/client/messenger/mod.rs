@@ -157,7 +157,12 @@ impl Received {
                 "{from} could not open {id}, and it cannot be sent again"
             )),
             Self::GroupNotice { group, notice } => Some(notice.describe(group)),
-            Self::Text { .. } | Self::File { .. } | Self::Duplicate | Self::Group { .. } => None,
+            // Shown as `sfc recv` prints group texts (`GROUP/FROM<TAB>TEXT`), so that a caller
+            // that does not handle group texts yet still shows them.
+            Self::Group {
+                group, from, text, ..
+            } => Some(format!("{group}/{from}\t{text}")),
+            Self::Text { .. } | Self::File { .. } | Self::Duplicate => None,
         }
     }
 }

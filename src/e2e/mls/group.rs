@@ -11,7 +11,7 @@ use openmls::prelude::*;
 use super::cert::{self, MemberId, Pins};
 use super::device::Session;
 use super::error::mls;
-use super::store::{GroupMeta, PendingChange};
+use super::store::{GroupMeta, PendingChange, PostedCommit};
 use super::{GROUP_ID_LEN, MlsDevice, MlsError, MlsGroupId};
 
 /// A key package the server handed out for a device of `user`.
@@ -116,7 +116,9 @@ impl MlsDevice {
             if g.pending_commit().is_some() {
                 g.merge_pending_commit(s.provider()).map_err(mls)?;
             }
-            s.state.meta_mut(group)?.pending = None;
+            let meta = s.state.meta_mut(group)?;
+            meta.pending = None;
+            meta.posted = None;
             Ok(g.epoch().as_u64())
         })
     }
@@ -131,7 +133,9 @@ impl MlsDevice {
                 g.clear_pending_commit(s.provider().storage())
                     .map_err(mls)?;
             }
-            Ok(s.state.meta_mut(group)?.pending.clone())
+            let meta = s.state.meta_mut(group)?;
+            meta.posted = None;
+            Ok(meta.pending.clone())
         })
     }
 
@@ -166,6 +170,33 @@ impl MlsDevice {
                 Err(MlsError::Nothing(_)) => Ok(None),
                 Err(e) => Err(e),
             }
+        })
+    }
+
+    /// Records how the pending commit is posted (before it is sent), so that it can be
+    /// posted again under the same message id if the answer is lost.
+    pub fn mark_posted(&self, group: &MlsGroupId, posted: PostedCommit) -> Result<(), MlsError> {
+        self.change(|s| {
+            if s.group(group)?.pending_commit().is_none() {
+                return Err(MlsError::NoPendingCommit);
+            }
+            s.state.meta_mut(group)?.posted = Some(posted);
+            Ok(())
+        })
+    }
+
+    /// Pending commits posted whose answer never came, by group: post each again under its
+    /// message id (the server recognises a repeat), then call [`Self::commit_accepted`] or
+    /// [`Self::commit_refused`].
+    pub fn posted_commits(&self) -> Result<Vec<(MlsGroupId, PostedCommit)>, MlsError> {
+        self.read(|s| {
+            let mut posted = Vec::new();
+            for meta in &s.state.header.groups {
+                if let Some(p) = &meta.posted {
+                    posted.push((super::group_id(&meta.id)?, p.clone()));
+                }
+            }
+            Ok(posted)
         })
     }
 
@@ -212,6 +243,7 @@ pub(super) fn create(s: &mut Session<'_>, name: Option<&str>) -> Result<MlsGroup
         name: name.map(str::to_owned),
         departed: Default::default(),
         pending: None,
+        posted: None,
     });
     Ok(id)
 }

@@ -157,6 +157,7 @@ pub(super) fn join(
         name: None,
         departed: BTreeSet::new(),
         pending: None,
+        posted: None,
     });
     Ok(Incoming::Joined {
         group: id,
@@ -231,6 +232,8 @@ pub(super) fn handle(
             let meta = s.state.meta_mut(&id)?;
             meta.departed.retain(|user| present.contains(user));
             let lost_own_commit = meta.pending.is_some();
+            // Another commit took the epoch: this device's posted one cannot win any more.
+            meta.posted = None;
             if removed_self {
                 tracing::info!(group = %hex::encode(id), "removed from an MLS group");
             }
@@ -247,7 +250,9 @@ pub(super) fn handle(
         }
         ProcessedMessageContent::OwnPendingCommit => {
             g.merge_pending_commit(s.provider()).map_err(mls)?;
-            s.state.meta_mut(&id)?.pending = None;
+            let meta = s.state.meta_mut(&id)?;
+            meta.pending = None;
+            meta.posted = None;
             Ok(Incoming::OwnCommit {
                 group: id,
                 epoch: g.epoch().as_u64(),

@@ -45,7 +45,7 @@ pub use device::{KeyPackageBatch, MAX_KEY_PACKAGE_BATCH, MlsDevice};
 pub use error::MlsError;
 pub use group::{Commit, FetchedKeyPackage};
 pub use incoming::Incoming;
-pub use store::{KeptMessage, MAX_STATE_LEN, PendingChange, STATE_FILE};
+pub use store::{KeptMessage, MAX_STATE_LEN, PendingChange, PostedCommit, STATE_FILE};
 
 /// Length of an MLS group id (random bytes chosen by the creator).
 pub const GROUP_ID_LEN: usize = 16;

@@ -97,6 +97,23 @@ pub(super) struct GroupMeta {
     /// another commit wins the epoch.
     #[serde(default)]
     pub pending: Option<PendingChange>,
+    /// The pending commit as it was posted (saved before it was sent), to post again under
+    /// the same message id when the answer was lost with the connection.
+    #[serde(default)]
+    pub posted: Option<PostedCommit>,
+}
+
+/// A commit of this device as posted to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostedCommit {
+    /// The message id it was posted under.
+    #[serde(with = "serde_bytes")]
+    pub message_id: Vec<u8>,
+    /// The body: the commit, then the welcome if any.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// The welcome's length at the end of the body.
+    pub welcome: Option<u64>,
 }
 
 /// A change this device committed, kept until the server accepts or refuses the commit.

@@ -348,3 +348,35 @@ fn a_user_who_leaves_loses_all_devices_by_any_members_commit() {
     let after = carol.mls.send(&id, b"just us").unwrap();
     assert!(alice.mls.process(&after, &all).is_ok());
 }
+
+/// A posted commit is kept (for posting again under its id) until the server's answer, and
+/// dropped when another commit takes the epoch.
+#[test]
+fn a_posted_commit_is_kept_until_settled() {
+    let (alice, bob) = (Dev::new("alice", 1), Dev::new("bob", 1));
+    let all = pins(&[&alice, &bob]);
+    let id = group_of(&alice, &[&bob], &all);
+    let posted = |n: u8| PostedCommit {
+        message_id: vec![n; 16],
+        body: vec![n; 3],
+        welcome: None,
+    };
+    assert!(matches!(
+        alice.mls.mark_posted(&id, posted(1)),
+        Err(MlsError::NoPendingCommit)
+    ));
+    let first = alice.mls.update(&id).unwrap();
+    alice.mls.mark_posted(&id, posted(1)).unwrap();
+    assert_eq!(alice.mls.posted_commits().unwrap(), vec![(id, posted(1))]);
+    alice.mls.commit_accepted(&id).unwrap();
+    assert!(alice.mls.posted_commits().unwrap().is_empty());
+    bob.mls.process(&first.commit, &all).unwrap();
+
+    // Bob's posted commit loses to alice's.
+    let winner = alice.mls.update(&id).unwrap();
+    bob.mls.update(&id).unwrap();
+    bob.mls.mark_posted(&id, posted(2)).unwrap();
+    alice.mls.commit_accepted(&id).unwrap();
+    bob.mls.process(&winner.commit, &all).unwrap();
+    assert!(bob.mls.posted_commits().unwrap().is_empty());
+}
