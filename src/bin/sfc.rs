@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use devices::{DeviceCommand, how_to_link, removed_message, removed_or};
+use groups::GroupCommand;
 use securefastchat::client::chat;
 use securefastchat::client::home::{Home, SavedSession};
 use securefastchat::client::keystore::{FIRST_DEVICE, Keystore};
@@ -26,6 +27,8 @@ use securefastchat::protocol::{ErrorCode, MessageId, Password, Username};
 mod devices;
 #[path = "sfc/files.rs"]
 mod files;
+#[path = "sfc/groups.rs"]
+mod groups;
 
 /// SecureFastChat client.
 #[derive(Parser, Debug)]
@@ -77,6 +80,12 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Groups (end-to-end encrypted with MLS): create, add, remove, leave, members, list,
+    /// send. `sfc recv` prints group messages as `GROUP/FROM<TAB>TEXT`
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
     /// Revoke the saved session on the server and forget it
     Logout,
     /// Delete your account for good (password from SFC_PASSWORD or a prompt): its keys,
@@ -107,8 +116,9 @@ enum Command {
         /// The file
         path: PathBuf,
     },
-    /// Receive messages: one `FROM<TAB>TEXT` line each (or JSON with --json). A message's
-    /// later lines start with a TAB; control characters show as escapes (`\x1b`, `\u{202e}`).
+    /// Receive messages: one `FROM<TAB>TEXT` line each (`GROUP/FROM<TAB>TEXT` in a group; or
+    /// JSON with --json). A message's later lines start with a TAB; control characters show as
+    /// escapes (`\x1b`, `\u{202e}`).
     /// A file is saved into --into and shows as `FROM<TAB>file: NAME (SIZE)`, NAME the name it
     /// was saved under
     Recv {
@@ -123,7 +133,7 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
         /// One JSON object per line: id, from, sent_at, text (a file: `file` with name,
-        /// size, type and path)
+        /// size, type and path; a group message: `group` too)
         #[arg(long)]
         json: bool,
         /// Where received files are saved, made if missing (never over an existing file: a
@@ -356,8 +366,15 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                 session.expires_at,
             )?;
             let messenger = Messenger::new(client, home.dir(), &session.username)?;
-            messenger.ensure_keys().await?;
+            let ready = async {
+                messenger.ensure_keys().await?;
+                // So that others can add this device to groups at once.
+                messenger.ensure_key_packages().await?;
+                anyhow::Ok(())
+            }
+            .await;
             messenger.close().await;
+            ready?;
             println!(
                 "signed up and logged in as {}",
                 render::line(&session.username)
@@ -425,7 +442,12 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                 }
             };
             let messenger = Messenger::new(client, home.dir(), &session.username)?;
-            if let Err(e) = messenger.ensure_keys().await {
+            let ready = async {
+                messenger.ensure_keys().await?;
+                messenger.ensure_key_packages().await
+            }
+            .await;
+            if let Err(e) = ready {
                 let _ = messenger.client().logout().await;
                 messenger.close().await;
                 return Err(e.into());
@@ -457,6 +479,9 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
         }
         Command::Device { command } => {
             devices::run(command, &home, &options, &cli.server).await?;
+        }
+        Command::Group { command } => {
+            groups::run(command, &home, &options).await?;
         }
         Command::Whoami => {
             let (client, saved) = resume(&home, &options, false).await?;
@@ -608,6 +633,31 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                             }
                             shown += 1;
                         }
+                    }
+                    Received::Group {
+                        group,
+                        id,
+                        from,
+                        sent_at,
+                        text,
+                        ..
+                    } => {
+                        if json {
+                            let line = serde_json::json!({
+                                "id": id.to_hex(), "group": group, "from": from,
+                                "sent_at": sent_at, "text": text,
+                            });
+                            println!("{}", render::json(&line.to_string()));
+                        } else {
+                            // Group and user names hold no `/`, spaces or TABs.
+                            println!(
+                                "{}/{}\t{}",
+                                render::line(group),
+                                render::line(from),
+                                render::body(text, "\t")
+                            );
+                        }
+                        shown += 1;
                     }
                     other => {
                         if let Some(what) = other.describe() {

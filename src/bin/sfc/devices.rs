@@ -7,6 +7,7 @@ use clap::Subcommand;
 use securefastchat::client::home::Home;
 use securefastchat::client::keystore::Keystore;
 use securefastchat::client::link;
+use securefastchat::client::messenger::Messenger;
 use securefastchat::client::render;
 use securefastchat::client::{Client, ClientOptions};
 use securefastchat::e2e::LinkCode;
@@ -155,7 +156,21 @@ async fn add(
         joined.expires_at,
     )?;
     let published = link::publish_keys(&client, &keystore).await;
-    client.close().await;
+    let published = match published {
+        // Key packages too, so that this device can be added to groups at once.
+        Ok(_) => match Messenger::new(client, home.dir(), &joined.username) {
+            Ok(messenger) => {
+                let packages = messenger.ensure_key_packages().await;
+                messenger.close().await;
+                packages.map(|_| ()).map_err(anyhow::Error::from)
+            }
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => {
+            client.close().await;
+            Err(anyhow::Error::from(e))
+        }
+    };
     published.with_context(|| {
         format!(
             "linked as device {} of {}, but its keys did not reach the server (others cannot \

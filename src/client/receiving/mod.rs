@@ -14,6 +14,7 @@ use super::{ClientError, Copies, Delivered, Messenger};
 use crate::e2e::FileRef;
 use crate::protocol::{MessageId, Username};
 
+mod catch_up;
 mod keep;
 
 use keep::{Kept, keep};

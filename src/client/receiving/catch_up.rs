@@ -1,0 +1,28 @@
+//! Catching a device up with its group deliveries before it changes a group (`sfc group …`):
+//! every delivery waiting on the connection is processed as [`Messenger::receive`] would
+//! (group commits and welcomes merged, texts kept for later), without showing anything.
+
+use std::time::Duration;
+
+use super::super::messenger::{Messenger, MessengerError, Received};
+
+impl Messenger {
+    /// Processes the deliveries that arrive until none comes for `idle`: commits and welcomes
+    /// are merged into the groups (each notice returned, already acknowledged), and texts and
+    /// files are kept, unshown, for the next [`Messenger::receive`] (which shows kept messages
+    /// first). Unlike `receive`, it does not return kept messages, so it gets past them to
+    /// the group traffic behind. Needs a messenger that takes deliveries.
+    pub async fn catch_up(&self, idle: Duration) -> Result<Vec<Received>, MessengerError> {
+        let mut notices = Vec::new();
+        while let Some(delivered) = self.client().next_delivery(idle).await {
+            let received = self.open_delivered(delivered).await?;
+            if let Received::GroupNotice { .. } = received {
+                notices.push(received);
+            }
+        }
+        match self.disconnected() {
+            Some(lost) => Err(lost),
+            None => Ok(notices),
+        }
+    }
+}
