@@ -177,19 +177,21 @@ async fn run_with(session: &GroupSession, command: GroupCommand) -> anyhow::Resu
             println!("created group {}", render::line(&name));
         }
         GroupCommand::Add { group, user } => {
-            session.change(&group, |m| {
-                let (group, user) = (group.clone(), user.clone());
-                async move { m.group_add(&group, &user).await.map(|_| ()) }
-            })
-            .await?;
+            session
+                .change(&group, |m| {
+                    let (group, user) = (group.clone(), user.clone());
+                    async move { m.group_add(&group, &user).await.map(|_| ()) }
+                })
+                .await?;
             println!("added {} to {}", render::line(&user), render::line(&group));
         }
         GroupCommand::Remove { group, user } => {
-            session.change(&group, |m| {
-                let (group, user) = (group.clone(), user.clone());
-                async move { m.group_remove(&group, &user).await.map(|_| ()) }
-            })
-            .await?;
+            session
+                .change(&group, |m| {
+                    let (group, user) = (group.clone(), user.clone());
+                    async move { m.group_remove(&group, &user).await.map(|_| ()) }
+                })
+                .await?;
             println!(
                 "removed {} from {}",
                 render::line(&user),
@@ -197,11 +199,12 @@ async fn run_with(session: &GroupSession, command: GroupCommand) -> anyhow::Resu
             );
         }
         GroupCommand::Admin { group, user } => {
-            session.change(&group, |m| {
-                let (group, user) = (group.clone(), user.clone());
-                async move { m.group_add_admin(&group, &user).await }
-            })
-            .await?;
+            session
+                .change(&group, |m| {
+                    let (group, user) = (group.clone(), user.clone());
+                    async move { m.group_add_admin(&group, &user).await }
+                })
+                .await?;
             println!(
                 "{} is an admin of {}",
                 render::line(&user),
@@ -237,7 +240,8 @@ async fn run_with(session: &GroupSession, command: GroupCommand) -> anyhow::Resu
         GroupCommand::List => {
             session.catch_up().await?;
             for state in session.messenger.groups().await? {
-                let mut users: Vec<&str> = state.mls.members.iter().map(|m| m.user.as_str()).collect();
+                let mut users: Vec<&str> =
+                    state.mls.members.iter().map(|m| m.user.as_str()).collect();
                 users.dedup();
                 println!(
                     "{}\t{}\tepoch {}",
@@ -249,11 +253,12 @@ async fn run_with(session: &GroupSession, command: GroupCommand) -> anyhow::Resu
         }
         GroupCommand::Send { group, text, file } => {
             let text = message_text(text, file).await?;
-            let id = session.change(&group, |m| {
-                let (group, text) = (group.clone(), text.clone());
-                async move { m.group_send(&group, &text).await }
-            })
-            .await?;
+            let id = session
+                .change(&group, |m| {
+                    let (group, text) = (group.clone(), text.clone());
+                    async move { m.group_send(&group, &text).await }
+                })
+                .await?;
             println!("{id}");
         }
     }
