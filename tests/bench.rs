@@ -242,3 +242,39 @@ async fn relay_resends_what_a_full_inbox_refused() {
     // Not spawned: no server figures.
     assert!(report["server_cpu_s"].is_null(), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_reaches_every_member_once_and_times_the_commits() {
+    let report = run_json(
+        [
+            "fanout",
+            "--server-bin",
+            env!("CARGO_BIN_EXE_sfc-server"),
+            "--members",
+            "4",
+            "--messages",
+            "20",
+        ]
+        .map(OsString::from)
+        .to_vec(),
+    )
+    .await;
+    assert_eq!(report["members"], 4, "{report}");
+    assert_eq!(report["expected"], 60, "{report}");
+    assert_eq!(report["delivered"], 60, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    assert!(
+        report["deliveries_per_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(
+        report["latency_to_last_member_us"]["p50"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(
+        report["commit_latency_us"]["p50"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(report["message_bytes"].as_u64().unwrap() > 128, "{report}");
+}

@@ -12,6 +12,7 @@
 //! Latency of the open-loop relay is measured from each message's *intended* send time, so a
 //! stall delays the measurement instead of the schedule (no coordinated omission).
 
+pub mod fanout;
 pub mod file;
 pub mod flood;
 pub mod flood_logins;

@@ -22,7 +22,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// Load generator for SecureFastChat: real clients (QUIC, TLS) against a server.
 ///
 /// A wrong-password login flood has options of its own: `sfc-bench flood-logins --help`; so
-/// has sending a file: `sfc-bench file --help`.
+/// has sending a file: `sfc-bench file --help`, and a group's fan-out: `sfc-bench fanout --help`.
 #[derive(Parser, Debug)]
 #[command(name = "sfc-bench", version)]
 struct Cli {
@@ -93,6 +93,11 @@ fn main() -> ExitCode {
         Some("flood-logins") => {
             init_logging();
             return bench::flood_logins::cli_main(args.collect());
+        }
+        // `sfc-bench fanout ...`: group message fan-out and commits (src/bench/fanout.rs).
+        Some("fanout") => {
+            init_logging();
+            return bench::fanout::cli_main(args.collect());
         }
         // `sfc-bench file ...`: one file end to end (src/bench/file.rs).
         Some("file") => {
