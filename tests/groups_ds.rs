@@ -314,6 +314,10 @@ async fn only_admins_add_and_remove_others_and_a_removed_member_is_cut_off() {
     });
     let reply = m[1].send_commit("club", commit, None).await;
     assert_eq!(failure(&reply), (ErrorCode::NotAdmin, None));
+    // The DS checks every added leaf's certification against its account's identity key.
+    let forged = m[0].forged_key_package("carol", 1);
+    let reply = m[0].add("club", &[forged]).await;
+    assert_eq!(failure(&reply), (ErrorCode::InvalidMls, None));
     // Anyone may update their keys.
     assert!(matches!(m[1].update("club").await, Reply::Sent { .. }));
     assert_eq!(
@@ -596,5 +600,73 @@ async fn an_offline_member_gets_commits_and_messages_in_order_after_login() {
         ),
         (2, 2, 2)
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_to_a_group_of_50_reaches_each_member_exactly_once() {
+    // Fifty signups and forty-nine fetches from one address and one account.
+    let server = TestServer::start_with(|c| {
+        c.signups_per_minute = 0;
+        c.bundle_fetches_per_minute = 0;
+    })
+    .await;
+    let names: Vec<String> = (0..50).map(|i| format!("member{i:02}")).collect();
+    let mut members = Vec::new();
+    for name in &names {
+        let mut member = Member::signup(&server, name).await;
+        member.publish_key_packages(1).await;
+        members.push(member);
+    }
+    assert!(matches!(
+        members[0].create_group("fifty").await,
+        Reply::GroupCreated { .. }
+    ));
+    let mut packages = Vec::new();
+    for name in &names[1..] {
+        packages.extend(members[0].fetch_key_packages(name).await);
+    }
+    assert!(matches!(
+        members[0].add("fifty", &packages).await,
+        Reply::Sent { .. }
+    ));
+    for member in &mut members[1..] {
+        assert_eq!(
+            member.receive().await,
+            Received::Joined {
+                group: "fifty".into()
+            }
+        );
+    }
+    let (_, reply) = members[0].send_text("fifty", "hello, fifty").await;
+    assert!(matches!(reply, Reply::Sent { .. }), "{reply:?}");
+    let (_, reply) = members[49].send_text("fifty", "hello from the last").await;
+    assert!(matches!(reply, Reply::Sent { .. }), "{reply:?}");
+    for (i, member) in members.iter_mut().enumerate() {
+        if i != 0 {
+            assert_eq!(
+                member.receive().await,
+                text("fifty", "member00", "hello, fifty")
+            );
+        }
+        if i != 49 {
+            assert_eq!(
+                member.receive().await,
+                text("fifty", "member49", "hello from the last")
+            );
+        }
+    }
+    for member in &mut members {
+        assert!(member.nothing_within(Duration::from_millis(20)).await);
+    }
+    let info = members[7]
+        .call(Request::GroupInfo {
+            group: "fifty".into(),
+        })
+        .await;
+    let Reply::Group(info) = info else {
+        panic!("{info:?}")
+    };
+    assert_eq!((info.members.len(), info.epoch), (50, 1));
     server.stop().await;
 }

@@ -162,7 +162,8 @@ impl Inner {
     }
 
     /// Deletes the records of `name`'s `devices` (whose inboxes are dropped already): records,
-    /// keys, one-time prekeys, sessions; synced. The caller holds the directory's lock.
+    /// keys, one-time prekeys, key packages, sessions; synced. The caller holds the
+    /// directory's lock.
     /// Returns the deleted sessions' digests, or `None` if none of the devices is current.
     fn delete_devices_into(
         &self,
@@ -176,6 +177,7 @@ impl Inner {
             batch.remove(&self.devices.keyspace, device_key(user, *device));
             self.directory
                 .remove_device_into(batch, name, *device, true)?;
+            self.remove_key_packages_into(batch, name, Some(*device))?;
         }
         account.devices.retain(|(id, _)| !devices.contains(id));
         // Sessions are keyed by token digest: every one is read (a removal is rare).
@@ -284,6 +286,8 @@ impl Inner {
                 .filter(|id| *id != device)
                 .collect();
             self.delete_devices_into(&mut batch, name, user, &mut account, &others)?;
+            // Its key packages are certified by the old identity.
+            self.remove_key_packages_into(&mut batch, name, Some(device))?;
             if keys.is_none() {
                 batch.remove(
                     &self.directory.keys,

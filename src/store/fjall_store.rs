@@ -250,6 +250,7 @@ impl Inner {
         batch.insert(&self.held_names, name.as_str(), hold_until.to_be_bytes());
         self.ids.forget(&mut batch, name);
         self.directory.remove_into(&mut batch, name)?;
+        self.remove_key_packages_into(&mut batch, name, None)?;
         if let Some(id) = id {
             self.devices.remove_account_into(&mut batch, id)?;
         }

@@ -446,4 +446,34 @@ mod tests {
                 .is_none()
         );
     }
+
+    #[tokio::test]
+    async fn key_packages_go_with_their_device_and_their_account() {
+        let (_dir, store) = store_with_bob().await;
+        let bob = name("bob");
+        let laptop = store.add_device(&bob, "laptop".into(), 5).await.unwrap();
+        for device in [1, laptop] {
+            let upload = KeyPackageUpload {
+                one_time: packages(0..3),
+                last_resort: Some(vec![device as u8; 10]),
+            };
+            store.put_key_packages(&bob, device, upload).await.unwrap();
+        }
+        store.remove_device(&bob, laptop).await.unwrap();
+        let taken = store.take_key_packages(&bob, None).await.unwrap().unwrap();
+        assert_eq!(taken.devices.len(), 1);
+        let prefix = super::super::inbox_writer::pair_key(&bob, &[]);
+        let left = |store: &FjallStore| {
+            let inner = store.current().unwrap();
+            inner.key_packages.one_time.prefix(&prefix).count()
+                + inner.key_packages.last_resort.prefix(&prefix).count()
+        };
+        assert_eq!(
+            left(&store),
+            3,
+            "device 1's two one-time and its last resort"
+        );
+        store.delete_user(&bob, 0).await.unwrap();
+        assert_eq!(left(&store), 0);
+    }
 }

@@ -207,6 +207,24 @@ impl Member {
         bundle.key_package().tls_serialize_detached().unwrap()
     }
 
+    /// A key package claiming to be `user`'s `device`, certified by this member's identity
+    /// (not `user`'s): valid MLS, a forged certification.
+    pub fn forged_key_package(&self, user: &str, device: u32) -> KeyPackage {
+        let signer = SignatureKeyPair::new(SignatureScheme::ED25519).unwrap();
+        let tbs = certification_tbs(user, device, signer.public()).unwrap();
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(member_identity(user, device).into_bytes()).into(),
+            signature_key: signer.public().into(),
+        };
+        KeyPackage::builder()
+            .leaf_node_capabilities(capabilities())
+            .leaf_node_extensions(self.leaf_extensions(self.identity.sign(&tbs).unwrap()))
+            .build(CS, &self.provider, &signer, credential)
+            .unwrap()
+            .key_package()
+            .clone()
+    }
+
     /// Uploads `count` one-time key packages and a last-resort one.
     pub async fn publish_key_packages(&mut self, count: usize) -> Reply {
         let key_packages = (0..count)

@@ -40,6 +40,24 @@ impl Control {
             .iter()
             .map(|c| (Inbox::new(&c.recipient, c.device), c.seq))
             .collect();
+        // Group traffic is never unsent: a commit taken back would leave the members behind
+        // the delivery service's epoch (docs/PROTOCOL.md 5.7).
+        if let Some((inbox, seq)) = copies.first() {
+            match store
+                .pending(&inbox.user, inbox.device, seq.saturating_sub(1), 1)
+                .await
+            {
+                Ok(found) => {
+                    let is_group = found.first().is_some_and(|m| {
+                        m.seq == *seq && !crate::server::groups::is_plain_kind(&m.kind)
+                    });
+                    if is_group {
+                        return Reply::Unsent { deleted: false };
+                    }
+                }
+                Err(e) => return store_error(&e),
+            }
+        }
         // All copies or none: one copy already handed to a device means the message was
         // delivered, and the others stay.
         if !self.shared.router.cancel_all(&copies) {
