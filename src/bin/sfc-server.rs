@@ -103,6 +103,9 @@ struct Cli {
     /// Largest message body in bytes [default: 65536]
     #[arg(long, env = "SFC_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<u64>,
+    /// Largest group message body in bytes (a commit with its welcome) [default: 1048576]
+    #[arg(long, env = "SFC_MAX_GROUP_MESSAGE_BYTES")]
+    max_group_message_bytes: Option<u64>,
     /// Pending messages an inbox may hold [default: 10000]
     #[arg(long, env = "SFC_MAX_PENDING")]
     max_pending: Option<u64>,
@@ -302,6 +305,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         password_work_per_address: cli.password_work_per_address,
         message_ttl_secs: cli.message_ttl_secs,
         max_message_bytes: cli.max_message_bytes,
+        max_group_message_bytes: cli.max_group_message_bytes,
         max_pending: cli.max_pending,
         durability: cli.durability,
         metrics: cli.metrics,

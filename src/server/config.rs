@@ -43,6 +43,8 @@ pub const DEFAULT_MESSAGE_TTL_SECS: u64 = 7 * 24 * 3600;
 /// Default largest message body: the largest envelope (60 KiB), which is what receiving clients
 /// accept; a larger body would be stored and then refused by its recipient.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = crate::e2e::MAX_ENVELOPE_LEN as u64;
+/// Default largest group message body (docs/PROTOCOL.md 5.7): a commit with its welcome.
+pub const DEFAULT_MAX_GROUP_MESSAGE_BYTES: u64 = 1 << 20;
 /// Default pending messages one sender may hold in one inbox: a tenth of the default inbox,
 /// so one account cannot fill someone's inbox and lock everyone else out.
 pub const DEFAULT_MAX_PENDING_PER_SENDER: u64 = DEFAULT_MAX_PENDING / 10;
@@ -124,6 +126,8 @@ pub struct ServerConfig {
     pub message_ttl: Duration,
     /// Largest message body accepted.
     pub max_message_bytes: u64,
+    /// Largest group message body accepted (a commit with its welcome, 5.7).
+    pub max_group_message_bytes: u64,
     /// Pending messages an inbox may hold.
     pub max_pending: u64,
     /// Whether message writes are synced before they are acknowledged.
@@ -176,6 +180,7 @@ impl ServerConfig {
             password_work_per_address: DEFAULT_PASSWORD_WORK_PER_ADDRESS,
             message_ttl: Duration::from_secs(DEFAULT_MESSAGE_TTL_SECS),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_group_message_bytes: DEFAULT_MAX_GROUP_MESSAGE_BYTES,
             max_pending: DEFAULT_MAX_PENDING,
             durability: Durability::Sync,
             metrics: None,
@@ -238,6 +243,8 @@ pub struct ConfigLayer {
     pub message_ttl_secs: Option<u64>,
     /// Largest message body in bytes.
     pub max_message_bytes: Option<u64>,
+    /// Largest group message body in bytes.
+    pub max_group_message_bytes: Option<u64>,
     /// Pending messages per inbox.
     pub max_pending: Option<u64>,
     /// `sync` or `buffered`.
@@ -331,6 +338,9 @@ impl ConfigLayer {
                 .or(lower.password_work_per_address),
             message_ttl_secs: self.message_ttl_secs.or(lower.message_ttl_secs),
             max_message_bytes: self.max_message_bytes.or(lower.max_message_bytes),
+            max_group_message_bytes: self
+                .max_group_message_bytes
+                .or(lower.max_group_message_bytes),
             max_pending: self.max_pending.or(lower.max_pending),
             durability: self.durability.or(lower.durability),
             metrics: self.metrics.or(lower.metrics),
@@ -431,6 +441,14 @@ impl ConfigLayer {
                 ));
             }
             config.max_message_bytes = bytes;
+        }
+        if let Some(bytes) = self.max_group_message_bytes {
+            if !(61_440..=16 * 1024 * 1024).contains(&bytes) {
+                return Err(ConfigError::Invalid(
+                    "max_group_message_bytes must be 61,440 bytes to 16 MiB".into(),
+                ));
+            }
+            config.max_group_message_bytes = bytes;
         }
         if let Some(n) = self.max_pending {
             if n == 0 {

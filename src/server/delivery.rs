@@ -102,17 +102,22 @@ pub(crate) async fn deliver(
             if message.from != inbox.user {
                 shared.router.note_written(&inbox.user, &message.from);
             }
+            // Group traffic keeps its group in its stored kind (`groups`).
+            let (kind, group) = super::groups::split_stored_kind(message.kind);
             let header = DeliverHeader {
                 seq: message.seq,
                 prev,
                 id: message.id,
                 from: message.from.to_string(),
                 from_device: message.from_device,
-                to: message.to.map(|to| to.to_string()),
+                to: message
+                    .to
+                    .filter(|_| group.is_none())
+                    .map(|to| to.to_string()),
                 sent_at: message.sent_at,
-                kind: message.kind,
+                kind,
                 length: message.body.len() as u64,
-                group: None,
+                group,
             };
             let pushed = tokio::select! {
                 () = stop.cancelled() => return,

@@ -37,7 +37,7 @@ const MAX_COPIES: usize = 2 * MAX_DEVICES;
 /// Message streams of one connection handled at once.
 const MAX_RECEIVING: usize = 1024;
 /// Stream error code sent with STOP_SENDING when a message stream is refused.
-const STREAM_REFUSED: u32 = 1;
+pub(crate) const STREAM_REFUSED: u32 = 1;
 
 /// Accepts the connection's message streams until it closes, and handles them in this one
 /// task (no task per message). At most [`MAX_RECEIVING`] are handled at once: beyond that it
@@ -78,7 +78,11 @@ pub(crate) async fn accept_message_streams(
     }
 }
 
-fn failed(message_id: Option<MessageId>, code: ErrorCode, message: impl Into<String>) -> Reply {
+pub(crate) fn failed(
+    message_id: Option<MessageId>,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> Reply {
     Reply::SendFailed {
         message_id,
         code,
@@ -149,7 +153,19 @@ async fn receive_message(
     let refuse = |stream: &mut RecvStream| {
         let _ = stream.stop(VarInt::from_u32(STREAM_REFUSED));
     };
+    if header.group.is_some() {
+        let group = super::groups::send::receive_group_message;
+        return group(stream, header, shared, session, budget).await;
+    }
     let id = header.id;
+    if !super::groups::is_plain_kind(&header.kind) {
+        refuse(&mut stream);
+        return Some(failed(
+            Some(id),
+            ErrorCode::BadRequest,
+            "a kind may not hold the byte 0x00",
+        ));
+    }
     let sender = match session.lock().ok().and_then(|s| s.clone()) {
         Some(s) if s.is_active() => s,
         _ => {
@@ -359,7 +375,7 @@ fn split_copies(body: Vec<u8>, lengths: &[u64]) -> Vec<Vec<u8>> {
 /// if a newer connection takes over meanwhile, the synced hook sends its deliverer to the
 /// store.
 #[allow(clippy::too_many_arguments)]
-fn hooks(
+pub(crate) fn hooks(
     shared: &Shared,
     sender: &ActiveSession,
     to: &Username,
@@ -485,7 +501,7 @@ fn same_devices(listed: &[DeviceId], expected: &[DeviceId]) -> bool {
 }
 
 /// Why a message over the sender's share was refused, with the limits.
-fn sender_quota_message(recipient: &Username, share: SenderShare) -> String {
+pub(crate) fn sender_quota_message(recipient: &Username, share: SenderShare) -> String {
     let limits = match (share.messages, share.bytes) {
         (0, bytes) => format!("{bytes} bytes"),
         (messages, 0) => format!("{messages} messages"),
@@ -497,7 +513,7 @@ fn sender_quota_message(recipient: &Username, share: SenderShare) -> String {
     )
 }
 
-fn store_failure(id: MessageId, e: &crate::store::StoreError) -> Reply {
+pub(crate) fn store_failure(id: MessageId, e: &crate::store::StoreError) -> Reply {
     if matches!(e, crate::store::StoreError::Unavailable) {
         // The store logged the outage once; a line per refused message would flood the log.
         return failed(

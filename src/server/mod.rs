@@ -15,6 +15,7 @@ mod delivery;
 mod device_lists;
 mod devices;
 mod directory;
+mod groups;
 pub mod known_good;
 mod links;
 mod messaging;
@@ -129,12 +130,15 @@ pub(crate) struct Shared {
     pub(crate) links: links::Links,
     /// Blob files, limits and streams in flight.
     pub(crate) blobs: Arc<blobs::Blobs>,
+    /// One lock per MLS group, ordering its traffic (`groups`).
+    pub(crate) group_locks: groups::GroupLocks,
 }
 
 /// Limits on messages, from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MessageLimits {
     pub(crate) max_message_bytes: u64,
+    pub(crate) max_group_message_bytes: u64,
     pub(crate) message_ttl: Duration,
     pub(crate) sender_share: SenderShare,
 }
@@ -248,6 +252,7 @@ impl Server {
             router: Arc::new(Router::default()),
             limits: MessageLimits {
                 max_message_bytes: config.max_message_bytes,
+                max_group_message_bytes: config.max_group_message_bytes,
                 message_ttl: config.message_ttl,
                 sender_share: SenderShare {
                     messages: config.max_pending_per_sender,
@@ -255,10 +260,13 @@ impl Server {
                 },
             },
             send_rate: send_rate::SendRate::new(config.sends_per_minute),
-            body_budget: body_budget::BodyBudget::new(config.max_message_bytes),
+            body_budget: body_budget::BodyBudget::new(
+                config.max_message_bytes.max(config.max_group_message_bytes),
+            ),
             name_hold: config.name_hold,
             links: links::Links::new(config.link_ttl),
             blobs,
+            group_locks: groups::GroupLocks::default(),
         });
         Ok(Self {
             endpoint,

@@ -14,7 +14,9 @@ use super::blobs::{BLOB_OWNERS, BLOBS, BlobKeyspaces};
 use super::devices::Devices;
 use super::fjall_keys::KeyDirectory;
 use super::fjall_store::{HELD_NAMES, SESSIONS, StoreOptions, USERS, encode};
+use super::groups::{GROUP_IDS, GROUP_USERS, GROUPS, GroupKeyspaces};
 use super::inbox_writer::{FailureHook, InboxKeyspaces, InboxWriter};
+use super::key_packages::{KEY_PACKAGES, KeyPackageKeyspaces, LAST_RESORT_KEY_PACKAGES};
 use super::outage::{Deferred, Outage, space_for_writes};
 use super::user_ids::{UserIds, inbox_key};
 
@@ -100,6 +102,10 @@ pub(super) struct Inner {
     pub(super) inbox: InboxKeyspaces,
     /// Blob metadata (see `blobs`).
     pub(super) blobs: BlobKeyspaces,
+    /// MLS key packages (see `key_packages`).
+    pub(super) key_packages: KeyPackageKeyspaces,
+    /// MLS groups (see `groups`).
+    pub(super) groups: GroupKeyspaces,
     /// `None` in a database reopened during an outage that still could not write.
     pub(super) writer: Option<InboxWriter>,
 }
@@ -146,6 +152,17 @@ impl Inner {
             owners: keyspace(BLOB_OWNERS)?,
             lock: Mutex::new(()),
         };
+        let key_packages = KeyPackageKeyspaces {
+            one_time: keyspace(KEY_PACKAGES)?,
+            last_resort: keyspace(LAST_RESORT_KEY_PACKAGES)?,
+            lock: Mutex::new(()),
+        };
+        let groups = GroupKeyspaces {
+            groups: keyspace(GROUPS)?,
+            ids: keyspace(GROUP_IDS)?,
+            users: keyspace(GROUP_USERS)?,
+            lock: Mutex::new(()),
+        };
         super::migrate::run(&super::migrate::Keyspaces {
             db: &db,
             users: &users,
@@ -189,6 +206,8 @@ impl Inner {
             devices,
             inbox,
             blobs,
+            key_packages,
+            groups,
             writer,
         })
     }

@@ -615,6 +615,50 @@ impl Store for FjallStore {
         self.blobs_after_now(after, limit).await
     }
 
+    async fn put_key_packages(
+        &self,
+        user: &Username,
+        device: DeviceId,
+        upload: super::KeyPackageUpload,
+    ) -> Result<super::KeyPackageCounts, StoreError> {
+        self.put_key_packages_now(user, device, upload).await
+    }
+
+    async fn take_key_packages(
+        &self,
+        user: &Username,
+        devices: Option<Vec<DeviceId>>,
+    ) -> Result<Option<super::TakenKeyPackages>, StoreError> {
+        self.take_key_packages_now(user, devices).await
+    }
+
+    async fn remove_key_packages(
+        &self,
+        user: &Username,
+        device: Option<DeviceId>,
+    ) -> Result<(), StoreError> {
+        self.remove_key_packages_now(user, device).await
+    }
+
+    async fn create_group(
+        &self,
+        group: super::GroupRecord,
+    ) -> Result<super::GroupCreated, StoreError> {
+        self.create_group_now(group).await
+    }
+
+    async fn group(&self, name: &Username) -> Result<Option<super::GroupRecord>, StoreError> {
+        self.group_now(name).await
+    }
+
+    async fn put_group(&self, group: super::GroupRecord) -> Result<bool, StoreError> {
+        self.put_group_now(group).await
+    }
+
+    async fn groups_of(&self, user: &Username) -> Result<Vec<super::GroupRecord>, StoreError> {
+        self.groups_of_now(user).await
+    }
+
     async fn count_pending_messages(&self) -> Result<u64, StoreError> {
         self.call(|db| {
             let mut count = 0u64;

@@ -11,7 +11,9 @@ mod fjall_keys;
 mod fjall_messages;
 mod fjall_open;
 mod fjall_store;
+mod groups;
 mod inbox_writer;
+mod key_packages;
 mod migrate;
 mod outage;
 mod sender_shares;
@@ -22,6 +24,11 @@ pub use blobs::{BlobCreated, BlobDevice, BlobId, BlobQuota, BlobRecord, NewBlob}
 pub use data_dir::DataDirError;
 pub use fjall_devices::MAX_DEVICE_NAME;
 pub use fjall_store::{DEFAULT_MAX_PENDING, FjallStore, StoreOptions};
+pub use groups::{GroupCreated, GroupMemberRecord, GroupRecord};
+pub use key_packages::{
+    KeyPackageCounts, KeyPackageUpload, MAX_KEY_PACKAGES, NewKeyPackage, TakenKeyPackage,
+    TakenKeyPackages,
+};
 pub use sender_shares::SenderShare;
 
 use async_trait::async_trait;
@@ -556,4 +563,44 @@ pub trait Store: Send + Sync + 'static {
         after: Option<BlobId>,
         limit: usize,
     ) -> Result<Vec<BlobRecord>, StoreError>;
+
+    /// Stores MLS key packages of a current device (synced): one-time ones added (at most
+    /// [`MAX_KEY_PACKAGES`] stored, else [`StoreError::Limit`] and nothing stored), the
+    /// last-resort one replaced. [`StoreError::UnknownDevice`] if it is not a current device.
+    async fn put_key_packages(
+        &self,
+        user: &Username,
+        device: DeviceId,
+        upload: KeyPackageUpload,
+    ) -> Result<KeyPackageCounts, StoreError>;
+
+    /// Hands out a key package for each requested current device that has one (every
+    /// current device with `None`): a one-time one, deleted durably before this returns
+    /// (never handed out twice, also under concurrent fetches), else the last-resort one.
+    /// `None` if the account has no identity key.
+    async fn take_key_packages(
+        &self,
+        user: &Username,
+        devices: Option<Vec<DeviceId>>,
+    ) -> Result<Option<TakenKeyPackages>, StoreError>;
+
+    /// Deletes every key package of `user`'s `device` (every device's with `None`), synced.
+    async fn remove_key_packages(
+        &self,
+        user: &Username,
+        device: Option<DeviceId>,
+    ) -> Result<(), StoreError>;
+
+    /// Stores a new group (synced) unless its name or id is taken.
+    async fn create_group(&self, group: GroupRecord) -> Result<GroupCreated, StoreError>;
+
+    /// The group with this name, if any.
+    async fn group(&self, name: &Username) -> Result<Option<GroupRecord>, StoreError>;
+
+    /// Replaces an existing group's record (synced); `false` if there is none. A record with
+    /// no member and no pending leave deletes the group (name and id released).
+    async fn put_group(&self, group: GroupRecord) -> Result<bool, StoreError>;
+
+    /// The groups in which `user` has a leaf or a pending leave, by name.
+    async fn groups_of(&self, user: &Username) -> Result<Vec<GroupRecord>, StoreError>;
 }
