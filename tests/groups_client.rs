@@ -50,7 +50,6 @@ async fn epoch(m: &Messenger) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the delivery service of branch groups-server"]
 async fn a_group_of_three_talks_in_order_and_a_removed_member_is_cut_off() {
     let server = TestServer::start().await;
     let homes = tempfile::tempdir().unwrap();
@@ -106,7 +105,6 @@ async fn a_group_of_three_talks_in_order_and_a_removed_member_is_cut_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the delivery service of branch groups-server"]
 async fn a_user_who_leaves_is_removed_by_a_remaining_members_client() {
     let server = TestServer::start().await;
     let homes = tempfile::tempdir().unwrap();
@@ -136,7 +134,6 @@ async fn a_user_who_leaves_is_removed_by_a_remaining_members_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the delivery service of branch groups-server"]
 async fn an_offline_member_catches_up_in_order() {
     let server = TestServer::start().await;
     let homes = tempfile::tempdir().unwrap();
@@ -167,4 +164,58 @@ async fn an_offline_member_catches_up_in_order() {
     );
     assert_eq!(epoch(&bob).await, epoch(&alice).await);
     assert_eq!(bob.group("friends").await.unwrap().mls.members.len(), 4);
+}
+
+/// Two admins add someone at the same epoch: the server orders one, the other's client gets
+/// `stale_epoch`, receives the winning commit and makes its change again at the next epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_commits_at_one_epoch_one_wins_and_the_other_lands_next() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = member(&server, &homes.path().join("a"), "alice").await;
+    let bob = member(&server, &homes.path().join("b"), "bob").await;
+    let carol = member(&server, &homes.path().join("c"), "carol").await;
+    let dave = member(&server, &homes.path().join("d"), "dave").await;
+    alice.create_group("friends").await.unwrap();
+    alice.group_add("friends", "bob").await.unwrap();
+    alice.group_add_admin("friends", "bob").await.unwrap();
+    drain(&bob).await;
+    assert_eq!(
+        bob.group("friends").await.unwrap().mls.admins,
+        ["alice", "bob"]
+    );
+    let before = epoch(&alice).await;
+
+    let (a, b) = tokio::join!(
+        alice.group_add("friends", "carol"),
+        bob.group_add("friends", "dave")
+    );
+    let (winner, loser) = match (a, b) {
+        (Ok(_), Err(e)) => {
+            assert!(e.to_string().contains("epoch"), "{e}");
+            (&alice, &bob)
+        }
+        (Err(e), Ok(_)) => {
+            assert!(e.to_string().contains("epoch"), "{e}");
+            (&bob, &alice)
+        }
+        other => panic!("exactly one commit should win: {other:?}"),
+    };
+    assert_eq!(epoch(winner).await, before + 1);
+    drain(loser).await;
+    assert_eq!(epoch(loser).await, before + 1);
+    let redone = loser.group_redo("friends").await.unwrap().unwrap();
+    assert_eq!(redone.len(), 1);
+    assert_eq!(epoch(loser).await, before + 2);
+    drain(winner).await;
+    drain(&carol).await;
+    drain(&dave).await;
+    for m in [&alice, &bob, &carol, &dave] {
+        let g = m.group("friends").await.unwrap();
+        assert_eq!((g.mls.epoch, g.mls.members.len()), (before + 2, 4));
+    }
+    dave.group_send("friends", "hello all").await.unwrap();
+    for m in [&alice, &bob, &carol] {
+        assert_eq!(drain(m).await, ["dave: hello all"]);
+    }
 }
