@@ -219,3 +219,64 @@ async fn two_commits_at_one_epoch_one_wins_and_the_other_lands_next() {
         assert_eq!(drain(m).await, ["dave: hello all"]);
     }
 }
+
+/// A member links a new device: their first device adds it to the group (its own user's
+/// device, no admin needed), and it reads the group from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_who_links_a_new_device_gets_the_group_on_it() {
+    use securefastchat::client::keystore::Keystore;
+    use securefastchat::client::link::{self, open_link};
+    use securefastchat::protocol::Username;
+
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = member(&server, &homes.path().join("a"), "alice").await;
+    let phone = member(&server, &homes.path().join("b"), "bob").await;
+    alice.create_group("friends").await.unwrap();
+    alice.group_add("friends", "bob").await.unwrap();
+    drain(&phone).await;
+
+    // Bob links a laptop (as `sfc device add` does).
+    let bob = Username::parse("bob").unwrap();
+    let phone_client = phone.client();
+    let opened = open_link(&phone_client, phone.keystore(), &bob)
+        .await
+        .unwrap();
+    let code = opened.code().clone();
+    let client = server.client().await;
+    let home = homes.path().join("laptop");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let keystore = Keystore::new(&home);
+    let (linked, joined) = tokio::join!(
+        tokio::time::timeout(WAIT, opened.answer(&phone_client, phone.keystore())),
+        link::join_link(&client, &keystore, &bob, &code, "laptop")
+    );
+    assert_eq!(linked.unwrap().unwrap().device, joined.unwrap().device);
+    link::publish_keys(&client, &keystore).await.unwrap();
+    let laptop = Messenger::new(client, &home, "bob").unwrap();
+    laptop.ensure_key_packages().await.unwrap();
+
+    let added = phone.group_add("friends", "bob").await.unwrap();
+    assert_eq!(added.len(), 1);
+    assert_eq!(added[0].to_string(), "bob/2");
+    assert!(matches!(
+        next_notice(&laptop).await,
+        GroupNotice::Joined { .. }
+    ));
+    assert!(
+        matches!(next_notice(&alice).await, GroupNotice::Changed { ref added, .. } if added == &["bob/2"])
+    );
+    alice
+        .group_send("friends", "hi bob's laptop")
+        .await
+        .unwrap();
+    assert_eq!(drain(&laptop).await, ["alice: hi bob's laptop"]);
+    assert_eq!(drain(&phone).await, ["alice: hi bob's laptop"]);
+    laptop
+        .group_send("friends", "from the laptop")
+        .await
+        .unwrap();
+    assert_eq!(drain(&phone).await, ["bob: from the laptop"]);
+    assert_eq!(drain(&alice).await, ["bob: from the laptop"]);
+}
