@@ -280,3 +280,33 @@ async fn a_member_who_links_a_new_device_gets_the_group_on_it() {
     assert_eq!(drain(&phone).await, ["bob: from the laptop"]);
     assert_eq!(drain(&alice).await, ["bob: from the laptop"]);
 }
+
+/// A group text decrypted but not shown when the client stops is shown at the next start
+/// (its keys are gone, so it comes from the saved state), once; the redelivery is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_text_not_shown_before_a_stop_is_shown_after_it_once() {
+    let server = TestServer::start().await;
+    let homes = tempfile::tempdir().unwrap();
+    let alice = member(&server, &homes.path().join("a"), "alice").await;
+    let bob = member(&server, &homes.path().join("b"), "bob").await;
+    alice.create_group("friends").await.unwrap();
+    alice.group_add("friends", "bob").await.unwrap();
+    drain(&bob).await;
+    alice.group_send("friends", "keep me").await.unwrap();
+    let received = bob.receive(WAIT).await.unwrap().expect("the text");
+    assert!(matches!(received, Received::Group { ref text, .. } if text == "keep me"));
+    // Stopped before showing it: not acknowledged.
+    bob.close().await;
+
+    let bob = server
+        .messenger(&homes.path().join("b"), "bob", false)
+        .await;
+    assert_eq!(drain(&bob).await, ["alice: keep me"]);
+    let bob = {
+        bob.close().await;
+        server
+            .messenger(&homes.path().join("b"), "bob", false)
+            .await
+    };
+    assert!(drain(&bob).await.is_empty());
+}
