@@ -23,6 +23,8 @@
 #   SFC_BENCH_MICRO_TIME   criterion measurement seconds per micro benchmark [2 / 0.3]
 #   SFC_BENCH_TIMEOUT      seconds after which one run is stopped and counted as failed [600]
 #   SFC_BENCH_RETRIES      times a failed run is tried again before it counts as failed [1]
+#   SFC_BENCH_PEER         0 skips the peer table (scripts/peer-bench.sh: mosquitto + TLS next to
+#                          sfc, alternated; only when mosquitto is installed) [1]
 #   CARGO_TARGET_DIR       where cargo builds [target]; results go to $CARGO_TARGET_DIR/bench/
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -197,6 +199,17 @@ fi
 "${report[@]}" meta --update "$meta" --config total_s="$(($(date +%s) - suite_start))" >"$meta.new"
 mv "$meta.new" "$meta"
 render
+
+# The peer (mosquitto + TLS) alternated with sfc in one run, when mosquitto is installed: its
+# own block of docs/BENCHMARKS.md (scripts/peer-bench.sh; SFC_BENCH_PEER=0 skips it).
+if [[ ${SFC_BENCH_PEER:-1} != 0 ]]; then
+    peer_args=()
+    [[ $quick == 1 ]] && peer_args=(--quick)
+    if ! bash scripts/peer-bench.sh "${peer_args[@]}"; then
+        failed=$((failed + 1))
+        echo "bench.sh: scripts/peer-bench.sh failed" >&2
+    fi
+fi
 if [[ $failed != 0 ]]; then
     die "$failed run(s) failed; see the table in docs/BENCHMARKS.md and $results"
 fi
