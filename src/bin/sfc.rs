@@ -441,6 +441,12 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                     return Err(e);
                 }
             };
+            // A new identity voids this device's MLS certification, key packages and groups
+            // (the server dropped its key packages with the old identity).
+            if new_identity {
+                securefastchat::e2e::mls::forget_state(home.dir())
+                    .context("resetting this home's group state")?;
+            }
             let messenger = Messenger::new(client, home.dir(), &session.username)?;
             let ready = async {
                 messenger.ensure_keys().await?;
@@ -512,6 +518,8 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
             securefastchat::client::keystore::Keystore::new(home.dir())
                 .remove()
                 .context("deleting this home's keys")?;
+            securefastchat::e2e::mls::forget_state(home.dir())
+                .context("deleting this home's group state")?;
             let name = render::line(&deleted);
             println!("deleted account {name}");
         }

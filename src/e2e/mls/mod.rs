@@ -47,6 +47,15 @@ pub use group::{Commit, FetchedKeyPackage};
 pub use incoming::Incoming;
 pub use store::{KeptMessage, MAX_STATE_LEN, PendingChange, PostedCommit, STATE_FILE};
 
+/// Deletes the MLS state of the home in `dir` (its signature key, certification, key
+/// packages and groups), under its lock: for an account deleted or an identity replaced,
+/// whose certification no longer holds. Nothing if there is none.
+pub fn forget_state(dir: &std::path::Path) -> Result<(), MlsError> {
+    let file = store::StateFile::new(dir);
+    let lock = file.lock()?;
+    file.remove(&lock)
+}
+
 /// Length of an MLS group id (random bytes chosen by the creator).
 pub const GROUP_ID_LEN: usize = 16;
 

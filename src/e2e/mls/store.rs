@@ -330,6 +330,16 @@ impl StateFile {
         State::decode(&path, &bytes).map(Some)
     }
 
+    /// Deletes the state (nothing if there is none). Call under the lock.
+    pub fn remove(&self, _lock: &StateLock) -> Result<(), MlsError> {
+        let path = self.path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(HomeError::Io { path, source }.into()),
+        }
+    }
+
     /// Writes the state atomically and durably. Call under the lock.
     pub fn save(&self, _lock: &StateLock, state: &State) -> Result<(), MlsError> {
         let path = self.path();
