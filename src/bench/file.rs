@@ -119,35 +119,13 @@ impl FileReport {
 
 /// Runs `sfc-bench file ARGS` (`args` without the program name and subcommand).
 pub fn cli_main(args: Vec<String>) -> ExitCode {
-    use clap::Parser;
-    let cli =
-        match FileCli::try_parse_from(std::iter::once("sfc-bench file".to_owned()).chain(args)) {
-            Ok(cli) => cli,
-            Err(e) => {
-                let _ = e.print();
-                return ExitCode::from(2);
-            }
-        };
-    let report = tokio::runtime::Runtime::new()
-        .map_err(|e| BenchError::Setup(e.to_string()))
-        .and_then(|runtime| runtime.block_on(run(&cli)));
-    let printed = match report {
-        Ok(report) if cli.json => serde_json::to_string(&report)
-            .map(|json| println!("{json}"))
-            .map_err(|e| e.to_string()),
-        Ok(report) => {
-            print!("{}", report.to_text());
-            Ok(())
-        }
-        Err(e) => Err(e.to_string()),
-    };
-    match printed {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sfc-bench: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    super::subcommand_main(
+        "sfc-bench file",
+        args,
+        |cli: &FileCli| cli.json,
+        FileReport::to_text,
+        |cli: FileCli| async move { run(&cli).await },
+    )
 }
 
 fn setup(e: impl std::fmt::Display) -> BenchError {

@@ -346,6 +346,54 @@ pub enum BenchError {
 }
 
 /// A histogram of 1 µs to 1 h with 3 significant digits.
+/// Runs a subcommand with options of its own (`sfc-bench file`, `sfc-bench fanout`): parses
+/// `args` (without the program name and subcommand) as `C`, runs `run` on a new runtime, and
+/// prints its report as one JSON object (with `json(&cli)`) or as text. Exit status 2 for bad
+/// options, 1 for a failed run.
+pub(crate) fn subcommand_main<C, R, F, Fut>(
+    name: &str,
+    args: Vec<String>,
+    json: impl Fn(&C) -> bool,
+    text: impl Fn(&R) -> String,
+    run: F,
+) -> std::process::ExitCode
+where
+    C: clap::Parser,
+    R: Serialize,
+    F: FnOnce(C) -> Fut,
+    Fut: std::future::Future<Output = Result<R, BenchError>>,
+{
+    use std::process::ExitCode;
+    let cli = match C::try_parse_from(std::iter::once(name.to_owned()).chain(args)) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
+    };
+    let as_json = json(&cli);
+    let report = tokio::runtime::Runtime::new()
+        .map_err(|e| BenchError::Setup(e.to_string()))
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    let printed = match report {
+        Ok(report) if as_json => serde_json::to_string(&report)
+            .map(|line| println!("{line}"))
+            .map_err(|e| e.to_string()),
+        Ok(report) => {
+            print!("{}", text(&report));
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match printed {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sfc-bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 pub(crate) fn histogram() -> Result<Histogram<u64>, BenchError> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).map_err(|e| BenchError::Setup(e.to_string()))
 }
