@@ -402,6 +402,20 @@ impl Client {
         copies: Option<Copies>,
         body: &[u8],
     ) -> Result<SendOutcome, ClientError> {
+        self.send_on_stream(
+            id,
+            streams::send_stream(&self.conn, to, kind, id, copies, body),
+        )
+        .await
+    }
+
+    /// Sends a message stream (`stream`, writing message `id`) and waits for the server's
+    /// answer to it: `sent`, or the `send_failed` event that explains a refused stream.
+    async fn send_on_stream(
+        &self,
+        id: MessageId,
+        stream: impl std::future::Future<Output = Result<(), streams::StreamFailure>>,
+    ) -> Result<SendOutcome, ClientError> {
         let (tx, rx) = oneshot::channel();
         self.sends
             .lock()
@@ -413,7 +427,7 @@ impl Client {
                 sends.remove(&id);
             }
         };
-        match streams::send_stream(&self.conn, to, kind, id, copies, body).await {
+        match stream.await {
             // A refused stream is explained by a `send_failed` event: wait for it below.
             Ok(()) | Err(streams::StreamFailure::Refused) => {}
             Err(streams::StreamFailure::Lost(e)) => {

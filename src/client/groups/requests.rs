@@ -1,8 +1,6 @@
 //! The delivery service's requests (docs/PROTOCOL.md 5.7) on a [`Client`]: key packages,
 //! creating, leaving and describing groups, and group message streams.
 
-use tokio::sync::oneshot;
-
 use super::super::{Client, ClientError, SendOutcome, streams, unexpected};
 use crate::protocol::keys::{Bin, IdentityKeyBytes};
 use crate::protocol::{DeviceKeyPackage, GroupSummary, MessageId, Reply, Request};
@@ -133,31 +131,10 @@ impl Client {
         body: &[u8],
         welcome: Option<u64>,
     ) -> Result<SendOutcome, ClientError> {
-        let (tx, rx) = oneshot::channel();
-        self.sends
-            .lock()
-            .map_err(|_| ClientError::Poisoned)?
-            .insert(id, tx);
-        self.wake_watcher.notify_one();
-        let forget = || {
-            if let Ok(mut sends) = self.sends.lock() {
-                sends.remove(&id);
-            }
-        };
-        match streams::send_group_stream(&self.conn, group, kind, id, body, welcome).await {
-            Ok(()) | Err(streams::StreamFailure::Refused) => {}
-            Err(streams::StreamFailure::Lost(e)) => {
-                forget();
-                return Err(self.lost(e.to_string()));
-            }
-        }
-        match tokio::time::timeout(self.request_timeout, rx).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(self.lost("reply reader stopped".into())),
-            Err(_) => {
-                forget();
-                Err(ClientError::Timeout(self.request_timeout))
-            }
-        }
+        self.send_on_stream(
+            id,
+            streams::send_group_stream(&self.conn, group, kind, id, body, welcome),
+        )
+        .await
     }
 }
