@@ -476,6 +476,7 @@ async fn a_removed_device_loses_its_inbox_its_keys_and_its_sessions() {
             Request::RemoveDevice {
                 device: 1,
                 password: Password::new(PASSWORD),
+                revocation: None,
             },
         )
         .await;
@@ -486,6 +487,7 @@ async fn a_removed_device_loses_its_inbox_its_keys_and_its_sessions() {
             Request::RemoveDevice {
                 device,
                 password: Password::new("wrong password!"),
+                revocation: None,
             },
         )
         .await;
@@ -498,6 +500,7 @@ async fn a_removed_device_loses_its_inbox_its_keys_and_its_sessions() {
             Request::RemoveDevice {
                 device,
                 password: Password::new(PASSWORD),
+                revocation: None,
             },
         )
         .await;
@@ -557,6 +560,7 @@ async fn a_removed_device_is_closed_with_device_removed() {
             Request::RemoveDevice {
                 device,
                 password: Password::new(PASSWORD),
+                revocation: None,
             },
         )
         .await;

@@ -100,6 +100,7 @@ fn request() -> impl Strategy<Value = Request> {
         (any::<u32>(), text()).prop_map(|(device, p)| Request::RemoveDevice {
             device,
             password: Password::new(p),
+            revocation: None,
         }),
         (
             text(),

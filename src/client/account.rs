@@ -179,7 +179,11 @@ impl Client {
         password: Password,
     ) -> Result<DeviceId, ClientError> {
         match self
-            .request(Request::RemoveDevice { device, password })
+            .request(Request::RemoveDevice {
+                device,
+                password,
+                revocation: None,
+            })
             .await?
         {
             Reply::DeviceRemoved { device } => Ok(device),

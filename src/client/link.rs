@@ -28,8 +28,10 @@ use crate::protocol::{ErrorCode, Reply, Request, SessionToken, Username};
 mod devices;
 
 pub use crate::e2e::link::MAX_LINK_CONTACTS;
+pub(crate) use devices::send_removal;
 pub use devices::{
-    DeviceSession, home_keys, list_devices, login_as, remove_device, replace_identity, was_removed,
+    DeviceSession, home_keys, list_devices, login_as, remove_device, remove_device_signed,
+    replace_identity, was_removed,
 };
 
 /// How long an open link waits for the new device: the server lets it lapse after this long

@@ -48,6 +48,62 @@ pub const KIND_MLS: &str = "mls";
 /// name.
 pub const KIND_GROUP_LEFT: &str = "group_left";
 
+/// The `kind` of the server's notice that a device was removed from its account (5.7); the
+/// body is the [`DeviceRevocation`] the removing device signed (named MessagePack).
+pub const KIND_DEVICE_REMOVED: &str = "device_removed";
+
+/// The context string that opens a device revocation's signed bytes.
+pub const REVOCATION_CONTEXT: &[u8] = b"SFC device removed v1";
+
+/// Most revocations a commit's authenticated data may carry (one per removed leaf at most).
+pub const MAX_REVOCATIONS: usize = 1024;
+
+/// A device's removal from its account, signed by the account's identity key (5.5, 5.7): the
+/// proof that lets any member of a group commit the removal of that device's leaf. It travels
+/// in the `device_removed` notice and, as an array of them, in the authenticated data of the
+/// commit that removes the leaf.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRevocation {
+    /// The account (folded username).
+    pub username: String,
+    /// The removed device.
+    pub device: DeviceId,
+    /// Ed25519 signature by the account's identity key over [`revocation_tbs`].
+    pub signature: super::keys::SignatureBytes,
+}
+
+/// The bytes a device revocation signs: `"SFC device removed v1" ‖ u8 len(user) ‖ user ‖
+/// u32-BE device`. `None` for a user name over 255 bytes.
+pub fn revocation_tbs(username: &str, device: DeviceId) -> Option<Vec<u8>> {
+    let user_len = u8::try_from(username.len()).ok()?;
+    let mut out = Vec::with_capacity(REVOCATION_CONTEXT.len() + 1 + username.len() + 4);
+    out.extend_from_slice(REVOCATION_CONTEXT);
+    out.push(user_len);
+    out.extend_from_slice(username.as_bytes());
+    out.extend_from_slice(&device.to_be_bytes());
+    Some(out)
+}
+
+/// Encodes revocations as a commit's authenticated data: a MessagePack array of
+/// [`DeviceRevocation`] maps. Empty input gives empty bytes (no authenticated data).
+pub fn encode_revocations(revocations: &[DeviceRevocation]) -> Vec<u8> {
+    if revocations.is_empty() {
+        return Vec::new();
+    }
+    // Strings, integers and fixed-size byte strings always encode.
+    rmp_serde::to_vec_named(revocations).unwrap_or_default()
+}
+
+/// Reads the revocations in a commit's authenticated data: empty bytes are none; anything
+/// else must be an array of at most [`MAX_REVOCATIONS`] revocations (`None` otherwise).
+pub fn decode_revocations(aad: &[u8]) -> Option<Vec<DeviceRevocation>> {
+    if aad.is_empty() {
+        return Some(Vec::new());
+    }
+    let revocations: Vec<DeviceRevocation> = rmp_serde::from_slice(aad).ok()?;
+    (revocations.len() <= MAX_REVOCATIONS).then_some(revocations)
+}
+
 /// The MLS credential identity of a member: `USER/DEVICE`, the device in decimal.
 pub fn member_identity(username: &str, device: DeviceId) -> String {
     format!("{username}/{device}")
@@ -161,5 +217,23 @@ mod tests {
         expected.extend_from_slice(&[0xaa; 32]);
         assert_eq!(tbs, expected);
         assert!(certification_tbs(&"x".repeat(256), 1, &[]).is_none());
+    }
+
+    #[test]
+    fn revocations_are_as_documented_and_round_trip() {
+        let tbs = revocation_tbs("bob", 3).unwrap();
+        let mut expected = b"SFC device removed v1".to_vec();
+        expected.extend_from_slice(&[3, b'b', b'o', b'b', 0, 0, 0, 3]);
+        assert_eq!(tbs, expected);
+        let one = DeviceRevocation {
+            username: "bob".into(),
+            device: 3,
+            signature: super::super::keys::Bin([7; 64]),
+        };
+        assert!(encode_revocations(&[]).is_empty());
+        assert_eq!(decode_revocations(&[]), Some(Vec::new()));
+        let aad = encode_revocations(std::slice::from_ref(&one));
+        assert_eq!(decode_revocations(&aad), Some(vec![one]));
+        assert_eq!(decode_revocations(b"\xc0"), None);
     }
 }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::groups::GroupIdBytes;
-use super::keys::{Bin, IdentityKeyBytes, OneTimePrekey, SignedPrekey};
+use super::keys::{Bin, IdentityKeyBytes, OneTimePrekey, SignatureBytes, SignedPrekey};
 use super::{BlobId, DeviceId, MessageId, Password, SessionToken};
 
 /// A SPAKE2 message of the device link (docs/PROTOCOL.md E13.2): 33 bytes.
@@ -133,6 +133,11 @@ pub enum Request {
         device: DeviceId,
         /// The account's password.
         password: Password,
+        /// The removal signed by the account's identity key (`groups::revocation_tbs`): the
+        /// server checks it and passes it to the device's groups, whose members may then
+        /// commit the removal of its leaves (5.7).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        revocation: Option<SignatureBytes>,
     },
     /// Give the account a new identity key (every contact sees a key change); every other
     /// device is removed, since they hold the old identity.

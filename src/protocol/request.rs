@@ -104,6 +104,7 @@ fn field_type(kind: RequestKind, field: &str) -> Option<Expected> {
             "password",
         ) => Some(Expected::Str),
         (K::Login | K::RemoveDevice, "device") => Some(Expected::Uint),
+        (K::RemoveDevice, "revocation") => Some(Expected::Bin),
         (K::FetchBundle, "devices") => Some(Expected::Array),
         (K::LinkOpen | K::LinkJoin, "pake") => Some(Expected::Bin),
         (K::LinkJoin, "username" | "name") => Some(Expected::Str),

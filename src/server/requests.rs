@@ -498,8 +498,13 @@ impl Control {
                 }
             }
             Request::ListDevices => self.list_devices(&inbox).await,
-            Request::RemoveDevice { device, password } => {
-                self.remove_device(&session, device, password).await
+            Request::RemoveDevice {
+                device,
+                password,
+                revocation,
+            } => {
+                self.remove_device(&session, device, password, revocation)
+                    .await
             }
             Request::ReplaceIdentity {
                 password,

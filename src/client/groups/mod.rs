@@ -6,15 +6,18 @@
 //! [`Received::Group`] or [`Received::GroupNotice`].
 //!
 //! `requests`: the delivery service's requests on a [`super::Client`]. `ops`: what the
-//! [`super::Messenger`] does to groups. `receive`: group deliveries.
+//! [`super::Messenger`] does to groups. `receive`: group deliveries. `devices`: the account's
+//! devices in its groups (a linked device added, a removed one's leaves removed, self-healing).
 //!
 //! An application message's plaintext is a MessagePack map `{"kind": "text", "text": str}`
 //! (other kinds are shown as unsupported).
 
+mod devices;
 mod ops;
 mod receive;
 mod requests;
 
+pub use devices::DeviceChanges;
 pub use ops::{GroupState, KEY_PACKAGE_TARGET};
 pub use receive::GroupNotice;
 pub use requests::FetchedKeyPackages;
@@ -23,6 +26,8 @@ pub use super::messenger::Received;
 use super::messenger::{MessengerError, username};
 use crate::protocol::Username;
 
+/// The `kind` of the server's notice that a device was removed from its account.
+pub use crate::protocol::groups::KIND_DEVICE_REMOVED;
 /// The `kind` of the server's notice that a user left a group.
 pub use crate::protocol::groups::KIND_GROUP_LEFT;
 /// The `kind` of group MLS traffic.

@@ -1,6 +1,7 @@
 //! Group deliveries: an MLS message is processed and saved before it is acknowledged (a text
 //! is kept in the MLS state until shown, like a 1:1 message in the keystore); a user's leave
-//! notice makes this device commit their removal; users met for the first time are pinned
+//! notice makes this device commit their removal, and so does a device's removal notice once
+//! its signed revocation verifies; users met for the first time are pinned
 //! (trust on first use) and the message processed again; what the group's policy or the
 //! certifications refuse is acknowledged and reported, never retried forever.
 
@@ -9,9 +10,12 @@ use std::collections::VecDeque;
 use super::super::Delivered;
 use super::super::messenger::{Messenger, MessengerError, Received, username};
 use super::ops::blocking;
-use super::{KIND_GROUP_LEFT, KIND_MLS, decode_text};
-use crate::e2e::mls::{GroupDelivery, Incoming, KeptMessage, MlsDevice, MlsError};
+use super::{KIND_DEVICE_REMOVED, KIND_GROUP_LEFT, KIND_MLS, decode_text};
+use crate::e2e::mls::{
+    GroupDelivery, Incoming, KeptMessage, MlsDevice, MlsError, verify_revocation,
+};
 use crate::protocol::MessageId;
+use crate::protocol::groups::DeviceRevocation;
 
 /// What happened to a group, for the user (already acknowledged).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +45,15 @@ pub enum GroupNotice {
     Left {
         /// The user.
         user: String,
+    },
+    /// A device was removed from its account (the server passed on the account's signed
+    /// revocation, checked here); this device committed the removal of its leaf (or another
+    /// member did, or will).
+    DeviceRemoved {
+        /// The account.
+        user: String,
+        /// The device removed.
+        device: crate::protocol::DeviceId,
     },
     /// A group delivery was refused (a broken policy, a certification that does not match
     /// the pinned identity, an unreadable message); it was acknowledged and dropped.
@@ -78,6 +91,9 @@ impl GroupNotice {
             }
             Self::Removed { by } => format!("{group}: you were removed by {by}"),
             Self::Left { user } => format!("{group}: {user} left"),
+            Self::DeviceRemoved { user, device } => {
+                format!("{group}: {user} removed their device {device}")
+            }
             Self::Refused { reason } => format!("{group}: a group message was refused: {reason}"),
         }
     }
@@ -166,6 +182,7 @@ impl Messenger {
         let received = match delivered.kind.as_str() {
             KIND_MLS => self.process_group_message(&delivered).await?,
             KIND_GROUP_LEFT => self.someone_left(&delivered).await?,
+            KIND_DEVICE_REMOVED => self.device_removed(&delivered).await?,
             other => notice(GroupNotice::Refused {
                 reason: format!("a group delivery of kind {other:?}"),
             }),
@@ -312,6 +329,68 @@ impl Messenger {
         Ok(Received::GroupNotice {
             group,
             notice: GroupNotice::Left { user },
+        })
+    }
+
+    /// A device was removed from its account (the server's notice, with the account's signed
+    /// revocation): once the revocation verifies with the identity pinned for the account,
+    /// commit the removal of the device's leaf with the revocation in the commit, unless
+    /// another member already did. The server's word alone removes nothing.
+    async fn device_removed(&self, delivered: &Delivered) -> Result<Received, MessengerError> {
+        let group = delivered.group.clone().unwrap_or_default();
+        let refused = |reason: &str| Received::GroupNotice {
+            group: group.clone(),
+            notice: GroupNotice::Refused {
+                reason: reason.into(),
+            },
+        };
+        let revocation = rmp_serde::from_slice::<DeviceRevocation>(&delivered.body).ok();
+        let Some(revocation) = revocation.filter(|r| r.username == delivered.from) else {
+            return Ok(refused(
+                "a device removal notice that does not name its sender's device",
+            ));
+        };
+        let mut pins = self.pins().await?;
+        if !pins.contains_key(&revocation.username) {
+            self.pin_users(std::slice::from_ref(&revocation.username))
+                .await?;
+            pins = self.pins().await?;
+        }
+        let member = pins
+            .get(&revocation.username)
+            .and_then(|identity| verify_revocation(&revocation, identity));
+        let Some(member) = member else {
+            return Ok(refused(
+                "a device removal whose revocation does not verify with the pinned identity",
+            ));
+        };
+        let (mls, id, name) = match self.group_of(&group).await {
+            Ok(found) => found,
+            Err(MessengerError::Mls(MlsError::UnknownGroup)) => return Ok(Received::Duplicate),
+            Err(e) => return Err(e),
+        };
+        let commit = {
+            let (mls, member, revocation) = (mls.clone(), member.clone(), revocation.clone());
+            blocking(move || mls.remove_devices(&id, &[member], &[revocation])).await
+        };
+        match commit {
+            Ok(commit) => match self.post_commit(&mls, &name, commit).await {
+                Ok(_) => {}
+                Err(e) if e.is_disconnected() => return Err(e),
+                // Another member's removal won the epoch: nothing left to do.
+                Err(e) => tracing::debug!(%e, "the removal of a removed device was not needed"),
+            },
+            Err(MessengerError::Mls(
+                MlsError::Nothing(_) | MlsError::Inactive | MlsError::PendingCommit,
+            )) => {}
+            Err(e) => tracing::warn!(%e, "could not commit the removal of a removed device"),
+        }
+        Ok(Received::GroupNotice {
+            group,
+            notice: GroupNotice::DeviceRemoved {
+                user: member.user,
+                device: member.device,
+            },
         })
     }
 }

@@ -7,8 +7,10 @@ use crate::client::home::HomeError;
 use crate::client::keystore::{DeviceId, KeyState, Keystore};
 use crate::client::messenger::PREKEY_BATCH;
 use crate::client::{Client, ClientError, unexpected};
+use crate::e2e::mls::{MemberId, revoke};
 use crate::e2e::{IdentityKeyPair, PrekeyStore};
-use crate::protocol::keys::Bin;
+use crate::protocol::groups::DeviceRevocation;
+use crate::protocol::keys::{Bin, SignatureBytes};
 use crate::protocol::{CloseCode, DeviceInfo, Password, Reply, Request, SessionToken, Username};
 
 /// A session granted by `login`, with the device it is for.
@@ -51,14 +53,59 @@ pub async fn list_devices(client: &Client) -> Result<Vec<DeviceInfo>, ClientErro
 }
 
 /// Removes another device of the account (the password is checked again): its tokens stop
-/// working, its connections are closed, its waiting messages are gone.
+/// working, its connections are closed, its waiting messages are gone. No revocation is sent:
+/// the device's leaves in groups are removed by the account's other devices
+/// ([`crate::client::messenger::Messenger::catch_up`]) or an admin. Prefer
+/// [`remove_device_signed`].
 pub async fn remove_device(
     client: &Client,
     device: DeviceId,
     password: Password,
 ) -> Result<(), ClientError> {
+    send_removal(client, device, password, None).await
+}
+
+/// [`remove_device`] with the removal signed by the account's identity key from `keystore`
+/// (docs/PROTOCOL.md 5.5): the server passes the signed revocation to the device's groups,
+/// so that any member there may commit the removal of its leaves and every member can check
+/// it. Returns the revocation (to put in this device's own removal commits).
+pub async fn remove_device_signed(
+    client: &Client,
+    keystore: &Keystore,
+    device: DeviceId,
+    password: Password,
+) -> Result<DeviceRevocation, DeviceError> {
+    let signed = keystore
+        .read_async(move |s| {
+            s.map(|s| {
+                let member = MemberId {
+                    user: s.username.clone(),
+                    device,
+                };
+                revoke(&s.identity(), &member)
+            })
+        })
+        .await?;
+    let Some(revocation) = signed else {
+        return Err(DeviceError::NoKeys("the account".into()));
+    };
+    send_removal(client, device, password, Some(revocation.signature)).await?;
+    Ok(revocation)
+}
+
+/// Sends `remove_device` (with a revocation, if given) and waits for the answer.
+pub(crate) async fn send_removal(
+    client: &Client,
+    device: DeviceId,
+    password: Password,
+    revocation: Option<SignatureBytes>,
+) -> Result<(), ClientError> {
     match client
-        .request(Request::RemoveDevice { device, password })
+        .request(Request::RemoveDevice {
+            device,
+            password,
+            revocation,
+        })
         .await?
     {
         Reply::DeviceRemoved { .. } => Ok(()),

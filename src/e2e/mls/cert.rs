@@ -8,6 +8,8 @@ use openmls::prelude::*;
 
 use super::MlsError;
 use crate::e2e::{IdentityKey, IdentityKeyPair};
+use crate::protocol::groups::{DeviceRevocation, decode_revocations, revocation_tbs};
+use crate::protocol::keys::Bin;
 use crate::protocol::{DeviceId, Username};
 
 /// The one ciphersuite: X25519, ChaCha20-Poly1305, SHA-256, Ed25519.
@@ -105,6 +107,44 @@ pub fn certify(
     mls_signature_key: &[u8],
 ) -> [u8; CERT_LEN] {
     identity.sign(&certification_input(member, mls_signature_key))
+}
+
+/// Signs the removal of `member` (a device of the account whose identity key this is) from
+/// its account: the proof that lets any member of a group commit the removal of its leaf
+/// (docs/PROTOCOL.md 5.7).
+pub fn revoke(identity: &IdentityKeyPair, member: &MemberId) -> DeviceRevocation {
+    let tbs = revocation_tbs(&member.user, member.device).unwrap_or_default();
+    DeviceRevocation {
+        username: member.user.clone(),
+        device: member.device,
+        signature: Bin(identity.sign(&tbs)),
+    }
+}
+
+/// The device a revocation removes, if its signature verifies with `identity` (the key
+/// pinned for its user).
+pub fn verify_revocation(
+    revocation: &DeviceRevocation,
+    identity: &IdentityKey,
+) -> Option<MemberId> {
+    let tbs = revocation_tbs(&revocation.username, revocation.device)?;
+    identity.verify(&tbs, &revocation.signature.0).ok()?;
+    Some(MemberId {
+        user: revocation.username.clone(),
+        device: revocation.device,
+    })
+}
+
+/// The devices whose revocations in `aad` (a commit's authenticated data) verify with the
+/// identities pinned for their users; revocations that do not verify (or name a user
+/// without a pin) prove nothing and are left out, as is authenticated data that does not
+/// decode.
+pub fn revoked_in(aad: &[u8], pins: &dyn Pins) -> std::collections::BTreeSet<MemberId> {
+    decode_revocations(aad)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| verify_revocation(r, &pins.pinned(&r.username)?))
+        .collect()
 }
 
 /// Checks a leaf node (of a key package, a welcome's tree or a commit): its credential names

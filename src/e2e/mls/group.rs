@@ -13,6 +13,7 @@ use super::device::Session;
 use super::error::mls;
 use super::store::{GroupMeta, PendingChange, PostedCommit};
 use super::{GROUP_ID_LEN, MlsDevice, MlsError, MlsGroupId};
+use crate::protocol::groups::{DeviceRevocation, encode_revocations};
 
 /// A key package the server handed out for a device of `user`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +66,20 @@ impl MlsDevice {
     /// left; anyone may remove the other devices of their own user.
     pub fn remove_user(&self, group: &MlsGroupId, user: &str) -> Result<Commit, MlsError> {
         self.change(|s| remove(s, group, user))
+    }
+
+    /// Removes single devices' leaves (devices removed from their accounts; members without
+    /// a leaf are skipped). Allowed for an admin, for this user's own other devices, for users
+    /// who left, and for any device whose signed revocation is in `revocations`: the commit
+    /// carries those (for the removed devices) in its authenticated data, so that every
+    /// member can check them against the identity it pinned.
+    pub fn remove_devices(
+        &self,
+        group: &MlsGroupId,
+        devices: &[MemberId],
+        revocations: &[DeviceRevocation],
+    ) -> Result<Commit, MlsError> {
+        self.change(|s| remove_devices(s, group, devices, revocations))
     }
 
     /// Asks to leave: a proposal removing this device, for another member to commit. Post it
@@ -164,6 +179,19 @@ impl MlsDevice {
                 PendingChange::AddAdmin(user) => add_admin(s, group, user),
                 PendingChange::CommitProposals => commit_proposals(s, group),
                 PendingChange::Update => update(s, group),
+                PendingChange::RemoveDevices {
+                    members,
+                    revocations,
+                } => {
+                    let devices: Vec<MemberId> = members
+                        .iter()
+                        .map(|(user, device)| MemberId {
+                            user: user.clone(),
+                            device: *device,
+                        })
+                        .collect();
+                    remove_devices(s, group, &devices, revocations)
+                }
             };
             match made {
                 Ok(commit) => Ok(Some(commit)),
@@ -402,6 +430,78 @@ fn remove(s: &mut Session<'_>, group: &MlsGroupId, user: &str) -> Result<Commit,
             .map_err(mls)?
     };
     s.state.meta_mut(group)?.pending = Some(PendingChange::Remove(user.to_owned()));
+    Ok(Commit {
+        group: *group,
+        epoch,
+        commit: commit.to_bytes().map_err(mls)?,
+        welcome: None,
+        added: Vec::new(),
+        removed,
+    })
+}
+
+fn remove_devices(
+    s: &mut Session<'_>,
+    group: &MlsGroupId,
+    devices: &[MemberId],
+    revocations: &[DeviceRevocation],
+) -> Result<Commit, MlsError> {
+    let mut g = s.group(group)?;
+    ensure_operational(&g)?;
+    let departed = s.state.meta_mut(group)?.departed.clone();
+    let admin = ensure_admin(&g, &s.me.user).is_ok();
+    let own = g.own_leaf_index();
+    let proposed: Vec<LeafNodeIndex> = g
+        .pending_proposals()
+        .filter_map(|p| match p.proposal() {
+            Proposal::Remove(r) => Some(r.removed()),
+            _ => None,
+        })
+        .collect();
+    let revocation_of = |m: &MemberId| {
+        revocations
+            .iter()
+            .find(|r| r.username == m.user && r.device == m.device)
+    };
+    let mut removed = Vec::new();
+    let mut indexes = Vec::new();
+    let mut proofs = Vec::new();
+    for (index, member) in members(&g)? {
+        if index == own || !devices.contains(&member) {
+            continue;
+        }
+        let proof = revocation_of(&member);
+        let allowed =
+            admin || member.user == s.me.user || departed.contains(&member.user) || proof.is_some();
+        if !allowed {
+            return Err(MlsError::NotAdmin {
+                user: s.me.user.clone(),
+            });
+        }
+        proofs.extend(proof.cloned());
+        if !proposed.contains(&index) {
+            indexes.push(index);
+        }
+        removed.push(member);
+    }
+    if removed.is_empty() {
+        return Err(MlsError::Nothing(
+            "none of the devices is in the group".into(),
+        ));
+    }
+    let epoch = g.epoch().as_u64();
+    g.set_aad(encode_revocations(&proofs));
+    let (commit, _, _) = if indexes.is_empty() {
+        g.commit_to_pending_proposals(s.provider(), &s.signer)
+            .map_err(mls)?
+    } else {
+        g.remove_members(s.provider(), &s.signer, &indexes)
+            .map_err(mls)?
+    };
+    s.state.meta_mut(group)?.pending = Some(PendingChange::RemoveDevices {
+        members: removed.iter().map(|m| (m.user.clone(), m.device)).collect(),
+        revocations: proofs,
+    });
     Ok(Commit {
         group: *group,
         epoch,

@@ -1,7 +1,9 @@
 //! What the server delivers, processed: a welcome joins a group once every leaf's
 //! certification verifies; a commit is merged only if it keeps the group's policy (admins add
-//! and remove other users and change the admins; anyone removes a user who left, adds or
-//! removes devices of their own user, or updates); a proposal is stored for the next commit
+//! and remove other users and change the admins; anyone removes a user who left or a device
+//! whose removal from its account the commit proves with a revocation signed by that
+//! account's pinned identity, adds or removes devices of their own user, or updates); a
+//! proposal is stored for the next commit
 //! (only a member leaving is accepted); an application message is decrypted and attributed to
 //! the device its verified credential names.
 
@@ -185,6 +187,8 @@ pub(super) fn handle(
         .process_message(s.provider(), message)
         .map_err(process_error)?;
     let epoch = processed.epoch().as_u64();
+    // Revocations a commit carries, each checked against the identity pinned for its user.
+    let revoked = cert::revoked_in(processed.aad(), pins);
     let sender = MemberId::of_credential(processed.credential())?;
     let sender_index = match processed.sender() {
         Sender::Member(index) => *index,
@@ -225,7 +229,17 @@ pub(super) fn handle(
         }
         ProcessedMessageContent::StagedCommitMessage(staged) => {
             let departed = s.state.meta_mut(&id)?.departed.clone();
-            let checked = check_commit(&g, sender_index, &sender, &departed, &staged, pins)?;
+            let checked = check_commit(
+                &g,
+                sender_index,
+                &sender,
+                &Leaving {
+                    departed: &departed,
+                    revoked: &revoked,
+                },
+                &staged,
+                pins,
+            )?;
             let removed_self = staged.self_removed();
             g.merge_staged_commit(s.provider(), *staged).map_err(mls)?;
             let present: BTreeSet<String> = members(&g)?.into_iter().map(|(_, m)| m.user).collect();
@@ -285,13 +299,22 @@ struct Checked {
     admins_changed: bool,
 }
 
+/// Who any member may remove, as this device has verified it.
+struct Leaving<'a> {
+    /// Users who left the group (their own remove proposal, or the server's notice).
+    departed: &'a BTreeSet<String>,
+    /// Devices removed from their accounts: their revocations, carried by the commit,
+    /// verify with the identities pinned for their users.
+    revoked: &'a BTreeSet<MemberId>,
+}
+
 /// The group's policy, checked on a commit before it is merged (against the group as it is
 /// before the commit).
 fn check_commit(
     g: &MlsGroup,
     committer_index: LeafNodeIndex,
     committer: &MemberId,
-    departed: &BTreeSet<String>,
+    leaving: &Leaving<'_>,
     staged: &StagedCommit,
     pins: &dyn Pins,
 ) -> Result<Checked, MlsError> {
@@ -332,7 +355,7 @@ fn check_commit(
     cert::verify_leaves(leaves, pins)?;
 
     // Users leaving in this very commit (their own remove proposals).
-    let leaving: BTreeSet<String> = staged
+    let self_leaving: BTreeSet<String> = staged
         .queued_proposals()
         .filter_map(|q| match (q.proposal(), q.sender()) {
             (Proposal::Remove(r), Sender::Member(s)) if r.removed() == *s => {
@@ -364,8 +387,9 @@ fn check_commit(
                     .ok_or_else(|| refuse("removes a leaf that is not a member".into()))?;
                 let allowed = is_admin
                     || member.user == committer.user
-                    || departed.contains(&member.user)
-                    || leaving.contains(&member.user);
+                    || leaving.departed.contains(&member.user)
+                    || leaving.revoked.contains(&member)
+                    || self_leaving.contains(&member.user);
                 if !allowed {
                     return Err(refuse(format!("removes {member} without being an admin")));
                 }

@@ -38,7 +38,8 @@ use openmls::prelude::*;
 pub use cert::{
     ADMINS_EXTENSION, CERT_CONTEXT, CERT_EXTENSION, CERT_LEN, CIPHERSUITE, MAX_ADMINS,
     MAX_FORWARD_DISTANCE, MAX_PAST_EPOCHS, MemberId, OUT_OF_ORDER_TOLERANCE, Pins, admins_of,
-    capabilities, certification_input, certify, decode_admins, encode_admins, verify_leaf,
+    capabilities, certification_input, certify, decode_admins, encode_admins, revoke, revoked_in,
+    verify_leaf, verify_revocation,
 };
 pub use delivered::{CreatedGroup, GroupDelivery, MAX_UNSHOWN, MAX_UNSHOWN_BYTES};
 pub use device::{KeyPackageBatch, MAX_KEY_PACKAGE_BATCH, MlsDevice};

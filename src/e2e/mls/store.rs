@@ -129,6 +129,14 @@ pub enum PendingChange {
     CommitProposals,
     /// Updating this device's own leaf (fresh keys).
     Update,
+    /// Removing single devices (removed from their accounts), with the revocations that
+    /// prove it to the other members.
+    RemoveDevices {
+        /// The devices, as `(user, device)`.
+        members: Vec<(String, crate::protocol::DeviceId)>,
+        /// The signed revocations the commit carries.
+        revocations: Vec<crate::protocol::groups::DeviceRevocation>,
+    },
 }
 
 /// A device's whole MLS state, loaded.

@@ -9,8 +9,8 @@ use openmls::prelude::*;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
 use crate::protocol::groups::{
-    ADMINS_EXTENSION, CERTIFICATION_EXTENSION, MLS_CIPHERSUITE, certification_tbs,
-    parse_member_identity,
+    ADMINS_EXTENSION, CERTIFICATION_EXTENSION, DeviceRevocation, MLS_CIPHERSUITE,
+    certification_tbs, decode_revocations, parse_member_identity, revocation_tbs,
 };
 use crate::protocol::keys::IdentityKeyBytes;
 use crate::protocol::{DeviceId, ErrorCode, Username};
@@ -79,6 +79,26 @@ impl ClaimedLeaf {
             )
             .is_ok()
     }
+}
+
+/// Whether `revocation` (of a device of `user`) verifies with `identity`, the account's
+/// identity key (Ed25519).
+pub(crate) fn revocation_verifies(
+    revocation: &DeviceRevocation,
+    identity: &IdentityKeyBytes,
+) -> bool {
+    let Some(tbs) = revocation_tbs(&revocation.username, revocation.device) else {
+        return false;
+    };
+    let crypto = openmls_rust_crypto::RustCrypto::default();
+    crypto
+        .verify_signature(
+            SignatureScheme::ED25519,
+            &tbs,
+            &identity.0,
+            &revocation.signature.0,
+        )
+        .is_ok()
 }
 
 /// Reads a leaf's claimed identity and certification (not yet verified).
@@ -441,6 +461,8 @@ pub(crate) struct StagedGroupCommit {
     pub new_admins: Option<Vec<Username>>,
     /// The committer's new leaf, when it updates its path.
     pub path_leaf: Option<ClaimedLeaf>,
+    /// The device revocations in the commit's authenticated data (not yet verified).
+    pub revocations: Vec<DeviceRevocation>,
 }
 
 /// Processes a commit (already read by [`read_group_message`], its epoch current and its
@@ -458,6 +480,9 @@ pub(crate) fn stage_commit(
             }
             e => Refusal::invalid(format!("the commit does not validate: {e}")),
         })?;
+    let revocations = decode_revocations(processed.aad()).ok_or_else(|| {
+        Refusal::invalid("a commit's authenticated data is empty or an array of device revocations")
+    })?;
     let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
         return Err(Refusal::invalid("the message is not a commit"));
     };
@@ -520,6 +545,7 @@ pub(crate) fn stage_commit(
         removed,
         new_admins,
         path_leaf,
+        revocations,
     })
 }
 

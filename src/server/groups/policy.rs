@@ -1,10 +1,12 @@
 //! The group policy the DS enforces on every commit (docs/PROTOCOL.md 5.7): who may add and
-//! remove whose leaves, who may change the admins, and that every new or updated leaf names a
-//! current device whose certification verifies with its account's identity key.
+//! remove whose leaves (anyone may remove a device gone from its account when the commit
+//! carries its signed revocation, as every client requires), who may change the admins, and
+//! that every new or updated leaf names a current device whose certification verifies with
+//! its account's identity key.
 
 use std::collections::HashMap;
 
-use super::mls::{ClaimedLeaf, MergedCommit, Refusal, StagedGroupCommit};
+use super::mls::{ClaimedLeaf, MergedCommit, Refusal, StagedGroupCommit, revocation_verifies};
 use crate::protocol::keys::IdentityKeyBytes;
 use crate::protocol::{DeviceId, ErrorCode, Username};
 use crate::server::Shared;
@@ -93,6 +95,29 @@ async fn check_leaf(
     Ok(())
 }
 
+/// Whether the commit carries a revocation of `user`'s `device` that verifies with the
+/// account's identity key: what lets any member remove a device's leaf once the device is
+/// gone from its account, as every client checks it too.
+async fn revoked(
+    shared: &Shared,
+    lookups: &mut Lookups,
+    staged: &StagedGroupCommit,
+    user: &Username,
+    device: DeviceId,
+) -> Result<bool, Refusal> {
+    let Some(revocation) = staged
+        .revocations
+        .iter()
+        .find(|r| r.username == user.as_str() && r.device == device)
+    else {
+        return Ok(false);
+    };
+    Ok(match lookups.identity(shared, user).await? {
+        Some(identity) => revocation_verifies(revocation, &identity),
+        None => false,
+    })
+}
+
 /// Checks a staged commit by `committer`'s `device` against the group's policy, before it is
 /// merged.
 pub(crate) async fn check_commit(
@@ -112,9 +137,10 @@ pub(crate) async fn check_commit(
         let allowed = admin
             || member.user == *committer
             || record.pending_leaves.contains(&member.user)
-            || !lookups
-                .is_current(shared, &member.user, member.device)
-                .await?;
+            || (revoked(shared, &mut lookups, staged, &member.user, member.device).await?
+                && !lookups
+                    .is_current(shared, &member.user, member.device)
+                    .await?);
         if !allowed {
             return Err(Refusal::new(
                 ErrorCode::NotAdmin,

@@ -7,12 +7,14 @@ use std::time::Instant;
 use tracing::info;
 
 use super::{Control, IN_FLIGHT_RETRY, IN_FLIGHT_WHAT, Refusal, account_error, error, store_error};
-use crate::protocol::keys::{IdentityKeyBytes, OneTimePrekey, SignedPrekey};
+use crate::protocol::groups::DeviceRevocation;
+use crate::protocol::keys::{IdentityKeyBytes, OneTimePrekey, SignatureBytes, SignedPrekey};
 use crate::protocol::{
     CloseCode, DeviceId, DeviceInfo, ErrorCode, LinkConfirm, LinkPake, Password, Reply, Username,
 };
 use crate::server::accounts::{AccountError, ActiveSession};
 use crate::server::directory::check_signatures;
+use crate::server::groups::mls::revocation_verifies;
 use crate::server::links::{Decision, LinkFailed, valid_device_name};
 use crate::server::router::Inbox;
 use crate::server::throttle::InFlightSlot;
@@ -68,11 +70,15 @@ impl Control {
         }
     }
 
+    /// `remove_device`: checks the password, removes the device, closes its connections and,
+    /// with a revocation (checked first against the account's identity key), tells the
+    /// device's groups (5.7).
     pub(super) async fn remove_device(
         &mut self,
         session: &ActiveSession,
         device: DeviceId,
         password: Password,
+        revocation: Option<SignatureBytes>,
     ) -> Reply {
         if device == session.device {
             return error(
@@ -80,6 +86,34 @@ impl Control {
                 "a device cannot remove itself: log out, or remove it from another device".into(),
             );
         }
+        let revocation = match revocation {
+            Some(signature) => {
+                let revocation = DeviceRevocation {
+                    username: session.username.to_string(),
+                    device,
+                    signature,
+                };
+                match self
+                    .shared
+                    .accounts
+                    .store()
+                    .identity(&session.username)
+                    .await
+                {
+                    Ok(Some(identity)) if revocation_verifies(&revocation, &identity) => {
+                        Some(revocation)
+                    }
+                    Ok(_) => {
+                        return error(
+                            ErrorCode::InvalidKeys,
+                            "the revocation does not verify with your identity key".into(),
+                        );
+                    }
+                    Err(e) => return store_error(&e),
+                }
+            }
+            None => None,
+        };
         let _in_flight = match self.password_gate().await {
             Ok(slot) => slot,
             Err(refused) => return refused,
@@ -96,6 +130,9 @@ impl Control {
                     "this device was removed from its account",
                 );
                 info!(device, "device removed");
+                if let Some(revocation) = revocation {
+                    self.announce_device_removed(session, &revocation).await;
+                }
                 Reply::DeviceRemoved { device }
             }
             Err(e) => account_error(e),

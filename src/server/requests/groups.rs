@@ -1,6 +1,7 @@
 //! The MLS requests of a device (docs/PROTOCOL.md 5.7): key packages (`publish_key_packages`,
 //! `fetch_key_packages`) and groups (`create_group`, `leave_group`, `group_info`,
-//! `list_groups`). Group sends are message streams: `server::groups::send`.
+//! `list_groups`), and the `device_removed` notice a `remove_device` with a revocation sends
+//! to the removed device's groups. Group sends are message streams: `server::groups::send`.
 
 use std::time::Instant;
 
@@ -8,7 +9,8 @@ use tracing::{info, warn};
 
 use super::{Control, error, rate_limited, store_error, unknown_user};
 use crate::protocol::groups::{
-    KEY_PACKAGES_LOW, KIND_GROUP_LEFT, MAX_KEY_PACKAGE_BYTES, MAX_KEY_PACKAGES_PER_REQUEST,
+    DeviceRevocation, KEY_PACKAGES_LOW, KIND_DEVICE_REMOVED, KIND_GROUP_LEFT,
+    MAX_KEY_PACKAGE_BYTES, MAX_KEY_PACKAGES_PER_REQUEST,
 };
 use crate::protocol::keys::Bin;
 use crate::protocol::{
@@ -367,6 +369,83 @@ impl Control {
         }
         Reply::GroupLeft {
             group: name.to_string(),
+        }
+    }
+
+    /// After a device of `session`'s account was removed with a signed `revocation`: every
+    /// group where that device still has a leaf gets, in its order, the `device_removed`
+    /// notice (the revocation) in the inbox of each member device but the sender's, so that
+    /// any member may commit the removal of the leaf. The removed device gets nothing more
+    /// (it is no longer a current device). Failures are logged: the removal stands, and the
+    /// account's other devices remove the leaf when they next catch up.
+    pub(super) async fn announce_device_removed(
+        &self,
+        session: &ActiveSession,
+        revocation: &DeviceRevocation,
+    ) {
+        let store = self.shared.accounts.store();
+        let user = &session.username;
+        let device = revocation.device;
+        let groups = match store.groups_of(user).await {
+            Ok(groups) => groups,
+            Err(e) => {
+                warn!(error = %e, "cannot list the groups of a removed device");
+                return;
+            }
+        };
+        let body = match rmp_serde::to_vec_named(revocation) {
+            Ok(body) => body,
+            Err(e) => {
+                warn!(error = %e, "cannot encode a revocation");
+                return;
+            }
+        };
+        for listed in groups {
+            if listed.leaf_of(user, device).is_none() {
+                continue;
+            }
+            let name = listed.name;
+            let _guard = self.shared.group_locks.lock(&name).await;
+            let record = match store.group(&name).await {
+                Ok(Some(record)) if record.leaf_of(user, device).is_some() => record,
+                Ok(_) => continue,
+                Err(e) => {
+                    warn!(group = %name, error = %e, "cannot read a group");
+                    continue;
+                }
+            };
+            let targets = match delivery_targets(&self.shared, &record, session).await {
+                Ok(targets) if !targets.is_empty() => targets,
+                Ok(_) => continue,
+                Err(r) => {
+                    warn!(group = %name, refusal = %r, "cannot list a group's devices");
+                    continue;
+                }
+            };
+            let Ok(id) = MessageId::random() else {
+                warn!("no randomness for a notice id");
+                return;
+            };
+            let copies = targets
+                .into_iter()
+                .map(|(recipient, device)| Copy {
+                    recipient,
+                    device,
+                    body: body.clone(),
+                })
+                .collect();
+            let notice = fan_out(
+                &self.shared,
+                session,
+                &name,
+                KIND_DEVICE_REMOVED,
+                id,
+                copies,
+            )
+            .await;
+            if !matches!(notice, Reply::Sent { .. }) {
+                warn!(group = %name, ?notice, "cannot deliver a device removal notice");
+            }
         }
     }
 

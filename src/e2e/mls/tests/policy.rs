@@ -177,3 +177,72 @@ fn identities_and_admins_parse_strictly() {
     assert!(decode_admins(&[0xdd, 0xff, 0xff, 0xff, 0xff]).is_err());
     assert!(decode_admins(&[0x91, 0xd9, 0xff]).is_err());
 }
+
+/// Bob (not an admin) removes alice's second device: members accept it only when the commit
+/// carries a revocation of that device signed by alice's pinned identity; a revocation signed
+/// by another key, or none, is refused.
+#[test]
+fn a_non_admin_removes_a_revoked_device_only_with_a_valid_revocation() {
+    let identity = IdentityKeyPair::generate().unwrap();
+    let alice = Dev::with_identity("alice", 1, identity.clone());
+    let laptop = Dev::with_identity("alice", 2, identity.clone());
+    let (bob, carol) = (Dev::new("bob", 1), Dev::new("carol", 1));
+    let all = pins(&[&alice, &bob, &carol]);
+    let id = group_of(&alice, &[&laptop, &bob, &carol], &all);
+    let gone = MemberId {
+        user: "alice".into(),
+        device: 2,
+    };
+
+    // Bob's own client refuses without a revocation.
+    assert!(matches!(
+        bob.mls
+            .remove_devices(&id, std::slice::from_ref(&gone), &[]),
+        Err(MlsError::NotAdmin { .. })
+    ));
+    // A revocation signed by another key: bob's client does not check it, the others do.
+    let forged = revoke(&bob.identity, &gone);
+    let rogue = bob
+        .mls
+        .remove_devices(&id, std::slice::from_ref(&gone), &[forged])
+        .unwrap();
+    for d in [&alice, &carol] {
+        assert!(matches!(
+            d.mls.process(&rogue.commit, &all),
+            Err(MlsError::Policy { .. })
+        ));
+    }
+    bob.mls.commit_refused(&id).unwrap();
+
+    // Signed by alice's identity: accepted by every member.
+    let revocation = revoke(&identity, &gone);
+    assert_eq!(
+        verify_revocation(&revocation, &identity.public()),
+        Some(gone.clone())
+    );
+    let commit = bob
+        .mls
+        .remove_devices(&id, std::slice::from_ref(&gone), &[revocation])
+        .unwrap();
+    assert_eq!(commit.removed, std::slice::from_ref(&gone));
+    bob.mls.commit_accepted(&id).unwrap();
+    for d in [&alice, &carol] {
+        match d.mls.process(&commit.commit, &all).unwrap() {
+            Incoming::Commit { removed, .. } => assert_eq!(removed, std::slice::from_ref(&gone)),
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
+    match laptop.mls.process(&commit.commit, &all).unwrap() {
+        Incoming::Commit { removed_self, .. } => assert!(removed_self),
+        other => panic!("expected a commit, got {other:?}"),
+    }
+    for d in [&alice, &bob, &carol] {
+        let g = d.mls.group(&id).unwrap();
+        assert_eq!((g.epoch, g.members.len()), (2, 3));
+    }
+    // Nothing left to remove.
+    assert!(matches!(
+        alice.mls.remove_devices(&id, &[gone], &[]),
+        Err(MlsError::Nothing(_))
+    ));
+}
