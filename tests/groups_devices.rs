@@ -255,7 +255,8 @@ async fn the_server_delivers_nothing_to_a_removed_device_and_the_account_heals()
 
 /// Alice removes her laptop with a signed revocation but commits nothing: the server passes
 /// the revocation to the group, bob (not an admin) commits the removal with it, and every
-/// client accepts his commit. A bad revocation is refused by the server.
+/// client accepts his commit. A revocation the account did not sign is refused by the server,
+/// in `remove_device` and in a commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_admins_removal_of_another_users_removed_device_is_accepted() {
     let server = TestServer::start().await;
@@ -295,7 +296,33 @@ async fn a_non_admins_removal_of_another_users_removed_device_is_accepted() {
     )
     .await
     .unwrap();
-    // Bob processes the notice first and commits the removal.
+    // The device is gone, but a revocation bob made up does not let him remove its leaf:
+    // the server wants the account's own.
+    let id = bob.group("friends").await.unwrap().mls.id;
+    let gone = MemberId {
+        user: "alice".into(),
+        device,
+    };
+    let bob_mls = bob.mls().await.unwrap();
+    let made_up = revoke(&IdentityKeyPair::generate().unwrap(), &gone);
+    let rogue = bob_mls
+        .remove_devices(&id, std::slice::from_ref(&gone), &[made_up])
+        .unwrap();
+    let sent = bob
+        .client()
+        .send_group(
+            "friends",
+            "mls",
+            MessageId::random().unwrap(),
+            &rogue.commit,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(sent.is_server(ErrorCode::NotAdmin), "{sent}");
+    bob_mls.commit_refused(&id).unwrap();
+
+    // Bob processes the notice first and commits the removal with alice's revocation.
     assert_eq!(drain(&bob).await, ["friends: alice removed their device 2"]);
     assert_eq!(
         members(&bob, "friends").await,
