@@ -406,8 +406,14 @@ impl Control {
             }
             let name = listed.name;
             let _guard = self.shared.group_locks.lock(&name).await;
+            // A user who left is being removed whole already (`group_left`).
             let record = match store.group(&name).await {
-                Ok(Some(record)) if record.leaf_of(user, device).is_some() => record,
+                Ok(Some(record))
+                    if record.leaf_of(user, device).is_some()
+                        && !record.pending_leaves.contains(user) =>
+                {
+                    record
+                }
                 Ok(_) => continue,
                 Err(e) => {
                     warn!(group = %name, error = %e, "cannot read a group");
