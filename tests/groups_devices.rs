@@ -515,3 +515,25 @@ async fn two_devices_adding_the_same_new_device_leave_one_leaf_for_it() {
     laptop.group_send("friends", "one leaf").await.unwrap();
     assert_eq!(drain(&bob).await, ["friends/alice: one leaf"]);
 }
+
+/// The DS reads a commit's authenticated data as device revocations: anything else there is
+/// refused (`invalid_mls`), and the same commit without it is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ds_refuses_authenticated_data_that_is_not_revocations() {
+    use common::mls::{Member, failure};
+    use securefastchat::protocol::Reply;
+
+    let server = TestServer::start().await;
+    let mut alice = Member::signup(&server, "alice").await;
+    assert!(matches!(
+        alice.create_group("friends").await,
+        Reply::GroupCreated { .. }
+    ));
+    alice.with_group("friends", |g, _, _| g.set_aad(b"not revocations".to_vec()));
+    let refused = alice.update("friends").await;
+    assert_eq!(failure(&refused).0, ErrorCode::InvalidMls, "{refused:?}");
+    assert_eq!(alice.epoch("friends"), 0);
+    let taken = alice.update("friends").await;
+    assert!(matches!(taken, Reply::Sent { .. }), "{taken:?}");
+    assert_eq!(alice.epoch("friends"), 1);
+}
