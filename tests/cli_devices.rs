@@ -1,7 +1,8 @@
 //! Devices through the built `sfc` binary against an in-process server: linking a second home
 //! with `sfc device link` and `sfc device add` running at once, the device list on both, a
 //! wrong code refused on both sides, removal seen by the removed home, logging in as the
-//! home's device, a fresh home pointed to linking, and an identity replaced on purpose.
+//! home's device, a fresh home pointed to linking, an identity replaced on purpose, and a
+//! linked device joining the account's groups (and leaving them when removed).
 
 mod common;
 
@@ -249,5 +250,55 @@ async fn a_fresh_home_is_pointed_to_linking_and_a_new_identity_removes_the_other
     assert_eq!(on_phone.len(), 1, "{on_phone:?}");
     let out = run(people.sfc("laptop", &["devices"])).await;
     assert_fails_with(&out, "this device was removed from its account");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_device_joins_the_accounts_groups_and_a_removed_one_leaves_them() {
+    let server = TestServer::start().await;
+    let people = People::signed_up(&server, &["alice", "bob"]).await;
+    for args in [
+        &["group", "create", "friends"][..],
+        &["group", "add", "friends", "bob"][..],
+    ] {
+        let out = run(people.sfc("alice", args)).await;
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    // `sfc device link` adds the new device to alice's groups itself, once it has published
+    // its key packages (`sfc device add` does before it ends).
+    let linking = Linking::start(&people, "alice").await;
+    let code = linking.code.clone();
+    let added = run(people.sfc("laptop", &["device", "add", "alice", &code])).await;
+    assert!(added.status.success(), "{added:?}");
+    let (status, out, err) = linking.finish().await;
+    assert!(status.success(), "{out} {err}");
+    assert!(out.contains("added to groups: friends"), "{out} {err}");
+
+    let out = run(people.sfc("bob", &["group", "send", "friends", "hi laptop"])).await;
+    assert!(out.status.success(), "{out:?}");
+    let laptop = run(people.sfc("laptop", &["recv"])).await;
+    assert_eq!(stdout(&laptop), "friends/bob\thi laptop\n", "{laptop:?}");
+    let out = run(people.sfc("laptop", &["group", "send", "friends", "from the laptop"])).await;
+    assert!(out.status.success(), "{out:?}");
+    let bob = run(people.sfc("bob", &["recv"])).await;
+    assert_eq!(stdout(&bob), "friends/alice\tfrom the laptop\n", "{bob:?}");
+
+    // Removing the laptop removes its leaf in the group, committed by the removing device.
+    let out = run(people.sfc("alice", &["device", "remove", "2"])).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        "removed device 2\nremoved from groups: friends\n"
+    );
+    let members = run(people.sfc("bob", &["group", "members", "friends"])).await;
+    assert_eq!(stdout(&members), "alice\t1\tadmin\nbob\t1\n", "{members:?}");
+    let out = run(people.sfc("bob", &["group", "send", "friends", "after"])).await;
+    assert!(out.status.success(), "{out:?}");
+    let alice = run(people.sfc("alice", &["recv"])).await;
+    assert!(
+        stdout(&alice).ends_with("friends/bob\tafter\n"),
+        "{alice:?}"
+    );
     server.stop().await;
 }

@@ -4,6 +4,7 @@
 
 use anyhow::Context;
 use clap::Subcommand;
+use securefastchat::client::groups::DeviceChanges;
 use securefastchat::client::home::Home;
 use securefastchat::client::keystore::Keystore;
 use securefastchat::client::link;
@@ -56,12 +57,16 @@ pub(crate) async fn run(
             add(home, options, server, &user, &code, name).await
         }
         DeviceCommand::Remove { id } => {
-            let (client, _) = resume(home, options, false).await?;
+            let (client, saved) = resume(home, options, false).await?;
             let password = read_password(false)?;
-            let removed = link::remove_device(&client, id, password).await;
-            client.close().await;
-            removed?;
+            let messenger = Messenger::new(client, home.dir(), &saved.username)?;
+            // Signs a revocation (so other members may remove its leaves too), removes the
+            // device, then commits the removal of its leaves in this device's groups.
+            let removed = messenger.remove_device(id, password).await;
+            messenger.close().await;
+            let changes = removed?;
             println!("removed device {id}");
+            report_groups(&changes, "removed from");
             Ok(())
         }
     }
@@ -103,14 +108,33 @@ async fn open_link(home: &Home, options: &ClientOptions) -> anyhow::Result<()> {
         link::LINK_WAIT.as_secs() / 60
     );
     std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;
-    let linked = open.answer(&client, &keystore).await;
-    client.close().await;
-    let linked = linked?;
+    let linked = match open.answer(&client, &keystore).await {
+        Ok(linked) => linked,
+        Err(e) => {
+            client.close().await;
+            return Err(e.into());
+        }
+    };
     println!(
         "linked device {}: {}",
         linked.device,
         render::line(&linked.name)
     );
+    // The new device joins this account's groups: this device adds it to each, once the new
+    // one has published its key packages (it does right after linking).
+    let messenger = Messenger::new(client, home.dir(), &saved.username)?;
+    let joined = messenger
+        .add_device_to_groups(linked.device, GROUP_JOIN_WAIT)
+        .await;
+    messenger.close().await;
+    match joined {
+        Ok(changes) => report_groups(&changes, "added to"),
+        Err(e) => warn(&format!(
+            "device {} was linked but not added to your groups now ({e}); your devices add it \
+             when they next catch up (any `sfc group` command)",
+            linked.device
+        )),
+    }
     if linked.contacts_left_out > 0 {
         warn(&format!(
             "{} pinned contacts were not passed on (at most {} are); the new device pins their \
@@ -120,6 +144,25 @@ async fn open_link(home: &Home, options: &ClientOptions) -> anyhow::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// How long `sfc device link` waits for the new device's key packages to add it to groups.
+const GROUP_JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Says which groups a device change reached (`verb`: "added to", "removed from"), and which
+/// it could not reach now.
+fn report_groups(changes: &DeviceChanges, verb: &str) {
+    if !changes.changed.is_empty() {
+        let names: Vec<String> = changes.changed.iter().map(|n| render::line(n)).collect();
+        println!("{verb} groups: {}", names.join(", "));
+    }
+    for (group, why) in &changes.deferred {
+        warn(&format!(
+            "group {}: not changed now ({}); its members or your next catch-up will",
+            render::line(group),
+            render::line(why)
+        ));
+    }
 }
 
 /// `sfc device add USER CODE`: links this (empty) home as a new device of `user`.
