@@ -258,3 +258,55 @@ async fn a_name_that_is_a_group_and_a_contact_must_be_told_apart() {
     );
     server.stop().await;
 }
+
+/// A chat that fell 6 epochs behind (stopped while bob changed the group six times) still
+/// sends the line typed first thing when it runs again: the line races the missed commits,
+/// and when it goes out before the third of them is merged (as it did in every run while this
+/// test was written) the server refuses it as stale, and the chat catches up and sends it
+/// again, without a word to the user. Either way the line arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_that_fell_behind_still_sends_the_next_line() {
+    let server = TestServer::start().await;
+    let people = friends(&server).await;
+    ok(&people, "alice", &["group", "admin", "friends", "bob"]).await;
+    ok(&people, "bob", &["recv"]).await;
+    let (chat, mut keys, mut output, mut seen) = open_chat(&people, "alice", "friends").await;
+    let sfc = child_of(&chat);
+    signal(&sfc, "-STOP");
+    for _ in 0..3 {
+        ok(&people, "bob", &["group", "remove", "friends", "carol"]).await;
+        ok(&people, "bob", &["group", "add", "friends", "carol"]).await;
+    }
+    // Typed while the chat is stopped: read as soon as it runs, racing the missed commits.
+    keys.write_all(b"sent from behind\r").await.unwrap();
+    // `script` stops itself when its child stops: both go on.
+    signal(&sfc, "-CONT");
+    signal(&chat.id().unwrap().to_string(), "-CONT");
+    read_until(&mut output, &mut seen, "alice: sent from behind").await;
+    assert!(!seen.contains("not sent"), "{seen:?}");
+    read_until(&mut output, &mut seen, "bob/1 removed carol/1").await;
+    leave(chat, keys, output, seen).await;
+    let bob = run(people.sfc("bob", &["recv"])).await;
+    assert_eq!(stdout(&bob), "friends/alice\tsent from behind\n", "{bob:?}");
+    server.stop().await;
+}
+
+/// The `sfc` process `script` runs for `chat`.
+fn child_of(chat: &Child) -> String {
+    let script = chat.id().unwrap().to_string();
+    let children = std::process::Command::new("pgrep")
+        .args(["-P", &script])
+        .output()
+        .unwrap();
+    let sfc = String::from_utf8_lossy(&children.stdout).trim().to_owned();
+    assert!(!sfc.is_empty(), "no chat process under script {script}");
+    sfc
+}
+
+fn signal(pid: &str, which: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([which, pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}

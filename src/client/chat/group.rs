@@ -108,7 +108,10 @@ impl GroupChat {
             at.screen.show(status(COMMANDS));
             return Ok(Flow::Continue);
         }
-        if line == FILE || line.starts_with("/file ") {
+        if line
+            .strip_prefix(FILE)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
+        {
             at.screen.show(notice(
                 "files in groups are not supported yet: send it to one member with `sfc \
                  send-file USER PATH` (or /file in `sfc chat USER`)",
@@ -188,7 +191,8 @@ impl GroupChat {
                         return Ok(Flow::End(end));
                     }
                 }
-                // The receive task ended: its reason comes with the next send.
+                // The receive task ended (a failure of its own was handed over, and shown,
+                // before): send again, and let the send say what is wrong.
                 Ok(None) => return Ok(Flow::Continue),
                 Err(_) if target.is_none() || tokio::time::Instant::now() >= deadline => {
                     return Ok(Flow::Continue);
