@@ -110,3 +110,52 @@ pub(crate) async fn run(
     }
     chatted
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ChatArgs;
+    use crate::{Cli, Command};
+
+    fn parse(args: &[&str]) -> Result<ChatArgs, clap::Error> {
+        let cli = Cli::try_parse_from([&["sfc", "chat"], args].concat())?;
+        match cli.command {
+            Command::Chat(args) => Ok(args),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn group_and_user_say_what_the_name_is_and_exclude_each_other() {
+        let args = parse(&["--group", "friends"]).unwrap();
+        assert_eq!(
+            (args.name.as_str(), args.group, args.user),
+            ("friends", true, false)
+        );
+        let args = parse(&["friends", "--user"]).unwrap();
+        assert_eq!(
+            (args.name.as_str(), args.group, args.user),
+            ("friends", false, true)
+        );
+        let args = parse(&["friends"]).unwrap();
+        assert!(!args.group && !args.user);
+        assert!(parse(&["--group", "--user", "friends"]).is_err());
+        assert!(parse(&["--group"]).is_err());
+    }
+
+    #[test]
+    fn the_help_says_how_a_plain_name_is_chosen() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("chat")
+            .map(|c| c.render_help().to_string())
+            .unwrap_or_default();
+        assert!(
+            help.contains("asks for --user or --group if both apply"),
+            "{help}"
+        );
+        assert!(help.contains("/members"), "{help}");
+    }
+}
