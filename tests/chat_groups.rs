@@ -310,3 +310,29 @@ fn signal(pid: &str, which: &str) {
         .unwrap();
     assert!(sent.success());
 }
+
+/// A group's message that arrives in a 1:1 chat is shown there, marked with its group (as
+/// `sfc recv` names it), and acknowledged once shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_message_shows_marked_in_a_one_to_one_chat() {
+    let server = TestServer::start().await;
+    let people = friends(&server).await;
+    ok(&people, "bob", &["recv"]).await;
+    let (chat, keys, mut output, mut seen) = open_chat(&people, "bob", "alice").await;
+    assert!(seen.contains("chatting with alice"), "{seen:?}");
+    ok(
+        &people,
+        "alice",
+        &["group", "send", "friends", "to all\nof you"],
+    )
+    .await;
+    read_until(&mut output, &mut seen, "[friends/alice] to all").await;
+    let seen = leave(chat, keys, output, seen).await;
+    let now = screen(seen.as_bytes());
+    assert!(
+        now.contains("[friends/alice] to all\n      of you"),
+        "{now}"
+    );
+    assert_eq!(ok(&people, "bob", &["recv", "--wait", "1"]).await, "");
+    server.stop().await;
+}

@@ -151,8 +151,8 @@ async fn open(
                 render::line(name),
                 clock.describe()
             );
-            if let Flow::End(end) = open_group(&messenger, &mut screen, clock, conversation).await?
-            {
+            let opened = open_group(&messenger, &mut screen, clock, name, conversation).await?;
+            if let Flow::End(end) = opened {
                 return Ok(end);
             }
         }
@@ -184,17 +184,15 @@ async fn open(
     result
 }
 
-/// Before a group's prompt: commits whose answer a lost connection took are settled, what
+/// Before the prompt of group `name`'s chat (`conversation`): commits whose answer a lost connection took are settled, what
 /// waits is shown (and the group's commits merged), then the members.
 async fn open_group(
     messenger: &Messenger,
     screen: &mut Screen,
     clock: Clock,
+    name: &str,
     conversation: &Conversation,
 ) -> Result<Flow, MessengerError> {
-    let Conversation::Group(name) = conversation else {
-        return Ok(Flow::Continue);
-    };
     if let Err(e) = messenger.group_resume_commits().await {
         screen.show(notice(&format!("a commit of this device waits: {e}")));
     }
