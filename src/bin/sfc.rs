@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use devices::{DeviceCommand, how_to_link, removed_message, removed_or};
 use groups::GroupCommand;
-use securefastchat::client::chat;
+use securefastchat::client::chat::Clock;
 use securefastchat::client::home::{Home, SavedSession};
 use securefastchat::client::keystore::{FIRST_DEVICE, Keystore};
 use securefastchat::client::link;
@@ -23,6 +23,8 @@ use securefastchat::client::{Client, ClientError, ClientOptions, ConnectionEvent
 use securefastchat::e2e::MAX_PLAINTEXT_LEN;
 use securefastchat::protocol::{ErrorCode, MessageId, Password, Username};
 
+#[path = "sfc/chat.rs"]
+mod chat;
 #[path = "sfc/devices.rs"]
 mod devices;
 #[path = "sfc/files.rs"]
@@ -180,27 +182,22 @@ enum Command {
     },
     /// Send what waits in the outbox; list what still waits (`TO<TAB>ID` lines)
     Outbox,
-    /// Interactive chat with USER; `/file PATH` sends a file
-    Chat {
-        /// The contact
-        user: String,
-        /// Where received files are saved, made if missing [default: the current directory]
-        #[arg(long, value_name = "DIR")]
-        into: Option<PathBuf>,
-    },
+    /// Interactive chat with a user or in a group (`--group`): messages appear as they
+    /// come, Enter sends, Ctrl-C, Ctrl-D or `/quit` leaves. With a user, `/file PATH` sends a
+    /// file; in a group, `/members` lists the members, `/leave` leaves the group (typed twice)
+    /// and `/help` lists the commands
+    Chat(chat::ChatArgs),
 }
 
 /// How long `sfc recv` waits for a message by default.
 const DEFAULT_WAIT: Duration = Duration::from_secs(2);
 /// How long `sfc recv` waits at a time before it looks whether it was interrupted.
 const RECEIVE_SLICE: Duration = Duration::from_millis(250);
-/// Messages of the conversation `sfc chat` shows when it opens.
-const CHAT_HISTORY: usize = 20;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any thread starts (see `Clock::local`).
-    let clock = chat::Clock::local();
+    let clock = Clock::local();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -344,7 +341,7 @@ fn interrupted() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
+async fn run(cli: Cli, clock: Clock) -> anyhow::Result<()> {
     let home_dir = cli.home.clone().unwrap_or_else(Home::default_dir);
     let home = Home::open(&home_dir)?;
     let options = ClientOptions::new(cli.server.clone(), cli.ca.clone());
@@ -783,39 +780,7 @@ async fn run(cli: Cli, clock: chat::Clock) -> anyhow::Result<()> {
                 bail!("{} messages still wait: {why}", flushed.waiting);
             }
         }
-        Command::Chat { user, into } => {
-            let downloads = download_dir(into)?;
-            if !std::io::stdin().is_terminal() {
-                bail!("sfc chat needs a terminal (use `sfc send` and `sfc recv` in scripts)");
-            }
-            let messenger = Arc::new(receiving_messenger(&home, &options).await?);
-            let me = messenger.me().to_owned();
-            let history: Vec<chat::Entry> = messenger
-                .offline()
-                .history(&user, CHAT_HISTORY)
-                .await?
-                .into_iter()
-                .map(|e| chat::Entry {
-                    sent_at: e.at,
-                    from: if e.outgoing { me.clone() } else { e.peer },
-                    text: e.text,
-                    outgoing: e.outgoing,
-                })
-                .collect();
-            chat::run(
-                Arc::clone(&messenger),
-                &me,
-                &user,
-                &history,
-                clock,
-                &downloads,
-            )
-            .await
-            .map_err(|e| removed_or(&messenger.client(), &me, e.into()))?;
-            if let Ok(messenger) = Arc::try_unwrap(messenger) {
-                messenger.close().await;
-            }
-        }
+        Command::Chat(args) => chat::run(args, &home, &options, clock).await?,
     }
     Ok(())
 }

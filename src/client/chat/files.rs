@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::{Clock, Screen, message_line, notice, now};
+use super::screen::{Clock, Screen, message_line, notice, now};
 use crate::client::files::human_size;
 use crate::client::messenger::{Messenger, MessengerError};
 use crate::e2e::FileRef;
