@@ -151,9 +151,10 @@ fn group_notice_line(group: &str, what: &GroupNotice) -> String {
     let text = what.describe(group);
     match what {
         GroupNotice::Removed { .. } | GroupNotice::Refused { .. } => notice(&text),
-        GroupNotice::Joined { .. } | GroupNotice::Changed { .. } | GroupNotice::Left { .. } => {
-            status(&text)
-        }
+        GroupNotice::Joined { .. }
+        | GroupNotice::Changed { .. }
+        | GroupNotice::Left { .. }
+        | GroupNotice::DeviceRemoved { .. } => status(&text),
     }
 }
 
