@@ -14,8 +14,9 @@
 #   one line per run, then the medians per LABEL and shape. Figures per run:
 #     msg/s        delivered copies per second over the whole load (sfc-bench's throughput)
 #     dgram/msg    UDP datagrams per delivered message over 3 s in the middle of the load, from
-#                  the namespace's /proc/net/snmp (OutDatagrams: every datagram sent, counted
-#                  once per GSO segment, by server and load generator alike)
+#                  the namespace's /proc/net/snmp (OutDatagrams, server and load generator
+#                  alike; the kernel counts a GSO send of several datagrams once, so at full
+#                  speed this is below the real count: see quinn/msg)
 #     quinn/msg    the same over the whole load from quinn's counters of the load generator's
 #                  connections (both directions; see `packets` in sfc-bench's JSON)
 #     p50 p99 p99.9  delivery latency (open loop: from the intended send time)
@@ -82,12 +83,12 @@ while [[ "${1:-}" == --* ]]; do
     --pairs) pairs=$2 ;;
     --window) window=$2 ;;
     --only) only=$2 ;;
-    *) sed -n '2,26p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,27p' "$0" >&2; exit 2 ;;
   esac
   shift 2
 done
 if [[ $# -lt 1 ]]; then
-  sed -n '2,26p' "$0" >&2
+  sed -n '2,27p' "$0" >&2
   exit 2
 fi
 if [[ $(id -u) -ne 0 ]]; then
