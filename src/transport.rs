@@ -75,6 +75,27 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// What the kernel offers a UDP socket for batching, as quinn-udp finds it (it probes the same
+/// when the socket becomes an endpoint): GSO (`UDP_SEGMENT`, one `sendmsg` carries up to
+/// `gso_segments` datagrams of one connection) and GRO (`UDP_GRO`, one received buffer holds up
+/// to `gro_segments` datagrams of one flow). 1 means the offload is not available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpOffloads {
+    /// Most datagrams quinn hands the kernel in one send call (GSO); 1 without GSO.
+    pub gso_segments: usize,
+    /// Datagrams quinn makes room for in one received buffer (GRO); 1 without GRO.
+    pub gro_segments: usize,
+}
+
+/// Probes `socket` as quinn-udp does (it sets the same options quinn sets anyway).
+pub fn udp_offloads(socket: &UdpSocket) -> io::Result<UdpOffloads> {
+    let state = quinn::udp::UdpSocketState::new(socket.into())?;
+    Ok(UdpOffloads {
+        gso_segments: state.max_gso_segments(),
+        gro_segments: state.gro_segments(),
+    })
+}
+
 fn common_transport() -> TransportConfig {
     let mut transport = TransportConfig::default();
     transport
@@ -228,6 +249,14 @@ fn bind_server(
         requested = UDP_BUFFER_BYTES,
         "UDP socket buffers (the kernel caps them at net.core.rmem_max/wmem_max)"
     );
+    match udp_offloads(&socket) {
+        Ok(offloads) => tracing::info!(
+            gso_segments = offloads.gso_segments,
+            gro_segments = offloads.gro_segments,
+            "UDP offloads (1: not available)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot probe the UDP offloads"),
+    }
     Endpoint::new(
         endpoint_config,
         Some(config),
@@ -281,6 +310,17 @@ mod tests {
         }
         // Only the secret is left in the directory (no temp file).
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn udp_offloads_are_probed_on_loopback() {
+        let socket = bind_udp((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+        let offloads = udp_offloads(&socket).unwrap();
+        // Linux has had both since 5.0; elsewhere quinn reports 1.
+        assert!(offloads.gso_segments >= 1 && offloads.gro_segments >= 1);
+        if cfg!(target_os = "linux") {
+            eprintln!("{offloads:?}");
+        }
     }
 
     #[test]

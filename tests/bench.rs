@@ -112,8 +112,10 @@ async fn relay_full_speed_and_open_loop() {
     assert!(report.get("pacer_lateness_us").is_none(), "{report}");
     // One device per user (the default): one copy per message, all the receiver's device 1's.
     check_devices(&report, 1);
+    check_packets(&report);
     let report = bench("relay", 3, &["--rate", "300"]).await;
     check(&report, "relay");
+    check_packets(&report);
     // 300/s for 1 s: the schedule is honoured within a margin.
     let sent = report["sent"].as_u64().unwrap();
     assert!((200..=330).contains(&sent), "{report}");
@@ -124,6 +126,27 @@ async fn relay_full_speed_and_open_loop() {
         matches!((p50, max), (Some(p50), Some(max)) if p50 >= 1 && p50 <= max),
         "{report}"
     );
+}
+
+/// The relay's traffic from quinn's counters: every message is a stream of its own each way,
+/// so at least one STREAM frame per message goes from the senders and to the receivers, each
+/// direction carried datagrams, and the total is their sum.
+fn check_packets(report: &serde_json::Value) {
+    let packets = &report["packets"];
+    let mut total = 0.0;
+    for direction in ["senders_out", "senders_in", "receivers_out", "receivers_in"] {
+        let datagrams = packets[direction]["datagrams"].as_f64().unwrap();
+        assert!(datagrams > 0.0, "{direction}: {report}");
+        total += datagrams;
+    }
+    for direction in ["senders_out", "receivers_in"] {
+        let streams = packets[direction]["frames"]["stream"].as_f64().unwrap();
+        assert!(streams >= 1.0, "{direction}: {report}");
+    }
+    let per_message = packets["datagrams_per_message"].as_f64().unwrap();
+    assert!((per_message - total).abs() < 1e-6, "{report}");
+    // quinn starts every path at 1,200 bytes and never goes below.
+    assert!(packets["mtu"][0].as_u64().unwrap() >= 1200, "{report}");
 }
 
 /// A relay report with `devices` devices per user: each message carried 2N − 1 copies, and

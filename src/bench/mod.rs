@@ -17,6 +17,7 @@ pub mod file;
 pub mod flood;
 pub mod flood_logins;
 mod linking;
+pub mod packets;
 pub mod progress;
 mod relay;
 mod scenarios;
@@ -223,6 +224,11 @@ pub struct Report {
     /// Relay (with `--spawn`): `server_cpu_load_s` per delivered copy, microseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_cpu_us_per_delivery: Option<f64>,
+    /// Relay: the UDP datagrams and QUIC frames of the load generator's connections (both
+    /// ways, so the whole relay's traffic) from the start of the load until the receivers had
+    /// everything, per delivered copy (quinn's counters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packets: Option<packets::PacketCounts>,
 }
 
 /// Whose device a relay delivery went to.
@@ -289,6 +295,9 @@ impl Report {
             text.push_str(&format!(
                 "server CPU over the load: {cpu:.2} s, {per:.1} us per delivered copy\n"
             ));
+        }
+        if let Some(packets) = &self.packets {
+            text.push_str(&packets.to_text());
         }
         if let Some(setup) = self.setup_s {
             text.push_str(&format!("setup (not measured load): {setup:.1} s\n"));
