@@ -7,17 +7,19 @@
 //! shares are counted from the inbox itself (its messages name their sender and carry their
 //! body) the first time the writer needs them in a process, and kept exact from then on,
 //! since every removal (ack, unsend, expiry) goes through the writer too. So they survive
-//! restarts without a write per message.
+//! restarts without a write per message. A body shared by several inboxes (`shared_bodies`)
+//! counts its whole length in each of them, as a copy of it would.
 //!
 //! Memory is bounded: each tracked message costs 16 bytes; past [`MAX_TRACKED`] the inboxes
 //! used least recently are forgotten (and counted again from the store when next used).
 
 use std::collections::{HashMap, VecDeque};
 
-use fjall::Keyspace;
 use serde::Deserialize;
 
 use super::StoreError;
+use super::inbox_writer::InboxKeyspaces;
+use super::shared_bodies::BodyKey;
 use super::user_ids::{UserId, decode_id};
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -249,10 +251,11 @@ impl SenderShares {
 }
 
 /// The pending messages of inbox `id` as (seq, sender's id, body bytes), in seq order, read
-/// from the store. A sender whose account is gone counts under id 0 (given to no account).
+/// from the store. A sender whose account is gone counts under id 0 (given to no account). A
+/// message that references a shared body counts the body's whole length (see
+/// `shared_bodies`).
 pub(super) fn count_from_store(
-    inbox: &Keyspace,
-    user_ids: &Keyspace,
+    ks: &InboxKeyspaces,
     id: UserId,
 ) -> Result<Vec<(u64, UserId, u64)>, StoreError> {
     /// The part of a stored message the shares need (the rest is skipped, not copied).
@@ -261,12 +264,14 @@ pub(super) fn count_from_store(
         seq: u64,
         #[serde(borrow)]
         from: &'a str,
-        #[serde(borrow)]
-        body: &'a serde_bytes::Bytes,
+        #[serde(borrow, default)]
+        body: Option<&'a serde_bytes::Bytes>,
+        #[serde(default, with = "serde_bytes")]
+        shared: Option<BodyKey>,
     }
     let mut ids: Map<Vec<u8>, UserId> = Map::default();
     let mut pending = Vec::new();
-    for entry in inbox.prefix(id.to_be_bytes()) {
+    for entry in ks.inbox.prefix(id.to_be_bytes()) {
         let (_, value) = entry.into_inner()?;
         let view: View<'_> = rmp_serde::from_slice(&value).map_err(|e| StoreError::Corrupt {
             keyspace: "inbox",
@@ -275,7 +280,7 @@ pub(super) fn count_from_store(
         let sender = match ids.get(view.from.as_bytes()) {
             Some(sender) => *sender,
             None => {
-                let sender = match user_ids.get(view.from.as_bytes())? {
+                let sender = match ks.user_ids.get(view.from.as_bytes())? {
                     Some(bytes) => decode_id("user_ids", &bytes)?,
                     None => 0,
                 };
@@ -283,7 +288,11 @@ pub(super) fn count_from_store(
                 sender
             }
         };
-        pending.push((view.seq, sender, view.body.len() as u64));
+        let bytes = match view.shared {
+            Some(body) => ks.bodies.size_of(body)?.map_or(0, u64::from),
+            None => view.body.map_or(0, |b| b.len() as u64),
+        };
+        pending.push((view.seq, sender, bytes));
     }
     Ok(pending)
 }

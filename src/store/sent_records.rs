@@ -96,6 +96,9 @@ pub(super) struct Origin {
     pub from: Username,
     /// The message's expiry, kept by the settled marker.
     pub expires_at: u64,
+    /// The shared body the entry references, if any (see `shared_bodies`).
+    #[serde(default, with = "serde_bytes")]
+    pub shared: Option<super::shared_bodies::BodyKey>,
 }
 
 fn decode(bytes: &[u8]) -> Result<AnySent, StoreError> {
