@@ -149,3 +149,25 @@ async fn a_message_to_50_members_is_stored_once_and_freed_by_the_last_ack() {
         "{left:#?}"
     );
 }
+
+/// The figures of docs/BENCHMARKS.md ("Groups"): what one 292-byte MLS message (a 128-byte
+/// text, as `sfc-bench fanout` sends) adds to the store at 10, 50 and 200 members, shared as
+/// the server stores it and with a body per copy as before, with the bench's names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_stored_per_group_message_at_10_50_and_200_members() {
+    let tag = "0123abcd";
+    for members in [10usize, 50, 200] {
+        let names: Vec<String> = (0..members).map(|i| format!("g{i}_{tag}")).collect();
+        let group = format!("fan{tag}");
+        let (shared, unshared) =
+            securefastchat::bench::fanout::stored_bytes(&names[0], &names[1..], &group, 292)
+                .await
+                .expect("measure");
+        eprintln!(
+            "{members} members: {shared} B shared, {unshared} B with a body per copy \
+             ({:.1} × less)",
+            unshared as f64 / shared as f64
+        );
+        assert!(shared * 2 < unshared, "{shared} against {unshared}");
+    }
+}

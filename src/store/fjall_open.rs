@@ -243,7 +243,7 @@ impl Inner {
     /// Writes what was kept in memory during an outage, synced. Runs before any call can use
     /// the reopened database (its writer is idle), so the shared bodies' counts it lowers are
     /// read from the store.
-    fn replay(&self, deferred: &Deferred) -> Result<(), StoreError> {
+    pub(super) fn replay(&self, deferred: &Deferred) -> Result<(), StoreError> {
         if deferred.is_empty() {
             return Ok(());
         }

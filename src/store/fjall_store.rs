@@ -735,4 +735,60 @@ mod tests {
         let appended = store.append(message("bob", 200), AppendHooks::default());
         assert!(matches!(appended.await.unwrap(), Appended::Stored { .. }));
     }
+
+    /// The acks kept during an outage, written when the store reopens, release the shared
+    /// bodies of the entries they remove like any other removal.
+    #[tokio::test]
+    async fn acks_written_at_a_reopen_release_shared_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FjallStore::open(dir.path()).unwrap();
+        let names = ["alice", "bob", "carol"].map(|n| Username::parse(n).unwrap());
+        for name in &names {
+            let user = UserRecord {
+                password_hash: String::new(),
+                created_at: 1,
+            };
+            store.create_user(name, user).await.unwrap();
+        }
+        let mut shared = message("bob", 1);
+        shared.copies[0].body = vec![7; 200];
+        shared.copies.push(crate::store::Copy {
+            recipient: names[2].clone(),
+            device: 1,
+            body: vec![7; 200],
+        });
+        let appended = store.append(shared, AppendHooks::default()).await.unwrap();
+        let Appended::Stored { seqs } = appended else {
+            panic!("{appended:?}")
+        };
+        assert_eq!(store.message_footprint().await.unwrap().references, 2);
+        let inner = store.current().unwrap();
+        let id = |n: usize| inner.ids.cached(&names[n]).unwrap().unwrap();
+        let ack = |inbox, seqs: &[u64]| {
+            let mut deferred = super::super::outage::Deferred::default();
+            deferred.acks.insert(inbox, seqs.iter().copied().collect());
+            deferred.ack_count = seqs.len();
+            deferred
+        };
+        // Bob's ack (and one of nothing): the body stays for carol.
+        inner
+            .replay(&ack(id(1), &[seqs[0], seqs[0] + 100]))
+            .unwrap();
+        let left = store.message_footprint().await.unwrap();
+        assert_eq!(
+            (left.bodies.entries, left.references, left.mismatches),
+            (1, 1, 0)
+        );
+        inner.replay(&ack(id(2), &[seqs[1]])).unwrap();
+        let left = store.message_footprint().await.unwrap();
+        assert_eq!(
+            (
+                left.bodies.entries,
+                left.body_refs.entries,
+                left.inbox.entries,
+                left.mismatches
+            ),
+            (0, 0, 0, 0)
+        );
+    }
 }
