@@ -369,6 +369,9 @@ async fn measure(cli: &FanoutCli, target: &Target) -> Result<FanoutReport, Bench
     while receivers.join_next().await.is_some() {}
     creator.close().await;
 
+    let message_bytes = arrivals.lock().map_err(setup)?.message_bytes;
+    let (stored_shared, stored_unshared) =
+        stored_bytes(&names[0], &names[1..], &group, message_bytes).await?;
     let a = arrivals.lock().map_err(setup)?;
     let mut delivered = 0u64;
     let mut to_last = Vec::with_capacity(sent.len());
@@ -387,8 +390,6 @@ async fn measure(cli: &FanoutCli, target: &Target) -> Result<FanoutReport, Bench
         .saturating_duration_since(load_start)
         .as_secs_f64()
         .max(1e-9);
-    let (stored_shared, stored_unshared) =
-        stored_bytes(&names[0], &names[1..], &group, a.message_bytes).await?;
     Ok(FanoutReport {
         members: names.len(),
         messages: cli.messages,
