@@ -428,7 +428,8 @@ pub async fn stored_bytes(
         durability: Durability::Buffered,
         ..StoreOptions::default()
     };
-    let store = FjallStore::open_with(dir.path(), options).map_err(setup)?;
+    // A directory the store creates (private) itself.
+    let store = FjallStore::open_with(&dir.path().join("store"), options).map_err(setup)?;
     let name = |n: &str| Username::parse(n).map_err(|e| setup(format!("{n:?}: {e}")));
     for user in std::iter::once(sender).chain(members.iter().map(String::as_str)) {
         let record = UserRecord {
