@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use super::StoreError;
 use super::inbox_writer::InboxKeyspaces;
-use super::shared_bodies::BodyKey;
+use super::shared_bodies::{BodyKey, shared_header};
 use super::user_ids::{UserId, decode_id};
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -262,8 +262,8 @@ pub(super) fn count_from_store(
     #[derive(Deserialize)]
     struct View<'a> {
         seq: u64,
-        #[serde(borrow)]
-        from: &'a str,
+        #[serde(borrow, default)]
+        from: Option<&'a str>,
         #[serde(borrow, default)]
         body: Option<&'a serde_bytes::Bytes>,
         #[serde(default, with = "serde_bytes")]
@@ -277,20 +277,32 @@ pub(super) fn count_from_store(
             keyspace: "inbox",
             reason: e.to_string(),
         })?;
-        let sender = match ids.get(view.from.as_bytes()) {
+        // A shared entry's sender and body are in its shared record.
+        let (from, bytes) = match (view.shared, view.from) {
+            (Some(key), _) => match ks.bodies.get(key)? {
+                Some(record) => {
+                    let header = shared_header(&record)?;
+                    (header.from.as_str().as_bytes().to_vec(), header.body_len)
+                }
+                None => (Vec::new(), 0),
+            },
+            (None, from) => (
+                from.unwrap_or_default().as_bytes().to_vec(),
+                view.body.map_or(0, |b| b.len() as u64),
+            ),
+        };
+        let sender = match ids.get(&from) {
             Some(sender) => *sender,
+            // No sender to be found (a damaged entry): counted under no account.
+            None if from.is_empty() => 0,
             None => {
-                let sender = match ks.user_ids.get(view.from.as_bytes())? {
+                let sender = match ks.user_ids.get(&from)? {
                     Some(bytes) => decode_id("user_ids", &bytes)?,
                     None => 0,
                 };
-                ids.insert(view.from.as_bytes().to_vec(), sender);
+                ids.insert(from, sender);
                 sender
             }
-        };
-        let bytes = match view.shared {
-            Some(body) => ks.bodies.size_of(body)?.map_or(0, u64::from),
-            None => view.body.map_or(0, |b| b.len() as u64),
         };
         pending.push((view.seq, sender, bytes));
     }

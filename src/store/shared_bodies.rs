@@ -1,10 +1,13 @@
 //! Shared bodies: one stored body for the copies of a message that carry the same bytes (an
 //! MLS group message is one ciphertext for every member device), referenced from each copy's
 //! inbox entry and freed when its last reference goes; and the stored form of an inbox entry
-//! ([`InboxEntry`]), whose body is inline or such a reference.
+//! ([`InboxEntry`]), whose body (with the fields the copies share) is inline or such a
+//! reference.
 //!
 //! Layout:
-//! - `bodies`: body key → the body's bytes (raw, not MessagePack);
+//! - `bodies`: body key → the shared record ([`SharedBody`], named MessagePack): the body and
+//!   the fields every copy has in common (sender, device, message id, kind, time received);
+//!   each referencing entry keeps only its seq, expiry, addressee and the key;
 //! - `body_refs`: body key → how many inbox entries reference the body (u32 BE).
 //!
 //! A body key is the place of the first copy that references the body: its inbox id ‖ seq,
@@ -65,19 +68,23 @@ pub(super) fn body_key(inbox: InboxId, seq: u64) -> BodyKey {
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type Set<T> = HashSet<T, foldhash::fast::RandomState>;
 
-/// An inbox entry as stored: a [`StoredMessage`] whose body is inline (every entry from before
-/// shared bodies) or, with `shared`, a reference to a shared body. An inline entry encodes as
-/// a [`StoredMessage`] did (the same fields in the same order), so older entries read
-/// unchanged; an empty body is left out (it reads back empty).
+/// An inbox entry as stored: a [`StoredMessage`] with its body inline (every entry from
+/// before shared bodies), or, with `shared`, a reference to a shared record ([`SharedBody`])
+/// that holds the body and the fields every copy has in common (then the entry keeps only its
+/// seq, expiry, addressee and the reference). An inline entry encodes as a [`StoredMessage`]
+/// did (the same fields in the same order), so older entries read unchanged; an empty body is
+/// left out (it reads back empty).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct InboxEntry {
     /// Its sequence number in the inbox.
     pub seq: u64,
-    /// The sender's id for it.
-    pub id: MessageId,
-    /// Who sent it.
-    pub from: Username,
-    /// The device it was sent from.
+    /// The sender's id for it (in the shared record instead, when it has one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<MessageId>,
+    /// Who sent it (idem).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Username>,
+    /// The device it was sent from (idem; 1 is left out).
     #[serde(
         default = "super::first_device",
         skip_serializing_if = "super::is_first_device"
@@ -86,34 +93,84 @@ pub(super) struct InboxEntry {
     /// The addressee, on a copy for one of the sender's own devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<Username>,
-    /// The sender's `kind`.
-    pub kind: String,
-    /// When the server received it.
-    pub sent_at: u64,
-    /// When it expires.
+    /// The sender's `kind` (idem).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// When the server received it (idem).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<u64>,
+    /// When it expires (in every entry: the purge reads it).
     pub expires_at: u64,
     /// The sealed body, inline; empty when it is shared.
     #[serde(default, with = "serde_bytes", skip_serializing_if = "Vec::is_empty")]
     pub body: Vec<u8>,
-    /// The key of its shared body in `bodies`, if it has one.
+    /// The key of its shared record in `bodies`, if it has one.
     #[serde(default, with = "serde_bytes", skip_serializing_if = "Option::is_none")]
     pub shared: Option<BodyKey>,
 }
 
+/// A shared record (the value in `bodies`): the body and the fields the copies that share it
+/// have in common, named MessagePack, the body last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct SharedBody {
+    /// The sender's id for the message.
+    pub id: MessageId,
+    /// Who sent it.
+    pub from: Username,
+    /// The device it was sent from (1 is left out).
+    #[serde(
+        default = "super::first_device",
+        skip_serializing_if = "super::is_first_device"
+    )]
+    pub from_device: DeviceId,
+    /// The sender's `kind`.
+    pub kind: String,
+    /// When the server received it.
+    pub sent_at: u64,
+    /// The sealed body.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// An upper bound on a shared record's encoding beyond its body, sender and kind.
+pub(super) const SHARED_RECORD_OVERHEAD: usize = 96;
+
 impl InboxEntry {
-    /// The message, with `body` (its shared body, or its own).
-    pub(super) fn into_message(self, body: Vec<u8>) -> StoredMessage {
-        StoredMessage {
-            seq: self.seq,
-            id: self.id,
-            from: self.from,
+    /// The message: the entry's own fields, and the shared record's if it references one
+    /// (`shared`, read by the caller).
+    pub(super) fn into_message(
+        self,
+        shared: Option<SharedBody>,
+    ) -> Result<StoredMessage, StoreError> {
+        if let Some(record) = shared {
+            return Ok(StoredMessage {
+                seq: self.seq,
+                id: record.id,
+                from: record.from,
+                from_device: record.from_device,
+                to: self.to,
+                kind: record.kind,
+                sent_at: record.sent_at,
+                expires_at: self.expires_at,
+                body: record.body,
+            });
+        }
+        let seq = self.seq;
+        let missing = |field: &str| StoreError::Corrupt {
+            keyspace: "inbox",
+            reason: format!("message {seq} has neither a {field} nor a shared record"),
+        };
+        Ok(StoredMessage {
+            seq,
+            id: self.id.ok_or_else(|| missing("id"))?,
+            from: self.from.ok_or_else(|| missing("sender"))?,
             from_device: self.from_device,
             to: self.to,
-            kind: self.kind,
-            sent_at: self.sent_at,
+            kind: self.kind.ok_or_else(|| missing("kind"))?,
+            sent_at: self.sent_at.ok_or_else(|| missing("time"))?,
             expires_at: self.expires_at,
-            body,
-        }
+            body: self.body,
+        })
     }
 }
 
@@ -129,6 +186,37 @@ pub(super) fn shared_body_of(entry: &[u8]) -> Result<Option<BodyKey>, StoreError
         reason: e.to_string(),
     })?;
     Ok(view.shared)
+}
+
+/// The part of a shared record (encoded) that says who sent the message, and the body's
+/// length, without copying the body.
+pub(super) struct SharedHeader {
+    /// The sender's id for the message.
+    pub id: MessageId,
+    /// Who sent it.
+    pub from: Username,
+    /// Bytes of the body.
+    pub body_len: u64,
+}
+
+/// Reads a shared record's [`SharedHeader`].
+pub(super) fn shared_header(record: &[u8]) -> Result<SharedHeader, StoreError> {
+    #[derive(Deserialize)]
+    struct View<'a> {
+        id: MessageId,
+        from: Username,
+        #[serde(borrow)]
+        body: &'a serde_bytes::Bytes,
+    }
+    let view: View<'_> = rmp_serde::from_slice(record).map_err(|e| StoreError::Corrupt {
+        keyspace: BODIES,
+        reason: e.to_string(),
+    })?;
+    Ok(SharedHeader {
+        id: view.id,
+        from: view.from,
+        body_len: view.body.len() as u64,
+    })
 }
 
 /// How one copy of a message stores its body.
@@ -214,16 +302,17 @@ pub(super) struct BodyLedger {
 }
 
 impl BodyLedger {
-    /// Writes a shared body and its count (`count` entries will reference it) into `batch`.
+    /// Writes a shared record (encoded) and its count (`count` entries will reference it)
+    /// into `batch`.
     pub(super) fn create(
         &mut self,
         batch: &mut OwnedWriteBatch,
         ks: &InboxKeyspaces,
         key: BodyKey,
-        body: Vec<u8>,
+        record: Vec<u8>,
         count: u32,
     ) {
-        batch.insert(&ks.bodies, key, body);
+        batch.insert(&ks.bodies, key, record);
         batch.insert(&ks.body_refs, key, count.to_be_bytes());
         self.set(key, count);
     }
@@ -325,23 +414,20 @@ pub(super) fn read_message(
         keyspace: "inbox",
         reason: e.to_string(),
     })?;
-    match entry.shared {
-        None => {
-            let mut entry = entry;
-            let body = std::mem::take(&mut entry.body);
-            Ok(entry.into_message(body))
-        }
-        Some(key) => {
-            let body = snapshot
-                .get(&ks.bodies, key)?
-                .ok_or_else(|| StoreError::Corrupt {
-                    keyspace: BODIES,
-                    reason: format!("message {} references a missing body", entry.seq),
-                })?;
-            let body = body.to_vec();
-            Ok(entry.into_message(body))
-        }
-    }
+    let Some(key) = entry.shared else {
+        return entry.into_message(None);
+    };
+    let record = snapshot
+        .get(&ks.bodies, key)?
+        .ok_or_else(|| StoreError::Corrupt {
+            keyspace: BODIES,
+            reason: format!("message {} references a missing body", entry.seq),
+        })?;
+    let record: SharedBody = rmp_serde::from_slice(&record).map_err(|e| StoreError::Corrupt {
+        keyspace: BODIES,
+        reason: e.to_string(),
+    })?;
+    entry.into_message(Some(record))
 }
 
 /// Entries and bytes of one keyspace (keys and values as stored, before fjall's own framing
@@ -495,12 +581,12 @@ mod tests {
         };
         let entry = InboxEntry {
             seq: message.seq,
-            id: message.id,
-            from: message.from.clone(),
+            id: Some(message.id),
+            from: Some(message.from.clone()),
             from_device: message.from_device,
             to: message.to.clone(),
-            kind: message.kind.clone(),
-            sent_at: message.sent_at,
+            kind: Some(message.kind.clone()),
+            sent_at: Some(message.sent_at),
             expires_at: message.expires_at,
             body: message.body.clone(),
             shared: None,
@@ -510,8 +596,15 @@ mod tests {
         let read: InboxEntry = rmp_serde::from_slice(&old).unwrap();
         assert_eq!(read, entry);
         assert_eq!(shared_body_of(&old).unwrap(), None);
+        assert_eq!(read.into_message(None).unwrap(), message);
 
+        // A shared one: seq, expiry, addressee and the reference.
         let shared = InboxEntry {
+            id: None,
+            from: None,
+            from_device: 1,
+            kind: None,
+            sent_at: None,
             body: Vec::new(),
             shared: Some(body_key(9, 1 << 20)),
             ..entry
@@ -520,7 +613,26 @@ mod tests {
         assert_eq!(shared_body_of(&bytes).unwrap(), shared.shared);
         let read: InboxEntry = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(read, shared);
-        // No body field at all, a 12-byte `bin` reference instead.
-        assert!(bytes.len() < old.len() - 3 + 7 + 14, "{}", bytes.len());
+        assert!(bytes.len() < 64, "{}", bytes.len());
+        assert!(
+            read.clone().into_message(None).is_err(),
+            "no record, no message"
+        );
+        let record = SharedBody {
+            id: message.id,
+            from: message.from.clone(),
+            from_device: 2,
+            kind: message.kind.clone(),
+            sent_at: 5,
+            body: message.body.clone(),
+        };
+        let encoded = rmp_serde::to_vec_named(&record).unwrap();
+        assert!(encoded.len() <= SHARED_RECORD_OVERHEAD + 3 + 5 + 4);
+        let header = shared_header(&encoded).unwrap();
+        assert_eq!(
+            (header.id, &header.from, header.body_len),
+            (message.id, &message.from, 3)
+        );
+        assert_eq!(read.into_message(Some(record)).unwrap(), message);
     }
 }

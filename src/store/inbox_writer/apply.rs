@@ -14,7 +14,10 @@ use crate::protocol::MessageId;
 use crate::store::devices::InboxId;
 use crate::store::sender_shares::count_from_store;
 use crate::store::sent_records;
-use crate::store::shared_bodies::{BodyKey, InboxEntry, Share, body_key, sharing};
+use crate::store::shared_bodies::{
+    BodyKey, InboxEntry, SHARED_RECORD_OVERHEAD, Share, SharedBody, body_key, shared_header,
+    sharing,
+};
 use crate::store::user_ids::{UserId, decode_id, inbox_key, inbox_seq, sent_key};
 use crate::store::{Appended, NewMessage, Placed, SentRecord, StoreError};
 
@@ -223,8 +226,20 @@ impl WriterState {
                 Share::Inline => None,
                 Share::First { count } => {
                     let key = body_key(inbox, seq);
-                    self.bodies
-                        .create(batch, &self.ks, key, std::mem::take(&mut body), count);
+                    let record = SharedBody {
+                        id,
+                        from: sender.clone(),
+                        from_device: sender_device,
+                        kind: kind.clone(),
+                        sent_at,
+                        body: std::mem::take(&mut body),
+                    };
+                    let record_len = SHARED_RECORD_OVERHEAD
+                        + record.body.len()
+                        + record.from.as_str().len()
+                        + record.kind.len();
+                    let record = encode_record(&record, record_len)?;
+                    self.bodies.create(batch, &self.ks, key, record, count);
                     if let Some(place) = first_places.get_mut(at) {
                         *place = Some(key);
                     }
@@ -239,18 +254,22 @@ impl WriterState {
                     None => None,
                 },
             };
+            // A shared entry leaves what the copies have in common to the shared record.
+            let inline = shared.is_none();
             let stored = InboxEntry {
                 seq,
-                id,
-                from: sender.clone(),
-                from_device: sender_device,
+                id: inline.then_some(id),
+                from: inline.then(|| sender.clone()),
+                from_device: if inline { sender_device } else { 1 },
                 to: addressee,
-                kind: if last {
-                    std::mem::take(&mut kind)
-                } else {
-                    kind.clone()
-                },
-                sent_at,
+                kind: inline.then(|| {
+                    if last {
+                        std::mem::take(&mut kind)
+                    } else {
+                        kind.clone()
+                    }
+                }),
+                sent_at: inline.then_some(sent_at),
                 expires_at,
                 body,
                 shared,
@@ -259,8 +278,8 @@ impl WriterState {
             let stored_len = STORED_OVERHEAD
                 + stored.body.len()
                 + stored.shared.map_or(0, |key| key.len() + SHARED_OVERHEAD)
-                + stored.from.as_str().len()
-                + stored.kind.len()
+                + stored.from.as_ref().map_or(0, |from| from.as_str().len())
+                + stored.kind.as_ref().map_or(0, String::len)
                 + stored.to.as_ref().map_or(0, |to| to.as_str().len());
             batch.insert(
                 &self.ks.inbox,
@@ -375,7 +394,23 @@ impl WriterState {
             }
         };
         let body = stored.shared;
-        let Some(sender) = self.ks.user_ids.get(stored.from.as_str().as_bytes())? else {
+        // A shared entry's sender and id are in its shared record.
+        let (message_id, from) = match (stored.id, stored.from, body) {
+            (Some(message_id), Some(from), _) => (message_id, from),
+            (_, _, Some(key)) => {
+                let header = self.ks.bodies.get(key)?.map(|r| shared_header(&r));
+                match header {
+                    Some(Ok(header)) => (header.id, header.from),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot settle a send record");
+                        return Ok(body);
+                    }
+                    None => return Ok(body),
+                }
+            }
+            _ => return Ok(body),
+        };
+        let Some(sender) = self.ks.user_ids.get(from.as_str().as_bytes())? else {
             return Ok(body);
         };
         let Ok(sender) = decode_id("user_ids", &sender) else {
@@ -383,7 +418,7 @@ impl WriterState {
         };
         let origin = Origin {
             sender,
-            id: stored.id,
+            id: message_id,
             expires_at: stored.expires_at,
             body,
         };
@@ -514,36 +549,32 @@ mod tests {
         let from = Username::parse(&"a".repeat(32)).unwrap();
         let stored = InboxEntry {
             seq: u64::MAX,
-            id: MessageId([0xff; 16]),
-            from: from.clone(),
+            id: Some(MessageId([0xff; 16])),
+            from: Some(from.clone()),
             from_device: u32::MAX,
             to: Some(from.clone()),
-            kind: "k".repeat(300),
-            sent_at: u64::MAX,
+            kind: Some("k".repeat(300)),
+            sent_at: Some(u64::MAX),
             expires_at: u64::MAX,
             body: vec![7; 70_000],
             shared: None,
         };
-        let capacity = STORED_OVERHEAD
-            + stored.body.len()
-            + stored.from.as_str().len()
-            + stored.kind.len()
-            + from.as_str().len();
+        let capacity = STORED_OVERHEAD + stored.body.len() + from.as_str().len() + 300 + 32;
         let bytes = encode_record(&stored, capacity).unwrap();
         assert!(bytes.len() <= capacity, "{} > {capacity}", bytes.len());
         assert_eq!(bytes.capacity(), capacity, "no growth");
         assert_eq!(rmp_serde::from_slice::<InboxEntry>(&bytes).unwrap(), stored);
         let shared = InboxEntry {
+            id: None,
+            from: None,
+            from_device: 1,
+            kind: None,
+            sent_at: None,
             body: Vec::new(),
             shared: Some([0xff; 12]),
             ..stored.clone()
         };
-        let capacity = STORED_OVERHEAD
-            + 12
-            + SHARED_OVERHEAD
-            + shared.from.as_str().len()
-            + shared.kind.len()
-            + from.as_str().len();
+        let capacity = STORED_OVERHEAD + 12 + SHARED_OVERHEAD + from.as_str().len();
         let bytes = encode_record(&shared, capacity).unwrap();
         assert!(bytes.len() <= capacity, "{} > {capacity}", bytes.len());
         assert_eq!(rmp_serde::from_slice::<InboxEntry>(&bytes).unwrap(), shared);

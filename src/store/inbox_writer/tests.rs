@@ -284,9 +284,11 @@ async fn acks_of_uncommitted_batches_count_a_shared_body_exactly() {
     }
     assert_eq!(count(&ks, seqs[0]), Some(1));
     let key = crate::store::shared_bodies::body_key(BOB, seqs[0]);
+    let record = ks.bodies.get(key).unwrap().unwrap();
+    let record: crate::store::shared_bodies::SharedBody = rmp_serde::from_slice(&record).unwrap();
     assert_eq!(
-        ks.bodies.get(key).unwrap().unwrap().as_ref(),
-        &[1u8; 300][..]
+        (record.id, record.body),
+        (MessageId([1; 16]), vec![1u8; 300])
     );
 
     // The last one, once everything is committed: from the store.
