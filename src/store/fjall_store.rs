@@ -4,9 +4,10 @@
 //! [`SessionRecord`]) here; users' numeric ids in `user_ids`; devices in `devices` (their
 //! operations in `fjall_devices`); the key directory in `fjall_keys`; inboxes (written only by
 //! the group-commit thread of `inbox_writer`), one per device (their operations in
-//! `fjall_messages`); blob metadata in `blobs` and `blob_owners` (`blobs`). Opening
-//! a store of an older format migrates it first (`migrate`); opening and reopening after a
-//! write outage live in `fjall_open`. Values are named MessagePack.
+//! `fjall_messages`), with the records that copies of one message share (`shared_bodies`);
+//! blob metadata in `blobs` and `blob_owners` (`blobs`). Opening a store of an older format
+//! migrates it first (`migrate`); opening and reopening after a write outage live in
+//! `fjall_open`. Values are named MessagePack.
 //! Every call runs on the bounded blocking pool; account and key writes are synced
 //! (`SyncData`) before they return.
 
