@@ -549,3 +549,54 @@ async fn shared_bodies_survive_sigkill() {
         (0, 0, 0)
     );
 }
+
+/// Acks of one message from several devices at once, which the writer folds into one batch:
+/// the count is right however many of them one batch holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acks_count_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = group(dir.path()).await;
+    let all = [("alice", 1), ("bob", 1), ("bob", 2), ("carol", 1)];
+    for round in 0..20u8 {
+        let seqs = stored(&store, group_message(round, &all, u64::MAX)).await;
+        // All but the last of them, at once (a different one kept each round).
+        let kept = usize::from(round) % all.len();
+        let mut acks = Vec::new();
+        for (at, ((name, device), seq)) in all.into_iter().zip(seqs).enumerate() {
+            if at == kept {
+                continue;
+            }
+            let store = store.clone();
+            acks.push(tokio::spawn(async move {
+                store
+                    .remove_pending(&user(name), device, vec![seq], Removal::Acknowledged)
+                    .await
+            }));
+        }
+        for ack in acks {
+            assert_eq!(ack.await.expect("task").expect("ack"), 1);
+        }
+        let left = footprint(&store).await;
+        assert_eq!(
+            (left.bodies.entries, left.references),
+            (u64::from(round) + 1, u64::from(round) + 1)
+        );
+    }
+    let store = reopen(store, dir.path()).await;
+    for (name, device) in [("alice", 1), ("bob", 1), ("bob", 2), ("carol", 1)] {
+        let pending = store
+            .pending(&user(name), device, 0, 100)
+            .await
+            .expect("pending");
+        for message in &pending {
+            assert_eq!(message.body, vec![message.id.0[0]; BODY]);
+        }
+        let seqs = pending.iter().map(|m| m.seq).collect();
+        store
+            .remove_pending(&user(name), device, seqs, Removal::Acknowledged)
+            .await
+            .expect("ack");
+    }
+    let left = footprint(&store).await;
+    assert_eq!((left.bodies.entries, left.body_refs.entries), (0, 0));
+}

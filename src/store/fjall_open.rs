@@ -258,12 +258,13 @@ impl Inner {
                 };
                 batch.remove(&self.inbox.inbox, key);
                 match shared_body_of(&entry) {
-                    Ok(Some(body)) => bodies.release(&mut batch, &self.inbox, body)?,
+                    Ok(Some(body)) => bodies.release(&self.inbox, body)?,
                     Ok(None) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot read an acknowledged entry"),
                 }
             }
         }
+        bodies.take_batch(&mut batch, &self.inbox);
         for session in deferred.sessions.values() {
             batch.insert(
                 &self.sessions,

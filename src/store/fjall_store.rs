@@ -753,34 +753,41 @@ mod tests {
         }
         let mut shared = message("bob", 1);
         shared.copies[0].body = vec![7; 200];
-        shared.copies.push(crate::store::Copy {
-            recipient: names[2].clone(),
-            device: 1,
-            body: vec![7; 200],
-        });
+        for n in [0, 2] {
+            shared.copies.push(crate::store::Copy {
+                recipient: names[n].clone(),
+                device: 1,
+                body: vec![7; 200],
+            });
+        }
         let appended = store.append(shared, AppendHooks::default()).await.unwrap();
         let Appended::Stored { seqs } = appended else {
             panic!("{appended:?}")
         };
-        assert_eq!(store.message_footprint().await.unwrap().references, 2);
+        assert_eq!(store.message_footprint().await.unwrap().references, 3);
         let inner = store.current().unwrap();
         let id = |n: usize| inner.ids.cached(&names[n]).unwrap().unwrap();
-        let ack = |inbox, seqs: &[u64]| {
+        let ack = |acks: &[(u32, u64)]| {
             let mut deferred = super::super::outage::Deferred::default();
-            deferred.acks.insert(inbox, seqs.iter().copied().collect());
-            deferred.ack_count = seqs.len();
+            for (inbox, seq) in acks {
+                deferred.acks.entry(*inbox).or_default().insert(*seq);
+            }
+            deferred.ack_count = acks.len();
             deferred
         };
-        // Bob's ack (and one of nothing): the body stays for carol.
+        // Bob's ack (and one of nothing): the body stays for the others.
         inner
-            .replay(&ack(id(1), &[seqs[0], seqs[0] + 100]))
+            .replay(&ack(&[(id(1), seqs[0]), (id(1), seqs[0] + 100)]))
             .unwrap();
         let left = store.message_footprint().await.unwrap();
         assert_eq!(
             (left.bodies.entries, left.references, left.mismatches),
-            (1, 1, 0)
+            (1, 2, 0)
         );
-        inner.replay(&ack(id(2), &[seqs[1]])).unwrap();
+        // Alice's and carol's in one batch: the body is released twice there.
+        inner
+            .replay(&ack(&[(id(0), seqs[1]), (id(2), seqs[2])]))
+            .unwrap();
         let left = store.message_footprint().await.unwrap();
         assert_eq!(
             (

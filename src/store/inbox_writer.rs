@@ -488,6 +488,8 @@ impl WriterState {
                 }
             }
         }
+        // The final count of every shared body the batch changed, once each.
+        let bodies = self.bodies.take_batch(&mut batch, &self.ks);
         let mut checkpoints = Vec::new();
         for id in touched.into_keys() {
             let (Some(&next), Some(&stored), Some(counter)) = (
@@ -527,7 +529,7 @@ impl WriterState {
             replies,
             appended,
             inboxes,
-            bodies: self.bodies.take_batch(),
+            bodies,
             ops: op_count,
         };
         let Some(jobs) = &self.jobs else {

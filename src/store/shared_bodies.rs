@@ -20,7 +20,8 @@
 //! Every removal of a referencing entry (ack, unsend, expiry, a dropped inbox of a removed
 //! device or deleted account, an ack kept during an outage and written at the reopen) lowers
 //! the count in the batch that removes the entry, and the removal that brings it to 0 deletes
-//! the body and its count. A fjall batch is atomic and the journal replays whole batches in
+//! the body and its count. A batch writes each count once, its final value (see
+//! [`BodyLedger::take_batch`]). A fjall batch is atomic and the journal replays whole batches in
 //! order, so after a crash (`kill -9`, power loss) at any point every count equals the number
 //! of entries that reference its body: no body outlives its last reference, none goes before.
 //!
@@ -302,8 +303,8 @@ pub(super) struct BodyLedger {
 }
 
 impl BodyLedger {
-    /// Writes a shared record (encoded) and its count (`count` entries will reference it)
-    /// into `batch`.
+    /// Writes a shared record (encoded) into `batch`; its count (`count` entries will
+    /// reference it) is written by [`Self::take_batch`].
     pub(super) fn create(
         &mut self,
         batch: &mut OwnedWriteBatch,
@@ -313,19 +314,14 @@ impl BodyLedger {
         count: u32,
     ) {
         batch.insert(&ks.bodies, key, record);
-        batch.insert(&ks.body_refs, key, count.to_be_bytes());
         self.set(key, count);
     }
 
-    /// Lowers the count of body `key` in `batch`, whose entry referencing it is being removed
-    /// there, and deletes the body with its last reference. A count that is missing (the
-    /// store was damaged) is logged, not an error: the removal goes on.
-    pub(super) fn release(
-        &mut self,
-        batch: &mut OwnedWriteBatch,
-        ks: &InboxKeyspaces,
-        key: BodyKey,
-    ) -> Result<(), StoreError> {
+    /// Lowers the count of body `key` for the batch being built, whose entry referencing it is
+    /// being removed there; [`Self::take_batch`] writes the count, or deletes the body with
+    /// its last reference. A count that is missing (the store was damaged) is logged, not an
+    /// error: the removal goes on.
+    pub(super) fn release(&mut self, ks: &InboxKeyspaces, key: BodyKey) -> Result<(), StoreError> {
         let count = match self.changed.get(&key) {
             Some(changed) => Some(changed.count),
             None => stored_count(&ks.body_refs, &key)?,
@@ -337,15 +333,7 @@ impl BodyLedger {
                     "a shared body has no reference left to release; nothing changed"
                 );
             }
-            Some(1) => {
-                batch.remove(&ks.bodies, key);
-                batch.remove(&ks.body_refs, key);
-                self.set(key, 0);
-            }
-            Some(n) => {
-                batch.insert(&ks.body_refs, key, (n - 1).to_be_bytes());
-                self.set(key, n - 1);
-            }
+            Some(n) => self.set(key, n - 1),
         }
         Ok(())
     }
@@ -359,13 +347,26 @@ impl BodyLedger {
         self.building.insert(key);
     }
 
-    /// The batch being built is done: returns the bodies it changed (each once), which stay
-    /// here until [`Self::committed`] is told of them.
-    pub(super) fn take_batch(&mut self) -> Vec<BodyKey> {
+    /// The batch being built is done: writes into it the final count of each body it changed,
+    /// once (several acks in one batch release one body several times, and fjall gives every
+    /// write of a batch the same sequence number: one write per key leaves no doubt which one
+    /// holds), or deletes the body and its count at 0. Returns those bodies, which stay here
+    /// until [`Self::committed`] is told of them.
+    pub(super) fn take_batch(
+        &mut self,
+        batch: &mut OwnedWriteBatch,
+        ks: &InboxKeyspaces,
+    ) -> Vec<BodyKey> {
         let keys: Vec<BodyKey> = self.building.drain().collect();
         for key in &keys {
             if let Some(changed) = self.changed.get_mut(key) {
                 changed.batches += 1;
+                if changed.count == 0 {
+                    batch.remove(&ks.bodies, *key);
+                    batch.remove(&ks.body_refs, *key);
+                } else {
+                    batch.insert(&ks.body_refs, *key, changed.count.to_be_bytes());
+                }
             }
         }
         keys

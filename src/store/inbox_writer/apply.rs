@@ -83,7 +83,7 @@ impl WriterState {
             let body = self.settle_sent(batch, id, inbox_seq(&key))?;
             batch.remove(&self.ks.inbox, key);
             if let Some(body) = body {
-                self.bodies.release(batch, &self.ks, body)?;
+                self.bodies.release(&self.ks, body)?;
             }
             removed += 1;
         }
@@ -472,7 +472,7 @@ impl WriterState {
                 let body = self.settle_sent(batch, id, seq)?;
                 batch.remove(&self.ks.inbox, key);
                 if let Some(body) = body {
-                    self.bodies.release(batch, &self.ks, body)?;
+                    self.bodies.release(&self.ks, body)?;
                 }
                 self.shares.remove(id, seq);
                 removed += 1;
