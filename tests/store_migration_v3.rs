@@ -201,7 +201,7 @@ async fn a_migration_killed_half_way_completes_on_the_next_open() {
     let (format, devices, old_keys, old_prekeys) = progress(dir.path());
     assert_eq!(
         (format, devices, old_keys, old_prekeys),
-        (Some(3), 2 * USERS as usize, 0, 0)
+        (Some(4), 2 * USERS as usize, 0, 0)
     );
     let db = Database::builder(dir.path()).open().expect("open fjall");
     let (keys, prekeys) = (keyspace(&db, "keys"), keyspace(&db, "prekeys"));
@@ -230,7 +230,7 @@ fn dump(data: &Path) -> Vec<(String, Vec<u8>, Vec<u8>)> {
     all
 }
 
-/// Opening the release fixture (format 2) migrates it to format 3: each account has device 1
+/// Opening the release fixture (format 2) migrates it to format 3 (then 4): each account has device 1
 /// only; bob's pending messages (seqs 3..=303 but the unsent 153) are device 1's, with their
 /// send records naming that copy; identities, prekeys and every one-time prekey (alice 100,
 /// bob 99) are kept, as the account's and device 1's; the saved sessions are device 1's. A
@@ -337,7 +337,8 @@ async fn the_release_fixture_becomes_device_1_of_each_account() {
         .find(|(k, key, _)| k == "meta" && key.as_slice() == b"store-format");
     assert_eq!(
         format.map(|f| f.2.clone()),
-        Some(3u32.to_be_bytes().to_vec())
+        Some(4u32.to_be_bytes().to_vec()),
+        "format 3, then 4 (shared bodies, nothing to move)"
     );
 
     // A second open (and clean close) writes nothing.

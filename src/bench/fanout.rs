@@ -12,6 +12,14 @@
 //! `--window` in flight), and each delivery to each member is timed from the start of its send:
 //! **deliveries/s** counts messages × member devices reached per second, and the **latency to
 //! the last member** is, per message, the time until the last member had it.
+//!
+//! **Bytes stored per message** ([`stored_bytes`]) are measured apart from the run, on a scratch
+//! store in this process with the server's store code: one message of the delivered size, from
+//! a sender named like the run's to M − 1 devices named like its members, appended as the
+//! server appends group traffic (one body shared by the copies), and once more with a body per
+//! copy (the layout before shared bodies); each figure is the keys and values it added
+//! (inbox entries, send record, shared body and its count), before fjall's own framing and
+//! compression. The server's data directory is not measured: its journals are preallocated.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -26,7 +34,11 @@ use super::target::Target;
 use super::{BenchError, Latency, histogram};
 use crate::client::messenger::Messenger;
 use crate::client::{Client, ClientOptions};
-use crate::protocol::{MessageId, Password, SessionToken};
+use crate::protocol::{MessageId, Password, SessionToken, Username};
+use crate::store::{
+    AppendHooks, Appended, Copy, Durability, FjallStore, NewMessage, Store, StoreOptions,
+    UserRecord,
+};
 
 /// How long the receivers may take, after the last send, to get everything.
 const DRAIN_WAIT: Duration = Duration::from_secs(60);
@@ -97,6 +109,11 @@ pub struct FanoutReport {
     /// Texts the creator's client sealed per second before the load (MLS, its state saved
     /// durably after each).
     pub seals_per_s: f64,
+    /// Bytes the store writes for one message of `message_bytes` to the other members, as the
+    /// server stores group traffic (one shared body), measured on a scratch store (module doc).
+    pub stored_bytes_per_message: u64,
+    /// The same message with a body per copy, as before shared bodies.
+    pub stored_bytes_per_message_unshared: u64,
 }
 
 /// A group text's plaintext (docs/PROTOCOL.md 5.7): `{"kind": "text", "text": str}`.
@@ -116,7 +133,8 @@ impl FanoutReport {
              latency to the last member: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms\n\
              latency per delivery: p50 {:.2} ms, p99 {:.2} ms\n\
              commit (add one member): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {:.1} commits/s\n\
-             server: {} µs CPU per delivery, peak RSS {} MiB; setup {:.1} s; sealing {:.0}/s\n",
+             server: {} µs CPU per delivery, peak RSS {} MiB; setup {:.1} s; sealing {:.0}/s\n\
+             stored per message: {} B (with a body per copy: {} B)\n",
             self.members,
             self.messages,
             self.message_bytes,
@@ -143,6 +161,8 @@ impl FanoutReport {
             )),
             self.setup_s,
             self.seals_per_s,
+            self.stored_bytes_per_message,
+            self.stored_bytes_per_message_unshared,
         )
     }
 }
@@ -349,6 +369,9 @@ async fn measure(cli: &FanoutCli, target: &Target) -> Result<FanoutReport, Bench
     while receivers.join_next().await.is_some() {}
     creator.close().await;
 
+    let message_bytes = arrivals.lock().map_err(setup)?.message_bytes;
+    let (stored_shared, stored_unshared) =
+        stored_bytes(&names[0], &names[1..], &group, message_bytes).await?;
     let a = arrivals.lock().map_err(setup)?;
     let mut delivered = 0u64;
     let mut to_last = Vec::with_capacity(sent.len());
@@ -385,7 +408,79 @@ async fn measure(cli: &FanoutCli, target: &Target) -> Result<FanoutReport, Bench
         server_peak_rss_bytes: target.stats().map(|s| s.peak_rss),
         setup_s,
         seals_per_s,
+        stored_bytes_per_message: stored_shared,
+        stored_bytes_per_message_unshared: stored_unshared,
     })
+}
+
+/// Bytes one group message of `body_len` bytes from `sender` to device 1 of each of
+/// `members` adds to a scratch store (see the module doc): (as the server stores it, with one
+/// body shared by the copies; with a body per copy, as before shared bodies). Keys and values
+/// of the message keyspaces, before fjall's framing.
+pub async fn stored_bytes(
+    sender: &str,
+    members: &[String],
+    group: &str,
+    body_len: usize,
+) -> Result<(u64, u64), BenchError> {
+    let dir = tempfile::tempdir().map_err(setup)?;
+    let options = StoreOptions {
+        durability: Durability::Buffered,
+        ..StoreOptions::default()
+    };
+    // A directory the store creates (private) itself.
+    let store = FjallStore::open_with(&dir.path().join("store"), options).map_err(setup)?;
+    let name = |n: &str| Username::parse(n).map_err(|e| setup(format!("{n:?}: {e}")));
+    for user in std::iter::once(sender).chain(members.iter().map(String::as_str)) {
+        let record = UserRecord {
+            password_hash: String::new(),
+            created_at: 0,
+        };
+        store
+            .create_user(&name(user)?, record)
+            .await
+            .map_err(setup)?;
+    }
+    let group = name(group)?;
+    let sender = name(sender)?;
+    let mut totals = Vec::with_capacity(3);
+    totals.push(store.message_footprint().await.map_err(setup)?.total());
+    for shared in [true, false] {
+        let mut copies = Vec::with_capacity(members.len());
+        for (at, member) in members.iter().enumerate() {
+            let mut body = vec![0x5a; body_len];
+            if !shared && let Some(first) = body.first_mut() {
+                *first = at as u8;
+            }
+            copies.push(Copy {
+                recipient: name(member)?,
+                device: 1,
+                body,
+            });
+        }
+        let now = crate::unix_now();
+        let message = NewMessage {
+            sender: sender.clone(),
+            sender_device: 1,
+            to: sender.clone(),
+            id: MessageId::random().map_err(setup)?,
+            // The server's stored kind of group traffic: `kind 0x00 group`.
+            kind: format!("mls\0{group}"),
+            copies,
+            sent_at: now,
+            expires_at: now + 7 * 24 * 3600,
+        };
+        match store.append(message, AppendHooks::default()).await {
+            Ok(Appended::Stored { .. }) => {}
+            other => return Err(setup(format!("the scratch store refused: {other:?}"))),
+        }
+        totals.push(store.message_footprint().await.map_err(setup)?.total());
+    }
+    store.close().await.map_err(setup)?;
+    match totals.as_slice() {
+        [empty, shared, both] => Ok((shared - empty, both - shared)),
+        _ => Err(setup("no footprint")),
+    }
 }
 
 /// A bare member: takes deliveries and acknowledges them; group texts sent during the load are

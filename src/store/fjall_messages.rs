@@ -1,14 +1,18 @@
 //! The fjall store's message operations: appends (each copy's inbox resolved from memory
-//! when it can be), reading and removing a device's pending messages (acks kept in memory
-//! during an outage, see `outage`), and the purge of expired messages. The inboxes themselves
+//! when it can be), reading a device's pending messages (with the bodies they share, see
+//! `shared_bodies`) and removing them (acks kept in memory during an outage, see `outage`),
+//! and the purge of expired messages. The inboxes themselves
 //! are written only by the inbox writer (`inbox_writer`).
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use fjall::Readable;
 
 use super::devices::InboxId;
 use super::fjall_open::Inner;
 use super::fjall_store::{FjallStore, decode};
 use super::inbox_writer::{Addressed, Target};
+use super::shared_bodies::{MessageFootprint, footprint, read_message};
 use super::user_ids::{UserId, decode_id, inbox_key, inbox_seq};
 use super::{AppendHooks, Appended, DeviceId, NewMessage, Removal, StoreError, StoredMessage};
 use crate::protocol::Username;
@@ -130,14 +134,16 @@ impl FjallStore {
         };
         self.call(move |db| {
             let mut messages = Vec::new();
-            let mut entries = db.inbox.inbox.range(start..=end);
+            // One view of the entries and the bodies they share (see `shared_bodies`).
+            let snapshot = db.db.snapshot();
+            let mut entries = snapshot.range(&db.inbox.inbox, start..=end);
             while messages.len() < limit {
                 let Some(entry) = entries.next() else { break };
                 let (key, value) = entry.into_inner()?;
                 if !acked.is_empty() && acked.contains(&inbox_seq(&key)) {
                     continue;
                 }
-                messages.push(decode::<StoredMessage>("inbox", &value)?);
+                messages.push(read_message(&snapshot, &db.inbox, &value)?);
             }
             Ok(messages)
         })
@@ -180,7 +186,7 @@ impl FjallStore {
                 let mut expired: Vec<(UserId, u64)> = Vec::new();
                 for entry in db.inbox.inbox.iter() {
                     let (key, value) = entry.into_inner()?;
-                    let message: StoredMessage = decode("inbox", &value)?;
+                    let message: Expiry = decode("inbox", &value)?;
                     if message.expires_at <= now {
                         let id = key.get(..4).ok_or_else(|| StoreError::Corrupt {
                             keyspace: "inbox",
@@ -214,6 +220,24 @@ impl FjallStore {
         }
         Ok(removed)
     }
+}
+
+impl FjallStore {
+    /// What the message keyspaces hold: the entries and bytes of the inboxes, send records,
+    /// shared bodies and their counts, and whether every count equals the entries that
+    /// reference its body. Reads every entry, from one snapshot: for tests and measurements,
+    /// not for serving.
+    pub async fn message_footprint(&self) -> Result<MessageFootprint, StoreError> {
+        self.call(|db| footprint(&db.db.snapshot(), &db.inbox))
+            .await
+    }
+}
+
+/// What the purge reads of an inbox entry (the rest, its body above all, is skipped).
+#[derive(serde::Deserialize)]
+struct Expiry {
+    seq: u64,
+    expires_at: u64,
 }
 
 /// [`FjallStore::target_in`] if both the account's id and its devices are in memory.

@@ -18,6 +18,7 @@ use super::groups::{GROUP_IDS, GROUP_USERS, GROUPS, GroupKeyspaces};
 use super::inbox_writer::{FailureHook, InboxKeyspaces, InboxWriter};
 use super::key_packages::{KEY_PACKAGES, KeyPackageKeyspaces, LAST_RESORT_KEY_PACKAGES};
 use super::outage::{Deferred, Outage, space_for_writes};
+use super::shared_bodies::{BODIES, BODY_REFS, BodyLedger, shared_body_of};
 use super::user_ids::{UserIds, inbox_key};
 
 /// How long a reopen waits for the calls still using the old database.
@@ -143,6 +144,8 @@ impl Inner {
             inbox: keyspace("inbox_v2")?,
             sent: keyspace("sent_v2")?,
             meta: keyspace("meta")?,
+            bodies: keyspace(BODIES)?,
+            body_refs: keyspace(BODY_REFS)?,
             user_ids: user_ids.clone(),
         };
         let ids = UserIds::open(user_ids, keyspace("user_names")?, inbox.meta.clone())?;
@@ -237,17 +240,31 @@ impl Inner {
         )
     }
 
-    /// Writes what was kept in memory during an outage, synced.
-    fn replay(&self, deferred: &Deferred) -> Result<(), StoreError> {
+    /// Writes what was kept in memory during an outage, synced. Runs before any call can use
+    /// the reopened database (its writer is idle), so the shared bodies' counts it lowers are
+    /// read from the store.
+    pub(super) fn replay(&self, deferred: &Deferred) -> Result<(), StoreError> {
         if deferred.is_empty() {
             return Ok(());
         }
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        // The acks of one batch may release one body several times.
+        let mut bodies = BodyLedger::default();
         for (user, seqs) in &deferred.acks {
             for seq in seqs {
-                batch.remove(&self.inbox.inbox, inbox_key(*user, *seq));
+                let key = inbox_key(*user, *seq);
+                let Some(entry) = self.inbox.inbox.get(key)? else {
+                    continue;
+                };
+                batch.remove(&self.inbox.inbox, key);
+                match shared_body_of(&entry) {
+                    Ok(Some(body)) => bodies.release(&self.inbox, body)?,
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot read an acknowledged entry"),
+                }
             }
         }
+        bodies.take_batch(&mut batch, &self.inbox);
         for session in deferred.sessions.values() {
             batch.insert(
                 &self.sessions,

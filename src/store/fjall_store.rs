@@ -4,9 +4,10 @@
 //! [`SessionRecord`]) here; users' numeric ids in `user_ids`; devices in `devices` (their
 //! operations in `fjall_devices`); the key directory in `fjall_keys`; inboxes (written only by
 //! the group-commit thread of `inbox_writer`), one per device (their operations in
-//! `fjall_messages`); blob metadata in `blobs` and `blob_owners` (`blobs`). Opening
-//! a store of an older format migrates it first (`migrate`); opening and reopening after a
-//! write outage live in `fjall_open`. Values are named MessagePack.
+//! `fjall_messages`), with the records that copies of one message share (`shared_bodies`);
+//! blob metadata in `blobs` and `blob_owners` (`blobs`). Opening a store of an older format
+//! migrates it first (`migrate`); opening and reopening after a write outage live in
+//! `fjall_open`. Values are named MessagePack.
 //! Every call runs on the bounded blocking pool; account and key writes are synced
 //! (`SyncData`) before they return.
 
@@ -734,5 +735,68 @@ mod tests {
         // Still usable afterwards.
         let appended = store.append(message("bob", 200), AppendHooks::default());
         assert!(matches!(appended.await.unwrap(), Appended::Stored { .. }));
+    }
+
+    /// The acks kept during an outage, written when the store reopens, release the shared
+    /// bodies of the entries they remove like any other removal.
+    #[tokio::test]
+    async fn acks_written_at_a_reopen_release_shared_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FjallStore::open(dir.path()).unwrap();
+        let names = ["alice", "bob", "carol"].map(|n| Username::parse(n).unwrap());
+        for name in &names {
+            let user = UserRecord {
+                password_hash: String::new(),
+                created_at: 1,
+            };
+            store.create_user(name, user).await.unwrap();
+        }
+        let mut shared = message("bob", 1);
+        shared.copies[0].body = vec![7; 200];
+        for n in [0, 2] {
+            shared.copies.push(crate::store::Copy {
+                recipient: names[n].clone(),
+                device: 1,
+                body: vec![7; 200],
+            });
+        }
+        let appended = store.append(shared, AppendHooks::default()).await.unwrap();
+        let Appended::Stored { seqs } = appended else {
+            panic!("{appended:?}")
+        };
+        assert_eq!(store.message_footprint().await.unwrap().references, 3);
+        let inner = store.current().unwrap();
+        let id = |n: usize| inner.ids.cached(&names[n]).unwrap().unwrap();
+        let ack = |acks: &[(u32, u64)]| {
+            let mut deferred = super::super::outage::Deferred::default();
+            for (inbox, seq) in acks {
+                deferred.acks.entry(*inbox).or_default().insert(*seq);
+            }
+            deferred.ack_count = acks.len();
+            deferred
+        };
+        // Bob's ack (and one of nothing): the body stays for the others.
+        inner
+            .replay(&ack(&[(id(1), seqs[0]), (id(1), seqs[0] + 100)]))
+            .unwrap();
+        let left = store.message_footprint().await.unwrap();
+        assert_eq!(
+            (left.bodies.entries, left.references, left.mismatches),
+            (1, 2, 0)
+        );
+        // Alice's and carol's in one batch: the body is released twice there.
+        inner
+            .replay(&ack(&[(id(0), seqs[1]), (id(2), seqs[2])]))
+            .unwrap();
+        let left = store.message_footprint().await.unwrap();
+        assert_eq!(
+            (
+                left.bodies.entries,
+                left.body_refs.entries,
+                left.inbox.entries,
+                left.mismatches
+            ),
+            (0, 0, 0, 0)
+        );
     }
 }

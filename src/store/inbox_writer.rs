@@ -41,6 +41,10 @@
 //! - `sent_v2`: sender id(u32 BE) message-id(16) → [`SentRecord`](super::SentRecord) while
 //!   no copy of the message has left its inbox, then a settled marker naming no recipient
 //!   (see `sent_records`)
+//! - `bodies`, `body_refs`: body key (the inbox id ‖ seq of its first copy) → a body shared by
+//!   several copies of one message, and how many inbox entries reference it (see
+//!   `shared_bodies`: written with the entries, lowered with each removal, deleted at 0, all
+//!   in the batches that change the entries)
 //! - `meta`: `seq` 0x00 user (device 1's inbox) or `sqd` 0x00 inbox id(u32 BE) (another
 //!   device's) → next seq (u64 BE, at least) and the epoch it was written in
 //!   (u64 BE; absent in stores from before epochs: 0); [`EPOCH`] → the current epoch (u64 BE);
@@ -59,6 +63,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::devices::InboxId;
 use super::sender_shares::{SenderShare, SenderShares};
+use super::shared_bodies::BodyLedger;
 use super::user_ids::UserId;
 use super::{AppendHooks, Appended, Durability, Placed, PlacedHook, Removal, StoreError};
 use crate::protocol::{MessageId, Username};
@@ -123,6 +128,9 @@ pub(super) struct InboxKeyspaces {
     pub inbox: Keyspace,
     pub sent: Keyspace,
     pub meta: Keyspace,
+    /// Shared bodies and their reference counts (see `shared_bodies`).
+    pub bodies: Keyspace,
+    pub body_refs: Keyspace,
     /// Read only: the senders of an inbox's messages when counting their shares, and a
     /// removed message's sender id, to settle its send record.
     pub user_ids: Keyspace,
@@ -244,6 +252,7 @@ impl InboxWriter {
             pending: Map::default(),
             known: Map::default(),
             origins: Origins::new(MAX_ORIGINS),
+            bodies: BodyLedger::default(),
             in_flight: Set::default(),
             jobs: Some(jobs),
             committed,
@@ -349,6 +358,8 @@ struct WriterState {
     known: Map<InboxId, KnownPending>,
     /// What settling the send records of the messages appended lately needs.
     origins: Origins,
+    /// Reference counts of shared bodies changed by batches not yet committed.
+    bodies: BodyLedger,
     /// (sender's id, message id) of every message in a batch not yet committed, for
     /// deduplication: the store does not show them yet.
     in_flight: Set<(UserId, MessageId)>,
@@ -477,6 +488,8 @@ impl WriterState {
                 }
             }
         }
+        // The final count of every shared body the batch changed, once each.
+        let bodies = self.bodies.take_batch(&mut batch, &self.ks);
         let mut checkpoints = Vec::new();
         for id in touched.into_keys() {
             let (Some(&next), Some(&stored), Some(counter)) = (
@@ -516,6 +529,7 @@ impl WriterState {
             replies,
             appended,
             inboxes,
+            bodies,
             ops: op_count,
         };
         let Some(jobs) = &self.jobs else {
@@ -557,6 +571,7 @@ impl WriterState {
         for key in done.appended {
             self.in_flight.remove(&key);
         }
+        self.bodies.committed(&done.bodies);
         for inbox in done.inboxes {
             if let Some(n) = self.inboxes_in_flight.get_mut(&inbox) {
                 *n = n.saturating_sub(1);
@@ -582,6 +597,7 @@ impl WriterState {
             self.pending.clear();
             self.shares.clear();
             self.origins.clear();
+            self.bodies.clear();
             self.known = self
                 .next_seq
                 .iter()

@@ -18,6 +18,7 @@ mod migrate;
 mod outage;
 mod sender_shares;
 mod sent_records;
+mod shared_bodies;
 mod user_ids;
 
 pub use blobs::{BlobCreated, BlobDevice, BlobId, BlobQuota, BlobRecord, NewBlob};
@@ -30,6 +31,7 @@ pub use key_packages::{
     TakenKeyPackages,
 };
 pub use sender_shares::SenderShare;
+pub use shared_bodies::{KeyspaceBytes, MessageFootprint};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

@@ -7,17 +7,19 @@
 //! shares are counted from the inbox itself (its messages name their sender and carry their
 //! body) the first time the writer needs them in a process, and kept exact from then on,
 //! since every removal (ack, unsend, expiry) goes through the writer too. So they survive
-//! restarts without a write per message.
+//! restarts without a write per message. A body shared by several inboxes (`shared_bodies`)
+//! counts its whole length in each of them, as a copy of it would.
 //!
 //! Memory is bounded: each tracked message costs 16 bytes; past [`MAX_TRACKED`] the inboxes
 //! used least recently are forgotten (and counted again from the store when next used).
 
 use std::collections::{HashMap, VecDeque};
 
-use fjall::Keyspace;
 use serde::Deserialize;
 
 use super::StoreError;
+use super::inbox_writer::InboxKeyspaces;
+use super::shared_bodies::{BodyKey, shared_header};
 use super::user_ids::{UserId, decode_id};
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -249,41 +251,60 @@ impl SenderShares {
 }
 
 /// The pending messages of inbox `id` as (seq, sender's id, body bytes), in seq order, read
-/// from the store. A sender whose account is gone counts under id 0 (given to no account).
+/// from the store. A sender whose account is gone counts under id 0 (given to no account). A
+/// message that references a shared body counts the body's whole length (see
+/// `shared_bodies`).
 pub(super) fn count_from_store(
-    inbox: &Keyspace,
-    user_ids: &Keyspace,
+    ks: &InboxKeyspaces,
     id: UserId,
 ) -> Result<Vec<(u64, UserId, u64)>, StoreError> {
     /// The part of a stored message the shares need (the rest is skipped, not copied).
     #[derive(Deserialize)]
     struct View<'a> {
         seq: u64,
-        #[serde(borrow)]
-        from: &'a str,
-        #[serde(borrow)]
-        body: &'a serde_bytes::Bytes,
+        #[serde(borrow, default)]
+        from: Option<&'a str>,
+        #[serde(borrow, default)]
+        body: Option<&'a serde_bytes::Bytes>,
+        #[serde(default, with = "serde_bytes")]
+        shared: Option<BodyKey>,
     }
     let mut ids: Map<Vec<u8>, UserId> = Map::default();
     let mut pending = Vec::new();
-    for entry in inbox.prefix(id.to_be_bytes()) {
+    for entry in ks.inbox.prefix(id.to_be_bytes()) {
         let (_, value) = entry.into_inner()?;
         let view: View<'_> = rmp_serde::from_slice(&value).map_err(|e| StoreError::Corrupt {
             keyspace: "inbox",
             reason: e.to_string(),
         })?;
-        let sender = match ids.get(view.from.as_bytes()) {
+        // A shared entry's sender and body are in its shared record.
+        let (from, bytes) = match (view.shared, view.from) {
+            (Some(key), _) => match ks.bodies.get(key)? {
+                Some(record) => {
+                    let header = shared_header(&record)?;
+                    (header.from.as_str().as_bytes().to_vec(), header.body_len)
+                }
+                None => (Vec::new(), 0),
+            },
+            (None, from) => (
+                from.unwrap_or_default().as_bytes().to_vec(),
+                view.body.map_or(0, |b| b.len() as u64),
+            ),
+        };
+        let sender = match ids.get(&from) {
             Some(sender) => *sender,
+            // No sender to be found (a damaged entry): counted under no account.
+            None if from.is_empty() => 0,
             None => {
-                let sender = match user_ids.get(view.from.as_bytes())? {
+                let sender = match ks.user_ids.get(&from)? {
                     Some(bytes) => decode_id("user_ids", &bytes)?,
                     None => 0,
                 };
-                ids.insert(view.from.as_bytes().to_vec(), sender);
+                ids.insert(from, sender);
                 sender
             }
         };
-        pending.push((view.seq, sender, view.body.len() as u64));
+        pending.push((view.seq, sender, bytes));
     }
     Ok(pending)
 }

@@ -90,12 +90,17 @@ pub(super) fn encode(record: &SentRecord) -> Result<Vec<u8>, StoreError> {
 /// What the writer reads of an inbox entry it removes: enough to find its send record.
 #[derive(Deserialize)]
 pub(super) struct Origin {
-    /// The sender's id for the message.
-    pub id: MessageId,
-    /// The sender.
-    pub from: Username,
+    /// The sender's id for the message (absent from an entry with a shared record).
+    #[serde(default)]
+    pub id: Option<MessageId>,
+    /// The sender (idem).
+    #[serde(default)]
+    pub from: Option<Username>,
     /// The message's expiry, kept by the settled marker.
     pub expires_at: u64,
+    /// The shared body the entry references, if any (see `shared_bodies`).
+    #[serde(default, with = "serde_bytes")]
+    pub shared: Option<super::shared_bodies::BodyKey>,
 }
 
 fn decode(bytes: &[u8]) -> Result<AnySent, StoreError> {
@@ -251,8 +256,12 @@ mod tests {
         };
         let origin = origin(&rmp_serde::to_vec_named(&message).unwrap()).unwrap();
         assert_eq!(
-            (origin.id, origin.from.as_str(), origin.expires_at),
-            (MessageId([5; 16]), "alice", 2)
+            (
+                origin.id,
+                origin.from.as_ref().map(Username::as_str),
+                origin.expires_at
+            ),
+            (Some(MessageId([5; 16])), Some("alice"), 2)
         );
     }
 }

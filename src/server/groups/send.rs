@@ -1,7 +1,8 @@
 //! Group sends (docs/PROTOCOL.md 5.7): a message stream whose header names a `group`. The DS
 //! reads the MLS message, checks it under the group's lock (membership, epoch, and for a
 //! commit its validity and the policy), and appends it to the member devices' inboxes in one
-//! durable write before answering `sent`.
+//! durable write before answering `sent`. The copies carry the same bytes, so the store keeps
+//! the message once and each inbox a reference to it (`store::shared_bodies`).
 
 use quinn::{ReadToEndError, RecvStream, VarInt};
 use tracing::{debug, warn};

@@ -14,8 +14,12 @@ use crate::protocol::MessageId;
 use crate::store::devices::InboxId;
 use crate::store::sender_shares::count_from_store;
 use crate::store::sent_records;
+use crate::store::shared_bodies::{
+    BodyKey, InboxEntry, SHARED_RECORD_OVERHEAD, Share, SharedBody, body_key, shared_header,
+    sharing,
+};
 use crate::store::user_ids::{UserId, decode_id, inbox_key, inbox_seq, sent_key};
-use crate::store::{Appended, NewMessage, Placed, SentRecord, StoreError, StoredMessage};
+use crate::store::{Appended, NewMessage, Placed, SentRecord, StoreError};
 
 impl WriterState {
     /// Counts the senders' shares of inbox `id` from the store, unless they are known (or not
@@ -31,7 +35,7 @@ impl WriterState {
                 return Err(StoreError::WriterStopped);
             }
         }
-        let pending = count_from_store(&self.ks.inbox, &self.ks.user_ids, id)?;
+        let pending = count_from_store(&self.ks, id)?;
         self.pending.entry(id).or_insert(pending.len() as u64);
         self.shares.load(id, pending);
         Ok(())
@@ -76,8 +80,11 @@ impl WriterState {
         let mut removed = 0;
         for key in keys.into_iter().take(DROP_CHUNK) {
             // Their senders' records must not go on naming the dropped inbox either.
-            self.settle_sent(batch, id, inbox_seq(&key))?;
+            let body = self.settle_sent(batch, id, inbox_seq(&key))?;
             batch.remove(&self.ks.inbox, key);
+            if let Some(body) = body {
+                self.bodies.release(&self.ks, body)?;
+            }
             removed += 1;
         }
         self.pending.insert(id, 0);
@@ -190,6 +197,9 @@ impl WriterState {
             expires_at,
         } = message;
         let copy_count = copies.len();
+        // Copies with equal bodies store one (see `shared_bodies`): the first writes it.
+        let shares = sharing(copies.iter().map(|c| c.body.as_slice()));
+        let mut first_places: Vec<Option<BodyKey>> = vec![None; copy_count];
         for (at, (copy, target)) in copies.iter_mut().zip(&targets).enumerate() {
             let inbox = target.inbox;
             let seq = match self.next_seq.get(&inbox) {
@@ -211,26 +221,65 @@ impl WriterState {
             let body_len = copy.body.len() as u64;
             // The addressee is named only on copies for the sender's own devices.
             let addressee = (copy.recipient == sender).then(|| to.clone());
-            let stored = StoredMessage {
-                seq,
-                id,
-                from: sender.clone(),
-                from_device: sender_device,
-                to: addressee,
-                kind: if last {
-                    std::mem::take(&mut kind)
-                } else {
-                    kind.clone()
+            let mut body = std::mem::take(&mut copy.body);
+            let shared = match shares.get(at).copied().unwrap_or(Share::Inline) {
+                Share::Inline => None,
+                Share::First { count } => {
+                    let key = body_key(inbox, seq);
+                    let record = SharedBody {
+                        id,
+                        from: sender.clone(),
+                        from_device: sender_device,
+                        kind: kind.clone(),
+                        sent_at,
+                        body: std::mem::take(&mut body),
+                    };
+                    let record_len = SHARED_RECORD_OVERHEAD
+                        + record.body.len()
+                        + record.from.as_str().len()
+                        + record.kind.len();
+                    let record = encode_record(&record, record_len)?;
+                    self.bodies.create(batch, &self.ks, key, record, count);
+                    if let Some(place) = first_places.get_mut(at) {
+                        *place = Some(key);
+                    }
+                    Some(key)
+                }
+                // (The first copy of a body always comes before the others.)
+                Share::Of(first) => match first_places.get(first).copied().flatten() {
+                    Some(key) => {
+                        body = Vec::new();
+                        Some(key)
+                    }
+                    None => None,
                 },
-                sent_at,
+            };
+            // A shared entry leaves what the copies have in common to the shared record.
+            let inline = shared.is_none();
+            let stored = InboxEntry {
+                seq,
+                id: inline.then_some(id),
+                from: inline.then(|| sender.clone()),
+                from_device: if inline { sender_device } else { 1 },
+                to: addressee,
+                kind: inline.then(|| {
+                    if last {
+                        std::mem::take(&mut kind)
+                    } else {
+                        kind.clone()
+                    }
+                }),
+                sent_at: inline.then_some(sent_at),
                 expires_at,
-                body: std::mem::take(&mut copy.body),
+                body,
+                shared,
             };
             // Sized up front: growing the buffer field by field cost more than the encoding.
             let stored_len = STORED_OVERHEAD
                 + stored.body.len()
-                + stored.from.as_str().len()
-                + stored.kind.len()
+                + stored.shared.map_or(0, |key| key.len() + SHARED_OVERHEAD)
+                + stored.from.as_ref().map_or(0, |from| from.as_str().len())
+                + stored.kind.as_ref().map_or(0, String::len)
                 + stored.to.as_ref().map_or(0, |to| to.as_str().len());
             batch.insert(
                 &self.ks.inbox,
@@ -248,6 +297,7 @@ impl WriterState {
                     sender: sender_id,
                     id,
                     expires_at,
+                    body: shared,
                 },
             );
             let first = touched.entry(inbox).or_insert(u64::MAX);
@@ -285,7 +335,8 @@ impl WriterState {
     /// Replaces the send record of message `seq` of inbox `id`, which is being removed
     /// (acknowledged, unsent or expired), with a settled marker that names no recipient: its
     /// id stays a duplicate until it expires, and no sender–recipient pair outlives the
-    /// message. The marker goes in the batch that removes the message.
+    /// message. The marker goes in the batch that removes the message. Returns the shared body
+    /// the message's entry references, if any: the caller releases it in that batch.
     ///
     /// A message of several copies has an origin per copy, all naming the one record: the
     /// first copy to go settles it, and each later one writes the same marker again (the
@@ -302,9 +353,12 @@ impl WriterState {
         batch: &mut OwnedWriteBatch,
         id: InboxId,
         seq: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<BodyKey>, StoreError> {
         match self.origins.take(id, seq) {
-            Some(origin) => settle(batch, &self.ks, origin),
+            Some(origin) => {
+                settle(batch, &self.ks, origin)?;
+                Ok(origin.body)
+            }
             None => self.settle_sent_from_store(batch, id, seq),
         }
     }
@@ -316,7 +370,7 @@ impl WriterState {
         batch: &mut OwnedWriteBatch,
         id: InboxId,
         seq: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<BodyKey>, StoreError> {
         let key = inbox_key(id, seq);
         let mut entry = self.ks.inbox.get(key)?;
         // Known pending but not in the store yet: its batch is still on its way to the
@@ -328,29 +382,48 @@ impl WriterState {
             entry = self.ks.inbox.get(key)?;
         }
         let Some(entry) = entry else {
-            return Ok(());
+            return Ok(None);
         };
         // A record that cannot be read must not block the removal: its send record then simply
-        // stays until it expires.
+        // stays until it expires (and a shared body it referenced, unknown, stays too).
         let stored = match sent_records::origin(&entry) {
             Ok(origin) => origin,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot settle a send record");
-                return Ok(());
+                return Ok(None);
             }
         };
-        let Some(sender) = self.ks.user_ids.get(stored.from.as_str().as_bytes())? else {
-            return Ok(());
+        let body = stored.shared;
+        // A shared entry's sender and id are in its shared record.
+        let (message_id, from) = match (stored.id, stored.from, body) {
+            (Some(message_id), Some(from), _) => (message_id, from),
+            (_, _, Some(key)) => {
+                let header = self.ks.bodies.get(key)?.map(|r| shared_header(&r));
+                match header {
+                    Some(Ok(header)) => (header.id, header.from),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot settle a send record");
+                        return Ok(body);
+                    }
+                    None => return Ok(body),
+                }
+            }
+            _ => return Ok(body),
+        };
+        let Some(sender) = self.ks.user_ids.get(from.as_str().as_bytes())? else {
+            return Ok(body);
         };
         let Ok(sender) = decode_id("user_ids", &sender) else {
-            return Ok(());
+            return Ok(body);
         };
         let origin = Origin {
             sender,
-            id: stored.id,
+            id: message_id,
             expires_at: stored.expires_at,
+            body,
         };
-        settle(batch, &self.ks, origin)
+        settle(batch, &self.ks, origin)?;
+        Ok(body)
     }
 
     pub(super) fn remove(
@@ -396,8 +469,11 @@ impl WriterState {
                 }
             };
             if present {
-                self.settle_sent(batch, id, seq)?;
+                let body = self.settle_sent(batch, id, seq)?;
                 batch.remove(&self.ks.inbox, key);
+                if let Some(body) = body {
+                    self.bodies.release(&self.ks, body)?;
+                }
                 self.shares.remove(id, seq);
                 removed += 1;
                 if let Some(k) = self.known.get_mut(&id) {
@@ -448,6 +524,9 @@ fn settle(
 /// An upper bound on a stored message's encoding beyond its body, sender, kind and addressee
 /// (field names, headers, integers: 119 bytes at most; a test checks it).
 pub(super) const STORED_OVERHEAD: usize = 128;
+/// What a reference to a shared body adds beyond its key: the field's name and the `bin`
+/// header (9 bytes).
+pub(super) const SHARED_OVERHEAD: usize = 9;
 
 /// `value` as a MessagePack map, into a buffer of `capacity` bytes.
 pub(super) fn encode_record<T: serde::Serialize>(
@@ -463,36 +542,45 @@ pub(super) fn encode_record<T: serde::Serialize>(
 mod tests {
     use super::*;
     use crate::protocol::{MessageId, Username};
+    use crate::store::shared_bodies::InboxEntry;
 
     #[test]
     fn record_buffers_are_sized_for_the_largest_fields() {
         let from = Username::parse(&"a".repeat(32)).unwrap();
-        let stored = StoredMessage {
+        let stored = InboxEntry {
             seq: u64::MAX,
-            id: MessageId([0xff; 16]),
-            from: from.clone(),
+            id: Some(MessageId([0xff; 16])),
+            from: Some(from.clone()),
             from_device: u32::MAX,
             to: Some(from.clone()),
-            kind: "k".repeat(300),
-            sent_at: u64::MAX,
+            kind: Some("k".repeat(300)),
+            sent_at: Some(u64::MAX),
             expires_at: u64::MAX,
             body: vec![7; 70_000],
+            shared: None,
         };
-        let capacity = STORED_OVERHEAD
-            + stored.body.len()
-            + stored.from.as_str().len()
-            + stored.kind.len()
-            + from.as_str().len();
+        let capacity = STORED_OVERHEAD + stored.body.len() + from.as_str().len() + 300 + 32;
         let bytes = encode_record(&stored, capacity).unwrap();
         assert!(bytes.len() <= capacity, "{} > {capacity}", bytes.len());
         assert_eq!(bytes.capacity(), capacity, "no growth");
-        assert_eq!(
-            rmp_serde::from_slice::<StoredMessage>(&bytes).unwrap(),
-            stored
-        );
+        assert_eq!(rmp_serde::from_slice::<InboxEntry>(&bytes).unwrap(), stored);
+        let shared = InboxEntry {
+            id: None,
+            from: None,
+            from_device: 1,
+            kind: None,
+            sent_at: None,
+            body: Vec::new(),
+            shared: Some([0xff; 12]),
+            ..stored.clone()
+        };
+        let capacity = STORED_OVERHEAD + 12 + SHARED_OVERHEAD + from.as_str().len();
+        let bytes = encode_record(&shared, capacity).unwrap();
+        assert!(bytes.len() <= capacity, "{} > {capacity}", bytes.len());
+        assert_eq!(rmp_serde::from_slice::<InboxEntry>(&bytes).unwrap(), shared);
 
         // Device 1 and no addressee are left out: the record of format 2.
-        let plain = StoredMessage {
+        let plain = InboxEntry {
             from_device: 1,
             to: None,
             ..stored
@@ -501,9 +589,6 @@ mod tests {
         let fields: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
             rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(fields.len(), 7, "{:?}", fields.keys());
-        assert_eq!(
-            rmp_serde::from_slice::<StoredMessage>(&bytes).unwrap(),
-            plain
-        );
+        assert_eq!(rmp_serde::from_slice::<InboxEntry>(&bytes).unwrap(), plain);
     }
 }

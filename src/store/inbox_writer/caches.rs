@@ -5,13 +5,14 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use crate::protocol::MessageId;
+use crate::store::shared_bodies::BodyKey;
 use crate::store::user_ids::UserId;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Messages whose [`Origin`] is remembered at most: the most recently appended ones. A map
-/// entry is 48 bytes and a queue slot 16; the map's table rounds up to a power of two, so
-/// ≈ 15 MiB at most, reached only when that many recent messages are all still pending. At
+/// entry is 64 bytes and a queue slot 16; the map's table rounds up to a power of two, so
+/// ≈ 19 MiB at most, reached only when that many recent messages are all still pending. At
 /// the relay's ≈ 25,000 msg/s this covers the last 5 s of appends, far more than an online
 /// recipient takes to acknowledge. An older message is settled from the store.
 pub(super) const MAX_ORIGINS: usize = 1 << 17;
@@ -65,6 +66,8 @@ pub(super) struct Origin {
     pub sender: UserId,
     pub id: MessageId,
     pub expires_at: u64,
+    /// The shared body the message's entry references, released when the entry goes.
+    pub body: Option<BodyKey>,
 }
 
 /// The [`Origin`]s of the pending messages among the last [`MAX_ORIGINS`] appended, by
@@ -128,6 +131,7 @@ mod tests {
             sender: u32::from(n),
             id: MessageId([n; 16]),
             expires_at: u64::from(n),
+            body: None,
         }
     }
 

@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 
 use crate::protocol::MessageId;
 use crate::store::devices::InboxId;
+use crate::store::shared_bodies::BodyKey;
 use crate::store::user_ids::UserId;
 use crate::store::{Durability, Placed, PlacedHook, StoreError};
 
@@ -21,6 +22,8 @@ pub(super) struct Committed {
     pub(super) appended: Vec<(UserId, MessageId)>,
     /// The inbox of each of its appends' copies and its removals.
     pub(super) inboxes: Vec<InboxId>,
+    /// The shared bodies whose counts it changed.
+    pub(super) bodies: Vec<BodyKey>,
     pub(super) ops: usize,
 }
 
@@ -34,6 +37,8 @@ pub(super) struct Job {
     /// (sender's id, message id) of the messages it stores.
     pub(super) appended: Vec<(UserId, MessageId)>,
     pub(super) inboxes: Vec<InboxId>,
+    /// The shared bodies whose counts it changes.
+    pub(super) bodies: Vec<BodyKey>,
     pub(super) ops: usize,
 }
 
@@ -77,6 +82,7 @@ pub(super) fn run_committer(
             let _ = committed.send(Committed {
                 appended: job.appended,
                 inboxes: job.inboxes,
+                bodies: job.bodies,
                 ops: job.ops,
             });
             rest.push((job.synced, job.replies));

@@ -29,6 +29,8 @@ fn keyspaces(dir: &std::path::Path) -> InboxKeyspaces {
         inbox: open("inbox_v2"),
         sent: open("sent_v2"),
         meta: open("meta"),
+        bodies: open("bodies"),
+        body_refs: open("body_refs"),
         user_ids,
         db,
     }
@@ -204,4 +206,105 @@ async fn an_ack_that_overtakes_its_commit_does_not_hold_up_the_writer() {
             .unwrap()
             .is_some()
     );
+}
+
+/// A message of three copies with one 300-byte body, to bob's inboxes `BOB`, 10 and 11.
+fn shared_message(n: u8) -> Addressed {
+    let mut addressed = message(n);
+    addressed.message.copies = (1..=3)
+        .map(|device| crate::store::Copy {
+            recipient: Username::parse("bob").unwrap(),
+            device,
+            body: vec![n; 300],
+        })
+        .collect();
+    addressed.targets = [BOB, 10, 11]
+        .into_iter()
+        .map(|inbox| super::Target { user: BOB, inbox })
+        .collect();
+    addressed
+}
+
+/// The stored count of the body of the message whose first copy is `first` in inbox `BOB`.
+fn count(ks: &InboxKeyspaces, first: u64) -> Option<u32> {
+    let key = crate::store::shared_bodies::body_key(BOB, first);
+    ks.body_refs
+        .get(key)
+        .unwrap()
+        .map(|v| u32::from_be_bytes(v.as_ref().try_into().unwrap()))
+}
+
+/// Acks built into batches while the append (and each other) are still uncommitted lower
+/// the count from what those batches wrote, not from the store (which shows none of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::await_holding_lock,
+    reason = "the committer thread blocks on the hold while the test awaits the writer"
+)]
+async fn acks_of_uncommitted_batches_count_a_shared_body_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = keyspaces(dir.path());
+    let hold = Arc::new(Mutex::new(()));
+    let writer = start(&ks, Some(Arc::clone(&hold)));
+    let wait = Duration::from_secs(3);
+
+    let held = hold.lock().unwrap();
+    let (tx, mut ordered) = unbounded_channel();
+    let hooks = AppendHooks {
+        ordered: Some(Box::new(move |placed: &[crate::store::Placed]| {
+            let _ = tx.send(placed.iter().map(|p| p.seq).collect::<Vec<_>>());
+        })),
+        synced: None,
+    };
+    let appending = {
+        let writer = Arc::clone(&writer);
+        tokio::spawn(async move { writer.append(shared_message(1), hooks).await })
+    };
+    let seqs = tokio::time::timeout(wait, ordered.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // Two acks, each queued after the last was built into a batch: three batches in flight.
+    let mut acks = Vec::new();
+    for (inbox, seq) in [(10, seqs[1]), (BOB, seqs[0])] {
+        let writer = Arc::clone(&writer);
+        acks.push(tokio::spawn(async move {
+            writer.remove(inbox, vec![seq], Removal::Acknowledged).await
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(count(&ks, seqs[0]).is_none(), "nothing committed yet");
+    drop(held);
+    assert!(matches!(
+        appending.await.unwrap().unwrap(),
+        Appended::Stored { .. }
+    ));
+    for ack in acks {
+        assert_eq!(ack.await.unwrap().unwrap(), 1);
+    }
+    assert_eq!(count(&ks, seqs[0]), Some(1));
+    let key = crate::store::shared_bodies::body_key(BOB, seqs[0]);
+    let record = ks.bodies.get(key).unwrap().unwrap();
+    let record: crate::store::shared_bodies::SharedBody = rmp_serde::from_slice(&record).unwrap();
+    assert_eq!(
+        (record.id, record.body),
+        (MessageId([1; 16]), vec![1u8; 300])
+    );
+
+    // The last one, once everything is committed: from the store.
+    let removed = writer
+        .remove(11, vec![seqs[2]], Removal::Acknowledged)
+        .await;
+    assert_eq!(removed.unwrap(), 1);
+    assert_eq!(count(&ks, seqs[0]), None);
+    assert!(
+        ks.bodies.get(key).unwrap().is_none(),
+        "freed with its last reference"
+    );
+    assert_eq!(ks.inbox.iter().count(), 0);
+    // A second ack of the same copy changes nothing.
+    let removed = writer
+        .remove(11, vec![seqs[2]], Removal::Acknowledged)
+        .await;
+    assert_eq!(removed.unwrap(), 0);
 }

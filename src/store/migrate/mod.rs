@@ -3,7 +3,11 @@
 //!
 //! [`FORMAT_KEY`] in `meta` holds the format (u32 BE); a store without it is of format 1 (or
 //! new). Format 1 → 2 (`v2`): per-user ids in the inbox and send-record keys. Format 2 → 3
-//! (`v3`): devices. A store of format 1 goes through both. Each migration moves records in
+//! (`v3`): devices. Format 3 → 4: bodies shared by several inbox entries (`shared_bodies`);
+//! nothing moves (a store of format 3 has no shared body, and its entries read unchanged),
+//! the new format only keeps older servers, which cannot read an entry without its body nor
+//! release a shared one, from opening a store that may hold them. A store of format 1 goes
+//! through all. Each migration moves records in
 //! chunks, each chunk one synced batch that writes the new records and deletes the old ones,
 //! so a crash at any point loses nothing and the next start goes on where this one stopped;
 //! the format is written (synced) only once everything moved. An older server cannot read a
@@ -29,7 +33,7 @@ use crate::protocol::Username;
 /// Key in `meta` of the store's format (u32 BE).
 const FORMAT_KEY: &[u8] = b"store-format";
 /// The format this code writes.
-pub(super) const FORMAT: u32 = 3;
+pub(super) const FORMAT: u32 = 4;
 /// Records moved per synced batch.
 const CHUNK: usize = 4096;
 
@@ -76,7 +80,10 @@ pub(super) fn run(ks: &Keyspaces<'_>) -> Result<u32, StoreError> {
         v2::run(ks.db, ks.users, ks.ids, ks.inbox, ks.sent)?;
         write_format(ks, 2)?;
     }
-    v3::run(ks)?;
+    if found < 3 {
+        v3::run(ks)?;
+    }
+    // Format 4 (shared bodies) moves nothing: see the module doc.
     write_format(ks, FORMAT)?;
     Ok(found)
 }
