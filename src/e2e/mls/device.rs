@@ -144,6 +144,11 @@ impl MlsDevice {
         &self.member
     }
 
+    /// The state file's path (for errors).
+    pub(super) fn state_path(&self) -> std::path::PathBuf {
+        self.file.path()
+    }
+
     /// Loads the state and the device's signer. Call under the lock.
     fn load(&self, lock: &StateLock) -> Result<(State, SignatureKeyPair), MlsError> {
         let gone = |reason: &str| MlsError::CorruptState {

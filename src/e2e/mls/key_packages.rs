@@ -80,10 +80,10 @@ impl Plan {
     }
 }
 
-/// The key packages in the state, oldest (soonest ending) first.
-fn held(state: &State) -> Result<Vec<Held>, MlsError> {
+/// The key packages in the state at `path`, oldest (soonest ending) first.
+fn held(state: &State, path: &std::path::Path) -> Result<Vec<Held>, MlsError> {
     let corrupt = |reason: &str| MlsError::CorruptState {
-        path: std::path::PathBuf::from(super::STATE_FILE),
+        path: path.to_owned(),
         reason: reason.into(),
     };
     let values = state
@@ -194,12 +194,14 @@ impl MlsDevice {
         server: ServerKeyPackages,
         target: usize,
     ) -> Result<KeyPackageBatch, MlsError> {
-        let due = self.read(|s| Ok(!plan(&held(s.state)?, server, target, now).is_empty()))?;
+        let path = self.state_path();
+        let due =
+            self.read(|s| Ok(!plan(&held(s.state, &path)?, server, target, now).is_empty()))?;
         if !due {
             return Ok(KeyPackageBatch::default());
         }
         self.change(|s| {
-            let plan = plan(&held(s.state)?, server, target, now);
+            let plan = plan(&held(s.state, &path)?, server, target, now);
             for reference in &plan.prune {
                 s.provider()
                     .storage()
@@ -225,8 +227,9 @@ impl MlsDevice {
 
     /// How many key packages this device holds the private keys of (one-time, last-resort).
     pub fn held_key_packages(&self) -> Result<(usize, usize), MlsError> {
+        let path = self.state_path();
         self.read(|s| {
-            let held = held(s.state)?;
+            let held = held(s.state, &path)?;
             let last_resort = held.iter().filter(|h| h.last_resort).count();
             Ok((held.len() - last_resort, last_resort))
         })
@@ -266,8 +269,9 @@ impl MlsDevice {
 
     /// The `(not_after, last_resort)` of every key package held, oldest first.
     pub(super) fn held_ends(&self) -> Result<Vec<(u64, bool)>, MlsError> {
+        let path = self.state_path();
         self.read(|s| {
-            Ok(held(s.state)?
+            Ok(held(s.state, &path)?
                 .iter()
                 .map(|h| (h.not_after, h.last_resort))
                 .collect())
