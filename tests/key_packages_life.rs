@@ -1,8 +1,9 @@
 //! The key packages' life cycle and the groups-per-account cap against a real server
-//! (docs/PROTOCOL.md 5.7): a key package that ends within the margin is refused at upload
-//! (one already stored that ends is never handed out: `store::key_packages`' unit test moves
-//! the clock), a new last-resort key package replaces the old one, a client's rotation is
-//! accepted by the server, and `max_groups_per_account` refuses the next group.
+//! (docs/PROTOCOL.md 5.7): a key package that ends within the margin is refused at upload,
+//! and one stored that ends (put in the store directly while the server is stopped, as a
+//! clock that moved would leave it) is never handed out and its owner is told; a new
+//! last-resort key package replaces the old one; `max_groups_per_account` refuses the next
+//! group.
 
 mod common;
 
@@ -16,7 +17,8 @@ use common::mls::{CS, Member, capabilities, failure};
 use securefastchat::protocol::groups::{
     CERTIFICATION_EXTENSION, KEY_PACKAGE_MARGIN_SECS, member_identity,
 };
-use securefastchat::protocol::{ErrorCode, Reply, Request};
+use securefastchat::protocol::{ErrorCode, Reply, Request, Username};
+use securefastchat::store::{FjallStore, KeyPackageUpload, NewKeyPackage, Store};
 
 /// A key package of `member`'s device with the given MLS lifetime.
 fn lasting(member: &Member, last_resort: bool, lifetime: Lifetime) -> Vec<u8> {
@@ -106,6 +108,58 @@ async fn a_key_package_ending_within_the_margin_is_refused_and_nothing_of_it_sto
         "{reply:?}"
     );
     assert_eq!(alice.fetch_key_packages("bob").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_key_package_that_ends_is_never_handed_out_and_its_owner_is_told() {
+    let server = TestServer::start().await;
+    let mut bob = Member::signup(&server, "bob").await;
+    let mut alice = Member::signup(&server, "alice").await;
+    let (one_time, last) = (bob.key_package(false), bob.key_package(true));
+    let dir = server.stop().await;
+    {
+        // What a store holds once the clock has moved on: both end within the margin.
+        let store = FjallStore::open(&dir.path().join("data")).unwrap();
+        let soon = now() + KEY_PACKAGE_MARGIN_SECS / 2;
+        let upload = KeyPackageUpload {
+            one_time: vec![NewKeyPackage {
+                reference: vec![1; 32],
+                bytes: one_time,
+                not_after: soon,
+            }],
+            last_resort: Some(NewKeyPackage {
+                reference: Vec::new(),
+                bytes: last,
+                not_after: soon,
+            }),
+        };
+        let bob_name = Username::parse("bob").unwrap();
+        store.put_key_packages(&bob_name, 1, upload).await.unwrap();
+    }
+    let server = TestServer::start_in(dir, |_| {}).await;
+    bob.reconnect(&server).await;
+    alice.reconnect(&server).await;
+    // Neither is handed out: `no_keys`, as if none were left, and bob is told.
+    refused_with(&fetch(&mut alice, "bob").await, ErrorCode::NoKeys);
+    match bob.raw.event().await {
+        Reply::KeyPackagesLow { remaining: 0 } => {}
+        other => panic!("{other:?}"),
+    }
+    // They are gone: the server says so, and bob's fresh ones are handed out.
+    let reply = publish(&mut bob, Vec::new(), None).await;
+    assert!(
+        matches!(
+            reply,
+            Reply::KeyPackagesPublished {
+                key_packages: 0,
+                last_resort: false
+            }
+        ),
+        "{reply:?}"
+    );
+    bob.publish_key_packages(1).await;
+    assert_eq!(alice.fetch_key_packages("bob").await.len(), 1);
+    server.stop().await;
 }
 
 #[tokio::test]
