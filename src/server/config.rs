@@ -252,7 +252,6 @@ pub struct ConfigLayer {
     /// Largest group message body in bytes.
     pub max_group_message_bytes: Option<u64>,
     /// Groups one account may be in (at least 1).
-    #[serde(default)]
     pub max_groups_per_account: Option<usize>,
     /// Pending messages per inbox.
     pub max_pending: Option<u64>,

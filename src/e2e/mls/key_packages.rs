@@ -139,21 +139,23 @@ fn plan(held: &[Held], server: ServerKeyPackages, target: usize, now: u64) -> Pl
     }
     plan.one_time = plan.one_time.min(room).min(MAX_KEY_PACKAGE_BATCH);
     // 4. The bound: at most 2 × target one-time ones and [`LAST_RESORT_KEPT`] last-resort
-    //    ones after the new ones are made; the oldest go first (the ended ones are the
-    //    oldest), never the newest last-resort one.
+    //    ones after the new ones are made. The ended ones go first, then one-time ones, then
+    //    older last-resort ones, oldest first in each; never the newest last-resort one (the
+    //    server hands it out until a new one is uploaded).
     let bound = max_held(target);
     let newest_last_resort = newest_last_resort.map(|h| h.reference.as_slice());
-    let mut count = live.len() + plan.one_time + usize::from(plan.last_resort);
-    for h in &live {
-        if count <= bound {
-            break;
-        }
-        if !plan.last_resort && Some(h.reference.as_slice()) == newest_last_resort {
-            continue;
-        }
-        plan.prune.push(h.reference.clone());
-        count -= 1;
-    }
+    let mut candidates: Vec<&&Held> = live
+        .iter()
+        .filter(|h| Some(h.reference.as_slice()) != newest_last_resort)
+        .collect();
+    candidates.sort_by_key(|h| (h.not_after > now, h.last_resort, h.not_after));
+    let count = live.len() + plan.one_time + usize::from(plan.last_resort);
+    plan.prune.extend(
+        candidates
+            .into_iter()
+            .take(count.saturating_sub(bound))
+            .map(|h| h.reference.clone()),
+    );
     plan
 }
 

@@ -134,6 +134,10 @@ fn the_state_holds_a_bounded_number_of_key_packages_oldest_ended_first() {
     bob.mls
         .key_packages_lasting(1, true, Lifetime::init(now - 3600, now + 80 * DAY))
         .unwrap();
+    // And an older last-resort one, replaced but perhaps still awaited by a welcome.
+    bob.mls
+        .key_packages_lasting(1, true, Lifetime::init(now - 3600, now + 40 * DAY))
+        .unwrap();
     let batch = bob
         .mls
         .refresh_key_packages(now, server(10, true), 10)
@@ -145,7 +149,8 @@ fn the_state_holds_a_bounded_number_of_key_packages_oldest_ended_first() {
         ends.iter().all(|(e, _)| *e > now),
         "the ended ones go first"
     );
-    assert_eq!(ends.iter().filter(|(_, last)| *last).count(), 1);
+    // Then one-time ones: both last-resort ones stay.
+    assert_eq!(ends.iter().filter(|(_, last)| *last).count(), 2);
     // Many batches in a row stay bounded too.
     for _ in 0..3 {
         bob.mls.key_packages(40, false).unwrap();
