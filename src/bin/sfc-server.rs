@@ -106,6 +106,9 @@ struct Cli {
     /// Largest group message body in bytes (a commit with its welcome) [default: 1048576]
     #[arg(long, env = "SFC_MAX_GROUP_MESSAGE_BYTES")]
     max_group_message_bytes: Option<u64>,
+    /// Groups one account may be in [default: 1000]
+    #[arg(long, env = "SFC_MAX_GROUPS_PER_ACCOUNT")]
+    max_groups_per_account: Option<usize>,
     /// Pending messages an inbox may hold [default: 10000]
     #[arg(long, env = "SFC_MAX_PENDING")]
     max_pending: Option<u64>,
@@ -306,6 +309,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         message_ttl_secs: cli.message_ttl_secs,
         max_message_bytes: cli.max_message_bytes,
         max_group_message_bytes: cli.max_group_message_bytes,
+        max_groups_per_account: cli.max_groups_per_account,
         max_pending: cli.max_pending,
         durability: cli.durability,
         metrics: cli.metrics,

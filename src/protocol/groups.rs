@@ -34,6 +34,11 @@ pub const MAX_KEY_PACKAGES_PER_REQUEST: usize = 100;
 /// Most one-time key packages the server stores per device.
 pub const MAX_KEY_PACKAGES_STORED: usize = 200;
 
+/// The server neither accepts nor hands out a key package whose MLS lifetime ends within
+/// this many seconds (a day): the one who fetches it needs time to send the welcome, and the
+/// joiner to process it.
+pub const KEY_PACKAGE_MARGIN_SECS: u64 = 24 * 3600;
+
 /// Largest key package accepted, in bytes (they are about 350).
 pub const MAX_KEY_PACKAGE_BYTES: usize = 4096;
 

@@ -11,6 +11,8 @@ use crate::store::{DEFAULT_MAX_PENDING, Durability};
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+/// Default cap on the groups one account is in (docs/PROTOCOL.md 5.7).
+pub const DEFAULT_MAX_GROUPS_PER_ACCOUNT: usize = 1_000;
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "data";
 /// Default dev-certificate directory.
@@ -128,6 +130,9 @@ pub struct ServerConfig {
     pub max_message_bytes: u64,
     /// Largest group message body accepted (a commit with its welcome, 5.7).
     pub max_group_message_bytes: u64,
+    /// Groups one account may be in (at least 1): a commit adding a device of an account
+    /// already in this many other groups, or a `create_group` by it, gets `group_full`.
+    pub max_groups_per_account: usize,
     /// Pending messages an inbox may hold.
     pub max_pending: u64,
     /// Whether message writes are synced before they are acknowledged.
@@ -181,6 +186,7 @@ impl ServerConfig {
             message_ttl: Duration::from_secs(DEFAULT_MESSAGE_TTL_SECS),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_group_message_bytes: DEFAULT_MAX_GROUP_MESSAGE_BYTES,
+            max_groups_per_account: DEFAULT_MAX_GROUPS_PER_ACCOUNT,
             max_pending: DEFAULT_MAX_PENDING,
             durability: Durability::Sync,
             metrics: None,
@@ -245,6 +251,8 @@ pub struct ConfigLayer {
     pub max_message_bytes: Option<u64>,
     /// Largest group message body in bytes.
     pub max_group_message_bytes: Option<u64>,
+    /// Groups one account may be in (at least 1).
+    pub max_groups_per_account: Option<usize>,
     /// Pending messages per inbox.
     pub max_pending: Option<u64>,
     /// `sync` or `buffered`.
@@ -341,6 +349,7 @@ impl ConfigLayer {
             max_group_message_bytes: self
                 .max_group_message_bytes
                 .or(lower.max_group_message_bytes),
+            max_groups_per_account: self.max_groups_per_account.or(lower.max_groups_per_account),
             max_pending: self.max_pending.or(lower.max_pending),
             durability: self.durability.or(lower.durability),
             metrics: self.metrics.or(lower.metrics),
@@ -449,6 +458,14 @@ impl ConfigLayer {
                 ));
             }
             config.max_group_message_bytes = bytes;
+        }
+        if let Some(n) = self.max_groups_per_account {
+            if n == 0 {
+                return Err(ConfigError::Invalid(
+                    "max_groups_per_account must be at least 1".into(),
+                ));
+            }
+            config.max_groups_per_account = n;
         }
         if let Some(n) = self.max_pending {
             if n == 0 {

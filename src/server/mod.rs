@@ -139,6 +139,7 @@ pub(crate) struct Shared {
 pub(crate) struct MessageLimits {
     pub(crate) max_message_bytes: u64,
     pub(crate) max_group_message_bytes: u64,
+    pub(crate) max_groups_per_account: usize,
     pub(crate) message_ttl: Duration,
     pub(crate) sender_share: SenderShare,
 }
@@ -253,6 +254,7 @@ impl Server {
             limits: MessageLimits {
                 max_message_bytes: config.max_message_bytes,
                 max_group_message_bytes: config.max_group_message_bytes,
+                max_groups_per_account: config.max_groups_per_account,
                 message_ttl: config.message_ttl,
                 sender_share: SenderShare {
                     messages: config.max_pending_per_sender,

@@ -7,6 +7,13 @@
 //! under [`KeyPackageKeyspaces::lock`] and is synced before it returns, so a one-time key
 //! package is handed out at most once, also to concurrent fetches and across a crash.
 //!
+//! A value is `0xff` ‖ the end of the key package's MLS lifetime (`not_after`, u64 BE Unix
+//! seconds) ‖ the key package. A key package ending within
+//! [`KEY_PACKAGE_MARGIN_SECS`] is never handed out: a fetch or an upload deletes it, and the
+//! fetch tells the caller which devices lost some (to send them `key_packages_low`).
+//! A value without the tag (stored before lifetimes were kept; a TLS-encoded key package
+//! starts with its version, `0x0001`) has no known end and is handed out as before.
+//!
 //! A store of an older version gets these keyspaces empty (fjall creates a keyspace on first
 //! open): no format change.
 
@@ -19,10 +26,39 @@ use super::fjall_open::Inner;
 use super::fjall_store::FjallStore;
 use super::{DeviceId, StoreError};
 use crate::protocol::Username;
+use crate::protocol::groups::KEY_PACKAGE_MARGIN_SECS;
 use crate::protocol::keys::IdentityKeyBytes;
 
 pub(super) const KEY_PACKAGES: &str = "key_packages";
 pub(super) const LAST_RESORT_KEY_PACKAGES: &str = "last_resort_key_packages";
+
+/// The first byte of a stored value that carries the key package's `not_after`.
+const VALUE_TAG: u8 = 0xff;
+
+/// A stored value: the tag, `not_after`, the key package.
+fn encode_value(package: &NewKeyPackage) -> Vec<u8> {
+    let mut value = Vec::with_capacity(9 + package.bytes.len());
+    value.push(VALUE_TAG);
+    value.extend_from_slice(&package.not_after.to_be_bytes());
+    value.extend_from_slice(&package.bytes);
+    value
+}
+
+/// A stored value's `not_after` (`u64::MAX` for an untagged, older value) and key package.
+fn decode_value(value: &[u8]) -> Result<(u64, &[u8]), StoreError> {
+    match value.split_first() {
+        Some((&VALUE_TAG, rest)) => {
+            let (end, package) = rest.split_at_checked(8).ok_or(StoreError::Corrupt {
+                keyspace: KEY_PACKAGES,
+                reason: "a tagged key package shorter than its lifetime".into(),
+            })?;
+            let mut not_after = [0u8; 8];
+            not_after.copy_from_slice(end);
+            Ok((u64::from_be_bytes(not_after), package))
+        }
+        _ => Ok((u64::MAX, value)),
+    }
+}
 
 /// One-time key packages a device may have stored at once.
 pub const MAX_KEY_PACKAGES: usize = crate::protocol::groups::MAX_KEY_PACKAGES_STORED;
@@ -43,6 +79,8 @@ pub struct NewKeyPackage {
     pub reference: Vec<u8>,
     /// The key package's bytes.
     pub bytes: Vec<u8>,
+    /// When its MLS lifetime ends (Unix seconds, `not_after`).
+    pub not_after: u64,
 }
 
 /// What a device uploads in one `publish_key_packages`.
@@ -50,8 +88,8 @@ pub struct NewKeyPackage {
 pub struct KeyPackageUpload {
     /// One-time key packages to add.
     pub one_time: Vec<NewKeyPackage>,
-    /// A last-resort key package to replace the stored one.
-    pub last_resort: Option<Vec<u8>>,
+    /// A last-resort key package to replace the stored one (its `reference` is not used).
+    pub last_resort: Option<NewKeyPackage>,
 }
 
 /// What the store holds for a device after an upload.
@@ -83,6 +121,10 @@ pub struct TakenKeyPackages {
     pub identity: IdentityKeyBytes,
     /// One entry per requested current device that has a key package, ascending.
     pub devices: Vec<TakenKeyPackage>,
+    /// Devices of which this fetch deleted key packages whose lifetime ends within
+    /// [`KEY_PACKAGE_MARGIN_SECS`], each with the one-time key packages it still holds: they
+    /// should be told to upload fresh ones.
+    pub refill: Vec<(DeviceId, u32)>,
 }
 
 fn one_time_key(user: &Username, device: DeviceId, reference: &[u8]) -> Vec<u8> {
@@ -97,18 +139,15 @@ impl Inner {
         Ok(self.list_devices(name)?.into_iter().map(|d| d.id).collect())
     }
 
-    fn key_package_count(&self, user: &Username, device: DeviceId) -> usize {
-        self.key_packages
-            .one_time
-            .prefix(device_keys_key(user, device))
-            .count()
-    }
-
+    /// Stores an upload at `now`: the device's one-time key packages that end within the
+    /// margin are deleted first (they neither count nor are handed out), then the new ones
+    /// are added and the last-resort one replaced.
     fn put_key_packages(
         &self,
         user: &Username,
         device: DeviceId,
         upload: KeyPackageUpload,
+        now: u64,
     ) -> Result<KeyPackageCounts, StoreError> {
         let _guard = self
             .key_packages
@@ -118,12 +157,29 @@ impl Inner {
         if !self.current_device_ids(user)?.contains(&device) {
             return Err(StoreError::UnknownDevice(user.clone(), device));
         }
-        let existing = self.key_package_count(user, device);
+        let cutoff = now.saturating_add(KEY_PACKAGE_MARGIN_SECS);
+        let mut ended: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+        let mut existing = 0usize;
+        for entry in self
+            .key_packages
+            .one_time
+            .prefix(device_keys_key(user, device))
+        {
+            let (key, value) = entry.into_inner()?;
+            if decode_value(&value)?.0 <= cutoff {
+                ended.insert(key.to_vec());
+            } else {
+                existing += 1;
+            }
+        }
         let mut added = 0usize;
         let mut keys: Vec<Vec<u8>> = Vec::with_capacity(upload.one_time.len());
         for package in &upload.one_time {
             let key = one_time_key(user, device, &package.reference);
-            if !keys.contains(&key) && !self.key_packages.one_time.contains_key(&key)? {
+            // An ended one uploaded again is overwritten, not removed.
+            if !keys.contains(&key)
+                && (ended.remove(&key) || !self.key_packages.one_time.contains_key(&key)?)
+            {
                 added += 1;
             }
             keys.push(key);
@@ -135,13 +191,35 @@ impl Inner {
         }
         let device_key = device_keys_key(user, device);
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
-        for (key, package) in keys.into_iter().zip(upload.one_time) {
-            batch.insert(&self.key_packages.one_time, key, package.bytes);
+        let mut changed = !ended.is_empty() || !keys.is_empty();
+        for key in ended {
+            batch.remove(&self.key_packages.one_time, key);
         }
-        let had_last_resort = self.key_packages.last_resort.contains_key(&device_key)?;
+        for (key, package) in keys.into_iter().zip(upload.one_time) {
+            batch.insert(&self.key_packages.one_time, key, encode_value(&package));
+        }
+        let had_last_resort = match self.key_packages.last_resort.get(&device_key)? {
+            Some(value) => decode_value(&value)?.0 > cutoff,
+            None => false,
+        };
         let last_resort = had_last_resort || upload.last_resort.is_some();
-        if let Some(bytes) = upload.last_resort {
-            batch.insert(&self.key_packages.last_resort, device_key, bytes);
+        if let Some(package) = upload.last_resort {
+            // The newest upload replaces the stored one.
+            batch.insert(
+                &self.key_packages.last_resort,
+                device_key,
+                encode_value(&package),
+            );
+            changed = true;
+        } else if !had_last_resort && self.key_packages.last_resort.contains_key(&device_key)? {
+            batch.remove(&self.key_packages.last_resort, device_key);
+            changed = true;
+        }
+        if !changed {
+            return Ok(KeyPackageCounts {
+                one_time: u32::try_from(existing).unwrap_or(u32::MAX),
+                last_resort,
+            });
         }
         batch.commit()?;
         Ok(KeyPackageCounts {
@@ -151,50 +229,69 @@ impl Inner {
     }
 
     /// Takes one key package of `device` into `batch` (a one-time one is removed when the
-    /// caller commits it); `None` if the device has none at all.
+    /// caller commits it), skipping and removing those that end at or before `cutoff`;
+    /// `None` if the device has none left. Also returns how many ended ones it removed.
     fn take_key_package_into(
         &self,
         batch: &mut OwnedWriteBatch,
         user: &Username,
         device: DeviceId,
-    ) -> Result<Option<TakenKeyPackage>, StoreError> {
+        cutoff: u64,
+    ) -> Result<(Option<TakenKeyPackage>, u32), StoreError> {
         let prefix = device_keys_key(user, device);
-        let mut stored = 0usize;
+        let mut stored = 0u32;
+        let mut ended = 0u32;
         let mut taken = None;
         for entry in self.key_packages.one_time.prefix(&prefix) {
-            stored += 1;
-            if taken.is_some() {
-                entry.key()?;
-                continue;
-            }
             let (key, value) = entry.into_inner()?;
-            batch.remove(&self.key_packages.one_time, key.to_vec());
-            taken = Some(value.to_vec());
+            let (not_after, package) = decode_value(&value)?;
+            if not_after <= cutoff {
+                batch.remove(&self.key_packages.one_time, key.to_vec());
+                ended += 1;
+            } else if taken.is_none() {
+                batch.remove(&self.key_packages.one_time, key.to_vec());
+                taken = Some(package.to_vec());
+            } else {
+                stored += 1;
+            }
         }
         if let Some(key_package) = taken {
-            return Ok(Some(TakenKeyPackage {
+            let taken = TakenKeyPackage {
                 device,
                 key_package,
                 last_resort: false,
-                remaining: u32::try_from(stored - 1).unwrap_or(u32::MAX),
-            }));
+                remaining: stored,
+            };
+            return Ok((Some(taken), ended));
         }
-        Ok(self
-            .key_packages
-            .last_resort
-            .get(&prefix)?
-            .map(|bytes| TakenKeyPackage {
-                device,
-                key_package: bytes.to_vec(),
-                last_resort: true,
-                remaining: 0,
-            }))
+        let last_resort = match self.key_packages.last_resort.get(&prefix)? {
+            Some(value) => {
+                let (not_after, package) = decode_value(&value)?;
+                if not_after <= cutoff {
+                    batch.remove(&self.key_packages.last_resort, prefix.clone());
+                    ended += 1;
+                    None
+                } else {
+                    Some(TakenKeyPackage {
+                        device,
+                        key_package: package.to_vec(),
+                        last_resort: true,
+                        remaining: 0,
+                    })
+                }
+            }
+            None => None,
+        };
+        Ok((last_resort, ended))
     }
 
-    fn take_key_packages(
+    /// Hands out one key package per wanted device at `now` (see
+    /// [`Self::take_key_package_into`]).
+    pub(super) fn take_key_packages(
         &self,
         user: &Username,
         devices: Option<Vec<DeviceId>>,
+        now: u64,
     ) -> Result<Option<TakenKeyPackages>, StoreError> {
         let _guard = self
             .key_packages
@@ -210,16 +307,24 @@ impl Inner {
             Some(asked) => current.into_iter().filter(|d| asked.contains(d)).collect(),
         };
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        let cutoff = now.saturating_add(KEY_PACKAGE_MARGIN_SECS);
         let mut taken = Vec::with_capacity(wanted.len());
+        let mut refill = Vec::new();
         for device in wanted {
-            taken.extend(self.take_key_package_into(&mut batch, user, device)?);
+            let (package, ended) = self.take_key_package_into(&mut batch, user, device, cutoff)?;
+            if ended > 0 {
+                let remaining = package.as_ref().map_or(0, |p| p.remaining);
+                refill.push((device, remaining));
+            }
+            taken.extend(package);
         }
-        if taken.iter().any(|t| !t.last_resort) {
+        if !refill.is_empty() || taken.iter().any(|t| !t.last_resort) {
             batch.commit()?;
         }
         Ok(Some(TakenKeyPackages {
             identity,
             devices: taken,
+            refill,
         }))
     }
 
@@ -253,7 +358,7 @@ impl FjallStore {
     ) -> Result<KeyPackageCounts, StoreError> {
         self.writable()?;
         let user = user.clone();
-        self.call(move |db| db.put_key_packages(&user, device, upload))
+        self.call(move |db| db.put_key_packages(&user, device, upload, crate::unix_now()))
             .await
     }
 
@@ -264,7 +369,7 @@ impl FjallStore {
     ) -> Result<Option<TakenKeyPackages>, StoreError> {
         self.writable()?;
         let user = user.clone();
-        self.call(move |db| db.take_key_packages(&user, devices))
+        self.call(move |db| db.take_key_packages(&user, devices, crate::unix_now()))
             .await
     }
 
@@ -299,8 +404,19 @@ mod tests {
     use crate::protocol::keys::Bin;
     use crate::store::{Created, Store, UserRecord};
 
+    /// A `not_after` no test reaches.
+    const FAR: u64 = u64::MAX / 2;
+
     fn name(n: &str) -> Username {
         Username::parse(n).unwrap()
+    }
+
+    fn last_resort(bytes: Vec<u8>, not_after: u64) -> Option<NewKeyPackage> {
+        Some(NewKeyPackage {
+            reference: Vec::new(),
+            bytes,
+            not_after,
+        })
     }
 
     async fn store_with_bob() -> (tempfile::TempDir, FjallStore) {
@@ -324,6 +440,7 @@ mod tests {
             .map(|i| NewKeyPackage {
                 reference: vec![i; 32],
                 bytes: vec![i; 300],
+                not_after: FAR,
             })
             .collect()
     }
@@ -333,7 +450,7 @@ mod tests {
         let (dir, store) = store_with_bob().await;
         let upload = KeyPackageUpload {
             one_time: packages(0..20),
-            last_resort: Some(vec![0xff; 300]),
+            last_resort: last_resort(vec![0xff; 300], FAR),
         };
         let counts = store
             .put_key_packages(&name("bob"), 1, upload)
@@ -455,7 +572,7 @@ mod tests {
         for device in [1, laptop] {
             let upload = KeyPackageUpload {
                 one_time: packages(0..3),
-                last_resort: Some(vec![device as u8; 10]),
+                last_resort: last_resort(vec![device as u8; 10], FAR),
             };
             store.put_key_packages(&bob, device, upload).await.unwrap();
         }
@@ -475,5 +592,73 @@ mod tests {
         );
         store.delete_user(&bob, 0).await.unwrap();
         assert_eq!(left(&store), 0);
+    }
+
+    #[tokio::test]
+    async fn ended_key_packages_are_never_handed_out() {
+        let (_dir, store) = store_with_bob().await;
+        let bob = name("bob");
+        let now = 1_000_000_000u64;
+        let inner = store.current().unwrap();
+        let package = |i: u8, not_after: u64| NewKeyPackage {
+            reference: vec![i; 32],
+            bytes: vec![i; 300],
+            not_after,
+        };
+        // Two one-time ones end within the margin, one after it; the last-resort one too.
+        let upload = KeyPackageUpload {
+            one_time: vec![
+                package(1, now + KEY_PACKAGE_MARGIN_SECS),
+                package(2, now + 10),
+                package(3, now + KEY_PACKAGE_MARGIN_SECS + 1),
+            ],
+            last_resort: last_resort(vec![0xee; 300], now + 20),
+        };
+        // Uploaded earlier (all of it was fine then).
+        let counts = inner
+            .put_key_packages(&bob, 1, upload, now - 10 * KEY_PACKAGE_MARGIN_SECS)
+            .unwrap();
+        assert_eq!(counts.one_time, 3);
+        let taken = inner.take_key_packages(&bob, None, now).unwrap().unwrap();
+        assert_eq!(taken.devices.len(), 1);
+        assert_eq!(taken.devices[0].key_package, vec![3; 300]);
+        assert_eq!(taken.devices[0].remaining, 0);
+        assert_eq!(taken.refill, vec![(1, 0)]);
+        // Only the ended last-resort one is left: nothing is handed out, and it is deleted.
+        let taken = inner.take_key_packages(&bob, None, now).unwrap().unwrap();
+        assert!(taken.devices.is_empty());
+        assert_eq!(taken.refill, vec![(1, 0)]);
+        let taken = inner.take_key_packages(&bob, None, now).unwrap().unwrap();
+        assert!(taken.devices.is_empty() && taken.refill.is_empty());
+        // An upload deletes the ended ones first: they do not count against the limit.
+        let full = KeyPackageUpload {
+            one_time: (0..200).map(|i| package(i, now + 100)).collect(),
+            last_resort: None,
+        };
+        inner.put_key_packages(&bob, 1, full, now).unwrap();
+        let fresh = KeyPackageUpload {
+            one_time: (0..200).map(|i| package(i, FAR)).collect(),
+            last_resort: last_resort(vec![0xdd; 300], FAR),
+        };
+        // Same references, so nothing is added while the old ones still count...
+        let later = now + KEY_PACKAGE_MARGIN_SECS;
+        let counts = inner.put_key_packages(&bob, 1, fresh, later).unwrap();
+        assert_eq!(counts.one_time, 200);
+        assert!(counts.last_resort);
+        let taken = inner.take_key_packages(&bob, None, later).unwrap().unwrap();
+        assert_eq!(taken.devices[0].remaining, 199);
+        // A newer last-resort upload replaces the old one.
+        let newer = KeyPackageUpload {
+            one_time: Vec::new(),
+            last_resort: last_resort(vec![0xcc; 300], FAR),
+        };
+        inner.put_key_packages(&bob, 1, newer, later).unwrap();
+        let value = inner
+            .key_packages
+            .last_resort
+            .get(device_keys_key(&bob, 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!(decode_value(&value).unwrap().1, &[0xcc; 300][..]);
     }
 }

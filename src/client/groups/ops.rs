@@ -10,7 +10,7 @@ use super::{KIND_MLS, encode_text, group_name};
 use crate::e2e::IdentityKey;
 use crate::e2e::mls::{
     Commit, FetchedKeyPackage, GroupSummary, MemberId, MlsDevice, MlsError, MlsGroupId,
-    PostedCommit,
+    PostedCommit, ServerKeyPackages,
 };
 use crate::protocol::keys::IdentityKeyBytes;
 use crate::protocol::{ErrorCode, MessageId};
@@ -101,16 +101,26 @@ impl Messenger {
         Ok(())
     }
 
-    /// Keeps this device's key packages on the server topped up (to [`KEY_PACKAGE_TARGET`]
-    /// one-time ones and a last-resort one). Returns how many one-time ones the server holds.
+    /// Keeps this device's key packages on the server fresh and topped up: to
+    /// [`KEY_PACKAGE_TARGET`] one-time ones when fewer than half remain, a fresh batch when
+    /// even the newest is in the last third of its lifetime, a new last-resort one when the
+    /// server has none or this device's is in the last third of its lifetime; and prunes the
+    /// private keys of key packages that ended a week ago (docs/CLIENT.md "Groups",
+    /// [`MlsDevice::refresh_key_packages`]). Returns how many one-time ones the server holds.
     pub async fn ensure_key_packages(&self) -> Result<u32, MessengerError> {
         let (held, last_resort) = self.client().publish_key_packages(Vec::new(), None).await?;
-        if held >= KEY_PACKAGE_TARGET / 2 && last_resort {
+        let server = ServerKeyPackages {
+            one_time: held,
+            last_resort,
+        };
+        let mls = self.mls().await?;
+        let now = crate::unix_now();
+        let batch =
+            blocking(move || mls.refresh_key_packages(now, server, KEY_PACKAGE_TARGET as usize))
+                .await?;
+        if batch.one_time.is_empty() && batch.last_resort.is_none() {
             return Ok(held);
         }
-        let count = KEY_PACKAGE_TARGET.saturating_sub(held) as usize;
-        let mls = self.mls().await?;
-        let batch = blocking(move || mls.key_packages(count, !last_resort)).await?;
         let (held, _) = self
             .client()
             .publish_key_packages(batch.one_time, batch.last_resort)

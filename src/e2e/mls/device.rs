@@ -5,13 +5,13 @@
 
 use std::path::Path;
 
-use openmls::prelude::tls_codec::Serialize as _;
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
 use super::cert::{self, CIPHERSUITE, MemberId};
 use super::error::mls;
+use super::key_packages::make_key_package;
 use super::store::{Header, State, StateFile, StateLock};
 use super::{GroupSummary, MlsError, MlsGroupId};
 use crate::e2e::IdentityKeyPair;
@@ -144,6 +144,11 @@ impl MlsDevice {
         &self.member
     }
 
+    /// The state file's path (for errors).
+    pub(super) fn state_path(&self) -> std::path::PathBuf {
+        self.file.path()
+    }
+
     /// Loads the state and the device's signer. Call under the lock.
     fn load(&self, lock: &StateLock) -> Result<(State, SignatureKeyPair), MlsError> {
         let gone = |reason: &str| MlsError::CorruptState {
@@ -209,24 +214,14 @@ impl MlsDevice {
         }
         self.change(|s| {
             let extensions = cert::leaf_extensions(&s.state.header.certification)?;
-            let make = |s: &Session<'_>, last: bool| -> Result<Vec<u8>, MlsError> {
-                let mut builder = KeyPackage::builder()
-                    .leaf_node_capabilities(cert::capabilities())
-                    .leaf_node_extensions(extensions.clone());
-                if last {
-                    builder = builder.mark_as_last_resort();
-                }
-                let bundle = builder
-                    .build(CIPHERSUITE, s.provider(), &s.signer, s.credential())
-                    .map_err(mls)?;
-                bundle.key_package().tls_serialize_detached().map_err(mls)
-            };
             let mut batch = KeyPackageBatch::default();
             for _ in 0..count {
-                batch.one_time.push(make(s, false)?);
+                batch
+                    .one_time
+                    .push(make_key_package(s, &extensions, false)?);
             }
             if last_resort {
-                batch.last_resort = Some(make(s, true)?);
+                batch.last_resort = Some(make_key_package(s, &extensions, true)?);
             }
             Ok(batch)
         })

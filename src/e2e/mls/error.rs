@@ -65,6 +65,11 @@ pub enum MlsError {
     /// A key package that does not parse or validate, or is for another user than asked.
     #[error("invalid key package: {0}")]
     KeyPackage(String),
+    /// A welcome for a key package whose private keys this device no longer holds (it ended
+    /// and was pruned, or a welcome already consumed it): the inviter must add this device
+    /// again with a fresh key package.
+    #[error("a welcome for a key package this device no longer holds")]
+    KeyPackageGone,
     /// Bytes that are not an MLS message we accept (undecodable, another wire format, a group
     /// this device is not in).
     #[error("malformed MLS message: {0}")]

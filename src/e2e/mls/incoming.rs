@@ -131,7 +131,10 @@ pub(super) fn join(
     pins: &dyn Pins,
 ) -> Result<Incoming, MlsError> {
     let staged = StagedWelcome::new_from_welcome(s.provider(), &cert::join_config(), welcome, None)
-        .map_err(mls)?;
+        .map_err(|e| match e {
+            WelcomeError::NoMatchingKeyPackage => MlsError::KeyPackageGone,
+            other => mls(other),
+        })?;
     let inviter = MemberId::of_credential(staged.welcome_sender().map_err(mls)?.credential())?;
     let g = staged.into_group(s.provider()).map_err(mls)?;
     let id = group_id(g.group_id().as_slice())?;

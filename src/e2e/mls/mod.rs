@@ -14,6 +14,8 @@
 //!   when the server accepts or refuses a commit of this device.
 //! - `delivered`: groups by their name on the server, the GroupInfo it needs, deliveries
 //!   processed with the name checked and their messages kept until shown.
+//! - `key_packages`: the key packages' life cycle: what to publish, the last-resort one
+//!   replaced before it ends, the private keys of unused ones pruned after their lifetime.
 //! - `incoming`: processing what the server delivers (welcome, commit, proposal, application
 //!   message), with the group's policy checked on every commit before it is merged.
 //!
@@ -28,6 +30,7 @@ mod device;
 mod error;
 mod group;
 mod incoming;
+mod key_packages;
 mod store;
 
 #[cfg(test)]
@@ -46,6 +49,9 @@ pub use device::{KeyPackageBatch, MAX_KEY_PACKAGE_BATCH, MlsDevice};
 pub use error::MlsError;
 pub use group::{Commit, FetchedKeyPackage};
 pub use incoming::Incoming;
+pub use key_packages::{
+    KEY_PACKAGE_GRACE_SECS, LAST_RESORT_KEPT, ROTATE_FRACTION, ServerKeyPackages, max_held,
+};
 pub use store::{KeptMessage, MAX_STATE_LEN, PendingChange, PostedCommit, STATE_FILE};
 
 /// Deletes the MLS state of the home in `dir` (its signature key, certification, key

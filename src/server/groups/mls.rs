@@ -9,8 +9,8 @@ use openmls::prelude::*;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
 use crate::protocol::groups::{
-    ADMINS_EXTENSION, CERTIFICATION_EXTENSION, DeviceRevocation, MLS_CIPHERSUITE,
-    certification_tbs, decode_revocations, parse_member_identity, revocation_tbs,
+    ADMINS_EXTENSION, CERTIFICATION_EXTENSION, DeviceRevocation, KEY_PACKAGE_MARGIN_SECS,
+    MLS_CIPHERSUITE, certification_tbs, decode_revocations, parse_member_identity, revocation_tbs,
 };
 use crate::protocol::keys::IdentityKeyBytes;
 use crate::protocol::{DeviceId, ErrorCode, Username};
@@ -152,12 +152,17 @@ pub(crate) struct CheckedKeyPackage {
     pub reference: Vec<u8>,
     /// Whether it carries the last-resort extension.
     pub last_resort: bool,
+    /// When its MLS lifetime ends (Unix seconds).
+    pub not_after: u64,
     /// Its leaf.
     pub leaf: ClaimedLeaf,
 }
 
-/// Parses and validates an uploaded key package (`invalid_keys` on any failure).
-pub(crate) fn check_key_package(bytes: &[u8]) -> Result<CheckedKeyPackage, Refusal> {
+/// Parses and validates an uploaded key package (`invalid_keys` on any failure): OpenMLS's
+/// checks (signature, a lifetime that holds now), the ciphersuite, the leaf's credential and
+/// certification extension, and a lifetime that lasts past `now` +
+/// [`KEY_PACKAGE_MARGIN_SECS`] (one that ends sooner would never be handed out).
+pub(crate) fn check_key_package(bytes: &[u8], now: u64) -> Result<CheckedKeyPackage, Refusal> {
     let invalid = |why: String| Refusal::new(ErrorCode::InvalidKeys, why);
     let provider = OpenMlsRustCrypto::default();
     let package = KeyPackageIn::tls_deserialize_exact(bytes)
@@ -167,6 +172,12 @@ pub(crate) fn check_key_package(bytes: &[u8]) -> Result<CheckedKeyPackage, Refus
     if package.ciphersuite() != CIPHERSUITE {
         return Err(invalid(format!(
             "only ciphersuite {MLS_CIPHERSUITE:#06x} is accepted"
+        )));
+    }
+    let not_after = package.life_time().not_after();
+    if not_after <= now.saturating_add(KEY_PACKAGE_MARGIN_SECS) {
+        return Err(invalid(format!(
+            "the key package's lifetime ends within {KEY_PACKAGE_MARGIN_SECS} s"
         )));
     }
     let leaf_node = package.leaf_node();
@@ -183,6 +194,7 @@ pub(crate) fn check_key_package(bytes: &[u8]) -> Result<CheckedKeyPackage, Refus
     Ok(CheckedKeyPackage {
         reference: reference.as_slice().to_vec(),
         last_resort: package.last_resort(),
+        not_after,
         leaf,
     })
 }

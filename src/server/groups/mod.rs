@@ -10,7 +10,7 @@
 //! and delivery splits it back into the deliver header's `kind` and `group`.
 
 pub(crate) mod mls;
-mod policy;
+pub(crate) mod policy;
 pub(crate) mod send;
 
 use std::collections::HashMap;

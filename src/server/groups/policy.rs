@@ -67,6 +67,25 @@ fn internal(e: &dyn std::fmt::Display) -> Refusal {
     Refusal::new(ErrorCode::Internal, "send it again")
 }
 
+/// Refuses (`group_full`) to put `user` in one more group when it is already in
+/// `max_groups_per_account` (groups it left but whose removal is not committed yet count).
+pub(crate) async fn check_group_cap(shared: &Shared, user: &Username) -> Result<(), Refusal> {
+    let max = shared.limits.max_groups_per_account;
+    let groups = shared
+        .accounts
+        .store()
+        .groups_of(user)
+        .await
+        .map_err(|e| internal(&e))?;
+    if groups.len() >= max {
+        return Err(Refusal::new(
+            ErrorCode::GroupFull,
+            format!("{user} is already in {max} groups, the most an account may be in"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that `leaf` is a current device of its account and that its certification
 /// verifies with the account's identity key.
 async fn check_leaf(
@@ -174,6 +193,17 @@ pub(crate) async fn check_commit(
             )));
         }
         check_leaf(shared, &mut lookups, leaf).await?;
+    }
+    let mut joining: Vec<&Username> = staged
+        .added
+        .iter()
+        .map(|(leaf, _)| &leaf.user)
+        .filter(|user| !record.members.iter().any(|m| m.user == **user))
+        .collect();
+    joining.sort();
+    joining.dedup();
+    for user in joining {
+        check_group_cap(shared, user).await?;
     }
     if let Some(admins) = &staged.new_admins {
         if !admin {

@@ -19,6 +19,7 @@ use crate::protocol::{
 };
 use crate::server::accounts::ActiveSession;
 use crate::server::groups::mls::{self, Refusal};
+use crate::server::groups::policy;
 use crate::server::groups::send::{delivery_targets, fan_out};
 use crate::server::router::Inbox;
 use crate::store::{
@@ -124,14 +125,15 @@ impl Control {
             }
             Err(e) => return store_error(&e),
         };
-        let check = |bytes: &[u8], want_last_resort: bool| -> Result<Vec<u8>, Refusal> {
+        let now = crate::unix_now();
+        let check = |bytes: Vec<u8>, want_last_resort: bool| -> Result<NewKeyPackage, Refusal> {
             let invalid = |why: String| Refusal::new(ErrorCode::InvalidKeys, why);
             if bytes.len() > MAX_KEY_PACKAGE_BYTES {
                 return Err(invalid(format!(
                     "a key package is at most {MAX_KEY_PACKAGE_BYTES} bytes"
                 )));
             }
-            let checked = mls::check_key_package(bytes)?;
+            let checked = mls::check_key_package(&bytes, now)?;
             if checked.leaf.user != session.username || checked.leaf.device != session.device {
                 return Err(invalid(format!(
                     "a key package's identity must be {}/{}",
@@ -150,20 +152,24 @@ impl Control {
                     "`key_packages` must not carry the last_resort extension".into()
                 }));
             }
-            Ok(checked.reference)
+            Ok(NewKeyPackage {
+                reference: checked.reference,
+                not_after: checked.not_after,
+                bytes,
+            })
         };
         let mut upload = KeyPackageUpload::default();
         for bytes in key_packages {
-            match check(&bytes, false) {
-                Ok(reference) => upload.one_time.push(NewKeyPackage { reference, bytes }),
+            match check(bytes, false) {
+                Ok(package) => upload.one_time.push(package),
                 Err(r) => return refusal(r),
             }
         }
         if let Some(bytes) = last_resort {
-            if let Err(r) = check(&bytes, true) {
-                return refusal(r);
+            match check(bytes, true) {
+                Ok(package) => upload.last_resort = Some(package),
+                Err(r) => return refusal(r),
             }
-            upload.last_resort = Some(bytes);
         }
         match store
             .put_key_packages(&session.username, session.device, upload)
@@ -223,13 +229,27 @@ impl Control {
             }
         }
         let taken = match store.take_key_packages(&user, devices).await {
-            Ok(Some(taken)) if !taken.devices.is_empty() => taken,
-            Ok(_) => return self.no_keys(&user).await,
+            Ok(Some(taken)) => taken,
+            Ok(None) => return self.no_keys(&user).await,
             Err(e) => return store_error(&e),
         };
+        // Devices whose ended key packages this fetch deleted are told to upload fresh ones
+        // (the same event as when few remain), whatever is left.
+        for (device, remaining) in &taken.refill {
+            self.shared.router.push_event(
+                &Inbox::new(&user, *device),
+                Reply::KeyPackagesLow {
+                    remaining: *remaining,
+                },
+            );
+        }
+        if taken.devices.is_empty() {
+            return self.no_keys(&user).await;
+        }
         let mut out = Vec::with_capacity(taken.devices.len());
         for package in taken.devices {
-            if !package.last_resort && package.remaining < KEY_PACKAGES_LOW {
+            let told = taken.refill.iter().any(|(d, _)| *d == package.device);
+            if !told && !package.last_resort && package.remaining < KEY_PACKAGES_LOW {
                 self.shared.router.push_event(
                     &Inbox::new(&user, package.device),
                     Reply::KeyPackagesLow {
@@ -272,6 +292,9 @@ impl Control {
                     session.username, session.device
                 ),
             );
+        }
+        if let Err(r) = policy::check_group_cap(&self.shared, &session.username).await {
+            return refusal(r);
         }
         let store = self.shared.accounts.store();
         match store.identity(&session.username).await {

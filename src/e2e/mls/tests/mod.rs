@@ -8,6 +8,7 @@ use super::*;
 use crate::e2e::{IdentityKey, IdentityKeyPair};
 
 mod flows;
+mod key_packages;
 mod policy;
 mod state;
 
