@@ -313,46 +313,4 @@ mod tests {
             GroupCreated::Created
         );
     }
-
-    /// What one group message costs the store (logical bytes, before fjall's journal and
-    /// compression): an inbox record per member device but the sender's, each the body plus
-    /// its header fields and a 12-byte key, and one send record naming every copy. Printed
-    /// with `--nocapture` for 10, 50 and 200 members (docs/ARCHITECTURE.md, Groups).
-    #[test]
-    fn bytes_stored_per_group_message() {
-        use crate::store::{Placed, SentRecord, StoredMessage};
-        let body = vec![7u8; 246]; // an application message of 100 bytes of text
-        let record = StoredMessage {
-            seq: 1 << 20,
-            id: MessageId([1; 16]),
-            from: name("alice"),
-            from_device: 1,
-            to: None,
-            kind: "mls\0friends".into(),
-            sent_at: 1_767_225_600,
-            expires_at: 1_767_830_400,
-            body,
-        };
-        let per_copy = rmp_serde::to_vec_named(&record).unwrap().len() + 12;
-        assert!(per_copy < 246 + 128, "{per_copy}");
-        for members in [10usize, 50, 200] {
-            let copies = members - 1;
-            let sent = SentRecord {
-                copies: (0..copies)
-                    .map(|i| Placed {
-                        recipient: name(&format!("member{i:03}")),
-                        device: 1,
-                        seq: 1 << 20,
-                    })
-                    .collect(),
-                expires_at: 1_767_830_400,
-            };
-            let sent_len = crate::store::sent_records::encode(&sent).unwrap().len();
-            let total = copies * per_copy + sent_len;
-            println!(
-                "{members} members: {copies} copies × {per_copy} B + send record {sent_len} B = {total} B"
-            );
-            assert!(total < members * 400);
-        }
-    }
 }
