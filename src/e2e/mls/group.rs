@@ -388,6 +388,17 @@ pub(super) fn add(
     })
 }
 
+/// The leaves whose removal is proposed already (a device leaving by its own proposal): a
+/// commit covers them anyway, so they are not removed again.
+fn proposed_removals(g: &MlsGroup) -> Vec<LeafNodeIndex> {
+    g.pending_proposals()
+        .filter_map(|p| match p.proposal() {
+            Proposal::Remove(r) => Some(r.removed()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn remove(s: &mut Session<'_>, group: &MlsGroupId, user: &str) -> Result<Commit, MlsError> {
     let mut g = s.group(group)?;
     ensure_operational(&g)?;
@@ -396,15 +407,7 @@ fn remove(s: &mut Session<'_>, group: &MlsGroupId, user: &str) -> Result<Commit,
         ensure_admin(&g, &s.me.user)?;
     }
     let own = g.own_leaf_index();
-    // Leaves whose removal is proposed already (a device leaving) go by that proposal, which
-    // the commit covers anyway.
-    let proposed: Vec<LeafNodeIndex> = g
-        .pending_proposals()
-        .filter_map(|p| match p.proposal() {
-            Proposal::Remove(r) => Some(r.removed()),
-            _ => None,
-        })
-        .collect();
+    let proposed = proposed_removals(&g);
     let all = members(&g)?;
     let theirs: Vec<&(LeafNodeIndex, MemberId)> = all
         .iter()
@@ -451,13 +454,7 @@ fn remove_devices(
     let departed = s.state.meta_mut(group)?.departed.clone();
     let admin = ensure_admin(&g, &s.me.user).is_ok();
     let own = g.own_leaf_index();
-    let proposed: Vec<LeafNodeIndex> = g
-        .pending_proposals()
-        .filter_map(|p| match p.proposal() {
-            Proposal::Remove(r) => Some(r.removed()),
-            _ => None,
-        })
-        .collect();
+    let proposed = proposed_removals(&g);
     let revocation_of = |m: &MemberId| {
         revocations
             .iter()
