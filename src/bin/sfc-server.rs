@@ -116,6 +116,11 @@ struct Cli {
     /// (survives a server crash, not a power loss) [default: sync]
     #[arg(long, env = "SFC_DURABILITY", value_enum)]
     durability: Option<Durability>,
+    /// Milliseconds a message waits in memory for its recipients' acknowledgements before it
+    /// is written; one acknowledged by then is never written (0 = write at once, at most
+    /// 1000) [default: 5]
+    #[arg(long, env = "SFC_WRITE_HOLD_MS")]
+    write_hold_ms: Option<u64>,
     /// Serve Prometheus metrics over HTTP on this TCP address (an admin address: keep it off
     /// the internet) [default: off]
     #[arg(long, env = "SFC_METRICS")]
@@ -312,6 +317,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         max_groups_per_account: cli.max_groups_per_account,
         max_pending: cli.max_pending,
         durability: cli.durability,
+        write_hold_ms: cli.write_hold_ms,
         metrics: cli.metrics,
         max_pending_per_sender: cli.max_pending_per_sender,
         max_pending_bytes_per_sender: cli.max_pending_bytes_per_sender,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::store::{DEFAULT_MAX_PENDING, Durability};
+use crate::store::{DEFAULT_HOLD, DEFAULT_MAX_PENDING, Durability};
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
@@ -47,6 +47,9 @@ pub const DEFAULT_MESSAGE_TTL_SECS: u64 = 7 * 24 * 3600;
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = crate::e2e::MAX_ENVELOPE_LEN as u64;
 /// Default largest group message body (docs/PROTOCOL.md 5.7): a commit with its welcome.
 pub const DEFAULT_MAX_GROUP_MESSAGE_BYTES: u64 = 1 << 20;
+/// Longest `write_hold_ms` accepted: the window holds messages in memory and delays the
+/// `sent` of those not acknowledged in it.
+pub const MAX_WRITE_HOLD_MS: u64 = 1000;
 /// Default pending messages one sender may hold in one inbox: a tenth of the default inbox,
 /// so one account cannot fill someone's inbox and lock everyone else out.
 pub const DEFAULT_MAX_PENDING_PER_SENDER: u64 = DEFAULT_MAX_PENDING / 10;
@@ -137,6 +140,9 @@ pub struct ServerConfig {
     pub max_pending: u64,
     /// Whether message writes are synced before they are acknowledged.
     pub durability: Durability,
+    /// How long a message waits in memory for its recipients' acknowledgements before it is
+    /// written (one acknowledged by then is never written; zero writes every message at once).
+    pub write_hold: Duration,
     /// TCP address of the Prometheus metrics endpoint, if any (see `server::metrics`).
     pub metrics: Option<SocketAddr>,
     /// Pending messages one sender may hold in one inbox (0 = up to `max_pending`).
@@ -189,6 +195,7 @@ impl ServerConfig {
             max_groups_per_account: DEFAULT_MAX_GROUPS_PER_ACCOUNT,
             max_pending: DEFAULT_MAX_PENDING,
             durability: Durability::Sync,
+            write_hold: DEFAULT_HOLD,
             metrics: None,
             max_pending_per_sender: DEFAULT_MAX_PENDING_PER_SENDER,
             max_pending_bytes_per_sender: DEFAULT_MAX_PENDING_BYTES_PER_SENDER,
@@ -257,6 +264,8 @@ pub struct ConfigLayer {
     pub max_pending: Option<u64>,
     /// `sync` or `buffered`.
     pub durability: Option<Durability>,
+    /// Milliseconds a message waits for its acknowledgements before it is written (0 to 1000).
+    pub write_hold_ms: Option<u64>,
     /// Prometheus metrics address (`IP:PORT`, TCP).
     pub metrics: Option<String>,
     /// Pending messages one sender may hold in one inbox (0 = up to `max_pending`).
@@ -352,6 +361,7 @@ impl ConfigLayer {
             max_groups_per_account: self.max_groups_per_account.or(lower.max_groups_per_account),
             max_pending: self.max_pending.or(lower.max_pending),
             durability: self.durability.or(lower.durability),
+            write_hold_ms: self.write_hold_ms.or(lower.write_hold_ms),
             metrics: self.metrics.or(lower.metrics),
             max_pending_per_sender: self.max_pending_per_sender.or(lower.max_pending_per_sender),
             max_pending_bytes_per_sender: self
@@ -477,6 +487,14 @@ impl ConfigLayer {
         }
         if let Some(durability) = self.durability {
             config.durability = durability;
+        }
+        if let Some(ms) = self.write_hold_ms {
+            if ms > MAX_WRITE_HOLD_MS {
+                return Err(ConfigError::Invalid(format!(
+                    "write_hold_ms must be at most {MAX_WRITE_HOLD_MS}"
+                )));
+            }
+            config.write_hold = Duration::from_millis(ms);
         }
         if let Some(raw) = self.metrics {
             let addr = raw.parse().map_err(|_| {

@@ -45,6 +45,8 @@ pub const MESSAGES_UNSENT: &str = "sfc_messages_unsent_total";
 pub const INBOX_PENDING: &str = "sfc_inbox_pending_messages";
 /// Operations folded into one group-commit batch.
 pub const INBOX_BATCH_OPERATIONS: &str = "sfc_inbox_batch_operations";
+/// Messages acknowledged by every recipient device before they were written: never written.
+pub const INBOX_SKIPPED: &str = "sfc_inbox_skipped_writes_total";
 /// Duration of the inbox's syncs to disk.
 pub const INBOX_SYNC_SECONDS: &str = "sfc_inbox_sync_seconds";
 /// Blob uploads completed (the whole blob on disk and synced).
@@ -92,6 +94,7 @@ struct Handles {
     inbox_pending: Gauge,
     inbox_batch_operations: Histogram,
     inbox_sync_seconds: Histogram,
+    inbox_skipped: Counter,
     blob_uploads: Counter,
     blob_downloads: Counter,
     blobs_deleted: Counter,
@@ -131,6 +134,7 @@ pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
         inbox_pending: metrics::gauge!(INBOX_PENDING),
         inbox_batch_operations: metrics::histogram!(INBOX_BATCH_OPERATIONS),
         inbox_sync_seconds: metrics::histogram!(INBOX_SYNC_SECONDS),
+        inbox_skipped: metrics::counter!(INBOX_SKIPPED),
         blob_uploads: metrics::counter!(BLOB_UPLOADS),
         blob_downloads: metrics::counter!(BLOB_DOWNLOADS),
         blobs_deleted: metrics::counter!(BLOBS_DELETED),
@@ -202,6 +206,10 @@ fn describe() {
     describe_histogram!(
         INBOX_BATCH_OPERATIONS,
         "Operations (appends, removals) folded into one group-commit batch"
+    );
+    describe_counter!(
+        INBOX_SKIPPED,
+        "Messages every recipient device acknowledged while they were held: never written"
     );
     describe_histogram!(
         INBOX_SYNC_SECONDS,
@@ -357,6 +365,15 @@ pub(crate) fn messages_unsent(n: u64) -> u64 {
 pub(crate) fn inbox_counted_at_start(n: u64) {
     if let Some(h) = handles() {
         h.inbox_pending.increment(n as f64);
+    }
+}
+
+/// `n` held messages were acknowledged by all their recipient devices: never written.
+pub(crate) fn inbox_skipped(n: usize) {
+    if n > 0
+        && let Some(h) = handles()
+    {
+        h.inbox_skipped.increment(n as u64);
     }
 }
 

@@ -190,6 +190,7 @@ impl Server {
         let options = StoreOptions {
             durability: config.durability,
             max_pending: config.max_pending,
+            hold: config.write_hold,
             sender_share: SenderShare {
                 messages: config.max_pending_per_sender,
                 bytes: config.max_pending_bytes_per_sender,

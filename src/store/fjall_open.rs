@@ -185,8 +185,7 @@ impl Inner {
         let writer = match InboxWriter::start(
             inbox.clone(),
             options.durability,
-            options.max_pending,
-            options.max_batch,
+            (options.max_pending, options.max_batch, options.hold),
             on_failure,
             options.sender_share,
         ) {

@@ -13,6 +13,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use fjall::PersistMode;
@@ -46,6 +47,10 @@ const MAX_WAITING_CALLS: usize = 4096;
 /// Default cap on pending messages per inbox.
 pub const DEFAULT_MAX_PENDING: u64 = 10_000;
 
+/// How long a message waits in memory for its acknowledgements before it is written, by
+/// default (see [`StoreOptions::hold`]).
+pub const DEFAULT_HOLD: Duration = Duration::from_millis(5);
+
 /// Tunables of the fjall store.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreOptions {
@@ -57,6 +62,10 @@ pub struct StoreOptions {
     pub max_batch: usize,
     /// What one sender may hold of one inbox (by default no more than the inbox's cap).
     pub sender_share: SenderShare,
+    /// How long a message may wait in memory for every copy's acknowledgement before it is
+    /// written; one acknowledged by then is never written (zero: every message is written at
+    /// once). Its sender's `sent` waits for the write or the last acknowledgement.
+    pub hold: Duration,
 }
 
 impl Default for StoreOptions {
@@ -66,6 +75,7 @@ impl Default for StoreOptions {
             max_pending: DEFAULT_MAX_PENDING,
             max_batch: super::inbox_writer::DEFAULT_MAX_BATCH,
             sender_share: SenderShare::UNLIMITED,
+            hold: DEFAULT_HOLD,
         }
     }
 }

@@ -57,6 +57,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use fjall::{Database, Keyspace, PersistMode};
 use tokio::sync::{mpsc, oneshot};
@@ -65,13 +66,16 @@ use super::devices::InboxId;
 use super::sender_shares::{SenderShare, SenderShares};
 use super::shared_bodies::BodyLedger;
 use super::user_ids::UserId;
-use super::{AppendHooks, Appended, Durability, Placed, PlacedHook, Removal, StoreError};
+use super::{
+    AppendHooks, Appended, Durability, Placed, PlacedHook, Removal, StoreError, sent_records,
+};
 use crate::protocol::{MessageId, Username};
 
 mod apply;
 mod caches;
 mod committer;
 mod counters;
+mod held;
 mod ops;
 #[cfg(test)]
 mod tests;
@@ -80,6 +84,7 @@ use caches::{KnownPending, MAX_ORIGINS, Origins};
 use committer::{Committed, Job, Reply, deferred, run_committer};
 pub(super) use counters::counter_key;
 use counters::{mark_running, seq_value};
+use held::HeldMessages;
 use ops::DROP_CHUNK;
 pub(super) use ops::{Addressed, DropInbox, Dropped, Target};
 
@@ -188,18 +193,20 @@ impl Drop for InboxWriter {
 }
 
 impl InboxWriter {
+    /// Starts the writer and its committer. `hold` is how long a message may wait, in memory,
+    /// for its copies' acknowledgements before it is written (zero: written at once; see
+    /// `held`).
     pub fn start(
         keyspaces: InboxKeyspaces,
         durability: Durability,
-        max_pending: u64,
-        max_batch: usize,
+        (max_pending, max_batch, hold): (u64, usize, Duration),
         on_failure: FailureHook,
         share: SenderShare,
     ) -> Result<Self, StoreError> {
         Self::start_held(
             keyspaces,
             durability,
-            (max_pending, max_batch),
+            (max_pending, max_batch, hold),
             on_failure,
             share,
             None,
@@ -211,7 +218,7 @@ impl InboxWriter {
     fn start_held(
         keyspaces: InboxKeyspaces,
         durability: Durability,
-        (max_pending, max_batch): (u64, usize),
+        (max_pending, max_batch, window): (u64, usize, Duration),
         on_failure: FailureHook,
         share: SenderShare,
         hold: Option<Arc<Mutex<()>>>,
@@ -253,6 +260,7 @@ impl InboxWriter {
             known: Map::default(),
             origins: Origins::new(MAX_ORIGINS),
             bodies: BodyLedger::default(),
+            held: HeldMessages::new(window),
             in_flight: Set::default(),
             jobs: Some(jobs),
             committed,
@@ -360,6 +368,8 @@ struct WriterState {
     origins: Origins,
     /// Reference counts of shared bodies changed by batches not yet committed.
     bodies: BodyLedger,
+    /// Messages ordered but not yet written (see `held`).
+    held: HeldMessages,
     /// (sender's id, message id) of every message in a batch not yet committed, for
     /// deduplication: the store does not show them yet.
     in_flight: Set<(UserId, MessageId)>,
@@ -377,7 +387,39 @@ struct WriterState {
 
 impl WriterState {
     fn run(&mut self, mut rx: mpsc::Receiver<Op>) {
-        while let Some(first) = rx.blocking_recv() {
+        // A clock to wait for the next operation with a deadline while messages are held.
+        let clock = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(clock) => Some(clock),
+            Err(e) => {
+                tracing::warn!(error = %e, "no timer for the inbox writer; messages are written at once");
+                self.held = HeldMessages::new(Duration::ZERO);
+                None
+            }
+        };
+        loop {
+            let first = match (self.held.deadline(), &clock) {
+                (Some(deadline), Some(clock)) => {
+                    let deadline = tokio::time::Instant::from_std(deadline);
+                    // (The timer is made inside the clock's context.)
+                    let next = clock
+                        .block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await });
+                    match next {
+                        Ok(op) => op,
+                        Err(_) => {
+                            // The oldest held message is due.
+                            self.commit(Vec::new(), false);
+                            continue;
+                        }
+                    }
+                }
+                _ => rx.blocking_recv(),
+            };
+            let Some(first) = first else {
+                break;
+            };
             let mut ops = vec![first];
             while ops.len() < self.max_batch {
                 match rx.try_recv() {
@@ -385,7 +427,11 @@ impl WriterState {
                     Err(_) => break,
                 }
             }
-            self.commit(ops);
+            self.commit(ops, false);
+        }
+        // What is still held is written before the stop.
+        if !self.held.is_empty() {
+            self.commit(Vec::new(), true);
         }
         // Every built batch is committed (and synced) before the counters are stored: the
         // committer's reports end when it has finished them all and stopped.
@@ -413,16 +459,20 @@ impl WriterState {
         }
     }
 
-    fn commit(&mut self, ops: Vec<Op>) {
-        crate::server::metrics::inbox_batch(ops.len());
-        // Only appends and unsends need the sync before their answer. A batch of acks alone
-        // (or expiry, or forgetting expired send records) is handed to the OS and made durable
-        // by the next synced batch (the journal is written in order): see
-        // [`Removal::Acknowledged`].
-        let must_sync = ops.iter().any(|op| {
+    /// Builds one batch of `ops`, with the held messages now due (all of them with
+    /// `flush_all`), and hands it to the committer.
+    fn commit(&mut self, ops: Vec<Op>, flush_all: bool) {
+        if !ops.is_empty() {
+            crate::server::metrics::inbox_batch(ops.len());
+        }
+        // Only appends written and unsends need the sync before their answer. A batch of acks
+        // alone (or expiry, forgetting expired send records, or messages acknowledged while
+        // held) is handed to the OS and made durable by the next synced batch (the journal is
+        // written in order): see [`Removal::Acknowledged`].
+        let mut must_sync = ops.iter().any(|op| {
             matches!(
                 op,
-                Op::Append(..) | Op::Remove(_, _, Removal::Unsent, _) | Op::DropInbox(..)
+                Op::Remove(_, _, Removal::Unsent, _) | Op::DropInbox(..)
             )
         });
         self.note_commits();
@@ -439,35 +489,88 @@ impl WriterState {
         // The committer chooses the durability (one sync for all the batches waiting).
         let mut batch = self.ks.db.batch().durability(Some(PersistMode::Buffer));
         let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
-        // Each stored message's hooks and its copies' places.
-        let mut hooked: Vec<(AppendHooks, Vec<Placed>)> = Vec::new();
+        // Each stored message's `ordered` hook and its copies' places.
+        let mut hooked: Vec<(PlacedHook, Vec<Placed>)> = Vec::new();
+        let mut synced: Vec<(PlacedHook, Vec<Placed>)> = Vec::new();
         let mut appended: Vec<(UserId, MessageId)> = Vec::new();
         let mut inboxes: Vec<InboxId> = Vec::with_capacity(ops.len());
-        let op_count = ops.len();
+        let mut op_count = ops.len();
         // Inboxes whose counters changed: written once per batch, not once per message. The
         // value is the first seq appended to the inbox in this batch (`u64::MAX` if none): a
         // seq from there on is only in the batch, not in the store, and cannot be removed yet.
         let mut touched: Map<InboxId, u64> =
             Map::with_capacity_and_hasher(ops.len(), Default::default());
+        let now = Instant::now();
+        // After a failed commit nothing is held (the caches are reloaded from the store), and
+        // an inbox is dropped only once the store shows all its messages.
+        let flush_all =
+            flush_all || self.failed || ops.iter().any(|op| matches!(op, Op::DropInbox(..)));
+        if flush_all {
+            let due = self.held.take_due(now, true);
+            must_sync |= !due.is_empty();
+            op_count += due.len();
+            self.write_held(
+                &mut batch,
+                &mut touched,
+                due,
+                (&mut replies, &mut synced, &mut appended, &mut inboxes),
+            );
+        }
         for op in ops {
             match op {
                 Op::Append(message, hooks, tx) => {
-                    inboxes.extend(message.targets.iter().map(|t| t.inbox));
+                    let targets: Vec<InboxId> = message.targets.iter().map(|t| t.inbox).collect();
+                    let key = (message.sender, message.message.id);
                     let wants_places = hooks.ordered.is_some() || hooks.synced.is_some();
-                    let result = self.append(
-                        &mut batch,
-                        &mut appended,
-                        &mut touched,
-                        *message,
-                        wants_places,
-                    );
-                    let result = result.map(|(appended, places)| {
-                        if let Some(places) = places {
-                            hooked.push((hooks, places));
+                    let result = self.append(&mut batch, &mut touched, *message, wants_places);
+                    let (outcome, places, staged) = match result {
+                        Ok(done) => done,
+                        Err(e) => {
+                            inboxes.extend(targets);
+                            replies.push(deferred(tx, Err(e)));
+                            continue;
                         }
-                        appended
-                    });
-                    replies.push(deferred(tx, result));
+                    };
+                    if let Some(hook) = hooks.ordered
+                        && let Some(places) = &places
+                    {
+                        hooked.push((hook, places.clone()));
+                    }
+                    let synced_hook = hooks.synced.zip(places);
+                    match staged {
+                        Some(staged) if self.held.admits(&staged) => {
+                            self.held
+                                .hold(staged, synced_hook, deferred(tx, Ok(outcome)), now);
+                        }
+                        Some(staged) => {
+                            must_sync = true;
+                            appended.push(staged.message);
+                            inboxes.extend(targets);
+                            if let Err(e) =
+                                self.write_staged(&mut batch, &mut touched, staged, false)
+                            {
+                                replies.push(deferred(tx, Err(e)));
+                                continue;
+                            }
+                            synced.extend(synced_hook);
+                            replies.push(deferred(tx, Ok(outcome)));
+                        }
+                        None => {
+                            inboxes.extend(targets);
+                            let reply = deferred(tx, Ok(outcome.clone()));
+                            // A resend of a held message is answered with it: once it is
+                            // written, or acknowledged.
+                            let reply = if outcome == Appended::Duplicate {
+                                self.held.wait_with(key, reply)
+                            } else {
+                                Some(reply)
+                            };
+                            // (Answered after this batch's commit, which follows that of any
+                            // batch writing the first copy: the duplicate is durable then.)
+                            must_sync |= reply.is_some();
+                            replies.extend(reply);
+                        }
+                    }
                 }
                 Op::Remove(id, seqs, _, tx) => {
                     let result = self.remove(&mut batch, &mut touched, id, &seqs);
@@ -488,6 +591,32 @@ impl WriterState {
                 }
             }
         }
+        // Held messages whose every copy was acknowledged: never written, only settled (the
+        // id stays a duplicate). Their senders may have `sent` now: the recipients have them.
+        let finished = self.held.take_finished();
+        crate::server::metrics::inbox_skipped(finished.len());
+        for held in finished {
+            let marker = sent_records::settled(held.staged.expires_at);
+            match marker {
+                Ok(marker) => batch.insert(&self.ks.sent, held.staged.sent_key, marker),
+                Err(e) => tracing::warn!(error = %e, "cannot settle a send record"),
+            }
+            appended.push(held.staged.message);
+            replies.extend(held.replies);
+            synced.extend(held.synced);
+        }
+        let due = self.held.take_due(now, false);
+        must_sync |= !due.is_empty();
+        op_count += due.len();
+        self.write_held(
+            &mut batch,
+            &mut touched,
+            due,
+            (&mut replies, &mut synced, &mut appended, &mut inboxes),
+        );
+        if replies.is_empty() && batch.is_empty() && hooked.is_empty() {
+            return;
+        }
         // The final count of every shared body the batch changed, once each.
         let bodies = self.bodies.take_batch(&mut batch, &self.ks);
         let mut checkpoints = Vec::new();
@@ -506,12 +635,8 @@ impl WriterState {
         }
         // The batch's order is final: let the messages go to online recipients while it is
         // committed and synced, which the committer thread does while this one goes on.
-        let mut synced: Vec<(PlacedHook, Vec<Placed>)> = Vec::with_capacity(hooked.len());
-        for (hooks, places) in hooked {
-            if let Some(hook) = hooks.ordered {
-                hook(&places);
-            }
-            synced.extend(hooks.synced.map(|hook| (hook, places)));
+        for (hook, places) in hooked {
+            hook(&places);
         }
         // Counters are recorded as stored now; if the commit fails, fjall refuses every later
         // write and the next start begins a new epoch anyway.
@@ -519,8 +644,9 @@ impl WriterState {
         for inbox in &inboxes {
             *self.inboxes_in_flight.entry(*inbox).or_default() += 1;
         }
-        let in_flight = &self.inboxes_in_flight;
-        self.shares.evict(|id| !in_flight.contains_key(&id));
+        let (in_flight, held) = (&self.inboxes_in_flight, &self.held);
+        self.shares
+            .evict(|id| !in_flight.contains_key(&id) && !held.holds_inbox(id));
         self.ops_in_flight += op_count;
         let job = Job {
             batch,
@@ -541,6 +667,42 @@ impl WriterState {
             job.replies
                 .into_iter()
                 .for_each(|reply| reply(Some(&error)));
+        }
+    }
+
+    /// Puts held messages in `batch`: the entries of their copies not removed meanwhile, and
+    /// their send records (settled if a copy was removed); their answers and `synced` hooks
+    /// wait for the batch's sync.
+    #[allow(clippy::type_complexity)]
+    fn write_held(
+        &mut self,
+        batch: &mut fjall::OwnedWriteBatch,
+        touched: &mut Map<InboxId, u64>,
+        due: Vec<held::Held>,
+        (replies, synced, appended, inboxes): (
+            &mut Vec<Reply>,
+            &mut Vec<(PlacedHook, Vec<Placed>)>,
+            &mut Vec<(UserId, MessageId)>,
+            &mut Vec<InboxId>,
+        ),
+    ) {
+        for held in due {
+            inboxes.extend(held.staged.entries.iter().map(|e| e.inbox));
+            appended.push(held.staged.message);
+            let written = self.write_staged(batch, touched, held.staged, held.removed_any);
+            match written {
+                Ok(()) => {
+                    replies.extend(held.replies);
+                    synced.extend(held.synced);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot write a held message");
+                    let error = StoreError::Limit(format!("message not stored: {e}"));
+                    for reply in held.replies {
+                        reply(Some(&error));
+                    }
+                }
+            }
         }
     }
 

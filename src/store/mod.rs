@@ -24,7 +24,7 @@ mod user_ids;
 pub use blobs::{BlobCreated, BlobDevice, BlobId, BlobQuota, BlobRecord, NewBlob};
 pub use data_dir::DataDirError;
 pub use fjall_devices::MAX_DEVICE_NAME;
-pub use fjall_store::{DEFAULT_MAX_PENDING, FjallStore, StoreOptions};
+pub use fjall_store::{DEFAULT_HOLD, DEFAULT_MAX_PENDING, FjallStore, StoreOptions};
 pub use groups::{GroupCreated, GroupMemberRecord, GroupRecord};
 pub use key_packages::{
     KeyPackageCounts, KeyPackageUpload, MAX_KEY_PACKAGES, NewKeyPackage, TakenKeyPackage,

@@ -21,6 +21,31 @@ use crate::store::shared_bodies::{
 use crate::store::user_ids::{UserId, decode_id, inbox_key, inbox_seq, sent_key};
 use crate::store::{Appended, NewMessage, Placed, SentRecord, StoreError};
 
+/// A stored message's writes, decided but not yet in a batch: its inbox entries and its send
+/// record (see [`WriterState::append`]).
+pub(super) struct Staged {
+    pub entries: Vec<StagedEntry>,
+    pub sent_key: [u8; 20],
+    /// The send record listing the copies.
+    pub record: Vec<u8>,
+    pub expires_at: u64,
+    /// A shared body of the message is in the batch already: it cannot be held.
+    pub shared: bool,
+    /// (sender's id, message id): in `in_flight` until the batch that writes it is committed.
+    pub message: (UserId, MessageId),
+}
+
+/// What [`WriterState::append`] decided: the answer, the copies' places if asked for, and
+/// the writes of a stored message.
+pub(super) type AppendOutcome = (Appended, Option<Vec<Placed>>, Option<Staged>);
+
+/// One copy's inbox entry.
+pub(super) struct StagedEntry {
+    pub inbox: InboxId,
+    pub seq: u64,
+    pub value: Vec<u8>,
+}
+
 impl WriterState {
     /// Counts the senders' shares of inbox `id` from the store, unless they are known (or not
     /// limited). The store must show every batch built for the inbox, so this waits for those
@@ -111,15 +136,16 @@ impl WriterState {
     }
 
     /// Appends every copy of a message, or none (see the module doc of the writer); with
-    /// `wants_places`, also returns where each copy went.
+    /// `wants_places`, also returns where each copy went. A stored message's inbox entries and
+    /// send record come back [`Staged`], for the caller to write now or hold (see `held`); a
+    /// shared body it needs is in `batch` already (such a message is written at once).
     pub(super) fn append(
         &mut self,
         batch: &mut OwnedWriteBatch,
-        appended: &mut Vec<(UserId, MessageId)>,
         touched: &mut Map<InboxId, u64>,
         addressed: Addressed,
         wants_places: bool,
-    ) -> Result<(Appended, Option<Vec<Placed>>), StoreError> {
+    ) -> Result<AppendOutcome, StoreError> {
         let Addressed {
             message,
             sender: sender_id,
@@ -154,7 +180,7 @@ impl WriterState {
         if self.in_flight.contains(&(sender_id, message.id))
             || self.ks.sent.contains_key(sent_key)?
         {
-            return Ok((Appended::Duplicate, None));
+            return Ok((Appended::Duplicate, None, None));
         }
         // Every copy is checked before any is placed.
         for (copy, target) in message.copies.iter().zip(&targets) {
@@ -173,7 +199,7 @@ impl WriterState {
                     recipient: copy.recipient.clone(),
                     device: copy.device,
                 };
-                return Ok((refused, None));
+                return Ok((refused, None, None));
             }
             let body_len = copy.body.len() as u64;
             if self.shares.admits(inbox, sender_id, body_len).is_err() {
@@ -181,7 +207,7 @@ impl WriterState {
                     recipient: copy.recipient.clone(),
                     device: copy.device,
                 };
-                return Ok((refused, None));
+                return Ok((refused, None, None));
             }
         }
         let mut seqs = Vec::with_capacity(targets.len());
@@ -200,6 +226,8 @@ impl WriterState {
         // Copies with equal bodies store one (see `shared_bodies`): the first writes it.
         let shares = sharing(copies.iter().map(|c| c.body.as_slice()));
         let mut first_places: Vec<Option<BodyKey>> = vec![None; copy_count];
+        let mut entries = Vec::with_capacity(copy_count);
+        let mut any_shared = false;
         for (at, (copy, target)) in copies.iter_mut().zip(&targets).enumerate() {
             let inbox = target.inbox;
             let seq = match self.next_seq.get(&inbox) {
@@ -240,6 +268,7 @@ impl WriterState {
                         + record.kind.len();
                     let record = encode_record(&record, record_len)?;
                     self.bodies.create(batch, &self.ks, key, record, count);
+                    any_shared = true;
                     if let Some(place) = first_places.get_mut(at) {
                         *place = Some(key);
                     }
@@ -281,11 +310,11 @@ impl WriterState {
                 + stored.from.as_ref().map_or(0, |from| from.as_str().len())
                 + stored.kind.as_ref().map_or(0, String::len)
                 + stored.to.as_ref().map_or(0, |to| to.as_str().len());
-            batch.insert(
-                &self.ks.inbox,
-                inbox_key(inbox, seq),
-                encode_record(&stored, stored_len)?,
-            );
+            entries.push(StagedEntry {
+                inbox,
+                seq,
+                value: encode_record(&stored, stored_len)?,
+            });
             self.next_seq.insert(inbox, seq + 1);
             let pending = self.pending.get(&inbox).copied().unwrap_or_default();
             self.pending.insert(inbox, pending + 1);
@@ -300,8 +329,8 @@ impl WriterState {
                     body: shared,
                 },
             );
-            let first = touched.entry(inbox).or_insert(u64::MAX);
-            *first = (*first).min(seq);
+            // Its counter may need a checkpoint in this batch, whenever the entry is written.
+            touched.entry(inbox).or_insert(u64::MAX);
             seqs.push(seq);
         }
         let placed = || -> Vec<Placed> {
@@ -325,11 +354,42 @@ impl WriterState {
                 expires_at,
             })?,
         };
-        batch.insert(&self.ks.sent, sent_key, record);
         let places = wants_places.then(placed);
         self.in_flight.insert((sender_id, id));
-        appended.push((sender_id, id));
-        Ok((Appended::Stored { seqs }, places))
+        let staged = Staged {
+            entries,
+            sent_key,
+            record,
+            expires_at,
+            shared: any_shared,
+            message: (sender_id, id),
+        };
+        Ok((Appended::Stored { seqs }, places, Some(staged)))
+    }
+
+    /// Puts a staged message's entries (all, or those not removed since: `settled`) and its
+    /// send record in `batch`; with `settled`, the settled marker instead of the record (a copy
+    /// left its inbox while the message was held). Marks each entry's seq in `touched` as
+    /// appended in this batch: not in the store before the batch is.
+    pub(super) fn write_staged(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        touched: &mut Map<InboxId, u64>,
+        staged: Staged,
+        settled: bool,
+    ) -> Result<(), StoreError> {
+        for entry in staged.entries {
+            batch.insert(&self.ks.inbox, inbox_key(entry.inbox, entry.seq), entry.value);
+            let first = touched.entry(entry.inbox).or_insert(u64::MAX);
+            *first = (*first).min(entry.seq);
+        }
+        let record = if settled {
+            sent_records::settled(staged.expires_at)?
+        } else {
+            staged.record
+        };
+        batch.insert(&self.ks.sent, staged.sent_key, record);
+        Ok(())
     }
 
     /// Replaces the send record of message `seq` of inbox `id`, which is being removed
@@ -441,6 +501,16 @@ impl WriterState {
         let in_batch_from = touched.get(&id).copied().unwrap_or(u64::MAX);
         for &seq in seqs {
             if !seen.insert(seq) {
+                continue;
+            }
+            // A held copy leaves without a trace: it was never written (see `held`).
+            if self.held.remove_copy(id, seq) {
+                self.origins.take(id, seq);
+                self.shares.remove(id, seq);
+                removed += 1;
+                if let Some(k) = self.known.get_mut(&id) {
+                    k.remove(seq);
+                }
                 continue;
             }
             let known = match (self.known.get(&id), next) {

@@ -37,10 +37,19 @@ fn keyspaces(dir: &std::path::Path) -> InboxKeyspaces {
 }
 
 fn start(ks: &InboxKeyspaces, hold: Option<Arc<Mutex<()>>>) -> Arc<InboxWriter> {
+    start_holding(ks, hold, Duration::ZERO)
+}
+
+/// [`start`], holding messages for `window` before they are written.
+fn start_holding(
+    ks: &InboxKeyspaces,
+    hold: Option<Arc<Mutex<()>>>,
+    window: Duration,
+) -> Arc<InboxWriter> {
     let writer = InboxWriter::start_held(
         ks.clone(),
         Durability::Buffered,
-        (1000, 1024),
+        (1000, 1024, window),
         Arc::new(|_| {}),
         SenderShare::UNLIMITED,
         hold,
@@ -307,4 +316,126 @@ async fn acks_of_uncommitted_batches_count_a_shared_body_exactly() {
         .remove(11, vec![seqs[2]], Removal::Acknowledged)
         .await;
     assert_eq!(removed.unwrap(), 0);
+}
+
+/// A message whose copy is acknowledged while it is held is never written: no entry, no
+/// tombstone; its send record is the settled marker at once, and its append is answered
+/// with the ack, long before the window ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_acknowledged_while_held_is_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = keyspaces(dir.path());
+    let writer = start_holding(&ks, None, Duration::from_secs(60));
+    let wait = Duration::from_secs(5);
+    let (mut ordered, appending) = append(&writer, 1);
+    let seq = tokio::time::timeout(wait, ordered.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!appending.is_finished(), "held: neither written nor acknowledged");
+    assert!(record(&ks, 1).is_none());
+    let removed = writer.remove(BOB, vec![seq], Removal::Acknowledged).await;
+    assert_eq!(removed.unwrap(), 1);
+    let stored = tokio::time::timeout(wait, appending).await.unwrap();
+    assert_eq!(stored.unwrap().unwrap(), Appended::Stored { seqs: vec![seq] });
+    assert_eq!(ks.inbox.iter().count(), 0, "never written");
+    assert_eq!(record(&ks, 1).unwrap(), sent_records::settled(EXPIRES).unwrap());
+    // Still a duplicate, and a second ack finds nothing.
+    let (_, again) = append(&writer, 1);
+    assert_eq!(again.await.unwrap().unwrap(), Appended::Duplicate);
+    let removed = writer.remove(BOB, vec![seq], Removal::Acknowledged).await;
+    assert_eq!(removed.unwrap(), 0);
+    // The seq is not given out again.
+    assert!(stored_seq_after(&writer, 2, seq).await);
+}
+
+async fn stored_seq_after(writer: &Arc<InboxWriter>, n: u8, after: u64) -> bool {
+    let (mut ordered, appending) = append(writer, n);
+    let seq = ordered.recv().await.unwrap();
+    let removed = writer.remove(BOB, vec![seq], Removal::Acknowledged).await;
+    assert_eq!(removed.unwrap(), 1);
+    appending.await.unwrap().unwrap();
+    seq > after
+}
+
+/// A message nobody acknowledges is written once its window ends, and only then answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_message_is_written_when_its_window_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = keyspaces(dir.path());
+    let window = Duration::from_millis(200);
+    let writer = start_holding(&ks, None, window);
+    let started = std::time::Instant::now();
+    let seq = stored(&writer, 1).await;
+    assert!(started.elapsed() >= window, "answered before its window ended");
+    assert_eq!(ks.inbox.iter().count(), 1);
+    assert!(
+        sent_records::pending_record(&record(&ks, 1).unwrap())
+            .unwrap()
+            .is_some()
+    );
+    // Acknowledged now, from the store as usual.
+    let removed = writer.remove(BOB, vec![seq], Removal::Acknowledged).await;
+    assert_eq!(removed.unwrap(), 1);
+    assert_eq!(ks.inbox.iter().count(), 0);
+}
+
+/// A message of two copies with one acknowledged while held: the other copy is written with
+/// the settled marker (not a record naming the acknowledged copy); a resend meanwhile is
+/// answered only once the message is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_acknowledged_message_writes_the_rest_and_a_resend_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = keyspaces(dir.path());
+    let window = Duration::from_millis(300);
+    let writer = start_holding(&ks, None, window);
+    let mut two = message(1);
+    two.message.copies.push(crate::store::Copy {
+        recipient: Username::parse("bob").unwrap(),
+        device: 2,
+        body: vec![2; 100],
+    });
+    two.targets.push(super::Target {
+        user: BOB,
+        inbox: 10,
+    });
+    let (tx, mut ordered) = unbounded_channel();
+    let hooks = AppendHooks {
+        ordered: Some(Box::new(move |placed: &[crate::store::Placed]| {
+            let _ = tx.send(placed.iter().map(|p| p.seq).collect::<Vec<_>>());
+        })),
+        synced: None,
+    };
+    let started = std::time::Instant::now();
+    let appending = {
+        let writer = Arc::clone(&writer);
+        tokio::spawn(async move { writer.append(two, hooks).await })
+    };
+    let seqs = ordered.recv().await.unwrap();
+    let removed = writer.remove(BOB, vec![seqs[0]], Removal::Acknowledged).await;
+    assert_eq!(removed.unwrap(), 1);
+    let resend = {
+        let writer = Arc::clone(&writer);
+        tokio::spawn(async move { writer.append(message(1), AppendHooks::default()).await })
+    };
+    assert!(matches!(
+        appending.await.unwrap().unwrap(),
+        Appended::Stored { .. }
+    ));
+    assert_eq!(resend.await.unwrap().unwrap(), Appended::Duplicate);
+    assert!(started.elapsed() >= window, "answered before the copy left was written");
+    let keys: Vec<Vec<u8>> = ks
+        .inbox
+        .iter()
+        .map(|e| e.key().unwrap().to_vec())
+        .collect();
+    assert_eq!(
+        keys,
+        vec![crate::store::user_ids::inbox_key(10, seqs[1]).to_vec()],
+        "only the copy not acknowledged"
+    );
+    assert_eq!(record(&ks, 1).unwrap(), sent_records::settled(EXPIRES).unwrap());
+    let removed = writer.remove(10, vec![seqs[1]], Removal::Acknowledged).await;
+    assert_eq!(removed.unwrap(), 1);
+    assert_eq!(ks.inbox.iter().count(), 0);
 }

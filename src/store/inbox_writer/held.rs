@@ -1,0 +1,200 @@
+//! Messages the writer has ordered but not yet written: *held* for a short window in the hope
+//! that every copy is acknowledged first, in which case the message is never written at all
+//! (no inbox entries, no tombstones, no sync; only the settled marker that keeps its id a
+//! duplicate). A held message has its seqs, counts in its inboxes' pending counts and senders'
+//! shares, and has gone to its online recipients like any other; what it lacks is the write,
+//! and so its sender's `sent`, which waits for the disk or for the last copy's
+//! acknowledgement, whichever comes first.
+//!
+//! The window is bounded in time (the store's `hold` option) and in size ([`MAX_HELD`]
+//! messages, [`MAX_HELD_BYTES`] of entries): a message that does not fit is written at once.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::apply::Staged;
+use super::committer::Reply;
+use super::{Map, MessageId};
+use crate::store::devices::InboxId;
+use crate::store::user_ids::UserId;
+use crate::store::{Placed, PlacedHook};
+
+/// Messages held at most; one more is written at once.
+pub(super) const MAX_HELD: usize = 4096;
+/// Bytes of inbox entries held at most; a message that would pass it is written at once.
+pub(super) const MAX_HELD_BYTES: usize = 16 << 20;
+
+/// One held message.
+pub(super) struct Held {
+    taken: Instant,
+    /// Its writes; entries leave as their copies are removed.
+    pub staged: Staged,
+    /// A copy was removed (acknowledged, unsent, expired) while held: the send record is
+    /// written settled.
+    pub removed_any: bool,
+    /// Its `synced` hook with the copies' places, called once it is written and synced, or
+    /// once every copy is acknowledged.
+    pub synced: Option<(PlacedHook, Vec<Placed>)>,
+    /// The answers waiting for it: its append's, and any resend's meanwhile.
+    pub replies: Vec<Reply>,
+    bytes: usize,
+}
+
+/// The held messages, oldest first, with indexes by copy and by message.
+pub(super) struct HeldMessages {
+    window: Duration,
+    by_token: BTreeMap<u64, Held>,
+    copies: Map<(InboxId, u64), u64>,
+    messages: Map<(UserId, MessageId), u64>,
+    /// How many held entries each inbox has.
+    inboxes: Map<InboxId, usize>,
+    /// Messages whose every copy was removed while held: to settle, never to write.
+    finished: Vec<Held>,
+    next_token: u64,
+    bytes: usize,
+}
+
+impl HeldMessages {
+    /// Holds nothing when `window` is zero.
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            by_token: BTreeMap::new(),
+            copies: Map::default(),
+            messages: Map::default(),
+            inboxes: Map::default(),
+            finished: Vec::new(),
+            next_token: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Whether `staged` may be held (the window is on, it has no shared body, it fits).
+    pub fn admits(&self, staged: &Staged) -> bool {
+        !self.window.is_zero()
+            && !staged.shared
+            && self.by_token.len() < MAX_HELD
+            && self.bytes + entry_bytes(staged) <= MAX_HELD_BYTES
+    }
+
+    pub fn hold(
+        &mut self,
+        staged: Staged,
+        synced: Option<(PlacedHook, Vec<Placed>)>,
+        reply: Reply,
+        now: Instant,
+    ) {
+        let token = self.next_token;
+        self.next_token += 1;
+        for entry in &staged.entries {
+            self.copies.insert((entry.inbox, entry.seq), token);
+            *self.inboxes.entry(entry.inbox).or_default() += 1;
+        }
+        self.messages.insert(staged.message, token);
+        let bytes = entry_bytes(&staged);
+        self.bytes += bytes;
+        self.by_token.insert(
+            token,
+            Held {
+                taken: now,
+                staged,
+                removed_any: false,
+                synced,
+                replies: vec![reply],
+                bytes,
+            },
+        );
+    }
+
+    /// Adds a resend's answer to its held message; gives it back if the message is not held.
+    pub fn wait_with(&mut self, message: (UserId, MessageId), reply: Reply) -> Option<Reply> {
+        match self
+            .messages
+            .get(&message)
+            .and_then(|token| self.by_token.get_mut(token))
+        {
+            Some(held) => {
+                held.replies.push(reply);
+                None
+            }
+            None => Some(reply),
+        }
+    }
+
+    /// Removes the held copy `seq` of inbox `id`, if there is one (`false` otherwise). The
+    /// message's last copy moves it to the finished ones ([`Self::take_finished`]).
+    pub fn remove_copy(&mut self, id: InboxId, seq: u64) -> bool {
+        let Some(token) = self.copies.remove(&(id, seq)) else {
+            return false;
+        };
+        self.forget_inbox_entry(id);
+        let Some(held) = self.by_token.get_mut(&token) else {
+            return true;
+        };
+        held.staged
+            .entries
+            .retain(|e| !(e.inbox == id && e.seq == seq));
+        held.removed_any = true;
+        if held.staged.entries.is_empty()
+            && let Some(held) = self.by_token.remove(&token)
+        {
+            self.messages.remove(&held.staged.message);
+            self.bytes = self.bytes.saturating_sub(held.bytes);
+            self.finished.push(held);
+        }
+        true
+    }
+
+    /// The messages whose every copy was removed while held.
+    pub fn take_finished(&mut self) -> Vec<Held> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// The messages to write now: those held for the whole window by `now`, or all of them.
+    pub fn take_due(&mut self, now: Instant, all: bool) -> Vec<Held> {
+        let mut due = Vec::new();
+        while let Some(entry) = self.by_token.first_entry() {
+            if !all && now.saturating_duration_since(entry.get().taken) < self.window {
+                break;
+            }
+            let held = entry.remove();
+            for e in &held.staged.entries {
+                self.copies.remove(&(e.inbox, e.seq));
+                self.forget_inbox_entry(e.inbox);
+            }
+            self.messages.remove(&held.staged.message);
+            self.bytes = self.bytes.saturating_sub(held.bytes);
+            due.push(held);
+        }
+        due
+    }
+
+    /// When the oldest held message is due, if any is held.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.by_token
+            .first_key_value()
+            .map(|(_, held)| held.taken + self.window)
+    }
+
+    /// Whether inbox `id` has held entries (the store does not show them).
+    pub fn holds_inbox(&self, id: InboxId) -> bool {
+        self.inboxes.contains_key(&id)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_token.is_empty() && self.finished.is_empty()
+    }
+
+    fn forget_inbox_entry(&mut self, id: InboxId) {
+        if let Some(n) = self.inboxes.get_mut(&id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.inboxes.remove(&id);
+            }
+        }
+    }
+}
+
+fn entry_bytes(staged: &Staged) -> usize {
+    staged.entries.iter().map(|e| e.value.len()).sum::<usize>() + staged.record.len()
+}
