@@ -47,9 +47,10 @@ pub const DEFAULT_MESSAGE_TTL_SECS: u64 = 7 * 24 * 3600;
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = crate::e2e::MAX_ENVELOPE_LEN as u64;
 /// Default largest group message body (docs/PROTOCOL.md 5.7): a commit with its welcome.
 pub const DEFAULT_MAX_GROUP_MESSAGE_BYTES: u64 = 1 << 20;
-/// Longest `write_hold_ms` accepted: the window holds messages in memory and delays the
-/// `sent` of those not acknowledged in it.
-pub const MAX_WRITE_HOLD_MS: u64 = 1000;
+/// Longest `write_hold_ms` accepted (a minute): the window holds messages in memory and
+/// delays the `sent` of those not acknowledged in it; more than tens of milliseconds only
+/// makes sense in tests.
+pub const MAX_WRITE_HOLD_MS: u64 = 60_000;
 /// Default pending messages one sender may hold in one inbox: a tenth of the default inbox,
 /// so one account cannot fill someone's inbox and lock everyone else out.
 pub const DEFAULT_MAX_PENDING_PER_SENDER: u64 = DEFAULT_MAX_PENDING / 10;

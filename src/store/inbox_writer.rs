@@ -469,12 +469,9 @@ impl WriterState {
         // alone (or expiry, forgetting expired send records, or messages acknowledged while
         // held) is handed to the OS and made durable by the next synced batch (the journal is
         // written in order): see [`Removal::Acknowledged`].
-        let mut must_sync = ops.iter().any(|op| {
-            matches!(
-                op,
-                Op::Remove(_, _, Removal::Unsent, _) | Op::DropInbox(..)
-            )
-        });
+        let mut must_sync = ops
+            .iter()
+            .any(|op| matches!(op, Op::Remove(_, _, Removal::Unsent, _) | Op::DropInbox(..)));
         self.note_commits();
         if self.jobs.is_none() {
             // The committer is gone: nothing can be stored. Dropping the operations answers

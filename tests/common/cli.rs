@@ -78,7 +78,12 @@ impl ServerProcess {
 
     /// Starts the server on `listen` (a restart on the same address when reused).
     pub async fn start_on(dir: &Path, listen: &str) -> Self {
-        let mut child = server_command(dir, listen).spawn().unwrap();
+        Self::start_with_args(dir, listen, &[]).await
+    }
+
+    /// [`Self::start_on`], with more arguments for the server.
+    pub async fn start_with_args(dir: &Path, listen: &str, args: &[&str]) -> Self {
+        let mut child = server_command(dir, listen).args(args).spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let log = Arc::new(Mutex::new(Vec::new()));
         let addr = tokio::time::timeout(Duration::from_secs(30), async {

@@ -379,7 +379,11 @@ impl WriterState {
         settled: bool,
     ) -> Result<(), StoreError> {
         for entry in staged.entries {
-            batch.insert(&self.ks.inbox, inbox_key(entry.inbox, entry.seq), entry.value);
+            batch.insert(
+                &self.ks.inbox,
+                inbox_key(entry.inbox, entry.seq),
+                entry.value,
+            );
             let first = touched.entry(entry.inbox).or_insert(u64::MAX);
             *first = (*first).min(entry.seq);
         }

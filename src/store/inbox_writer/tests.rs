@@ -332,14 +332,23 @@ async fn a_message_acknowledged_while_held_is_never_written() {
         .await
         .unwrap()
         .unwrap();
-    assert!(!appending.is_finished(), "held: neither written nor acknowledged");
+    assert!(
+        !appending.is_finished(),
+        "held: neither written nor acknowledged"
+    );
     assert!(record(&ks, 1).is_none());
     let removed = writer.remove(BOB, vec![seq], Removal::Acknowledged).await;
     assert_eq!(removed.unwrap(), 1);
     let stored = tokio::time::timeout(wait, appending).await.unwrap();
-    assert_eq!(stored.unwrap().unwrap(), Appended::Stored { seqs: vec![seq] });
+    assert_eq!(
+        stored.unwrap().unwrap(),
+        Appended::Stored { seqs: vec![seq] }
+    );
     assert_eq!(ks.inbox.iter().count(), 0, "never written");
-    assert_eq!(record(&ks, 1).unwrap(), sent_records::settled(EXPIRES).unwrap());
+    assert_eq!(
+        record(&ks, 1).unwrap(),
+        sent_records::settled(EXPIRES).unwrap()
+    );
     // Still a duplicate, and a second ack finds nothing.
     let (_, again) = append(&writer, 1);
     assert_eq!(again.await.unwrap().unwrap(), Appended::Duplicate);
@@ -367,7 +376,10 @@ async fn a_held_message_is_written_when_its_window_ends() {
     let writer = start_holding(&ks, None, window);
     let started = std::time::Instant::now();
     let seq = stored(&writer, 1).await;
-    assert!(started.elapsed() >= window, "answered before its window ended");
+    assert!(
+        started.elapsed() >= window,
+        "answered before its window ended"
+    );
     assert_eq!(ks.inbox.iter().count(), 1);
     assert!(
         sent_records::pending_record(&record(&ks, 1).unwrap())
@@ -412,7 +424,9 @@ async fn a_partly_acknowledged_message_writes_the_rest_and_a_resend_waits_for_it
         tokio::spawn(async move { writer.append(two, hooks).await })
     };
     let seqs = ordered.recv().await.unwrap();
-    let removed = writer.remove(BOB, vec![seqs[0]], Removal::Acknowledged).await;
+    let removed = writer
+        .remove(BOB, vec![seqs[0]], Removal::Acknowledged)
+        .await;
     assert_eq!(removed.unwrap(), 1);
     let resend = {
         let writer = Arc::clone(&writer);
@@ -423,19 +437,23 @@ async fn a_partly_acknowledged_message_writes_the_rest_and_a_resend_waits_for_it
         Appended::Stored { .. }
     ));
     assert_eq!(resend.await.unwrap().unwrap(), Appended::Duplicate);
-    assert!(started.elapsed() >= window, "answered before the copy left was written");
-    let keys: Vec<Vec<u8>> = ks
-        .inbox
-        .iter()
-        .map(|e| e.key().unwrap().to_vec())
-        .collect();
+    assert!(
+        started.elapsed() >= window,
+        "answered before the copy left was written"
+    );
+    let keys: Vec<Vec<u8>> = ks.inbox.iter().map(|e| e.key().unwrap().to_vec()).collect();
     assert_eq!(
         keys,
         vec![crate::store::user_ids::inbox_key(10, seqs[1]).to_vec()],
         "only the copy not acknowledged"
     );
-    assert_eq!(record(&ks, 1).unwrap(), sent_records::settled(EXPIRES).unwrap());
-    let removed = writer.remove(10, vec![seqs[1]], Removal::Acknowledged).await;
+    assert_eq!(
+        record(&ks, 1).unwrap(),
+        sent_records::settled(EXPIRES).unwrap()
+    );
+    let removed = writer
+        .remove(10, vec![seqs[1]], Removal::Acknowledged)
+        .await;
     assert_eq!(removed.unwrap(), 1);
     assert_eq!(ks.inbox.iter().count(), 0);
 }
