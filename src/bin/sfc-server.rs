@@ -118,7 +118,7 @@ struct Cli {
     durability: Option<Durability>,
     /// Milliseconds a message waits in memory for its recipients' acknowledgements before it
     /// is written; one acknowledged by then is never written (0 = write at once, at most
-    /// 60000) [default: 5]
+    /// 60000) [default: 20]
     #[arg(long, env = "SFC_WRITE_HOLD_MS")]
     write_hold_ms: Option<u64>,
     /// Serve Prometheus metrics over HTTP on this TCP address (an admin address: keep it off

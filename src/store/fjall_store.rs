@@ -49,7 +49,7 @@ pub const DEFAULT_MAX_PENDING: u64 = 10_000;
 
 /// How long a message waits in memory for its acknowledgements before it is written, by
 /// default (see [`StoreOptions::hold`]).
-pub const DEFAULT_HOLD: Duration = Duration::from_millis(5);
+pub const DEFAULT_HOLD: Duration = Duration::from_millis(20);
 
 /// Tunables of the fjall store.
 #[derive(Debug, Clone, Copy)]
