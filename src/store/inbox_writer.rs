@@ -228,8 +228,10 @@ impl InboxWriter {
         let (jobs, jobs_rx) = std_mpsc::sync_channel(JOBS_IN_FLIGHT);
         let (committed_tx, committed) = std_mpsc::channel();
         let commit_failed = Arc::new(AtomicBool::new(false));
+        let direct = hold.is_none();
         let committer = {
             let (db, failed) = (keyspaces.db.clone(), Arc::clone(&commit_failed));
+            let on_failure = Arc::clone(&on_failure);
             std::thread::Builder::new()
                 .name("sfc-inbox-commit".into())
                 .spawn(move || {
@@ -265,6 +267,9 @@ impl InboxWriter {
             jobs: Some(jobs),
             committed,
             commit_failed,
+            on_failure,
+            direct,
+            jobs_in_flight: 0,
             ops_in_flight: 0,
             inboxes_in_flight: Map::default(),
         };
@@ -379,6 +384,13 @@ struct WriterState {
     committed: std_mpsc::Receiver<Committed>,
     /// Set by the committer when a commit or a sync fails, or when it panics.
     commit_failed: Arc<AtomicBool>,
+    /// Told of a batch this thread could not commit itself (see `committer`).
+    on_failure: FailureHook,
+    /// Whether this thread may commit a batch that needs no sync itself, when no other batch
+    /// is on its way to the committer (not while a test holds the committer).
+    direct: bool,
+    /// Batches handed to the committer and not yet reported committed.
+    jobs_in_flight: usize,
     /// Operations in built batches not yet committed.
     ops_in_flight: usize,
     /// Inboxes with appends or removals in built batches not yet committed (how many).
@@ -638,6 +650,15 @@ impl WriterState {
         // Counters are recorded as stored now; if the commit fails, fjall refuses every later
         // write and the next start begins a new epoch anyway.
         self.stored_seq.extend(checkpoints);
+        // Messages only held: nothing to commit, nobody to answer.
+        if batch.is_empty()
+            && replies.is_empty()
+            && synced.is_empty()
+            && appended.is_empty()
+            && inboxes.is_empty()
+        {
+            return;
+        }
         for inbox in &inboxes {
             *self.inboxes_in_flight.entry(*inbox).or_default() += 1;
         }
@@ -655,9 +676,17 @@ impl WriterState {
             bodies,
             ops: op_count,
         };
+        // A batch that needs no sync (acks, messages acknowledged while held), with no other
+        // on its way to the committer, is committed here: no hand-off to another thread, and
+        // the order of commits stays that of the batches.
+        if self.direct && !must_sync && self.jobs_in_flight == 0 {
+            self.commit_here(job);
+            return;
+        }
         let Some(jobs) = &self.jobs else {
             return;
         };
+        self.jobs_in_flight += 1;
         if let Err(std_mpsc::SendError(job)) = jobs.send(job) {
             self.committer_gone();
             let error = StoreError::WriterStopped;
@@ -726,7 +755,38 @@ impl WriterState {
         self.note_commits();
     }
 
+    /// Commits `job` (which needs no sync) on this thread and answers it: what the committer
+    /// would do with it, without waking it.
+    fn commit_here(&mut self, job: Job) {
+        let error = if job.batch.is_empty() {
+            None
+        } else {
+            job.batch.commit().err()
+        };
+        if let Some(e) = &error {
+            self.commit_failed.store(true, Ordering::SeqCst);
+            (self.on_failure)(e);
+        }
+        self.jobs_in_flight += 1;
+        self.take_note(Committed {
+            appended: job.appended,
+            inboxes: job.inboxes,
+            bodies: job.bodies,
+            ops: job.ops,
+        });
+        let error = error.map(StoreError::Engine);
+        if error.is_none() {
+            for (hook, places) in job.synced {
+                hook(&places);
+            }
+        }
+        for reply in job.replies {
+            reply(error.as_ref());
+        }
+    }
+
     fn take_note(&mut self, done: Committed) {
+        self.jobs_in_flight = self.jobs_in_flight.saturating_sub(1);
         for key in done.appended {
             self.in_flight.remove(&key);
         }
