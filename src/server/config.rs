@@ -265,7 +265,7 @@ pub struct ConfigLayer {
     pub max_pending: Option<u64>,
     /// `sync` or `buffered`.
     pub durability: Option<Durability>,
-    /// Milliseconds a message waits for its acknowledgements before it is written (0 to 1000).
+    /// Milliseconds a message waits for its acknowledgements before it is written (0 to 60000).
     pub write_hold_ms: Option<u64>,
     /// Prometheus metrics address (`IP:PORT`, TCP).
     pub metrics: Option<String>,

@@ -57,7 +57,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fjall::{Database, Keyspace, PersistMode};
 use tokio::sync::{mpsc, oneshot};
@@ -66,12 +66,11 @@ use super::devices::InboxId;
 use super::sender_shares::{SenderShare, SenderShares};
 use super::shared_bodies::BodyLedger;
 use super::user_ids::UserId;
-use super::{
-    AppendHooks, Appended, Durability, Placed, PlacedHook, Removal, StoreError, sent_records,
-};
+use super::{AppendHooks, Appended, Durability, Removal, StoreError};
 use crate::protocol::{MessageId, Username};
 
 mod apply;
+mod batch;
 mod caches;
 mod committer;
 mod counters;
@@ -81,7 +80,7 @@ mod ops;
 mod tests;
 
 use caches::{KnownPending, MAX_ORIGINS, Origins};
-use committer::{Committed, Job, Reply, deferred, run_committer};
+use committer::{Committed, Job, run_committer};
 pub(super) use counters::counter_key;
 use counters::{mark_running, seq_value};
 use held::HeldMessages;
@@ -471,267 +470,6 @@ impl WriterState {
         }
     }
 
-    /// Builds one batch of `ops`, with the held messages now due (all of them with
-    /// `flush_all`), and hands it to the committer.
-    fn commit(&mut self, ops: Vec<Op>, flush_all: bool) {
-        if !ops.is_empty() {
-            crate::server::metrics::inbox_batch(ops.len());
-        }
-        // Only appends written and unsends need the sync before their answer. A batch of acks
-        // alone (or expiry, forgetting expired send records, or messages acknowledged while
-        // held) is handed to the OS and made durable by the next synced batch (the journal is
-        // written in order): see [`Removal::Acknowledged`].
-        let mut must_sync = ops
-            .iter()
-            .any(|op| matches!(op, Op::Remove(_, _, Removal::Unsent, _) | Op::DropInbox(..)));
-        self.note_commits();
-        if self.jobs.is_none() {
-            // The committer is gone: nothing can be stored. Dropping the operations answers
-            // their callers with `WriterStopped`.
-            return;
-        }
-        while self.ops_in_flight > 0 && self.ops_in_flight + ops.len() > MAX_OPS_IN_FLIGHT {
-            if !self.wait_for_commit() {
-                return;
-            }
-        }
-        // The committer chooses the durability (one sync for all the batches waiting).
-        let mut batch = self.ks.db.batch().durability(Some(PersistMode::Buffer));
-        let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
-        // Each stored message's `ordered` hook and its copies' places.
-        let mut hooked: Vec<(PlacedHook, Vec<Placed>)> = Vec::new();
-        let mut synced: Vec<(PlacedHook, Vec<Placed>)> = Vec::new();
-        let mut appended: Vec<(UserId, MessageId)> = Vec::new();
-        let mut inboxes: Vec<InboxId> = Vec::with_capacity(ops.len());
-        let mut op_count = ops.len();
-        // Inboxes whose counters changed: written once per batch, not once per message. The
-        // value is the first seq appended to the inbox in this batch (`u64::MAX` if none): a
-        // seq from there on is only in the batch, not in the store, and cannot be removed yet.
-        let mut touched: Map<InboxId, u64> =
-            Map::with_capacity_and_hasher(ops.len(), Default::default());
-        let now = Instant::now();
-        // After a failed commit nothing is held (the caches are reloaded from the store), and
-        // an inbox is dropped only once the store shows all its messages.
-        let flush_all =
-            flush_all || self.failed || ops.iter().any(|op| matches!(op, Op::DropInbox(..)));
-        if flush_all {
-            let due = self.held.take_due(now, true);
-            must_sync |= !due.is_empty();
-            op_count += due.len();
-            self.write_held(
-                &mut batch,
-                &mut touched,
-                due,
-                (&mut replies, &mut synced, &mut appended, &mut inboxes),
-            );
-        }
-        for op in ops {
-            match op {
-                Op::Append(message, hooks, tx) => {
-                    let targets: Vec<InboxId> = message.targets.iter().map(|t| t.inbox).collect();
-                    let key = (message.sender, message.message.id);
-                    let wants_places = hooks.ordered.is_some() || hooks.synced.is_some();
-                    let result = self.append(&mut batch, &mut touched, *message, wants_places);
-                    let (outcome, places, staged) = match result {
-                        Ok(done) => done,
-                        Err(e) => {
-                            inboxes.extend(targets);
-                            replies.push(deferred(tx, Err(e)));
-                            continue;
-                        }
-                    };
-                    if let Some(hook) = hooks.ordered
-                        && let Some(places) = &places
-                    {
-                        hooked.push((hook, places.clone()));
-                    }
-                    let synced_hook = hooks.synced.zip(places);
-                    match staged {
-                        Some(staged) if self.held.admits(&staged) => {
-                            self.held
-                                .hold(staged, synced_hook, deferred(tx, Ok(outcome)), now);
-                        }
-                        Some(staged) => {
-                            must_sync = true;
-                            appended.push(staged.message);
-                            inboxes.extend(targets);
-                            if let Err(e) =
-                                self.write_staged(&mut batch, &mut touched, staged, false)
-                            {
-                                replies.push(deferred(tx, Err(e)));
-                                continue;
-                            }
-                            synced.extend(synced_hook);
-                            replies.push(deferred(tx, Ok(outcome)));
-                        }
-                        None => {
-                            inboxes.extend(targets);
-                            let reply = deferred(tx, Ok(outcome.clone()));
-                            // A resend of a held message is answered with it: once it is
-                            // written, or acknowledged.
-                            let reply = if outcome == Appended::Duplicate {
-                                self.held.wait_with(key, reply)
-                            } else {
-                                Some(reply)
-                            };
-                            // (Answered after this batch's commit, which follows that of any
-                            // batch writing the first copy: the duplicate is durable then.)
-                            must_sync |= reply.is_some();
-                            replies.extend(reply);
-                        }
-                    }
-                }
-                Op::Remove(id, seqs, _, tx) => {
-                    let result = self.remove(&mut batch, &mut touched, id, &seqs);
-                    inboxes.push(id);
-                    replies.push(deferred(tx, result));
-                }
-                Op::DropInbox(drop, tx) => {
-                    inboxes.push(drop.inbox);
-                    let result = self.drop_inbox(&mut batch, &touched, drop);
-                    replies.push(deferred(tx, result));
-                }
-                Op::ForgetSent(keys, tx) => {
-                    let count = keys.len() as u64;
-                    for key in keys {
-                        batch.remove(&self.ks.sent, key);
-                    }
-                    replies.push(deferred(tx, Ok(count)));
-                }
-            }
-        }
-        // Held messages whose every copy was acknowledged: never written, only settled (the
-        // id stays a duplicate). Their senders may have `sent` now: the recipients have them.
-        let finished = self.held.take_finished();
-        crate::server::metrics::inbox_skipped(finished.len());
-        for held in finished {
-            let marker = sent_records::settled(held.staged.expires_at);
-            match marker {
-                Ok(marker) => batch.insert(&self.ks.sent, held.staged.sent_key, marker),
-                Err(e) => tracing::warn!(error = %e, "cannot settle a send record"),
-            }
-            appended.push(held.staged.message);
-            replies.extend(held.replies);
-            synced.extend(held.synced);
-        }
-        let due = self.held.take_due(now, false);
-        must_sync |= !due.is_empty();
-        op_count += due.len();
-        self.write_held(
-            &mut batch,
-            &mut touched,
-            due,
-            (&mut replies, &mut synced, &mut appended, &mut inboxes),
-        );
-        if replies.is_empty() && batch.is_empty() && hooked.is_empty() {
-            return;
-        }
-        // The final count of every shared body the batch changed, once each.
-        let bodies = self.bodies.take_batch(&mut batch, &self.ks);
-        let mut checkpoints = Vec::new();
-        for id in touched.into_keys() {
-            let (Some(&next), Some(&stored), Some(counter)) = (
-                self.next_seq.get(&id),
-                self.stored_seq.get(&id),
-                self.names.get(&id),
-            ) else {
-                continue;
-            };
-            if next.saturating_sub(stored) >= SEQ_CHECKPOINT {
-                batch.insert(&self.ks.meta, counter.clone(), seq_value(next, self.epoch));
-                checkpoints.push((id, next));
-            }
-        }
-        // The batch's order is final: let the messages go to online recipients while it is
-        // committed and synced, which the committer thread does while this one goes on.
-        for (hook, places) in hooked {
-            hook(&places);
-        }
-        // Counters are recorded as stored now; if the commit fails, fjall refuses every later
-        // write and the next start begins a new epoch anyway.
-        self.stored_seq.extend(checkpoints);
-        // Messages only held: nothing to commit, nobody to answer.
-        if batch.is_empty()
-            && replies.is_empty()
-            && synced.is_empty()
-            && appended.is_empty()
-            && inboxes.is_empty()
-        {
-            return;
-        }
-        for inbox in &inboxes {
-            *self.inboxes_in_flight.entry(*inbox).or_default() += 1;
-        }
-        let (in_flight, held) = (&self.inboxes_in_flight, &self.held);
-        self.shares
-            .evict(|id| !in_flight.contains_key(&id) && !held.holds_inbox(id));
-        self.ops_in_flight += op_count;
-        let job = Job {
-            batch,
-            must_sync,
-            synced,
-            replies,
-            appended,
-            inboxes,
-            bodies,
-            ops: op_count,
-        };
-        // A batch that needs no sync (acks, messages acknowledged while held), with no other
-        // on its way to the committer, is committed here: no hand-off to another thread, and
-        // the order of commits stays that of the batches.
-        if self.direct && !must_sync && self.jobs_in_flight == 0 {
-            self.commit_here(job);
-            return;
-        }
-        let Some(jobs) = &self.jobs else {
-            return;
-        };
-        self.jobs_in_flight += 1;
-        if let Err(std_mpsc::SendError(job)) = jobs.send(job) {
-            self.committer_gone();
-            let error = StoreError::WriterStopped;
-            job.replies
-                .into_iter()
-                .for_each(|reply| reply(Some(&error)));
-        }
-    }
-
-    /// Puts held messages in `batch`: the entries of their copies not removed meanwhile, and
-    /// their send records (settled if a copy was removed); their answers and `synced` hooks
-    /// wait for the batch's sync.
-    #[allow(clippy::type_complexity)]
-    fn write_held(
-        &mut self,
-        batch: &mut fjall::OwnedWriteBatch,
-        touched: &mut Map<InboxId, u64>,
-        due: Vec<held::Held>,
-        (replies, synced, appended, inboxes): (
-            &mut Vec<Reply>,
-            &mut Vec<(PlacedHook, Vec<Placed>)>,
-            &mut Vec<(UserId, MessageId)>,
-            &mut Vec<InboxId>,
-        ),
-    ) {
-        for held in due {
-            inboxes.extend(held.staged.entries.iter().map(|e| e.inbox));
-            appended.push(held.staged.message);
-            let written = self.write_staged(batch, touched, held.staged, held.removed_any);
-            match written {
-                Ok(()) => {
-                    replies.extend(held.replies);
-                    synced.extend(held.synced);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot write a held message");
-                    let error = StoreError::Limit(format!("message not stored: {e}"));
-                    for reply in held.replies {
-                        reply(Some(&error));
-                    }
-                }
-            }
-        }
-    }
-
     /// Blocks until the committer reports a batch; `false` if it is gone.
     fn wait_for_commit(&mut self) -> bool {
         match self.committed.recv() {
@@ -753,36 +491,6 @@ impl WriterState {
         self.commit_failed.store(true, Ordering::SeqCst);
         self.jobs = None;
         self.note_commits();
-    }
-
-    /// Commits `job` (which needs no sync) on this thread and answers it: what the committer
-    /// would do with it, without waking it.
-    fn commit_here(&mut self, job: Job) {
-        let error = if job.batch.is_empty() {
-            None
-        } else {
-            job.batch.commit().err()
-        };
-        if let Some(e) = &error {
-            self.commit_failed.store(true, Ordering::SeqCst);
-            (self.on_failure)(e);
-        }
-        self.jobs_in_flight += 1;
-        self.take_note(Committed {
-            appended: job.appended,
-            inboxes: job.inboxes,
-            bodies: job.bodies,
-            ops: job.ops,
-        });
-        let error = error.map(StoreError::Engine);
-        if error.is_none() {
-            for (hook, places) in job.synced {
-                hook(&places);
-            }
-        }
-        for reply in job.replies {
-            reply(error.as_ref());
-        }
     }
 
     fn take_note(&mut self, done: Committed) {

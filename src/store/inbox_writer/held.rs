@@ -181,6 +181,16 @@ impl HeldMessages {
         self.inboxes.contains_key(&id)
     }
 
+    /// Messages held.
+    pub fn len(&self) -> usize {
+        self.by_token.len()
+    }
+
+    /// Bytes of entries held (an upper bound on their encoding).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_token.is_empty() && self.finished.is_empty()
     }

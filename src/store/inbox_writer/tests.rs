@@ -457,3 +457,39 @@ async fn a_partly_acknowledged_message_writes_the_rest_and_a_resend_waits_for_it
     assert_eq!(removed.unwrap(), 1);
     assert_eq!(ks.inbox.iter().count(), 0);
 }
+
+/// A message that cannot be held (its copies share a body) is written only after the older
+/// messages held for the same inbox: the store never shows an inbox's later message without
+/// the earlier ones, which a deliverer reading it would skip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_written_at_once_goes_after_what_is_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = keyspaces(dir.path());
+    let writer = start_holding(&ks, None, Duration::from_secs(60));
+    let (mut ordered, held) = append(&writer, 1);
+    let first = ordered.recv().await.unwrap();
+    assert!(!held.is_finished());
+    let shared = writer
+        .append(shared_message(2), AppendHooks::default())
+        .await
+        .unwrap();
+    let Appended::Stored { seqs } = shared else {
+        panic!("not stored: {shared:?}");
+    };
+    assert!(seqs[0] > first);
+    let in_bob: Vec<u64> = ks
+        .inbox
+        .prefix(BOB.to_be_bytes())
+        .map(|e| crate::store::user_ids::inbox_seq(&e.key().unwrap()))
+        .collect();
+    assert_eq!(
+        in_bob,
+        vec![first, seqs[0]],
+        "the held one was written first"
+    );
+    let written = tokio::time::timeout(Duration::from_secs(5), held).await;
+    assert_eq!(
+        written.unwrap().unwrap().unwrap(),
+        Appended::Stored { seqs: vec![first] }
+    );
+}
