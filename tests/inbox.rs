@@ -386,6 +386,7 @@ async fn acks_of_uncommitted_messages_count_after_the_writer_forgets_an_inbox() 
                 let _ = tx.send(placed[0].seq);
             })),
             synced: None,
+            hold: false,
         };
         let append = {
             let store = std::sync::Arc::clone(&store);

@@ -36,6 +36,7 @@ async fn a_message_goes_to_every_device_in_one_piece() {
         synced: Some(Box::new(move |p: &[Placed]| {
             synced.lock().unwrap().push(("synced", p.to_vec()))
         })),
+        hold: false,
     };
     let copies = [("bob", 1), ("bob", 2), ("alice", 1)];
     let stored = store

@@ -394,6 +394,8 @@ pub(crate) fn hooks(
         })
         .collect();
     let copied: Vec<Inbox> = mailboxes.iter().map(|(i, _, _)| i.clone()).collect();
+    // Held only if every copy can be acknowledged soon (see `AppendHooks::hold`).
+    let hold = copied.len() == copies.len();
     let ordered: Option<PlacedHook> = (!mailboxes.is_empty()).then(|| {
         let (from, from_device, kind, to) = (
             sender.username.clone(),
@@ -433,6 +435,7 @@ pub(crate) fn hooks(
         }
     });
     AppendHooks {
+        hold,
         ordered,
         synced: Some(synced),
     }

@@ -175,6 +175,10 @@ pub struct AppendHooks {
     pub ordered: Option<PlacedHook>,
     /// Once they are durable, whether or not the caller is still waiting for the append.
     pub synced: Option<PlacedHook>,
+    /// Every copy's device is online, so its acknowledgement may come within the store's
+    /// `hold` window: the message may be held instead of written at once (a message to an
+    /// offline device is written at once, so its `sent` does not wait for the window).
+    pub hold: bool,
 }
 
 /// How durable a [`Store::remove_pending`] must be when it returns.

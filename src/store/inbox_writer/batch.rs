@@ -95,6 +95,7 @@ impl WriterState {
                     let targets: Vec<InboxId> = message.targets.iter().map(|t| t.inbox).collect();
                     let key = (message.sender, message.message.id);
                     let wants_places = hooks.ordered.is_some() || hooks.synced.is_some();
+                    let may_hold = may_hold && hooks.hold;
                     let result = self.append(&mut batch, &mut touched, *message, wants_places);
                     let (outcome, places, staged) = match result {
                         Ok(done) => done,
@@ -337,8 +338,8 @@ impl WriterState {
     }
 
     /// Whether what is held must be written ahead of `ops`: they drop an inbox, the writer
-    /// failed, or one of their appends may be written at once (a body shared by its copies,
-    /// or more than the hold can take).
+    /// failed, or one of their appends may be written at once (not to be held, a body shared
+    /// by its copies, or more than the hold can take).
     fn must_flush_first(&self, ops: &[Op]) -> bool {
         if self.failed {
             return true;
@@ -348,6 +349,7 @@ impl WriterState {
         for op in ops {
             match op {
                 Op::DropInbox(..) => return true,
+                Op::Append(_, hooks, _) if !hooks.hold => return true,
                 Op::Append(message, _, _) => {
                     let copies = &message.message.copies;
                     let shares = sharing(copies.iter().map(|c| c.body.as_slice()));

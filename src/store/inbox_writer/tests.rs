@@ -100,6 +100,7 @@ fn append(
             }
         })),
         synced: None,
+        hold: true,
     };
     let writer = Arc::clone(writer);
     let task = tokio::spawn(async move { writer.append(message(n), hooks).await });
@@ -264,6 +265,7 @@ async fn acks_of_uncommitted_batches_count_a_shared_body_exactly() {
             let _ = tx.send(placed.iter().map(|p| p.seq).collect::<Vec<_>>());
         })),
         synced: None,
+        hold: false,
     };
     let appending = {
         let writer = Arc::clone(&writer);
@@ -417,6 +419,7 @@ async fn a_partly_acknowledged_message_writes_the_rest_and_a_resend_waits_for_it
             let _ = tx.send(placed.iter().map(|p| p.seq).collect::<Vec<_>>());
         })),
         synced: None,
+        hold: true,
     };
     let started = std::time::Instant::now();
     let appending = {
@@ -430,7 +433,11 @@ async fn a_partly_acknowledged_message_writes_the_rest_and_a_resend_waits_for_it
     assert_eq!(removed.unwrap(), 1);
     let resend = {
         let writer = Arc::clone(&writer);
-        tokio::spawn(async move { writer.append(message(1), AppendHooks::default()).await })
+        let hooks = AppendHooks {
+            hold: true,
+            ..AppendHooks::default()
+        };
+        tokio::spawn(async move { writer.append(message(1), hooks).await })
     };
     assert!(matches!(
         appending.await.unwrap().unwrap(),
