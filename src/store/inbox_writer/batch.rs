@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use fjall::PersistMode;
 
 use super::committer::{Committed, Job, Reply, deferred};
-use super::held::{self, HeldMessages, MAX_HELD, MAX_HELD_BYTES};
+use super::held::{HeldMessages, MAX_HELD, MAX_HELD_BYTES};
 use super::{MAX_OPS_IN_FLIGHT, Map, Op, SEQ_CHECKPOINT, WriterState, seq_value};
 use crate::protocol::MessageId;
 use crate::store::devices::InboxId;
@@ -79,15 +79,14 @@ impl WriterState {
         // `drop_inbox`, and comes again).
         let may_hold = !flush_all;
         if flush_all {
-            let due = self.held.take_due(now, true);
-            must_sync |= !due.is_empty();
-            op_count += due.len();
-            self.write_held(
+            let written = self.write_held(
                 &mut batch,
                 &mut touched,
-                due,
+                (now, true),
                 (&mut replies, &mut synced, &mut appended, &mut inboxes),
             );
+            must_sync |= written > 0;
+            op_count += written;
         }
         for op in ops {
             match op {
@@ -119,12 +118,10 @@ impl WriterState {
                         Some(staged) => {
                             // Older held messages first (those held in this batch: the earlier
                             // ones went ahead in a batch of their own).
-                            let due = self.held.take_due(now, true);
-                            op_count += due.len();
-                            self.write_held(
+                            op_count += self.write_held(
                                 &mut batch,
                                 &mut touched,
-                                due,
+                                (now, true),
                                 (&mut replies, &mut synced, &mut appended, &mut inboxes),
                             );
                             must_sync = true;
@@ -189,15 +186,14 @@ impl WriterState {
             replies.extend(held.replies);
             synced.extend(held.synced);
         }
-        let due = self.held.take_due(now, false);
-        must_sync |= !due.is_empty();
-        op_count += due.len();
-        self.write_held(
+        let written = self.write_held(
             &mut batch,
             &mut touched,
-            due,
+            (now, false),
             (&mut replies, &mut synced, &mut appended, &mut inboxes),
         );
+        must_sync |= written > 0;
+        op_count += written;
         if replies.is_empty() && batch.is_empty() && hooked.is_empty() {
             return;
         }
@@ -271,22 +267,24 @@ impl WriterState {
         }
     }
 
-    /// Puts held messages in `batch`: the entries of their copies not removed meanwhile, and
-    /// their send records (settled if a copy was removed); their answers and `synced` hooks
-    /// wait for the batch's sync.
+    /// Puts the held messages due by `now` (all of them with `all`) in `batch`: the entries
+    /// of their copies not removed meanwhile, and their send records (settled if a copy was
+    /// removed); their answers and `synced` hooks wait for the batch's sync. Returns how many.
     #[allow(clippy::type_complexity)]
     pub(super) fn write_held(
         &mut self,
         batch: &mut fjall::OwnedWriteBatch,
         touched: &mut Map<InboxId, u64>,
-        due: Vec<held::Held>,
+        (now, all): (Instant, bool),
         (replies, synced, appended, inboxes): (
             &mut Vec<Reply>,
             &mut Vec<(PlacedHook, Vec<Placed>)>,
             &mut Vec<(UserId, MessageId)>,
             &mut Vec<InboxId>,
         ),
-    ) {
+    ) -> usize {
+        let due = self.held.take_due(now, all);
+        let count = due.len();
         for held in due {
             inboxes.extend(held.staged.entries.iter().map(|e| e.inbox));
             appended.push(held.staged.message);
@@ -305,6 +303,7 @@ impl WriterState {
                 }
             }
         }
+        count
     }
 
     /// Commits `job` (which needs no sync) on this thread and answers it: what the committer
