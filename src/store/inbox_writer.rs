@@ -83,7 +83,7 @@ use caches::{KnownPending, MAX_ORIGINS, Origins};
 use committer::{Committed, Job, run_committer};
 pub(super) use counters::counter_key;
 use counters::{mark_running, seq_value};
-use held::HeldMessages;
+use held::SharedHeld;
 use ops::DROP_CHUNK;
 pub(super) use ops::{Addressed, DropInbox, Dropped, Target};
 
@@ -172,6 +172,8 @@ enum Op {
 /// for it, so the database is closed when the store is (a restart can reopen it at once).
 pub(super) struct InboxWriter {
     queue: Option<mpsc::Sender<Op>>,
+    /// The writer's held messages, whose copies acknowledgements remove here (see `held`).
+    held: SharedHeld,
     thread: Option<JoinHandle<()>>,
     committer: Option<JoinHandle<()>>,
 }
@@ -228,6 +230,7 @@ impl InboxWriter {
         let (committed_tx, committed) = std_mpsc::channel();
         let commit_failed = Arc::new(AtomicBool::new(false));
         let direct = hold.is_none();
+        let held = SharedHeld::new(window);
         let committer = {
             let (db, failed) = (keyspaces.db.clone(), Arc::clone(&commit_failed));
             let on_failure = Arc::clone(&on_failure);
@@ -261,7 +264,7 @@ impl InboxWriter {
             known: Map::default(),
             origins: Origins::new(MAX_ORIGINS),
             bodies: BodyLedger::default(),
-            held: HeldMessages::new(window),
+            held: held.clone(),
             in_flight: Set::default(),
             jobs: Some(jobs),
             committed,
@@ -278,6 +281,7 @@ impl InboxWriter {
             .map_err(|e| StoreError::Limit(format!("cannot start the inbox writer: {e}")))?;
         Ok(Self {
             queue: Some(queue),
+            held,
             thread: Some(thread),
             committer: Some(committer),
         })
@@ -305,13 +309,31 @@ impl InboxWriter {
             .await
     }
 
+    /// Removes `seqs` from inbox `id`. An acknowledgement removes the held copies among them
+    /// here, without waking the writer (see `held`), and answers what waited for the messages
+    /// it finished; the writer removes the rest.
     pub async fn remove(
         &self,
         id: InboxId,
-        seqs: Vec<u64>,
+        mut seqs: Vec<u64>,
         removal: Removal,
     ) -> Result<u64, StoreError> {
-        self.submit(|tx| Op::Remove(id, seqs, removal, tx)).await
+        let mut removed = 0;
+        if removal == Removal::Acknowledged {
+            let (count, (replies, synced)) = self.held.lock().acknowledge(id, &mut seqs);
+            for (hook, places) in synced {
+                hook(&places);
+            }
+            for reply in replies {
+                reply(None);
+            }
+            if seqs.is_empty() {
+                return Ok(count);
+            }
+            removed = count;
+        }
+        let rest = self.submit(|tx| Op::Remove(id, seqs, removal, tx)).await?;
+        Ok(removed + rest)
     }
 
     pub async fn forget_sent(&self, keys: Vec<Vec<u8>>) -> Result<u64, StoreError> {
@@ -373,7 +395,7 @@ struct WriterState {
     /// Reference counts of shared bodies changed by batches not yet committed.
     bodies: BodyLedger,
     /// Messages ordered but not yet written (see `held`).
-    held: HeldMessages,
+    held: SharedHeld,
     /// (sender's id, message id) of every message in a batch not yet committed, for
     /// deduplication: the store does not show them yet.
     in_flight: Set<(UserId, MessageId)>,
@@ -406,12 +428,13 @@ impl WriterState {
             Ok(clock) => Some(clock),
             Err(e) => {
                 tracing::warn!(error = %e, "no timer for the inbox writer; messages are written at once");
-                self.held = HeldMessages::new(Duration::ZERO);
+                self.held.clear();
                 None
             }
         };
         loop {
-            let first = match (self.held.deadline(), &clock) {
+            let deadline = self.held.lock().deadline();
+            let first = match (deadline, &clock) {
                 (Some(deadline), Some(clock)) => {
                     let deadline = tokio::time::Instant::from_std(deadline);
                     // (The timer is made inside the clock's context.)
@@ -420,7 +443,7 @@ impl WriterState {
                     match next {
                         Ok(op) => op,
                         Err(_) => {
-                            // The oldest held message is due.
+                            // The oldest held message is due (or a finished one to settle).
                             self.commit(Vec::new(), false);
                             continue;
                         }
@@ -441,7 +464,7 @@ impl WriterState {
             self.commit(ops, false);
         }
         // What is still held is written before the stop.
-        if !self.held.is_empty() {
+        if !self.held.lock().is_empty() {
             self.commit(Vec::new(), true);
         }
         // Every built batch is committed (and synced) before the counters are stored: the

@@ -490,6 +490,32 @@ impl WriterState {
         Ok(body)
     }
 
+    /// Takes note of the held copies acknowledged outside the writer since the last call (see
+    /// `held`): they leave their inboxes' counts as if the writer had removed them.
+    pub(super) fn note_acknowledged(&mut self) {
+        let outside = self.held.lock().take_outside();
+        self.forget_acknowledged(outside);
+    }
+
+    fn forget_acknowledged(&mut self, copies: Vec<(InboxId, u64)>) {
+        for (id, seq) in copies {
+            self.forget_held_copy(id, seq);
+            if let Some(pending) = self.pending.get_mut(&id) {
+                *pending = pending.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Forgets a held copy that left its inbox: its origin, its sender's share, its place in
+    /// what the writer knows of the inbox (its inbox's pending count is the caller's).
+    fn forget_held_copy(&mut self, id: InboxId, seq: u64) {
+        self.origins.take(id, seq);
+        self.shares.remove(id, seq);
+        if let Some(k) = self.known.get_mut(&id) {
+            k.remove(seq);
+        }
+    }
+
     pub(super) fn remove(
         &mut self,
         batch: &mut OwnedWriteBatch,
@@ -507,14 +533,16 @@ impl WriterState {
             if !seen.insert(seq) {
                 continue;
             }
-            // A held copy leaves without a trace: it was never written (see `held`).
-            if self.held.remove_copy(id, seq) {
-                self.origins.take(id, seq);
-                self.shares.remove(id, seq);
+            // A held copy leaves without a trace: it was never written (see `held`). Copies
+            // acknowledged outside meanwhile are noted first: this one may be among them.
+            let (was_held, outside) = {
+                let mut held = self.held.lock();
+                (held.remove_copy(id, seq), held.take_outside())
+            };
+            self.forget_acknowledged(outside);
+            if was_held {
+                self.forget_held_copy(id, seq);
                 removed += 1;
-                if let Some(k) = self.known.get_mut(&id) {
-                    k.remove(seq);
-                }
                 continue;
             }
             let known = match (self.known.get(&id), next) {

@@ -4,12 +4,12 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use fjall::PersistMode;
 
 use super::committer::{Committed, Job, Reply, deferred};
-use super::held::{HeldMessages, MAX_HELD, MAX_HELD_BYTES};
+use super::held::{MAX_HELD, MAX_HELD_BYTES};
 use super::{MAX_OPS_IN_FLIGHT, Map, Op, SEQ_CHECKPOINT, WriterState, seq_value};
 use crate::protocol::MessageId;
 use crate::store::devices::InboxId;
@@ -25,12 +25,15 @@ impl WriterState {
     /// Builds one batch of `ops`, with the held messages now due (all of them with
     /// `flush_all`), and hands it to the committer.
     pub(super) fn commit(&mut self, ops: Vec<Op>, flush_all: bool) {
+        // Acknowledgements that removed held copies since the last batch, before any
+        // operation that may concern the same copies.
+        self.note_acknowledged();
         // What is held goes to the committer in a batch of its own, ahead of this one, when
         // this one may write a message directly or drop an inbox: the store must never show a
         // message before an older one of the same inbox (a deliverer reading it would skip the
         // older), and an ack in this batch of a message written only now would find it not
         // yet in the store.
-        if !ops.is_empty() && !self.held.is_empty() && self.must_flush_first(&ops) {
+        if !ops.is_empty() && !self.held.lock().is_empty() && self.must_flush_first(&ops) {
             self.commit(Vec::new(), true);
         }
         if !ops.is_empty() {
@@ -47,7 +50,7 @@ impl WriterState {
         if self.jobs.is_none() {
             // The committer is gone: nothing can be stored. Dropping the operations (and what
             // is held) answers their callers with `WriterStopped`.
-            self.held = HeldMessages::new(Duration::ZERO);
+            self.held.clear();
             return;
         }
         while self.ops_in_flight > 0 && self.ops_in_flight + ops.len() > MAX_OPS_IN_FLIGHT {
@@ -110,10 +113,18 @@ impl WriterState {
                         hooked.push((hook, places.clone()));
                     }
                     let synced_hook = hooks.synced.zip(places);
+                    let hold = may_hold
+                        && staged
+                            .as_ref()
+                            .is_some_and(|staged| self.held.lock().admits(staged));
                     match staged {
-                        Some(staged) if may_hold && self.held.admits(&staged) => {
-                            self.held
-                                .hold(staged, synced_hook, deferred(tx, Ok(outcome)), now);
+                        Some(staged) if hold => {
+                            self.held.lock().hold(
+                                staged,
+                                synced_hook,
+                                deferred(tx, Ok(outcome)),
+                                now,
+                            );
                         }
                         Some(staged) => {
                             // Older held messages first (those held in this batch: the earlier
@@ -142,7 +153,7 @@ impl WriterState {
                             // A resend of a held message is answered with it: once it is
                             // written, or acknowledged.
                             let reply = if outcome == Appended::Duplicate {
-                                self.held.wait_with(key, reply)
+                                self.held.lock().wait_with(key, reply)
                             } else {
                                 Some(reply)
                             };
@@ -174,7 +185,7 @@ impl WriterState {
         }
         // Held messages whose every copy was acknowledged: never written, only settled (the
         // id stays a duplicate). Their senders may have `sent` now: the recipients have them.
-        let finished = self.held.take_finished();
+        let finished = self.held.lock().take_finished();
         crate::server::metrics::inbox_skipped(finished.len());
         for held in finished {
             let marker = sent_records::settled(held.staged.expires_at);
@@ -233,9 +244,11 @@ impl WriterState {
         for inbox in &inboxes {
             *self.inboxes_in_flight.entry(*inbox).or_default() += 1;
         }
-        let (in_flight, held) = (&self.inboxes_in_flight, &self.held);
-        self.shares
-            .evict(|id| !in_flight.contains_key(&id) && !held.holds_inbox(id));
+        {
+            let (in_flight, held) = (&self.inboxes_in_flight, self.held.lock());
+            self.shares
+                .evict(|id| !in_flight.contains_key(&id) && !held.holds_inbox(id));
+        }
         self.ops_in_flight += op_count;
         let job = Job {
             batch,
@@ -283,7 +296,7 @@ impl WriterState {
             &mut Vec<InboxId>,
         ),
     ) -> usize {
-        let due = self.held.take_due(now, all);
+        let due = self.held.lock().take_due(now, all);
         let count = due.len();
         for held in due {
             inboxes.extend(held.staged.entries.iter().map(|e| e.inbox));
@@ -343,8 +356,10 @@ impl WriterState {
         if self.failed {
             return true;
         }
-        let mut messages = self.held.len();
-        let mut bytes = self.held.bytes();
+        let (mut messages, mut bytes) = {
+            let held = self.held.lock();
+            (held.len(), held.bytes())
+        };
         for op in ops {
             match op {
                 Op::DropInbox(..) => return true,

@@ -8,8 +8,16 @@
 //!
 //! The window is bounded in time (the store's `hold` option) and in size ([`MAX_HELD`]
 //! messages, [`MAX_HELD_BYTES`] of entries): a message that does not fit is written at once.
+//!
+//! The held messages are shared ([`SharedHeld`]) by the writer, which holds and writes them,
+//! and the devices' acknowledgements, which remove held copies without a trip through the
+//! writer's queue ([`HeldMessages::acknowledge`]): an online message then wakes the writer
+//! thread once (its append), not twice. The writer takes note of those removals before it
+//! applies its next operation ([`HeldMessages::take_outside`]) and settles the messages they
+//! finished within the window.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::apply::Staged;
@@ -40,6 +48,33 @@ pub(super) struct Held {
     bytes: usize,
 }
 
+/// What waited for messages whose last copies were just acknowledged: their appends' answers
+/// and their `synced` hooks, for the acknowledging caller to run.
+pub(super) type Answers = (Vec<Reply>, Vec<(PlacedHook, Vec<Placed>)>);
+
+/// The held messages, shared by the writer thread and the callers' acknowledgements.
+#[derive(Clone)]
+pub(super) struct SharedHeld(Arc<Mutex<HeldMessages>>);
+
+impl SharedHeld {
+    pub fn new(window: Duration) -> Self {
+        Self(Arc::new(Mutex::new(HeldMessages::new(window))))
+    }
+
+    /// Locks them (a panic while they were locked left them as consistent as between any two
+    /// calls: each call changes them whole).
+    pub fn lock(&self) -> MutexGuard<'_, HeldMessages> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Holds nothing from now on; what was held is dropped outside the lock (which answers
+    /// its callers `WriterStopped`).
+    pub fn clear(&self) {
+        let old = std::mem::replace(&mut *self.lock(), HeldMessages::new(Duration::ZERO));
+        drop(old);
+    }
+}
+
 /// The held messages, oldest first, with indexes by copy and by message.
 pub(super) struct HeldMessages {
     window: Duration,
@@ -50,6 +85,11 @@ pub(super) struct HeldMessages {
     inboxes: Map<InboxId, usize>,
     /// Messages whose every copy was removed while held: to settle, never to write.
     finished: Vec<Held>,
+    /// When the oldest of `finished` finished.
+    finished_since: Option<Instant>,
+    /// Copies removed by acknowledgements outside the writer, which still counts them (pending
+    /// counts, senders' shares, what it knows of each inbox) until it takes them.
+    outside: Vec<(InboxId, u64)>,
     next_token: u64,
     bytes: usize,
 }
@@ -64,6 +104,8 @@ impl HeldMessages {
             messages: Map::default(),
             inboxes: Map::default(),
             finished: Vec::new(),
+            finished_since: None,
+            outside: Vec::new(),
             next_token: 0,
             bytes: 0,
         }
@@ -140,13 +182,49 @@ impl HeldMessages {
         {
             self.messages.remove(&held.staged.message);
             self.bytes = self.bytes.saturating_sub(held.bytes);
+            self.finished_since.get_or_insert_with(Instant::now);
             self.finished.push(held);
         }
         true
     }
 
+    /// Acknowledgements, outside the writer: removes the held copies among `seqs` of inbox
+    /// `id` and leaves the others in `seqs` (for the writer). Returns how many it removed and
+    /// what waited for the messages whose last copies these were, for the caller to answer
+    /// (their recipients have them). The writer takes note of the removals before its next
+    /// operation ([`Self::take_outside`]) and settles the finished messages within the window
+    /// ([`Self::deadline`]).
+    pub fn acknowledge(&mut self, id: InboxId, seqs: &mut Vec<u64>) -> (u64, Answers) {
+        let mut answers: Answers = (Vec::new(), Vec::new());
+        if self.copies.is_empty() {
+            return (0, answers);
+        }
+        let before = self.finished.len();
+        let mut removed = 0;
+        seqs.retain(|&seq| {
+            if self.remove_copy(id, seq) {
+                self.outside.push((id, seq));
+                removed += 1;
+                false
+            } else {
+                true
+            }
+        });
+        for held in self.finished.iter_mut().skip(before) {
+            answers.0.append(&mut held.replies);
+            answers.1.extend(held.synced.take());
+        }
+        (removed, answers)
+    }
+
+    /// The copies removed by [`Self::acknowledge`] since the last call.
+    pub fn take_outside(&mut self) -> Vec<(InboxId, u64)> {
+        std::mem::take(&mut self.outside)
+    }
+
     /// The messages whose every copy was removed while held.
     pub fn take_finished(&mut self) -> Vec<Held> {
+        self.finished_since = None;
         std::mem::take(&mut self.finished)
     }
 
@@ -169,11 +247,18 @@ impl HeldMessages {
         due
     }
 
-    /// When the oldest held message is due, if any is held.
+    /// When the oldest held message is due, or the oldest finished one is to be settled,
+    /// whichever comes first; `None` when there is neither.
     pub fn deadline(&self) -> Option<Instant> {
-        self.by_token
+        let due = self
+            .by_token
             .first_key_value()
-            .map(|(_, held)| held.taken + self.window)
+            .map(|(_, held)| held.taken + self.window);
+        let settle = self.finished_since.map(|since| since + self.window);
+        match (due, settle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Whether inbox `id` has held entries (the store does not show them).
