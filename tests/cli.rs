@@ -552,12 +552,7 @@ async fn sfc_recv_follow_waits_until_interrupted_and_exits_cleanly() {
         assert!(out.status.success(), "{out:?}");
         assert_eq!(next_line(&mut lines).await.as_deref(), Some("alice\ttwo"));
 
-        let pid = child.id().unwrap().to_string();
-        let kill = std::process::Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .unwrap();
-        assert!(kill.success());
+        common::cli::signal(&child, signal);
         let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
             .await
             .unwrap()

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::cli::{People, ServerProcess, run, stdout};
+use common::cli::{People, ServerProcess, run, signal, stdout};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
 
@@ -67,15 +67,6 @@ async fn until_metric(addr: SocketAddr, name: &str, at_least: f64) {
 
 const SKIPPED: &str = "sfc_inbox_skipped_writes_total";
 const BATCHES: &str = "sfc_inbox_batch_operations_count";
-
-fn signal(child: &Child, signal: &str) {
-    let pid = child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill")
-        .args([signal, &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
 
 /// `sfc recv --follow` as `name`, with its output lines.
 fn follow(people: &People, name: &str) -> (Child, Lines<BufReader<ChildStdout>>) {

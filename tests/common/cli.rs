@@ -23,6 +23,16 @@ pub fn sfc(server: &str, ca: &Path, home: &Path) -> Command {
     command
 }
 
+/// Sends `signal` (`-STOP`, `-KILL`, ...) to `child` with `kill`.
+pub fn signal(child: &Child, signal: &str) {
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}: {status:?}");
+}
+
 pub async fn run(mut command: Command) -> Output {
     tokio::time::timeout(Duration::from_secs(30), command.output())
         .await
@@ -113,12 +123,7 @@ impl ServerProcess {
     }
 
     pub async fn terminate(mut self) -> Vec<String> {
-        let pid = self.child.id().unwrap().to_string();
-        let kill = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(kill.success());
+        signal(&self.child, "-TERM");
         let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
             .await
             .unwrap()

@@ -83,28 +83,57 @@ fn message(n: u8) -> Addressed {
     }
 }
 
+type Appending = tokio::task::JoinHandle<Result<Appended, crate::store::StoreError>>;
+
 /// Appends message `n` in a task of its own; the receiver gets its seq once it is ordered
 /// (before its batch is committed).
-fn append(
-    writer: &Arc<InboxWriter>,
-    n: u8,
-) -> (
-    UnboundedReceiver<u64>,
-    tokio::task::JoinHandle<Result<Appended, crate::store::StoreError>>,
-) {
+fn append(writer: &Arc<InboxWriter>, n: u8) -> (UnboundedReceiver<u64>, Appending) {
     let (tx, rx) = unbounded_channel();
-    let hooks = AppendHooks {
-        ordered: Some(Box::new(move |placed: &[crate::store::Placed]| {
+    let task = append_placing(
+        writer,
+        message(n),
+        true,
+        Box::new(move |placed: &[crate::store::Placed]| {
             for copy in placed {
                 let _ = tx.send(copy.seq);
             }
-        })),
+        }),
+    );
+    (rx, task)
+}
+
+/// Appends `addressed` in a task of its own, held if `hold` allows it; the receiver gets its
+/// copies' seqs once it is ordered.
+fn append_copies(
+    writer: &Arc<InboxWriter>,
+    addressed: Addressed,
+    hold: bool,
+) -> (UnboundedReceiver<Vec<u64>>, Appending) {
+    let (tx, rx) = unbounded_channel();
+    let task = append_placing(
+        writer,
+        addressed,
+        hold,
+        Box::new(move |placed: &[crate::store::Placed]| {
+            let _ = tx.send(placed.iter().map(|p| p.seq).collect::<Vec<_>>());
+        }),
+    );
+    (rx, task)
+}
+
+fn append_placing(
+    writer: &Arc<InboxWriter>,
+    addressed: Addressed,
+    hold: bool,
+    ordered: crate::store::PlacedHook,
+) -> Appending {
+    let hooks = AppendHooks {
+        ordered: Some(ordered),
         synced: None,
-        hold: true,
+        hold,
     };
     let writer = Arc::clone(writer);
-    let task = tokio::spawn(async move { writer.append(message(n), hooks).await });
-    (rx, task)
+    tokio::spawn(async move { writer.append(addressed, hooks).await })
 }
 
 async fn stored(writer: &Arc<InboxWriter>, n: u8) -> u64 {
@@ -259,18 +288,7 @@ async fn acks_of_uncommitted_batches_count_a_shared_body_exactly() {
     let wait = Duration::from_secs(3);
 
     let held = hold.lock().unwrap();
-    let (tx, mut ordered) = unbounded_channel();
-    let hooks = AppendHooks {
-        ordered: Some(Box::new(move |placed: &[crate::store::Placed]| {
-            let _ = tx.send(placed.iter().map(|p| p.seq).collect::<Vec<_>>());
-        })),
-        synced: None,
-        hold: false,
-    };
-    let appending = {
-        let writer = Arc::clone(&writer);
-        tokio::spawn(async move { writer.append(shared_message(1), hooks).await })
-    };
+    let (mut ordered, appending) = append_copies(&writer, shared_message(1), false);
     let seqs = tokio::time::timeout(wait, ordered.recv())
         .await
         .unwrap()
@@ -447,19 +465,8 @@ async fn a_partly_acknowledged_message_writes_the_rest_and_a_resend_waits_for_it
         user: BOB,
         inbox: 10,
     });
-    let (tx, mut ordered) = unbounded_channel();
-    let hooks = AppendHooks {
-        ordered: Some(Box::new(move |placed: &[crate::store::Placed]| {
-            let _ = tx.send(placed.iter().map(|p| p.seq).collect::<Vec<_>>());
-        })),
-        synced: None,
-        hold: true,
-    };
     let started = std::time::Instant::now();
-    let appending = {
-        let writer = Arc::clone(&writer);
-        tokio::spawn(async move { writer.append(two, hooks).await })
-    };
+    let (mut ordered, appending) = append_copies(&writer, two, true);
     let seqs = ordered.recv().await.unwrap();
     let removed = writer
         .remove(BOB, vec![seqs[0]], Removal::Acknowledged)
