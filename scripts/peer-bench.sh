@@ -130,6 +130,16 @@ def cpu_us_per_message(r):
         return None if cpu is None or not n else cpu / n * 1e6
     return run.get("server_cpu_us_per_delivery")
 
+def client_cpu_us_per_message(r):
+    # The load generator's own CPU: both share the machine's two cores with the server, so a
+    # costlier generator leaves less to the server at full speed.
+    run = r["run"]
+    if r["system"] == "mosquitto":
+        cpu = run.get("client_cpu_s_incl_drain", run.get("client_cpu_s"))
+        n = run.get("delivered")
+        return None if cpu is None or not n else cpu / n * 1e6
+    return run.get("client_cpu_us_per_delivery")
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -171,12 +181,16 @@ for shape in shapes:
     rows.append((f"relay, {n:,} pairs, full speed", fmt(mq, "msg/s"), fmt(sfc, "msg/s"), ratio(sfc, mq, True)))
     mq, sfc = figure(shape, "mosquitto", cpu_us_per_message), figure(shape, "sfc", cpu_us_per_message)
     rows.append((f"server CPU per message, {n:,} pairs", fmt(mq, "µs"), fmt(sfc, "µs"), ratio(sfc, mq, False, "less", "more")))
+    mq, sfc = figure(shape, "mosquitto", client_cpu_us_per_message), figure(shape, "sfc", client_cpu_us_per_message)
+    rows.append((f"load generator CPU per message, {n:,} pairs", fmt(mq, "µs"), fmt(sfc, "µs"), ratio(sfc, mq, False, "less", "more")))
 for p, name in (("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")):
     get = lambda r, p=p: r["run"].get("latency_us", {}).get(p)
     mq, sfc = figure("rate", "mosquitto", get), figure("rate", "sfc", get)
     rows.append((f"latency at {int(rate):,} msg/s, 100 pairs: {name}", fmt(mq, "lat"), fmt(sfc, "lat"), ratio(sfc, mq, False)))
 mq, sfc = figure("rate", "mosquitto", cpu_us_per_message), figure("rate", "sfc", cpu_us_per_message)
 rows.append((f"server CPU per message at {int(rate):,} msg/s", fmt(mq, "µs"), fmt(sfc, "µs"), ratio(sfc, mq, False, "less", "more")))
+mq, sfc = figure("rate", "mosquitto", client_cpu_us_per_message), figure("rate", "sfc", client_cpu_us_per_message)
+rows.append((f"load generator CPU per message at {int(rate):,} msg/s", fmt(mq, "µs"), fmt(sfc, "µs"), ratio(sfc, mq, False, "less", "more")))
 
 version = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()
 version = version[0].strip() if version else "mosquitto"
@@ -187,7 +201,10 @@ lines = [
     f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC at `{commit}`: {version} with TLS 1.3 and "
     f"QoS 1 (`../shared/peer-bench`) and sfc-server in `sync` durability with every message sealed end to end, "
     f"alternated run by run; {rounds} round(s) of {duration} s per run, medians; 128-byte payloads, "
-    f"{window} sends in flight per sender at full speed. Ratio: sfc / mosquitto (above 1× is better for "
+    f"{window} sends in flight per sender at full speed. Server CPU is the broker's over the send "
+    f"phase and sfc-server's from the start of the load until the receivers had everything; the "
+    f"load generators' CPU (each generator's own, sealing and opening included for sfc) spans "
+    f"the load and the drain for both. Ratio: sfc / mosquitto (above 1× is better for "
     f"throughput, below 1× is better for latency and CPU).",
     "",
     "| figure | mosquitto + TLS | sfc | ratio |",

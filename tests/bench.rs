@@ -83,6 +83,18 @@ fn check(report: &serde_json::Value, scenario: &str) {
     assert_eq!(at(99.9), report["latency_us"]["p999"].as_u64(), "{report}");
     assert_eq!(at(100.0), report["latency_us"]["max"].as_u64(), "{report}");
     assert!(report["server_cpu_s"].as_f64().unwrap() > 0.0, "{report}");
+    // A relay's generator reports its own CPU over the load, per delivered copy: it sealed and
+    // opened them all.
+    if report["scenario"] == "relay" {
+        let client = report["client_cpu_load_s"].as_f64().unwrap();
+        let per = report["client_cpu_us_per_delivery"].as_f64().unwrap();
+        let delivered = report["delivered"].as_f64().unwrap();
+        assert!(client > 0.0 && per > 0.0, "{report}");
+        assert!(
+            (per - client * 1e6 / delivered).abs() < 1e-6 * per.max(1.0),
+            "{report}"
+        );
+    }
     assert!(
         report["server_peak_rss_bytes"].as_u64().unwrap() > 1 << 20,
         "{report}"

@@ -224,6 +224,13 @@ pub struct Report {
     /// Relay (with `--spawn`): `server_cpu_load_s` per delivered copy, microseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_cpu_us_per_delivery: Option<f64>,
+    /// Relay: the load generator's own CPU seconds over the same span as `server_cpu_load_s`
+    /// (its senders and receivers: sealing, opening, QUIC and TLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cpu_load_s: Option<f64>,
+    /// Relay: `client_cpu_load_s` per delivered copy, microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cpu_us_per_delivery: Option<f64>,
     /// Relay: the UDP datagrams and QUIC frames of the load generator's connections (both
     /// ways, so the whole relay's traffic) from the start of the load until the receivers had
     /// everything, per delivered copy (quinn's counters).
@@ -294,6 +301,11 @@ impl Report {
         if let (Some(cpu), Some(per)) = (self.server_cpu_load_s, self.server_cpu_us_per_delivery) {
             text.push_str(&format!(
                 "server CPU over the load: {cpu:.2} s, {per:.1} us per delivered copy\n"
+            ));
+        }
+        if let (Some(cpu), Some(per)) = (self.client_cpu_load_s, self.client_cpu_us_per_delivery) {
+            text.push_str(&format!(
+                "load generator CPU over the load: {cpu:.2} s, {per:.1} us per delivered copy\n"
             ));
         }
         if let Some(packets) = &self.packets {

@@ -280,6 +280,7 @@ pub(super) async fn relay(
     progress::phase("load", Goal::Time(options.duration));
     let machine = MachineTimes::now();
     let server_before = server.stats();
+    let client_before = super::target::own_cpu_s();
     let packets_before = Snapshot::take(&sender_conns, &receiver_conns);
     let start = Instant::now();
     let deadline = start + options.duration;
@@ -386,6 +387,10 @@ pub(super) async fn relay(
         (Some(before), Some(after)) => Some(after.cpu_s - before.cpu_s),
         _ => None,
     };
+    let client_load_cpu = match (client_before, super::target::own_cpu_s()) {
+        (Some(before), Some(after)) => Some(after - before),
+        _ => None,
+    };
     let elapsed = start
         .elapsed()
         .saturating_sub(*DRAIN_WAIT)
@@ -403,6 +408,12 @@ pub(super) async fn relay(
         report.server_cpu_load_s = Some(cpu);
         if report.delivered > 0 {
             report.server_cpu_us_per_delivery = Some(cpu * 1e6 / report.delivered as f64);
+        }
+    }
+    if let Some(cpu) = client_load_cpu {
+        report.client_cpu_load_s = Some(cpu);
+        if report.delivered > 0 {
+            report.client_cpu_us_per_delivery = Some(cpu * 1e6 / report.delivered as f64);
         }
     }
     report.pacer_lateness_us = pacer_lateness;

@@ -149,6 +149,8 @@ pub(super) fn empty_report(scenario: Scenario, histogram: &Histogram<u64>) -> Re
         setup_s: None,
         server_cpu_load_s: None,
         server_cpu_us_per_delivery: None,
+        client_cpu_load_s: None,
+        client_cpu_us_per_delivery: None,
         packets: None,
     }
 }

@@ -131,6 +131,12 @@ impl Target {
     }
 }
 
+/// This process's CPU seconds so far (user and system, all threads), from `/proc/self/stat`;
+/// `None` where it cannot be read (not Linux).
+pub(crate) fn own_cpu_s() -> Option<f64> {
+    read_stats(std::process::id()).map(|stats| stats.cpu_s)
+}
+
 /// Linux's USER_HZ, the unit of CPU times in `/proc/PID/stat` (100 on every mainstream build).
 const CLOCK_TICKS_PER_S: f64 = 100.0;
 
