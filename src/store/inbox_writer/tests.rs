@@ -149,6 +149,16 @@ fn record(ks: &InboxKeyspaces, n: u8) -> Option<Vec<u8>> {
     value.map(|bytes| bytes.to_vec())
 }
 
+/// Waits until message `n`'s send record is the settled marker, or `deadline`; returns the
+/// record then.
+async fn settled_by(ks: &InboxKeyspaces, n: u8, deadline: std::time::Instant) -> Option<Vec<u8>> {
+    let settled = sent_records::settled(EXPIRES).unwrap();
+    while record(ks, n).as_ref() != Some(&settled) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    record(ks, n)
+}
+
 /// Both ways of settling (the origin remembered from the append, or read back from the inbox
 /// entry and `user_ids`) write the same marker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,12 +389,10 @@ async fn a_message_acknowledged_while_held_is_never_written() {
     assert_eq!(again.await.unwrap().unwrap(), Appended::Duplicate);
     let removed = writer.remove(BOB, vec![seq], Removal::Acknowledged).await;
     assert_eq!(removed.unwrap(), 0);
-    let settled = sent_records::settled(EXPIRES).unwrap();
-    let deadline = held_at + window + wait;
-    while record(&ks, 1).as_ref() != Some(&settled) && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(record(&ks, 1), Some(settled));
+    assert_eq!(
+        settled_by(&ks, 1, held_at + window + wait).await,
+        Some(sent_records::settled(EXPIRES).unwrap())
+    );
     assert_eq!(ks.inbox.iter().count(), 0, "never written");
     // The seq is not given out again.
     assert!(stored_seq_after(&writer, 2, seq).await);
@@ -403,12 +411,11 @@ async fn an_acknowledged_message_is_settled_when_the_window_ends() {
     let removed = writer.remove(BOB, vec![seq], Removal::Acknowledged).await;
     assert_eq!(removed.unwrap(), 1);
     appending.await.unwrap().unwrap();
-    let settled = sent_records::settled(EXPIRES).unwrap();
     let deadline = std::time::Instant::now() + window + Duration::from_secs(5);
-    while record(&ks, 1).as_ref() != Some(&settled) && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(record(&ks, 1), Some(settled));
+    assert_eq!(
+        settled_by(&ks, 1, deadline).await,
+        Some(sent_records::settled(EXPIRES).unwrap())
+    );
     assert_eq!(ks.inbox.iter().count(), 0, "never written");
 }
 
