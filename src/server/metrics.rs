@@ -47,6 +47,9 @@ pub const INBOX_PENDING: &str = "sfc_inbox_pending_messages";
 pub const INBOX_BATCH_OPERATIONS: &str = "sfc_inbox_batch_operations";
 /// Messages acknowledged by every recipient device before they were written: never written.
 pub const INBOX_SKIPPED: &str = "sfc_inbox_skipped_writes_total";
+/// Appends decided by their callers, without the inbox writer's thread (see
+/// `store::inbox_writer::here`).
+pub const INBOX_CALLER_APPENDS: &str = "sfc_inbox_caller_appends_total";
 /// Duration of the inbox's syncs to disk.
 pub const INBOX_SYNC_SECONDS: &str = "sfc_inbox_sync_seconds";
 /// Blob uploads completed (the whole blob on disk and synced).
@@ -95,6 +98,7 @@ struct Handles {
     inbox_batch_operations: Histogram,
     inbox_sync_seconds: Histogram,
     inbox_skipped: Counter,
+    inbox_caller_appends: Counter,
     blob_uploads: Counter,
     blob_downloads: Counter,
     blobs_deleted: Counter,
@@ -135,6 +139,7 @@ pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
         inbox_batch_operations: metrics::histogram!(INBOX_BATCH_OPERATIONS),
         inbox_sync_seconds: metrics::histogram!(INBOX_SYNC_SECONDS),
         inbox_skipped: metrics::counter!(INBOX_SKIPPED),
+        inbox_caller_appends: metrics::counter!(INBOX_CALLER_APPENDS),
         blob_uploads: metrics::counter!(BLOB_UPLOADS),
         blob_downloads: metrics::counter!(BLOB_DOWNLOADS),
         blobs_deleted: metrics::counter!(BLOBS_DELETED),
@@ -210,6 +215,10 @@ fn describe() {
     describe_counter!(
         INBOX_SKIPPED,
         "Messages every recipient device acknowledged while they were held: never written"
+    );
+    describe_counter!(
+        INBOX_CALLER_APPENDS,
+        "Appends of online messages decided by their callers, without the inbox writer's thread"
     );
     describe_histogram!(
         INBOX_SYNC_SECONDS,
@@ -374,6 +383,13 @@ pub(crate) fn inbox_skipped(n: usize) {
         && let Some(h) = handles()
     {
         h.inbox_skipped.increment(n as u64);
+    }
+}
+
+/// An append was decided by its caller (see `store::inbox_writer::here`).
+pub(crate) fn inbox_caller_append() {
+    if let Some(h) = handles() {
+        h.inbox_caller_appends.increment(1);
     }
 }
 

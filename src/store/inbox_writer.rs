@@ -1,7 +1,10 @@
-//! Group commit for inboxes, in two threads. The *writer* owns every inbox decision: it takes
+//! Group commit for inboxes, in two threads. The *writer* makes the inbox decisions: it takes
 //! all the operations waiting in its queue (up to a batch limit) and builds one fjall batch of
-//! them; sequence numbers, deduplication and quotas need no locks because this one thread
-//! decides them. The *committer* commits the built batches in order and syncs once for all of
+//! them. Sequence numbers, deduplication and quotas are decided under one lock, the writer's
+//! state, which this thread holds while it builds a batch; an online message's append is
+//! decided by its caller under the same lock when the writer is idle and the decision needs no
+//! store read (see `here`), so at moderate load a message does not wake this thread. The
+//! *committer* commits the built batches in order and syncs once for all of
 //! those waiting, and only then answers each caller. So many connections' messages share one
 //! fsync, and the writer goes on ordering new messages while a sync runs: with both cores busy
 //! a sync takes milliseconds, and nothing but the answers waits for it. Messages of batches not
@@ -10,9 +13,11 @@
 //! settles the message's send record (see `sent_records`) from what the writer remembers of
 //! the append (`caches`), so it neither reads the store nor waits for that commit.
 //!
-//! The parts: `apply` (each operation into the batch being built), `caches` (what the writer
-//! knows without asking the store), `committer` (the second thread), `counters` (seq
-//! counters in `meta`).
+//! The parts: `run` (the writer thread's loop), `apply` (each operation into the batch being
+//! built) and `remove` (removals and the send records they settle), `here` (appends decided
+//! by their callers), `caches` and `sent_ids` (what the writer knows without asking the
+//! store), `held` (messages not yet written), `committer` (the second thread), `counters`
+//! (seq counters in `meta`).
 //!
 //! An append carries every copy of a message (one per recipient device): the writer checks
 //! every copy's inbox (dropped, full, the sender's share) before it places any, then places
@@ -59,7 +64,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fjall::{Database, Keyspace, PersistMode};
+use fjall::{Database, Keyspace};
 use tokio::sync::{mpsc, oneshot};
 
 use super::devices::InboxId;
@@ -75,7 +80,11 @@ mod caches;
 mod committer;
 mod counters;
 mod held;
+mod here;
 mod ops;
+mod remove;
+mod run;
+mod sent_ids;
 #[cfg(test)]
 mod tests;
 
@@ -86,6 +95,8 @@ use counters::{mark_running, seq_value};
 use held::SharedHeld;
 use ops::DROP_CHUNK;
 pub(super) use ops::{Addressed, DropInbox, Dropped, Target};
+use run::run_writer;
+use sent_ids::SentIds;
 
 /// The writer's maps, hashed with foldhash: SipHash was ≈ 15 % of the writer's instructions
 /// (callgrind, store micro benchmark). Randomly seeded per process; keys are user names.
@@ -166,6 +177,9 @@ enum Op {
     /// Empties an inbox (of a removed device or a deleted account) and refuses messages to it
     /// (and, for an account, from it) from now on; chunk by chunk (see `drop_inbox`).
     DropInbox(DropInbox, oneshot::Sender<Result<Dropped, StoreError>>),
+    /// Nothing to do: the writer looks at the held messages' deadline again (an append
+    /// decided outside it held the first message).
+    Wake,
 }
 
 /// Handle to the writer thread; dropping it stops the thread after the queue drains and waits
@@ -174,6 +188,11 @@ pub(super) struct InboxWriter {
     queue: Option<mpsc::Sender<Op>>,
     /// The writer's held messages, whose copies acknowledgements remove here (see `held`).
     held: SharedHeld,
+    /// The writer's decisions, which the writer thread holds while it builds a batch and an
+    /// append may take when it is free (see [`Self::append`]).
+    state: Arc<Mutex<WriterState>>,
+    /// Set while the writer thread waits for operations (see [`Self::append`]).
+    idle: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     committer: Option<JoinHandle<()>>,
 }
@@ -248,7 +267,7 @@ impl InboxWriter {
                 })
                 .map_err(|e| StoreError::Limit(format!("cannot start the inbox committer: {e}")))?
         };
-        let mut state = WriterState {
+        let state = WriterState {
             epoch,
             failed: false,
             ks: keyspaces,
@@ -266,6 +285,8 @@ impl InboxWriter {
             bodies: BodyLedger::default(),
             held: held.clone(),
             in_flight: Set::default(),
+            sent_ids: SentIds::default(),
+            touched_here: Set::default(),
             jobs: Some(jobs),
             committed,
             commit_failed,
@@ -275,13 +296,20 @@ impl InboxWriter {
             ops_in_flight: 0,
             inboxes_in_flight: Map::default(),
         };
-        let thread = std::thread::Builder::new()
-            .name("sfc-inbox-writer".into())
-            .spawn(move || state.run(rx))
-            .map_err(|e| StoreError::Limit(format!("cannot start the inbox writer: {e}")))?;
+        let state = Arc::new(Mutex::new(state));
+        let idle = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (state, held, idle) = (Arc::clone(&state), held.clone(), Arc::clone(&idle));
+            std::thread::Builder::new()
+                .name("sfc-inbox-writer".into())
+                .spawn(move || run_writer(&state, &held, &idle, rx))
+                .map_err(|e| StoreError::Limit(format!("cannot start the inbox writer: {e}")))?
+        };
         Ok(Self {
             queue: Some(queue),
             held,
+            state,
+            idle,
             thread: Some(thread),
             committer: Some(committer),
         })
@@ -300,13 +328,60 @@ impl InboxWriter {
         rx.await.map_err(|_| StoreError::WriterStopped)?
     }
 
+    /// Appends a message. One to online devices only (to be held) is decided here, on the
+    /// caller's thread, when the writer thread is not building a batch and everything the
+    /// decision needs is in memory (the sender's send records, the inboxes' counters, pending
+    /// counts and shares: see [`WriterState::append_here`]); the writer's thread is then not
+    /// woken at all, and the message goes to its recipients at once. Otherwise it waits in the
+    /// writer's queue, as at full speed, where batches share the work.
     pub async fn append(
         &self,
         message: Addressed,
         hooks: AppendHooks,
     ) -> Result<Appended, StoreError> {
-        self.submit(|tx| Op::Append(Box::new(message), hooks, tx))
-            .await
+        let (message, hooks) = match self.append_here(Box::new(message), hooks) {
+            Ok(answer) => return answer.await.map_err(|_| StoreError::WriterStopped)?,
+            Err(not_here) => not_here,
+        };
+        self.submit(|tx| Op::Append(message, hooks, tx)).await
+    }
+
+    /// [`Self::append`] on this thread, if it can be; gives the message back if not.
+    #[allow(clippy::type_complexity)]
+    fn append_here(
+        &self,
+        message: Box<Addressed>,
+        hooks: AppendHooks,
+    ) -> Result<oneshot::Receiver<Result<Appended, StoreError>>, (Box<Addressed>, AppendHooks)>
+    {
+        let Some(queue) = self.queue.as_ref().filter(|q| !q.is_closed()) else {
+            return Err((message, hooks));
+        };
+        // Operations waiting mean a busy writer, which shares its work among them: the
+        // message joins them (and keeps its place after them).
+        if !hooks.hold
+            || !self.idle.load(Ordering::Acquire)
+            || queue.capacity() < queue.max_capacity()
+        {
+            return Err((message, hooks));
+        }
+        // Never waits: a writer building a batch takes the message in its next one.
+        let Ok(mut state) = self.state.try_lock() else {
+            return Err((message, hooks));
+        };
+        let (tx, rx) = oneshot::channel();
+        let (ordered, woke) = state.append_here(message, hooks, tx)?;
+        // Called in the order of the decisions, as the writer does: an inbox's copies reach
+        // its mailbox in seq order (it only hands a deliverer a run without gaps).
+        if let Some((hook, places)) = ordered {
+            hook(&places);
+        }
+        drop(state);
+        if woke {
+            // (A full queue means a busy writer, which looks at the deadline anyway.)
+            let _ = queue.try_send(Op::Wake);
+        }
+        Ok(rx)
     }
 
     /// Removes `seqs` from inbox `id`. An acknowledgement removes the held copies among them
@@ -399,6 +474,11 @@ struct WriterState {
     /// (sender's id, message id) of every message in a batch not yet committed, for
     /// deduplication: the store does not show them yet.
     in_flight: Set<(UserId, MessageId)>,
+    /// The ids of senders' send records, for deduplication without a store read.
+    sent_ids: SentIds,
+    /// Inboxes of the appends decided outside the writer thread since its last batch, whose
+    /// counters may need a checkpoint (see `here`).
+    touched_here: Set<InboxId>,
     /// Built batches, to the committer thread.
     jobs: Option<std_mpsc::SyncSender<Job>>,
     /// From the committer: each committed batch.
@@ -416,143 +496,4 @@ struct WriterState {
     ops_in_flight: usize,
     /// Inboxes with appends or removals in built batches not yet committed (how many).
     inboxes_in_flight: Map<InboxId, usize>,
-}
-
-impl WriterState {
-    fn run(&mut self, mut rx: mpsc::Receiver<Op>) {
-        // A clock to wait for the next operation with a deadline while messages are held.
-        let clock = match tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-        {
-            Ok(clock) => Some(clock),
-            Err(e) => {
-                tracing::warn!(error = %e, "no timer for the inbox writer; messages are written at once");
-                self.held.clear();
-                None
-            }
-        };
-        loop {
-            let deadline = self.held.lock().deadline();
-            let first = match (deadline, &clock) {
-                (Some(deadline), Some(clock)) => {
-                    let deadline = tokio::time::Instant::from_std(deadline);
-                    // (The timer is made inside the clock's context.)
-                    let next = clock
-                        .block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await });
-                    match next {
-                        Ok(op) => op,
-                        Err(_) => {
-                            // The oldest held message is due (or a finished one to settle).
-                            self.commit(Vec::new(), false);
-                            continue;
-                        }
-                    }
-                }
-                _ => rx.blocking_recv(),
-            };
-            let Some(first) = first else {
-                break;
-            };
-            let mut ops = vec![first];
-            while ops.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
-                }
-            }
-            self.commit(ops, false);
-        }
-        // What is still held is written before the stop.
-        if !self.held.lock().is_empty() {
-            self.commit(Vec::new(), true);
-        }
-        // Every built batch is committed (and synced) before the counters are stored: the
-        // committer's reports end when it has finished them all and stopped.
-        self.jobs = None;
-        while let Ok(done) = self.committed.recv() {
-            self.take_note(done);
-        }
-        self.note_commits();
-        // A clean stop stores every counter exactly and drops the marker, so the next start
-        // continues without a gap. After a failed batch the marker stays: its seqs may have
-        // been given out without being stored.
-        if !self.failed {
-            let mut batch = self.ks.db.batch().durability(Some(PersistMode::SyncData));
-            for (id, next) in &self.next_seq {
-                if let Some(counter) = self.names.get(id)
-                    && self.stored_seq.get(id) != Some(next)
-                {
-                    batch.insert(&self.ks.meta, counter.clone(), seq_value(*next, self.epoch));
-                }
-            }
-            batch.remove(&self.ks.meta, RUNNING);
-            if let Err(e) = batch.commit() {
-                tracing::warn!(error = %e, "cannot store the inbox counters at stop");
-            }
-        }
-    }
-
-    /// Blocks until the committer reports a batch; `false` if it is gone.
-    fn wait_for_commit(&mut self) -> bool {
-        match self.committed.recv() {
-            Ok(done) => {
-                self.take_note(done);
-                true
-            }
-            Err(_) => {
-                self.committer_gone();
-                false
-            }
-        }
-    }
-
-    /// The committer stopped (it panicked): nothing more can be stored, and the next start
-    /// must not trust the counters.
-    fn committer_gone(&mut self) {
-        tracing::error!("the inbox committer stopped; no more messages can be stored");
-        self.commit_failed.store(true, Ordering::SeqCst);
-        self.jobs = None;
-        self.note_commits();
-    }
-
-    fn take_note(&mut self, done: Committed) {
-        self.jobs_in_flight = self.jobs_in_flight.saturating_sub(1);
-        for key in done.appended {
-            self.in_flight.remove(&key);
-        }
-        self.bodies.committed(&done.bodies);
-        for inbox in done.inboxes {
-            if let Some(n) = self.inboxes_in_flight.get_mut(&inbox) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.inboxes_in_flight.remove(&inbox);
-                }
-            }
-        }
-        self.ops_in_flight = self.ops_in_flight.saturating_sub(done.ops);
-    }
-
-    /// Takes note of the batches committed since the last call: their messages are in the
-    /// store now, and after a failed commit the caches may describe writes that never
-    /// happened.
-    fn note_commits(&mut self) {
-        while let Ok(done) = self.committed.try_recv() {
-            self.take_note(done);
-        }
-        if !self.failed && self.commit_failed.load(Ordering::SeqCst) {
-            self.failed = true;
-            // Reloaded lazily. The seq counters stay (they only grow): the failed batch's seqs
-            // may have been delivered.
-            self.pending.clear();
-            self.shares.clear();
-            self.origins.clear();
-            self.bodies.clear();
-            self.known = self
-                .next_seq
-                .iter()
-                .map(|(id, next)| (*id, KnownPending::new(*next)))
-                .collect();
-        }
-    }
 }

@@ -19,7 +19,7 @@ use crate::store::{Appended, Placed, PlacedHook, Removal, StoreError, sent_recor
 
 /// Bytes a held message's entries and record take beyond its bodies, at most (an estimate for
 /// [`WriterState::must_flush_first`]).
-const HELD_OVERHEAD: usize = 512;
+pub(super) const HELD_OVERHEAD: usize = 512;
 
 impl WriterState {
     /// Builds one batch of `ops`, with the held messages now due (all of them with
@@ -174,9 +174,11 @@ impl WriterState {
                     let result = self.drop_inbox(&mut batch, &touched, drop);
                     replies.push(deferred(tx, result));
                 }
+                Op::Wake => {}
                 Op::ForgetSent(keys, tx) => {
                     let count = keys.len() as u64;
                     for key in keys {
+                        self.sent_ids.forget_key(&key);
                         batch.remove(&self.ks.sent, key);
                     }
                     replies.push(deferred(tx, Ok(count)));
@@ -211,7 +213,9 @@ impl WriterState {
         // The final count of every shared body the batch changed, once each.
         let bodies = self.bodies.take_batch(&mut batch, &self.ks);
         let mut checkpoints = Vec::new();
-        for id in touched.into_keys() {
+        // (With the inboxes of appends decided outside this thread since the last batch.)
+        let touched_here = std::mem::take(&mut self.touched_here);
+        for id in touched.into_keys().chain(touched_here) {
             let (Some(&next), Some(&stored), Some(counter)) = (
                 self.next_seq.get(&id),
                 self.stored_seq.get(&id),

@@ -111,6 +111,11 @@ impl HeldMessages {
         }
     }
 
+    /// Whether messages are held at all (the window is not zero).
+    pub fn is_holding(&self) -> bool {
+        !self.window.is_zero()
+    }
+
     /// Whether `staged` may be held (the window is on, it has no shared body, it fits).
     pub fn admits(&self, staged: &Staged) -> bool {
         !self.window.is_zero()

@@ -548,3 +548,5 @@ async fn a_message_written_at_once_goes_after_what_is_held() {
         Appended::Stored { seqs: vec![first] }
     );
 }
+
+mod here;
