@@ -32,12 +32,28 @@ async fn acknowledged_and_settled(ks: &InboxKeyspaces, writer: &Arc<InboxWriter>
     let removed = writer.remove(BOB, vec![seq], Removal::Acknowledged).await;
     assert_eq!(removed.unwrap(), 1);
     task.await.unwrap().unwrap();
+    // A batch (one that forgets nothing) settles it now, not at the window's end.
+    writer.forget_sent(Vec::new()).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     assert_eq!(
         settled_by(ks, n, deadline).await,
         Some(sent_records::settled(EXPIRES).unwrap())
     );
+    idle(writer).await;
     thread
+}
+
+/// Waits until the writer thread waits for operations (the marker it wrote is visible a
+/// moment before).
+async fn idle(writer: &InboxWriter) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !writer.idle.load(std::sync::atomic::Ordering::Acquire) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer stays busy"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// The first message of a sender to an inbox goes through the writer (it reads what it needs
@@ -47,7 +63,7 @@ async fn acknowledged_and_settled(ks: &InboxKeyspaces, writer: &Arc<InboxWriter>
 async fn a_message_decided_by_its_caller_is_answered_by_its_ack_and_never_written() {
     let dir = tempfile::tempdir().unwrap();
     let ks = keyspaces(dir.path());
-    let writer = start_holding(&ks, None, Duration::from_millis(300));
+    let writer = start_holding(&ks, None, Duration::from_secs(2));
     let first = acknowledged_and_settled(&ks, &writer, 1).await;
     assert_eq!(
         first, "sfc-inbox-writer",
@@ -114,7 +130,7 @@ async fn a_resend_after_a_restart_is_a_duplicate() {
     let writer = start(&ks, None);
     stored(&writer, 1).await;
     drop(Arc::into_inner(writer).unwrap());
-    let writer = start_holding(&ks, None, Duration::from_millis(300));
+    let writer = start_holding(&ks, None, Duration::from_secs(2));
     let (_, resend) = append(&writer, 1);
     assert_eq!(resend.await.unwrap().unwrap(), Appended::Duplicate);
     acknowledged_and_settled(&ks, &writer, 2).await;
@@ -152,7 +168,7 @@ async fn counters_advanced_by_callers_are_checkpointed() {
     let ks = keyspaces(dir.path());
     // A window longer than the loop: the writer sleeps through it, so every message below is
     // decided by its caller.
-    let writer = start_holding(&ks, None, Duration::from_secs(2));
+    let writer = start_holding(&ks, None, Duration::from_secs(60));
     acknowledged_and_settled(&ks, &writer, 1).await;
     let counter = counter_key(&Username::parse("bob").unwrap(), 1, BOB);
     let stored_next = || {
@@ -189,6 +205,8 @@ async fn counters_advanced_by_callers_are_checkpointed() {
         n += 1;
     }
     assert_eq!(ks.inbox.iter().count(), 0, "none written");
+    // The writer's next batch (here: one that forgets nothing) stores the counter.
+    writer.forget_sent(Vec::new()).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while stored_next() < before + SEQ_CHECKPOINT && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
