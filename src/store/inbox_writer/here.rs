@@ -27,8 +27,9 @@ use crate::store::devices::InboxId;
 use crate::store::shared_bodies::{Share, sharing};
 use crate::store::{AppendHooks, Appended, Placed, PlacedHook, StoreError};
 
-/// An `ordered` hook with the copies' places, for the caller to call once it let go of the
-/// state, and whether the writer must be woken.
+/// An `ordered` hook with the copies' places, for the caller to call before it lets go of
+/// the state (so copies reach their mailboxes in the order of the decisions), and whether the
+/// writer must be woken.
 type Decided = (Option<(PlacedHook, Vec<Placed>)>, bool);
 
 /// The answer to an append decided here.
