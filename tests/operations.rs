@@ -381,6 +381,10 @@ async fn metrics_count_connections_logins_and_messages() {
     assert!((3.0..=4.0).contains(&open), "{open} open");
     assert!(at("sfc_handshakes_total{result=\"ok\"}") >= 4.0);
     assert!(at("sfc_inbox_batch_operations_count") >= 1.0, "{after}");
+    // The first message went through the writer (it read alice's send records and bob's
+    // inbox); the next ones, to an online bob with an idle writer, were decided by their
+    // callers.
+    assert!(at("sfc_inbox_caller_appends_total") >= 1.0, "{after}");
     assert!(at("sfc_inbox_sync_seconds_count") >= 1.0, "{after}");
     assert!(after.contains("# HELP sfc_logins_total "), "{after}");
 
