@@ -51,15 +51,20 @@ fn series(addr: SocketAddr, name: &str) -> f64 {
 
 /// Waits (at most 15 s) until metric `name` reaches `at_least`.
 async fn until_metric(addr: SocketAddr, name: &str, at_least: f64) {
+    until_at_least(name, at_least, || series(addr, name)).await;
+}
+
+/// Waits (at most 15 s) until `read` (of `what`) reaches `at_least`.
+async fn until_at_least(what: &str, at_least: f64, read: impl Fn() -> f64) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let value = series(addr, name);
+        let value = read();
         if value >= at_least {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{name} stayed at {value}, waiting for {at_least}"
+            "{what} stayed at {value}, waiting for {at_least}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -73,15 +78,6 @@ const CALLER_APPENDS: &str = "sfc_inbox_caller_appends_total";
 /// Batches built plus appends decided by their callers: one more once a message is ordered.
 fn ordered(addr: SocketAddr) -> f64 {
     series(addr, BATCHES) + series(addr, CALLER_APPENDS)
-}
-
-/// Waits (at most 15 s) until [`ordered`] reaches `at_least`.
-async fn until_ordered(addr: SocketAddr, at_least: f64) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while ordered(addr) < at_least {
-        assert!(Instant::now() < deadline, "nothing ordered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// `sfc recv --follow` as `name`, with its output lines.
@@ -150,7 +146,10 @@ async fn messages_acknowledged_before_they_were_written_survive_a_kill_shown_onc
     let alice = alice.spawn().unwrap();
     // Ordered (by a batch or by its caller, its copy on its way to bob): alice stops before
     // any `sent`.
-    until_ordered(metrics, before + 1.0).await;
+    until_at_least("batches plus caller appends", before + 1.0, || {
+        ordered(metrics)
+    })
+    .await;
     signal(&alice, "-STOP");
     let skipped = series(metrics, SKIPPED);
     signal(&bob, "-CONT");

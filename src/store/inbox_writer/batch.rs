@@ -9,17 +9,12 @@ use std::time::Instant;
 use fjall::PersistMode;
 
 use super::committer::{Committed, Job, Reply, deferred};
-use super::held::{MAX_HELD, MAX_HELD_BYTES};
+use super::held::held_bytes;
 use super::{MAX_OPS_IN_FLIGHT, Map, Op, SEQ_CHECKPOINT, WriterState, seq_value};
 use crate::protocol::MessageId;
 use crate::store::devices::InboxId;
-use crate::store::shared_bodies::{Share, sharing};
 use crate::store::user_ids::UserId;
 use crate::store::{Appended, Placed, PlacedHook, Removal, StoreError, sent_records};
-
-/// Bytes a held message's entries and record take beyond its bodies, at most (an estimate for
-/// [`WriterState::must_flush_first`]).
-pub(super) const HELD_OVERHEAD: usize = 512;
 
 impl WriterState {
     /// Builds one batch of `ops`, with the held messages now due (all of them with
@@ -360,29 +355,21 @@ impl WriterState {
         if self.failed {
             return true;
         }
-        let (mut messages, mut bytes) = {
-            let held = self.held.lock();
-            (held.len(), held.bytes())
-        };
+        let (mut messages, mut bytes) = (0, 0);
         for op in ops {
             match op {
                 Op::DropInbox(..) => return true,
                 Op::Append(_, hooks, _) if !hooks.hold => return true,
-                Op::Append(message, _, _) => {
-                    let copies = &message.message.copies;
-                    let shares = sharing(copies.iter().map(|c| c.body.as_slice()));
-                    if shares.iter().any(|s| !matches!(s, Share::Inline)) {
-                        return true;
+                Op::Append(message, _, _) => match held_bytes(&message.message.copies) {
+                    Some(more) => {
+                        messages += 1;
+                        bytes += more;
                     }
-                    messages += 1;
-                    bytes += copies
-                        .iter()
-                        .map(|c| c.body.len() + HELD_OVERHEAD)
-                        .sum::<usize>();
-                }
+                    None => return true,
+                },
                 _ => {}
             }
         }
-        messages > MAX_HELD || bytes > MAX_HELD_BYTES
+        !self.held.lock().has_room(messages, bytes)
     }
 }

@@ -24,13 +24,27 @@ use super::apply::Staged;
 use super::committer::Reply;
 use super::{Map, MessageId};
 use crate::store::devices::InboxId;
+use crate::store::shared_bodies::{Share, sharing};
 use crate::store::user_ids::UserId;
-use crate::store::{Placed, PlacedHook};
+use crate::store::{Copy, Placed, PlacedHook};
 
 /// Messages held at most; one more is written at once.
 pub(super) const MAX_HELD: usize = 4096;
 /// Bytes of inbox entries held at most; a message that would pass it is written at once.
 pub(super) const MAX_HELD_BYTES: usize = 16 << 20;
+/// Bytes a held message's entries and record take beyond its bodies, at most (an estimate for
+/// [`held_bytes`]).
+const HELD_OVERHEAD: usize = 512;
+
+/// What holding a message with these copies would take, at most, in bytes; `None` if it
+/// cannot be held: two of its copies share a body, which is written at once (see
+/// `shared_bodies`).
+pub(super) fn held_bytes(copies: &[Copy]) -> Option<usize> {
+    sharing(copies.iter().map(|c| c.body.as_slice()))
+        .iter()
+        .all(|s| matches!(s, Share::Inline))
+        .then(|| copies.iter().map(|c| c.body.len() + HELD_OVERHEAD).sum())
+}
 
 /// One held message.
 pub(super) struct Held {
@@ -114,6 +128,11 @@ impl HeldMessages {
     /// Whether messages are held at all (the window is not zero).
     pub fn is_holding(&self) -> bool {
         !self.window.is_zero()
+    }
+
+    /// Whether `more` messages of `bytes` (see [`held_bytes`]) fit beside what is held.
+    pub fn has_room(&self, more: usize, bytes: usize) -> bool {
+        self.len() + more <= MAX_HELD && self.bytes() + bytes <= MAX_HELD_BYTES
     }
 
     /// Whether `staged` may be held (the window is on, it has no shared body, it fits).

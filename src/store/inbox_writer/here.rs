@@ -19,12 +19,10 @@
 
 use tokio::sync::oneshot;
 
-use super::batch::HELD_OVERHEAD;
 use super::committer::deferred;
-use super::held::{MAX_HELD, MAX_HELD_BYTES};
+use super::held::held_bytes;
 use super::{Addressed, Map, WriterState};
 use crate::store::devices::InboxId;
-use crate::store::shared_bodies::{Share, sharing};
 use crate::store::{AppendHooks, Appended, Placed, PlacedHook, StoreError};
 
 /// An `ordered` hook with the copies' places, for the caller to call before it lets go of
@@ -102,26 +100,19 @@ impl WriterState {
         {
             return false;
         }
-        let bytes: usize = message
-            .copies
-            .iter()
-            .map(|c| c.body.len() + HELD_OVERHEAD)
-            .sum();
+        let Some(bytes) = held_bytes(&message.copies) else {
+            return false;
+        };
         {
             let held = self.held.lock();
-            if !held.is_holding() || held.len() >= MAX_HELD || held.bytes() + bytes > MAX_HELD_BYTES
-            {
+            if !held.is_holding() || !held.has_room(1, bytes) {
                 return false;
             }
         }
-        let inline = sharing(message.copies.iter().map(|c| c.body.as_slice()))
-            .iter()
-            .all(|s| matches!(s, Share::Inline));
-        inline
-            && targets.iter().all(|t| {
-                self.next_seq.contains_key(&t.inbox)
-                    && self.pending.contains_key(&t.inbox)
-                    && (!self.shares.enabled() || self.shares.is_tracked(t.inbox))
-            })
+        targets.iter().all(|t| {
+            self.next_seq.contains_key(&t.inbox)
+                && self.pending.contains_key(&t.inbox)
+                && (!self.shares.enabled() || self.shares.is_tracked(t.inbox))
+        })
     }
 }
