@@ -8,11 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Endpoint, EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig, VarInt};
+use quinn::{
+    Endpoint, EndpointConfig, IdleTimeout, Runtime, TokioRuntime, TransportConfig, VarInt,
+};
 use quinn_proto::HashedConnectionIdGenerator;
 use ring::hmac;
 use socket2::{Domain, Protocol, Socket, Type};
 use zeroize::Zeroizing;
+
+mod routing;
 
 /// Requested UDP send and receive buffer size. The kernel default (≈208 KB) drops packets under
 /// load on the machines we measured; 4 MiB is `net.core.rmem_max` there (the kernel caps it).
@@ -63,6 +67,11 @@ pub const SEND_WINDOW: u64 = 1024 * 1024;
 
 /// Creates a UDP socket bound to `addr` with [`UDP_BUFFER_BYTES`] buffers.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    bind_udp_with(addr, false)
+}
+
+/// [`bind_udp`], with `SO_REUSEPORT` when `shared` (several sockets of this process on one port).
+fn bind_udp_with(addr: SocketAddr, shared: bool) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // Let a server bound to [::] also take IPv4 clients where the system allows it.
@@ -71,6 +80,9 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     // The kernel caps these at rmem_max/wmem_max; a smaller buffer is not an error.
     let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
     let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
@@ -201,18 +213,31 @@ impl EndpointSecret {
 
     /// The endpoint configuration with the keys derived from this secret.
     fn endpoint_config(&self) -> EndpointConfig {
+        let (mut config, cid_key) = self.keys();
+        config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
+        config
+    }
+
+    /// [`Self::endpoint_config`] for the endpoint of `shard`, whose connection IDs name it.
+    fn shard_endpoint_config(&self, shard: usize) -> EndpointConfig {
+        let (mut config, cid_key) = self.keys();
+        // `server_endpoints_with` makes at most `MAX_SHARDS` (256) shards.
+        let shard = u8::try_from(shard).unwrap_or(u8::MAX);
+        config.cid_generator(move || Box::new(routing::ShardCids::new(shard, cid_key)));
+        config
+    }
+
+    /// The configuration with the stateless-reset key, and the connection-ID key.
+    fn keys(&self) -> (EndpointConfig, u64) {
         let master = hmac::Key::new(hmac::HMAC_SHA256, &self.0[..]);
         let reset = hmac::sign(&master, b"sfc stateless reset key");
         let cid = hmac::sign(&master, b"sfc connection id key");
         let mut cid_key = [0u8; 8];
         cid_key.copy_from_slice(&cid.as_ref()[..8]);
-        let cid_key = u64::from_le_bytes(cid_key);
         let mut config =
             EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
-        config
-            .cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)))
-            .min_reset_interval(MIN_RESET_INTERVAL);
-        config
+        config.min_reset_interval(MIN_RESET_INTERVAL);
+        (config, u64::from_le_bytes(cid_key))
     }
 }
 
@@ -232,16 +257,76 @@ pub fn server_endpoint_with(
     bind_server(addr, crypto, secret.endpoint_config())
 }
 
+/// One server endpoint per runtime of `runtimes`, all on the port of `addr` (`SO_REUSEPORT`:
+/// the kernel spreads clients over the sockets by address and port), each endpoint's task on
+/// its runtime, with the keys of `secret`. Port 0 takes one free port for all of them.
+///
+/// Each endpoint issues connection IDs that name its shard, and reads through a
+/// [`routing::RoutedSocket`], so a client whose address changes (and whose packets the kernel
+/// then gives another shard's socket) keeps its connection.
+pub fn server_endpoints_with(
+    addr: SocketAddr,
+    crypto: QuicServerConfig,
+    secret: &EndpointSecret,
+    runtimes: &[tokio::runtime::Handle],
+) -> io::Result<Vec<Endpoint>> {
+    if runtimes.len() > routing::MAX_SHARDS {
+        return Err(io::Error::other(format!(
+            "at most {} endpoints share a port",
+            routing::MAX_SHARDS
+        )));
+    }
+    let config = server_quic_config(crypto);
+    let exchange = routing::Exchange::new(runtimes.len());
+    let mut endpoints = Vec::with_capacity(runtimes.len());
+    let mut addr = addr;
+    for (shard, runtime) in runtimes.iter().enumerate() {
+        let socket = bind_udp_with(addr, true)?;
+        // Port 0 binds the first socket to a free port, and the others to the same one.
+        addr = socket.local_addr()?;
+        if shard == 0 {
+            log_socket(&socket);
+        }
+        // The socket registers with, and the endpoint's task runs on, the shard's runtime.
+        let _entered = runtime.enter();
+        let socket = TokioRuntime.wrap_udp_socket(socket)?;
+        let socket = routing::RoutedSocket::new(socket, shard, Arc::clone(&exchange));
+        endpoints.push(Endpoint::new_with_abstract_socket(
+            secret.shard_endpoint_config(shard),
+            Some(config.clone()),
+            Arc::new(socket),
+            Arc::new(TokioRuntime),
+        )?);
+    }
+    Ok(endpoints)
+}
+
+fn server_quic_config(crypto: QuicServerConfig) -> quinn::ServerConfig {
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config
+        .transport_config(Arc::new(server_transport()))
+        .migration(true);
+    config
+}
+
 fn bind_server(
     addr: SocketAddr,
     crypto: QuicServerConfig,
     endpoint_config: EndpointConfig,
 ) -> io::Result<Endpoint> {
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config
-        .transport_config(Arc::new(server_transport()))
-        .migration(true);
+    let config = server_quic_config(crypto);
     let socket = bind_udp(addr)?;
+    log_socket(&socket);
+    Endpoint::new(
+        endpoint_config,
+        Some(config),
+        socket,
+        Arc::new(TokioRuntime),
+    )
+}
+
+/// Logs the buffers and offloads the kernel gave a server socket.
+fn log_socket(socket: &UdpSocket) {
     let sock = socket2::SockRef::from(&socket);
     tracing::info!(
         recv_buffer = sock.recv_buffer_size().unwrap_or(0),
@@ -249,7 +334,7 @@ fn bind_server(
         requested = UDP_BUFFER_BYTES,
         "UDP socket buffers (the kernel caps them at net.core.rmem_max/wmem_max)"
     );
-    match udp_offloads(&socket) {
+    match udp_offloads(socket) {
         Ok(offloads) => tracing::info!(
             gso_segments = offloads.gso_segments,
             gro_segments = offloads.gro_segments,
@@ -257,12 +342,6 @@ fn bind_server(
         ),
         Err(e) => tracing::warn!(error = %e, "cannot probe the UDP offloads"),
     }
-    Endpoint::new(
-        endpoint_config,
-        Some(config),
-        socket,
-        Arc::new(TokioRuntime),
-    )
 }
 
 /// A client endpoint on an ephemeral port of the same address family as `server`.

@@ -80,6 +80,11 @@ struct Cli {
     /// Password hashes computed at once [default: number of cores]
     #[arg(long, env = "SFC_PASSWORD_WORKERS")]
     password_workers: Option<usize>,
+    /// Threads that serve connections, each with its own QUIC endpoint on the one port
+    /// (SO_REUSEPORT); 0 = one multi-threaded runtime and one endpoint [default: number of
+    /// cores]
+    #[arg(long, env = "SFC_SHARDS")]
+    shards: Option<usize>,
     /// Failed logins allowed per client address per minute, 0 = unlimited [default: 30]
     #[arg(long, env = "SFC_FAILED_LOGINS_PER_MINUTE")]
     failed_logins_per_minute: Option<u32>,
@@ -306,6 +311,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         login_timeout_secs: cli.login_timeout_secs,
         session_ttl_secs: cli.session_ttl_secs,
         password_workers: cli.password_workers,
+        shards: cli.shards,
         failed_logins_per_minute: cli.failed_logins_per_minute,
         signups_per_minute: cli.signups_per_minute,
         bundle_fetches_per_minute: cli.bundle_fetches_per_minute,

@@ -114,6 +114,9 @@ pub struct ServerConfig {
     pub session_ttl: Duration,
     /// argon2 hashes computed at once (each uses a core and 19 MiB).
     pub password_workers: usize,
+    /// Threads that serve connections, each with its own runtime and QUIC endpoint on the one
+    /// port (`server::shards`); 0 serves them on the caller's runtime with one endpoint.
+    pub shards: usize,
     /// Time a client has to finish the handshake and open its control stream.
     pub handshake_timeout: Duration,
     /// Time connections get to finish at shutdown before they are cut.
@@ -183,6 +186,7 @@ impl ServerConfig {
             login_timeout: Duration::from_secs(DEFAULT_LOGIN_TIMEOUT_SECS),
             session_ttl: Duration::from_secs(DEFAULT_SESSION_TTL_SECS),
             password_workers: default_password_workers(),
+            shards: default_password_workers(),
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             failed_logins_per_minute: DEFAULT_FAILED_LOGINS_PER_MINUTE,
@@ -213,6 +217,11 @@ impl ServerConfig {
     }
 }
 
+/// Most shards: one thread and one UDP socket each, and a connection ID names its shard in one
+/// byte.
+pub const MAX_SHARDS: usize = 256;
+
+/// The number of cores: the default of `password_workers` and of `shards`.
 fn default_password_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -243,6 +252,8 @@ pub struct ConfigLayer {
     pub session_ttl_secs: Option<u64>,
     /// Concurrent argon2 hashes.
     pub password_workers: Option<usize>,
+    /// Threads that serve connections (0: one multi-threaded runtime).
+    pub shards: Option<usize>,
     /// Failed logins per address per minute (0 = unlimited).
     pub failed_logins_per_minute: Option<u32>,
     /// Signups per address per minute (0 = unlimited).
@@ -341,6 +352,7 @@ impl ConfigLayer {
             login_timeout_secs: self.login_timeout_secs.or(lower.login_timeout_secs),
             session_ttl_secs: self.session_ttl_secs.or(lower.session_ttl_secs),
             password_workers: self.password_workers.or(lower.password_workers),
+            shards: self.shards.or(lower.shards),
             failed_logins_per_minute: self
                 .failed_logins_per_minute
                 .or(lower.failed_logins_per_minute),
@@ -430,6 +442,14 @@ impl ConfigLayer {
                 ));
             }
             config.password_workers = workers;
+        }
+        if let Some(shards) = self.shards {
+            if shards > MAX_SHARDS {
+                return Err(ConfigError::Invalid(format!(
+                    "shards must be 0 to {MAX_SHARDS}"
+                )));
+            }
+            config.shards = shards;
         }
         if let Some(n) = self.failed_logins_per_minute {
             config.failed_logins_per_minute = n;

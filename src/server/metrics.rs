@@ -50,6 +50,10 @@ pub const INBOX_SKIPPED: &str = "sfc_inbox_skipped_writes_total";
 /// Appends decided by their callers, without the inbox writer's thread (see
 /// `store::inbox_writer::here`).
 pub const INBOX_CALLER_APPENDS: &str = "sfc_inbox_caller_appends_total";
+/// Packets one shard read for another (a client whose address changed), by result: `queued`
+/// for the shard of their connection, or `dropped` because its queue was full (see
+/// `transport::routing`).
+pub const SHARD_FORWARDED: &str = "sfc_shard_forwarded_packets_total";
 /// Duration of the inbox's syncs to disk.
 pub const INBOX_SYNC_SECONDS: &str = "sfc_inbox_sync_seconds";
 /// Blob uploads completed (the whole blob on disk and synced).
@@ -99,6 +103,8 @@ struct Handles {
     inbox_sync_seconds: Histogram,
     inbox_skipped: Counter,
     inbox_caller_appends: Counter,
+    shard_forwarded: Counter,
+    shard_dropped: Counter,
     blob_uploads: Counter,
     blob_downloads: Counter,
     blobs_deleted: Counter,
@@ -140,6 +146,8 @@ pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
         inbox_sync_seconds: metrics::histogram!(INBOX_SYNC_SECONDS),
         inbox_skipped: metrics::counter!(INBOX_SKIPPED),
         inbox_caller_appends: metrics::counter!(INBOX_CALLER_APPENDS),
+        shard_forwarded: metrics::counter!(SHARD_FORWARDED, "result" => "queued"),
+        shard_dropped: metrics::counter!(SHARD_FORWARDED, "result" => "dropped"),
         blob_uploads: metrics::counter!(BLOB_UPLOADS),
         blob_downloads: metrics::counter!(BLOB_DOWNLOADS),
         blobs_deleted: metrics::counter!(BLOBS_DELETED),
@@ -147,6 +155,7 @@ pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
     };
     // Series that exist from the start read 0 instead of being absent until the first event.
     handles.handshakes_failed.increment(0);
+    handles.shard_forwarded.increment(0);
     metrics::counter!(LOGINS, "result" => "ok").increment(0);
     metrics::counter!(CONNECTIONS_REFUSED, "reason" => "max_connections").increment(0);
     HANDLES
@@ -219,6 +228,10 @@ fn describe() {
     describe_counter!(
         INBOX_CALLER_APPENDS,
         "Appends of online messages decided by their callers, without the inbox writer's thread"
+    );
+    describe_counter!(
+        SHARD_FORWARDED,
+        "Packets a shard read for another shard's connection (a client whose address changed), by result: queued for that shard, or dropped (its queue full)"
     );
     describe_histogram!(
         INBOX_SYNC_SECONDS,
@@ -390,6 +403,17 @@ pub(crate) fn inbox_skipped(n: usize) {
 pub(crate) fn inbox_caller_append() {
     if let Some(h) = handles() {
         h.inbox_caller_appends.increment(1);
+    }
+}
+
+/// A shard read a packet of another shard's connection, and queued it for that shard or (its
+/// queue full) dropped it.
+pub(crate) fn shard_forwarded(queued: bool) {
+    if let Some(h) = handles() {
+        match queued {
+            true => h.shard_forwarded.increment(1),
+            false => h.shard_dropped.increment(1),
+        }
     }
 }
 

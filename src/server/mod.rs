@@ -24,6 +24,7 @@ pub mod password;
 mod requests;
 pub mod router;
 mod send_rate;
+mod shards;
 pub mod throttle;
 
 use std::net::SocketAddr;
@@ -88,6 +89,9 @@ pub enum ServerError {
     /// A startup task died.
     #[error("startup task failed: {0}")]
     Join(tokio::task::JoinError),
+    /// The shard threads could not start.
+    #[error("cannot start the shard threads: {0}")]
+    Shards(std::io::Error),
     /// The metrics endpoint could not start.
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
@@ -146,11 +150,25 @@ pub(crate) struct MessageLimits {
 
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
-    endpoint: Endpoint,
+    /// One endpoint per shard (one on the caller's runtime without shards).
+    endpoints: Vec<Endpoint>,
+    /// The shard threads; `None` when the server runs on the caller's runtime.
+    shards: Option<shards::Shards>,
     shared: Arc<Shared>,
     per_address: PerAddress,
     store: Arc<dyn Store>,
     config: ServerConfig,
+}
+
+/// What admitting a connection needs, shared by the shards' accept loops.
+struct Gate {
+    shared: Arc<Shared>,
+    per_address: PerAddress,
+    max_connections: usize,
+    active: Arc<AtomicUsize>,
+    handshaking: Arc<AtomicUsize>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 impl Server {
@@ -208,13 +226,27 @@ impl Server {
                 path: config.data_dir.join(EndpointSecret::FILE),
                 error,
             })?;
-        let endpoint =
-            transport::server_endpoint_with(config.listen, crypto, &secret).map_err(|error| {
-                ServerError::Bind {
-                    addr: config.listen,
-                    error,
-                }
-            })?;
+        let shard_count = config.shards;
+        let shards = if shard_count == 0 {
+            None
+        } else {
+            let started = tokio::task::spawn_blocking(move || shards::Shards::start(shard_count));
+            Some(started.await?.map_err(ServerError::Shards)?)
+        };
+        let bind_error = |error| ServerError::Bind {
+            addr: config.listen,
+            error,
+        };
+        let endpoints = match &shards {
+            None => vec![
+                transport::server_endpoint_with(config.listen, crypto, &secret)
+                    .map_err(bind_error)?,
+            ],
+            Some(shards) => {
+                transport::server_endpoints_with(config.listen, crypto, &secret, &shards.handles())
+                    .map_err(bind_error)?
+            }
+        };
 
         let blobs = Arc::new(blobs::Blobs::new(
             &config.data_dir,
@@ -272,7 +304,8 @@ impl Server {
             group_locks: groups::GroupLocks::default(),
         });
         Ok(Self {
-            endpoint,
+            endpoints,
+            shards,
             shared,
             per_address: PerAddress::new(config.max_connections_per_address),
             store,
@@ -282,15 +315,16 @@ impl Server {
 
     /// The address the endpoint is bound to (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+        match self.endpoints.first() {
+            Some(endpoint) => endpoint.local_addr(),
+            None => Err(std::io::Error::other("the server has no endpoint")),
+        }
     }
 
     /// Serves until `shutdown` is cancelled, then shuts down gracefully.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        info!(listen = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(), data = %self.config.data_dir.display(), "serving");
+        info!(listen = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(), data = %self.config.data_dir.display(), shards = self.config.shards, "serving");
         let tracker = TaskTracker::new();
-        let active = Arc::new(AtomicUsize::new(0));
-        let handshaking = Arc::new(AtomicUsize::new(0));
         tracker.spawn(sweep(Arc::clone(&self.shared), shutdown.clone()));
         tracker.spawn(blobs::sweep_blobs(
             Arc::clone(&self.store),
@@ -300,18 +334,34 @@ impl Server {
         if self.config.metrics.is_some() {
             tracker.spawn(count_pending(Arc::clone(&self.store), shutdown.clone()));
         }
+        let gate = Arc::new(Gate {
+            shared: Arc::clone(&self.shared),
+            per_address: self.per_address,
+            max_connections: self.config.max_connections,
+            active: Arc::new(AtomicUsize::new(0)),
+            handshaking: Arc::new(AtomicUsize::new(0)),
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+        });
 
-        loop {
-            let incoming = tokio::select! {
-                () = shutdown.cancelled() => break,
-                incoming = self.endpoint.accept() => incoming,
-            };
-            let Some(incoming) = incoming else { break };
-            self.admit(incoming, &tracker, (&active, &handshaking), &shutdown);
+        // Each endpoint accepts on its own runtime, so its connections' tasks run there.
+        let handles = self.shards.as_ref().map(shards::Shards::handles);
+        let mut accepting = Vec::with_capacity(self.endpoints.len());
+        for (index, endpoint) in self.endpoints.iter().enumerate() {
+            let accept = accept(endpoint.clone(), Arc::clone(&gate));
+            accepting.push(match handles.as_ref().and_then(|h| h.get(index)) {
+                Some(handle) => handle.spawn(accept),
+                None => tokio::spawn(accept),
+            });
+        }
+        for task in accepting {
+            if let Err(e) = task.await {
+                warn!(error = %e, "an accept loop failed");
+            }
         }
 
         info!(
-            connections = active.load(Ordering::Relaxed),
+            connections = gate.active.load(Ordering::Relaxed),
             "shutting down"
         );
         tracker.close();
@@ -321,28 +371,44 @@ impl Server {
         {
             warn!("connections still open after the grace period; closing them");
         }
-        self.endpoint.close(
-            VarInt::from_u32(CloseCode::Shutdown.code()),
-            b"server shutting down",
-        );
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        for endpoint in &self.endpoints {
+            endpoint.close(
+                VarInt::from_u32(CloseCode::Shutdown.code()),
+                b"server shutting down",
+            );
+        }
+        let idle = futures_util::future::join_all(self.endpoints.iter().map(Endpoint::wait_idle));
+        let _ = tokio::time::timeout(Duration::from_secs(2), idle).await;
         tracker.wait().await;
+        drop(self.endpoints);
+        if let Some(shards) = self.shards {
+            shards.stop().await;
+        }
         self.store.close().await?;
         info!("store flushed; bye");
         Ok(())
     }
+}
 
-    fn admit(
-        &self,
-        incoming: Incoming,
-        tracker: &TaskTracker,
-        (active, handshaking): (&Arc<AtomicUsize>, &Arc<AtomicUsize>),
-        shutdown: &CancellationToken,
-    ) {
+/// Admits the connections of one endpoint until the server shuts down or the endpoint closes.
+async fn accept(endpoint: Endpoint, gate: Arc<Gate>) {
+    loop {
+        let incoming = tokio::select! {
+            () = gate.shutdown.cancelled() => break,
+            incoming = endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { break };
+        gate.admit(incoming);
+    }
+}
+
+impl Gate {
+    fn admit(&self, incoming: Incoming) {
+        let (active, handshaking) = (&self.active, &self.handshaking);
         // Every refusal here costs one small packet (or none) and no TLS work, and none
         // touches a connection already admitted: a flood is turned away, it evicts nobody.
         let now_active = active.load(Ordering::Relaxed);
-        if now_active >= self.config.max_connections {
+        if now_active >= self.max_connections {
             debug!(remote = %incoming.remote_address(), "connection limit reached; refusing");
             metrics::connection_refused("max_connections");
             incoming.refuse();
@@ -374,11 +440,12 @@ impl Server {
         };
         let slot = ConnectionSlot::take(active);
         let handshake = ConnectionSlot::take(handshaking);
-        let (shared, shutdown) = (Arc::clone(&self.shared), shutdown.clone());
+        let (shared, shutdown) = (Arc::clone(&self.shared), self.shutdown.clone());
         // Boxed: an `Incoming` (the first packet and its headers) is large, and a task keeps room
         // for every value it was given for as long as it lives; idle connections live long.
         let incoming = Box::new(incoming);
-        tracker.spawn(async move {
+        // Spawned from the accept loop, so on its shard's runtime.
+        self.tracker.spawn(async move {
             let _slots = (slot, address_slot);
             let _open = metrics::connection_accepted();
             connection::serve(incoming, shared, shutdown, handshake).await;
@@ -484,20 +551,22 @@ mod tests {
     #[tokio::test]
     async fn a_connections_task_stays_small() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = ServerConfig::new(
+        let mut config = ServerConfig::new(
             "127.0.0.1:0".parse().expect("address"),
             dir.path().join("data"),
             TlsSource::Dev {
                 dir: dir.path().join("certs"),
             },
         );
+        // One endpoint, which the client is sure to reach.
+        config.shards = 0;
         let server = Server::bind(config).await.expect("bind");
         let addr = server.local_addr().expect("address");
         let ca = dir.path().join("certs").join(tls::CA_CERT_FILE);
         let crypto = tls::client_crypto(tls::load_trust_anchors(&ca).expect("ca"), false);
         let client = transport::client_endpoint(addr, crypto.expect("crypto")).expect("endpoint");
         let connecting = client.connect(addr, "localhost").expect("connect");
-        let incoming = server.endpoint.accept().await.expect("incoming");
+        let incoming = server.endpoints[0].accept().await.expect("incoming");
 
         let active = Arc::new(AtomicUsize::new(0));
         let task = connection::serve(
