@@ -262,7 +262,7 @@ pub fn server_endpoint_with(
 /// its runtime, with the keys of `secret`. Port 0 takes one free port for all of them.
 ///
 /// Each endpoint issues connection IDs that name its shard, and reads through a
-/// [`routing::RoutedSocket`], so a client whose address changes (and whose packets the kernel
+/// `routing::RoutedSocket`, so a client whose address changes (and whose packets the kernel
 /// then gives another shard's socket) keeps its connection.
 pub fn server_endpoints_with(
     addr: SocketAddr,

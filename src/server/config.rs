@@ -185,8 +185,8 @@ impl ServerConfig {
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             login_timeout: Duration::from_secs(DEFAULT_LOGIN_TIMEOUT_SECS),
             session_ttl: Duration::from_secs(DEFAULT_SESSION_TTL_SECS),
-            password_workers: default_password_workers(),
-            shards: default_password_workers(),
+            password_workers: number_of_cores(),
+            shards: number_of_cores(),
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             failed_logins_per_minute: DEFAULT_FAILED_LOGINS_PER_MINUTE,
@@ -222,7 +222,7 @@ impl ServerConfig {
 pub const MAX_SHARDS: usize = 256;
 
 /// The number of cores: the default of `password_workers` and of `shards`.
-fn default_password_workers() -> usize {
+fn number_of_cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -623,6 +623,19 @@ mod tests {
             ..Default::default()
         };
         assert!(no_streams.resolve().is_err());
+        let too_many_shards = ConfigLayer {
+            shards: Some(MAX_SHARDS + 1),
+            ..Default::default()
+        };
+        assert!(too_many_shards.resolve().is_err());
+    }
+
+    #[test]
+    fn shards_default_to_the_cores_and_zero_is_one_runtime() {
+        let defaults = ConfigLayer::default().resolve().unwrap();
+        assert_eq!(defaults.shards, number_of_cores());
+        let file: ConfigLayer = toml::from_str("shards = 0\n").unwrap();
+        assert_eq!(file.resolve().unwrap().shards, 0);
     }
 
     #[test]
