@@ -279,11 +279,12 @@ pub fn server_endpoints_with(
     let config = server_quic_config(crypto);
     let exchange = routing::Exchange::new(runtimes.len());
     let mut endpoints = Vec::with_capacity(runtimes.len());
-    let mut addr = addr;
+    // A port that anyone holds is an error, as with one endpoint, even if the holder shares it
+    // (another sfc-server's shards): a socket without `SO_REUSEPORT` binds only to a free port.
+    // It is closed before the shards bind; a server started in that instant could still join.
+    let addr = bind_udp(addr)?.local_addr()?;
     for (shard, runtime) in runtimes.iter().enumerate() {
         let socket = bind_udp_with(addr, true)?;
-        // Port 0 binds the first socket to a free port, and the others to the same one.
-        addr = socket.local_addr()?;
         if shard == 0 {
             log_socket(&socket);
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::TestServer;
 use securefastchat::protocol::MessageId;
+use securefastchat::server::{Server, ServerConfig, ServerError, TlsSource};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -74,4 +75,29 @@ async fn a_client_whose_address_changes_keeps_its_connection_across_shards() {
         0.0
     );
     server.stop().await;
+}
+
+/// The shards share their port with each other only: a second server on it fails to start,
+/// as it did when there was one endpoint, instead of taking a share of the clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_cannot_join_the_shards_port() {
+    let first = TestServer::start_with(|c| c.shards = 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::new(
+        first.addr,
+        dir.path().join("data"),
+        TlsSource::Dev {
+            dir: dir.path().join("certs"),
+        },
+    );
+    config.shards = 2;
+    match Server::bind(config).await {
+        Err(ServerError::Bind { addr, error }) => {
+            assert_eq!(addr, first.addr);
+            assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+        }
+        Err(other) => panic!("expected a bind error, got {other}"),
+        Ok(_) => panic!("a second server bound the port of the first"),
+    }
+    first.stop().await;
 }
