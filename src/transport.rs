@@ -74,6 +74,10 @@ pub const CONNECTION_RECEIVE_WINDOW: u32 = 1024 * 1024;
 /// `max_ack_delay` (25 ms), as without the extension.
 pub const ACK_ELICITING_THRESHOLD: u32 = 8;
 
+/// Most endpoints that share a port (`server_endpoints_with`, the server's shards): a
+/// connection ID names its endpoint in one byte.
+pub const MAX_SHARDS: usize = 256;
+
 /// Bytes we keep unacknowledged towards a peer.
 pub const SEND_WINDOW: u64 = 1024 * 1024;
 
@@ -285,10 +289,10 @@ pub fn server_endpoints_with(
     secret: &EndpointSecret,
     runtimes: &[tokio::runtime::Handle],
 ) -> io::Result<Vec<Endpoint>> {
-    if runtimes.len() > routing::MAX_SHARDS {
+    if runtimes.len() > MAX_SHARDS {
         return Err(io::Error::other(format!(
             "at most {} endpoints share a port",
-            routing::MAX_SHARDS
+            MAX_SHARDS
         )));
     }
     let config = server_quic_config(crypto);

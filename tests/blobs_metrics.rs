@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::TestServer;
+use common::metrics::{scrape, series};
 use common::raw::Raw;
 use securefastchat::protocol::{BlobId, Reply, Request};
 
@@ -15,22 +16,6 @@ fn held(reply: &Reply) -> u64 {
         Reply::BlobUpload { held, .. } => *held,
         other => panic!("expected blob_upload, got {other:?}"),
     }
-}
-
-/// The metrics' series: `GET` on the admin address.
-fn scrape(addr: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
-}
-
-fn series(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

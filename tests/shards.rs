@@ -7,26 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
+use common::metrics::{scrape, series};
 use securefastchat::protocol::MessageId;
 use securefastchat::server::{Server, ServerConfig, ServerError, TlsSource};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// The metrics' series: `GET` on the admin address.
-fn scrape(addr: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
-}
-
-fn series(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_whose_address_changes_keeps_its_connection_across_shards() {

@@ -217,9 +217,7 @@ impl ServerConfig {
     }
 }
 
-/// Most shards: one thread and one UDP socket each, and a connection ID names its shard in one
-/// byte.
-pub const MAX_SHARDS: usize = 256;
+pub use crate::transport::MAX_SHARDS;
 
 /// The number of cores: the default of `password_workers` and of `shards`.
 fn number_of_cores() -> usize {

@@ -30,9 +30,6 @@ use std::time::Duration;
 /// 8-byte ID (3 random bytes and a 5-byte tag that lets the server tell its own IDs).
 pub(crate) const CID_LEN: usize = 9;
 
-/// Most shards: a connection ID names its shard in one byte.
-pub(crate) const MAX_SHARDS: usize = 256;
-
 /// Packets waiting for a shard beyond which more are dropped (QUIC retransmits them): bounds
 /// the memory a flood of misrouted packets can take, 4,096 × at most 64 KiB.
 const MAX_QUEUED: usize = 4096;

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod crash_load;
+pub mod metrics;
 pub mod mls;
 pub mod raw;
 pub mod release_fixture;
