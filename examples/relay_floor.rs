@@ -20,6 +20,7 @@
 //!
 //! ```text
 //! cargo run --release --example relay_floor -- spawn PAIRS SECONDS [--window N] [--rate R]
+//!     [--server-workers N] [--json]
 //! cargo run --release --example relay_floor -- server 127.0.0.1:4433 CERT_DIR
 //! cargo run --release --example relay_floor -- client 127.0.0.1:4433 CA_FILE PAIRS SECONDS [...]
 //! ```
@@ -29,6 +30,13 @@
 //! second on stderr in `sfc-bench`'s words (`relay load …, sent N, delivered N`) and one result
 //! line on stdout. `scripts/relay-floor.sh` alternates it with `sfc-bench relay` and reports
 //! each side's CPU per message over a window in the middle of the load.
+//!
+//! `--server-workers N` runs the spawned server's runtime on N threads (its default: one per
+//! core); `--server-workers 1` is the transport on one thread, as a single sfc-server shard or
+//! mosquitto's one thread carry it. `--json` prints one JSON object instead of the result
+//! lines, with `sfc-bench`'s keys (`throughput_per_s`, `sent`, `delivered`, `lost`,
+//! `latency_us`, `server_cpu_us_per_delivery`, `client_cpu_us_per_delivery`: CPU from the start
+//! of the load until everything arrived), so `scripts/peer-bench.sh` reads it as a third system.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -41,6 +49,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
+use securefastchat::bench::ServerStats;
 use securefastchat::protocol::{
     ClientFrame, DeliverHeader, MAX_CONTROL_FRAME, MAX_STREAM_HEADER, MessageId, Reply, Request,
     SendHeader, ServerFrame, StreamHeader, encode_frame,
@@ -68,8 +77,8 @@ const MAX_STREAM_BYTES: usize = 64 * 1024;
 const NAME_PREFIX: &str = "k3j9x2m7q4wz";
 
 fn usage() -> Error {
-    "usage: relay_floor spawn PAIRS SECONDS [--window N] [--rate R] | server ADDR CERT_DIR \
-     | client ADDR CA_FILE PAIRS SECONDS [--window N] [--rate R]"
+    "usage: relay_floor spawn PAIRS SECONDS [--window N] [--rate R] [--server-workers N] [--json] \
+     | server ADDR CERT_DIR | client ADDR CA_FILE PAIRS SECONDS [--window N] [--rate R] [--json]"
         .into()
 }
 
@@ -78,30 +87,35 @@ async fn main() -> Result<(), Error> {
     match common::args().as_slice() {
         ["server", addr, dir] => serve(addr.parse()?, Path::new(dir)).await,
         ["client", addr, ca, pairs, secs, flags @ ..] => {
-            load(
+            let shape = Shape::parse(flags)?;
+            let json = shape.json;
+            let figures = load(
                 addr.parse()?,
                 Path::new(ca),
-                pairs.parse()?,
-                secs.parse()?,
-                Shape::parse(flags)?,
+                (pairs.parse()?, secs.parse()?),
+                shape,
+                None,
             )
-            .await
+            .await?;
+            figures.print(json)
         }
         ["spawn", pairs, secs, flags @ ..] => {
+            let shape = Shape::parse(flags)?;
+            let json = shape.json;
             let dir = tempfile::tempdir()?;
             tls::ensure_dev_certificates(dir.path())?;
-            let (mut child, addr) = spawn_server(dir.path())?;
+            let (mut child, addr) = spawn_server(dir.path(), shape.server_workers)?;
             let result = load(
                 addr,
                 &dir.path().join(tls::CA_CERT_FILE),
-                pairs.parse()?,
-                secs.parse()?,
-                Shape::parse(flags)?,
+                (pairs.parse()?, secs.parse()?),
+                shape,
+                Some(child.id()),
             )
             .await;
             let _ = child.kill();
             let _ = child.wait();
-            result
+            result?.print(json)
         }
         _ => Err(usage()),
     }
@@ -113,6 +127,9 @@ async fn main() -> Result<(), Error> {
 struct Shape {
     window: usize,
     rate: Option<f64>,
+    /// The spawned server's runtime threads (`TOKIO_WORKER_THREADS`), if given.
+    server_workers: Option<usize>,
+    json: bool,
 }
 
 impl Shape {
@@ -120,11 +137,19 @@ impl Shape {
         let mut shape = Shape {
             window: WINDOW,
             rate: None,
+            server_workers: None,
+            json: false,
         };
-        for flag in flags.chunks(2) {
-            match flag {
-                ["--window", n] => shape.window = n.parse::<usize>()?.max(1),
-                ["--rate", r] => shape.rate = Some(r.parse::<f64>()?).filter(|r| *r > 0.0),
+        let mut flags = flags.iter();
+        while let Some(flag) = flags.next() {
+            let mut value = || flags.next().ok_or_else(usage);
+            match *flag {
+                "--window" => shape.window = value()?.parse::<usize>()?.max(1),
+                "--rate" => shape.rate = Some(value()?.parse::<f64>()?).filter(|r| *r > 0.0),
+                "--server-workers" => {
+                    shape.server_workers = Some(value()?.parse::<usize>()?.max(1))
+                }
+                "--json" => shape.json = true,
                 _ => return Err(usage()),
             }
         }
@@ -133,12 +158,16 @@ impl Shape {
 }
 
 /// Runs this program's `server` on a free port of 127.0.0.1 and waits for its address.
-fn spawn_server(dir: &Path) -> Result<(Child, SocketAddr), Error> {
-    let mut child = Command::new(std::env::current_exe()?)
+fn spawn_server(dir: &Path, workers: Option<usize>) -> Result<(Child, SocketAddr), Error> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
         .args(["server", "127.0.0.1:0"])
         .arg(dir)
-        .stderr(Stdio::piped())
-        .spawn()?;
+        .stderr(Stdio::piped());
+    if let Some(workers) = workers {
+        command.env("TOKIO_WORKER_THREADS", workers.to_string());
+    }
+    let mut child = command.spawn()?;
     let stderr = child
         .stderr
         .take()
@@ -306,13 +335,87 @@ struct Counts {
     stop: AtomicBool,
 }
 
+/// What one load measured (`load`).
+struct Figures {
+    secs: f64,
+    sent: u64,
+    delivered: u64,
+    delivered_by_deadline: u64,
+    /// Open loop only: from each message's intended send time.
+    latency: Option<Histogram<u64>>,
+    /// CPU seconds from the start of the load until everything arrived.
+    server_cpu_s: Option<f64>,
+    client_cpu_s: Option<f64>,
+}
+
+impl Figures {
+    fn print(&self, json: bool) -> Result<(), Error> {
+        let rate = self.delivered_by_deadline as f64 / self.secs;
+        if json {
+            let per_delivery = |cpu: Option<f64>| {
+                cpu.filter(|_| self.delivered > 0)
+                    .map(|cpu| cpu * 1e6 / self.delivered as f64)
+            };
+            let latency = self.latency.as_ref().map(|h| {
+                serde_json::json!({
+                    "p50": h.value_at_quantile(0.5),
+                    "p90": h.value_at_quantile(0.9),
+                    "p99": h.value_at_quantile(0.99),
+                    "p999": h.value_at_quantile(0.999),
+                    "max": h.max(),
+                })
+            });
+            let report = serde_json::json!({
+                "scenario": "relay_floor",
+                "sent": self.sent,
+                "delivered": self.delivered,
+                "lost": self.sent.saturating_sub(self.delivered),
+                "duplicates": 0,
+                "throughput_per_s": rate,
+                "latency_us": latency,
+                "server_cpu_load_s": self.server_cpu_s,
+                "server_cpu_us_per_delivery": per_delivery(self.server_cpu_s),
+                "client_cpu_load_s": self.client_cpu_s,
+                "client_cpu_us_per_delivery": per_delivery(self.client_cpu_s),
+            });
+            println!("{report}");
+        } else {
+            println!(
+                "{} delivered in {:.2} s = {rate:.0}/s ({} sent, {} delivered in all)",
+                self.delivered_by_deadline, self.secs, self.sent, self.delivered
+            );
+            if let Some(h) = &self.latency {
+                println!(
+                    "latency from the intended send time, us: p50 {} p90 {} p99 {} p99.9 {} max {}",
+                    h.value_at_quantile(0.5),
+                    h.value_at_quantile(0.9),
+                    h.value_at_quantile(0.99),
+                    h.value_at_quantile(0.999),
+                    h.max()
+                );
+            }
+        }
+        if self.delivered != self.sent {
+            return Err(
+                format!("{} messages were not delivered", self.sent - self.delivered).into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// CPU seconds of process `pid` so far.
+fn cpu_s(pid: Option<u32>) -> Option<f64> {
+    pid.and_then(ServerStats::of).map(|stats| stats.cpu_s)
+}
+
 async fn load(
     addr: SocketAddr,
     ca: &Path,
-    pairs: u32,
-    secs: f64,
+    (pairs, secs): (u32, f64),
     shape: Shape,
-) -> Result<(), Error> {
+    server: Option<u32>,
+) -> Result<Figures, Error> {
     let endpoints = client_endpoints(addr, ca)?;
     let counts = Arc::new(Counts::default());
     let latencies = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
@@ -350,6 +453,7 @@ async fn load(
         )
     };
     let sent_length = ServerFrames::new()?.sent.len();
+    let cpu_before = (cpu_s(server), cpu_s(Some(std::process::id())));
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
     // Open loop: the pacer hands each sender its instants; closed loop: none.
@@ -390,36 +494,30 @@ async fn load(
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let cpu_after = (cpu_s(server), cpu_s(Some(std::process::id())));
     counts.stop.store(true, Ordering::Relaxed);
     report.abort();
     tasks.abort_all();
-    let (sent, delivered) = (
-        counts.sent.load(Ordering::Relaxed),
-        counts.delivered.load(Ordering::Relaxed),
-    );
-    println!(
-        "{delivered_by_deadline} delivered in {secs:.2} s = {:.0}/s ({sent} sent, {delivered} delivered in all)",
-        delivered_by_deadline as f64 / secs
-    );
-    if let Some(pacer) = pacer {
-        let _ = pacer.join();
-        let h = lock(&latencies);
-        println!(
-            "latency from the intended send time, us: p50 {} p90 {} p99 {} p99.9 {} max {}",
-            h.value_at_quantile(0.5),
-            h.value_at_quantile(0.9),
-            h.value_at_quantile(0.99),
-            h.value_at_quantile(0.999),
-            h.max()
-        );
-    }
+    let latency = match pacer {
+        Some(pacer) => {
+            let _ = pacer.join();
+            Some(lock(&latencies).clone())
+        }
+        None => None,
+    };
     for endpoint in endpoints {
         endpoint.close(0u32.into(), b"");
     }
-    if delivered != sent {
-        return Err(format!("{} messages were not delivered", sent - delivered).into());
-    }
-    Ok(())
+    let spent = |before: Option<f64>, after: Option<f64>| Some(after? - before?);
+    Ok(Figures {
+        secs,
+        sent: counts.sent.load(Ordering::Relaxed),
+        delivered: counts.delivered.load(Ordering::Relaxed),
+        delivered_by_deadline,
+        latency,
+        server_cpu_s: spent(cpu_before.0, cpu_after.0),
+        client_cpu_s: spent(cpu_before.1, cpu_after.1),
+    })
 }
 
 async fn hello(conn: &Connection, role: u8, pair: u32) -> Result<(SendStream, RecvStream), Error> {

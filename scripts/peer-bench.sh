@@ -5,10 +5,17 @@
 #   relay, 100 pairs, full speed     (window 8, 128-byte payloads)
 #   relay, 1,000 pairs, full speed
 #   100 pairs at 5,000 msg/s, open loop (latency from the intended send time)
-# Each round runs every shape on both systems, the first system alternating between rounds.
-# Writes the medians and the ratios (sfc / mosquitto) into docs/BENCHMARKS.md between
+# Besides the two, by default:
+#   sfc1:  the same sfc-server with one shard (`SFC_SHARDS=1`): one network thread, as the
+#          broker has one;
+#   floor: examples/relay_floor.rs with its server on one thread (`--server-workers 1`): the
+#          relay's traffic on QUIC and TLS alone with our configurations, no accounts, store,
+#          sync, sealing or decoding; what the transport costs before SecureFastChat does
+#          anything, measured in the same run.
+# Each round runs every shape on every system, the order of the systems rotating by round.
+# Writes the medians and the ratios (each system / mosquitto) into docs/BENCHMARKS.md between
 # `<!-- peer-bench: begin -->` and `<!-- peer-bench: end -->`, with each server's CPU per
-# message over the load (mosquitto's utime+stime during the send phase; sfc-server's from the
+# message over the load (mosquitto's utime+stime during the send phase; the others' from the
 # start of the load until the receivers had everything), and keeps every run's JSON in
 # $CARGO_TARGET_DIR/bench/peer.jsonl.
 #
@@ -18,7 +25,8 @@
 #
 # usage: scripts/peer-bench.sh [--quick]      (--quick: 1 round of 2 s, 100 pairs; to test this script)
 # environment: PEER_ROUNDS [3], PEER_DURATION seconds per run [10], PEER_RATE [5000],
-#              PEER_PAIRS ["100 1000"], PEER_WINDOW [8], PEER_BENCH_DIR, CARGO_TARGET_DIR [target]
+#              PEER_PAIRS ["100 1000"], PEER_WINDOW [8], PEER_SYSTEMS ["mosquitto sfc sfc1 floor";
+#              mosquitto and sfc are always run], PEER_BENCH_DIR, CARGO_TARGET_DIR [target]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -28,6 +36,17 @@ duration="${PEER_DURATION:-10}"
 rate="${PEER_RATE:-5000}"
 pairs="${PEER_PAIRS:-100 1000}"
 window="${PEER_WINDOW:-8}"
+systems=(mosquitto sfc)
+for system in ${PEER_SYSTEMS:-sfc1 floor}; do
+    case $system in
+    mosquitto | sfc) ;;
+    sfc1 | floor) systems+=("$system") ;;
+    *)
+        echo "peer-bench.sh: unknown system $system in PEER_SYSTEMS (mosquitto, sfc, sfc1, floor)" >&2
+        exit 2
+        ;;
+    esac
+done
 if [[ "${1:-}" == "--quick" ]]; then
     rounds=1
     duration=2
@@ -53,10 +72,11 @@ mkdir -p "$out"
 results="$out/peer.jsonl"
 
 echo "== building sfc-server, sfc-bench and the peer's mqtt-bench (release)" >&2
-cargo build --release --locked --quiet --bin sfc-server --bin sfc-bench
+cargo build --release --locked --quiet --bin sfc-server --bin sfc-bench --example relay_floor
 CARGO_TARGET_DIR="$target_dir/peer-bench" cargo build --release --locked --quiet \
     --manifest-path "$peer/Cargo.toml"
 sfc_bench="$target_dir/release/sfc-bench"
+floor="$target_dir/release/examples/relay_floor"
 export PEER_BENCH_BIN="$target_dir/peer-bench/release/mqtt-bench"
 
 # The broker's directory must be reachable by the user mosquitto drops to (FACTS.md).
@@ -75,11 +95,12 @@ one() {
     shift 2
     local json="$mq/last.json" status=0
     echo "== $system, $shape" >&2
-    if [[ $system == mosquitto ]]; then
-        MQ_DIR="$mq" bash "$peer/run_one.sh" "$json" "$@" 2>>"$mq/peer.log" || status=$?
-    else
-        timeout --kill-after=10 600 "$sfc_bench" relay --spawn --json "$@" >"$json" </dev/null || status=$?
-    fi
+    case $system in
+    mosquitto) MQ_DIR="$mq" bash "$peer/run_one.sh" "$json" "$@" 2>>"$mq/peer.log" || status=$? ;;
+    floor) timeout --kill-after=10 600 "$floor" spawn "$@" --server-workers 1 --json >"$json" 2>/dev/null </dev/null || status=$? ;;
+    sfc1) SFC_SHARDS=1 timeout --kill-after=10 600 "$sfc_bench" relay --spawn --json "$@" >"$json" </dev/null || status=$? ;;
+    *) timeout --kill-after=10 600 "$sfc_bench" relay --spawn --json "$@" >"$json" </dev/null || status=$? ;;
+    esac
     python3 - "$system" "$shape" "$status" "$json" >>"$results" <<'EOF'
 import json, sys
 system, shape, status, path = sys.argv[1:5]
@@ -92,32 +113,41 @@ print(json.dumps({"system": system, "shape": shape, "exit": int(status), "run": 
 EOF
 }
 
+# run SYSTEM SHAPE PAIRS: one run of a shape ("full N" or "rate") in each system's words.
+run() {
+    local system=$1 shape=$2 n=$3
+    case $system/$shape in
+    mosquitto/full) one mosquitto "full $n" --mode full --pairs "$n" --window "$window" --duration "$duration" ;;
+    mosquitto/rate) one mosquitto rate --mode open --pairs "$n" --rate "$rate" --duration "$duration" ;;
+    floor/full) one floor "full $n" "$n" "$duration" --window "$window" ;;
+    floor/rate) one floor rate "$n" "$duration" --rate "$rate" ;;
+    */full) one "$system" "full $n" --clients "$n" --window "$window" --duration "$duration" ;;
+    */rate) one "$system" rate --clients "$n" --rate "$rate" --duration "$duration" ;;
+    esac
+}
+
 for round in $(seq 1 "$rounds"); do
     echo "== round $round of $rounds" >&2
-    order=(mosquitto sfc)
-    ((round % 2 == 0)) && order=(sfc mosquitto)
+    # The order of the systems rotates by round, so none always runs first.
+    shift_by=$(((round - 1) % ${#systems[@]}))
+    order=("${systems[@]:shift_by}" "${systems[@]:0:shift_by}")
     for n in $pairs; do
         for system in "${order[@]}"; do
-            if [[ $system == mosquitto ]]; then
-                one mosquitto "full $n" --mode full --pairs "$n" --window "$window" --duration "$duration"
-            else
-                one sfc "full $n" --clients "$n" --window "$window" --duration "$duration"
-            fi
+            run "$system" full "$n"
         done
     done
     for system in "${order[@]}"; do
-        if [[ $system == mosquitto ]]; then
-            one mosquitto "rate" --mode open --pairs 100 --rate "$rate" --duration "$duration"
-        else
-            one sfc "rate" --clients 100 --rate "$rate" --duration "$duration"
-        fi
+        run "$system" rate 100
     done
 done
 
-python3 - "$results" "$root/docs/BENCHMARKS.md" "$rounds" "$duration" "$rate" "$window" <<'EOF'
+python3 - "$results" "$root/docs/BENCHMARKS.md" "$rounds" "$duration" "$rate" "$window" "${systems[*]}" <<'EOF'
 import json, statistics, subprocess, sys, datetime
 
-results, doc, rounds, duration, rate, window = sys.argv[1:7]
+results, doc, rounds, duration, rate, window, systems = sys.argv[1:8]
+systems = systems.split()
+others = [s for s in systems if s != "mosquitto"]
+names = {"sfc": "sfc", "sfc1": "sfc, 1 shard", "floor": "QUIC + TLS floor"}
 runs = [json.loads(line) for line in open(results) if line.strip()]
 
 def ok(r):
@@ -164,54 +194,62 @@ def fmt(v, unit):
     # latency in µs, shown in µs below 1 ms
     return f"{v:,.0f} µs" if v < 1000 else f"{v / 1000:,.2f} ms"
 
-def ratio(sfc, mq, higher_is_better, less="faster", more="slower"):
-    if sfc is None or mq is None or mq == 0 or sfc == 0:
+def ratio(ours, mq, higher_is_better, less="faster", more="slower"):
+    if ours is None or mq is None or mq == 0 or ours == 0:
         return "—"
-    r = sfc / mq
+    r = ours / mq
     if higher_is_better:
         return f"{r:.2f}×"
     return f"{r:.2f}× ({less if r < 1 else more})" if r != 1 else "1.00×"
+
+def row(label, shape, get, unit, higher_is_better, less="faster", more="slower"):
+    mq = figure(shape, "mosquitto", get)
+    cells = [label, fmt(mq, unit)]
+    for system in others:
+        ours = figure(shape, system, get)
+        cells += [fmt(ours, unit), ratio(ours, mq, higher_is_better, less, more)]
+    return cells
 
 rows = []
 shapes = sorted({r["shape"] for r in runs if r["shape"].startswith("full ")}, key=lambda s: int(s.split()[1]))
 for shape in shapes:
     n = int(shape.split()[1])
     tp = lambda r: r["run"].get("throughput_per_s")
-    mq, sfc = figure(shape, "mosquitto", tp), figure(shape, "sfc", tp)
-    rows.append((f"relay, {n:,} pairs, full speed", fmt(mq, "msg/s"), fmt(sfc, "msg/s"), ratio(sfc, mq, True)))
-    mq, sfc = figure(shape, "mosquitto", cpu_us_per_message), figure(shape, "sfc", cpu_us_per_message)
-    rows.append((f"server CPU per message, {n:,} pairs", fmt(mq, "µs"), fmt(sfc, "µs"), ratio(sfc, mq, False, "less", "more")))
-    mq, sfc = figure(shape, "mosquitto", client_cpu_us_per_message), figure(shape, "sfc", client_cpu_us_per_message)
-    rows.append((f"load generator CPU per message, {n:,} pairs", fmt(mq, "µs"), fmt(sfc, "µs"), ratio(sfc, mq, False, "less", "more")))
+    rows.append(row(f"relay, {n:,} pairs, full speed", shape, tp, "msg/s", True))
+    rows.append(row(f"server CPU per message, {n:,} pairs", shape, cpu_us_per_message, "µs", False, "less", "more"))
+    rows.append(row(f"load generator CPU per message, {n:,} pairs", shape, client_cpu_us_per_message, "µs", False, "less", "more"))
 for p, name in (("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")):
-    get = lambda r, p=p: r["run"].get("latency_us", {}).get(p)
-    mq, sfc = figure("rate", "mosquitto", get), figure("rate", "sfc", get)
-    rows.append((f"latency at {int(rate):,} msg/s, 100 pairs: {name}", fmt(mq, "lat"), fmt(sfc, "lat"), ratio(sfc, mq, False)))
-mq, sfc = figure("rate", "mosquitto", cpu_us_per_message), figure("rate", "sfc", cpu_us_per_message)
-rows.append((f"server CPU per message at {int(rate):,} msg/s", fmt(mq, "µs"), fmt(sfc, "µs"), ratio(sfc, mq, False, "less", "more")))
-mq, sfc = figure("rate", "mosquitto", client_cpu_us_per_message), figure("rate", "sfc", client_cpu_us_per_message)
-rows.append((f"load generator CPU per message at {int(rate):,} msg/s", fmt(mq, "µs"), fmt(sfc, "µs"), ratio(sfc, mq, False, "less", "more")))
+    get = lambda r, p=p: (r["run"].get("latency_us") or {}).get(p)
+    rows.append(row(f"latency at {int(rate):,} msg/s, 100 pairs: {name}", "rate", get, "lat", False))
+rows.append(row(f"server CPU per message at {int(rate):,} msg/s", "rate", cpu_us_per_message, "µs", False, "less", "more"))
+rows.append(row(f"load generator CPU per message at {int(rate):,} msg/s", "rate", client_cpu_us_per_message, "µs", False, "less", "more"))
 
 version = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()
 version = version[0].strip() if version else "mosquitto"
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-losses = {s: sum(lost(shape, s) for shape in {r["shape"] for r in runs}) for s in ("mosquitto", "sfc")}
+losses = {s: sum(lost(shape, s) for shape in {r["shape"] for r in runs}) for s in systems}
 lines = [
     f"Generated by `scripts/peer-bench.sh` (called by `scripts/bench.sh`) on "
     f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC at `{commit}`: {version} with TLS 1.3 and "
     f"QoS 1 (`../shared/peer-bench`) and sfc-server in `sync` durability with every message sealed end to end, "
     f"alternated run by run; {rounds} round(s) of {duration} s per run, medians; 128-byte payloads, "
     f"{window} sends in flight per sender at full speed. Server CPU is the broker's over the send "
-    f"phase and sfc-server's from the start of the load until the receivers had everything; the "
+    f"phase and the others' from the start of the load until the receivers had everything; the "
     f"load generators' CPU (each generator's own, sealing and opening included for sfc) spans "
-    f"the load and the drain for both. Ratio: sfc / mosquitto (above 1× is better for "
-    f"throughput, below 1× is better for latency and CPU).",
+    f"the load and the drain for both. Ratio: each system / mosquitto (above 1× is better for "
+    f"throughput, below 1× is better for latency and CPU)."
+    + (" sfc, 1 shard: the same server with `SFC_SHARDS=1` (one network thread, as the broker has)."
+       if "sfc1" in others else "")
+    + (" QUIC + TLS floor: `examples/relay_floor.rs`, the relay's traffic on QUIC and TLS alone with "
+       "our configurations and its server on one thread, nothing stored, sealed or decoded."
+       if "floor" in others else ""),
     "",
-    "| figure | mosquitto + TLS | sfc | ratio |",
-    "| --- | ---: | ---: | ---: |",
+    "| figure | mosquitto + TLS | " + " | ".join(f"{names[s]} | ratio" for s in others) + " |",
+    "| --- | ---: | " + " | ".join("---: | ---:" for _ in others) + " |",
 ]
-lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-lines += ["", f"Lost or duplicated, summed over all runs: mosquitto {losses['mosquitto']}, sfc {losses['sfc']}."]
+lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+lines += ["", "Lost or duplicated, summed over all runs: "
+          + ", ".join(f"{'mosquitto' if s == 'mosquitto' else names[s]} {losses[s]}" for s in systems) + "."]
 bad = failed()
 if bad:
     lines.append(f"Failed runs (left out of the medians): {', '.join(bad)}.")

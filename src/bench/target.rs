@@ -22,6 +22,14 @@ pub struct ServerStats {
     pub peak_rss: u64,
 }
 
+impl ServerStats {
+    /// The resource use of process `pid` now; `None` where `/proc` cannot tell (not Linux, or
+    /// the process is gone). For tools that spawn a server of their own (`examples/relay_floor`).
+    pub fn of(pid: u32) -> Option<Self> {
+        read_stats(pid)
+    }
+}
+
 /// Where the load goes.
 pub struct Target {
     /// How clients reach it.
