@@ -101,15 +101,15 @@ one() {
     sfc1) SFC_SHARDS=1 timeout --kill-after=10 600 "$sfc_bench" relay --spawn --json "$@" >"$json" </dev/null || status=$? ;;
     *) timeout --kill-after=10 600 "$sfc_bench" relay --spawn --json "$@" >"$json" </dev/null || status=$? ;;
     esac
-    python3 - "$system" "$shape" "$status" "$json" >>"$results" <<'EOF'
+    python3 - "$system" "$shape" "$status" "$json" "$round" >>"$results" <<'EOF'
 import json, sys
-system, shape, status, path = sys.argv[1:5]
+system, shape, status, path, round_ = sys.argv[1:6]
 try:
     with open(path) as f:
         run = json.load(f)
 except (OSError, ValueError):
     run = None
-print(json.dumps({"system": system, "shape": shape, "exit": int(status), "run": run}))
+print(json.dumps({"system": system, "shape": shape, "round": int(round_), "exit": int(status), "run": run}))
 EOF
 }
 
@@ -250,6 +250,26 @@ lines = [
 lines += ["| " + " | ".join(cells) + " |" for cells in rows]
 lines += ["", "Lost or duplicated, summed over all runs: "
           + ", ".join(f"{'mosquitto' if s == 'mosquitto' else names[s]} {losses[s]}" for s in systems) + "."]
+# Per round: the broker's figure moves by up to 25 % between rounds, so the spread of the ratio
+# says more than its median.
+def per_round(shape, get):
+    rounds_seen = sorted({r.get("round", 0) for r in runs if r["shape"] == shape})
+    parts = []
+    for system in others:
+        ratios = []
+        for n in rounds_seen:
+            pick = lambda s: next((get(r) for r in runs if r["shape"] == shape and r["system"] == s
+                                   and r.get("round", 0) == n and ok(r)), None)
+            mq, ours = pick("mosquitto"), pick(system)
+            ratios.append(f"{ours / mq:.2f}×" if mq and ours else "—")
+        parts.append(f"{names[system]} {' / '.join(ratios)}")
+    return "; ".join(parts)
+tp = lambda r: r["run"].get("throughput_per_s")
+p50 = lambda r: (r["run"].get("latency_us") or {}).get("p50")
+lines.append("Ratios per round, in round order: " + "; ".join(
+    [f"{shape.split()[1]} pairs: {per_round(shape, tp)}" for shape in shapes]
+    + [f"p50 at {int(rate):,} msg/s: {per_round('rate', p50)}",
+       f"server CPU at {int(rate):,} msg/s: {per_round('rate', cpu_us_per_message)}"]) + ".")
 bad = failed()
 if bad:
     lines.append(f"Failed runs (left out of the medians): {', '.join(bad)}.")
