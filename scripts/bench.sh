@@ -23,8 +23,8 @@
 #   SFC_BENCH_MICRO_TIME   criterion measurement seconds per micro benchmark [2 / 0.3]
 #   SFC_BENCH_TIMEOUT      seconds after which one run is stopped and counted as failed [600]
 #   SFC_BENCH_RETRIES      times a failed run is tried again before it counts as failed [1]
-#   SFC_BENCH_PEER         0 skips the peer table (scripts/peer-bench.sh: mosquitto + TLS next to
-#                          sfc, alternated; only when mosquitto is installed) [1]
+#   SFC_BENCH_PEER         0 skips the peer table (scripts/peer-bench.sh: mosquitto + TLS next to sfc,
+#                          one shard and the QUIC + TLS floor, alternated; only with mosquitto) [1]
 #   CARGO_TARGET_DIR       where cargo builds [target]; results go to $CARGO_TARGET_DIR/bench/
 set -euo pipefail
 cd "$(dirname "$0")/.."
