@@ -322,41 +322,18 @@ pub(super) async fn relay(
                 .await;
                 return;
             };
-            // Open loop: a bound on sends in flight only to keep memory finite; latency is
-            // still measured from the intended time, so such a stall shows.
-            let slots = Arc::new(Semaphore::new(4096));
-            let mut inflight = JoinSet::new();
-            let mut i: u64 = 0;
-            while let Some(intended) = schedule.recv().await {
-                if intended >= deadline {
-                    break;
-                }
-                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-                    break;
-                };
-                // Finished sends are reaped as the load goes: a JoinSet keeps every finished
-                // task's allocation until it is joined.
-                while inflight.try_join_next().is_some() {}
-                let intended_wall =
-                    wall_nanos().saturating_sub(intended.elapsed().as_nanos() as u64);
-                let (sender, sent, errors, refused, to) = (
-                    Arc::clone(&sender),
-                    Arc::clone(&sent),
-                    Arc::clone(&errors),
-                    Arc::clone(&refused),
-                    to.clone(),
-                );
-                inflight.spawn(async move {
-                    let (client, sealer) = &*sender;
-                    let stored =
-                        send_one(client, sealer, &to, (p, i), size, intended_wall, &refused).await;
-                    let counter = if stored { &sent } else { &errors };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    drop(permit);
-                });
-                i += 1;
-            }
-            while inflight.join_next().await.is_some() {}
+            open_loop(
+                &sender,
+                p,
+                &to,
+                size,
+                &mut schedule,
+                deadline,
+                &sent,
+                &errors,
+                &refused,
+            )
+            .await;
         });
     }
     while sending.join_next().await.is_some() {}
@@ -456,6 +433,59 @@ async fn send_one(
     let mut plaintext = vec![0u8; size];
     plaintext[..8].copy_from_slice(&intended_wall.to_be_bytes());
     was_stored(send_sealed(client, sealer, to, (p, i), &plaintext, Some(refused)).await)
+}
+
+/// Most sends one open-loop sender keeps in flight: a bound only to keep memory finite.
+/// Latency is still measured from the intended time, so a stall behind it shows.
+const OPEN_LOOP_IN_FLIGHT: usize = 4096;
+
+/// Open loop: a send at each instant the pacer gives, until `deadline`. As in
+/// [`closed_loop`], a sender's sends are futures of its one task (an app's outbox), so each
+/// starts in the wake-up that received its instant, with no task spawned per message.
+#[allow(clippy::too_many_arguments)]
+async fn open_loop(
+    sender: &(Client, Sealer),
+    p: usize,
+    to: &str,
+    size: usize,
+    schedule: &mut tokio::sync::mpsc::UnboundedReceiver<Instant>,
+    deadline: Instant,
+    sent: &AtomicU64,
+    errors: &AtomicU64,
+    refused: &AtomicU64,
+) {
+    let (client, sealer) = sender;
+    let mut inflight = FuturesUnordered::new();
+    let mut i: u64 = 0;
+    let mut scheduled = true;
+    loop {
+        tokio::select! {
+            intended = schedule.recv(), if scheduled && inflight.len() < OPEN_LOOP_IN_FLIGHT => {
+                match intended {
+                    Some(intended) if intended < deadline => {
+                        let intended_wall =
+                            wall_nanos().saturating_sub(intended.elapsed().as_nanos() as u64);
+                        inflight.push(send_one(
+                            client,
+                            sealer,
+                            to,
+                            (p, i),
+                            size,
+                            intended_wall,
+                            refused,
+                        ));
+                        i += 1;
+                    }
+                    _ => scheduled = false,
+                }
+            }
+            Some(stored) = inflight.next(), if !inflight.is_empty() => {
+                let counter = if stored { sent } else { errors };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            else => return,
+        }
+    }
 }
 
 /// Full speed: `window` sends in flight until `deadline`, a new one as each is answered. All of
