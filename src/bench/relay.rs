@@ -315,25 +315,17 @@ pub(super) async fn relay(
             options.window.max(1),
         );
         sending.spawn(async move {
-            let Some(mut schedule) = schedule else {
-                closed_loop(
-                    &sender, p, &to, size, window, deadline, &sent, &errors, &refused,
-                )
-                .await;
-                return;
-            };
-            open_loop(
-                &sender,
-                p,
-                &to,
+            let outbox = Outbox {
+                sender: &sender,
+                pair: p,
+                to: &to,
                 size,
-                &mut schedule,
-                deadline,
-                &sent,
-                &errors,
-                &refused,
-            )
-            .await;
+                counts: (&sent, &errors, &refused),
+            };
+            match schedule {
+                Some(mut schedule) => outbox.open_loop(&mut schedule, deadline).await,
+                None => outbox.closed_loop(window, deadline).await,
+            }
         });
     }
     while sending.join_next().await.is_some() {}
@@ -419,114 +411,87 @@ pub(super) async fn relay(
     Ok(report)
 }
 
-/// Seals and sends one load message stamped with `intended_wall` (the receiver's latency counts
-/// from it); whether it was stored.
-async fn send_one(
-    client: &Client,
-    sealer: &Sealer,
-    to: &str,
-    (p, i): (usize, u64),
+/// One sender's sends during the load: what every send of the pair needs, and the counters
+/// its answers go to (stored, failed, refused at least once).
+struct Outbox<'a> {
+    sender: &'a (Client, Sealer),
+    pair: usize,
+    to: &'a str,
     size: usize,
-    intended_wall: u64,
-    refused: &AtomicU64,
-) -> bool {
-    let mut plaintext = vec![0u8; size];
-    plaintext[..8].copy_from_slice(&intended_wall.to_be_bytes());
-    was_stored(send_sealed(client, sealer, to, (p, i), &plaintext, Some(refused)).await)
+    counts: (&'a AtomicU64, &'a AtomicU64, &'a AtomicU64),
 }
 
 /// Most sends one open-loop sender keeps in flight: a bound only to keep memory finite.
 /// Latency is still measured from the intended time, so a stall behind it shows.
 const OPEN_LOOP_IN_FLIGHT: usize = 4096;
 
-/// Open loop: a send at each instant the pacer gives, until `deadline`. As in
-/// [`closed_loop`], a sender's sends are futures of its one task (an app's outbox), so each
-/// starts in the wake-up that received its instant, with no task spawned per message.
-#[allow(clippy::too_many_arguments)]
-async fn open_loop(
-    sender: &(Client, Sealer),
-    p: usize,
-    to: &str,
-    size: usize,
-    schedule: &mut tokio::sync::mpsc::UnboundedReceiver<Instant>,
-    deadline: Instant,
-    sent: &AtomicU64,
-    errors: &AtomicU64,
-    refused: &AtomicU64,
-) {
-    let (client, sealer) = sender;
-    let mut inflight = FuturesUnordered::new();
-    let mut i: u64 = 0;
-    let mut scheduled = true;
-    loop {
-        tokio::select! {
-            intended = schedule.recv(), if scheduled && inflight.len() < OPEN_LOOP_IN_FLIGHT => {
-                match intended {
-                    Some(intended) if intended < deadline => {
-                        let intended_wall =
-                            wall_nanos().saturating_sub(intended.elapsed().as_nanos() as u64);
-                        inflight.push(send_one(
-                            client,
-                            sealer,
-                            to,
-                            (p, i),
-                            size,
-                            intended_wall,
-                            refused,
-                        ));
-                        i += 1;
-                    }
-                    _ => scheduled = false,
-                }
-            }
-            Some(stored) = inflight.next(), if !inflight.is_empty() => {
-                let counter = if stored { sent } else { errors };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-            else => return,
-        }
+impl Outbox<'_> {
+    /// Seals and sends load message `i` stamped with `intended_wall` (the receiver's latency
+    /// counts from it); whether it was stored.
+    async fn send(&self, i: u64, intended_wall: u64) -> bool {
+        let (client, sealer) = self.sender;
+        let mut plaintext = vec![0u8; self.size];
+        plaintext[..8].copy_from_slice(&intended_wall.to_be_bytes());
+        let refused = Some(self.counts.2);
+        let sent = send_sealed(client, sealer, self.to, (self.pair, i), &plaintext, refused);
+        was_stored(sent.await)
     }
-}
 
-/// Full speed: `window` sends in flight until `deadline`, a new one as each is answered. All of
-/// a sender's sends run in this one task, as an app's outbox would: the streams it writes in
-/// one wake-up (a burst of `sent` answers frees several slots at once) are queued before the
-/// connection's driver runs, so they leave together. With a task per send, tokio ran the
-/// driver (woken into its LIFO slot) after each one, and every message took a datagram of its
-/// own (quinn's counters: 1.1 datagrams from the senders per message at 100 pairs).
-#[allow(clippy::too_many_arguments)]
-async fn closed_loop(
-    sender: &(Client, Sealer),
-    p: usize,
-    to: &str,
-    size: usize,
-    window: usize,
-    deadline: Instant,
-    sent: &AtomicU64,
-    errors: &AtomicU64,
-    refused: &AtomicU64,
-) {
-    let (client, sealer) = sender;
-    let mut inflight = FuturesUnordered::new();
-    let mut i: u64 = 0;
-    loop {
-        while inflight.len() < window && Instant::now() < deadline {
-            inflight.push(send_one(
-                client,
-                sealer,
-                to,
-                (p, i),
-                size,
-                wall_nanos(),
-                refused,
-            ));
-            i += 1;
-        }
-        let Some(stored) = inflight.next().await else {
-            return;
-        };
+    fn count(&self, stored: bool) {
+        let (sent, errors, _) = self.counts;
         let counter = if stored { sent } else { errors };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Open loop: a send at each instant the pacer gives, until `deadline`. As in
+    /// [`Self::closed_loop`], a sender's sends are futures of its one task, so each starts in
+    /// the wake-up that received its instant, with no task spawned per message.
+    async fn open_loop(
+        &self,
+        schedule: &mut tokio::sync::mpsc::UnboundedReceiver<Instant>,
+        deadline: Instant,
+    ) {
+        let mut inflight = FuturesUnordered::new();
+        let mut i: u64 = 0;
+        let mut scheduled = true;
+        loop {
+            tokio::select! {
+                intended = schedule.recv(), if scheduled && inflight.len() < OPEN_LOOP_IN_FLIGHT => {
+                    match intended {
+                        Some(intended) if intended < deadline => {
+                            let late = intended.elapsed().as_nanos() as u64;
+                            inflight.push(self.send(i, wall_nanos().saturating_sub(late)));
+                            i += 1;
+                        }
+                        _ => scheduled = false,
+                    }
+                }
+                Some(stored) = inflight.next(), if !inflight.is_empty() => self.count(stored),
+                else => return,
+            }
+        }
+    }
+
+    /// Full speed: `window` sends in flight until `deadline`, a new one as each is answered.
+    /// All of a sender's sends run in this one task, as an app's outbox would: the streams it
+    /// writes in one wake-up (a burst of `sent` answers frees several slots at once) are queued
+    /// before the connection's driver runs, so they leave together. With a task per send, tokio
+    /// ran the driver (woken into its LIFO slot) after each one, and every message took a
+    /// datagram of its own (quinn's counters: 1.1 datagrams from the senders per message at
+    /// 100 pairs).
+    async fn closed_loop(&self, window: usize, deadline: Instant) {
+        let mut inflight = FuturesUnordered::new();
+        let mut i: u64 = 0;
+        loop {
+            while inflight.len() < window && Instant::now() < deadline {
+                inflight.push(self.send(i, wall_nanos()));
+                i += 1;
+            }
+            let Some(stored) = inflight.next().await else {
+                return;
+            };
+            self.count(stored);
+        }
     }
 }
 
